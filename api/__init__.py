@@ -1,0 +1,1 @@
+"""The operations-center HTTP API."""

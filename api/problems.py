@@ -1,0 +1,74 @@
+"""RFC 9457 problem details for every error the API returns; no stack trace ever leaves."""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ioc_core.errors import ConflictError, IocError, NotFoundError, ServiceUnavailableError
+
+log = logging.getLogger(__name__)
+
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+
+
+class Problem(BaseModel):
+    type: str = "about:blank"
+    title: str
+    status: int
+    detail: str | None = None
+    errors: list[dict[str, Any]] | None = None
+
+
+def problem_response(
+    status: int,
+    detail: str | None = None,
+    *,
+    errors: list[dict[str, Any]] | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    body = Problem(title=HTTPStatus(status).phrase, status=status, detail=detail, errors=errors)
+    return JSONResponse(
+        body.model_dump(exclude_none=True), status_code=status, media_type=PROBLEM_MEDIA_TYPE, headers=headers
+    )
+
+
+_STATUS_OF_ERROR: tuple[tuple[type[IocError], int], ...] = (
+    (NotFoundError, 404),
+    (ConflictError, 409),
+    (ServiceUnavailableError, 503),
+)
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return problem_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [
+            {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+            for e in exc.errors()
+        ]
+        return problem_response(422, "the request is not valid", errors=errors)
+
+    @app.exception_handler(IocError)
+    async def _ioc(request: Request, exc: IocError) -> JSONResponse:
+        for error_type, status in _STATUS_OF_ERROR:
+            if isinstance(exc, error_type):
+                return problem_response(status, str(exc))
+        log.error("request %s %s failed: %s", request.method, request.url.path, exc)
+        return problem_response(500, "internal error")
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.error("request %s %s failed", request.method, request.url.path, exc_info=exc)
+        return problem_response(500, "internal error")

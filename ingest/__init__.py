@@ -1,0 +1,1 @@
+"""MQTT ingest gateway: devices' telemetry in, validated readings onto the bus."""

@@ -1,0 +1,337 @@
+"""The ingest gateway.
+
+Delivery is at-least-once end to end: the gateway takes QoS-1 messages on a persistent MQTT
+session with manual acknowledgement and acknowledges a message to the broker only once Kafka has
+acknowledged what it became (readings, or a dead letter). Killed at any point, the broker still
+holds every unacknowledged message and hands it out again. A bounded queue sits between paho's
+network thread and the asyncio producer: when it is full paho's thread waits, stops reading the
+socket, and the backlog stays in the broker instead of in our memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import threading
+from dataclasses import dataclass
+from datetime import datetime
+from types import TracebackType
+from typing import Any, Self
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from ingest.registry import DeviceRegistry
+from ioc_core.bus import DEADLETTER_TOPIC, BusProducer, DeadLetter, all_topics, ensure_topics, telemetry_topic
+from ioc_core.domains import DOMAINS
+from ioc_core.errors import IocError, RejectedMessage, ServiceUnavailableError
+from ioc_core.settings import Settings
+from ioc_core.storage import Database
+from ioc_core.telemetry import (
+    REASON_DEVICE_MISMATCH,
+    REASON_UNKNOWN_DEVICE,
+    TELEMETRY_SUBSCRIPTION,
+    Reading,
+    parse_payload,
+    parse_topic,
+    utcnow,
+)
+
+log = logging.getLogger(__name__)
+
+_CONNECT_TIMEOUT_S = 15.0
+_RETRY_BACKOFF_MAX_S = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class InboundMessage:
+    topic: str
+    payload: bytes
+    mid: int
+    qos: int
+    received_at: datetime
+
+
+class GatewayStats:
+    """Counters for the gateway's health and the `/metrics` page."""
+
+    def __init__(self) -> None:
+        self.received = 0
+        self.accepted = 0
+        self.readings_produced = 0
+        self.rejected: collections.Counter[str] = collections.Counter()
+        self.acked = 0
+        self.produce_retries = 0
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "received": self.received,
+            "accepted": self.accepted,
+            "readings_produced": self.readings_produced,
+            "rejected": dict(self.rejected),
+            "acked": self.acked,
+            "produce_retries": self.produce_retries,
+        }
+
+
+def validate(message: InboundMessage, route_city: str | None, route_domain: str | None) -> list[Reading]:
+    """Turn one telemetry message into readings, given the registry's view of its device."""
+    address = parse_topic(message.topic)
+    if route_city is None or route_domain is None:
+        raise RejectedMessage(REASON_UNKNOWN_DEVICE, f"device {address.device_id!r} is not registered")
+    if (route_city, route_domain) != (address.city, address.domain):
+        raise RejectedMessage(
+            REASON_DEVICE_MISMATCH,
+            f"device {address.device_id!r} is registered as {route_city}/{route_domain}, "
+            f"topic says {address.city}/{address.domain}",
+        )
+    measurements = parse_payload(message.payload, DOMAINS[address.domain], received_at=message.received_at)
+    return [
+        Reading(
+            device_id=address.device_id,
+            city=address.city,
+            domain=address.domain,
+            ts=m.ts,
+            seq=m.seq,
+            metrics=m.metrics,
+            received_at=message.received_at,
+        )
+        for m in measurements
+    ]
+
+
+class Gateway:
+    """MQTT → Kafka. Use with `async with`; several gateways share the load through `$share`."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self.stats = GatewayStats()
+        self._database = Database(settings.database_url.get_secret_value(), min_size=1, max_size=4)
+        self._producer = BusProducer(settings.kafka_bootstrap, client_id=settings.gateway_client_id)
+        self._registry = DeviceRegistry(self._database, refresh_s=settings.registry_refresh_s)
+        self._queue: asyncio.Queue[InboundMessage] = asyncio.Queue(maxsize=settings.gateway_queue_size)
+        self._in_flight = asyncio.Semaphore(settings.gateway_queue_size)
+        self._deliveries: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._client: mqtt.Client | None = None
+        self._connected = threading.Event()
+        self._stopping = threading.Event()
+        self._worker: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    @property
+    def subscription(self) -> str:
+        return f"$share/{self._settings.gateway_share_group}/{TELEMETRY_SUBSCRIPTION}"
+
+    @property
+    def backlog(self) -> int:
+        """Messages taken from the broker and not yet acknowledged to it."""
+        return self._queue.qsize() + len(self._deliveries)
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        await self._database.start()
+        try:
+            await ensure_topics(
+                self._settings.kafka_bootstrap, all_topics(), partitions=self._settings.topic_partitions
+            )
+            await self._producer.start()
+            await self._registry.start()
+            self._worker = asyncio.create_task(self._work(), name="gateway-worker")
+            await self._connect_mqtt()
+        except BaseException:
+            await self.stop()
+            raise
+        log.info(
+            "gateway %s subscribed to %s with %d devices known",
+            self._settings.gateway_client_id,
+            self.subscription,
+            len(self._registry),
+        )
+
+    async def _connect_mqtt(self) -> None:
+        endpoint = self._settings.mqtt
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=self._settings.gateway_client_id,
+            protocol=mqtt.MQTTv5,
+            manual_ack=True,
+        )
+        if endpoint.username:
+            client.username_pw_set(
+                endpoint.username, endpoint.password.get_secret_value() if endpoint.password else None
+            )
+        if endpoint.tls:
+            client.tls_set()
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.reconnect_delay_set(min_delay=1, max_delay=30)
+        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        properties.SessionExpiryInterval = self._settings.mqtt_session_expiry_s
+        # The broker may have this many unacknowledged messages out to us at once.
+        properties.ReceiveMaximum = min(65535, self._settings.gateway_queue_size)
+        self._client = client
+        try:
+            await asyncio.to_thread(
+                client.connect, endpoint.host, endpoint.port, 30, clean_start=False, properties=properties
+            )
+        except OSError as exc:
+            raise ServiceUnavailableError(
+                f"MQTT broker at {endpoint.host}:{endpoint.port} is unreachable: {exc}"
+            ) from exc
+        client.loop_start()
+        if not await asyncio.to_thread(self._connected.wait, _CONNECT_TIMEOUT_S):
+            raise ServiceUnavailableError(
+                f"MQTT broker at {endpoint.host}:{endpoint.port} did not accept the connection"
+            )
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        if self._deliveries:
+            # Let Kafka acknowledge what is already sent, so those messages are not redelivered.
+            await asyncio.wait(self._deliveries, timeout=10)
+        if self._client is not None:
+            self._client.disconnect()
+            self._client.loop_stop()
+            self._client = None
+        if self._worker is not None:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+            self._worker = None
+        for task in list(self._deliveries):
+            task.cancel()
+        await self._registry.stop()
+        await self._producer.stop()
+        await self._database.stop()
+        self._connected.clear()
+
+    # -- paho's network thread ----------------------------------------------------------------
+
+    def _on_connect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: ReasonCode, properties: Any
+    ) -> None:
+        if reason_code.is_failure:
+            log.error("MQTT broker refused the connection: %s", reason_code)
+            return
+        client.subscribe(self.subscription, qos=1)
+        log.info("connected to MQTT broker (session present: %s)", flags.session_present)
+        self._connected.set()
+
+    def _on_disconnect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: ReasonCode, properties: Any
+    ) -> None:
+        self._connected.clear()
+        if not self._stopping.is_set():
+            log.warning("MQTT connection lost (%s); reconnecting, the broker keeps our session", reason_code)
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        inbound = InboundMessage(
+            topic=message.topic,
+            payload=bytes(message.payload),
+            mid=message.mid,
+            qos=message.qos,
+            received_at=utcnow(),
+        )
+        assert self._loop is not None
+        future = asyncio.run_coroutine_threadsafe(self._queue.put(inbound), self._loop)
+        # Blocking here is the back-pressure: paho stops reading and the broker keeps the rest.
+        while not self._stopping.is_set():
+            try:
+                future.result(timeout=0.5)
+                return
+            except TimeoutError:
+                continue
+        future.cancel()
+
+    # -- asyncio side -------------------------------------------------------------------------
+
+    async def _work(self) -> None:
+        while True:
+            message = await self._queue.get()
+            self.stats.received += 1
+            await self._in_flight.acquire()
+            try:
+                records = await self._records_for(message)
+            except BaseException:
+                self._in_flight.release()
+                raise
+            task = asyncio.create_task(self._deliver(message, records))
+            self._deliveries.add(task)
+            task.add_done_callback(self._deliveries.discard)
+
+    async def _records_for(self, message: InboundMessage) -> list[tuple[str, bytes, str | None]]:
+        """What to put on the bus for one message: its readings, or one dead letter."""
+        try:
+            address = parse_topic(message.topic)
+            route = await self._lookup(address.device_id)
+            readings = validate(message, route.city if route else None, route.domain if route else None)
+        except RejectedMessage as rejection:
+            self.stats.rejected[rejection.reason] += 1
+            log.debug("rejected message on %s: %s", message.topic, rejection)
+            letter = DeadLetter(
+                reason=rejection.reason,
+                detail=rejection.detail,
+                topic=message.topic,
+                received_at=message.received_at,
+                payload=message.payload,
+            )
+            return [(DEADLETTER_TOPIC, letter.to_bytes(), None)]
+        self.stats.accepted += 1
+        return [(telemetry_topic(r.domain), r.to_bytes(), r.device_id) for r in readings]
+
+    async def _lookup(self, device_id: str) -> Any:
+        delay = 0.5
+        while True:
+            try:
+                return await self._registry.lookup(device_id)
+            except IocError as exc:
+                if not exc.retriable:
+                    raise
+                log.warning("device lookup failed, retrying in %.1fs: %s", delay, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _RETRY_BACKOFF_MAX_S)
+
+    async def _deliver(self, message: InboundMessage, records: list[tuple[str, bytes, str | None]]) -> None:
+        try:
+            for topic, value, key in records:
+                await self._produce(topic, value, key)
+            if message.qos > 0 and self._client is not None:
+                self._client.ack(message.mid, message.qos)
+            self.stats.acked += 1
+            self.stats.readings_produced += sum(1 for topic, _, _ in records if topic != DEADLETTER_TOPIC)
+        finally:
+            self._in_flight.release()
+
+    async def _produce(self, topic: str, value: bytes, key: str | None) -> None:
+        """Send until Kafka acknowledges; an unacknowledged MQTT message is never given up."""
+        delay = 0.5
+        while True:
+            try:
+                await self._producer.send_and_wait(topic, value, key=key)
+                return
+            except Exception as exc:
+                if self._stopping.is_set():
+                    raise
+                self.stats.produce_retries += 1
+                log.warning("Kafka did not take a record for %s, retrying in %.1fs: %s", topic, delay, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _RETRY_BACKOFF_MAX_S)

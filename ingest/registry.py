@@ -1,0 +1,75 @@
+"""The gateway's view of the device registry: a cache, refreshed in the background, so that
+validation costs no database query per message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from ioc_core.errors import IocError
+from ioc_core.models import DeviceRoute
+from ioc_core.storage import Database
+
+log = logging.getLogger(__name__)
+
+
+class DeviceRegistry:
+    def __init__(self, database: Database, *, refresh_s: float, miss_ttl_s: float = 5.0) -> None:
+        self._database = database
+        self._refresh_s = refresh_s
+        self._miss_ttl_s = miss_ttl_s
+        self._routes: dict[str, DeviceRoute] = {}
+        # Unknown ids are remembered briefly so a flood of junk ids costs one query each per TTL,
+        # while a device registered a moment ago is found within the TTL.
+        self._misses: dict[str, float] = {}
+        self._refresher: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.refresh()
+        self._refresher = asyncio.create_task(self._refresh_forever(), name="registry-refresh")
+
+    async def stop(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresher
+
+    async def refresh(self) -> None:
+        routes = await self._database.device_routes()
+        self._routes = {route.id: route for route in routes}
+        self._misses.clear()
+        log.debug("device registry holds %d devices", len(self._routes))
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._refresh_s)
+            try:
+                await self.refresh()
+            except IocError as exc:
+                # The cached routes stay valid; the next round tries again.
+                log.warning(
+                    "device registry refresh failed, keeping %d cached devices: %s", len(self._routes), exc
+                )
+
+    async def lookup(self, device_id: str) -> DeviceRoute | None:
+        route = self._routes.get(device_id)
+        if route is not None:
+            return route
+        missed_at = self._misses.get(device_id)
+        now = time.monotonic()
+        if missed_at is not None and now - missed_at < self._miss_ttl_s:
+            return None
+        route = await self._database.device_route(device_id)
+        if route is None:
+            if len(self._misses) > 100_000:
+                self._misses.clear()
+            self._misses[device_id] = now
+        else:
+            self._routes[device_id] = route
+        return route
+
+    def __len__(self) -> int:
+        return len(self._routes)

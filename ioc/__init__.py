@@ -1,0 +1,1 @@
+"""The `ioc` command: composes the components of `ingest`, `processors`, `api` and `simulators`."""

@@ -1,0 +1,204 @@
+"""`ioc`: run the components, migrate the schema, import devices, simulate a city."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from ioc_core.errors import ConflictError, IocError
+from ioc_core.settings import Settings, load_settings
+from ioc_core.storage import Database, ensure_database
+
+log = logging.getLogger("ioc")
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("aiokafka").setLevel(logging.WARNING)
+
+
+async def _until_signalled(*waitables: Callable[[], Awaitable[None]]) -> None:
+    """Wait for SIGINT/SIGTERM, or for any component's own loop to end (then re-raise its error)."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    tasks = [asyncio.ensure_future(w()) for w in waitables]
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            if task is not stopper:
+                task.result()
+    finally:
+        for task in [stopper, *tasks]:
+            task.cancel()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+async def _forever() -> None:
+    await asyncio.Event().wait()
+
+
+async def run_gateway(settings: Settings) -> None:
+    from ingest.gateway import Gateway
+
+    async with Gateway(settings):
+        await _until_signalled(_forever)
+
+
+async def run_processor(settings: Settings) -> None:
+    from processors.telemetry import TelemetryProcessor
+
+    async with TelemetryProcessor(settings) as processor:
+        await _until_signalled(processor.wait)
+
+
+async def run_api(settings: Settings) -> None:
+    from api.server import ApiServer
+
+    async with ApiServer(settings) as server:
+        await _until_signalled(server.wait)
+
+
+async def run_up(settings: Settings) -> None:
+    from api.server import ApiServer
+    from ingest.gateway import Gateway
+    from processors.telemetry import TelemetryProcessor
+
+    await migrate(settings)
+    async with (
+        TelemetryProcessor(settings) as processor,
+        Gateway(settings),
+        ApiServer(settings) as server,
+    ):
+        key_hint = "" if settings.admin_api_key else " (set IOC_ADMIN_API_KEY to use the protected endpoints)"
+        print(f"IOC running: API on http://{settings.api_host}:{settings.api_port}{key_hint}", flush=True)
+        await _until_signalled(processor.wait, server.wait)
+
+
+async def migrate(settings: Settings) -> None:
+    url = settings.database_url.get_secret_value()
+    await ensure_database(url)
+    async with Database(url, max_size=2) as database:
+        tier = await database.migrate()
+    print(f"schema up to date (storage tier: {tier})")
+
+
+async def import_devices(settings: Settings, path: Path) -> int:
+    from ioc.devices_file import read_devices
+
+    devices, problems = read_devices(path)
+    created = existing = 0
+    async with Database(settings.database_url.get_secret_value(), max_size=2) as database:
+        for device in devices:
+            try:
+                await database.insert_device(device)
+                created += 1
+            except ConflictError:
+                existing += 1
+    for problem in problems:
+        print(f"skipped {problem}", file=sys.stderr)
+    print(json.dumps({"registered": created, "already_registered": existing, "invalid": len(problems)}))
+    return 1 if problems else 0
+
+
+async def simulate(settings: Settings, args: argparse.Namespace) -> None:
+    from simulators.fleet import simulate as run_simulation
+
+    summary = await run_simulation(
+        settings,
+        city=args.city,
+        devices=args.devices,
+        rate=args.rate,
+        duration=args.duration,
+        register=args.register,
+    )
+    print(json.dumps(summary.as_dict()))
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be a positive integer")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be a positive number")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ioc", description="Intelligent Operations Center streaming backend."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands.add_parser("up", help="run gateway, processor and API in one process")
+    commands.add_parser("gateway", help="run one MQTT ingest gateway")
+    commands.add_parser("processor", help="run one stream processor")
+    commands.add_parser("api", help="run the HTTP API")
+    commands.add_parser("migrate", help="create or upgrade the database schema (safe to repeat)")
+    commands.add_parser("settings", help="print the effective settings, secrets masked")
+    devices = commands.add_parser("devices", help="manage the device registry")
+    device_commands = devices.add_subparsers(dest="devices_command", required=True, metavar="ACTION")
+    importer = device_commands.add_parser("import", help="register devices from a GeoJSON FeatureCollection")
+    importer.add_argument("file", type=Path, help="GeoJSON file with Point features")
+    sim = commands.add_parser("simulate", help="publish realistic telemetry over MQTT")
+    sim.add_argument("--city", required=True, help="city slug, e.g. ha-noi")
+    sim.add_argument("--devices", type=_positive_int, default=50, help="number of devices")
+    sim.add_argument("--rate", type=_positive_float, default=10.0, help="messages per second in total")
+    sim.add_argument("--duration", type=_positive_float, default=60.0, help="seconds to run")
+    sim.add_argument("--scenario", default="normal", choices=["normal"], help="what happens in the city")
+    sim.add_argument("--register", action="store_true", help="register the fleet first")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings()
+        _configure_logging(settings.log_level)
+        command = args.command
+        if command == "settings":
+            print(json.dumps(settings.masked(), indent=2))
+            return 0
+        if command == "devices":
+            return asyncio.run(import_devices(settings, args.file))
+        runners = {
+            "up": run_up,
+            "gateway": run_gateway,
+            "processor": run_processor,
+            "api": run_api,
+            "migrate": migrate,
+        }
+        if command == "simulate":
+            asyncio.run(simulate(settings, args))
+        else:
+            with contextlib.suppress(KeyboardInterrupt):
+                asyncio.run(runners[command](settings))
+        return 0
+    except IocError as exc:
+        print(f"ioc {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except ValueError as exc:
+        print(f"ioc {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""The message bus: Kafka topics, an idempotent producer and a commit-after-write consumer."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from types import TracebackType
+from typing import Any, Self
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaConnectionError, KafkaError
+
+from ioc_core.domains import DOMAINS
+from ioc_core.errors import IocError, ServiceUnavailableError
+
+log = logging.getLogger(__name__)
+
+DEADLETTER_TOPIC = "ioc.deadletter"
+EVENTS_TOPIC = "ioc.events"
+_TOPIC_EXISTS = 36
+_DEADLETTER_PAYLOAD_LIMIT = 4096
+
+
+def telemetry_topic(domain: str) -> str:
+    return f"ioc.telemetry.{domain}"
+
+
+def telemetry_topics() -> list[str]:
+    return [telemetry_topic(name) for name in DOMAINS]
+
+
+def all_topics() -> list[str]:
+    return [*telemetry_topics(), DEADLETTER_TOPIC, EVENTS_TOPIC]
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A message that could not be accepted, kept with why and where it came from."""
+
+    reason: str
+    detail: str
+    topic: str
+    received_at: datetime
+    payload: bytes
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(
+            {
+                "reason": self.reason,
+                "detail": self.detail,
+                "topic": self.topic,
+                "received_at": self.received_at.isoformat(),
+                "payload_size": len(self.payload),
+                "payload": self.payload[:_DEADLETTER_PAYLOAD_LIMIT].decode("utf-8", errors="replace"),
+            },
+            separators=(",", ":"),
+        ).encode()
+
+
+async def ensure_topics(bootstrap: str, topics: Iterable[str], *, partitions: int) -> None:
+    """Create missing topics (idempotent); the broker may also auto-create, but with its defaults."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15_000)
+    try:
+        await admin.start()
+    except KafkaError as exc:
+        raise ServiceUnavailableError(f"Kafka at {bootstrap} is unreachable: {exc}") from exc
+    try:
+        existing = set(await admin.list_topics())
+        missing = [t for t in topics if t not in existing]
+        if not missing:
+            return
+        response = await admin.create_topics(
+            [NewTopic(name=t, num_partitions=partitions, replication_factor=1) for t in missing]
+        )
+        for topic, code, message in response.topic_errors:
+            if code not in (0, _TOPIC_EXISTS):
+                raise IocError(f"creating Kafka topic {topic} failed: error {code} {message}", retriable=True)
+        log.info("created Kafka topics %s", ", ".join(missing))
+    finally:
+        await admin.close()
+
+
+class BusProducer:
+    """Idempotent producer (`acks=all`) that batches; `send` does not wait for the broker."""
+
+    def __init__(self, bootstrap: str, *, linger_ms: int = 5, client_id: str = "ioc") -> None:
+        self._bootstrap = bootstrap
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=bootstrap,
+            client_id=client_id,
+            enable_idempotence=True,
+            acks="all",
+            linger_ms=linger_ms,
+            request_timeout_ms=30_000,
+        )
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        try:
+            await self._producer.start()
+        except KafkaConnectionError as exc:
+            await self._producer.stop()
+            raise ServiceUnavailableError(f"Kafka at {self._bootstrap} is unreachable: {exc}") from exc
+
+    async def stop(self) -> None:
+        await self._producer.stop()
+
+    async def send(self, topic: str, value: bytes, *, key: str | None = None) -> asyncio.Future[Any]:
+        """Queue a record; the returned future resolves once Kafka has acknowledged it."""
+        future: asyncio.Future[Any] = await self._producer.send(
+            topic, value, key=key.encode() if key is not None else None
+        )
+        return future
+
+    async def send_and_wait(self, topic: str, value: bytes, *, key: str | None = None) -> None:
+        await (await self.send(topic, value, key=key))
+
+
+@dataclass(frozen=True, slots=True)
+class BusRecord:
+    topic: str
+    partition: int
+    offset: int
+    key: str | None
+    value: bytes
+
+
+class BusConsumer:
+    """A consumer-group member that commits only when told to, after its rows are durable."""
+
+    def __init__(
+        self, bootstrap: str, topics: Sequence[str], *, group_id: str, max_records: int = 5_000
+    ) -> None:
+        self._bootstrap = bootstrap
+        self._max_records = max_records
+        self._consumer = AIOKafkaConsumer(
+            *topics,
+            bootstrap_servers=bootstrap,
+            group_id=group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            isolation_level="read_committed",
+            max_poll_records=max_records,
+        )
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        try:
+            await self._consumer.start()
+        except KafkaConnectionError as exc:
+            await self._consumer.stop()
+            raise ServiceUnavailableError(f"Kafka at {self._bootstrap} is unreachable: {exc}") from exc
+
+    async def stop(self) -> None:
+        await self._consumer.stop()
+
+    async def getmany(self, timeout_ms: int = 1_000) -> list[BusRecord]:
+        batches = await self._consumer.getmany(timeout_ms=timeout_ms, max_records=self._max_records)
+        return [
+            BusRecord(
+                topic=message.topic,
+                partition=message.partition,
+                offset=message.offset,
+                key=message.key.decode(errors="replace") if message.key is not None else None,
+                value=message.value if message.value is not None else b"",
+            )
+            for messages in batches.values()
+            for message in messages
+        ]
+
+    async def commit(self) -> None:
+        await self._consumer.commit()

@@ -1,0 +1,95 @@
+"""What a domain is: its metrics with units and valid ranges, default alarm thresholds,
+the interval after which a silent device counts as offline, and how a simulated device behaves.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+_CAMEL_BOUNDARY = re.compile(r"(?<=[a-z0-9])(?=[A-Z][a-z])")
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One measured quantity; `name` is the wire name (FIWARE Smart Data Models spelling)."""
+
+    name: str
+    unit: str
+    minimum: float
+    maximum: float
+    description: str
+
+    @property
+    def column(self) -> str:
+        """The SQL column that stores it: snake case, so no identifier ever needs quoting."""
+        return _CAMEL_BOUNDARY.sub("_", self.name).lower()
+
+    def accepts(self, value: float) -> bool:
+        return math.isfinite(value) and self.minimum <= value <= self.maximum
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """Default alarm limits for one metric; a device's `thresholds` override them."""
+
+    warn_above: float | None = None
+    crit_above: float | None = None
+    warn_below: float | None = None
+    crit_below: float | None = None
+
+
+# A simulated device's next metrics, from its own random stream, the wall-clock time
+# (for daily cycles) and a per-device phase in [0, 1) that spreads devices apart.
+Sampler = Callable[[random.Random, datetime, float], dict[str, float]]
+
+BATTERY = Metric("batteryLevel", "fraction", 0.0, 1.0, "battery charge of the device")
+
+
+@dataclass(frozen=True)
+class Domain:
+    name: str
+    title_en: str
+    title_vi: str
+    metrics: tuple[Metric, ...]
+    offline_after: timedelta
+    sampler: Sampler
+    default_thresholds: Mapping[str, Threshold] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if BATTERY not in self.metrics:
+            object.__setattr__(self, "metrics", (*self.metrics, BATTERY))
+        names = [m.name for m in self.metrics]
+        if len(set(names)) != len(names):
+            raise ValueError(f"domain {self.name} names a metric twice")
+        unknown = set(self.default_thresholds) - set(names)
+        if unknown:
+            raise ValueError(f"domain {self.name} has thresholds for unknown metrics {sorted(unknown)}")
+
+    @property
+    def table(self) -> str:
+        return f"readings_{self.name}"
+
+    def metric(self, name: str) -> Metric | None:
+        for metric in self.metrics:
+            if metric.name == name:
+                return metric
+        return None
+
+
+def daily_cycle(t: datetime, peaks: tuple[float, ...], width_h: float = 1.5) -> float:
+    """A 0..1 bump at each peak hour (local time of the reading), for rush hours and load curves."""
+    hour = t.hour + t.minute / 60 + t.second / 3600
+    level = 0.0
+    for peak in peaks:
+        distance = min(abs(hour - peak), 24 - abs(hour - peak))
+        level = max(level, math.exp(-((distance / width_h) ** 2)))
+    return level
+
+
+def clamp(value: float, metric: Metric) -> float:
+    return min(max(value, metric.minimum), metric.maximum)

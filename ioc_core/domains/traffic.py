@@ -1,0 +1,39 @@
+"""Traffic counters on arterial roads (FIWARE TrafficFlowObserved)."""
+
+from __future__ import annotations
+
+import random
+from datetime import datetime, timedelta
+
+from ioc_core.domains.base import Domain, Metric, Threshold, clamp, daily_cycle
+
+INTENSITY = Metric("intensity", "vehicles/min", 0, 1000, "vehicles passing per minute")
+OCCUPANCY = Metric("occupancy", "fraction", 0, 1, "fraction of time the detector is occupied")
+SPEED = Metric("averageVehicleSpeed", "km/h", 0, 250, "average speed of passing vehicles")
+
+
+def _sample(rng: random.Random, t: datetime, phase: float) -> dict[str, float]:
+    # Hanoi-style rush hours: morning 7:30, evening 17:30 (UTC+7 local clock of the device).
+    rush = daily_cycle(t, (7.5, 17.5))
+    intensity = 20 + 60 * rush + 10 * phase + rng.gauss(0, 4)
+    occupancy = 0.08 + 0.55 * rush + rng.gauss(0, 0.03)
+    speed = 48 - 30 * rush + rng.gauss(0, 3)
+    return {
+        INTENSITY.name: round(clamp(intensity, INTENSITY), 1),
+        OCCUPANCY.name: round(clamp(occupancy, OCCUPANCY), 3),
+        SPEED.name: round(clamp(speed, SPEED), 1),
+    }
+
+
+DOMAIN = Domain(
+    name="traffic",
+    title_en="Traffic",
+    title_vi="Giao thông",
+    metrics=(INTENSITY, OCCUPANCY, SPEED),
+    offline_after=timedelta(minutes=5),
+    sampler=_sample,
+    default_thresholds={
+        SPEED.name: Threshold(warn_below=15, crit_below=5),
+        OCCUPANCY.name: Threshold(warn_above=0.7, crit_above=0.9),
+    },
+)

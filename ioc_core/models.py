@@ -1,0 +1,110 @@
+"""Domain objects shared by the API, the storage layer and the tools."""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime
+from typing import Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ioc_core.domains import DOMAINS
+from ioc_core.telemetry import CITY_PATTERN, DEVICE_ID_PATTERN
+
+DeviceStatus = Literal["online", "offline", "unknown"]
+ThresholdKey = Literal["warn_above", "crit_above", "warn_below", "crit_below"]
+
+
+class Location(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    lat: float = Field(ge=-90, le=90, description="WGS 84 latitude", examples=[21.0285])
+    lon: float = Field(ge=-180, le=180, description="WGS 84 longitude", examples=[105.8542])
+
+
+class DeviceIn(BaseModel):
+    """A device to register."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "hn-flood-001",
+                    "city": "ha-noi",
+                    "domain": "flood",
+                    "name": "Trạm đo mực nước Phan Đình Phùng",
+                    "district": "Ba Đình",
+                    "location": {"lat": 21.0401, "lon": 105.8412},
+                    "thresholds": {"currentLevel": {"warn_above": 3.0, "crit_above": 4.5}},
+                }
+            ]
+        },
+    )
+
+    id: str = Field(pattern=f"^{DEVICE_ID_PATTERN.pattern}$", description="unique device id")
+    city: str = Field(pattern=f"^{CITY_PATTERN.pattern}$", description="city slug, e.g. ha-noi")
+    domain: str = Field(description=f"one of {', '.join(DOMAINS)}")
+    name: str | None = Field(default=None, max_length=200)
+    district: str | None = Field(default=None, max_length=100)
+    location: Location
+    thresholds: dict[str, dict[ThresholdKey, float]] = Field(
+        default_factory=dict, description="per-metric alarm limits overriding the domain's defaults"
+    )
+
+    @model_validator(mode="after")
+    def _check_domain_and_thresholds(self) -> Self:
+        domain = DOMAINS.get(self.domain)
+        if domain is None:
+            raise ValueError(f"domain must be one of {', '.join(DOMAINS)}")
+        for metric_name, limits in self.thresholds.items():
+            metric = domain.metric(metric_name)
+            if metric is None:
+                raise ValueError(f"thresholds name {metric_name!r}, not a {domain.name} metric")
+            for key, value in limits.items():
+                if not math.isfinite(value):
+                    raise ValueError(f"thresholds.{metric_name}.{key} must be finite")
+        return self
+
+
+class LatestReading(BaseModel):
+    ts: datetime
+    metrics: dict[str, float]
+
+
+class Device(BaseModel):
+    """A registered device with its status and latest reading."""
+
+    id: str
+    city: str
+    domain: str
+    name: str | None
+    district: str | None
+    location: Location
+    thresholds: dict[str, dict[str, float]]
+    status: DeviceStatus
+    last_seen: datetime | None
+    latest: LatestReading | None
+    created_at: datetime
+
+
+class StateItem(BaseModel):
+    """The latest reading of one device, as operations-center screens poll it."""
+
+    device_id: str
+    city: str
+    domain: str
+    status: DeviceStatus
+    ts: datetime | None
+    metrics: dict[str, float]
+    location: Location
+
+
+class DeviceRoute(BaseModel):
+    """What the gateway needs to know to accept a device's telemetry."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    city: str
+    domain: str

@@ -1,0 +1,112 @@
+"""Settings from the environment (`IOC_` prefix), with secrets kept as `SecretStr`."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from ioc_core.errors import ConfigurationError
+
+
+class MqttEndpoint(BaseModel):
+    host: str
+    port: int
+    tls: bool
+    username: str | None
+    password: SecretStr | None
+
+
+class Settings(BaseSettings):
+    """Every setting of every component; each component reads the ones it needs."""
+
+    model_config = SettingsConfigDict(env_prefix="IOC_", extra="ignore", frozen=True)
+
+    mqtt_url: SecretStr = Field(
+        default=SecretStr("mqtt://127.0.0.1:1883"),
+        description="MQTT broker; credentials may be in the URL (mqtt:// or mqtts://).",
+    )
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    database_url: SecretStr = SecretStr("postgresql://postgres@127.0.0.1:5432/ioc")
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=8000, ge=0, le=65535)
+    admin_api_key: SecretStr | None = None
+    webhook_allow_private: bool = False
+
+    gateway_client_id: str = Field(
+        default="ioc-gateway",
+        description="MQTT client id of the gateway; fixed so the broker keeps its session across restarts.",
+    )
+    gateway_share_group: str = Field(
+        default="ioc-gateway",
+        description="MQTT shared-subscription group; gateways in one group split the telemetry.",
+    )
+    mqtt_session_expiry_s: int = Field(default=86_400, ge=0)
+    gateway_queue_size: int = Field(default=10_000, ge=1)
+    registry_refresh_s: float = Field(default=30.0, gt=0)
+
+    processor_group_id: str = "ioc-processor"
+    processor_batch_max: int = Field(default=5_000, ge=1)
+    topic_partitions: int = Field(default=6, ge=1)
+
+    log_level: str = "INFO"
+
+    @field_validator("mqtt_url")
+    @classmethod
+    def _check_mqtt_url(cls, value: SecretStr) -> SecretStr:
+        parts = urlsplit(value.get_secret_value())
+        if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl") or not parts.hostname:
+            raise ValueError("IOC_MQTT_URL must look like mqtt://[user:password@]host[:port]")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: SecretStr) -> SecretStr:
+        if urlsplit(value.get_secret_value()).scheme not in ("postgresql", "postgres"):
+            raise ValueError("IOC_DATABASE_URL must look like postgresql://user@host:port/database")
+        return value
+
+    @cached_property
+    def mqtt(self) -> MqttEndpoint:
+        parts = urlsplit(self.mqtt_url.get_secret_value())
+        tls = parts.scheme in ("mqtts", "ssl")
+        try:
+            port = parts.port or (8883 if tls else 1883)
+        except ValueError as exc:
+            raise ConfigurationError(f"IOC_MQTT_URL has a bad port: {exc}") from exc
+        return MqttEndpoint(
+            host=parts.hostname or "127.0.0.1",
+            port=port,
+            tls=tls,
+            username=unquote(parts.username) if parts.username else None,
+            password=SecretStr(unquote(parts.password)) if parts.password else None,
+        )
+
+    def masked(self) -> dict[str, Any]:
+        """The settings as printed in logs and by the CLI: secrets never appear in clear."""
+        shown: dict[str, Any] = {}
+        for name, value in self.model_dump().items():
+            if isinstance(value, SecretStr):
+                shown[name] = _mask_url(value.get_secret_value()) if name.endswith("_url") else "**********"
+            else:
+                shown[name] = value
+        return shown
+
+
+def _mask_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":**********@", 1)
+    return parts._replace(netloc=netloc).geturl()
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the environment, turning a validation failure into one clear configuration error."""
+    try:
+        return Settings(**overrides)
+    except ValueError as exc:
+        raise ConfigurationError(f"invalid settings: {exc}".replace("\n", " ")) from exc

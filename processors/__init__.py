@@ -1,0 +1,1 @@
+"""Stream processors: telemetry from the bus into storage (and, later, detection and alarms)."""

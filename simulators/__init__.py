@@ -1,0 +1,1 @@
+"""City simulators: fleets of devices publishing realistic telemetry over MQTT."""

@@ -1,0 +1,35 @@
+"""Figures measured by the tests, printed at the end of the run."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import pytest
+
+
+@dataclass
+class Figures:
+    latencies_s: dict[str, float] = field(default_factory=dict)
+
+
+FIGURES = Figures()
+
+
+@pytest.fixture(scope="session")
+def figures() -> Iterator[Figures]:
+    yield FIGURES
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if not FIGURES.latencies_s:
+        return
+    values = sorted(FIGURES.latencies_s.values())
+    terminalreporter.section("measured figures")
+    for name, seconds in sorted(FIGURES.latencies_s.items()):
+        terminalreporter.write_line(f"publish -> API latency, {name}: {seconds * 1000:.0f} ms")
+    terminalreporter.write_line(
+        f"publish -> API latency over {len(values)} readings: median {statistics.median(values) * 1000:.0f} ms,"
+        f" worst {values[-1] * 1000:.0f} ms"
+    )

@@ -1,0 +1,142 @@
+"""The real services (Mosquitto, Kafka, TimescaleDB started by `make services`) and a running
+system of `ioc gateway`, `ioc processor` and `ioc api` processes against them.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import asyncpg
+import httpx
+import pytest
+
+from tests.integration.harness import ComponentProcess, test_env, unique
+
+SERVICES = {"Mosquitto": ("127.0.0.1", 1883), "Kafka": ("127.0.0.1", 9092)}
+ADMIN_KEY = "test-admin-key-0123456789abcdef"
+POSTGRES_URL = os.environ.get("IOC_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "integration" in str(item.path):
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def real_services() -> None:
+    missing = []
+    for name, (host, port) in SERVICES.items():
+        try:
+            socket.create_connection((host, port), timeout=2).close()
+        except OSError:
+            missing.append(f"{name} on {host}:{port}")
+    database = urlsplit(POSTGRES_URL)
+    try:
+        socket.create_connection((database.hostname, database.port or 5432), timeout=2).close()
+    except OSError:
+        missing.append(f"TimescaleDB on {database.hostname}:{database.port or 5432}")
+    if missing:
+        pytest.fail(f"real services not running: {', '.join(missing)}; start them with `make services`")
+
+
+@pytest.fixture(scope="session")
+async def database_url() -> AsyncIterator[str]:
+    name = unique("ioc_test").replace("-", "_")
+    admin = await asyncpg.connect(f"{POSTGRES_URL}/postgres")
+    try:
+        # Databases of earlier runs that died before cleaning up.
+        for row in await admin.fetch("SELECT datname FROM pg_database WHERE datname LIKE 'ioc_test_%'"):
+            await admin.execute(f'DROP DATABASE IF EXISTS "{row["datname"]}" WITH (FORCE)')
+    finally:
+        await admin.close()
+    yield f"{POSTGRES_URL}/{name}"
+    admin = await asyncpg.connect(f"{POSTGRES_URL}/postgres")
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest.fixture(scope="session")
+def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("component-logs")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class System:
+    env: dict[str, str]
+    api_url: str
+    database_url: str
+    processes: dict[str, ComponentProcess]
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {name} ---\n{p.tail(15)}" for name, p in self.processes.items())
+
+
+@pytest.fixture(scope="session")
+def system_env(database_url: str) -> dict[str, str]:
+    run = unique("t")
+    return test_env(
+        IOC_DATABASE_URL=database_url,
+        IOC_API_PORT=str(_free_port()),
+        IOC_ADMIN_API_KEY=ADMIN_KEY,
+        IOC_GATEWAY_CLIENT_ID=f"ioc-gateway-{run}",
+        IOC_GATEWAY_SHARE_GROUP=f"gw-{run}",
+        IOC_MQTT_SESSION_EXPIRY_S="300",
+        IOC_PROCESSOR_GROUP_ID="ioc-processor-test",
+        IOC_REGISTRY_REFRESH_S="2",
+    )
+
+
+@pytest.fixture(scope="session")
+async def system(system_env: dict[str, str], log_dir: Path) -> AsyncIterator[System]:
+    migrated = subprocess.run(
+        [sys.executable, "-m", "ioc.cli", "migrate"],
+        env=system_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert migrated.returncode == 0, f"ioc migrate failed:\n{migrated.stdout}{migrated.stderr}"
+    processes = {
+        "processor": ComponentProcess("processor", system_env, log_dir),
+        "gateway": ComponentProcess("gateway", system_env, log_dir),
+        "api": ComponentProcess("api", system_env, log_dir),
+    }
+    for process in processes.values():
+        process.start()
+    try:
+        await processes["processor"].wait_for_log("processor joined group")
+        await processes["gateway"].wait_for_log("subscribed to")
+        await processes["api"].wait_for_log("API listening")
+        yield System(
+            env=system_env,
+            api_url=f"http://127.0.0.1:{system_env['IOC_API_PORT']}",
+            database_url=system_env["IOC_DATABASE_URL"],
+            processes=processes,
+        )
+    finally:
+        for process in processes.values():
+            process.stop()
+
+
+@pytest.fixture
+async def admin(system: System) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(
+        base_url=system.api_url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=10
+    ) as client:
+        yield client

@@ -1,0 +1,118 @@
+"""Helpers for tests that drive the real services: processes, MQTT publishing, bounded waits."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+T = TypeVar("T")
+
+MQTT_HOST, MQTT_PORT = "127.0.0.1", 1883
+
+
+class ComponentProcess:
+    """One `ioc <command>` process with its log in a file, stopped with SIGTERM."""
+
+    def __init__(self, command: str, env: dict[str, str], log_dir: Path, name: str | None = None) -> None:
+        self.command = command
+        self.name = name or command
+        self.log_path = log_dir / f"{self.name}.log"
+        self._env = env
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log = self.log_path.open("ab")
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "ioc.cli", self.command],
+            env=self._env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+    async def wait_for_log(self, text: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.log_text():
+            if self._process is not None and self._process.poll() is not None:
+                raise AssertionError(
+                    f"ioc {self.command} exited with {self._process.returncode}:\n{self.tail()}"
+                )
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"ioc {self.command} did not log {text!r} within {timeout}s:\n{self.tail()}"
+                )
+            await asyncio.sleep(0.1)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int | None:
+        if self._process is None:
+            return None
+        if self._process.poll() is None:
+            self._process.send_signal(sig)
+            try:
+                self._process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+        code = self._process.returncode
+        self._process = None
+        return code
+
+
+def test_env(**overrides: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IOC_")}
+    env.update(overrides)
+    return env
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def publish(topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
+    """Publish one message and wait until the broker has acknowledged it."""
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=unique("test-pub"))
+    client.connect(MQTT_HOST, MQTT_PORT, 30)
+    client.loop_start()
+    try:
+        info = client.publish(topic, payload, qos=qos, retain=retain)
+        info.wait_for_publish(timeout=10)
+        assert info.is_published(), f"broker did not acknowledge the message on {topic}"
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+async def wait_until(
+    probe: Callable[[], Awaitable[T | None]], *, timeout: float, what: str, interval: float = 0.05
+) -> T:
+    """Poll `probe` until it returns something other than None; fail clearly after `timeout`."""
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            result = await probe()
+        except Exception as exc:  # noqa: BLE001 - reported if the wait fails
+            last_error = exc
+            result = None
+        if result is not None:
+            return result
+        await asyncio.sleep(interval)
+    suffix = f" (last error: {last_error!r})" if last_error else ""
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}{suffix}")
