@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Path, Query, Request, Response
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from fastapi import FastAPI, HTTPException, Path, Query, Request, Response
+from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import BaseModel, Field
 
 from api import problems
 from api.auth import require
 from ioc_core.domains import DOMAINS
 from ioc_core.errors import IocError
+from ioc_core.metrics import CONTENT_TYPE, Metric, render
 from ioc_core.models import Device, DeviceIn, StateItem
 from ioc_core.settings import Settings
 from ioc_core.storage import Database
@@ -42,6 +46,36 @@ class Readiness(BaseModel):
 class StateList(BaseModel):
     items: list[StateItem]
     next: str | None = None
+
+
+class DeadLetterItem(BaseModel):
+    id: str
+    received_at: datetime
+    topic: str
+    reason: str
+    detail: str
+    payload: str = Field(description="the raw payload as UTF-8 text, cut at 4 KiB")
+    payload_size: int = Field(description="size of the original payload in bytes")
+
+
+class DeadLetterList(BaseModel):
+    items: list[DeadLetterItem]
+    next: str | None = Field(description="cursor of the next page, or null on the last")
+
+
+def _encode_cursor(value: int) -> str:
+    return base64.urlsafe_b64encode(f"v1:{value}".encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> int:
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        version, value = text.split(":", 1)
+        if version != "v1":
+            raise ValueError(version)
+        return int(value)
+    except (ValueError, UnicodeDecodeError, binascii.Error) as exc:
+        raise HTTPException(400, "cursor is not valid; use the `next` value of a previous page") from exc
 
 
 def create_app(settings: Settings, *, database: Database | None = None) -> FastAPI:
@@ -131,5 +165,48 @@ def create_app(settings: Settings, *, database: Database | None = None) -> FastA
     async def state(request: Request, city: CityFilter = None, domain: DomainFilter = None) -> StateList:
         items = await db(request).list_state(city=city, domain=domain)
         return StateList(items=items, next=None)
+
+    @app.get(
+        "/v1/dead-letters",
+        response_model=DeadLetterList,
+        summary="Rejected device messages with their reason, newest first (admin).",
+        tags=["dead letters"],
+        dependencies=[require("admin")],
+        responses={400: _PROBLEM},
+    )
+    async def dead_letters(
+        request: Request,
+        reason: Annotated[
+            str | None, Query(max_length=64, pattern="^[a-z_]+$", description="only this reason")
+        ] = None,
+        limit: Annotated[int, Query(ge=1, le=1000, description="page size")] = 100,
+        cursor: Annotated[
+            str | None, Query(max_length=200, description="`next` of the previous page")
+        ] = None,
+    ) -> DeadLetterList:
+        before = _decode_cursor(cursor) if cursor else None
+        rows = await db(request).list_dead_letters(limit=limit + 1, before_id=before, reason=reason)
+        page = rows[:limit]
+        return DeadLetterList(
+            items=[DeadLetterItem(**{**row.model_dump(), "id": str(row.id)}) for row in page],
+            next=_encode_cursor(page[-1].id) if len(rows) > limit else None,
+        )
+
+    @app.get(
+        "/metrics",
+        summary="Prometheus metrics.",
+        tags=["health"],
+        response_class=PlainTextResponse,
+        responses={200: {"content": {CONTENT_TYPE: {}}}},
+    )
+    async def metrics(request: Request) -> Response:
+        database_ = db(request)
+        dead = Metric("ioc_dead_letters_total", "counter", "rejected messages stored, by reason")
+        for reason, count in sorted((await database_.dead_letter_counts()).items()):
+            dead.add(count, reason=reason)
+        devices = Metric("ioc_devices", "gauge", "registered devices, by status")
+        for status, count in sorted((await database_.device_status_counts()).items()):
+            devices.add(count, status=status)
+        return Response(render([dead, devices]), media_type=CONTENT_TYPE)
 
     return app

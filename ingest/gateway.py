@@ -27,17 +27,22 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from ingest.registry import DeviceRegistry
-from ioc_core.bus import DEADLETTER_TOPIC, BusProducer, DeadLetter, all_topics, ensure_topics, telemetry_topic
+from ioc_core.bus import DEADLETTER_TOPIC, BusProducer, all_topics, ensure_topics, telemetry_topic
 from ioc_core.domains import DOMAINS
 from ioc_core.errors import IocError, RejectedMessage, ServiceUnavailableError
+from ioc_core.metrics import Metric
 from ioc_core.settings import Settings
 from ioc_core.storage import Database
 from ioc_core.telemetry import (
     REASON_DEVICE_MISMATCH,
     REASON_UNKNOWN_DEVICE,
-    TELEMETRY_SUBSCRIPTION,
+    TOPIC_ROOT,
+    BusTelemetry,
+    DeadLetter,
     Reading,
+    StatusReport,
     parse_payload,
+    parse_status,
     parse_topic,
     utcnow,
 )
@@ -67,20 +72,12 @@ class GatewayStats:
         self.rejected: collections.Counter[str] = collections.Counter()
         self.acked = 0
         self.produce_retries = 0
-
-    def snapshot(self) -> dict[str, Any]:
-        return {
-            "received": self.received,
-            "accepted": self.accepted,
-            "readings_produced": self.readings_produced,
-            "rejected": dict(self.rejected),
-            "acked": self.acked,
-            "produce_retries": self.produce_retries,
-        }
+        self.produce_error: str | None = None
 
 
-def validate(message: InboundMessage, route_city: str | None, route_domain: str | None) -> list[Reading]:
-    """Turn one telemetry message into readings, given the registry's view of its device."""
+def validate(message: InboundMessage, route_city: str | None, route_domain: str | None) -> list[BusTelemetry]:
+    """Turn one message into bus records (readings, or a status report), given the registry's
+    view of its device."""
     address = parse_topic(message.topic)
     if route_city is None or route_domain is None:
         raise RejectedMessage(REASON_UNKNOWN_DEVICE, f"device {address.device_id!r} is not registered")
@@ -90,6 +87,11 @@ def validate(message: InboundMessage, route_city: str | None, route_domain: str 
             f"device {address.device_id!r} is registered as {route_city}/{route_domain}, "
             f"topic says {address.city}/{address.domain}",
         )
+    if address.kind == "status":
+        if not message.payload:
+            return []  # an empty retained message only clears the broker's copy
+        status = parse_status(message.payload)
+        return [StatusReport(address.device_id, address.city, address.domain, status, message.received_at)]
     measurements = parse_payload(message.payload, DOMAINS[address.domain], received_at=message.received_at)
     return [
         Reading(
@@ -100,6 +102,7 @@ def validate(message: InboundMessage, route_city: str | None, route_domain: str 
             seq=m.seq,
             metrics=m.metrics,
             received_at=message.received_at,
+            device_time=m.device_time,
         )
         for m in measurements
     ]
@@ -133,8 +136,14 @@ class Gateway:
         await self.stop()
 
     @property
-    def subscription(self) -> str:
-        return f"$share/{self._settings.gateway_share_group}/{TELEMETRY_SUBSCRIPTION}"
+    def subscriptions(self) -> list[str]:
+        group = self._settings.gateway_share_group
+        cities = self._settings.gateway_cities or ["+"]
+        return [
+            f"$share/{group}/{TOPIC_ROOT}/{city}/+/+/{kind}"
+            for city in cities
+            for kind in ("telemetry", "status")
+        ]
 
     @property
     def backlog(self) -> int:
@@ -144,6 +153,50 @@ class Gateway:
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
+
+    def readiness(self) -> dict[str, str]:
+        """Each dependency's state; all "ok" means the gateway is taking telemetry."""
+        return {
+            "mqtt": "ok" if self.connected else "disconnected",
+            "kafka": "ok" if self.stats.produce_error is None else f"failing: {self.stats.produce_error}",
+            "backlog": "ok" if self.backlog < self._settings.gateway_queue_size else "full",
+        }
+
+    def metrics(self) -> list[Metric]:
+        stats = self.stats
+        rejected = Metric("ioc_gateway_rejected_total", "counter", "messages dead-lettered, by reason")
+        for reason, count in sorted(stats.rejected.items()):
+            rejected.add(count, reason=reason)
+        return [
+            Metric("ioc_gateway_received_total", "counter", "messages taken from the broker").add(
+                stats.received
+            ),
+            Metric("ioc_gateway_accepted_total", "counter", "messages that passed validation").add(
+                stats.accepted
+            ),
+            rejected,
+            Metric("ioc_gateway_acked_total", "counter", "messages acknowledged to the broker").add(
+                stats.acked
+            ),
+            Metric("ioc_gateway_readings_produced_total", "counter", "readings Kafka acknowledged").add(
+                stats.readings_produced
+            ),
+            Metric("ioc_gateway_produce_retries_total", "counter", "Kafka sends retried").add(
+                stats.produce_retries
+            ),
+            Metric("ioc_gateway_backlog", "gauge", "messages taken and not yet acknowledged").add(
+                self.backlog
+            ),
+            Metric("ioc_gateway_backlog_capacity", "gauge", "most messages held at once").add(
+                self._settings.gateway_queue_size
+            ),
+            Metric("ioc_gateway_mqtt_connected", "gauge", "1 when connected to the broker").add(
+                int(self.connected)
+            ),
+            Metric("ioc_gateway_registry_devices", "gauge", "devices in the registry cache").add(
+                len(self._registry)
+            ),
+        ]
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -162,7 +215,7 @@ class Gateway:
         log.info(
             "gateway %s subscribed to %s with %d devices known",
             self._settings.gateway_client_id,
-            self.subscription,
+            " and ".join(self.subscriptions),
             len(self._registry),
         )
 
@@ -232,7 +285,7 @@ class Gateway:
         if reason_code.is_failure:
             log.error("MQTT broker refused the connection: %s", reason_code)
             return
-        client.subscribe(self.subscription, qos=1)
+        client.subscribe([(topic, 1) for topic in self.subscriptions])
         log.info("connected to MQTT broker (session present: %s)", flags.session_present)
         self._connected.set()
 
@@ -283,7 +336,7 @@ class Gateway:
         try:
             address = parse_topic(message.topic)
             route = await self._lookup(address.device_id)
-            readings = validate(message, route.city if route else None, route.domain if route else None)
+            records = validate(message, route.city if route else None, route.domain if route else None)
         except RejectedMessage as rejection:
             self.stats.rejected[rejection.reason] += 1
             log.debug("rejected message on %s: %s", message.topic, rejection)
@@ -296,7 +349,7 @@ class Gateway:
             )
             return [(DEADLETTER_TOPIC, letter.to_bytes(), None)]
         self.stats.accepted += 1
-        return [(telemetry_topic(r.domain), r.to_bytes(), r.device_id) for r in readings]
+        return [(telemetry_topic(r.domain), r.to_bytes(), r.device_id) for r in records]
 
     async def _lookup(self, device_id: str) -> Any:
         delay = 0.5
@@ -327,11 +380,13 @@ class Gateway:
         while True:
             try:
                 await self._producer.send_and_wait(topic, value, key=key)
+                self.stats.produce_error = None
                 return
             except Exception as exc:
                 if self._stopping.is_set():
                     raise
                 self.stats.produce_retries += 1
+                self.stats.produce_error = f"{type(exc).__name__}: {exc}"[:200]
                 log.warning("Kafka did not take a record for %s, retrying in %.1fs: %s", topic, delay, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _RETRY_BACKOFF_MAX_S)

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from ioc_core.errors import ConflictError, IocError
+from ioc_core.http import HttpServer
 from ioc_core.settings import Settings, load_settings
 from ioc_core.storage import Database, ensure_database
 
@@ -54,9 +55,17 @@ async def _forever() -> None:
 
 async def run_gateway(settings: Settings) -> None:
     from ingest.gateway import Gateway
+    from ingest.health import health_app
 
-    async with Gateway(settings):
-        await _until_signalled(_forever)
+    async with Gateway(settings) as gateway:
+        if settings.gateway_health_port == 0:
+            await _until_signalled(_forever)
+            return
+        app = health_app(gateway.readiness, gateway.metrics)
+        async with HttpServer(
+            app, host=settings.api_host, port=settings.gateway_health_port, name="gateway health"
+        ):
+            await _until_signalled(_forever)
 
 
 async def run_processor(settings: Settings) -> None:

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from types import TracebackType
 from typing import Any, Self
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaConnectionError, KafkaError
+from aiokafka.errors import IllegalStateError, KafkaConnectionError, KafkaError
 
 from ioc_core.domains import DOMAINS
 from ioc_core.errors import IocError, ServiceUnavailableError
@@ -23,7 +21,6 @@ log = logging.getLogger(__name__)
 DEADLETTER_TOPIC = "ioc.deadletter"
 EVENTS_TOPIC = "ioc.events"
 _TOPIC_EXISTS = 36
-_DEADLETTER_PAYLOAD_LIMIT = 4096
 
 
 def telemetry_topic(domain: str) -> str:
@@ -36,30 +33,6 @@ def telemetry_topics() -> list[str]:
 
 def all_topics() -> list[str]:
     return [*telemetry_topics(), DEADLETTER_TOPIC, EVENTS_TOPIC]
-
-
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    """A message that could not be accepted, kept with why and where it came from."""
-
-    reason: str
-    detail: str
-    topic: str
-    received_at: datetime
-    payload: bytes
-
-    def to_bytes(self) -> bytes:
-        return json.dumps(
-            {
-                "reason": self.reason,
-                "detail": self.detail,
-                "topic": self.topic,
-                "received_at": self.received_at.isoformat(),
-                "payload_size": len(self.payload),
-                "payload": self.payload[:_DEADLETTER_PAYLOAD_LIMIT].decode("utf-8", errors="replace"),
-            },
-            separators=(",", ":"),
-        ).encode()
 
 
 async def ensure_topics(bootstrap: str, topics: Iterable[str], *, partitions: int) -> None:
@@ -191,3 +164,18 @@ class BusConsumer:
 
     async def commit(self) -> None:
         await self._consumer.commit()
+
+    async def caught_up(self, *, max_lag: int) -> list[tuple[str, int]]:
+        """The assigned partitions whose unread backlog is at most `max_lag` records."""
+        partitions = []
+        for tp in self._consumer.assignment():
+            highwater = self._consumer.highwater(tp)
+            if highwater is None:
+                continue
+            try:
+                position = await self._consumer.position(tp)
+            except IllegalStateError:
+                continue  # revoked while we looked
+            if highwater - position <= max_lag:
+                partitions.append((tp.topic, tp.partition))
+        return partitions

@@ -9,7 +9,9 @@ from urllib.parse import unquote, urlsplit
 from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from ioc_core.domains import DOMAINS
 from ioc_core.errors import ConfigurationError
+from ioc_core.telemetry import CITY_PATTERN
 
 
 class MqttEndpoint(BaseModel):
@@ -44,6 +46,16 @@ class Settings(BaseSettings):
         default="ioc-gateway",
         description="MQTT shared-subscription group; gateways in one group split the telemetry.",
     )
+    gateway_cities: list[str] = Field(
+        default_factory=list,
+        description="cities this gateway takes telemetry for (JSON list); empty means every city",
+    )
+    gateway_health_port: int = Field(
+        default=8081,
+        ge=0,
+        le=65535,
+        description="port of the gateway's /health, /ready and /metrics; 0 turns it off",
+    )
     mqtt_session_expiry_s: int = Field(default=86_400, ge=0)
     gateway_queue_size: int = Field(default=10_000, ge=1)
     registry_refresh_s: float = Field(default=30.0, gt=0)
@@ -51,6 +63,21 @@ class Settings(BaseSettings):
     processor_group_id: str = "ioc-processor"
     processor_batch_max: int = Field(default=5_000, ge=1)
     topic_partitions: int = Field(default=6, ge=1)
+    seq_window_s: float = Field(
+        default=3600,
+        gt=0,
+        description="how long a (device, seq) pair counts as a repeat when the payload has no ts",
+    )
+    offline_after_s: dict[str, float] = Field(
+        default_factory=dict,
+        description="per-domain seconds of silence after which a device is offline (overrides)",
+    )
+    silence_check_s: float = Field(
+        default=10.0, gt=0, description="how often processors look for silent devices"
+    )
+    outbox_poll_s: float = Field(
+        default=1.0, gt=0, description="how often recorded events are relayed at the latest"
+    )
 
     log_level: str = "INFO"
 
@@ -68,6 +95,31 @@ class Settings(BaseSettings):
         if urlsplit(value.get_secret_value()).scheme not in ("postgresql", "postgres"):
             raise ValueError("IOC_DATABASE_URL must look like postgresql://user@host:port/database")
         return value
+
+    @field_validator("gateway_cities")
+    @classmethod
+    def _check_cities(cls, value: list[str]) -> list[str]:
+        for city in value:
+            if not CITY_PATTERN.fullmatch(city):
+                raise ValueError(f"IOC_GATEWAY_CITIES: {city!r} is not a city slug")
+        return value
+
+    @field_validator("offline_after_s")
+    @classmethod
+    def _check_offline_after(cls, value: dict[str, float]) -> dict[str, float]:
+        for domain, seconds in value.items():
+            if domain not in DOMAINS or not seconds > 0:
+                raise ValueError(
+                    f"IOC_OFFLINE_AFTER_S: {domain!r}={seconds!r} is not a domain and a positive number"
+                )
+        return value
+
+    def offline_after(self) -> dict[str, float]:
+        """Seconds of silence after which a device of each domain counts as offline."""
+        return {
+            name: self.offline_after_s.get(name, d.offline_after.total_seconds())
+            for name, d in DOMAINS.items()
+        }
 
     @cached_property
     def mqtt(self) -> MqttEndpoint:

@@ -18,6 +18,7 @@ from ioc_core.errors import RejectedMessage
 
 MAX_PAYLOAD_BYTES = 64 * 1024
 MAX_FUTURE_SKEW = timedelta(minutes=5)
+DEADLETTER_PAYLOAD_LIMIT = 4096
 TOPIC_ROOT = "ioc/v1"
 TELEMETRY_SUBSCRIPTION = f"{TOPIC_ROOT}/+/+/+/telemetry"
 STATUS_SUBSCRIPTION = f"{TOPIC_ROOT}/+/+/+/status"
@@ -37,6 +38,9 @@ REASON_OUT_OF_RANGE = "out_of_range"
 REASON_BAD_TIMESTAMP = "bad_timestamp"
 REASON_FUTURE_TIMESTAMP = "future_timestamp"
 REASON_NO_METRICS = "no_metrics"
+REASON_BAD_STATUS = "bad_status"
+
+DEVICE_STATUSES = ("online", "offline")
 
 # SenML (RFC 8428 §4.5.3): times below 2**28 are relative to now.
 _SENML_RELATIVE_LIMIT = 2**28
@@ -55,7 +59,12 @@ class TopicAddress:
 
 @dataclass(frozen=True, slots=True)
 class Reading:
-    """One validated measurement set of one device at one instant."""
+    """One validated measurement set of one device at one instant.
+
+    `device_time` says whether `ts` came from the device; when it did not (no `ts` in the
+    payload) `ts` is the receive time, which differs on every redelivery, so such readings are
+    de-duplicated by `seq` instead.
+    """
 
     device_id: str
     city: str
@@ -64,14 +73,17 @@ class Reading:
     seq: int | None
     metrics: dict[str, float]
     received_at: datetime
+    device_time: bool = True
 
     def to_bytes(self) -> bytes:
         return json.dumps(
             {
+                "kind": "reading",
                 "device_id": self.device_id,
                 "city": self.city,
                 "domain": self.domain,
                 "ts": self.ts.isoformat(),
+                "device_time": self.device_time,
                 "seq": self.seq,
                 "metrics": self.metrics,
                 "received_at": self.received_at.isoformat(),
@@ -79,22 +91,135 @@ class Reading:
             separators=(",", ":"),
         ).encode()
 
-    @classmethod
-    def from_bytes(cls, raw: bytes) -> Reading:
-        """Decode a reading from the bus; raises `RejectedMessage` if it is not one of ours."""
-        try:
-            body = json.loads(raw)
-            return cls(
+
+@dataclass(frozen=True, slots=True)
+class StatusReport:
+    """A device's own word on its status: `online` when it connects, `offline` as its last will."""
+
+    device_id: str
+    city: str
+    domain: str
+    status: str
+    received_at: datetime
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(
+            {
+                "kind": "status",
+                "device_id": self.device_id,
+                "city": self.city,
+                "domain": self.domain,
+                "status": self.status,
+                "received_at": self.received_at.isoformat(),
+            },
+            separators=(",", ":"),
+        ).encode()
+
+
+BusTelemetry = Reading | StatusReport
+
+
+def decode_record(raw: bytes) -> BusTelemetry:
+    """Decode a telemetry-topic record; raises `RejectedMessage` if it is not one of ours."""
+    try:
+        body = json.loads(raw)
+        kind = body.get("kind", "reading")
+        if kind == "status":
+            status = str(body["status"])
+            if status not in DEVICE_STATUSES:
+                raise ValueError(f"status {status!r}")
+            return StatusReport(
                 device_id=str(body["device_id"]),
                 city=str(body["city"]),
                 domain=str(body["domain"]),
-                ts=datetime.fromisoformat(body["ts"]),
-                seq=None if body.get("seq") is None else int(body["seq"]),
-                metrics={str(k): float(v) for k, v in body["metrics"].items()},
+                status=status,
                 received_at=datetime.fromisoformat(body["received_at"]),
             )
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise RejectedMessage(REASON_MALFORMED, f"not a reading record: {exc}") from exc
+        if kind != "reading":
+            raise ValueError(f"unknown record kind {kind!r}")
+        return Reading(
+            device_id=str(body["device_id"]),
+            city=str(body["city"]),
+            domain=str(body["domain"]),
+            ts=datetime.fromisoformat(body["ts"]),
+            seq=None if body.get("seq") is None else int(body["seq"]),
+            metrics={str(k): float(v) for k, v in body["metrics"].items()},
+            received_at=datetime.fromisoformat(body["received_at"]),
+            device_time=bool(body.get("device_time", True)),
+        )
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise RejectedMessage(REASON_MALFORMED, f"not a telemetry record: {exc}") from exc
+
+
+def parse_status(payload: bytes) -> str:
+    """The payload of a status topic: `online` or `offline`."""
+    text = payload[:16].decode("ascii", errors="replace").strip().lower()
+    if len(payload) > 16 or text not in DEVICE_STATUSES:
+        raise RejectedMessage(REASON_BAD_STATUS, "status payload must be 'online' or 'offline'")
+    return text
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A message that could not be accepted, kept with why and where it came from."""
+
+    reason: str
+    detail: str
+    topic: str
+    received_at: datetime
+    payload: bytes
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(
+            {
+                "reason": self.reason,
+                "detail": self.detail,
+                "topic": self.topic,
+                "received_at": self.received_at.isoformat(),
+                "payload_size": len(self.payload),
+                "payload": self.payload[:DEADLETTER_PAYLOAD_LIMIT].decode("utf-8", errors="replace"),
+            },
+            separators=(",", ":"),
+            ensure_ascii=False,
+        ).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class StoredDeadLetter:
+    """A dead letter as read back from the bus, ready to be stored once (`source` is unique)."""
+
+    source: str
+    reason: str
+    detail: str
+    topic: str
+    received_at: datetime
+    payload: str
+    payload_size: int
+
+    @classmethod
+    def from_bytes(cls, raw: bytes, *, source: str) -> StoredDeadLetter:
+        try:
+            body = json.loads(raw)
+            return cls(
+                source=source,
+                reason=str(body["reason"])[:64],
+                detail=str(body.get("detail", ""))[:1000],
+                topic=str(body["topic"])[:512],
+                received_at=datetime.fromisoformat(body["received_at"]),
+                payload=str(body.get("payload", ""))[:DEADLETTER_PAYLOAD_LIMIT],
+                payload_size=int(body.get("payload_size", 0)),
+            )
+        except (ValueError, KeyError, TypeError, AttributeError):
+            # Not written by a gateway; keep it anyway, as the bytes it is.
+            return cls(
+                source=source,
+                reason=REASON_MALFORMED,
+                detail="record on the dead-letter topic is not a dead letter",
+                topic="",
+                received_at=utcnow(),
+                payload=raw[:DEADLETTER_PAYLOAD_LIMIT].decode("utf-8", errors="replace"),
+                payload_size=len(raw),
+            )
 
 
 def parse_topic(topic: str) -> TopicAddress:
@@ -182,6 +307,7 @@ class Measurement:
     ts: datetime
     seq: int | None
     metrics: dict[str, float]
+    device_time: bool = True
 
 
 def parse_payload(payload: bytes, domain: Domain, *, received_at: datetime) -> list[Measurement]:
@@ -195,7 +321,8 @@ def parse_payload(payload: bytes, domain: Domain, *, received_at: datetime) -> l
 
 
 def _parse_object(body: dict[str, Any], domain: Domain, received_at: datetime) -> Measurement:
-    ts = parse_timestamp(body["ts"], now=received_at) if "ts" in body else received_at
+    device_time = "ts" in body
+    ts = parse_timestamp(body["ts"], now=received_at) if device_time else received_at
     seq = body.get("seq")
     if seq is not None and (isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq < 2**63):
         raise RejectedMessage(REASON_MALFORMED, "seq must be a non-negative integer")
@@ -204,7 +331,7 @@ def _parse_object(body: dict[str, Any], domain: Domain, received_at: datetime) -
     }
     if not metrics:
         raise RejectedMessage(REASON_NO_METRICS, f"no {domain.name} metric in the payload")
-    return Measurement(ts=ts, seq=seq, metrics=metrics)
+    return Measurement(ts=ts, seq=seq, metrics=metrics, device_time=device_time)
 
 
 def _parse_senml(pack: list[Any], domain: Domain, received_at: datetime) -> list[Measurement]:
@@ -228,7 +355,10 @@ def _parse_senml(pack: list[Any], domain: Domain, received_at: datetime) -> list
         by_time.setdefault(ts, {})[name] = _metric_value(domain, name, record["v"])
     if not by_time:
         raise RejectedMessage(REASON_NO_METRICS, "SenML pack has no values")
-    return [Measurement(ts=ts, seq=None, metrics=metrics) for ts, metrics in sorted(by_time.items())]
+    return [
+        Measurement(ts=ts, seq=None, metrics=metrics, device_time=ts != received_at)
+        for ts, metrics in sorted(by_time.items())
+    ]
 
 
 def _senml_text(record: dict[str, Any], key: str, default: str) -> str:

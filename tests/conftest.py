@@ -30,6 +30,6 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     for name, seconds in sorted(FIGURES.latencies_s.items()):
         terminalreporter.write_line(f"publish -> API latency, {name}: {seconds * 1000:.0f} ms")
     terminalreporter.write_line(
-        f"publish -> API latency over {len(values)} readings: median {statistics.median(values) * 1000:.0f} ms,"
-        f" worst {values[-1] * 1000:.0f} ms"
+        f"publish -> API latency over {len(values)} readings:"
+        f" median {statistics.median(values) * 1000:.0f} ms, worst {values[-1] * 1000:.0f} ms"
     )

@@ -4,11 +4,12 @@ system of `ioc gateway`, `ioc processor` and `ioc api` processes against them.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -21,6 +22,11 @@ from tests.integration.harness import ComponentProcess, test_env, unique
 
 SERVICES = {"Mosquitto": ("127.0.0.1", 1883), "Kafka": ("127.0.0.1", 9092)}
 ADMIN_KEY = "test-admin-key-0123456789abcdef"
+# The session's gateway takes telemetry of this city only; tests that run gateways of their own
+# use cities of their own, so each message has exactly one gateway group.
+SESSION_CITY = unique("city")[:32]
+# Waste devices go offline after a few seconds of silence in these tests.
+FAST_OFFLINE_DOMAIN, FAST_OFFLINE_S = "waste", 4
 POSTGRES_URL = os.environ.get("IOC_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432")
 
 
@@ -70,7 +76,7 @@ def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("component-logs")
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -92,13 +98,18 @@ def system_env(database_url: str) -> dict[str, str]:
     run = unique("t")
     return test_env(
         IOC_DATABASE_URL=database_url,
-        IOC_API_PORT=str(_free_port()),
+        IOC_API_PORT=str(free_port()),
         IOC_ADMIN_API_KEY=ADMIN_KEY,
         IOC_GATEWAY_CLIENT_ID=f"ioc-gateway-{run}",
         IOC_GATEWAY_SHARE_GROUP=f"gw-{run}",
         IOC_MQTT_SESSION_EXPIRY_S="300",
         IOC_PROCESSOR_GROUP_ID="ioc-processor-test",
         IOC_REGISTRY_REFRESH_S="2",
+        IOC_GATEWAY_CITIES=json.dumps([SESSION_CITY]),
+        IOC_GATEWAY_HEALTH_PORT=str(free_port()),
+        IOC_OFFLINE_AFTER_S=json.dumps({FAST_OFFLINE_DOMAIN: FAST_OFFLINE_S}),
+        IOC_SILENCE_CHECK_S="1",
+        IOC_OUTBOX_POLL_S="0.5",
     )
 
 
@@ -121,7 +132,7 @@ async def system(system_env: dict[str, str], log_dir: Path) -> AsyncIterator[Sys
         process.start()
     try:
         await processes["processor"].wait_for_log("processor joined group")
-        await processes["gateway"].wait_for_log("subscribed to")
+        await processes["gateway"].wait_for_log("gateway health listening")
         await processes["api"].wait_for_log("API listening")
         yield System(
             env=system_env,
@@ -132,6 +143,23 @@ async def system(system_env: dict[str, str], log_dir: Path) -> AsyncIterator[Sys
     finally:
         for process in processes.values():
             process.stop()
+
+
+@pytest.fixture
+def gateways(system: System, log_dir: Path) -> Iterator[Callable[..., ComponentProcess]]:
+    """Start extra `ioc gateway` processes for one test; all are stopped at its end."""
+    started: list[ComponentProcess] = []
+
+    def start(name: str, **settings: str) -> ComponentProcess:
+        env = {**system.env, "IOC_GATEWAY_HEALTH_PORT": str(free_port()), **settings}
+        process = ComponentProcess("gateway", env, log_dir, name=name)
+        process.start()
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.stop()
 
 
 @pytest.fixture

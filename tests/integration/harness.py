@@ -31,6 +31,14 @@ class ComponentProcess:
         self._env = env
         self._process: subprocess.Popen[bytes] | None = None
 
+    @property
+    def health_url(self) -> str:
+        return f"http://127.0.0.1:{self._env['IOC_GATEWAY_HEALTH_PORT']}"
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
     def start(self) -> None:
         log = self.log_path.open("ab")
         self._process = subprocess.Popen(
@@ -108,7 +116,7 @@ async def wait_until(
     while time.monotonic() < deadline:
         try:
             result = await probe()
-        except Exception as exc:  # noqa: BLE001 - reported if the wait fails
+        except Exception as exc:
             last_error = exc
             result = None
         if result is not None:
@@ -116,3 +124,28 @@ async def wait_until(
         await asyncio.sleep(interval)
     suffix = f" (last error: {last_error!r})" if last_error else ""
     raise AssertionError(f"timed out after {timeout}s waiting for {what}{suffix}")
+
+
+class Publisher:
+    """One MQTT connection publishing many QoS-1 messages, waiting for every broker ack."""
+
+    def __init__(self, *, inflight: int = 200) -> None:
+        self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=unique("test-bulk"))
+        self._client.max_inflight_messages_set(inflight)
+        self._client.max_queued_messages_set(0)
+
+    def __enter__(self) -> Publisher:
+        self._client.connect(MQTT_HOST, MQTT_PORT, 30)
+        self._client.loop_start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    def publish_all(self, messages: list[tuple[str, bytes]], *, timeout: float = 60) -> None:
+        infos = [self._client.publish(topic, payload, qos=1) for topic, payload in messages]
+        deadline = time.monotonic() + timeout
+        for info in infos:
+            info.wait_for_publish(timeout=max(0.1, deadline - time.monotonic()))
+            assert info.is_published(), "the broker did not acknowledge every message"

@@ -17,10 +17,10 @@ from aiokafka import AIOKafkaConsumer
 
 from ioc_core.domains import DOMAINS
 from tests.conftest import Figures
-from tests.integration.conftest import System
+from tests.integration.conftest import SESSION_CITY, System
 from tests.integration.harness import publish, unique, wait_until
 
-CITY = unique("e2e")[:32]
+CITY = SESSION_CITY
 LOCATION = {"lat": 21.0285, "lon": 105.8542}
 
 

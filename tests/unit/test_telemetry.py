@@ -9,7 +9,16 @@ import pytest
 
 from ioc_core.domains import DOMAINS
 from ioc_core.errors import RejectedMessage
-from ioc_core.telemetry import MAX_PAYLOAD_BYTES, Reading, parse_payload, parse_timestamp, parse_topic
+from ioc_core.telemetry import (
+    MAX_PAYLOAD_BYTES,
+    Reading,
+    StatusReport,
+    decode_record,
+    parse_payload,
+    parse_status,
+    parse_timestamp,
+    parse_topic,
+)
 
 NOW = datetime(2026, 11, 20, 8, 0, tzinfo=UTC)
 FLOOD = DOMAINS["flood"]
@@ -130,11 +139,36 @@ def test_four_minutes_ahead_is_accepted() -> None:
     assert m.ts == NOW + timedelta(minutes=4)
 
 
-def test_reading_round_trips_through_bytes() -> None:
-    reading = Reading("d1", "ha-noi", "flood", NOW, 7, {"currentLevel": 2.5}, NOW)
-    assert Reading.from_bytes(reading.to_bytes()) == reading
+def test_bus_records_round_trip() -> None:
+    reading = Reading("d1", "ha-noi", "flood", NOW, 7, {"currentLevel": 2.5}, NOW, device_time=False)
+    assert decode_record(reading.to_bytes()) == reading
+    status = StatusReport("d1", "ha-noi", "flood", "offline", NOW)
+    assert decode_record(status.to_bytes()) == status
 
 
-def test_garbage_on_the_bus_is_a_rejection() -> None:
+@pytest.mark.parametrize(
+    "raw", [b'{"device_id": "x"}', b"[]", b"nope", b'{"kind": "other"}', b'{"kind": "status", "status": "x"}']
+)
+def test_garbage_on_the_bus_is_a_rejection(raw: bytes) -> None:
     with pytest.raises(RejectedMessage):
-        Reading.from_bytes(b'{"device_id": "x"}')
+        decode_record(raw)
+
+
+def test_device_time_is_remembered() -> None:
+    [with_ts] = parse_payload(b'{"currentLevel": 1, "ts": 1763625600}', FLOOD, received_at=NOW)
+    [without] = parse_payload(b'{"currentLevel": 1}', FLOOD, received_at=NOW)
+    assert with_ts.device_time and not without.device_time
+
+
+@pytest.mark.parametrize(
+    ("payload", "status"), [(b"online", "online"), (b"offline\n", "offline"), (b"ONLINE", "online")]
+)
+def test_status_payloads(payload: bytes, status: str) -> None:
+    assert parse_status(payload) == status
+
+
+@pytest.mark.parametrize("payload", [b"", b"up", b"online" * 10, b"\xff"])
+def test_bad_status_payloads(payload: bytes) -> None:
+    with pytest.raises(RejectedMessage) as caught:
+        parse_status(payload)
+    assert caught.value.reason == "bad_status"

@@ -1,0 +1,71 @@
+"""Events on `ioc.events`, as CloudEvents 1.0 in structured JSON mode.
+
+Every event has a stable `id` (a UUID chosen when the event is recorded), so consumers that see
+an event twice (the outbox relay is at-least-once) can tell.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+DEVICE_ONLINE = "device.online"
+DEVICE_OFFLINE = "device.offline"
+
+# Why a device's status changed.
+CAUSE_TELEMETRY = "telemetry"
+CAUSE_STATUS_MESSAGE = "status_message"
+CAUSE_INACTIVITY = "inactivity"
+
+SOURCE = "urn:ioc:processor"
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    id: str
+    type: str
+    subject: str
+    time: datetime
+    data: dict[str, Any]
+
+    @property
+    def key(self) -> str:
+        """Kafka key: the device or alarm the event is about, so its events stay in order."""
+        return self.subject
+
+    def to_cloudevent(self) -> dict[str, Any]:
+        return {
+            "specversion": "1.0",
+            "id": self.id,
+            "source": SOURCE,
+            "type": self.type,
+            "subject": self.subject,
+            "time": self.time.isoformat(),
+            "datacontenttype": "application/json",
+            "data": self.data,
+        }
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(self.to_cloudevent(), separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def device_status_event(
+    *, device_id: str, city: str, domain: str, status: str, previous: str, cause: str, at: datetime
+) -> Event:
+    return Event(
+        id=str(uuid.uuid4()),
+        type=DEVICE_ONLINE if status == "online" else DEVICE_OFFLINE,
+        subject=device_id,
+        time=at,
+        data={
+            "device_id": device_id,
+            "city": city,
+            "domain": domain,
+            "status": status,
+            "previous": previous,
+            "cause": cause,
+        },
+    )
