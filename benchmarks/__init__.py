@@ -1,0 +1,1 @@
+"""Benchmarks that print figures; run against the services of `make services`."""

@@ -1,0 +1,586 @@
+#!/usr/bin/env bash
+# Local backing services for development and tests: an MQTT broker
+# (mosquitto), a single-node Kafka and a TimescaleDB server, all bound to
+# 127.0.0.1 and run without Docker or systemd.
+#
+#   services.sh up       start whatever is not running yet, then print settings
+#   services.sh down     stop the services this script started
+#   services.sh stop S   stop one of them (mqtt, kafka, timescaledb)
+#   services.sh status   show whether each service is up
+#   services.sh env      print the settings only
+#
+# Everything downloaded or generated lives under $IOC_SERVICES_HOME
+# (default ~/.cache/ioc-services), never inside the source tree, and is reused
+# on the next run. Progress goes to stderr; stdout carries only the settings,
+# so `eval "$(services.sh up)"` works.
+set -Eeuo pipefail
+
+SERVICES_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+CACHE=${IOC_SERVICES_HOME:-$HOME/.cache/ioc-services}
+LOG_DIR=$CACHE/logs
+RUN_DIR=$CACHE/run
+WAIT_SECONDS=${IOC_SERVICES_WAIT_SECONDS:-90}
+
+MQTT_PORT=1883
+KAFKA_PORT=9092
+PG_PORT=5432
+
+MOSQ_DIR=$CACHE/mosquitto
+MOSQ_CONF=$MOSQ_DIR/mosquitto.conf
+MOSQ_PID=$RUN_DIR/mosquitto.pid
+MOSQ_LOG=$LOG_DIR/mosquitto.log
+
+KAFKA_DIR=$CACHE/kafka
+KAFKA_LIBS=$KAFKA_DIR/libs
+KAFKA_CONF=$KAFKA_DIR/server.properties
+KAFKA_LOG4J=$KAFKA_DIR/log4j.properties
+KAFKA_CLUSTER_ID_FILE=$KAFKA_DIR/cluster.id
+KAFKA_PID=$RUN_DIR/kafka.pid
+KAFKA_LOG_DIR=$LOG_DIR/kafka
+KAFKA_LOG=$KAFKA_LOG_DIR/server.log
+KAFKA_OUT=$KAFKA_LOG_DIR/kafka.out
+
+# TimescaleDB is not packaged for bookworm, so PostgreSQL runs from a Debian
+# trixie root filesystem via chroot. Paths below marked "in root" are as seen
+# from inside that filesystem.
+PG_MAJOR=17
+PG_SUITE=trixie
+PG_MIRROR=${IOC_DEBIAN_MIRROR:-http://deb.debian.org/debian}
+PG_ROOTFS=$CACHE/timescaledb/rootfs
+PG_ROOTFS_STAMP=$CACHE/timescaledb/rootfs.complete
+PG_BIN=/usr/lib/postgresql/$PG_MAJOR/bin        # in root
+PG_DATA=/var/lib/ioc-pg                          # in root
+PG_LOG_IN_ROOT=/var/log/ioc-pg/postgresql.log    # in root
+PG_INIT_STAMP=$PG_ROOTFS/var/lib/ioc-pg.initialized
+PG_LOG=$LOG_DIR/timescaledb.log                  # symlink into the root
+PG_DB=ioc
+
+say() { printf 'services: %s\n' "$*" >&2; }
+fail() {
+    printf 'services: FAILED: %s\n' "$*" >&2
+    exit 1
+}
+trap 'fail "unexpected error running \"$BASH_COMMAND\" (services.sh line $LINENO)"' ERR
+
+print_env() {
+    echo "export IOC_MQTT_URL=mqtt://127.0.0.1:$MQTT_PORT"
+    echo "export IOC_KAFKA_BOOTSTRAP=127.0.0.1:$KAFKA_PORT"
+    echo "export IOC_DATABASE_URL=postgresql://postgres@127.0.0.1:$PG_PORT/$PG_DB"
+}
+
+# ---------------------------------------------------------------- helpers
+
+port_open() {
+    timeout 2 bash -c "exec 3<>/dev/tcp/127.0.0.1/$1" 2>/dev/null
+}
+
+# Prints the pid stored in <pidfile> if that process is alive and its command
+# line contains <marker>; a pid file left over from before a reboot can name
+# an unrelated process that happens to reuse the number.
+live_pid() {
+    local file=$1 marker=$2 pid=
+    [[ -r $file ]] || return 1
+    read -r pid <"$file" || [[ -n $pid ]] || return 1
+    [[ $pid =~ ^[0-9]+$ && -r /proc/$pid/cmdline ]] || return 1
+    tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qF -- "$marker" || return 1
+    echo "$pid"
+}
+
+# wait_until <service> <log> <liveness check> <readiness check...>
+wait_until() {
+    local what=$1 log=$2 alive=$3
+    shift 3
+    local deadline=$((SECONDS + WAIT_SECONDS))
+    until "$@"; do
+        "$alive" || fail "$what exited during startup (log: $log)"
+        ((SECONDS < deadline)) || fail "$what not ready after ${WAIT_SECONDS}s (log: $log)"
+        sleep 0.5
+    done
+}
+
+# stop_pid <service> <pid> <seconds>: SIGTERM lets each server flush its
+# state (mosquitto's snapshot, Kafka's clean-shutdown marker); SIGKILL is the
+# last resort.
+stop_pid() {
+    local what=$1 pid=$2 grace=$3
+    kill -TERM "$pid" 2>/dev/null || return 0
+    local deadline=$((SECONDS + grace))
+    while kill -0 "$pid" 2>/dev/null; do
+        if ((SECONDS >= deadline)); then
+            say "$what: still running after ${grace}s, killing pid $pid"
+            kill -KILL "$pid" 2>/dev/null || true
+            break
+        fi
+        sleep 0.5
+    done
+}
+
+need_root() {
+    [[ $EUID -eq 0 ]] || fail "$1 needs root (run: sudo bash $0 ${COMMAND:-up})"
+}
+
+apt_install() {
+    local log=$LOG_DIR/apt.log
+    need_root "installing $*"
+    say "installing $* with apt-get (log: $log)"
+    if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" >>"$log" 2>&1; then
+        # Usually stale or missing package lists on a fresh machine.
+        say "apt-get install failed, refreshing package lists and retrying"
+        { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@"; } >>"$log" 2>&1 ||
+            fail "apt-get install $* failed (log: $log)"
+    fi
+}
+
+# render <template> <destination> KEY=value...: fills in @KEY@ placeholders.
+render() {
+    local src=$1 dst=$2 kv value expr=()
+    shift 2
+    for kv in "$@"; do
+        value=${kv#*=}
+        value=${value//\\/\\\\}
+        value=${value//&/\\&}
+        value=${value//|/\\|}
+        expr+=(-e "s|@${kv%%=*}@|${value}|g")
+    done
+    sed "${expr[@]}" "$src" >"$dst.tmp"
+    mv "$dst.tmp" "$dst"
+}
+
+# ---------------------------------------------------------------- mosquitto
+
+mosquitto_bin() {
+    command -v mosquitto || { [[ -x /usr/sbin/mosquitto ]] && echo /usr/sbin/mosquitto; }
+}
+
+mqtt_pid() { live_pid "$MOSQ_PID" "$MOSQ_CONF"; }
+# The daemonised broker writes its pid file a moment after `mosquitto -d`
+# returns; until then there is nothing to check.
+mqtt_alive() { [[ ! -s $MOSQ_PID ]] || mqtt_pid >/dev/null; }
+mqtt_ready() { [[ -s $MOSQ_PID ]] && port_open "$MQTT_PORT"; }
+
+mqtt_install() {
+    apt_install mosquitto mosquitto-clients
+    # On a machine with systemd the package starts its own broker on port
+    # 1883 with the default (lossy) queue limits; ours must own that port.
+    if [[ -d /run/systemd/system ]] && command -v systemctl >/dev/null; then
+        systemctl disable --now mosquitto >>"$LOG_DIR/apt.log" 2>&1 || true
+    fi
+}
+
+mqtt_up() {
+    local pid bin
+    if pid=$(mqtt_pid); then
+        say "mqtt: mosquitto already running (pid $pid), reusing it"
+        return
+    fi
+    if port_open "$MQTT_PORT"; then
+        say "mqtt: reusing the broker already listening on 127.0.0.1:$MQTT_PORT (not started by this script; its queue limits may be mosquitto's lossy defaults)"
+        return
+    fi
+    bin=$(mosquitto_bin) || { mqtt_install && bin=$(mosquitto_bin); } ||
+        fail "mqtt: no mosquitto binary after installing it (log: $LOG_DIR/apt.log)"
+    mkdir -p "$MOSQ_DIR/data" "$RUN_DIR" "$LOG_DIR"
+    render "$SERVICES_DIR/mosquitto/mosquitto.conf" "$MOSQ_CONF" \
+        PID_FILE="$MOSQ_PID" DATA_DIR="$MOSQ_DIR/data" LOG_FILE="$MOSQ_LOG"
+    rm -f "$MOSQ_PID"
+    say "mqtt: starting mosquitto on 127.0.0.1:$MQTT_PORT (log: $MOSQ_LOG)"
+    # Configuration errors are reported on stderr before the log file is
+    # opened; mosquitto appends, so both end up in the same file.
+    "$bin" -c "$MOSQ_CONF" -d >>"$MOSQ_LOG" 2>&1 9>&- ||
+        fail "mqtt: mosquitto failed to start (log: $MOSQ_LOG)"
+    wait_until "mqtt: mosquitto" "$MOSQ_LOG" mqtt_alive mqtt_ready
+    say "mqtt: ready"
+}
+
+mqtt_down() {
+    local pid
+    if pid=$(mqtt_pid); then
+        say "mqtt: stopping mosquitto (pid $pid)"
+        stop_pid "mqtt: mosquitto" "$pid" 30
+        rm -f "$MOSQ_PID"
+    elif port_open "$MQTT_PORT"; then
+        say "mqtt: the broker on port $MQTT_PORT was not started by this script, leaving it alone"
+    else
+        say "mqtt: not running"
+    fi
+}
+
+# ---------------------------------------------------------------- kafka
+
+kafka_pid() { live_pid "$KAFKA_PID" "$KAFKA_CONF"; }
+kafka_alive() { kafka_pid >/dev/null; }
+
+KAFKA_LOG_OFFSET=0
+kafka_ready() {
+    port_open "$KAFKA_PORT" || return 1
+    local size
+    size=$(stat -c %s "$KAFKA_LOG" 2>/dev/null) || return 1
+    # The log rolled over during startup: search the new file from the top.
+    ((size >= KAFKA_LOG_OFFSET)) || KAFKA_LOG_OFFSET=0
+    tail -c "+$((KAFKA_LOG_OFFSET + 1))" "$KAFKA_LOG" | grep -q 'Kafka Server started'
+}
+
+# The heap is capped well below Kafka's 1 GiB default: a test broker holds
+# little, and the machine also runs PostgreSQL and the test suite. A broker
+# out of heap exits rather than limping on.
+KAFKA_JVM=(-Xms256m -Xmx512m -XX:+UseG1GC -XX:MaxGCPauseMillis=20
+    -XX:+ExitOnOutOfMemoryError -Djava.awt.headless=true
+    -Dkafka.logs.dir="$KAFKA_LOG_DIR" -Dlog4j.configuration="file:$KAFKA_LOG4J"
+    -cp "$KAFKA_LIBS/*")
+kafka_java() { java "${KAFKA_JVM[@]}" "$@"; }
+
+kafka_toolchain() {
+    if ! command -v java >/dev/null || ! command -v mvn >/dev/null; then
+        apt_install default-jre-headless maven
+    fi
+}
+
+# Jars are resolved once per version of pom.xml; the copy is swapped in only
+# when Maven finished, so an interrupted download is simply redone.
+kafka_libs() {
+    local pom=$SERVICES_DIR/kafka/pom.xml log=$KAFKA_LOG_DIR/maven.log want have=
+    want=$(sha256sum <"$pom")
+    want=${want%% *}
+    [[ -r $KAFKA_LIBS/.pom.sha256 ]] && read -r have <"$KAFKA_LIBS/.pom.sha256"
+    [[ $have == "$want" ]] && return
+    kafka_toolchain
+    say "kafka: fetching Kafka jars from Maven Central (log: $log)"
+    rm -rf "$KAFKA_LIBS.tmp"
+    mvn -B -f "$pom" -Dmaven.repo.local="$KAFKA_DIR/m2" \
+        dependency:copy-dependencies -DincludeScope=runtime \
+        -DoutputDirectory="$KAFKA_LIBS.tmp" >"$log" 2>&1 ||
+        fail "kafka: resolving jars with Maven failed (log: $log)"
+    echo "$want" >"$KAFKA_LIBS.tmp/.pom.sha256"
+    rm -rf "$KAFKA_LIBS"
+    mv "$KAFKA_LIBS.tmp" "$KAFKA_LIBS"
+}
+
+# KRaft refuses to start on an unformatted log directory. The cluster id is
+# kept next to the data so a re-format (after deleting data/) keeps it.
+kafka_format() {
+    local log=$KAFKA_LOG_DIR/format.log id
+    [[ -f $KAFKA_DIR/data/meta.properties ]] && return
+    if [[ ! -s $KAFKA_CLUSTER_ID_FILE ]]; then
+        kafka_java kafka.tools.StorageTool random-uuid >"$KAFKA_CLUSTER_ID_FILE.tmp" 2>"$log" ||
+            fail "kafka: generating a cluster id failed (log: $log)"
+        mv "$KAFKA_CLUSTER_ID_FILE.tmp" "$KAFKA_CLUSTER_ID_FILE"
+    fi
+    read -r id <"$KAFKA_CLUSTER_ID_FILE"
+    say "kafka: formatting storage for cluster $id"
+    kafka_java kafka.tools.StorageTool format --ignore-formatted \
+        -t "$id" -c "$KAFKA_CONF" >"$log" 2>&1 ||
+        fail "kafka: formatting the storage directory failed (log: $log)"
+}
+
+kafka_up() {
+    local pid
+    if pid=$(kafka_pid); then
+        say "kafka: broker already running (pid $pid), reusing it"
+        return
+    fi
+    if port_open "$KAFKA_PORT"; then
+        say "kafka: reusing the broker already listening on 127.0.0.1:$KAFKA_PORT (not started by this script)"
+        return
+    fi
+    mkdir -p "$KAFKA_DIR/data" "$KAFKA_LOG_DIR" "$RUN_DIR"
+    kafka_libs
+    command -v java >/dev/null || kafka_toolchain
+    render "$SERVICES_DIR/kafka/server.properties" "$KAFKA_CONF" LOG_DIRS="$KAFKA_DIR/data"
+    cp "$SERVICES_DIR/kafka/log4j.properties" "$KAFKA_LOG4J"
+    kafka_format
+    KAFKA_LOG_OFFSET=$(stat -c %s "$KAFKA_LOG" 2>/dev/null || echo 0)
+    say "kafka: starting the broker on 127.0.0.1:$KAFKA_PORT (log: $KAFKA_LOG)"
+    # setsid + nohup: the broker must outlive the terminal that ran `make`.
+    # Both exec in place, so $! is the JVM's own pid.
+    setsid nohup java "${KAFKA_JVM[@]}" kafka.Kafka "$KAFKA_CONF" \
+        </dev/null >"$KAFKA_OUT" 2>&1 9>&- &
+    echo $! >"$KAFKA_PID"
+    wait_until "kafka: broker" "$KAFKA_LOG and $KAFKA_OUT" kafka_alive kafka_ready
+    say "kafka: ready"
+}
+
+kafka_down() {
+    local pid
+    if pid=$(kafka_pid); then
+        say "kafka: stopping the broker (pid $pid)"
+        stop_pid "kafka: broker" "$pid" 60
+        rm -f "$KAFKA_PID"
+    elif port_open "$KAFKA_PORT"; then
+        say "kafka: the broker on port $KAFKA_PORT was not started by this script, leaving it alone"
+    else
+        say "kafka: not running"
+    fi
+}
+
+# ---------------------------------------------------------------- timescaledb
+
+# A clean environment inside the root: the caller's locale, HOME or
+# PG* variables must not leak in. Proxy settings are kept so apt works.
+root_env() {
+    local v
+    ROOT_ENV=(env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 LC_ALL=C.UTF-8)
+    for v in http_proxy https_proxy HTTP_PROXY HTTPS_PROXY no_proxy NO_PROXY; do
+        [[ -n ${!v:-} ]] && ROOT_ENV+=("$v=${!v}")
+    done
+    return 0
+}
+
+# Absolute path: the clean environment's PATH describes the root, not the host.
+chroot_bin() {
+    command -v chroot || echo /usr/sbin/chroot
+}
+
+in_root() {
+    root_env
+    "${ROOT_ENV[@]}" HOME=/root DEBIAN_FRONTEND=noninteractive "$(chroot_bin)" "$PG_ROOTFS" "$@"
+}
+
+# Numeric ids: user names are resolved against the host's passwd otherwise,
+# and the host has no postgres user (or a different one).
+pg_ids() {
+    awk -F: '$1 == "postgres" { print $3 ":" $4; found = 1 } END { exit !found }' \
+        "$PG_ROOTFS/etc/passwd"
+}
+
+as_postgres() {
+    local ids
+    ids=$(pg_ids) || fail "timescaledb: no postgres user in $PG_ROOTFS (delete $PG_ROOTFS_STAMP to rebuild)"
+    root_env
+    "${ROOT_ENV[@]}" HOME=/var/lib/postgresql PATH="$PG_BIN:/usr/bin:/bin" \
+        "$(chroot_bin)" --userspec="$ids" "$PG_ROOTFS" "$@"
+}
+
+pg_psql() {
+    as_postgres psql -X -q -w -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PG_PORT" -U postgres "$@"
+}
+
+# Leftovers from an interrupted debootstrap (it mounts /proc and /sys, and
+# may bind /dev) must be unmounted before the tree is deleted.
+unmount_under() {
+    local root m
+    root=$(realpath -m "$1")
+    awk -v r="$root/" 'index($2, r) == 1 { print $2 }' /proc/mounts | sort -r |
+        while read -r m; do umount -l "$(printf '%b' "$m")" || true; done
+}
+
+pg_rootfs() {
+    [[ -f $PG_ROOTFS_STAMP ]] && return
+    local log=$LOG_DIR/timescaledb-rootfs.log
+    need_root "building the TimescaleDB root filesystem"
+    command -v debootstrap >/dev/null || apt_install debootstrap
+    mkdir -p "$LOG_DIR"
+    : >"$log"
+    if [[ -e $PG_ROOTFS ]]; then
+        say "timescaledb: removing an incomplete root filesystem from an earlier run"
+        unmount_under "$PG_ROOTFS"
+        rm -rf --one-file-system "$PG_ROOTFS"
+    fi
+    mkdir -p "$PG_ROOTFS"
+    say "timescaledb: bootstrapping a Debian $PG_SUITE root filesystem, takes a minute or more (log: $log)"
+    debootstrap --variant=minbase "$PG_SUITE" "$PG_ROOTFS" "$PG_MIRROR" >>"$log" 2>&1 ||
+        fail "timescaledb: debootstrap $PG_SUITE failed (log: $log)"
+
+    # Package scripts must not try to start anything inside the root, and the
+    # stock "main" cluster would only cost time and disk: ours is created
+    # separately with our own settings.
+    printf '#!/bin/sh\nexit 101\n' >"$PG_ROOTFS/usr/sbin/policy-rc.d"
+    chmod 755 "$PG_ROOTFS/usr/sbin/policy-rc.d"
+    mkdir -p "$PG_ROOTFS/etc/postgresql-common/createcluster.d"
+    echo 'create_main_cluster = false' >"$PG_ROOTFS/etc/postgresql-common/createcluster.d/no-main-cluster.conf"
+
+    say "timescaledb: installing postgresql-$PG_MAJOR and TimescaleDB into it (log: $log)"
+    {
+        in_root apt-get update -q &&
+            in_root apt-get install -y -q --no-install-recommends \
+                "postgresql-$PG_MAJOR" "postgresql-$PG_MAJOR-timescaledb" &&
+            in_root apt-get clean
+    } >>"$log" 2>&1 ||
+        fail "timescaledb: installing postgresql-$PG_MAJOR-timescaledb in the root filesystem failed (log: $log)"
+    touch "$PG_ROOTFS_STAMP"
+}
+
+pg_init() {
+    [[ -f $PG_INIT_STAMP ]] && return
+    local log=$LOG_DIR/timescaledb-initdb.log ids
+    ids=$(pg_ids) || fail "timescaledb: no postgres user in $PG_ROOTFS (delete $PG_ROOTFS_STAMP to rebuild)"
+    rm -rf "${PG_ROOTFS:?}$PG_DATA"
+    mkdir -p "$PG_ROOTFS$PG_DATA" "$(dirname "$PG_ROOTFS$PG_LOG_IN_ROOT")"
+    chown "$ids" "$PG_ROOTFS$PG_DATA" "$(dirname "$PG_ROOTFS$PG_LOG_IN_ROOT")"
+    chmod 700 "$PG_ROOTFS$PG_DATA"
+    say "timescaledb: creating the database cluster (log: $log)"
+    # Trust authentication: the server listens on loopback only and holds
+    # throwaway test data, so a password would only get in the way.
+    as_postgres initdb -D "$PG_DATA" --username=postgres --auth=trust \
+        --encoding=UTF8 --locale=C.UTF-8 --data-checksums >"$log" 2>&1 ||
+        fail "timescaledb: initdb failed (log: $log)"
+    echo "include 'ioc.conf'" >>"$PG_ROOTFS$PG_DATA/postgresql.conf"
+    touch "$PG_INIT_STAMP"
+}
+
+pg_pid() {
+    local pid root
+    [[ -d $PG_ROOTFS ]] || return 1
+    pid=$(live_pid "$PG_ROOTFS$PG_DATA/postmaster.pid" "-D $PG_DATA") || return 1
+    # Another cache directory could run a server with the same data path.
+    root=$(readlink "/proc/$pid/root") || return 1
+    [[ $root == "$(realpath "$PG_ROOTFS")" ]] || return 1
+    echo "$pid"
+}
+
+# pg_ensure_db ours|foreign: creates the application database if missing and
+# checks that TimescaleDB is installed. On a server this script did not start
+# (other credentials, other setup) problems are reported but not fatal.
+pg_ensure_db() {
+    local mode=$1 log=$LOG_DIR/timescaledb-client.log exists version license psql
+    problem() {
+        [[ $mode == ours ]] && fail "timescaledb: $1 (log: $log)"
+        say "timescaledb: warning: $1 on the existing server (log: $log)"
+    }
+    if [[ -f $PG_ROOTFS_STAMP && $EUID -eq 0 ]]; then
+        psql=(pg_psql)
+    elif command -v psql >/dev/null; then
+        psql=(psql -X -q -w -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PG_PORT" -U postgres)
+    else
+        say "timescaledb: no psql client here, database $PG_DB not checked"
+        return 0
+    fi
+    if ! exists=$("${psql[@]}" -d postgres -tA -c "select 1 from pg_database where datname = '$PG_DB'" 2>>"$log"); then
+        problem "cannot query the server as user postgres"
+        return 0
+    fi
+    if [[ $exists != 1 ]]; then
+        say "timescaledb: creating database $PG_DB"
+        "${psql[@]}" -d postgres -c "create database $PG_DB" 2>>"$log" || {
+            problem "creating database $PG_DB failed"
+            return 0
+        }
+    fi
+    version=$("${psql[@]}" -d "$PG_DB" -tA -c "select default_version from pg_available_extensions where name = 'timescaledb'" 2>>"$log") || version=
+    if [[ -z $version ]]; then
+        problem "the timescaledb extension is not installed"
+        return 0
+    fi
+    if [[ $mode == foreign ]]; then
+        say "timescaledb: database $PG_DB present (TimescaleDB $version available)"
+        return 0
+    fi
+    # timescaledb.license only exists once the extension is loaded in some
+    # database; which module is installed says the same thing up front.
+    # Debian builds only the Apache-2 part: no compression, continuous
+    # aggregates or policy jobs (those are in the Timescale-licensed module).
+    if compgen -G "$PG_ROOTFS/usr/lib/postgresql/$PG_MAJOR/lib/timescaledb-tsl-*.so" >/dev/null; then
+        license=timescale
+    else
+        license=apache
+    fi
+    say "timescaledb: ready, database $PG_DB (TimescaleDB $version available, license $license)"
+}
+
+pg_up() {
+    local pid log=$LOG_DIR/timescaledb-ctl.log
+    if pid=$(pg_pid); then
+        say "timescaledb: server already running (pid $pid), reusing it"
+        pg_ensure_db ours
+        return
+    fi
+    if port_open "$PG_PORT"; then
+        say "timescaledb: reusing the server already listening on 127.0.0.1:$PG_PORT (not started by this script)"
+        pg_ensure_db foreign
+        return
+    fi
+    # chroot, and the files owned by the root's postgres user, need root.
+    need_root "starting PostgreSQL in its chroot"
+    mkdir -p "$LOG_DIR"
+    pg_rootfs
+    pg_init
+    cp "$SERVICES_DIR/timescaledb/postgresql.conf" "$PG_ROOTFS$PG_DATA/ioc.conf"
+    chown "$(pg_ids)" "$PG_ROOTFS$PG_DATA/ioc.conf"
+    ln -sfn "$PG_ROOTFS$PG_LOG_IN_ROOT" "$PG_LOG"
+    say "timescaledb: starting PostgreSQL $PG_MAJOR on 127.0.0.1:$PG_PORT (log: $PG_LOG)"
+    as_postgres pg_ctl -D "$PG_DATA" -l "$PG_LOG_IN_ROOT" -w -t "$WAIT_SECONDS" start >"$log" 2>&1 9>&- ||
+        fail "timescaledb: PostgreSQL did not start within ${WAIT_SECONDS}s (log: $PG_LOG)"
+    pg_ensure_db ours
+}
+
+pg_down() {
+    local pid log=$LOG_DIR/timescaledb-ctl.log
+    if pid=$(pg_pid); then
+        say "timescaledb: stopping PostgreSQL (pid $pid)"
+        # "fast" rolls back open transactions and disconnects clients, then
+        # checkpoints; "smart" would wait for idle test connections forever.
+        as_postgres pg_ctl -D "$PG_DATA" -m fast -w -t 60 stop >"$log" 2>&1 ||
+            fail "timescaledb: PostgreSQL did not stop (log: $log)"
+    elif port_open "$PG_PORT"; then
+        say "timescaledb: the server on port $PG_PORT was not started by this script, leaving it alone"
+    else
+        say "timescaledb: not running"
+    fi
+}
+
+# ---------------------------------------------------------------- commands
+
+# Two concurrent runs (e.g. parallel make targets) would race on downloads and
+# ports. The servers are started with fd 9 closed, or they would hold the
+# lock for as long as they run.
+take_lock() {
+    mkdir -p "$CACHE" "$LOG_DIR" "$RUN_DIR"
+    exec 9>"$CACHE/.lock"
+    if ! flock -n 9; then
+        say "waiting for another services.sh run to finish"
+        flock -w 900 9 || fail "another services.sh run still holds $CACHE/.lock"
+    fi
+}
+
+status_line() {
+    local name=$1 port=$2 pid=$3
+    if [[ -n $pid ]]; then
+        printf '%-12s up    127.0.0.1:%s (pid %s)\n' "$name" "$port" "$pid"
+    elif port_open "$port"; then
+        printf '%-12s up    127.0.0.1:%s (not started by services.sh)\n' "$name" "$port"
+    else
+        printf '%-12s down\n' "$name"
+    fi
+}
+
+cmd_status() {
+    status_line mqtt "$MQTT_PORT" "$(mqtt_pid || true)"
+    status_line kafka "$KAFKA_PORT" "$(kafka_pid || true)"
+    status_line timescaledb "$PG_PORT" "$(pg_pid || true)"
+}
+
+COMMAND=${1:-}
+case $COMMAND in
+up)
+    take_lock
+    say "cache directory: $CACHE"
+    mqtt_up
+    kafka_up
+    pg_up
+    print_env
+    ;;
+down)
+    take_lock
+    pg_down
+    kafka_down
+    mqtt_down
+    ;;
+stop)
+    # One service at a time, for tests that inject an outage; `up` brings it back.
+    take_lock
+    case ${2:-} in
+    mqtt) mqtt_down ;;
+    kafka) kafka_down ;;
+    timescaledb) pg_down ;;
+    *)
+        echo "usage: $0 stop mqtt|kafka|timescaledb" >&2
+        exit 2
+        ;;
+    esac
+    ;;
+status) cmd_status ;;
+env) print_env ;;
+*)
+    echo "usage: $0 up|down|stop SERVICE|status|env" >&2
+    exit 2
+    ;;
+esac
