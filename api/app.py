@@ -5,21 +5,23 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import FastAPI, HTTPException, Path, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from api import problems
 from api.auth import require
+from ioc_core.broker_accounts import DeviceAccounts
 from ioc_core.domains import DOMAINS
-from ioc_core.errors import IocError
+from ioc_core.errors import ConflictError, IocError, NotFoundError, ServiceUnavailableError
 from ioc_core.metrics import CONTENT_TYPE, Metric, render
-from ioc_core.models import Device, DeviceIn, StateItem
+from ioc_core.models import Device, DeviceCredentials, DeviceIn, DevicePatch, RegisteredDevice, StateItem
 from ioc_core.settings import Settings
 from ioc_core.storage import Database
 from ioc_core.telemetry import CITY_PATTERN, DEVICE_ID_PATTERN
@@ -63,6 +65,15 @@ class DeadLetterList(BaseModel):
     next: str | None = Field(description="cursor of the next page, or null on the last")
 
 
+async def _unregister(database: Database, device_id: str) -> None:
+    try:
+        await database.delete_device(device_id)
+    except IocError as exc:
+        log.error(
+            "device %s is registered without a broker account and could not be removed: %s", device_id, exc
+        )
+
+
 def _encode_cursor(value: int) -> str:
     return base64.urlsafe_b64encode(f"v1:{value}".encode()).decode().rstrip("=")
 
@@ -78,11 +89,41 @@ def _decode_cursor(cursor: str) -> int:
         raise HTTPException(400, "cursor is not valid; use the `next` value of a previous page") from exc
 
 
-def create_app(settings: Settings, *, database: Database | None = None) -> FastAPI:
-    """Build the app. With `database` given, the caller owns its lifetime (tests, `ioc up`)."""
+@contextmanager
+def _broker_step(what: str) -> Iterator[None]:
+    """A missing or foreign account keeps its meaning (404, 409); any other broker failure means
+    the broker is unavailable for this change (503)."""
+    try:
+        yield
+    except (NotFoundError, ConflictError, ServiceUnavailableError):
+        raise
+    except IocError as exc:
+        raise ServiceUnavailableError(f"{what}: {exc}") from exc
+
+
+def create_app(
+    settings: Settings, *, database: Database | None = None, accounts: DeviceAccounts | None = None
+) -> FastAPI:
+    """Build the app. With `database` or `accounts` given, the caller owns their lifetime (tests,
+    `ioc up`); otherwise device accounts are on when IOC_MQTT_ADMIN_URL is set."""
+
+    @asynccontextmanager
+    async def device_accounts(app: FastAPI) -> AsyncIterator[None]:
+        app.state.accounts = accounts
+        if accounts is not None or settings.mqtt_admin_url is None:
+            yield
+            return
+        async with DeviceAccounts(settings.mqtt_admin_url.get_secret_value()) as owned:
+            app.state.accounts = owned
+            yield
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with storage(app), device_accounts(app):
+            yield
+
+    @asynccontextmanager
+    async def storage(app: FastAPI) -> AsyncIterator[None]:
         if database is not None:
             app.state.database = database
             yield
@@ -106,6 +147,14 @@ def create_app(settings: Settings, *, database: Database | None = None) -> FastA
         database_: Database = request.app.state.database
         return database_
 
+    def device_accounts_of(request: Request) -> DeviceAccounts:
+        accounts_: DeviceAccounts | None = request.app.state.accounts
+        if accounts_ is None:
+            raise HTTPException(
+                404, "this deployment does not manage device credentials (IOC_MQTT_ADMIN_URL is unset)"
+            )
+        return accounts_
+
     @app.get("/health", response_model=Health, summary="Liveness: the process answers.", tags=["health"])
     async def health() -> Health:
         return Health(status="ok")
@@ -124,25 +173,132 @@ def create_app(settings: Settings, *, database: Database | None = None) -> FastA
         except IocError as exc:
             body = Readiness(status="unavailable", checks={"database": str(exc)})
             return JSONResponse(body.model_dump(), status_code=503)
+        checks = {"database": "ok"}
+        accounts_: DeviceAccounts | None = request.app.state.accounts
+        if accounts_ is not None:
+            # Reading goes on without the broker; only registration and credential changes wait.
+            checks["device_accounts"] = f"unavailable: {accounts_.problem}" if accounts_.problem else "ok"
         return Readiness(
-            status="ok",
-            checks={"database": "ok"},
+            status="ok" if all(v == "ok" for v in checks.values()) else "degraded",
+            checks=checks,
             storage_tier=str(database_.tier) if database_.tier else None,
         )
 
     @app.post(
         "/v1/devices",
-        response_model=Device,
+        response_model=RegisteredDevice,
+        # `credentials` appears only when there are some: no null where the broker enforces none.
+        response_model_exclude_unset=True,
         status_code=201,
         summary="Register a device (admin).",
+        description="Where the broker enforces device credentials, the answer carries the device's"
+        " MQTT `credentials`, once: they cannot be read back, only replaced"
+        " (`POST /v1/devices/{id}/credentials`). When the broker cannot create the account the device"
+        " is not registered (503).",
         tags=["devices"],
         dependencies=[require("admin")],
-        responses={409: _PROBLEM},
+        responses={409: _PROBLEM, 503: _PROBLEM},
     )
-    async def register_device(request: Request, device: DeviceIn, response: Response) -> Device:
-        created = await db(request).insert_device(device)
+    async def register_device(request: Request, device: DeviceIn, response: Response) -> RegisteredDevice:
+        database_ = db(request)
+        created = await database_.insert_device(device)
+        accounts_: DeviceAccounts | None = request.app.state.accounts
+        registered = RegisteredDevice(**created.model_dump())
+        if accounts_ is not None:
+            try:
+                registered.credentials = await accounts_.create(device.id, device.city, device.domain)
+            except BaseException as exc:
+                # A device that cannot connect must not look registered: take the row back.
+                await _unregister(database_, device.id)
+                if isinstance(exc, IocError) and not isinstance(exc, ConflictError):
+                    raise ServiceUnavailableError(
+                        f"device {device.id!r} was not registered: the MQTT broker could not create its"
+                        f" account ({exc})"
+                    ) from exc
+                raise
         response.headers["Location"] = f"/v1/devices/{created.id}"
-        return created
+        return registered
+
+    @app.patch(
+        "/v1/devices/{device_id}",
+        response_model=Device,
+        summary="Change a device's name, district, location or thresholds (admin).",
+        tags=["devices"],
+        dependencies=[require("admin")],
+        responses={404: _PROBLEM},
+    )
+    async def update_device(request: Request, device_id: DeviceId, patch: DevicePatch) -> Device:
+        database_ = db(request)
+        current = await database_.get_device(device_id)
+        merged = {
+            **current.model_dump(
+                include={"id", "city", "domain", "name", "district", "location", "thresholds"}
+            ),
+            **patch.model_dump(exclude_unset=True),
+        }
+        try:
+            changed = DeviceIn.model_validate(merged)
+        except ValidationError as exc:
+            # Thresholds are checked against the device's domain, which only the stored device knows.
+            raise RequestValidationError(
+                [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
+            ) from exc
+        return await database_.update_device(changed)
+
+    @app.delete(
+        "/v1/devices/{device_id}",
+        status_code=204,
+        summary="Remove a device and its MQTT account (admin).",
+        tags=["devices"],
+        dependencies=[require("admin")],
+        responses={404: _PROBLEM, 503: _PROBLEM},
+    )
+    async def delete_device(request: Request, device_id: DeviceId) -> None:
+        database_ = db(request)
+        await database_.get_device(device_id)
+        accounts_: DeviceAccounts | None = request.app.state.accounts
+        if accounts_ is not None:
+            # The account goes first: a device still registered after a failure can be removed
+            # again, one gone from the registry with a working account could not.
+            with _broker_step(f"device {device_id!r} was not removed"):
+                await accounts_.delete(device_id)
+        await database_.delete_device(device_id)
+
+    @app.post(
+        "/v1/devices/{device_id}/credentials",
+        response_model=DeviceCredentials,
+        summary="Give a device new MQTT credentials (admin).",
+        description="The new password is in this answer only. Connections made with the old one are"
+        " closed by the broker at once, and a revoked device may connect again. A device registered"
+        " before the broker enforced credentials gets its first ones here.",
+        tags=["devices"],
+        dependencies=[require("admin")],
+        responses={404: _PROBLEM, 409: _PROBLEM, 503: _PROBLEM},
+    )
+    async def rotate_credentials(request: Request, device_id: DeviceId) -> DeviceCredentials:
+        accounts_ = device_accounts_of(request)
+        device = await db(request).get_device(device_id)
+        with _broker_step(f"the credentials of device {device_id!r} were not changed"):
+            try:
+                return await accounts_.rotate(device_id)
+            except NotFoundError:
+                return await accounts_.create(device.id, device.city, device.domain)
+
+    @app.delete(
+        "/v1/devices/{device_id}/credentials",
+        status_code=204,
+        summary="Revoke a device's MQTT credentials (admin).",
+        description="The broker disconnects the device and refuses it until it gets new credentials"
+        " (`POST /v1/devices/{id}/credentials`). The device stays registered.",
+        tags=["devices"],
+        dependencies=[require("admin")],
+        responses={404: _PROBLEM, 409: _PROBLEM, 503: _PROBLEM},
+    )
+    async def revoke_credentials(request: Request, device_id: DeviceId) -> None:
+        accounts_ = device_accounts_of(request)
+        await db(request).get_device(device_id)
+        with _broker_step(f"the credentials of device {device_id!r} were not revoked"):
+            await accounts_.revoke(device_id)
 
     @app.get(
         "/v1/devices/{device_id}",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import multiprocessing
 import os
@@ -69,8 +70,11 @@ def publish(messages: list[tuple[str, bytes]], rate: float | None) -> None:
     client.connect("127.0.0.1", 1883, 60)
     client.loop_start()
     started = time.monotonic()
-    infos = []
+    infos: collections.deque[mqtt.MQTTMessageInfo] = collections.deque()
     for index, (topic, payload) in enumerate(messages):
+        # paho numbers messages with 16 bits: never have more than a fraction of that outstanding.
+        while len(infos) >= 20_000:
+            infos.popleft().wait_for_publish(timeout=120)
         infos.append(client.publish(topic, payload, qos=1))
         if rate is not None and index % 100 == 0:
             ahead = index / rate - (time.monotonic() - started)

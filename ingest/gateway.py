@@ -75,6 +75,10 @@ class GatewayStats:
         self.produce_error: str | None = None
 
 
+def _readings_in(records: list[tuple[str, bytes, str | None]]) -> int:
+    return sum(1 for topic, _, _ in records if topic != DEADLETTER_TOPIC)
+
+
 def validate(message: InboundMessage, route_city: str | None, route_domain: str | None) -> list[BusTelemetry]:
     """Turn one message into bus records (readings, or a status report), given the registry's
     view of its device."""
@@ -117,9 +121,14 @@ class Gateway:
         self._database = Database(settings.database_url.get_secret_value(), min_size=1, max_size=4)
         self._producer = BusProducer(settings.kafka_bootstrap, client_id=settings.gateway_client_id)
         self._registry = DeviceRegistry(self._database, refresh_s=settings.registry_refresh_s)
-        self._queue: asyncio.Queue[InboundMessage] = asyncio.Queue(maxsize=settings.gateway_queue_size)
-        self._in_flight = asyncio.Semaphore(settings.gateway_queue_size)
-        self._deliveries: set[asyncio.Task[None]] = set()
+        # Slots bound what we hold: taken in paho's thread per message, given back on its ack.
+        self._slots = threading.BoundedSemaphore(settings.gateway_queue_size)
+        self._inbox: collections.deque[InboundMessage] = collections.deque()
+        self._inbox_signal = asyncio.Event()
+        self._inbox_signalled = False
+        self._in_process = 0
+        self._drained = asyncio.Event()
+        self._retries: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: mqtt.Client | None = None
         self._connected = threading.Event()
@@ -148,7 +157,7 @@ class Gateway:
     @property
     def backlog(self) -> int:
         """Messages taken from the broker and not yet acknowledged to it."""
-        return self._queue.qsize() + len(self._deliveries)
+        return len(self._inbox) + self._in_process
 
     @property
     def connected(self) -> bool:
@@ -258,9 +267,10 @@ class Gateway:
 
     async def stop(self) -> None:
         self._stopping.set()
-        if self._deliveries:
-            # Let Kafka acknowledge what is already sent, so those messages are not redelivered.
-            await asyncio.wait(self._deliveries, timeout=10)
+        # Let Kafka acknowledge what is already sent, so those messages are not redelivered.
+        if self._in_process and self._worker is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drained.wait(), timeout=10)
         if self._client is not None:
             self._client.disconnect()
             self._client.loop_stop()
@@ -270,7 +280,7 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
             self._worker = None
-        for task in list(self._deliveries):
+        for task in list(self._retries):
             task.cancel()
         await self._registry.stop()
         await self._producer.stop()
@@ -304,32 +314,88 @@ class Gateway:
             qos=message.qos,
             received_at=utcnow(),
         )
-        assert self._loop is not None
-        future = asyncio.run_coroutine_threadsafe(self._queue.put(inbound), self._loop)
-        # Blocking here is the back-pressure: paho stops reading and the broker keeps the rest.
-        while not self._stopping.is_set():
-            try:
-                future.result(timeout=0.5)
+        # Waiting for a slot is the back-pressure: paho stops reading and the broker keeps the rest.
+        while not self._slots.acquire(timeout=0.5):
+            if self._stopping.is_set():
                 return
-            except TimeoutError:
-                continue
-        future.cancel()
+        self._inbox.append(inbound)
+        # One wake-up per burst, not per message; the worker clears the flag before it drains.
+        if not self._inbox_signalled:
+            self._inbox_signalled = True
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(self._inbox_signal.set)
 
     # -- asyncio side -------------------------------------------------------------------------
 
     async def _work(self) -> None:
         while True:
-            message = await self._queue.get()
-            self.stats.received += 1
-            await self._in_flight.acquire()
-            try:
+            await self._inbox_signal.wait()
+            self._inbox_signal.clear()
+            self._inbox_signalled = False
+            while self._inbox:
+                message = self._inbox.popleft()
+                self._in_process += 1
+                self._drained.clear()
+                self.stats.received += 1
                 records = await self._records_for(message)
-            except BaseException:
-                self._in_flight.release()
-                raise
-            task = asyncio.create_task(self._deliver(message, records))
-            self._deliveries.add(task)
-            task.add_done_callback(self._deliveries.discard)
+                await self._send(message, records)
+
+    async def _send(self, message: InboundMessage, records: list[tuple[str, bytes, str | None]]) -> None:
+        """Hand the records to the producer without waiting for Kafka; the last acknowledgement
+        acknowledges the message to the broker."""
+        if not records:
+            self._complete(message, produced=0)
+            return
+        try:
+            futures = [await self._producer.send(topic, value, key=key) for topic, value, key in records]
+        except Exception as exc:
+            self._note_produce_failure(exc)
+            self._retry(message, records)
+            return
+        remaining = len(futures)
+        failed = False
+
+        def delivered(future: asyncio.Future[Any]) -> None:
+            nonlocal remaining, failed
+            remaining -= 1
+            if future.cancelled() or future.exception() is not None:
+                failed = True
+                self._note_produce_failure(future.exception() or asyncio.CancelledError())
+            if remaining:
+                return
+            if failed:
+                # The idempotent producer keeps per-partition order; a record sent twice is one row.
+                self._retry(message, records)
+            else:
+                self.stats.produce_error = None
+                self._complete(message, produced=_readings_in(records))
+
+        for future in futures:
+            future.add_done_callback(delivered)
+
+    def _retry(self, message: InboundMessage, records: list[tuple[str, bytes, str | None]]) -> None:
+        async def resend() -> None:
+            for topic, value, key in records:
+                await self._produce(topic, value, key)
+            self._complete(message, produced=_readings_in(records))
+
+        task = asyncio.create_task(resend(), name="gateway-resend")
+        self._retries.add(task)
+        task.add_done_callback(self._retries.discard)
+
+    def _complete(self, message: InboundMessage, *, produced: int) -> None:
+        if message.qos > 0 and self._client is not None:
+            self._client.ack(message.mid, message.qos)
+        self.stats.acked += 1
+        self.stats.readings_produced += produced
+        self._in_process -= 1
+        if not self._in_process:
+            self._drained.set()
+        self._slots.release()
+
+    def _note_produce_failure(self, exc: BaseException) -> None:
+        self.stats.produce_retries += 1
+        self.stats.produce_error = f"{type(exc).__name__}: {exc}"[:200]
 
     async def _records_for(self, message: InboundMessage) -> list[tuple[str, bytes, str | None]]:
         """What to put on the bus for one message: its readings, or one dead letter."""
@@ -363,17 +429,6 @@ class Gateway:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _RETRY_BACKOFF_MAX_S)
 
-    async def _deliver(self, message: InboundMessage, records: list[tuple[str, bytes, str | None]]) -> None:
-        try:
-            for topic, value, key in records:
-                await self._produce(topic, value, key)
-            if message.qos > 0 and self._client is not None:
-                self._client.ack(message.mid, message.qos)
-            self.stats.acked += 1
-            self.stats.readings_produced += sum(1 for topic, _, _ in records if topic != DEADLETTER_TOPIC)
-        finally:
-            self._in_flight.release()
-
     async def _produce(self, topic: str, value: bytes, key: str | None) -> None:
         """Send until Kafka acknowledges; an unacknowledged MQTT message is never given up."""
         delay = 0.5
@@ -385,8 +440,7 @@ class Gateway:
             except Exception as exc:
                 if self._stopping.is_set():
                     raise
-                self.stats.produce_retries += 1
-                self.stats.produce_error = f"{type(exc).__name__}: {exc}"[:200]
+                self._note_produce_failure(exc)
                 log.warning("Kafka did not take a record for %s, retrying in %.1fs: %s", topic, delay, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _RETRY_BACKOFF_MAX_S)

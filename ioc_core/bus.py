@@ -69,6 +69,7 @@ class BusProducer:
             enable_idempotence=True,
             acks="all",
             linger_ms=linger_ms,
+            max_batch_size=256 * 1024,
             request_timeout_ms=30_000,
         )
 

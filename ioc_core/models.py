@@ -108,3 +108,52 @@ class DeviceRoute(BaseModel):
     id: str
     city: str
     domain: str
+
+
+class DeviceCredentials(BaseModel):
+    """A device's MQTT username and password. The password is shown once and never stored by us."""
+
+    username: str = Field(examples=["hn-flood-001"])
+    password: str = Field(description="keep it now: it cannot be read back, only replaced")
+
+
+class RegisteredDevice(Device):
+    """The answer to a registration: the device and, where the broker enforces device
+    credentials, the device's MQTT credentials."""
+
+    credentials: DeviceCredentials | None = Field(
+        default=None,
+        description="present only in this answer, and only where the broker enforces device credentials;"
+        " the device connects with them and may publish only under ioc/v1/{city}/{domain}/{id}/",
+    )
+
+
+class DevicePatch(BaseModel):
+    """Changes to a registered device. Fields given replace the stored ones (`thresholds` as a
+    whole; `{}` returns to the domain's defaults); `name` and `district` may be null to clear them.
+    A device's id, city and domain are fixed: they are in its topics and its credentials."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "Trạm đo mực nước Phan Đình Phùng (mới)",
+                    "location": {"lat": 21.0402, "lon": 105.8411},
+                },
+                {"thresholds": {"currentLevel": {"warn_above": 2.8, "crit_above": 4.2}}},
+            ]
+        },
+    )
+
+    name: str | None = Field(default=None, max_length=200)
+    district: str | None = Field(default=None, max_length=100)
+    location: Location | None = None
+    thresholds: dict[str, dict[ThresholdKey, float]] | None = None
+
+    @model_validator(mode="after")
+    def _check_required_fields_not_cleared(self) -> Self:
+        for name in ("location", "thresholds"):
+            if name in self.model_fields_set and getattr(self, name) is None:
+                raise ValueError(f"{name} cannot be null")
+        return self

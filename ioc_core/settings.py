@@ -36,6 +36,11 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8000, ge=0, le=65535)
     admin_api_key: SecretStr | None = None
+    mqtt_admin_url: SecretStr | None = Field(
+        default=None,
+        description="the broker's dynamic-security admin as mqtt://user:password@host:port; when set,"
+        " registering a device creates its own MQTT account",
+    )
     webhook_allow_private: bool = False
 
     gateway_client_id: str = Field(
@@ -89,6 +94,16 @@ class Settings(BaseSettings):
             raise ValueError("IOC_MQTT_URL must look like mqtt://[user:password@]host[:port]")
         return value
 
+    @field_validator("mqtt_admin_url")
+    @classmethod
+    def _check_mqtt_admin_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        parts = urlsplit(value.get_secret_value())
+        if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl") or not parts.hostname or not parts.username:
+            raise ValueError("IOC_MQTT_ADMIN_URL must look like mqtt://user:password@host[:port]")
+        return value
+
     @field_validator("database_url")
     @classmethod
     def _check_database_url(cls, value: SecretStr) -> SecretStr:
@@ -123,19 +138,7 @@ class Settings(BaseSettings):
 
     @cached_property
     def mqtt(self) -> MqttEndpoint:
-        parts = urlsplit(self.mqtt_url.get_secret_value())
-        tls = parts.scheme in ("mqtts", "ssl")
-        try:
-            port = parts.port or (8883 if tls else 1883)
-        except ValueError as exc:
-            raise ConfigurationError(f"IOC_MQTT_URL has a bad port: {exc}") from exc
-        return MqttEndpoint(
-            host=parts.hostname or "127.0.0.1",
-            port=port,
-            tls=tls,
-            username=unquote(parts.username) if parts.username else None,
-            password=SecretStr(unquote(parts.password)) if parts.password else None,
-        )
+        return mqtt_endpoint(self.mqtt_url.get_secret_value(), "IOC_MQTT_URL")
 
     def masked(self) -> dict[str, Any]:
         """The settings as printed in logs and by the CLI: secrets never appear in clear."""
@@ -146,6 +149,23 @@ class Settings(BaseSettings):
             else:
                 shown[name] = value
         return shown
+
+
+def mqtt_endpoint(url: str, setting: str) -> MqttEndpoint:
+    """Where and as whom to connect, from an mqtt:// (or mqtts://) URL named by `setting`."""
+    parts = urlsplit(url)
+    tls = parts.scheme in ("mqtts", "ssl")
+    try:
+        port = parts.port or (8883 if tls else 1883)
+    except ValueError as exc:
+        raise ConfigurationError(f"{setting} has a bad port: {exc}") from exc
+    return MqttEndpoint(
+        host=parts.hostname or "127.0.0.1",
+        port=port,
+        tls=tls,
+        username=unquote(parts.username) if parts.username else None,
+        password=SecretStr(unquote(parts.password)) if parts.password else None,
+    )
 
 
 def _mask_url(url: str) -> str:

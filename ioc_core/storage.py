@@ -808,6 +808,30 @@ class Database:
         )
         return {r["status"]: r["n"] for r in rows}
 
+    # -- device changes -----------------------------------------------------------------------
+
+    async def update_device(self, device: DeviceIn) -> Device:
+        """Store a device's name, district, location and thresholds; its id, city and domain stay."""
+        row = await self._fetchrow(
+            "UPDATE devices SET name = $2, district = $3, lat = $4, lon = $5, thresholds = $6,"
+            " updated_at = now() WHERE id = $1 RETURNING id",
+            device.id,
+            device.name,
+            device.district,
+            device.location.lat,
+            device.location.lon,
+            device.thresholds,
+        )
+        if row is None:
+            raise NotFoundError(f"device {device.id!r} not found")
+        return await self.get_device(device.id)
+
+    async def delete_device(self, device_id: str) -> None:
+        """Remove a device from the registry (its state goes with it; stored readings stay)."""
+        row = await self._fetchrow("DELETE FROM devices WHERE id = $1 RETURNING id", device_id)
+        if row is None:
+            raise NotFoundError(f"device {device_id!r} not found")
+
 
 async def _insert_outbox(connection: Connection, events: Sequence[Event]) -> None:
     if not events:
