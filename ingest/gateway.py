@@ -17,8 +17,7 @@ import logging
 import threading
 from dataclasses import dataclass
 from datetime import datetime
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -28,6 +27,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from ingest.registry import DeviceRegistry
 from ioc_core.bus import DEADLETTER_TOPIC, BusProducer, all_topics, ensure_topics, telemetry_topic
+from ioc_core.component import Component
 from ioc_core.domains import DOMAINS
 from ioc_core.errors import IocError, RejectedMessage, ServiceUnavailableError
 from ioc_core.metrics import Metric
@@ -112,7 +112,7 @@ def validate(message: InboundMessage, route_city: str | None, route_domain: str 
     ]
 
 
-class Gateway:
+class Gateway(Component):
     """MQTT → Kafka. Use with `async with`; several gateways share the load through `$share`."""
 
     def __init__(self, settings: Settings) -> None:
@@ -134,15 +134,6 @@ class Gateway:
         self._connected = threading.Event()
         self._stopping = threading.Event()
         self._worker: asyncio.Task[None] | None = None
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
 
     @property
     def subscriptions(self) -> list[str]:

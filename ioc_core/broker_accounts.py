@@ -30,13 +30,13 @@ import secrets
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Literal
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
+from ioc_core.component import Component
 from ioc_core.domains import DOMAINS
 from ioc_core.errors import (
     ConfigurationError,
@@ -146,7 +146,7 @@ class _Request:
     answers: list[Answer | None]
 
 
-class DeviceAccounts:
+class DeviceAccounts(Component):
     """Creates, rotates, revokes and deletes device accounts on the broker. Use with `async with`.
 
     Starting does not fail when the broker is down (whoever holds this keeps serving without it):
@@ -171,15 +171,6 @@ class DeviceAccounts:
         self._requests: dict[str, _Request] = {}
         self._in_flight: dict[int, str] = {}  # MQTT message id -> request id
         self._defaults_applied = False
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
 
     @property
     def where(self) -> str:

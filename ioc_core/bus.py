@@ -6,13 +6,13 @@ import asyncio
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import IllegalStateError, KafkaConnectionError, KafkaError
 
+from ioc_core.component import Component
 from ioc_core.domains import DOMAINS
 from ioc_core.errors import IocError, ServiceUnavailableError
 
@@ -58,7 +58,7 @@ async def ensure_topics(bootstrap: str, topics: Iterable[str], *, partitions: in
         await admin.close()
 
 
-class BusProducer:
+class BusProducer(Component):
     """Idempotent producer (`acks=all`) that batches; `send` does not wait for the broker."""
 
     def __init__(self, bootstrap: str, *, linger_ms: int = 5, client_id: str = "ioc") -> None:
@@ -72,15 +72,6 @@ class BusProducer:
             max_batch_size=256 * 1024,
             request_timeout_ms=30_000,
         )
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
 
     async def start(self) -> None:
         try:
@@ -112,7 +103,7 @@ class BusRecord:
     value: bytes
 
 
-class BusConsumer:
+class BusConsumer(Component):
     """A consumer-group member that commits only when told to, after its rows are durable."""
 
     def __init__(
@@ -129,15 +120,6 @@ class BusConsumer:
             isolation_level="read_committed",
             max_poll_records=max_records,
         )
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
 
     async def start(self) -> None:
         try:

@@ -5,31 +5,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import uvicorn
 
+from ioc_core.component import Component
 from ioc_core.errors import ServiceUnavailableError
 
 log = logging.getLogger(__name__)
 
 
-class HttpServer:
+class HttpServer(Component):
     def __init__(self, app: Any, *, host: str, port: int, name: str) -> None:
         config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, lifespan="on")
         self._server = uvicorn.Server(config)
         self._host, self._port, self._name = host, port, name
         self._task: asyncio.Task[None] | None = None
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._serve(), name=f"{self._name}-http")

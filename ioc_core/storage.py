@@ -17,14 +17,14 @@ import re
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 from urllib.parse import urlsplit
 
 import asyncpg
 from pydantic import BaseModel
 
 from ioc_core.bus import EVENTS_TOPIC
+from ioc_core.component import Component
 from ioc_core.domains import DOMAINS, Domain
 from ioc_core.errors import ConflictError, NotFoundError, ServiceUnavailableError, StorageError
 from ioc_core.events import (
@@ -409,7 +409,7 @@ async def ensure_database(url: str) -> bool:
     return True
 
 
-class Database:
+class Database(Component):
     """A connection pool and every query the system makes. Use with `async with`."""
 
     def __init__(
@@ -421,15 +421,6 @@ class Database:
         self._max_size = max_size
         self._pool: asyncpg.Pool | None = None
         self.tier: StorageTier | None = None
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
 
     async def start(self) -> None:
         try:

@@ -13,8 +13,7 @@ import contextlib
 import functools
 import logging
 from collections.abc import Awaitable, Callable
-from types import TracebackType
-from typing import Self, TypeVar
+from typing import TypeVar
 
 from aiokafka.errors import KafkaError
 
@@ -26,6 +25,7 @@ from ioc_core.bus import (
     ensure_topics,
     telemetry_topics,
 )
+from ioc_core.component import Component
 from ioc_core.domains import DOMAINS
 from ioc_core.errors import IocError, RejectedMessage
 from ioc_core.settings import Settings
@@ -42,7 +42,7 @@ _DOMAIN_OF_TOPIC = {f"ioc.telemetry.{name}": name for name in DOMAINS}
 _CAUGHT_UP_LAG = 100
 
 
-class TelemetryProcessor:
+class TelemetryProcessor(Component):
     """One member of the processor consumer group. Use with `async with`."""
 
     def __init__(self, settings: Settings) -> None:
@@ -66,15 +66,6 @@ class TelemetryProcessor:
         self.duplicates_dropped = 0
         self.batches_written = 0
         self.events_relayed = 0
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
 
     async def start(self) -> None:
         await self._database.start()

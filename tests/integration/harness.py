@@ -11,7 +11,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -149,3 +149,13 @@ class Publisher:
         for info in infos:
             info.wait_for_publish(timeout=max(0.1, deadline - time.monotonic()))
             assert info.is_published(), "the broker did not acknowledge every message"
+
+
+def partitions_assigned(consumer: Any) -> Callable[[], Awaitable[bool | None]]:
+    """A probe for `wait_until`: true once a Kafka consumer has its partitions."""
+
+    async def probe() -> bool | None:
+        await consumer.getmany(timeout_ms=200)
+        return True if consumer.assignment() else None
+
+    return probe

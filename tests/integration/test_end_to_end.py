@@ -18,7 +18,7 @@ from aiokafka import AIOKafkaConsumer
 from ioc_core.domains import DOMAINS
 from tests.conftest import Figures
 from tests.integration.conftest import SESSION_CITY, System
-from tests.integration.harness import publish, unique, wait_until
+from tests.integration.harness import partitions_assigned, publish, unique, wait_until
 
 CITY = SESSION_CITY
 LOCATION = {"lat": 21.0285, "lon": 105.8542}
@@ -131,7 +131,7 @@ async def test_rejected_message_is_dead_lettered_and_the_flow_goes_on(
     )
     await consumer.start()
     try:
-        await wait_until(_assigned(consumer), timeout=30, what="dead-letter consumer assignment")
+        await wait_until(partitions_assigned(consumer), timeout=30, what="dead-letter consumer assignment")
         ghost = unique("ghost")
         publish(f"ioc/v1/{CITY}/flood/{ghost}/telemetry", b'{"currentLevel": 1}')
         device_id = await register(admin, "flood")
@@ -157,14 +157,6 @@ async def test_rejected_message_is_dead_lettered_and_the_flow_goes_on(
         assert device["latest"]["metrics"] == {"currentLevel": 2.25}
     finally:
         await consumer.stop()
-
-
-def _assigned(consumer: AIOKafkaConsumer) -> Any:
-    async def probe() -> bool | None:
-        await consumer.getmany(timeout_ms=200)
-        return True if consumer.assignment() else None
-
-    return probe
 
 
 async def _equals(probe: Any, expected: float) -> bool | None:

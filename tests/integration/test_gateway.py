@@ -15,7 +15,7 @@ import httpx
 from aiokafka import AIOKafkaConsumer
 
 from tests.integration.conftest import FAST_OFFLINE_DOMAIN, FAST_OFFLINE_S, SESSION_CITY, System
-from tests.integration.harness import Publisher, publish, unique, wait_until
+from tests.integration.harness import Publisher, partitions_assigned, publish, unique, wait_until
 
 LOCATION = {"lat": 20.8631, "lon": 106.6720}
 
@@ -217,7 +217,7 @@ async def test_status_topic_and_silence_set_status_and_emit_events(
     )
     await consumer.start()
     try:
-        await wait_until(_assigned(consumer), timeout=30, what="events consumer assignment")
+        await wait_until(partitions_assigned(consumer), timeout=30, what="events consumer assignment")
         device = await register(admin, FAST_OFFLINE_DOMAIN)
         base = f"ioc/v1/{SESSION_CITY}/{FAST_OFFLINE_DOMAIN}/{device}"
         seen: list[dict[str, Any]] = []
@@ -256,14 +256,6 @@ async def test_status_topic_and_silence_set_status_and_emit_events(
     finally:
         await consumer.stop()
         publish(f"ioc/v1/{SESSION_CITY}/{FAST_OFFLINE_DOMAIN}/{device}/status", b"", retain=True)
-
-
-def _assigned(consumer: AIOKafkaConsumer) -> Any:
-    async def probe() -> bool | None:
-        await consumer.getmany(timeout_ms=200)
-        return True if consumer.assignment() else None
-
-    return probe
 
 
 async def test_two_gateways_share_the_subscription(
