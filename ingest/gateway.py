@@ -31,6 +31,7 @@ from ioc_core.component import Component
 from ioc_core.domains import DOMAINS
 from ioc_core.errors import IocError, RejectedMessage, ServiceUnavailableError
 from ioc_core.metrics import Metric
+from ioc_core.models import DeviceRoute
 from ioc_core.settings import Settings
 from ioc_core.storage import Database
 from ioc_core.telemetry import (
@@ -41,6 +42,7 @@ from ioc_core.telemetry import (
     DeadLetter,
     Reading,
     StatusReport,
+    TopicAddress,
     parse_payload,
     parse_status,
     parse_topic,
@@ -79,16 +81,15 @@ def _readings_in(records: list[tuple[str, bytes, str | None]]) -> int:
     return sum(1 for topic, _, _ in records if topic != DEADLETTER_TOPIC)
 
 
-def validate(message: InboundMessage, route_city: str | None, route_domain: str | None) -> list[BusTelemetry]:
-    """Turn one message into bus records (readings, or a status report), given the registry's
-    view of its device."""
-    address = parse_topic(message.topic)
-    if route_city is None or route_domain is None:
+def validate(message: InboundMessage, address: TopicAddress, route: DeviceRoute | None) -> list[BusTelemetry]:
+    """Turn one message into bus records (readings, or a status report), given its parsed topic
+    and the registry's view of its device."""
+    if route is None:
         raise RejectedMessage(REASON_UNKNOWN_DEVICE, f"device {address.device_id!r} is not registered")
-    if (route_city, route_domain) != (address.city, address.domain):
+    if (route.city, route.domain) != (address.city, address.domain):
         raise RejectedMessage(
             REASON_DEVICE_MISMATCH,
-            f"device {address.device_id!r} is registered as {route_city}/{route_domain}, "
+            f"device {address.device_id!r} is registered as {route.city}/{route.domain}, "
             f"topic says {address.city}/{address.domain}",
         )
     if address.kind == "status":
@@ -393,7 +394,7 @@ class Gateway(Component):
         try:
             address = parse_topic(message.topic)
             route = await self._lookup(address.device_id)
-            records = validate(message, route.city if route else None, route.domain if route else None)
+            records = validate(message, address, route)
         except RejectedMessage as rejection:
             self.stats.rejected[rejection.reason] += 1
             log.debug("rejected message on %s: %s", message.topic, rejection)
@@ -408,7 +409,7 @@ class Gateway(Component):
         self.stats.accepted += 1
         return [(telemetry_topic(r.domain), r.to_bytes(), r.device_id) for r in records]
 
-    async def _lookup(self, device_id: str) -> Any:
+    async def _lookup(self, device_id: str) -> DeviceRoute | None:
         delay = 0.5
         while True:
             try:

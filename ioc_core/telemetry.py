@@ -20,8 +20,6 @@ MAX_PAYLOAD_BYTES = 64 * 1024
 MAX_FUTURE_SKEW = timedelta(minutes=5)
 DEADLETTER_PAYLOAD_LIMIT = 4096
 TOPIC_ROOT = "ioc/v1"
-TELEMETRY_SUBSCRIPTION = f"{TOPIC_ROOT}/+/+/+/telemetry"
-STATUS_SUBSCRIPTION = f"{TOPIC_ROOT}/+/+/+/status"
 
 CITY_PATTERN = re.compile(r"[a-z0-9-]{1,32}")
 DEVICE_ID_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -211,15 +209,24 @@ class StoredDeadLetter:
             )
         except (ValueError, KeyError, TypeError, AttributeError):
             # Not written by a gateway; keep it anyway, as the bytes it is.
-            return cls(
+            return cls.of_rejection(
+                RejectedMessage(REASON_MALFORMED, "record on the dead-letter topic is not a dead letter"),
+                raw,
                 source=source,
-                reason=REASON_MALFORMED,
-                detail="record on the dead-letter topic is not a dead letter",
-                topic="",
-                received_at=utcnow(),
-                payload=raw[:DEADLETTER_PAYLOAD_LIMIT].decode("utf-8", errors="replace"),
-                payload_size=len(raw),
             )
+
+    @classmethod
+    def of_rejection(cls, rejection: RejectedMessage, raw: bytes, *, source: str) -> StoredDeadLetter:
+        """A bus record that the processor itself cannot accept, stored under its bus position."""
+        return cls(
+            source=source,
+            reason=rejection.reason,
+            detail=rejection.detail,
+            topic=source,
+            received_at=utcnow(),
+            payload=raw[:DEADLETTER_PAYLOAD_LIMIT].decode("utf-8", errors="replace"),
+            payload_size=len(raw),
+        )
 
 
 def parse_topic(topic: str) -> TopicAddress:

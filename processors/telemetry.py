@@ -23,6 +23,7 @@ from ioc_core.bus import (
     BusProducer,
     all_topics,
     ensure_topics,
+    telemetry_topic,
     telemetry_topics,
 )
 from ioc_core.component import Component
@@ -30,14 +31,14 @@ from ioc_core.domains import DOMAINS
 from ioc_core.errors import IocError, RejectedMessage
 from ioc_core.settings import Settings
 from ioc_core.storage import Database, TelemetryBatch
-from ioc_core.telemetry import DeadLetter, StoredDeadLetter, decode_record, utcnow
+from ioc_core.telemetry import StoredDeadLetter, decode_record
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 _RETRY_BACKOFF_MAX_S = 10.0
-_DOMAIN_OF_TOPIC = {f"ioc.telemetry.{name}": name for name in DOMAINS}
+_DOMAIN_OF_TOPIC = {telemetry_topic(name): name for name in DOMAINS}
 # A partition counts as caught up (its devices' silence is real, not our lag) within this many records.
 _CAUGHT_UP_LAG = 100
 
@@ -133,8 +134,9 @@ class TelemetryProcessor(Component):
                 try:
                     batch.records.append((decode_record(record.value), record.partition))
                 except RejectedMessage as rejection:
-                    letter = DeadLetter(rejection.reason, rejection.detail, source, utcnow(), record.value)
-                    batch.dead_letters.append(StoredDeadLetter.from_bytes(letter.to_bytes(), source=source))
+                    batch.dead_letters.append(
+                        StoredDeadLetter.of_rejection(rejection, record.value, source=source)
+                    )
             result = await self._retrying(
                 "writing a batch", functools.partial(self._database.write_batch, batch)
             )

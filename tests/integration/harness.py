@@ -11,9 +11,10 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import paho.mqtt.client as mqtt
+from aiokafka import AIOKafkaConsumer
 from paho.mqtt.enums import CallbackAPIVersion
 
 T = TypeVar("T")
@@ -151,11 +152,20 @@ class Publisher:
             assert info.is_published(), "the broker did not acknowledge every message"
 
 
-def partitions_assigned(consumer: Any) -> Callable[[], Awaitable[bool | None]]:
-    """A probe for `wait_until`: true once a Kafka consumer has its partitions."""
+async def tail_topic(topic: str) -> AIOKafkaConsumer:
+    """A started consumer of `topic` that sees what is produced from now on (the caller stops it)."""
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers="127.0.0.1:9092", auto_offset_reset="latest", group_id=unique("test-tail")
+    )
+    await consumer.start()
 
-    async def probe() -> bool | None:
+    async def assigned() -> bool | None:
         await consumer.getmany(timeout_ms=200)
         return True if consumer.assignment() else None
 
-    return probe
+    try:
+        await wait_until(assigned, timeout=30, what=f"partitions of {topic} assigned")
+    except BaseException:
+        await consumer.stop()
+        raise
+    return consumer

@@ -13,12 +13,11 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
-from aiokafka import AIOKafkaConsumer
 
 from ioc_core.domains import DOMAINS
 from tests.conftest import Figures
 from tests.integration.conftest import SESSION_CITY, System
-from tests.integration.harness import partitions_assigned, publish, unique, wait_until
+from tests.integration.harness import publish, tail_topic, unique, wait_until
 
 CITY = SESSION_CITY
 LOCATION = {"lat": 21.0285, "lon": 105.8542}
@@ -123,15 +122,8 @@ async def test_late_reading_does_not_move_latest_backwards(system: System, admin
 async def test_rejected_message_is_dead_lettered_and_the_flow_goes_on(
     system: System, admin: httpx.AsyncClient
 ) -> None:
-    consumer = AIOKafkaConsumer(
-        "ioc.deadletter",
-        bootstrap_servers="127.0.0.1:9092",
-        auto_offset_reset="latest",
-        group_id=unique("test-deadletter"),
-    )
-    await consumer.start()
+    consumer = await tail_topic("ioc.deadletter")
     try:
-        await wait_until(partitions_assigned(consumer), timeout=30, what="dead-letter consumer assignment")
         ghost = unique("ghost")
         publish(f"ioc/v1/{CITY}/flood/{ghost}/telemetry", b'{"currentLevel": 1}')
         device_id = await register(admin, "flood")

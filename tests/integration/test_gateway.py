@@ -15,7 +15,7 @@ import httpx
 from aiokafka import AIOKafkaConsumer
 
 from tests.integration.conftest import FAST_OFFLINE_DOMAIN, FAST_OFFLINE_S, SESSION_CITY, System
-from tests.integration.harness import Publisher, partitions_assigned, publish, unique, wait_until
+from tests.integration.harness import Publisher, publish, tail_topic, unique, wait_until
 
 LOCATION = {"lat": 20.8631, "lon": 106.6720}
 
@@ -209,15 +209,8 @@ async def _events_for(consumer: AIOKafkaConsumer, device_id: str, seen: list[dic
 async def test_status_topic_and_silence_set_status_and_emit_events(
     system: System, admin: httpx.AsyncClient
 ) -> None:
-    consumer = AIOKafkaConsumer(
-        "ioc.events",
-        bootstrap_servers="127.0.0.1:9092",
-        auto_offset_reset="latest",
-        group_id=unique("test-ev"),
-    )
-    await consumer.start()
+    consumer = await tail_topic("ioc.events")
     try:
-        await wait_until(partitions_assigned(consumer), timeout=30, what="events consumer assignment")
         device = await register(admin, FAST_OFFLINE_DOMAIN)
         base = f"ioc/v1/{SESSION_CITY}/{FAST_OFFLINE_DOMAIN}/{device}"
         seen: list[dict[str, Any]] = []
