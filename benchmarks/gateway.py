@@ -127,6 +127,7 @@ async def main() -> None:
         "IOC_GATEWAY_CITIES": json.dumps([city]),
         "IOC_GATEWAY_CLIENT_ID": f"bench-gw-{city}",
         "IOC_GATEWAY_SHARE_GROUP": f"bench-{city}",
+        "IOC_TOPIC_PREFIX": f"bench-{city}.",
         "IOC_GATEWAY_HEALTH_PORT": str(port),
         "IOC_MQTT_SESSION_EXPIRY_S": "600",
         "IOC_LOG_LEVEL": "WARNING",

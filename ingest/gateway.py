@@ -26,7 +26,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from ingest.registry import DeviceRegistry
-from ioc_core.bus import DEADLETTER_TOPIC, BusProducer, all_topics, ensure_topics, telemetry_topic
+from ioc_core.bus import BusProducer, ensure_topics
 from ioc_core.component import Component
 from ioc_core.domains import DOMAINS
 from ioc_core.errors import IocError, RejectedMessage, ServiceUnavailableError
@@ -78,7 +78,8 @@ class GatewayStats:
 
 
 def _readings_in(records: list[tuple[str, bytes, str | None]]) -> int:
-    return sum(1 for topic, _, _ in records if topic != DEADLETTER_TOPIC)
+    # Telemetry records are keyed by device; dead letters have no key.
+    return sum(1 for _, _, key in records if key is not None)
 
 
 def validate(message: InboundMessage, address: TopicAddress, route: DeviceRoute | None) -> list[BusTelemetry]:
@@ -204,7 +205,9 @@ class Gateway(Component):
         await self._database.start()
         try:
             await ensure_topics(
-                self._settings.kafka_bootstrap, all_topics(), partitions=self._settings.topic_partitions
+                self._settings.kafka_bootstrap,
+                self._settings.topics.all(),
+                partitions=self._settings.topic_partitions,
             )
             await self._producer.start()
             await self._registry.start()
@@ -405,9 +408,9 @@ class Gateway(Component):
                 received_at=message.received_at,
                 payload=message.payload,
             )
-            return [(DEADLETTER_TOPIC, letter.to_bytes(), None)]
+            return [(self._settings.topics.deadletter, letter.to_bytes(), None)]
         self.stats.accepted += 1
-        return [(telemetry_topic(r.domain), r.to_bytes(), r.device_id) for r in records]
+        return [(self._settings.topics.telemetry(r.domain), r.to_bytes(), r.device_id) for r in records]
 
     async def _lookup(self, device_id: str) -> DeviceRoute | None:
         delay = 0.5

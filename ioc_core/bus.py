@@ -18,21 +18,38 @@ from ioc_core.errors import IocError, ServiceUnavailableError
 
 log = logging.getLogger(__name__)
 
-DEADLETTER_TOPIC = "ioc.deadletter"
-EVENTS_TOPIC = "ioc.events"
 _TOPIC_EXISTS = 36
 
 
-def telemetry_topic(domain: str) -> str:
-    return f"ioc.telemetry.{domain}"
+@dataclass(frozen=True, slots=True)
+class Topics:
+    """The bus's topic names. The prefix (empty by default, so the names are the contract's)
+    lets several deployments, or test runs, share one Kafka cluster without seeing each other."""
 
+    prefix: str = ""
 
-def telemetry_topics() -> list[str]:
-    return [telemetry_topic(name) for name in DOMAINS]
+    def telemetry(self, domain: str) -> str:
+        return f"{self.prefix}ioc.telemetry.{domain}"
 
+    @property
+    def deadletter(self) -> str:
+        return f"{self.prefix}ioc.deadletter"
 
-def all_topics() -> list[str]:
-    return [*telemetry_topics(), DEADLETTER_TOPIC, EVENTS_TOPIC]
+    @property
+    def events(self) -> str:
+        return f"{self.prefix}ioc.events"
+
+    def telemetry_topics(self) -> list[str]:
+        return [self.telemetry(name) for name in DOMAINS]
+
+    def all(self) -> list[str]:
+        return [*self.telemetry_topics(), self.deadletter, self.events]
+
+    def domain_of(self, topic: str) -> str | None:
+        """The domain whose telemetry travels on `topic`, or None for the other topics."""
+        base = f"{self.prefix}ioc.telemetry."
+        name = topic[len(base) :] if topic.startswith(base) else None
+        return name if name in DOMAINS else None
 
 
 async def ensure_topics(bootstrap: str, topics: Iterable[str], *, partitions: int) -> None:

@@ -9,6 +9,7 @@ from urllib.parse import unquote, urlsplit
 from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from ioc_core.bus import Topics
 from ioc_core.domains import DOMAINS
 from ioc_core.errors import ConfigurationError
 from ioc_core.telemetry import CITY_PATTERN
@@ -68,6 +69,11 @@ class Settings(BaseSettings):
     processor_group_id: str = "ioc-processor"
     processor_batch_max: int = Field(default=5_000, ge=1)
     topic_partitions: int = Field(default=6, ge=1)
+    topic_prefix: str = Field(
+        default="",
+        pattern=r"^[A-Za-z0-9._-]{0,100}$",
+        description="prepended to every Kafka topic name, for several deployments on one cluster",
+    )
     seq_window_s: float = Field(
         default=3600,
         gt=0,
@@ -135,6 +141,10 @@ class Settings(BaseSettings):
             name: self.offline_after_s.get(name, d.offline_after.total_seconds())
             for name, d in DOMAINS.items()
         }
+
+    @cached_property
+    def topics(self) -> Topics:
+        return Topics(self.topic_prefix)
 
     @cached_property
     def mqtt(self) -> MqttEndpoint:

@@ -17,17 +17,8 @@ from typing import TypeVar
 
 from aiokafka.errors import KafkaError
 
-from ioc_core.bus import (
-    DEADLETTER_TOPIC,
-    BusConsumer,
-    BusProducer,
-    all_topics,
-    ensure_topics,
-    telemetry_topic,
-    telemetry_topics,
-)
+from ioc_core.bus import BusConsumer, BusProducer, ensure_topics
 from ioc_core.component import Component
-from ioc_core.domains import DOMAINS
 from ioc_core.errors import IocError, RejectedMessage
 from ioc_core.settings import Settings
 from ioc_core.storage import Database, TelemetryBatch
@@ -38,7 +29,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _RETRY_BACKOFF_MAX_S = 10.0
-_DOMAIN_OF_TOPIC = {telemetry_topic(name): name for name in DOMAINS}
 # A partition counts as caught up (its devices' silence is real, not our lag) within this many records.
 _CAUGHT_UP_LAG = 100
 
@@ -48,6 +38,7 @@ class TelemetryProcessor(Component):
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
+        self._topics = settings.topics
         self._database = Database(
             settings.database_url.get_secret_value(),
             min_size=1,
@@ -56,7 +47,7 @@ class TelemetryProcessor(Component):
         )
         self._consumer = BusConsumer(
             settings.kafka_bootstrap,
-            [*telemetry_topics(), DEADLETTER_TOPIC],
+            [*self._topics.telemetry_topics(), self._topics.deadletter],
             group_id=settings.processor_group_id,
             max_records=settings.processor_batch_max,
         )
@@ -72,7 +63,7 @@ class TelemetryProcessor(Component):
         await self._database.start()
         try:
             await ensure_topics(
-                self._settings.kafka_bootstrap, all_topics(), partitions=self._settings.topic_partitions
+                self._settings.kafka_bootstrap, self._topics.all(), partitions=self._settings.topic_partitions
             )
             await self._producer.start()
             await self._consumer.start()
@@ -128,7 +119,7 @@ class TelemetryProcessor(Component):
             batch = TelemetryBatch()
             for record in records:
                 source = f"{record.topic}/{record.partition}@{record.offset}"
-                if record.topic == DEADLETTER_TOPIC:
+                if record.topic == self._topics.deadletter:
                     batch.dead_letters.append(StoredDeadLetter.from_bytes(record.value, source=source))
                     continue
                 try:
@@ -156,9 +147,9 @@ class TelemetryProcessor(Component):
     async def _sweep_silent(self) -> None:
         caught_up = await self._consumer.caught_up(max_lag=_CAUGHT_UP_LAG)
         owned = [
-            (_DOMAIN_OF_TOPIC[topic], partition)
+            (domain, partition)
             for topic, partition in caught_up
-            if topic in _DOMAIN_OF_TOPIC
+            if (domain := self._topics.domain_of(topic)) is not None
         ]
         events = await self._database.sweep_silent_devices(owned, self._settings.offline_after())
         if events:
@@ -183,7 +174,7 @@ class TelemetryProcessor(Component):
             if not claim.events:
                 return 0
             futures = [
-                await self._producer.send(event.topic, event.payload.encode(), key=event.key)
+                await self._producer.send(self._topics.events, event.payload.encode(), key=event.key)
                 for event in claim.events
             ]
             await asyncio.gather(*futures)

@@ -9,6 +9,8 @@ import os
 import socket
 import subprocess
 import sys
+import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +20,8 @@ import asyncpg
 import httpx
 import pytest
 
-from tests.integration.harness import ComponentProcess, test_env, unique
+from ioc_core.bus import Topics
+from tests.integration.harness import ComponentProcess, delete_topics, test_env, unique
 
 SERVICES = {"Mosquitto": ("127.0.0.1", 1883), "Kafka": ("127.0.0.1", 9092)}
 ADMIN_KEY = "test-admin-key-0123456789abcdef"
@@ -27,6 +30,7 @@ ADMIN_KEY = "test-admin-key-0123456789abcdef"
 SESSION_CITY = unique("city")[:32]
 # Waste devices go offline after a few seconds of silence in these tests.
 FAST_OFFLINE_DOMAIN, FAST_OFFLINE_S = "waste", 4
+_STALE_TEST_DATABASE_S = 6 * 3600
 POSTGRES_URL = os.environ.get("IOC_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432")
 
 
@@ -55,12 +59,15 @@ def real_services() -> None:
 
 @pytest.fixture(scope="session")
 async def database_url() -> AsyncIterator[str]:
-    name = unique("ioc_test").replace("-", "_")
+    name = f"ioc_test_{int(time.time())}_{uuid.uuid4().hex[:8]}"
     admin = await asyncpg.connect(f"{POSTGRES_URL}/postgres")
     try:
-        # Databases of earlier runs that died before cleaning up.
+        # Databases of earlier runs that died before cleaning up; runs going on beside this one
+        # are younger than a few hours.
         for row in await admin.fetch("SELECT datname FROM pg_database WHERE datname LIKE 'ioc_test_%'"):
-            await admin.execute(f'DROP DATABASE IF EXISTS "{row["datname"]}" WITH (FORCE)')
+            created = row["datname"].split("_")[2]
+            if created.isdigit() and int(created) < time.time() - _STALE_TEST_DATABASE_S:
+                await admin.execute(f'DROP DATABASE IF EXISTS "{row["datname"]}" WITH (FORCE)')
     finally:
         await admin.close()
     yield f"{POSTGRES_URL}/{name}"
@@ -89,6 +96,10 @@ class System:
     database_url: str
     processes: dict[str, ComponentProcess]
 
+    @property
+    def topics(self) -> Topics:
+        return Topics(self.env["IOC_TOPIC_PREFIX"])
+
     def logs(self) -> str:
         return "\n".join(f"--- {name} ---\n{p.tail(15)}" for name, p in self.processes.items())
 
@@ -103,7 +114,8 @@ def system_env(database_url: str) -> dict[str, str]:
         IOC_GATEWAY_CLIENT_ID=f"ioc-gateway-{run}",
         IOC_GATEWAY_SHARE_GROUP=f"gw-{run}",
         IOC_MQTT_SESSION_EXPIRY_S="300",
-        IOC_PROCESSOR_GROUP_ID="ioc-processor-test",
+        IOC_PROCESSOR_GROUP_ID=f"ioc-processor-{run}",
+        IOC_TOPIC_PREFIX=f"{run}.",
         IOC_REGISTRY_REFRESH_S="2",
         IOC_GATEWAY_CITIES=json.dumps([SESSION_CITY]),
         IOC_GATEWAY_HEALTH_PORT=str(free_port()),
@@ -143,6 +155,7 @@ async def system(system_env: dict[str, str], log_dir: Path) -> AsyncIterator[Sys
     finally:
         for process in processes.values():
             process.stop()
+        await delete_topics(system_env["IOC_TOPIC_PREFIX"])
 
 
 @pytest.fixture

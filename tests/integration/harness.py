@@ -15,6 +15,7 @@ from typing import TypeVar
 
 import paho.mqtt.client as mqtt
 from aiokafka import AIOKafkaConsumer
+from aiokafka.admin import AIOKafkaAdminClient
 from paho.mqtt.enums import CallbackAPIVersion
 
 T = TypeVar("T")
@@ -169,3 +170,15 @@ async def tail_topic(topic: str) -> AIOKafkaConsumer:
         await consumer.stop()
         raise
     return consumer
+
+
+async def delete_topics(prefix: str) -> None:
+    """Remove the topics of one test run (named with its own prefix)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers="127.0.0.1:9092")
+    await admin.start()
+    try:
+        names = [t for t in await admin.list_topics() if t.startswith(prefix)]
+        if names:
+            await admin.delete_topics(names)
+    finally:
+        await admin.close()

@@ -122,7 +122,7 @@ async def test_late_reading_does_not_move_latest_backwards(system: System, admin
 async def test_rejected_message_is_dead_lettered_and_the_flow_goes_on(
     system: System, admin: httpx.AsyncClient
 ) -> None:
-    consumer = await tail_topic("ioc.deadletter")
+    consumer = await tail_topic(system.topics.deadletter)
     try:
         ghost = unique("ghost")
         publish(f"ioc/v1/{CITY}/flood/{ghost}/telemetry", b'{"currentLevel": 1}')

@@ -209,7 +209,7 @@ async def _events_for(consumer: AIOKafkaConsumer, device_id: str, seen: list[dic
 async def test_status_topic_and_silence_set_status_and_emit_events(
     system: System, admin: httpx.AsyncClient
 ) -> None:
-    consumer = await tail_topic("ioc.events")
+    consumer = await tail_topic(system.topics.events)
     try:
         device = await register(admin, FAST_OFFLINE_DOMAIN)
         base = f"ioc/v1/{SESSION_CITY}/{FAST_OFFLINE_DOMAIN}/{device}"

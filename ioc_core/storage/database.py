@@ -10,10 +10,8 @@ over a range". Latest state has its own small table so screens never scan readin
 from __future__ import annotations
 
 import contextlib
-import enum
 import json
 import logging
-import re
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -23,7 +21,6 @@ from urllib.parse import urlsplit
 import asyncpg
 from pydantic import BaseModel
 
-from ioc_core.bus import EVENTS_TOPIC
 from ioc_core.component import Component
 from ioc_core.domains import DOMAINS, Domain
 from ioc_core.errors import ConflictError, NotFoundError, ServiceUnavailableError, StorageError
@@ -35,27 +32,12 @@ from ioc_core.events import (
     device_status_event,
 )
 from ioc_core.models import Device, DeviceIn, DeviceRoute, LatestReading, Location, StateItem
+from ioc_core.storage.schema import MIGRATION_LOCK_ID, MIGRATIONS, StorageTier, domain_table_ddl, ident
 from ioc_core.telemetry import BusTelemetry, Reading, StoredDeadLetter
 
 Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 
 log = logging.getLogger(__name__)
-
-_IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]{0,62}")
-# One lock id for every migrating process, so concurrent `ioc migrate` runs apply each step once.
-_MIGRATION_LOCK_ID = 0x10C_0001
-
-
-class StorageTier(enum.StrEnum):
-    """What the database offers, best first; the schema and queries adapt to it."""
-
-    COMMUNITY = "timescaledb-community"
-    APACHE = "timescaledb-apache"
-    POSTGRES = "postgresql"
-
-    @property
-    def has_hypertables(self) -> bool:
-        return self is not StorageTier.POSTGRES
 
 
 # Failures that pass by themselves: retry the same transaction later.
@@ -77,122 +59,12 @@ _CONNECTION_ERRORS = (
 )
 
 
-def _ident(name: str) -> str:
-    if not _IDENTIFIER.fullmatch(name):
-        raise ValueError(f"{name!r} is not a safe SQL identifier")
-    return name
-
-
-# Versioned schema steps; each runs once, in order, inside the migration lock.
-_MIGRATIONS: tuple[tuple[int, str], ...] = (
-    (
-        1,
-        """
-        CREATE TABLE devices (
-            id          text PRIMARY KEY,
-            city        text NOT NULL,
-            domain      text NOT NULL,
-            name        text,
-            district    text,
-            lat         double precision NOT NULL,
-            lon         double precision NOT NULL,
-            thresholds  jsonb NOT NULL DEFAULT '{}',
-            created_at  timestamptz NOT NULL DEFAULT now(),
-            updated_at  timestamptz NOT NULL DEFAULT now()
-        );
-        CREATE INDEX devices_city_domain ON devices (city, domain);
-
-        CREATE TABLE device_state (
-            device_id          text PRIMARY KEY REFERENCES devices (id) ON DELETE CASCADE,
-            ts                 timestamptz,
-            seq                bigint,
-            metrics            jsonb NOT NULL DEFAULT '{}',
-            last_seen          timestamptz,
-            status             text NOT NULL DEFAULT 'unknown'
-                               CHECK (status IN ('online', 'offline', 'unknown')),
-            status_changed_at  timestamptz,
-            updated_at         timestamptz NOT NULL DEFAULT now()
-        );
-        """,
-    ),
-    (
-        2,
-        """
-        -- Readings without a device timestamp are stamped with their receive time, which
-        -- changes on every redelivery; their (device, seq) pairs are remembered for a window.
-        CREATE TABLE reading_seqs (
-            device_id  text NOT NULL,
-            seq        bigint NOT NULL,
-            ts         timestamptz NOT NULL,
-            PRIMARY KEY (device_id, seq)
-        );
-        CREATE INDEX reading_seqs_ts ON reading_seqs (ts);
-
-        -- The Kafka partition a device's records arrive on, so that each processor judges
-        -- silence only for the devices whose partitions it owns and has caught up with.
-        ALTER TABLE device_state ADD COLUMN bus_partition integer;
-        CREATE INDEX device_state_online_last_seen ON device_state (last_seen) WHERE status = 'online';
-
-        CREATE TABLE dead_letters (
-            id            bigserial PRIMARY KEY,
-            source        text NOT NULL UNIQUE,
-            received_at   timestamptz NOT NULL,
-            topic         text NOT NULL,
-            reason        text NOT NULL,
-            detail        text NOT NULL,
-            payload       text NOT NULL,
-            payload_size  integer NOT NULL,
-            stored_at     timestamptz NOT NULL DEFAULT now()
-        );
-        CREATE INDEX dead_letters_reason ON dead_letters (reason, id);
-
-        -- Events are recorded in the transaction that causes them and relayed to Kafka after.
-        CREATE TABLE outbox (
-            id            bigserial PRIMARY KEY,
-            event_id      uuid NOT NULL UNIQUE,
-            topic         text NOT NULL,
-            key           text,
-            payload       jsonb NOT NULL,
-            created_at    timestamptz NOT NULL DEFAULT now(),
-            published_at  timestamptz
-        );
-        CREATE INDEX outbox_unpublished ON outbox (id) WHERE published_at IS NULL;
-        """,
-    ),
-)
-
-
-def _domain_table_ddl(domain: Domain, tier: StorageTier) -> list[str]:
-    """Create or extend a domain's readings table; safe to run at every migration."""
-    table = _ident(domain.table)
-    columns = [f"{_ident(m.column)} double precision" for m in domain.metrics]
-    statements = [
-        f"""
-        CREATE TABLE IF NOT EXISTS {table} (
-            ts           timestamptz NOT NULL,
-            device_id    text NOT NULL,
-            seq          bigint,
-            received_at  timestamptz NOT NULL,
-            {", ".join(columns)},
-            PRIMARY KEY (device_id, ts)
-        )
-        """,
-        *(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column}" for column in columns),
-    ]
-    if tier.has_hypertables:
-        statements.append(
-            f"SELECT create_hypertable('{table}', 'ts', chunk_time_interval => INTERVAL '1 day', "
-            "if_not_exists => TRUE, migrate_data => TRUE)"
-        )
-    return statements
-
-
 def _insert_readings_sql(domain: Domain) -> str:
-    columns = ["ts", "device_id", "seq", "received_at", *(_ident(m.column) for m in domain.metrics)]
+    columns = ["ts", "device_id", "seq", "received_at", *(ident(m.column) for m in domain.metrics)]
     types = ["timestamptz[]", "text[]", "bigint[]", "timestamptz[]", *("float8[]" for _ in domain.metrics)]
     params = ", ".join(f"${i}::{t}" for i, t in enumerate(types, start=1))
     return (
-        f"INSERT INTO {_ident(domain.table)} ({', '.join(columns)}) "
+        f"INSERT INTO {ident(domain.table)} ({', '.join(columns)}) "
         f"SELECT * FROM unnest({params}) ON CONFLICT DO NOTHING"
     )
 
@@ -394,7 +266,7 @@ async def ensure_database(url: str) -> bool:
         await connection.close()
         return False
     parts = urlsplit(url)
-    name = _ident(parts.path.lstrip("/"))
+    name = ident(parts.path.lstrip("/"))
     try:
         admin = await asyncpg.connect(parts._replace(path="/postgres").geturl(), timeout=10)
     except _CONNECTION_ERRORS as exc:
@@ -475,7 +347,7 @@ class Database(Component):
     async def migrate(self) -> StorageTier:
         """Create or upgrade the schema; safe to run twice and from several processes at once."""
         async with self.pool.acquire() as connection:
-            await connection.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK_ID)
+            await connection.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_ID)
             try:
                 await self._enable_timescaledb(connection)
                 tier = await self.detect_tier()
@@ -486,7 +358,7 @@ class Database(Component):
                 applied = {
                     r["version"] for r in await connection.fetch("SELECT version FROM schema_migrations")
                 }
-                for version, sql in _MIGRATIONS:
+                for version, sql in MIGRATIONS:
                     if version in applied:
                         continue
                     async with connection.transaction():
@@ -497,10 +369,10 @@ class Database(Component):
                     log.info("applied migration %d", version)
                 for domain in DOMAINS.values():
                     async with connection.transaction():
-                        for statement in _domain_table_ddl(domain, tier):
+                        for statement in domain_table_ddl(domain, tier):
                             await connection.execute(statement)
             finally:
-                await connection.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK_ID)
+                await connection.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_ID)
         self.tier = tier
         log.info("schema is up to date on storage tier %s", tier)
         return tier
@@ -830,7 +702,7 @@ async def _insert_outbox(connection: Connection, events: Sequence[Event]) -> Non
     await connection.execute(
         _INSERT_OUTBOX_SQL,
         [e.id for e in events],
-        [EVENTS_TOPIC for _ in events],
+        ["events" for _ in events],
         [e.key for e in events],
         [json.dumps(e.to_cloudevent(), ensure_ascii=False) for e in events],
     )
