@@ -13,21 +13,24 @@ from typing import Annotated, Any
 from fastapi import FastAPI, HTTPException, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from api import problems
-from api.auth import require
+from api.auth import Principal, require
+from ioc_core.alarms import ALARM_STATES, Alarm
 from ioc_core.broker_accounts import DeviceAccounts
 from ioc_core.domains import DOMAINS
 from ioc_core.errors import ConflictError, IocError, NotFoundError, ServiceUnavailableError
 from ioc_core.metrics import CONTENT_TYPE, Metric, render
 from ioc_core.models import Device, DeviceCredentials, DeviceIn, DevicePatch, RegisteredDevice, StateItem
+from ioc_core.rules import SEVERITIES
 from ioc_core.settings import Settings
 from ioc_core.storage import Database
 from ioc_core.telemetry import CITY_PATTERN, DEVICE_ID_PATTERN
 
 log = logging.getLogger(__name__)
 
+AlarmId = Annotated[int, Path(ge=1, le=2**63 - 1, description="alarm id")]
 DeviceId = Annotated[str, Path(pattern=f"^{DEVICE_ID_PATTERN.pattern}$", description="device id")]
 CityFilter = Annotated[str | None, Query(pattern=f"^{CITY_PATTERN.pattern}$", description="city slug")]
 DomainFilter = Annotated[str | None, Query(pattern="^(" + "|".join(DOMAINS) + ")$", description="domain")]
@@ -48,6 +51,29 @@ class Readiness(BaseModel):
 class StateList(BaseModel):
     items: list[StateItem]
     next: str | None = None
+
+
+class AlarmList(BaseModel):
+    items: list[Alarm]
+    next: str | None = Field(description="cursor of the next page, or null on the last")
+
+
+class AlarmAction(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"note": "đội ứng cứu đã đến"}]}
+    )
+
+    note: str | None = Field(default=None, max_length=2000, description="why, for the audit trail")
+
+
+def _comma_list(value: str | None, allowed: tuple[str, ...], name: str) -> list[str] | None:
+    if value is None:
+        return None
+    items = [item.strip() for item in value.split(",") if item.strip()]
+    unknown = [item for item in items if item not in allowed]
+    if unknown or not items:
+        raise HTTPException(400, f"{name} must be a comma-separated list of {', '.join(allowed)}")
+    return items
 
 
 class DeadLetterItem(BaseModel):
@@ -347,6 +373,88 @@ def create_app(
             items=[DeadLetterItem(**{**row.model_dump(), "id": str(row.id)}) for row in page],
             next=_encode_cursor(page[-1].id) if len(rows) > limit else None,
         )
+
+    @app.get(
+        "/v1/alarms",
+        response_model=AlarmList,
+        summary="Alarms matching every filter given, newest first.",
+        tags=["alarms"],
+        dependencies=[require("viewer")],
+        responses={400: _PROBLEM},
+    )
+    async def alarms(
+        request: Request,
+        state: Annotated[
+            str | None, Query(max_length=100, description="comma-separated: active, acknowledged, resolved")
+        ] = None,
+        city: CityFilter = None,
+        domain: DomainFilter = None,
+        severity: Annotated[
+            str | None, Query(max_length=100, description="comma-separated: low, medium, high, critical")
+        ] = None,
+        device_id: Annotated[
+            str | None, Query(pattern=f"^{DEVICE_ID_PATTERN.pattern}$", description="one device's alarms")
+        ] = None,
+        limit: Annotated[int, Query(ge=1, le=1000, description="page size")] = 100,
+        cursor: Annotated[
+            str | None, Query(max_length=200, description="`next` of the previous page")
+        ] = None,
+    ) -> AlarmList:
+        before = _decode_cursor(cursor) if cursor else None
+        rows = await db(request).list_alarms(
+            limit=limit + 1,
+            before_id=before,
+            states=_comma_list(state, ALARM_STATES, "state"),
+            city=city,
+            domain=domain,
+            severities=_comma_list(severity, SEVERITIES, "severity"),
+            device_id=device_id,
+        )
+        page = rows[:limit]
+        return AlarmList(items=page, next=_encode_cursor(page[-1].id) if len(rows) > limit else None)
+
+    @app.get(
+        "/v1/alarms/{alarm_id}",
+        response_model=Alarm,
+        summary="One alarm, with who acknowledged or resolved it.",
+        tags=["alarms"],
+        dependencies=[require("viewer")],
+        responses={404: _PROBLEM},
+    )
+    async def alarm(request: Request, alarm_id: AlarmId) -> Alarm:
+        return await db(request).get_alarm(alarm_id)
+
+    @app.post(
+        "/v1/alarms/{alarm_id}/ack",
+        response_model=Alarm,
+        summary="Acknowledge an alarm (operator).",
+        tags=["alarms"],
+        responses={404: _PROBLEM, 409: _PROBLEM},
+    )
+    async def acknowledge_alarm(
+        request: Request,
+        alarm_id: AlarmId,
+        principal: Annotated[Principal, require("operator")],
+        action: AlarmAction | None = None,
+    ) -> Alarm:
+        note = action.note if action else None
+        return await db(request).acknowledge_alarm(alarm_id, actor=principal.name, note=note)
+
+    @app.post(
+        "/v1/alarms/{alarm_id}/resolve",
+        response_model=Alarm,
+        summary="Resolve an alarm by hand (operator).",
+        tags=["alarms"],
+        responses={404: _PROBLEM, 409: _PROBLEM},
+    )
+    async def resolve_alarm(
+        request: Request,
+        alarm_id: AlarmId,
+        principal: Annotated[Principal, require("operator")],
+        action: AlarmAction | None = None,
+    ) -> Alarm:
+        note = action.note if action else None
+        return await db(request).resolve_alarm(alarm_id, actor=principal.name, note=note)
 
     @app.get(
         "/metrics",

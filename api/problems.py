@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ioc_core.errors import ConflictError, IocError, NotFoundError, ServiceUnavailableError
+from ioc_core.errors import ConflictError, IocError, NotFoundError, ServiceUnavailableError, ValidationError
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ def problem_response(
 
 
 _STATUS_OF_ERROR: tuple[tuple[type[IocError], int], ...] = (
+    (ValidationError, 400),
     (NotFoundError, 404),
     (ConflictError, 409),
     (ServiceUnavailableError, 503),

@@ -10,6 +10,7 @@ import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from pathlib import Path
 
 from ioc_core.errors import ConflictError, IocError
@@ -102,7 +103,7 @@ async def migrate(settings: Settings) -> None:
     url = settings.database_url.get_secret_value()
     await ensure_database(url)
     async with Database(url, max_size=2) as database:
-        tier = await database.migrate()
+        tier = await database.migrate(retention=timedelta(days=settings.retention_days))
     print(f"schema up to date (storage tier: {tier})")
 
 

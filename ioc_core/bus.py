@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import IllegalStateError, KafkaConnectionError, KafkaError
 
@@ -124,12 +124,17 @@ class BusConsumer(Component):
     """A consumer-group member that commits only when told to, after its rows are durable."""
 
     def __init__(
-        self, bootstrap: str, topics: Sequence[str], *, group_id: str, max_records: int = 5_000
+        self,
+        bootstrap: str,
+        topics: Sequence[str],
+        *,
+        group_id: str,
+        max_records: int = 5_000,
+        listener: ConsumerRebalanceListener | None = None,
     ) -> None:
         self._bootstrap = bootstrap
         self._max_records = max_records
         self._consumer = AIOKafkaConsumer(
-            *topics,
             bootstrap_servers=bootstrap,
             group_id=group_id,
             enable_auto_commit=False,
@@ -137,6 +142,7 @@ class BusConsumer(Component):
             isolation_level="read_committed",
             max_poll_records=max_records,
         )
+        self._consumer.subscribe(list(topics), listener=listener)
 
     async def start(self) -> None:
         try:

@@ -51,3 +51,8 @@ class RejectedMessage(IocError):
         super().__init__(f"{reason}: {detail}", retriable=False)
         self.reason = reason
         self.detail = detail
+
+
+class ValidationError(IocError):
+    """A request names something that does not exist in that place (a metric its domain does not
+    measure, an unknown aggregate) or asks for something malformed; asking differently is the cure."""

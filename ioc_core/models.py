@@ -2,17 +2,31 @@
 
 from __future__ import annotations
 
-import math
 from datetime import datetime
 from typing import Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ioc_core.domains import DOMAINS
+from ioc_core.rules import rule_value_problem
 from ioc_core.telemetry import CITY_PATTERN, DEVICE_ID_PATTERN
 
 DeviceStatus = Literal["online", "offline", "unknown"]
-ThresholdKey = Literal["warn_above", "crit_above", "warn_below", "crit_below"]
+# The rule keys a device may set per metric (`ioc_core.rules.RULE_KEYS`); null switches that part off.
+ThresholdKey = Literal[
+    "warn_above",
+    "crit_above",
+    "warn_below",
+    "crit_below",
+    "hysteresis",
+    "rise_above",
+    "drop_above",
+    "rate_window_s",
+    "zscore",
+    "zscore_floor",
+    "flatline_s",
+]
+Thresholds = dict[str, dict[ThresholdKey, float | None]]
 
 
 class Location(BaseModel):
@@ -48,8 +62,12 @@ class DeviceIn(BaseModel):
     name: str | None = Field(default=None, max_length=200)
     district: str | None = Field(default=None, max_length=100)
     location: Location
-    thresholds: dict[str, dict[ThresholdKey, float]] = Field(
-        default_factory=dict, description="per-metric alarm limits overriding the domain's defaults"
+    thresholds: Thresholds = Field(
+        default_factory=dict,
+        description="per-metric alarm rules overriding the domain's defaults key by key: limits"
+        " (warn_above, crit_above, warn_below, crit_below) and hysteresis, rate of change (rise_above,"
+        " drop_above within rate_window_s), zscore and zscore_floor, flatline_s; null switches that"
+        " detector off for the metric",
     )
 
     @model_validator(mode="after")
@@ -62,8 +80,9 @@ class DeviceIn(BaseModel):
             if metric is None:
                 raise ValueError(f"thresholds name {metric_name!r}, not a {domain.name} metric")
             for key, value in limits.items():
-                if not math.isfinite(value):
-                    raise ValueError(f"thresholds.{metric_name}.{key} must be finite")
+                problem = rule_value_problem(key, value)
+                if problem is not None:
+                    raise ValueError(f"thresholds.{metric_name}.{key} {problem}")
         return self
 
 
@@ -81,7 +100,7 @@ class Device(BaseModel):
     name: str | None
     district: str | None
     location: Location
-    thresholds: dict[str, dict[str, float]]
+    thresholds: dict[str, dict[str, float | None]]
     status: DeviceStatus
     last_seen: datetime | None
     latest: LatestReading | None
@@ -149,7 +168,7 @@ class DevicePatch(BaseModel):
     name: str | None = Field(default=None, max_length=200)
     district: str | None = Field(default=None, max_length=100)
     location: Location | None = None
-    thresholds: dict[str, dict[ThresholdKey, float]] | None = None
+    thresholds: Thresholds | None = None
 
     @model_validator(mode="after")
     def _check_required_fields_not_cleared(self) -> Self:

@@ -90,7 +90,21 @@ class Settings(BaseSettings):
         default=1.0, gt=0, description="how often recorded events are relayed at the latest"
     )
 
+    fault_exit_after_batches: int = Field(
+        default=0,
+        ge=0,
+        description="fault injection for tests: a processor exits abruptly after writing this many"
+        " batches, before committing the last one's offsets; 0 (the default) never",
+    )
+
     log_level: str = "INFO"
+
+    retention_days: int = Field(
+        default=90, gt=0, description="days readings are kept; aggregates are kept several times longer"
+    )
+    retention_check_s: float = Field(
+        default=3600, gt=0, description="how often a processor drops readings older than the retention"
+    )
 
     @field_validator("mqtt_url")
     @classmethod

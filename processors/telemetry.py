@@ -1,9 +1,12 @@
-"""The telemetry processor: consumes `ioc.telemetry.*` and `ioc.deadletter` in batches and stores
-them; judges device silence; relays recorded events to `ioc.events`.
+"""The telemetry processor: consumes `ioc.telemetry.*` and `ioc.deadletter` in batches, stores
+them, runs the detectors and keeps alarms; judges device silence; relays recorded events to
+`ioc.events`.
 
-Offsets are committed only after the batch's rows are durable. A processor killed between the
+Each batch is one database transaction: readings, latest state, status changes, detector state,
+alarms and their events. Offsets are committed only after it. A processor killed between the
 write and the commit replays the batch, and the database absorbs the copies: readings by their
-primary key (or remembered `seq`), dead letters by their bus position, status by its time.
+primary key (or remembered `seq`), dead letters by their bus position, status by its time, and
+detectors skip readings no newer than the state they stored, so alarms are not counted twice.
 """
 
 from __future__ import annotations
@@ -12,25 +15,52 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
+import time
 from collections.abc import Awaitable, Callable
+from datetime import datetime, timedelta
 from typing import TypeVar
 
+from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
+from ioc_core.alarms import Finding
 from ioc_core.bus import BusConsumer, BusProducer, ensure_topics
 from ioc_core.component import Component
 from ioc_core.errors import IocError, RejectedMessage
 from ioc_core.settings import Settings
 from ioc_core.storage import Database, TelemetryBatch
-from ioc_core.telemetry import StoredDeadLetter, decode_record
+from ioc_core.storage.database import BatchTransaction, DeviceProfileRow, StatusTransition
+from ioc_core.telemetry import Reading, StoredDeadLetter, decode_record
+from processors.detection import (
+    DeviceDetection,
+    DeviceDetectorState,
+    DeviceProfile,
+    DistrictFloodCorrelator,
+    StationSignal,
+    offline_finding,
+)
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 _RETRY_BACKOFF_MAX_S = 10.0
+FAULT_EXIT_CODE = 70
 # A partition counts as caught up (its devices' silence is real, not our lag) within this many records.
 _CAUGHT_UP_LAG = 100
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, processor: TelemetryProcessor) -> None:
+        self._processor = processor
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self._processor.partitions_changing()
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        await self._processor.partitions_changing()
+        log.info("processor owns %d partitions", len(assigned))
 
 
 class TelemetryProcessor(Component):
@@ -50,14 +80,26 @@ class TelemetryProcessor(Component):
             [*self._topics.telemetry_topics(), self._topics.deadletter],
             group_id=settings.processor_group_id,
             max_records=settings.processor_batch_max,
+            listener=_Rebalance(self),
         )
         self._producer = BusProducer(settings.kafka_bootstrap, client_id="ioc-processor")
         self._tasks: list[asyncio.Task[None]] = []
         self._events_pending = asyncio.Event()
+        # Held while a batch is written and committed; a rebalance waits for it, so the
+        # partitions' next owner starts after our last commit.
+        self._batch_lock = asyncio.Lock()
+        self._detection = DeviceDetection()
+        self._correlator = DistrictFloodCorrelator()
+        # Detector state as last committed, per device; the database has the same. Dropped when
+        # the partition assignment changes, since another processor may have moved it on.
+        self._detector_states: dict[str, dict[str, object]] = {}
+        self._profiles: dict[str, DeviceProfile] = {}
+        self._profiles_loaded_at = 0.0
         self.rows_written = 0
         self.duplicates_dropped = 0
         self.batches_written = 0
         self.events_relayed = 0
+        self.findings = 0
 
     async def start(self) -> None:
         await self._database.start()
@@ -83,6 +125,10 @@ class TelemetryProcessor(Component):
             ),
             asyncio.create_task(self._relay_events(), name="processor-relay"),
             asyncio.create_task(self._every(60, self._database.housekeeping), name="processor-housekeeping"),
+            asyncio.create_task(
+                self._every(self._settings.retention_check_s, self._apply_retention),
+                name="processor-retention",
+            ),
         ]
 
     async def stop(self) -> None:
@@ -128,21 +174,101 @@ class TelemetryProcessor(Component):
                     batch.dead_letters.append(
                         StoredDeadLetter.of_rejection(rejection, record.value, source=source)
                     )
-            result = await self._retrying(
-                "writing a batch", functools.partial(self._database.write_batch, batch)
+            async with self._batch_lock:
+                await self._retrying("writing a batch", functools.partial(self._write, batch))
+                self._maybe_inject_crash()
+                try:
+                    await self._consumer.commit()
+                except KafkaError as exc:
+                    # A rebalance or a Kafka outage: the batch is stored, so the worst outcome is
+                    # that it is read again (by us or the partitions' next owner) and the database
+                    # drops the copies. The next successful commit covers it.
+                    log.warning("offset commit failed; the batch may be replayed: %s", exc)
+
+    def _maybe_inject_crash(self) -> None:
+        limit = self._settings.fault_exit_after_batches
+        if limit and self.batches_written >= limit:
+            log.critical("fault injection: exiting after batch %d is written, before its commit", limit)
+            logging.shutdown()
+            os._exit(FAULT_EXIT_CODE)
+
+    async def partitions_changing(self) -> None:
+        """Called on a rebalance: let the batch in hand finish, then forget cached detector state."""
+        async with self._batch_lock:
+            self._detector_states.clear()
+
+    async def _write(self, batch: TelemetryBatch) -> None:
+        device_ids = {record.device_id for record, _ in batch.records}
+        profiles = await self._device_profiles(device_ids)
+        async with self._database.transaction() as transaction:
+            result = await transaction.write(batch)
+            by_device: dict[str, list[Reading]] = {}
+            for reading in result.kept:
+                by_device.setdefault(reading.device_id, []).append(reading)
+            states = await self._working_states(transaction, [d for d in by_device if d in profiles])
+            findings: list[Finding] = []
+            signals: dict[str, dict[str, object] | None] = {}
+            districts: dict[tuple[str, str], datetime] = {}
+            for device_id, state in states.items():
+                profile = profiles[device_id]
+                readings = by_device[device_id]
+                findings.extend(self._detection.evaluate(profile, readings, state))
+                if profile.domain == "flood":
+                    signal = self._correlator.station_signal(profile, state)
+                    signals[device_id] = signal.to_json() if signal is not None else None
+                    if profile.district:
+                        newest = max(r.ts for r in readings)
+                        key = (profile.city, profile.district)
+                        districts[key] = max(newest, districts.get(key, newest))
+            new_states = {device_id: state.to_json() for device_id, state in states.items()}
+            await transaction.save_detector_states(new_states, signals)
+            for (city, district), newest in sorted(districts.items()):
+                stored, active = await transaction.district_flood_signals(city, district)
+                finding = self._correlator.evaluate(
+                    city=city,
+                    district=district,
+                    signals=_readable_signals(stored),
+                    active=active,
+                    now=newest,
+                )
+                if finding is not None:
+                    findings.append(finding)
+            findings.extend(_offline_findings(result.transitions))
+            alarm_events = await transaction.apply_findings(findings)
+        self._detector_states.update(new_states)
+        self.rows_written += result.stored
+        self.duplicates_dropped += result.duplicates
+        self.batches_written += 1
+        self.findings += len(findings)
+        if result.events or alarm_events:
+            self._events_pending.set()
+
+    async def _working_states(
+        self, transaction: BatchTransaction, device_ids: list[str]
+    ) -> dict[str, DeviceDetectorState]:
+        """Fresh copies of the devices' committed detector state, loading what is not cached."""
+        missing = [d for d in device_ids if d not in self._detector_states]
+        loaded = await transaction.detector_states(missing) if missing else {}
+        return {
+            device_id: DeviceDetectorState.from_json(
+                self._detector_states.get(device_id) or loaded.get(device_id) or {}
             )
-            try:
-                await self._consumer.commit()
-            except KafkaError as exc:
-                # A rebalance or a Kafka outage: the batch is stored, so the worst outcome is that
-                # it is read again (by us or the partitions' next owner) and the database drops the
-                # copies. The next successful commit covers it.
-                log.warning("offset commit failed; the batch may be replayed: %s", exc)
-            self.rows_written += result.stored
-            self.duplicates_dropped += result.duplicates
-            self.batches_written += 1
-            if result.events:
-                self._events_pending.set()
+            for device_id in device_ids
+        }
+
+    async def _device_profiles(self, device_ids: set[str]) -> dict[str, DeviceProfile]:
+        """What detection needs to know of each device; re-read now and then so that changed
+        thresholds take effect. Devices no longer registered are left out."""
+        if time.monotonic() - self._profiles_loaded_at > self._settings.registry_refresh_s:
+            self._profiles.clear()
+            self._profiles_loaded_at = time.monotonic()
+        missing = [d for d in device_ids if d not in self._profiles]
+        if missing:
+            rows = await self._retrying(
+                "reading device profiles", functools.partial(self._database.device_profiles, missing)
+            )
+            self._profiles.update((row.id, _profile_of(row)) for row in rows)
+        return {d: self._profiles[d] for d in device_ids if d in self._profiles}
 
     async def _sweep_silent(self) -> None:
         caught_up = await self._consumer.caught_up(max_lag=_CAUGHT_UP_LAG)
@@ -151,10 +277,23 @@ class TelemetryProcessor(Component):
             for topic, partition in caught_up
             if (domain := self._topics.domain_of(topic)) is not None
         ]
-        events = await self._database.sweep_silent_devices(owned, self._settings.offline_after())
-        if events:
-            log.info("%d devices went silent", len(events))
+        if not owned:
+            return
+        async with self._database.transaction() as transaction:
+            transitions = await transaction.sweep_silent(owned, self._settings.offline_after())
+            await transaction.apply_findings(_offline_findings(transitions))
+        if transitions:
+            log.info("%d devices went silent", len(transitions))
             self._events_pending.set()
+
+    async def _apply_retention(self) -> None:
+        removed = await self._database.apply_retention(timedelta(days=self._settings.retention_days))
+        if removed:
+            log.info(
+                "retention removed %d chunks or rows older than %d days",
+                removed,
+                self._settings.retention_days,
+            )
 
     async def _relay_events(self) -> None:
         """Publish recorded events to Kafka, then mark them published (at least once, in order)."""
@@ -201,3 +340,40 @@ class TelemetryProcessor(Component):
                 log.warning("%s failed, retrying in %.1fs: %s", what, delay, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _RETRY_BACKOFF_MAX_S)
+
+
+def _profile_of(row: DeviceProfileRow) -> DeviceProfile:
+    return DeviceProfile.of(
+        id=row.id,
+        city=row.city,
+        domain=row.domain,
+        name=row.name,
+        district=row.district,
+        thresholds=row.thresholds,
+    )
+
+
+def _offline_findings(transitions: list[StatusTransition]) -> list[Finding]:
+    """A device going offline raises its `offline` alarm; coming back resolves it."""
+    return [
+        offline_finding(
+            DeviceProfile.of(
+                id=t.device_id, city=t.city, domain=t.domain, name=t.name, district=t.district, thresholds={}
+            ),
+            at=t.at,
+            active=t.status == "offline",
+        )
+        for t in transitions
+    ]
+
+
+def _readable_signals(stored: list[dict[str, object]]) -> list[StationSignal]:
+    """Stored station signals; one that cannot be read (written by another version) is left out
+    rather than stopping the district's correlation."""
+    signals = []
+    for item in stored:
+        try:
+            signals.append(StationSignal.from_json(item))
+        except ValueError as exc:
+            log.warning("ignoring an unreadable flood station signal %r: %s", item, exc)
+    return signals

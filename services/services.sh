@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Local backing services for development and tests: an MQTT broker
-# (mosquitto), a single-node Kafka and a TimescaleDB server, all bound to
-# 127.0.0.1 and run without Docker or systemd.
+# (mosquitto), a single-node Kafka, a TimescaleDB server and a plain
+# PostgreSQL server (for the tests of the storage tier without TimescaleDB),
+# all bound to 127.0.0.1 and run without Docker or systemd.
 #
 #   services.sh up       start whatever is not running yet, then print settings
 #   services.sh down     stop the services this script started
-#   services.sh stop S   stop one of them (mqtt, kafka, timescaledb)
+#   services.sh stop S   stop one of them (mqtt, kafka, timescaledb, postgres)
 #   services.sh status   show whether each service is up
 #   services.sh env      print the settings only
 #
@@ -55,6 +56,14 @@ PG_INIT_STAMP=$PG_ROOTFS/var/lib/ioc-pg.initialized
 PG_LOG=$LOG_DIR/timescaledb.log                  # symlink into the root
 PG_DB=ioc
 
+# Plain PostgreSQL: the same root's binaries, its own data directory, no
+# TimescaleDB preloaded.
+PLAIN_PORT=5433
+PLAIN_DATA=/var/lib/ioc-pg-plain                          # in root
+PLAIN_LOG_IN_ROOT=/var/log/ioc-pg-plain/postgresql.log    # in root
+PLAIN_INIT_STAMP=$PG_ROOTFS/var/lib/ioc-pg-plain.initialized
+PLAIN_LOG=$LOG_DIR/postgres.log                           # symlink into the root
+
 say() { printf 'services: %s\n' "$*" >&2; }
 fail() {
     printf 'services: FAILED: %s\n' "$*" >&2
@@ -66,6 +75,7 @@ print_env() {
     echo "export IOC_MQTT_URL=mqtt://127.0.0.1:$MQTT_PORT"
     echo "export IOC_KAFKA_BOOTSTRAP=127.0.0.1:$KAFKA_PORT"
     echo "export IOC_DATABASE_URL=postgresql://postgres@127.0.0.1:$PG_PORT/$PG_DB"
+    echo "export IOC_TEST_PLAIN_POSTGRES_URL=postgresql://postgres@127.0.0.1:$PLAIN_PORT"
 }
 
 # ---------------------------------------------------------------- helpers
@@ -420,7 +430,8 @@ pg_init() {
 pg_pid() {
     local pid root
     [[ -d $PG_ROOTFS ]] || return 1
-    pid=$(live_pid "$PG_ROOTFS$PG_DATA/postmaster.pid" "-D $PG_DATA") || return 1
+    # The trailing space keeps "-D $PG_DATA" from matching the plain server's data directory.
+    pid=$(live_pid "$PG_ROOTFS$PG_DATA/postmaster.pid" "-D $PG_DATA ") || return 1
     # Another cache directory could run a server with the same data path.
     root=$(readlink "/proc/$pid/root") || return 1
     [[ $root == "$(realpath "$PG_ROOTFS")" ]] || return 1
@@ -517,6 +528,69 @@ pg_down() {
     fi
 }
 
+# ---------------------------------------------------------------- postgres (plain)
+
+plain_init() {
+    [[ -f $PLAIN_INIT_STAMP ]] && return
+    local log=$LOG_DIR/postgres-initdb.log ids
+    ids=$(pg_ids) || fail "postgres: no postgres user in $PG_ROOTFS (delete $PG_ROOTFS_STAMP to rebuild)"
+    rm -rf "${PG_ROOTFS:?}$PLAIN_DATA"
+    mkdir -p "$PG_ROOTFS$PLAIN_DATA" "$(dirname "$PG_ROOTFS$PLAIN_LOG_IN_ROOT")"
+    chown "$ids" "$PG_ROOTFS$PLAIN_DATA" "$(dirname "$PG_ROOTFS$PLAIN_LOG_IN_ROOT")"
+    chmod 700 "$PG_ROOTFS$PLAIN_DATA"
+    say "postgres: creating the database cluster (log: $log)"
+    as_postgres initdb -D "$PLAIN_DATA" --username=postgres --auth=trust \
+        --encoding=UTF8 --locale=C.UTF-8 --data-checksums >"$log" 2>&1 ||
+        fail "postgres: initdb failed (log: $log)"
+    echo "include 'ioc.conf'" >>"$PG_ROOTFS$PLAIN_DATA/postgresql.conf"
+    touch "$PLAIN_INIT_STAMP"
+}
+
+plain_pid() {
+    local pid root
+    [[ -d $PG_ROOTFS ]] || return 1
+    pid=$(live_pid "$PG_ROOTFS$PLAIN_DATA/postmaster.pid" "-D $PLAIN_DATA ") || return 1
+    root=$(readlink "/proc/$pid/root") || return 1
+    [[ $root == "$(realpath "$PG_ROOTFS")" ]] || return 1
+    echo "$pid"
+}
+
+plain_up() {
+    local pid log=$LOG_DIR/postgres-ctl.log
+    if pid=$(plain_pid); then
+        say "postgres: server already running (pid $pid), reusing it"
+        return
+    fi
+    if port_open "$PLAIN_PORT"; then
+        say "postgres: reusing the server already listening on 127.0.0.1:$PLAIN_PORT (not started by this script)"
+        return
+    fi
+    need_root "starting plain PostgreSQL in its chroot"
+    mkdir -p "$LOG_DIR"
+    pg_rootfs
+    plain_init
+    cp "$SERVICES_DIR/postgres/postgresql.conf" "$PG_ROOTFS$PLAIN_DATA/ioc.conf"
+    chown "$(pg_ids)" "$PG_ROOTFS$PLAIN_DATA/ioc.conf"
+    ln -sfn "$PG_ROOTFS$PLAIN_LOG_IN_ROOT" "$PLAIN_LOG"
+    say "postgres: starting plain PostgreSQL $PG_MAJOR (no TimescaleDB) on 127.0.0.1:$PLAIN_PORT (log: $PLAIN_LOG)"
+    as_postgres pg_ctl -D "$PLAIN_DATA" -l "$PLAIN_LOG_IN_ROOT" -w -t "$WAIT_SECONDS" start >"$log" 2>&1 9>&- ||
+        fail "postgres: PostgreSQL did not start within ${WAIT_SECONDS}s (log: $PLAIN_LOG)"
+    say "postgres: ready"
+}
+
+plain_down() {
+    local pid log=$LOG_DIR/postgres-ctl.log
+    if pid=$(plain_pid); then
+        say "postgres: stopping PostgreSQL (pid $pid)"
+        as_postgres pg_ctl -D "$PLAIN_DATA" -m fast -w -t 60 stop >"$log" 2>&1 ||
+            fail "postgres: PostgreSQL did not stop (log: $log)"
+    elif port_open "$PLAIN_PORT"; then
+        say "postgres: the server on port $PLAIN_PORT was not started by this script, leaving it alone"
+    else
+        say "postgres: not running"
+    fi
+}
+
 # ---------------------------------------------------------------- commands
 
 # Two concurrent runs (e.g. parallel make targets) would race on downloads and
@@ -546,6 +620,7 @@ cmd_status() {
     status_line mqtt "$MQTT_PORT" "$(mqtt_pid || true)"
     status_line kafka "$KAFKA_PORT" "$(kafka_pid || true)"
     status_line timescaledb "$PG_PORT" "$(pg_pid || true)"
+    status_line postgres "$PLAIN_PORT" "$(plain_pid || true)"
 }
 
 COMMAND=${1:-}
@@ -556,10 +631,12 @@ up)
     mqtt_up
     kafka_up
     pg_up
+    plain_up
     print_env
     ;;
 down)
     take_lock
+    plain_down
     pg_down
     kafka_down
     mqtt_down
@@ -571,8 +648,9 @@ stop)
     mqtt) mqtt_down ;;
     kafka) kafka_down ;;
     timescaledb) pg_down ;;
+    postgres) plain_down ;;
     *)
-        echo "usage: $0 stop mqtt|kafka|timescaledb" >&2
+        echo "usage: $0 stop mqtt|kafka|timescaledb|postgres" >&2
         exit 2
         ;;
     esac

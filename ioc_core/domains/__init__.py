@@ -7,9 +7,10 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from ioc_core.domains.base import BATTERY, Domain, Metric, Threshold
+from ioc_core.domains.base import BATTERY, Domain, Metric
+from ioc_core.rules import MetricRules
 
-__all__ = ["BATTERY", "DOMAINS", "Domain", "Metric", "Threshold", "get_domain"]
+__all__ = ["BATTERY", "DOMAINS", "Domain", "Metric", "MetricRules", "get_domain"]
 
 
 def _discover() -> dict[str, Domain]:

@@ -1,5 +1,5 @@
-"""What a domain is: its metrics with units and valid ranges, default alarm thresholds,
-the interval after which a silent device counts as offline, and how a simulated device behaves.
+"""What a domain is: its metrics with units, valid ranges and operator labels, default alarm
+rules, the interval after which a silent device counts as offline, and how a simulated device behaves.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+
+from ioc_core.rules import DistrictCorrelation, MetricRules
 
 _CAMEL_BOUNDARY = re.compile(r"(?<=[a-z0-9])(?=[A-Z][a-z])")
 
@@ -23,6 +25,11 @@ class Metric:
     minimum: float
     maximum: float
     description: str
+    label_en: str
+    label_vi: str
+    # How an operator reads it: decimals shown, and the unit in Vietnamese where it differs.
+    decimals: int = 2
+    unit_vi: str | None = None
 
     @property
     def column(self) -> str:
@@ -33,21 +40,22 @@ class Metric:
         return math.isfinite(value) and self.minimum <= value <= self.maximum
 
 
-@dataclass(frozen=True)
-class Threshold:
-    """Default alarm limits for one metric; a device's `thresholds` override them."""
-
-    warn_above: float | None = None
-    crit_above: float | None = None
-    warn_below: float | None = None
-    crit_below: float | None = None
-
-
 # A simulated device's next metrics, from its own random stream, the wall-clock time
 # (for daily cycles) and a per-device phase in [0, 1) that spreads devices apart.
 Sampler = Callable[[random.Random, datetime, float], dict[str, float]]
 
-BATTERY = Metric("batteryLevel", "fraction", 0.0, 1.0, "battery charge of the device")
+BATTERY = Metric(
+    "batteryLevel",
+    "fraction",
+    0.0,
+    1.0,
+    "battery charge of the device",
+    label_en="Battery level",
+    label_vi="Mức pin",
+)
+# A device whose battery runs down needs a visit before it falls silent; the silence itself is the
+# offline alarm, so a low battery is a warning, never critical.
+BATTERY_RULES = MetricRules(warn_below=0.15, hysteresis=0.05)
 
 
 @dataclass(frozen=True)
@@ -58,17 +66,24 @@ class Domain:
     metrics: tuple[Metric, ...]
     offline_after: timedelta
     sampler: Sampler
-    default_thresholds: Mapping[str, Threshold] = field(default_factory=dict)
+    default_rules: Mapping[str, MetricRules] = field(default_factory=dict)
+    correlation: DistrictCorrelation | None = None
 
     def __post_init__(self) -> None:
         if BATTERY not in self.metrics:
             object.__setattr__(self, "metrics", (*self.metrics, BATTERY))
+        if BATTERY.name not in self.default_rules:
+            object.__setattr__(self, "default_rules", {**self.default_rules, BATTERY.name: BATTERY_RULES})
         names = [m.name for m in self.metrics]
         if len(set(names)) != len(names):
             raise ValueError(f"domain {self.name} names a metric twice")
-        unknown = set(self.default_thresholds) - set(names)
+        unknown = set(self.default_rules) - set(names)
         if unknown:
-            raise ValueError(f"domain {self.name} has thresholds for unknown metrics {sorted(unknown)}")
+            raise ValueError(f"domain {self.name} has rules for unknown metrics {sorted(unknown)}")
+        if self.correlation is not None:
+            missing = {self.correlation.rain_metric, self.correlation.level_metric} - set(names)
+            if missing:
+                raise ValueError(f"domain {self.name} correlates unknown metrics {sorted(missing)}")
 
     @property
     def table(self) -> str:

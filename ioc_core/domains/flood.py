@@ -6,10 +6,28 @@ import math
 import random
 from datetime import datetime, timedelta
 
-from ioc_core.domains.base import Domain, Metric, Threshold, clamp
+from ioc_core.domains.base import Domain, Metric, clamp
+from ioc_core.rules import DistrictCorrelation, MetricRules
 
-LEVEL = Metric("currentLevel", "m", -10, 100, "water level above the station's datum")
-RAINFALL = Metric("rainfall", "mm/h", 0, 500, "rainfall intensity")
+LEVEL = Metric(
+    "currentLevel",
+    "m",
+    -10,
+    100,
+    "water level above the station's datum",
+    label_en="Water level",
+    label_vi="Mực nước",
+)
+RAINFALL = Metric(
+    "rainfall",
+    "mm/h",
+    0,
+    500,
+    "rainfall intensity",
+    label_en="Rainfall",
+    label_vi="Lượng mưa",
+    decimals=1,
+)
 
 
 def _sample(rng: random.Random, t: datetime, phase: float) -> dict[str, float]:
@@ -31,8 +49,30 @@ DOMAIN = Domain(
     metrics=(LEVEL, RAINFALL),
     offline_after=timedelta(minutes=5),
     sampler=_sample,
-    default_thresholds={
-        LEVEL.name: Threshold(warn_above=3.0, crit_above=4.5),
-        RAINFALL.name: Threshold(warn_above=50, crit_above=100),
+    default_rules={
+        # Tides move the level by about 0.2 m an hour at most; half a metre in ten minutes is a flash
+        # flood. A level station's reading never repeats exactly for half an hour unless it is stuck.
+        LEVEL.name: MetricRules(
+            warn_above=3.0,
+            crit_above=4.5,
+            hysteresis=0.1,
+            rise_above=0.5,
+            zscore=6.0,
+            zscore_floor=0.05,
+            flatline_s=1800,
+        ),
+        # Rain comes in bursts and sits at zero for days, so neither statistics nor flatline apply.
+        RAINFALL.name: MetricRules(warn_above=50, crit_above=100, hysteresis=5),
     },
+    # Heavy rain (10 mm/h) with water rising 15 cm in half an hour, more than a tide alone lifts it,
+    # at two stations of a district.
+    correlation=DistrictCorrelation(
+        rain_metric=RAINFALL.name,
+        level_metric=LEVEL.name,
+        rain_at_least=10.0,
+        rise_at_least=0.15,
+        window_s=1800,
+        min_stations=2,
+        fresh_s=900,
+    ),
 )

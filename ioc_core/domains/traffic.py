@@ -5,11 +5,39 @@ from __future__ import annotations
 import random
 from datetime import datetime, timedelta
 
-from ioc_core.domains.base import Domain, Metric, Threshold, clamp, daily_cycle
+from ioc_core.domains.base import Domain, Metric, clamp, daily_cycle
+from ioc_core.rules import MetricRules
 
-INTENSITY = Metric("intensity", "vehicles/min", 0, 1000, "vehicles passing per minute")
-OCCUPANCY = Metric("occupancy", "fraction", 0, 1, "fraction of time the detector is occupied")
-SPEED = Metric("averageVehicleSpeed", "km/h", 0, 250, "average speed of passing vehicles")
+INTENSITY = Metric(
+    "intensity",
+    "vehicles/min",
+    0,
+    1000,
+    "vehicles passing per minute",
+    label_en="Traffic volume",
+    label_vi="Lưu lượng xe",
+    decimals=0,
+    unit_vi="xe/phút",
+)
+OCCUPANCY = Metric(
+    "occupancy",
+    "fraction",
+    0,
+    1,
+    "fraction of time the detector is occupied",
+    label_en="Lane occupancy",
+    label_vi="Độ chiếm dụng làn đường",
+)
+SPEED = Metric(
+    "averageVehicleSpeed",
+    "km/h",
+    0,
+    250,
+    "average speed of passing vehicles",
+    label_en="Average vehicle speed",
+    label_vi="Tốc độ xe trung bình",
+    decimals=1,
+)
 
 
 def _sample(rng: random.Random, t: datetime, phase: float) -> dict[str, float]:
@@ -32,8 +60,13 @@ DOMAIN = Domain(
     metrics=(INTENSITY, OCCUPANCY, SPEED),
     offline_after=timedelta(minutes=5),
     sampler=_sample,
-    default_thresholds={
-        SPEED.name: Threshold(warn_below=15, crit_below=5),
-        OCCUPANCY.name: Threshold(warn_above=0.7, crit_above=0.9),
+    default_rules={
+        # Rush hour is slow and dense by nature (about 18 km/h and 60 % occupancy on an arterial);
+        # the limits mark a standstill, not a busy road.
+        SPEED.name: MetricRules(warn_below=5, crit_below=2, hysteresis=3, zscore=6.0, zscore_floor=5),
+        OCCUPANCY.name: MetricRules(
+            warn_above=0.8, crit_above=0.9, hysteresis=0.05, zscore=6.0, zscore_floor=0.05
+        ),
+        INTENSITY.name: MetricRules(zscore=6.0, zscore_floor=6),
     },
 )

@@ -5,16 +5,35 @@ from __future__ import annotations
 import random
 from datetime import datetime, timedelta
 
-from ioc_core.domains.base import Domain, Metric, Threshold, clamp
+from ioc_core.domains.base import Domain, Metric, clamp
+from ioc_core.rules import MetricRules
 
-FILLING = Metric("fillingLevel", "fraction", 0, 1, "how full the bin is")
-TEMPERATURE = Metric("temperature", "°C", -40, 120, "temperature inside the bin (fire risk)")
+FILLING = Metric(
+    "fillingLevel",
+    "fraction",
+    0,
+    1,
+    "how full the bin is",
+    label_en="Bin fill level",
+    label_vi="Mức đầy thùng rác",
+)
+TEMPERATURE = Metric(
+    "temperature",
+    "°C",
+    -40,
+    120,
+    "temperature inside the bin (fire risk)",
+    label_en="Temperature inside the bin",
+    label_vi="Nhiệt độ trong thùng rác",
+    decimals=1,
+)
 
 
 def _sample(rng: random.Random, t: datetime, phase: float) -> dict[str, float]:
-    # Bins fill through the day and are emptied by the night round at 22:00.
+    # Bins fill through the day and are emptied by the night round at 22:00, the fullest at about
+    # three quarters: on a normal day the round comes before any bin needs an extra collection.
     hours_since_round = (t.hour + t.minute / 60 - 22) % 24
-    filling = (0.05 + 0.04 * hours_since_round) * (0.7 + 0.6 * phase) + rng.gauss(0, 0.01)
+    filling = (0.05 + 0.021 * hours_since_round) * (0.7 + 0.6 * phase) + rng.gauss(0, 0.01)
     temperature = 28 + 4 * phase + rng.gauss(0, 0.5)
     return {
         FILLING.name: round(clamp(filling, FILLING), 3),
@@ -29,8 +48,12 @@ DOMAIN = Domain(
     metrics=(FILLING, TEMPERATURE),
     offline_after=timedelta(minutes=30),
     sampler=_sample,
-    default_thresholds={
-        FILLING.name: Threshold(warn_above=0.8, crit_above=0.95),
-        TEMPERATURE.name: Threshold(warn_above=60, crit_above=80),
+    default_rules={
+        # Emptying drops the level to near zero every night, so a jump in the level is normal.
+        FILLING.name: MetricRules(warn_above=0.8, crit_above=0.95, hysteresis=0.05),
+        # A fire shows as heat climbing fast, before the absolute limits are reached.
+        TEMPERATURE.name: MetricRules(
+            warn_above=60, crit_above=80, hysteresis=2, rise_above=15, zscore=6.0, zscore_floor=1.5
+        ),
     },
 )

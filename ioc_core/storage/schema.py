@@ -106,6 +106,63 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         CREATE INDEX outbox_unpublished ON outbox (id) WHERE published_at IS NULL;
         """,
     ),
+    (
+        3,
+        """
+        -- One open (active or acknowledged) alarm per subject and rule, whatever the concurrency:
+        -- the partial unique index is what concurrent processors race on.
+        CREATE TABLE alarms (
+            id                 bigserial PRIMARY KEY,
+            subject            text NOT NULL,
+            device_id          text,
+            city               text NOT NULL,
+            domain             text NOT NULL,
+            district           text,
+            rule               text NOT NULL,
+            metric             text,
+            severity           text NOT NULL CHECK (severity IN ('low', 'medium', 'high', 'critical')),
+            previous_severity  text,
+            state              text NOT NULL DEFAULT 'active'
+                               CHECK (state IN ('active', 'acknowledged', 'resolved')),
+            started_at         timestamptz NOT NULL,
+            last_seen_at       timestamptz NOT NULL,
+            acknowledged_at    timestamptz,
+            resolved_at        timestamptz,
+            value              double precision,
+            threshold          double precision,
+            count              integer NOT NULL DEFAULT 1,
+            message_vi         text NOT NULL,
+            message_en         text NOT NULL,
+            escalated          boolean NOT NULL DEFAULT false,
+            updated_at         timestamptz NOT NULL DEFAULT now()
+        );
+        CREATE UNIQUE INDEX alarms_one_open ON alarms (subject, rule) WHERE state <> 'resolved';
+        CREATE INDEX alarms_open_by_place ON alarms (city, domain, severity) WHERE state <> 'resolved';
+        CREATE INDEX alarms_by_device ON alarms (device_id, id);
+
+        CREATE TABLE alarm_audit (
+            id        bigserial PRIMARY KEY,
+            alarm_id  bigint NOT NULL REFERENCES alarms (id) ON DELETE CASCADE,
+            action    text NOT NULL,
+            actor     text,
+            note      text,
+            at        timestamptz NOT NULL DEFAULT now()
+        );
+        CREATE INDEX alarm_audit_by_alarm ON alarm_audit (alarm_id, id);
+
+        -- Detector state per device (EWMA, windows, rule trackers), written in the transaction
+        -- that stores the readings it has seen, so a new owner after a rebalance, or a restarted
+        -- processor, carries on where the last one stopped. A flood station's signal is kept
+        -- beside it for district correlation across processors.
+        CREATE TABLE detector_state (
+            device_id     text PRIMARY KEY REFERENCES devices (id) ON DELETE CASCADE,
+            state         jsonb NOT NULL,
+            flood_signal  jsonb,
+            updated_at    timestamptz NOT NULL DEFAULT now()
+        );
+        CREATE INDEX devices_city_district ON devices (city, district);
+        """,
+    ),
 )
 
 

@@ -202,7 +202,7 @@ async def _events_for(consumer: AIOKafkaConsumer, device_id: str, seen: list[dic
     for messages in batches.values():
         for message in messages:
             event = json.loads(message.value)
-            if event.get("subject") == device_id:
+            if event.get("subject") == device_id and event["type"].startswith("device."):
                 seen.append(event)
 
 

@@ -1,0 +1,306 @@
+"""What each storage tier adds to the plain readings tables, as SQL text.
+
+- Community TimescaleDB (licence `timescale`): per domain, continuous aggregates at one minute and
+  one hour with real-time results, refresh policies, compression of the readings hypertables and
+  retention policies on readings and aggregates. Series read the aggregates where they can.
+- Apache TimescaleDB: hypertables and `time_bucket`; retention by `drop_chunks`, run by the
+  processors on a schedule (policies need the community licence).
+- PostgreSQL: `date_bin` for buckets, a BRIN index on time, and retention by batched `DELETE`.
+
+Every function here returns text only; values travel as query parameters, and every identifier
+goes through `ident()`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Literal, get_args
+
+from ioc_core.domains import Domain, Metric
+from ioc_core.storage.schema import StorageTier, ident
+
+Aggregate = Literal["avg", "min", "max", "count", "last"]
+AGGREGATES: tuple[Aggregate, ...] = get_args(Aggregate)
+
+# Buckets are aligned to the Unix epoch in UTC on every tier (time_bucket's own default origin is
+# 2000-01-03, which would shift buckets that do not divide a week).
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_EPOCH_SQL = "TIMESTAMPTZ '1970-01-01 00:00:00+00'"
+
+DEFAULT_RETENTION = timedelta(days=90)
+COMPRESS_AFTER = timedelta(days=7)
+# Held by the process applying retention; other processes skip their turn. (Migrations hold
+# 0x10C_0001.)
+RETENTION_LOCK_ID = 0x10C_0002
+# Rows a plain-PostgreSQL retention run deletes per statement: each statement is short, so
+# writers are never held up for long and the WAL of one statement stays small.
+DELETE_BATCH_ROWS = 50_000
+
+
+@dataclass(frozen=True)
+class Rollup:
+    """One continuous aggregate level: per device and bucket of `width`, for each metric its sum,
+    count, min, max and last value (sum and count, not the average, so buckets combine exactly)."""
+
+    suffix: str
+    width: timedelta
+    # Late readings up to `refresh_lookback` old (never beyond the retention, where a refresh would
+    # find the readings gone) are folded in by the refresh policy; the newest `refresh_lag` is left
+    # to the real-time part of the view.
+    refresh_lookback: timedelta
+    refresh_lag: timedelta
+    refresh_every: timedelta
+    # Each level has about 60 times fewer rows than the one below, so it can be kept much longer.
+    retention_factor: int
+
+    def view(self, domain: Domain) -> str:
+        return ident(f"{domain.table}_{self.suffix}")
+
+
+# Coarsest first: a series uses the coarsest level whose width divides its bucket.
+ROLLUPS: tuple[Rollup, ...] = (
+    Rollup(
+        "1h",
+        timedelta(hours=1),
+        refresh_lookback=timedelta(days=7),
+        refresh_lag=timedelta(hours=1),
+        refresh_every=timedelta(minutes=30),
+        retention_factor=16,
+    ),
+    Rollup(
+        "1m",
+        timedelta(minutes=1),
+        refresh_lookback=timedelta(days=2),
+        refresh_lag=timedelta(minutes=1),
+        refresh_every=timedelta(minutes=1),
+        retention_factor=4,
+    ),
+)
+
+
+def interval_sql(span: timedelta) -> str:
+    """An interval literal in the largest whole unit, e.g. INTERVAL '90 days'."""
+    seconds = int(span.total_seconds())
+    if seconds <= 0 or span != timedelta(seconds=seconds):
+        raise ValueError(f"{span!r} is not a positive whole number of seconds")
+    for unit, size in (("day", 86_400), ("hour", 3_600), ("minute", 60), ("second", 1)):
+        if seconds % size == 0:
+            count = seconds // size
+            return f"INTERVAL '{count} {unit}{'' if count == 1 else 's'}'"
+    raise AssertionError("unreachable: every whole number of seconds is a whole number of seconds")
+
+
+# The fields a continuous aggregate keeps per metric `c`. last() skips rows whose time is NULL:
+# the last reading that carries the metric wins, not the device's last reading.
+_ROLLUP_PARTS = {
+    "sum": "sum({c})",
+    "count": "count({c})",
+    "min": "min({c})",
+    "max": "max({c})",
+    "last": "last({c}, CASE WHEN {c} IS NOT NULL THEN ts END)",
+}
+
+
+# -- community objects ----------------------------------------------------------------------------
+
+
+def rollup_query_sql(domain: Domain, rollup: Rollup) -> str:
+    """The SELECT of a domain's continuous aggregate at one level."""
+    columns: list[str] = []
+    for metric in domain.metrics:
+        column = ident(metric.column)
+        columns += [
+            f"{expression.format(c=column)} AS {ident(f'{column}_{part}')}"
+            for part, expression in _ROLLUP_PARTS.items()
+        ]
+    return (
+        f"SELECT time_bucket({interval_sql(rollup.width)}, ts) AS bucket, device_id,\n    "
+        + ",\n    ".join(columns)
+        + f"\nFROM {ident(domain.table)}\nGROUP BY bucket, device_id"
+    )
+
+
+def _retention_policy_sql(relation: str, keep: timedelta) -> list[str]:
+    """Replace a retention policy whose horizon differs from `keep`, then add it if missing."""
+    drop_after = interval_sql(keep)
+    return [
+        f"SELECT remove_retention_policy('{relation}', if_exists => true)"
+        " FROM timescaledb_information.jobs j"
+        " WHERE j.proc_name = 'policy_retention'"
+        f" AND (j.config ->> 'drop_after')::interval <> {drop_after}"
+        f" AND ((j.hypertable_schema, j.hypertable_name) = (current_schema(), '{relation}')"
+        " OR (j.hypertable_schema, j.hypertable_name) IN ("
+        " SELECT c.materialization_hypertable_schema, c.materialization_hypertable_name"
+        " FROM timescaledb_information.continuous_aggregates c"
+        f" WHERE c.view_schema = current_schema() AND c.view_name = '{relation}'))",
+        f"SELECT add_retention_policy('{relation}', drop_after => {drop_after}, if_not_exists => true)",
+    ]
+
+
+def community_objects_sql(domain: Domain, retention: timedelta) -> list[str]:
+    """Statements, in order and each safe to repeat, that give a domain's readings their continuous
+    aggregates, compression and retention on community TimescaleDB. Each runs on its own (not in
+    a transaction block); the readings hypertable must exist."""
+    table = ident(domain.table)
+    statements: list[str] = []
+    for rollup in reversed(ROLLUPS):
+        view = rollup.view(domain)
+        statements += [
+            f"CREATE MATERIALIZED VIEW IF NOT EXISTS {view}"
+            " WITH (timescaledb.continuous, timescaledb.materialized_only = false) AS\n"
+            f"{rollup_query_sql(domain, rollup)}\nWITH NO DATA",
+            f"SELECT add_continuous_aggregate_policy('{view}',"
+            f" start_offset => {interval_sql(min(rollup.refresh_lookback, retention))},"
+            f" end_offset => {interval_sql(rollup.refresh_lag)},"
+            f" schedule_interval => {interval_sql(rollup.refresh_every)}, if_not_exists => true)",
+        ]
+    # Changing compression settings fails once chunks are compressed, so they are set only once.
+    statements += [
+        f"""DO $$
+BEGIN
+    IF NOT EXISTS (
+        SELECT 1 FROM timescaledb_information.hypertables
+        WHERE hypertable_schema = current_schema() AND hypertable_name = '{table}' AND compression_enabled
+    ) THEN
+        ALTER TABLE {table} SET (timescaledb.compress, timescaledb.compress_segmentby = 'device_id',
+                                 timescaledb.compress_orderby = 'ts DESC');
+    END IF;
+END
+$$""",
+        f"SELECT add_compression_policy('{table}', compress_after => {interval_sql(COMPRESS_AFTER)},"
+        " if_not_exists => true)",
+        *_retention_policy_sql(table, retention),
+    ]
+    for rollup in ROLLUPS:
+        statements += _retention_policy_sql(rollup.view(domain), retention * rollup.retention_factor)
+    return statements
+
+
+def postgres_objects_sql(domain: Domain) -> list[str]:
+    """Statements, safe to repeat, that plain PostgreSQL needs beyond the readings table: a BRIN
+    index on time (tiny, since readings arrive roughly in time order) for retention deletes."""
+    table = ident(domain.table)
+    return [f"CREATE INDEX IF NOT EXISTS {ident(table + '_ts_brin')} ON {table} USING brin (ts)"]
+
+
+def tier_objects_sql(tier: StorageTier, domain: Domain, retention: timedelta) -> list[str]:
+    """What `migrate` applies for a domain after its readings table exists."""
+    if tier is StorageTier.COMMUNITY:
+        return community_objects_sql(domain, retention)
+    if tier is StorageTier.POSTGRES:
+        return postgres_objects_sql(domain)
+    return []
+
+
+# -- series ---------------------------------------------------------------------------------------
+
+
+def floor_to(moment: datetime, width: timedelta) -> datetime:
+    return EPOCH + (moment - EPOCH) // width * width
+
+
+def ceil_to(moment: datetime, width: timedelta) -> datetime:
+    return EPOCH - (EPOCH - moment) // width * width
+
+
+@dataclass(frozen=True)
+class RollupSpan:
+    """The whole `rollup` buckets [inner_start, inner_end) inside a series' range; the rest of the
+    range, at either end, is read from the readings."""
+
+    rollup: Rollup
+    inner_start: datetime
+    inner_end: datetime
+
+
+def rollup_span(bucket: timedelta, start: datetime, end: datetime) -> RollupSpan | None:
+    """The coarsest aggregate level that can serve series buckets of `bucket` over [start, end),
+    or None when only the readings can."""
+    for rollup in ROLLUPS:
+        if bucket % rollup.width:
+            continue
+        inner_start, inner_end = ceil_to(start, rollup.width), floor_to(end, rollup.width)
+        if inner_start < inner_end:
+            return RollupSpan(rollup, inner_start, inner_end)
+    return None
+
+
+def _raw_aggregate(tier: StorageTier, column: str, agg: Aggregate) -> str:
+    if agg == "avg":
+        return f"avg({column})"
+    if agg in ("min", "max"):
+        return f"{agg}({column})"
+    if agg == "count":
+        return f"count({column})::float8"
+    if tier.has_hypertables:
+        return f"last({column}, ts)"
+    return f"(array_agg({column} ORDER BY ts DESC))[1]"
+
+
+def series_sql(tier: StorageTier, domain: Domain, metric: Metric, agg: Aggregate) -> str:
+    """One metric of one device in buckets, read from the readings.
+
+    Parameters: $1 bucket (interval), $2 device id, $3 start, $4 end (half-open)."""
+    bucket_of = "time_bucket" if tier.has_hypertables else "date_bin"
+    column = ident(metric.column)
+    value = _raw_aggregate(tier, column, agg)
+    return (
+        f"SELECT {bucket_of}($1::interval, ts, {_EPOCH_SQL}) AS t, {value} AS value"
+        f" FROM {ident(domain.table)}"
+        f" WHERE device_id = $2 AND ts >= $3 AND ts < $4 AND {column} IS NOT NULL"
+        " GROUP BY t ORDER BY t"
+    )
+
+
+# Per aggregate: what a reading contributes, what an aggregate row contributes, and how the
+# contributions (a float `a`, a count `b`) combine into the bucket's value.
+_PARTS: dict[Aggregate, tuple[str, str, str]] = {
+    "avg": ("{c}, 1::bigint", "{c_sum}, {c_count}", "sum(a) / sum(b)::float8"),
+    "min": ("{c}, NULL::bigint", "{c_min}, NULL::bigint", "min(a)"),
+    "max": ("{c}, NULL::bigint", "{c_max}, NULL::bigint", "max(a)"),
+    "count": ("NULL::float8, 1::bigint", "NULL::float8, {c_count}", "sum(b)::float8"),
+    # Aggregate rows are ordered by their bucket start: buckets do not overlap each other or the
+    # readings at either end of the range.
+    "last": ("{c}, NULL::bigint", "{c_last}, NULL::bigint", "last(a, at)"),
+}
+
+
+def rollup_series_sql(domain: Domain, metric: Metric, agg: Aggregate, rollup: Rollup) -> str:
+    """Like `series_sql`, on community TimescaleDB: whole aggregate buckets from the continuous
+    aggregate, the partial ones at both ends of the range from the readings.
+
+    Parameters: $1 bucket (a whole multiple of the rollup's width), $2 device id, $3 start, $4 end,
+    $5 and $6 the span of whole rollup buckets inside [start, end)."""
+    column = ident(metric.column)
+    names = {"c": column, **{f"c_{part}": ident(f"{column}_{part}") for part in _ROLLUP_PARTS}}
+    from_reading, from_rollup, combined = (part.format(**names) for part in _PARTS[agg])
+    return (
+        "WITH parts (at, a, b) AS ("
+        f" SELECT ts, {from_reading} FROM {ident(domain.table)}"
+        f" WHERE device_id = $2 AND {column} IS NOT NULL"
+        " AND ((ts >= $3 AND ts < $5) OR (ts >= $6 AND ts < $4))"
+        " UNION ALL"
+        f" SELECT bucket, {from_rollup} FROM {rollup.view(domain)}"
+        f" WHERE device_id = $2 AND bucket >= $5 AND bucket < $6 AND {names['c_count']} > 0"
+        f") SELECT time_bucket($1::interval, at, {_EPOCH_SQL}) AS t, {combined} AS value"
+        " FROM parts GROUP BY t ORDER BY t"
+    )
+
+
+# -- retention ------------------------------------------------------------------------------------
+
+
+def retention_sql(tier: StorageTier, domain: Domain) -> str:
+    """Remove a domain's readings older than $1 (interval).
+
+    TimescaleDB: drops whole chunks and returns their number as `n`. PostgreSQL: deletes at most
+    $2 rows (run it until it deletes fewer) and its status tag carries the count."""
+    table = ident(domain.table)
+    if tier.has_hypertables:
+        return f"SELECT count(*) AS n FROM drop_chunks('{table}', older_than => now() - $1::interval)"
+    # A TID list makes each batch an index-free, direct delete of the rows just found.
+    return (
+        f"DELETE FROM {table} WHERE ctid = ANY (ARRAY("
+        f"SELECT ctid FROM {table} WHERE ts < now() - $1::interval LIMIT $2))"
+    )

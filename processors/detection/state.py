@@ -1,0 +1,186 @@
+"""Per-device detector state, and its JSON form.
+
+The state outlives the process that built it: it is stored beside the readings it has seen and read
+back by whichever processor owns the device next. Its JSON is therefore small (instants are whole
+milliseconds, history instants are offsets from the newest), exact (floats round-trip through JSON
+unchanged, so a reloaded state behaves exactly as the one that was saved), and forgiving: a part that
+is missing or unreadable, from an older version say, starts fresh instead of failing the device.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from ioc_core.rules import SEVERITIES
+
+STATE_VERSION = 1
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MILLISECOND = timedelta(milliseconds=1)
+
+
+def epoch_ms(ts: datetime) -> int:
+    """Whole milliseconds since the epoch, computed exactly (no float rounding)."""
+    return (ts - _EPOCH) // _MILLISECOND
+
+
+@dataclass(slots=True)
+class RuleTracker:
+    """An open alarm of one rule: its worst severity so far and how many readings in a row have
+    been back in band (it clears when that count reaches the detection's `clear_after`)."""
+
+    severity: str
+    clears: int = 0
+
+
+@dataclass(slots=True)
+class MetricState:
+    """What the detectors remember about one metric of one device."""
+
+    last: float | None = None
+    last_at_ms: int | None = None
+    # Exponentially weighted mean and variance of the values seen, and how many have been seen.
+    count: int = 0
+    mean: float = 0.0
+    variance: float = 0.0
+    # Since when (and for how many readings) the value has not changed.
+    flat_since_ms: int | None = None
+    flat_count: int = 0
+    # Down-sampled recent values for rates of change: (epoch ms, value), oldest first.
+    history: list[tuple[int, float]] = field(default_factory=list)
+    # Open alarms by detector kind ("threshold", "rate", "zscore", "flatline").
+    trackers: dict[str, RuleTracker] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        body: dict[str, Any] = {}
+        if self.last is not None and self.last_at_ms is not None:
+            body["last"] = self.last
+            body["last_at"] = self.last_at_ms
+        if self.count:
+            body["ewma"] = [self.count, self.mean, self.variance]
+        if self.flat_since_ms is not None:
+            body["flat"] = [self.flat_since_ms, self.flat_count]
+        if self.history:
+            newest = self.history[-1][0]
+            body["history"] = [[at_ms - newest, value] for at_ms, value in self.history]
+            body["history_end"] = newest
+        if self.trackers:
+            body["alarms"] = {kind: [t.severity, t.clears] for kind, t in self.trackers.items()}
+        return body
+
+    @classmethod
+    def from_json(cls, body: Mapping[str, Any]) -> MetricState:
+        state = cls()
+        last, last_at = body.get("last"), body.get("last_at")
+        if (
+            isinstance(last, int | float)
+            and _is_number(last)
+            and isinstance(last_at, int)
+            and _is_int(last_at)
+        ):
+            state.last, state.last_at_ms = float(last), last_at
+        ewma = body.get("ewma")
+        if (
+            isinstance(ewma, list)
+            and len(ewma) == 3
+            and _is_int(ewma[0])
+            and ewma[0] > 0
+            and _is_number(ewma[1])
+            and _is_number(ewma[2])
+            and ewma[2] >= 0
+        ):
+            state.count, state.mean, state.variance = int(ewma[0]), float(ewma[1]), float(ewma[2])
+        flat = body.get("flat")
+        if isinstance(flat, list) and len(flat) == 2 and _is_int(flat[0]) and _is_int(flat[1]):
+            state.flat_since_ms, state.flat_count = int(flat[0]), int(flat[1])
+        history, history_end = body.get("history"), body.get("history_end")
+        if isinstance(history, list) and isinstance(history_end, int) and _is_int(history_end):
+            samples = [
+                (history_end + int(sample[0]), float(sample[1]))
+                for sample in history
+                if isinstance(sample, list)
+                and len(sample) == 2
+                and _is_int(sample[0])
+                and _is_number(sample[1])
+            ]
+            if len(samples) == len(history) and all(a[0] <= b[0] for a, b in itertools.pairwise(samples)):
+                state.history = samples
+        alarms = body.get("alarms")
+        if isinstance(alarms, dict):
+            for kind, tracker in alarms.items():
+                if (
+                    isinstance(tracker, list)
+                    and len(tracker) == 2
+                    and tracker[0] in SEVERITIES
+                    and _is_int(tracker[1])
+                    and tracker[1] >= 0
+                ):
+                    state.trackers[str(kind)] = RuleTracker(severity=tracker[0], clears=int(tracker[1]))
+        return state
+
+
+@dataclass(slots=True)
+class DeviceDetectorState:
+    """Everything the detectors remember about one device. Mutated by `DeviceDetection.evaluate`."""
+
+    # The newest reading instant evaluated; readings at or before it are late or replayed.
+    last_ts: datetime | None = None
+    metrics: dict[str, MetricState] = field(default_factory=dict)
+
+    def metric(self, name: str) -> MetricState:
+        state = self.metrics.get(name)
+        if state is None:
+            state = self.metrics[name] = MetricState()
+        return state
+
+    @property
+    def open_alarms(self) -> dict[str, str]:
+        """Severity of each rule with an open alarm, by rule name (e.g. `threshold.currentLevel`)."""
+        return {
+            f"{kind}.{metric}": tracker.severity
+            for metric, state in self.metrics.items()
+            for kind, tracker in state.trackers.items()
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-serialisable dict (for a jsonb column)."""
+        body: dict[str, Any] = {"version": STATE_VERSION}
+        if self.last_ts is not None:
+            body["last_ts"] = self.last_ts.isoformat()
+        metrics = {name: state.to_json() for name, state in self.metrics.items()}
+        body["metrics"] = {name: part for name, part in metrics.items() if part}
+        return body
+
+    @classmethod
+    def from_json(cls, body: Mapping[str, Any] | None) -> DeviceDetectorState:
+        """The state `to_json` wrote; anything missing or unreadable starts fresh, never raises."""
+        state = cls()
+        if not isinstance(body, Mapping):
+            return state
+        last_ts = body.get("last_ts")
+        if isinstance(last_ts, str):
+            try:
+                parsed = datetime.fromisoformat(last_ts)
+            except ValueError:
+                parsed = None
+            if parsed is not None and parsed.tzinfo is not None:
+                state.last_ts = parsed
+        metrics = body.get("metrics")
+        if isinstance(metrics, Mapping):
+            for name, part in metrics.items():
+                if isinstance(name, str) and isinstance(part, Mapping):
+                    state.metrics[name] = MetricState.from_json(part)
+        return state
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

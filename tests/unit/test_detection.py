@@ -1,0 +1,650 @@
+"""The detection layer: each detector fires on its pattern and stays quiet otherwise, alarms clear
+with hysteresis and only after several in-band readings, late and replayed readings change nothing,
+state survives its JSON form, device settings win over domain defaults, and district correlation
+gives one finding per district."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from ioc_core.alarms import Finding
+from ioc_core.domains import DOMAINS
+from ioc_core.telemetry import Reading
+from processors.detection import (
+    DeviceDetection,
+    DeviceDetectorState,
+    DeviceProfile,
+    DistrictFloodCorrelator,
+    StationSignal,
+    offline_finding,
+)
+
+START = datetime(2026, 11, 20, 1, 0, tzinfo=UTC)
+DETECTION = DeviceDetection()
+
+
+def station(
+    thresholds: Mapping[str, Mapping[str, float | None]] | None = None,
+    *,
+    device_id: str = "hn-flood-001",
+    name: str | None = "Trạm Phan Đình Phùng",
+    domain: str = "flood",
+    district: str | None = "Ba Đình",
+) -> DeviceProfile:
+    return DeviceProfile.of(
+        id=device_id, city="ha-noi", domain=domain, name=name, district=district, thresholds=thresholds or {}
+    )
+
+
+def readings_of(
+    profile: DeviceProfile,
+    values: Iterable[Mapping[str, float]],
+    *,
+    start: datetime = START,
+    every_s: float = 10,
+) -> list[Reading]:
+    return [
+        Reading(
+            device_id=profile.id,
+            city=profile.city,
+            domain=profile.domain,
+            ts=start + timedelta(seconds=index * every_s),
+            seq=index,
+            metrics=dict(metrics),
+            received_at=start + timedelta(seconds=index * every_s),
+        )
+        for index, metrics in enumerate(values)
+    ]
+
+
+def levels(*values: float) -> list[dict[str, float]]:
+    return [{"currentLevel": value} for value in values]
+
+
+def evaluate_each(
+    profile: DeviceProfile, readings: Sequence[Reading], state: DeviceDetectorState | None = None
+) -> list[Finding]:
+    """Reading by reading, as a processor seeing one reading per batch would."""
+    state = state if state is not None else DeviceDetectorState()
+    findings: list[Finding] = []
+    for reading in readings:
+        findings.extend(DETECTION.evaluate(profile, [reading], state))
+    return findings
+
+
+def of_rule(findings: Iterable[Finding], rule: str) -> list[Finding]:
+    return [f for f in findings if f.rule == rule]
+
+
+def summary(findings: Iterable[Finding]) -> list[tuple[str, bool, str | None]]:
+    return [(f.rule, f.active, f.severity) for f in findings]
+
+
+def episodes(findings: Iterable[Finding]) -> list[tuple[str, bool]]:
+    """Raises and recoveries in order, repeats of an open alarm left out."""
+    seen: list[tuple[str, bool]] = []
+    state: dict[str, bool] = {}
+    for finding in findings:
+        if state.get(finding.rule) != finding.active:
+            seen.append((finding.rule, finding.active))
+        state[finding.rule] = finding.active
+    return seen
+
+
+# Sudden synthetic jumps are also rates of change; these isolate the limits.
+LIMITS_ONLY = {"currentLevel": {"rise_above": None, "zscore": None}}
+
+
+# Threshold with hysteresis
+
+
+def test_threshold_raises_with_place_value_and_limit_in_both_languages() -> None:
+    profile = station(LIMITS_ONLY)
+    state = DeviceDetectorState()
+    findings = DETECTION.evaluate(profile, readings_of(profile, levels(1.2, 4.7)), state)
+    assert summary(findings) == [("threshold.currentLevel", True, "critical")]
+    finding = findings[0]
+    assert (finding.subject, finding.device_id, finding.city, finding.domain, finding.district) == (
+        "hn-flood-001",
+        "hn-flood-001",
+        "ha-noi",
+        "flood",
+        "Ba Đình",
+    )
+    assert (finding.metric, finding.value, finding.threshold, finding.repeats) == (
+        "currentLevel",
+        4.7,
+        4.5,
+        1,
+    )
+    assert finding.at == START + timedelta(seconds=10)
+    assert finding.message_vi == (
+        "Mực nước tại Trạm Phan Đình Phùng (Ba Đình, Hà Nội) là 4,70 m, vượt ngưỡng nguy hiểm 4,50 m"
+    )
+    assert finding.message_en == (
+        "Water level at Trạm Phan Đình Phùng (Ba Đình, Hà Nội) is 4.70 m, above the danger limit 4.50 m"
+    )
+    assert state.open_alarms == {"threshold.currentLevel": "critical"}
+
+
+def test_warn_then_crit_is_one_alarm_carrying_the_worst_severity() -> None:
+    profile = station(LIMITS_ONLY)
+    state = DeviceDetectorState()
+    first = DETECTION.evaluate(profile, readings_of(profile, levels(3.2, 3.4)), state)
+    assert summary(first) == [("threshold.currentLevel", True, "medium")]
+    assert first[0].repeats == 2
+    later = DETECTION.evaluate(
+        profile, readings_of(profile, levels(3.6, 4.8, 4.0), start=START + timedelta(minutes=1)), state
+    )
+    assert summary(later) == [("threshold.currentLevel", True, "critical")]
+    assert (later[0].value, later[0].threshold, later[0].repeats) == (4.8, 4.5, 3)
+    assert state.open_alarms == {"threshold.currentLevel": "critical"}
+
+
+def test_below_limits_read_as_below() -> None:
+    profile = station(domain="water", name="Trạm bơm Yên Phụ")
+    findings = DETECTION.evaluate(profile, readings_of(profile, [{"pressure": 1.2}]), DeviceDetectorState())
+    assert summary(findings) == [("threshold.pressure", True, "medium")]
+    assert findings[0].message_vi.endswith("là 1,20 bar, dưới ngưỡng cảnh báo 1,50 bar")
+    assert findings[0].message_en.endswith("is 1.20 bar, below the warning limit 1.50 bar")
+
+
+def test_an_alarm_holds_inside_the_hysteresis_and_clears_after_three_readings_beyond_it() -> None:
+    profile = station(LIMITS_ONLY)
+    # 2.95 is back under 3.0 but within the 0.1 m hysteresis: the alarm holds, however long.
+    findings = evaluate_each(profile, readings_of(profile, levels(3.3, *[2.95] * 10, 2.85, 2.85, 2.85)))
+    assert summary(findings) == [
+        ("threshold.currentLevel", True, "medium"),
+        ("threshold.currentLevel", False, None),
+    ]
+    recovered = findings[1]
+    assert recovered.at == START + timedelta(seconds=130)
+    assert recovered.value == 2.85 and recovered.repeats == 0
+    assert (
+        recovered.message_vi
+        == "Mực nước tại Trạm Phan Đình Phùng (Ba Đình, Hà Nội) đã trở lại trong ngưỡng: 2,85 m"
+    )
+    assert (
+        recovered.message_en
+        == "Water level at Trạm Phan Đình Phùng (Ba Đình, Hà Nội) is back within limits: 2.85 m"
+    )
+
+
+def test_a_value_flapping_around_a_limit_is_one_alarm_with_repeats() -> None:
+    profile = station({"currentLevel": {"hysteresis": None, "rise_above": None, "zscore": None}})
+    flapping = [3.05, 2.8, 2.9, 3.1] * 15
+    findings = evaluate_each(profile, readings_of(profile, levels(1.0, *flapping)))
+    assert {f.rule for f in findings} == {"threshold.currentLevel"}
+    assert all(f.active for f in findings)
+    assert sum(f.repeats for f in findings) == 30
+    # In one batch: one finding, not one per crossing.
+    batched = DETECTION.evaluate(profile, readings_of(profile, levels(1.0, *flapping)), DeviceDetectorState())
+    assert summary(batched) == [("threshold.currentLevel", True, "medium")]
+    assert batched[0].repeats == 30
+
+
+def test_raised_and_recovered_in_one_batch_gives_active_then_inactive() -> None:
+    profile = station(LIMITS_ONLY)
+    findings = DETECTION.evaluate(
+        profile, readings_of(profile, levels(3.5, 2.0, 2.0, 2.0)), DeviceDetectorState()
+    )
+    assert summary(findings) == [
+        ("threshold.currentLevel", True, "medium"),
+        ("threshold.currentLevel", False, None),
+    ]
+
+
+def test_recovered_and_raised_again_in_one_batch_ends_with_the_open_alarm() -> None:
+    profile = station(LIMITS_ONLY)
+    state = DeviceDetectorState()
+    DETECTION.evaluate(profile, readings_of(profile, levels(4.7)), state)
+    findings = DETECTION.evaluate(
+        profile, readings_of(profile, levels(2.0, 2.0, 2.0, 3.5), start=START + timedelta(minutes=1)), state
+    )
+    assert summary(findings) == [
+        ("threshold.currentLevel", False, None),
+        ("threshold.currentLevel", True, "medium"),
+    ]
+    assert findings[1].repeats == 1
+    assert state.open_alarms == {"threshold.currentLevel": "medium"}
+
+
+# Rate of change
+
+
+def test_a_flash_flood_rise_raises_a_rate_alarm() -> None:
+    profile = station({"currentLevel": {"zscore": None}})
+    rising = [1.0 + 0.06 * step for step in range(12)]
+    findings = evaluate_each(profile, readings_of(profile, levels(*[1.0] * 5, *rising)))
+    assert episodes(findings) == [("rate.currentLevel", True)]
+    first = findings[0]
+    assert first.threshold == 0.5 and first.value == pytest.approx(0.54)
+    assert first.message_en.startswith(
+        "Water level at Trạm Phan Đình Phùng (Ba Đình, Hà Nội) rose by 0.54 m within 10 min"
+    )
+    assert "tăng 0,54 m trong 10 phút" in first.message_vi
+
+
+def test_a_burst_main_raises_one_rate_alarm_and_no_statistical_one() -> None:
+    profile = station(domain="water", name="Trạm bơm Yên Phụ")
+    rng = random.Random(3)
+    normal = [{"pressure": round(3.5 + rng.gauss(0, 0.03), 3)} for _ in range(60)]
+    burst = [{"pressure": 1.8}] * 5
+    findings = evaluate_each(profile, readings_of(profile, [*normal, *burst]))
+    assert episodes(findings) == [("rate.pressure", True)]
+    assert not of_rule(findings, "zscore.pressure")
+    assert "giảm" in findings[0].message_vi and "fell by" in findings[0].message_en
+
+
+def test_a_rate_alarm_recovers_once_the_change_leaves_the_window() -> None:
+    profile = station({"currentLevel": {"zscore": None}})
+    values = levels(*[1.0] * 5, 1.6, *[1.6] * 70)
+    findings = evaluate_each(profile, readings_of(profile, values))
+    assert episodes(findings) == [("rate.currentLevel", True), ("rate.currentLevel", False)]
+    # About the window (600 s) later, give or take the down-sampling of the history and clear-after.
+    assert timedelta(seconds=540) < findings[-1].at - findings[0].at < timedelta(seconds=660)
+
+
+def test_a_tide_does_not_raise_a_rate_alarm() -> None:
+    profile = station()
+    # 0.2 m an hour, the steepest a tide moves.
+    tide = levels(*[1.0 + 0.2 * step * 10 / 3600 for step in range(720)])
+    assert evaluate_each(profile, readings_of(profile, tide)) == []
+
+
+# Statistical
+
+
+def flow_meter(thresholds: Mapping[str, Mapping[str, float | None]] | None = None) -> DeviceProfile:
+    return station(thresholds, domain="water", device_id="hn-water-004", name="Đồng hồ tổng Yên Phụ")
+
+
+def flows(rng: random.Random, count: int, mean: float = 300.0, std: float = 5.0) -> list[dict[str, float]]:
+    return [{"flow": round(rng.gauss(mean, std), 1)} for _ in range(count)]
+
+
+def test_a_spike_far_outside_the_usual_level_raises_a_statistical_alarm() -> None:
+    profile = flow_meter()
+    rng = random.Random(5)
+    findings = evaluate_each(profile, readings_of(profile, [*flows(rng, 60), {"flow": 500.0}]))
+    assert summary(findings) == [("zscore.flow", True, "low")]
+    assert findings[0].value == 500.0 and findings[0].threshold == pytest.approx(300 + 6 * 20, abs=5)
+    assert "bất thường so với mức gần đây" in findings[0].message_vi
+    assert "standard deviations away" in findings[0].message_en
+
+
+def test_no_statistical_alarm_during_warm_up() -> None:
+    profile = flow_meter()
+    rng = random.Random(5)
+    assert (
+        evaluate_each(profile, readings_of(profile, [*flows(rng, 20), {"flow": 500.0}, *flows(rng, 5)])) == []
+    )
+
+
+def test_one_spike_does_not_blind_the_statistics() -> None:
+    profile = flow_meter()
+    rng = random.Random(6)
+    values = [*flows(rng, 60), {"flow": 900.0}, *flows(rng, 10), {"flow": 500.0}, *flows(rng, 10)]
+    findings = evaluate_each(profile, readings_of(profile, values))
+    assert summary(findings) == [("zscore.flow", True, "low"), ("zscore.flow", False, None)] * 2
+
+
+def test_the_floor_keeps_a_near_constant_signal_quiet() -> None:
+    values = [{"pH": 7.2}] * 40 + [{"pH": 7.25}]
+    ph_meter = station(domain="water", device_id="hn-water-ph")
+    assert evaluate_each(ph_meter, readings_of(ph_meter, values)) == []
+    without_floor = station({"pH": {"zscore_floor": None}}, domain="water", device_id="hn-water-ph")
+    assert summary(evaluate_each(without_floor, readings_of(without_floor, values))) == [
+        ("zscore.pH", True, "low")
+    ]
+
+
+def test_gaussian_noise_raises_nothing() -> None:
+    rng = random.Random(11)
+    profile = station()
+    noisy = levels(*[round(1.5 + rng.gauss(0, 0.02), 3) for _ in range(3000)])
+    assert evaluate_each(profile, readings_of(profile, noisy)) == []
+    meter = flow_meter({"flow": {"zscore_floor": None}})
+    assert evaluate_each(meter, readings_of(meter, flows(rng, 3000))) == []
+
+
+# Flatline
+
+
+def grid_meter(thresholds: Mapping[str, Mapping[str, float | None]] | None = None) -> DeviceProfile:
+    return station(thresholds, domain="grid", device_id="hn-grid-002", name="Trạm biến áp Giảng Võ")
+
+
+def test_a_stuck_value_raises_a_flatline_alarm_after_its_duration() -> None:
+    profile = grid_meter()
+    rng = random.Random(2)
+    moving = [{"voltage": round(228 + rng.gauss(0, 1), 1)} for _ in range(5)]
+    stuck = [{"voltage": 230.0}] * 61
+    findings = evaluate_each(profile, readings_of(profile, [*moving, *stuck]))
+    assert summary(findings) == [("flatline.voltage", True, "low")]
+    # The value first read at 50 s is stuck 600 s later.
+    assert findings[0].at == START + timedelta(seconds=650)
+    assert findings[0].value == 230.0 and findings[0].threshold == 600
+    assert "giữ nguyên 230,0 V suốt 10 phút" in findings[0].message_vi
+    assert "has stayed at exactly 230.0 V for 10 min" in findings[0].message_en
+    recovering = [{"voltage": 229.0}, {"voltage": 229.5}, {"voltage": 230.5}]
+    state = DeviceDetectorState()
+    all_findings = evaluate_each(profile, readings_of(profile, [*moving, *stuck, *recovering]), state)
+    assert summary(all_findings) == [("flatline.voltage", True, "low"), ("flatline.voltage", False, None)]
+
+
+def test_flatline_needs_several_readings_not_only_time() -> None:
+    profile = grid_meter()
+    # Every 5 minutes: the value has held for 10 minutes at the third reading, but only the fifth
+    # makes it more than chance.
+    sparse = readings_of(profile, [{"frequency": 50.012}] * 5, every_s=300)
+    findings = [DETECTION.evaluate(profile, [r], state) for state in [DeviceDetectorState()] for r in sparse]
+    assert [summary(f) for f in findings] == [[], [], [], [], [("flatline.frequency", True, "low")]]
+
+
+def test_rain_may_sit_at_zero_for_days() -> None:
+    profile = station()
+    dry = readings_of(
+        profile, [{"rainfall": 0.0, "currentLevel": 1.2 + 0.001 * (i % 7)} for i in range(300)], every_s=600
+    )
+    assert evaluate_each(profile, dry) == []
+
+
+# Normal data, late and replayed readings, state
+
+
+@pytest.mark.parametrize("name", sorted(DOMAINS))
+def test_normal_behaviour_of_every_domain_raises_nothing(name: str) -> None:
+    domain = DOMAINS[name]
+    rng = random.Random(17)
+    start = datetime(2026, 11, 20, 6, 0, tzinfo=UTC)
+    for index in range(3):
+        profile = station(domain=name, device_id=f"{name}-{index}")
+        phase = rng.random()
+        values = [domain.sampler(rng, start + timedelta(seconds=20 * step), phase) for step in range(720)]
+        assert evaluate_each(profile, readings_of(profile, values, start=start, every_s=20)) == []
+
+
+def test_replayed_batch_changes_nothing() -> None:
+    profile = station(LIMITS_ONLY)
+    batch = readings_of(profile, levels(1.0, 1.1, 4.7, 4.8))
+    state = DeviceDetectorState()
+    assert DETECTION.evaluate(profile, batch, state)
+    saved = json.dumps(state.to_json())
+    assert DETECTION.evaluate(profile, batch, state) == []
+    assert json.dumps(state.to_json()) == saved
+
+
+def test_readings_are_taken_in_time_order_and_late_ones_are_skipped() -> None:
+    profile = station(LIMITS_ONLY)
+    batch = readings_of(profile, levels(1.0, 3.5, 2.0, 2.0, 2.0))
+    shuffled = [batch[3], batch[0], batch[4], batch[2], batch[1]]
+    findings = DETECTION.evaluate(profile, shuffled, DeviceDetectorState())
+    assert summary(findings) == [
+        ("threshold.currentLevel", True, "medium"),
+        ("threshold.currentLevel", False, None),
+    ]
+
+    state = DeviceDetectorState()
+    DETECTION.evaluate(profile, readings_of(profile, levels(1.0), start=START + timedelta(minutes=5)), state)
+    saved = state.to_json()
+    late = readings_of(profile, levels(4.9), start=START + timedelta(minutes=4))
+    assert DETECTION.evaluate(profile, late, state) == []
+    assert state.to_json() == saved
+
+
+def scenario(profile: DeviceProfile) -> list[list[Reading]]:
+    rng = random.Random(23)
+    values = [
+        {"currentLevel": round(1.0 + rng.gauss(0, 0.01), 3), "rainfall": 0.0} for _ in range(40)
+    ]  # warm-up
+    values += [{"currentLevel": 1.0 + 0.07 * step, "rainfall": 30.0} for step in range(40)]  # flood
+    values += [{"currentLevel": 1.5, "rainfall": 0.0}] * 200  # stuck sensor
+    values += [{"currentLevel": round(1.5 + rng.gauss(0, 0.01), 3), "rainfall": 0.0} for _ in range(40)]
+    readings = readings_of(profile, values)
+    return [readings[i : i + 7] for i in range(0, len(readings), 7)]
+
+
+def test_state_through_json_behaves_exactly_as_the_state_in_memory() -> None:
+    profile = station()
+    kept = DeviceDetectorState()
+    expected = [f for batch in scenario(profile) for f in DETECTION.evaluate(profile, batch, kept)]
+    assert {f.rule for f in expected} >= {
+        "threshold.currentLevel",
+        "rate.currentLevel",
+        "flatline.currentLevel",
+    }
+    stored = DeviceDetectorState().to_json()
+    actual: list[Finding] = []
+    for batch in scenario(profile):
+        state = DeviceDetectorState.from_json(json.loads(json.dumps(stored)))
+        actual.extend(DETECTION.evaluate(profile, batch, state))
+        stored = state.to_json()
+    assert actual == expected
+    assert stored == kept.to_json()
+
+
+def test_state_is_bounded_and_small() -> None:
+    profile = station()
+    rng = random.Random(1)
+    state = DeviceDetectorState()
+    values = [{"currentLevel": round(1.2 + rng.gauss(0, 0.01), 3), "rainfall": 0.4} for _ in range(5000)]
+    DETECTION.evaluate(profile, readings_of(profile, values, every_s=1), state)
+    assert len(state.metrics["currentLevel"].history) <= 33
+    assert len(json.dumps(state.to_json())) < 2048
+
+
+@pytest.mark.parametrize(
+    "stored",
+    [
+        None,
+        {},
+        {"version": 99},
+        {"last_ts": "yesterday", "metrics": []},
+        {"last_ts": "2026-11-20T01:00:00", "metrics": {"currentLevel": "full"}},
+        {
+            "metrics": {
+                "currentLevel": {
+                    "ewma": ["a", 1, 2],
+                    "history": [[1, 2], "x"],
+                    "history_end": 5,
+                    "flat": [1],
+                    "alarms": {"threshold": ["dreadful", 0], "rate": "high"},
+                    "last": "1.0",
+                }
+            }
+        },
+    ],
+)
+def test_unreadable_state_starts_fresh_instead_of_failing(stored: object) -> None:
+    state = DeviceDetectorState.from_json(stored)  # type: ignore[arg-type]
+    assert state.last_ts is None
+    assert all(not part.trackers and not part.history and part.count == 0 for part in state.metrics.values())
+    profile = station()
+    assert summary(DETECTION.evaluate(profile, readings_of(profile, levels(4.7)), state)) == [
+        ("threshold.currentLevel", True, "critical")
+    ]
+
+
+def test_state_without_newer_parts_keeps_the_parts_it_has() -> None:
+    profile = station()
+    state = DeviceDetectorState()
+    DETECTION.evaluate(profile, readings_of(profile, levels(4.7)), state)
+    stored = state.to_json()
+    del stored["metrics"]["currentLevel"]["history"]
+    reloaded = DeviceDetectorState.from_json(stored)
+    assert reloaded.open_alarms == {"threshold.currentLevel": "critical"}
+    assert reloaded.last_ts == state.last_ts
+
+
+# Device settings
+
+
+def test_device_settings_win_over_domain_defaults() -> None:
+    lower = station({"currentLevel": {"warn_above": 2.0}})
+    assert summary(DETECTION.evaluate(lower, readings_of(lower, levels(2.5)), DeviceDetectorState())) == [
+        ("threshold.currentLevel", True, "medium")
+    ]
+    default = station()
+    assert DETECTION.evaluate(default, readings_of(default, levels(2.5)), DeviceDetectorState()) == []
+    no_crit = station({"currentLevel": {"crit_above": None}})
+    assert summary(DETECTION.evaluate(no_crit, readings_of(no_crit, levels(4.7)), DeviceDetectorState())) == [
+        ("threshold.currentLevel", True, "medium")
+    ]
+    off = station({"currentLevel": {"warn_above": None, "crit_above": None}})
+    assert DETECTION.evaluate(off, readings_of(off, levels(4.7)), DeviceDetectorState()) == []
+
+
+def test_switching_a_rule_off_resolves_its_open_alarm() -> None:
+    state = DeviceDetectorState()
+    DETECTION.evaluate(station(), readings_of(station(), levels(4.7)), state)
+    off = station({"currentLevel": {"warn_above": None, "crit_above": None}})
+    later = readings_of(off, levels(4.7), start=START + timedelta(minutes=1))
+    assert summary(DETECTION.evaluate(off, later, state)) == [("threshold.currentLevel", False, None)]
+    assert state.open_alarms == {}
+
+
+def test_offline_finding() -> None:
+    profile = station()
+    down = offline_finding(profile, at=START, active=True)
+    assert (down.rule, down.active, down.severity, down.repeats, down.metric) == (
+        "offline",
+        True,
+        "medium",
+        1,
+        None,
+    )
+    assert (
+        down.message_vi
+        == "Thiết bị Trạm Phan Đình Phùng (Ba Đình, Hà Nội) mất kết nối: không còn nhận được dữ liệu"
+    )
+    up = offline_finding(profile, at=START, active=False)
+    assert (up.active, up.severity) == (False, None)
+    assert up.message_en == "Device Trạm Phan Đình Phùng (Ba Đình, Hà Nội) is back online"
+
+
+def test_fractions_read_as_percentages() -> None:
+    profile = station(domain="waste", device_id="hn-waste-1", name="Thùng rác Hàng Bài")
+    findings = DETECTION.evaluate(
+        profile, readings_of(profile, [{"fillingLevel": 0.853}]), DeviceDetectorState()
+    )
+    assert findings[0].message_vi.endswith("là 85,3%, vượt ngưỡng cảnh báo 80%")
+    assert findings[0].message_en.endswith("is 85.3%, above the warning limit 80%")
+
+
+# District flood correlation
+
+CORRELATOR = DistrictFloodCorrelator()
+
+
+def signal_of(profile: DeviceProfile, values: Sequence[Mapping[str, float]]) -> StationSignal | None:
+    state = DeviceDetectorState()
+    DETECTION.evaluate(profile, readings_of(profile, values, every_s=30), state)
+    return CORRELATOR.station_signal(profile, state)
+
+
+def wet(rise_per_reading: float = 0.01, rain: float = 25.0) -> list[dict[str, float]]:
+    return [{"currentLevel": 1.0 + rise_per_reading * step, "rainfall": rain} for step in range(30)]
+
+
+def test_two_stations_with_rain_and_rising_water_raise_one_district_finding() -> None:
+    signals = [signal_of(station(device_id=f"hn-flood-00{i}", name=f"Trạm {i}"), wet()) for i in (1, 2, 3)]
+    assert all(s is not None and s.raining and s.rising for s in signals)
+    now = START + timedelta(minutes=15)
+    finding = CORRELATOR.evaluate(
+        city="ha-noi", district="Ba Đình", signals=[s for s in signals if s], active=False, now=now
+    )
+    assert finding is not None
+    assert (finding.subject, finding.rule, finding.device_id, finding.active, finding.severity) == (
+        "district:ha-noi:Ba Đình",
+        "flood.district",
+        None,
+        True,
+        "high",
+    )
+    assert finding.value == 3 and finding.threshold == 2
+    assert finding.message_vi == (
+        "Nguy cơ ngập úng diện rộng tại Ba Đình (Hà Nội): 3 trạm đang có mưa và nước dâng"
+        " (Trạm 1, Trạm 2, Trạm 3)"
+    )
+    assert finding.message_en.startswith(
+        "Flood risk across Ba Đình (Hà Nội): 3 stations report rain and rising water"
+    )
+
+
+def test_one_station_alone_or_rain_without_rise_is_not_a_district_flood() -> None:
+    now = START + timedelta(minutes=15)
+    one = signal_of(station(device_id="a"), wet())
+    dry_rise = signal_of(station(device_id="b"), wet(rain=0.0))
+    rain_only = signal_of(station(device_id="c"), wet(rise_per_reading=0.0))
+    assert one is not None and dry_rise is not None and rain_only is not None
+    assert not dry_rise.raining and dry_rise.rising
+    assert rain_only.raining and not rain_only.rising
+    assert (
+        CORRELATOR.evaluate(
+            city="ha-noi", district="Ba Đình", signals=[one, dry_rise, rain_only], active=False, now=now
+        )
+        is None
+    )
+
+
+def test_stale_signals_are_ignored() -> None:
+    signals = [signal_of(station(device_id=f"s{i}"), wet()) for i in (1, 2)]
+    later = START + timedelta(hours=2)
+    assert (
+        CORRELATOR.evaluate(
+            city="ha-noi", district="Ba Đình", signals=[s for s in signals if s], active=False, now=later
+        )
+        is None
+    )
+
+
+def test_critical_when_a_station_is_past_its_danger_level() -> None:
+    deep = signal_of(
+        station(device_id="a"), [{"currentLevel": 4.6 + 0.001 * i, "rainfall": 40.0} for i in range(5)]
+    )
+    other = signal_of(station(device_id="b"), wet())
+    assert deep is not None and other is not None and deep.level_severity == "critical" and deep.rising
+    finding = CORRELATOR.evaluate(
+        city="ha-noi",
+        district="Ba Đình",
+        signals=[deep, other],
+        active=False,
+        now=START + timedelta(minutes=15),
+    )
+    assert finding is not None and finding.severity == "critical"
+
+
+def test_the_district_recovers_only_when_no_station_qualifies() -> None:
+    now = START + timedelta(minutes=15)
+    qualifying = signal_of(station(device_id="a"), wet())
+    calm = signal_of(station(device_id="b"), wet(rise_per_reading=0.0, rain=0.0))
+    assert qualifying is not None and calm is not None
+    assert (
+        CORRELATOR.evaluate(
+            city="ha-noi", district="Ba Đình", signals=[qualifying, calm], active=True, now=now
+        )
+        is None
+    )
+    recovered = CORRELATOR.evaluate(city="ha-noi", district="Ba Đình", signals=[calm], active=True, now=now)
+    assert recovered is not None and not recovered.active and recovered.severity is None
+    assert "đã qua" in recovered.message_vi and "has passed" in recovered.message_en
+    assert (
+        CORRELATOR.evaluate(city="ha-noi", district="Ba Đình", signals=[calm], active=False, now=now) is None
+    )
+
+
+def test_station_signals_round_trip_and_exist_only_for_flood_stations_of_a_district() -> None:
+    signal = signal_of(station(), wet())
+    assert signal is not None
+    assert StationSignal.from_json(json.loads(json.dumps(signal.to_json()))) == signal
+    with pytest.raises(ValueError):
+        StationSignal.from_json({"at": "2026-11-20T01:00:00+00:00"})
+    assert signal_of(station(district=None), wet()) is None
+    assert CORRELATOR.station_signal(station(), DeviceDetectorState()) is None
+    assert signal_of(grid_meter(), [{"voltage": 230.0}]) is None

@@ -1,0 +1,255 @@
+"""The SQL text of each storage tier, and the bucket arithmetic that picks a continuous aggregate."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from ioc_core.domains import DOMAINS, Domain
+from ioc_core.errors import IocError, ValidationError
+from ioc_core.settings import Settings
+from ioc_core.storage import StorageTier
+from ioc_core.storage.tiers import (
+    AGGREGATES,
+    ROLLUPS,
+    ceil_to,
+    community_objects_sql,
+    floor_to,
+    interval_sql,
+    retention_sql,
+    rollup_query_sql,
+    rollup_series_sql,
+    rollup_span,
+    series_sql,
+    tier_objects_sql,
+)
+
+T0 = datetime(2025, 3, 10, 10, 30, 15, tzinfo=UTC)
+NINETY_DAYS = timedelta(days=90)
+
+
+def test_intervals_are_written_in_their_largest_whole_unit() -> None:
+    assert interval_sql(timedelta(days=90)) == "INTERVAL '90 days'"
+    assert interval_sql(timedelta(hours=1)) == "INTERVAL '1 hour'"
+    assert interval_sql(timedelta(minutes=90)) == "INTERVAL '90 minutes'"
+    assert interval_sql(timedelta(seconds=61)) == "INTERVAL '61 seconds'"
+    for bad in (timedelta(0), timedelta(seconds=-5), timedelta(milliseconds=1500)):
+        with pytest.raises(ValueError):
+            interval_sql(bad)
+
+
+def test_rounding_is_to_the_epoch_in_utc() -> None:
+    hour = timedelta(hours=1)
+    assert floor_to(T0, hour) == datetime(2025, 3, 10, 10, tzinfo=UTC)
+    assert ceil_to(T0, hour) == datetime(2025, 3, 10, 11, tzinfo=UTC)
+    assert ceil_to(datetime(2025, 3, 10, 10, tzinfo=UTC), hour) == datetime(2025, 3, 10, 10, tzinfo=UTC)
+    # Seven days from the epoch (a Thursday), not from time_bucket's default Monday.
+    assert floor_to(T0, timedelta(days=7)) == datetime(2025, 3, 6, tzinfo=UTC)
+    # Another time zone names the same instant.
+    plus7 = T0.astimezone(datetime.fromisoformat("2025-01-01T00:00:00+07:00").tzinfo)
+    assert floor_to(plus7, hour) == floor_to(T0, hour)
+
+
+@pytest.mark.parametrize(
+    ("bucket", "start", "end", "expected"),
+    [
+        # The coarsest level whose width divides the bucket, over the whole buckets inside the range.
+        (
+            timedelta(hours=2),
+            T0,
+            T0 + timedelta(hours=5),
+            ("1h", T0.replace(minute=0, second=0) + timedelta(hours=1)),
+        ),
+        (
+            timedelta(minutes=90),
+            T0,
+            T0 + timedelta(hours=5),
+            ("1m", T0.replace(second=0) + timedelta(minutes=1)),
+        ),
+        (
+            timedelta(minutes=5),
+            T0,
+            T0 + timedelta(hours=1),
+            ("1m", T0.replace(second=0) + timedelta(minutes=1)),
+        ),
+        # Not a whole number of minutes: the readings only.
+        (timedelta(seconds=30), T0, T0 + timedelta(hours=5), None),
+        (timedelta(seconds=90), T0, T0 + timedelta(hours=5), None),
+        # An hour's bucket over less than one whole hour falls back to minutes.
+        (
+            timedelta(hours=1),
+            T0,
+            T0 + timedelta(minutes=40),
+            ("1m", T0.replace(second=0) + timedelta(minutes=1)),
+        ),
+        # Less than one whole minute: nothing to read from the aggregates.
+        (timedelta(minutes=1), T0, T0 + timedelta(seconds=40), None),
+    ],
+)
+def test_rollup_span(
+    bucket: timedelta, start: datetime, end: datetime, expected: tuple[str, datetime] | None
+) -> None:
+    span = rollup_span(bucket, start, end)
+    if expected is None:
+        assert span is None
+        return
+    assert span is not None
+    assert (span.rollup.suffix, span.inner_start) == expected
+    assert span.inner_end == floor_to(end, span.rollup.width)
+    assert start <= span.inner_start < span.inner_end <= end
+
+
+@pytest.mark.parametrize("domain", list(DOMAINS.values()), ids=lambda d: d.name)
+def test_community_objects(domain: Domain) -> None:
+    statements = community_objects_sql(domain, NINETY_DAYS)
+    text = "\n".join(statements)
+    table = domain.table
+    for rollup in ROLLUPS:
+        view = f"{table}_{rollup.suffix}"
+        create = next(
+            s for s in statements if s.startswith(f"CREATE MATERIALIZED VIEW IF NOT EXISTS {view} ")
+        )
+        assert "timescaledb.continuous" in create
+        assert "timescaledb.materialized_only = false" in create
+        assert create.endswith("WITH NO DATA")
+        assert f"time_bucket({interval_sql(rollup.width)}, ts) AS bucket, device_id" in create
+        assert "GROUP BY bucket, device_id" in create
+        for metric in domain.metrics:
+            c = metric.column
+            for part in (f"sum({c}) AS {c}_sum", f"count({c}) AS {c}_count", f"min({c}) AS {c}_min"):
+                assert part in create
+            assert f"max({c}) AS {c}_max" in create
+            assert f"last({c}, CASE WHEN {c} IS NOT NULL THEN ts END) AS {c}_last" in create
+        assert create.count(" AS ") == 1 + 5 * len(domain.metrics)  # the bucket, then each field
+        policy = next(
+            s for s in statements if s.startswith(f"SELECT add_continuous_aggregate_policy('{view}'")
+        )
+        assert "if_not_exists => true" in policy
+        assert f"end_offset => {interval_sql(rollup.refresh_lag)}" in policy
+        kept = interval_sql(NINETY_DAYS * rollup.retention_factor)
+        assert (
+            f"SELECT add_retention_policy('{view}', drop_after => {kept}, if_not_exists => true)"
+            in statements
+        )
+        assert rollup.retention_factor > 1
+    assert (
+        f"ALTER TABLE {table} SET (timescaledb.compress, timescaledb.compress_segmentby = 'device_id'" in text
+    )
+    assert "timescaledb.compress_orderby = 'ts DESC'" in text
+    assert f"hypertable_name = '{table}' AND compression_enabled" in text
+    compression = f"SELECT add_compression_policy('{table}', compress_after => INTERVAL '7 days'"
+    assert f"{compression}, if_not_exists => true)" in statements
+    assert (
+        f"SELECT add_retention_policy('{table}', drop_after => INTERVAL '90 days', if_not_exists => true)"
+        in statements
+    )
+    # A changed retention replaces the policy: remove only where the horizon differs.
+    assert f"SELECT remove_retention_policy('{table}', if_exists => true)" in text
+    assert "(j.config ->> 'drop_after')::interval <> INTERVAL '90 days'" in text
+    # Aggregates exist before the statements that name them.
+    first_create = min(i for i, s in enumerate(statements) if s.startswith("CREATE MATERIALIZED VIEW"))
+    first_policy = min(i for i, s in enumerate(statements) if "policy(" in s)
+    assert first_create < first_policy
+
+
+def test_refresh_never_reaches_past_the_retention() -> None:
+    statements = community_objects_sql(DOMAINS["flood"], timedelta(days=1))
+    policies = [s for s in statements if s.startswith("SELECT add_continuous_aggregate_policy")]
+    assert len(policies) == len(ROLLUPS)
+    for policy in policies:
+        assert "start_offset => INTERVAL '1 day'" in policy
+
+
+def test_tier_objects() -> None:
+    domain = DOMAINS["grid"]
+    assert tier_objects_sql(StorageTier.COMMUNITY, domain, NINETY_DAYS) == community_objects_sql(
+        domain, NINETY_DAYS
+    )
+    assert tier_objects_sql(StorageTier.APACHE, domain, NINETY_DAYS) == []
+    assert tier_objects_sql(StorageTier.POSTGRES, domain, NINETY_DAYS) == [
+        "CREATE INDEX IF NOT EXISTS readings_grid_ts_brin ON readings_grid USING brin (ts)"
+    ]
+
+
+@pytest.mark.parametrize("agg", AGGREGATES)
+def test_series_sql(agg: str) -> None:
+    domain = DOMAINS["traffic"]
+    metric = domain.metric("averageVehicleSpeed")
+    assert metric is not None
+    timescale = series_sql(StorageTier.APACHE, domain, metric, agg)  # type: ignore[arg-type]
+    postgres = series_sql(StorageTier.POSTGRES, domain, metric, agg)  # type: ignore[arg-type]
+    epoch = "TIMESTAMPTZ '1970-01-01 00:00:00+00'"
+    assert f"time_bucket($1::interval, ts, {epoch}) AS t" in timescale
+    assert f"date_bin($1::interval, ts, {epoch}) AS t" in postgres
+    for sql in (timescale, postgres):
+        assert "FROM readings_traffic WHERE device_id = $2 AND ts >= $3 AND ts < $4" in sql
+        assert "average_vehicle_speed IS NOT NULL" in sql
+        assert set(re.findall(r"\$\d", sql)) == {"$1", "$2", "$3", "$4"}
+        assert sql.endswith("GROUP BY t ORDER BY t")
+    if agg == "last":
+        assert "last(average_vehicle_speed, ts)" in timescale
+        assert "array_agg(average_vehicle_speed ORDER BY ts DESC)" in postgres
+        assert "last(" not in postgres
+
+
+@pytest.mark.parametrize("agg", AGGREGATES)
+def test_rollup_series_sql(agg: str) -> None:
+    domain = DOMAINS["water"]
+    metric = domain.metric("pH")
+    assert metric is not None
+    for rollup in ROLLUPS:
+        sql = rollup_series_sql(domain, metric, agg, rollup)  # type: ignore[arg-type]
+        assert (
+            f"FROM readings_water_{rollup.suffix} WHERE device_id = $2 AND bucket >= $5 AND bucket < $6"
+            in sql
+        )
+        assert "((ts >= $3 AND ts < $5) OR (ts >= $6 AND ts < $4))" in sql
+        assert "ph_count > 0" in sql
+        assert "time_bucket($1::interval, at, TIMESTAMPTZ '1970-01-01 00:00:00+00')" in sql
+    sql = rollup_series_sql(domain, metric, agg, ROLLUPS[0])  # type: ignore[arg-type]
+    combined = {
+        "avg": "sum(a) / sum(b)::float8",
+        "min": "min(a)",
+        "max": "max(a)",
+        "count": "sum(b)::float8",
+        "last": "last(a, at)",
+    }[agg]
+    assert f"{combined} AS value" in sql
+
+
+def test_retention_sql() -> None:
+    domain = DOMAINS["waste"]
+    for tier in (StorageTier.COMMUNITY, StorageTier.APACHE):
+        assert retention_sql(tier, domain) == (
+            "SELECT count(*) AS n FROM drop_chunks('readings_waste', older_than => now() - $1::interval)"
+        )
+    delete = retention_sql(StorageTier.POSTGRES, domain)
+    assert delete.startswith("DELETE FROM readings_waste WHERE ctid = ANY (ARRAY(")
+    assert "ts < now() - $1::interval LIMIT $2" in delete
+
+
+def test_rollup_query_is_the_view_body() -> None:
+    domain = DOMAINS["flood"]
+    for rollup in ROLLUPS:
+        query = rollup_query_sql(domain, rollup)
+        assert query in community_objects_sql(domain, NINETY_DAYS)[2 * ROLLUPS[::-1].index(rollup)]
+
+
+def test_retention_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("IOC_RETENTION_DAYS", raising=False)
+    monkeypatch.delenv("IOC_RETENTION_CHECK_S", raising=False)
+    settings = Settings()
+    assert (settings.retention_days, settings.retention_check_s) == (90, 3600)
+    monkeypatch.setenv("IOC_RETENTION_DAYS", "30")
+    monkeypatch.setenv("IOC_RETENTION_CHECK_S", "600")
+    assert (Settings().retention_days, Settings().retention_check_s) == (30, 600)
+    monkeypatch.setenv("IOC_RETENTION_DAYS", "0")
+    with pytest.raises(ValueError):
+        Settings()
+
+
+def test_validation_error_is_not_retriable() -> None:
+    assert issubclass(ValidationError, IocError)
+    assert ValidationError("x").retriable is False
