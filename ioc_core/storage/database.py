@@ -353,6 +353,17 @@ def _unavailable(url: str, exc: BaseException) -> ServiceUnavailableError:
     return ServiceUnavailableError(f"database at {where} is unreachable: {exc}")
 
 
+async def _maintenance_connection(url: str) -> tuple[str, asyncpg.Connection]:
+    """The name of the database in `url`, and a connection to the server's `postgres` database
+    from which it can be created or dropped."""
+    parts = urlsplit(url)
+    name = ident(parts.path.lstrip("/"))
+    try:
+        return name, await asyncpg.connect(parts._replace(path="/postgres").geturl(), timeout=10)
+    except _CONNECTION_ERRORS as exc:
+        raise _unavailable(url, exc) from exc
+
+
 async def ensure_database(url: str) -> bool:
     """Create the database named in `url` when it does not exist; True when it was created."""
     try:
@@ -364,12 +375,7 @@ async def ensure_database(url: str) -> bool:
     else:
         await connection.close()
         return False
-    parts = urlsplit(url)
-    name = ident(parts.path.lstrip("/"))
-    try:
-        admin = await asyncpg.connect(parts._replace(path="/postgres").geturl(), timeout=10)
-    except _CONNECTION_ERRORS as exc:
-        raise _unavailable(url, exc) from exc
+    name, admin = await _maintenance_connection(url)
     try:
         await admin.execute(f"CREATE DATABASE {name}")
     except asyncpg.DuplicateDatabaseError:
@@ -1258,12 +1264,7 @@ def _status_event(transition: StatusTransition) -> Event:
 
 async def drop_database(url: str) -> None:
     """Remove the database named in `url`, disconnecting its sessions (benchmarks and tests)."""
-    parts = urlsplit(url)
-    name = ident(parts.path.lstrip("/"))
-    try:
-        admin = await asyncpg.connect(parts._replace(path="/postgres").geturl(), timeout=10)
-    except _CONNECTION_ERRORS as exc:
-        raise _unavailable(url, exc) from exc
+    name, admin = await _maintenance_connection(url)
     try:
         await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
     finally:
