@@ -409,34 +409,42 @@ pg_rootfs() {
     touch "$PG_ROOTFS_STAMP"
 }
 
-pg_init() {
-    [[ -f $PG_INIT_STAMP ]] && return
-    local log=$LOG_DIR/timescaledb-initdb.log ids
-    ids=$(pg_ids) || fail "timescaledb: no postgres user in $PG_ROOTFS (delete $PG_ROOTFS_STAMP to rebuild)"
-    rm -rf "${PG_ROOTFS:?}$PG_DATA"
-    mkdir -p "$PG_ROOTFS$PG_DATA" "$(dirname "$PG_ROOTFS$PG_LOG_IN_ROOT")"
-    chown "$ids" "$PG_ROOTFS$PG_DATA" "$(dirname "$PG_ROOTFS$PG_LOG_IN_ROOT")"
-    chmod 700 "$PG_ROOTFS$PG_DATA"
-    say "timescaledb: creating the database cluster (log: $log)"
+# cluster_init NAME DATA LOG_IN_ROOT STAMP: one PostgreSQL cluster in the root
+# filesystem (the TimescaleDB one and the plain one differ only in these).
+cluster_init() {
+    local name=$1 data=$2 log_in_root=$3 stamp=$4 log ids
+    [[ -f $stamp ]] && return
+    log=$LOG_DIR/$name-initdb.log
+    ids=$(pg_ids) || fail "$name: no postgres user in $PG_ROOTFS (delete $PG_ROOTFS_STAMP to rebuild)"
+    rm -rf "${PG_ROOTFS:?}$data"
+    mkdir -p "$PG_ROOTFS$data" "$(dirname "$PG_ROOTFS$log_in_root")"
+    chown "$ids" "$PG_ROOTFS$data" "$(dirname "$PG_ROOTFS$log_in_root")"
+    chmod 700 "$PG_ROOTFS$data"
+    say "$name: creating the database cluster (log: $log)"
     # Trust authentication: the server listens on loopback only and holds
     # throwaway test data, so a password would only get in the way.
-    as_postgres initdb -D "$PG_DATA" --username=postgres --auth=trust \
+    as_postgres initdb -D "$data" --username=postgres --auth=trust \
         --encoding=UTF8 --locale=C.UTF-8 --data-checksums >"$log" 2>&1 ||
-        fail "timescaledb: initdb failed (log: $log)"
-    echo "include 'ioc.conf'" >>"$PG_ROOTFS$PG_DATA/postgresql.conf"
-    touch "$PG_INIT_STAMP"
+        fail "$name: initdb failed (log: $log)"
+    echo "include 'ioc.conf'" >>"$PG_ROOTFS$data/postgresql.conf"
+    touch "$stamp"
 }
 
-pg_pid() {
-    local pid root
+pg_init() { cluster_init timescaledb "$PG_DATA" "$PG_LOG_IN_ROOT" "$PG_INIT_STAMP"; }
+
+# cluster_pid DATA: the pid of the server of that data directory in our root.
+cluster_pid() {
+    local data=$1 pid root
     [[ -d $PG_ROOTFS ]] || return 1
-    # The trailing space keeps "-D $PG_DATA" from matching the plain server's data directory.
-    pid=$(live_pid "$PG_ROOTFS$PG_DATA/postmaster.pid" "-D $PG_DATA ") || return 1
+    # The trailing space keeps one data directory from matching another that extends its name.
+    pid=$(live_pid "$PG_ROOTFS$data/postmaster.pid" "-D $data ") || return 1
     # Another cache directory could run a server with the same data path.
     root=$(readlink "/proc/$pid/root") || return 1
     [[ $root == "$(realpath "$PG_ROOTFS")" ]] || return 1
     echo "$pid"
 }
+
+pg_pid() { cluster_pid "$PG_DATA"; }
 
 # pg_ensure_db ours|foreign: creates the application database if missing and
 # checks that TimescaleDB is installed. On a server this script did not start
@@ -530,30 +538,9 @@ pg_down() {
 
 # ---------------------------------------------------------------- postgres (plain)
 
-plain_init() {
-    [[ -f $PLAIN_INIT_STAMP ]] && return
-    local log=$LOG_DIR/postgres-initdb.log ids
-    ids=$(pg_ids) || fail "postgres: no postgres user in $PG_ROOTFS (delete $PG_ROOTFS_STAMP to rebuild)"
-    rm -rf "${PG_ROOTFS:?}$PLAIN_DATA"
-    mkdir -p "$PG_ROOTFS$PLAIN_DATA" "$(dirname "$PG_ROOTFS$PLAIN_LOG_IN_ROOT")"
-    chown "$ids" "$PG_ROOTFS$PLAIN_DATA" "$(dirname "$PG_ROOTFS$PLAIN_LOG_IN_ROOT")"
-    chmod 700 "$PG_ROOTFS$PLAIN_DATA"
-    say "postgres: creating the database cluster (log: $log)"
-    as_postgres initdb -D "$PLAIN_DATA" --username=postgres --auth=trust \
-        --encoding=UTF8 --locale=C.UTF-8 --data-checksums >"$log" 2>&1 ||
-        fail "postgres: initdb failed (log: $log)"
-    echo "include 'ioc.conf'" >>"$PG_ROOTFS$PLAIN_DATA/postgresql.conf"
-    touch "$PLAIN_INIT_STAMP"
-}
+plain_init() { cluster_init postgres "$PLAIN_DATA" "$PLAIN_LOG_IN_ROOT" "$PLAIN_INIT_STAMP"; }
 
-plain_pid() {
-    local pid root
-    [[ -d $PG_ROOTFS ]] || return 1
-    pid=$(live_pid "$PG_ROOTFS$PLAIN_DATA/postmaster.pid" "-D $PLAIN_DATA ") || return 1
-    root=$(readlink "/proc/$pid/root") || return 1
-    [[ $root == "$(realpath "$PG_ROOTFS")" ]] || return 1
-    echo "$pid"
-}
+plain_pid() { cluster_pid "$PLAIN_DATA"; }
 
 plain_up() {
     local pid log=$LOG_DIR/postgres-ctl.log
