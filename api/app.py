@@ -1,41 +1,49 @@
-"""The FastAPI application: health, device registry and the latest-state view."""
+"""The FastAPI application: health, device registry, alarms and dead letters; the polled views
+(`views`), API keys (`keys`), the live stream and the operations page come from their modules."""
 
 from __future__ import annotations
 
-import base64
-import binascii
 import logging
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import FastAPI, HTTPException, Path, Query, Request, Response
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.gzip import GZipMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from api import problems
-from api.auth import Principal, require
+from api import keys, problems, views
+from api.auth import Admin, KeyCache, Operator, Viewer
+from api.common import (
+    PROBLEM,
+    AlarmId,
+    CityFilter,
+    DeviceId,
+    DomainFilter,
+    ViewCache,
+    comma_list,
+    db,
+    decode_int_cursor,
+    encode_cursor,
+    reject_unknown_query_parameters,
+    scoped_device_check,
+)
+from api.page import add_page_routes
+from api.stream import EventHub, add_stream_route
 from ioc_core.alarms import ALARM_STATES, Alarm
 from ioc_core.broker_accounts import DeviceAccounts
-from ioc_core.domains import DOMAINS
 from ioc_core.errors import ConflictError, IocError, NotFoundError, ServiceUnavailableError
 from ioc_core.metrics import CONTENT_TYPE, Metric, render
-from ioc_core.models import Device, DeviceCredentials, DeviceIn, DevicePatch, RegisteredDevice, StateItem
+from ioc_core.models import Device, DeviceCredentials, DeviceIn, DevicePatch, RegisteredDevice
 from ioc_core.rules import SEVERITIES
 from ioc_core.settings import Settings
 from ioc_core.storage import Database
-from ioc_core.telemetry import CITY_PATTERN, DEVICE_ID_PATTERN
+from ioc_core.telemetry import DEVICE_ID_PATTERN
 
 log = logging.getLogger(__name__)
-
-AlarmId = Annotated[int, Path(ge=1, le=2**63 - 1, description="alarm id")]
-DeviceId = Annotated[str, Path(pattern=f"^{DEVICE_ID_PATTERN.pattern}$", description="device id")]
-CityFilter = Annotated[str | None, Query(pattern=f"^{CITY_PATTERN.pattern}$", description="city slug")]
-DomainFilter = Annotated[str | None, Query(pattern="^(" + "|".join(DOMAINS) + ")$", description="domain")]
-
-_PROBLEM = {"model": problems.Problem, "content": {problems.PROBLEM_MEDIA_TYPE: {}}}
 
 
 class Health(BaseModel):
@@ -46,11 +54,6 @@ class Readiness(BaseModel):
     status: str
     checks: dict[str, str]
     storage_tier: str | None = None
-
-
-class StateList(BaseModel):
-    items: list[StateItem]
-    next: str | None = None
 
 
 class AlarmList(BaseModel):
@@ -64,16 +67,6 @@ class AlarmAction(BaseModel):
     )
 
     note: str | None = Field(default=None, max_length=2000, description="why, for the audit trail")
-
-
-def _comma_list(value: str | None, allowed: tuple[str, ...], name: str) -> list[str] | None:
-    if value is None:
-        return None
-    items = [item.strip() for item in value.split(",") if item.strip()]
-    unknown = [item for item in items if item not in allowed]
-    if unknown or not items:
-        raise HTTPException(400, f"{name} must be a comma-separated list of {', '.join(allowed)}")
-    return items
 
 
 class DeadLetterItem(BaseModel):
@@ -98,21 +91,6 @@ async def _unregister(database: Database, device_id: str) -> None:
         log.error(
             "device %s is registered without a broker account and could not be removed: %s", device_id, exc
         )
-
-
-def _encode_cursor(value: int) -> str:
-    return base64.urlsafe_b64encode(f"v1:{value}".encode()).decode().rstrip("=")
-
-
-def _decode_cursor(cursor: str) -> int:
-    try:
-        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        version, value = text.split(":", 1)
-        if version != "v1":
-            raise ValueError(version)
-        return int(value)
-    except (ValueError, UnicodeDecodeError, binascii.Error) as exc:
-        raise HTTPException(400, "cursor is not valid; use the `next` value of a previous page") from exc
 
 
 @contextmanager
@@ -145,7 +123,8 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with storage(app), device_accounts(app):
+        async with storage(app), device_accounts(app), EventHub(settings) as hub:
+            app.state.event_hub = hub
             yield
 
     @asynccontextmanager
@@ -162,16 +141,21 @@ def create_app(
     app = FastAPI(
         title="IOC streaming backend",
         version="0.1.0",
-        description="Operations-center API: devices, latest state, series, alarms, GIS layers, live events.",
+        description="Operations-center API: devices, latest state, series, alarms, GIS layers, live events."
+        " Every error is RFC 9457 problem+json. Keys go in `Authorization: Bearer KEY` or `X-API-Key`.",
         lifespan=lifespan,
-        responses={401: _PROBLEM, 403: _PROBLEM, 422: _PROBLEM, 500: _PROBLEM},
+        responses={400: PROBLEM, 401: PROBLEM, 403: PROBLEM, 422: PROBLEM, 500: PROBLEM},
+        dependencies=[Depends(reject_unknown_query_parameters)],
     )
     app.state.settings = settings
+    app.state.key_cache = KeyCache(settings.api_key_cache_s)
+    app.state.view_cache = ViewCache()
     problems.install(app)
-
-    def db(request: Request) -> Database:
-        database_: Database = request.app.state.database
-        return database_
+    # Views that screens poll compress themselves once per version; this covers the rest.
+    app.add_middleware(GZipMiddleware, minimum_size=1024, compresslevel=6)
+    app.include_router(views.router)
+    app.include_router(keys.router)
+    add_stream_route(app)
 
     def device_accounts_of(request: Request) -> DeviceAccounts:
         accounts_: DeviceAccounts | None = request.app.state.accounts
@@ -180,6 +164,16 @@ def create_app(
                 404, "this deployment does not manage device credentials (IOC_MQTT_ADMIN_URL is unset)"
             )
         return accounts_
+
+    async def scoped_device(request: Request, principal: Viewer, device_id: str) -> Device:
+        device = await db(request).get_device(device_id)
+        scoped_device_check(principal, device.city, device.domain, f"device {device_id!r}")
+        return device
+
+    async def scoped_alarm(request: Request, principal: Viewer, alarm_id: int) -> Alarm:
+        alarm = await db(request).get_alarm(alarm_id)
+        scoped_device_check(principal, alarm.city, alarm.domain, f"alarm {alarm_id}")
+        return alarm
 
     @app.get("/health", response_model=Health, summary="Liveness: the process answers.", tags=["health"])
     async def health() -> Health:
@@ -222,10 +216,13 @@ def create_app(
         " (`POST /v1/devices/{id}/credentials`). When the broker cannot create the account the device"
         " is not registered (503).",
         tags=["devices"],
-        dependencies=[require("admin")],
-        responses={409: _PROBLEM, 503: _PROBLEM},
+        responses={409: PROBLEM, 503: PROBLEM},
     )
-    async def register_device(request: Request, device: DeviceIn, response: Response) -> RegisteredDevice:
+    async def register_device(
+        request: Request, principal: Admin, device: DeviceIn, response: Response
+    ) -> RegisteredDevice:
+        if not principal.allows(device.city, device.domain):
+            raise HTTPException(403, f"this key may not register {device.domain} devices in {device.city}")
         database_ = db(request)
         created = await database_.insert_device(device)
         accounts_: DeviceAccounts | None = request.app.state.accounts
@@ -250,12 +247,13 @@ def create_app(
         response_model=Device,
         summary="Change a device's name, district, location or thresholds (admin).",
         tags=["devices"],
-        dependencies=[require("admin")],
-        responses={404: _PROBLEM},
+        responses={404: PROBLEM},
     )
-    async def update_device(request: Request, device_id: DeviceId, patch: DevicePatch) -> Device:
+    async def update_device(
+        request: Request, principal: Admin, device_id: DeviceId, patch: DevicePatch
+    ) -> Device:
         database_ = db(request)
-        current = await database_.get_device(device_id)
+        current = await scoped_device(request, principal, device_id)
         merged = {
             **current.model_dump(
                 include={"id", "city", "domain", "name", "district", "location", "thresholds"}
@@ -276,12 +274,11 @@ def create_app(
         status_code=204,
         summary="Remove a device and its MQTT account (admin).",
         tags=["devices"],
-        dependencies=[require("admin")],
-        responses={404: _PROBLEM, 503: _PROBLEM},
+        responses={404: PROBLEM, 503: PROBLEM},
     )
-    async def delete_device(request: Request, device_id: DeviceId) -> None:
+    async def delete_device(request: Request, principal: Admin, device_id: DeviceId) -> None:
         database_ = db(request)
-        await database_.get_device(device_id)
+        await scoped_device(request, principal, device_id)
         accounts_: DeviceAccounts | None = request.app.state.accounts
         if accounts_ is not None:
             # The account goes first: a device still registered after a failure can be removed
@@ -298,12 +295,13 @@ def create_app(
         " closed by the broker at once, and a revoked device may connect again. A device registered"
         " before the broker enforced credentials gets its first ones here.",
         tags=["devices"],
-        dependencies=[require("admin")],
-        responses={404: _PROBLEM, 409: _PROBLEM, 503: _PROBLEM},
+        responses={404: PROBLEM, 409: PROBLEM, 503: PROBLEM},
     )
-    async def rotate_credentials(request: Request, device_id: DeviceId) -> DeviceCredentials:
+    async def rotate_credentials(
+        request: Request, principal: Admin, device_id: DeviceId
+    ) -> DeviceCredentials:
         accounts_ = device_accounts_of(request)
-        device = await db(request).get_device(device_id)
+        device = await scoped_device(request, principal, device_id)
         with _broker_step(f"the credentials of device {device_id!r} were not changed"):
             try:
                 return await accounts_.rotate(device_id)
@@ -317,12 +315,11 @@ def create_app(
         description="The broker disconnects the device and refuses it until it gets new credentials"
         " (`POST /v1/devices/{id}/credentials`). The device stays registered.",
         tags=["devices"],
-        dependencies=[require("admin")],
-        responses={404: _PROBLEM, 409: _PROBLEM, 503: _PROBLEM},
+        responses={404: PROBLEM, 409: PROBLEM, 503: PROBLEM},
     )
-    async def revoke_credentials(request: Request, device_id: DeviceId) -> None:
+    async def revoke_credentials(request: Request, principal: Admin, device_id: DeviceId) -> None:
         accounts_ = device_accounts_of(request)
-        await db(request).get_device(device_id)
+        await scoped_device(request, principal, device_id)
         with _broker_step(f"the credentials of device {device_id!r} were not revoked"):
             await accounts_.revoke(device_id)
 
@@ -331,33 +328,21 @@ def create_app(
         response_model=Device,
         summary="One device with its status and latest reading.",
         tags=["devices"],
-        dependencies=[require("viewer")],
-        responses={404: _PROBLEM},
+        responses={404: PROBLEM},
     )
-    async def get_device(request: Request, device_id: DeviceId) -> Device:
-        return await db(request).get_device(device_id)
-
-    @app.get(
-        "/v1/state",
-        response_model=StateList,
-        summary="The latest reading of every device in scope.",
-        tags=["state"],
-        dependencies=[require("viewer")],
-    )
-    async def state(request: Request, city: CityFilter = None, domain: DomainFilter = None) -> StateList:
-        items = await db(request).list_state(city=city, domain=domain)
-        return StateList(items=items, next=None)
+    async def get_device(request: Request, principal: Viewer, device_id: DeviceId) -> Device:
+        return await scoped_device(request, principal, device_id)
 
     @app.get(
         "/v1/dead-letters",
         response_model=DeadLetterList,
         summary="Rejected device messages with their reason, newest first (admin).",
         tags=["dead letters"],
-        dependencies=[require("admin")],
-        responses={400: _PROBLEM},
+        responses={400: PROBLEM},
     )
     async def dead_letters(
         request: Request,
+        principal: Admin,
         reason: Annotated[
             str | None, Query(max_length=64, pattern="^[a-z_]+$", description="only this reason")
         ] = None,
@@ -366,12 +351,15 @@ def create_app(
             str | None, Query(max_length=200, description="`next` of the previous page")
         ] = None,
     ) -> DeadLetterList:
-        before = _decode_cursor(cursor) if cursor else None
+        if principal.cities is not None or principal.domains is not None:
+            # A rejected message may name no device, so it cannot be placed in a scope.
+            raise HTTPException(403, "dead letters need an admin key without a city or domain limit")
+        before = decode_int_cursor(cursor)
         rows = await db(request).list_dead_letters(limit=limit + 1, before_id=before, reason=reason)
         page = rows[:limit]
         return DeadLetterList(
             items=[DeadLetterItem(**{**row.model_dump(), "id": str(row.id)}) for row in page],
-            next=_encode_cursor(page[-1].id) if len(rows) > limit else None,
+            next=encode_cursor(page[-1].id) if len(rows) > limit else None,
         )
 
     @app.get(
@@ -379,11 +367,11 @@ def create_app(
         response_model=AlarmList,
         summary="Alarms matching every filter given, newest first.",
         tags=["alarms"],
-        dependencies=[require("viewer")],
-        responses={400: _PROBLEM},
+        responses={400: PROBLEM},
     )
     async def alarms(
         request: Request,
+        principal: Viewer,
         state: Annotated[
             str | None, Query(max_length=100, description="comma-separated: active, acknowledged, resolved")
         ] = None,
@@ -400,44 +388,47 @@ def create_app(
             str | None, Query(max_length=200, description="`next` of the previous page")
         ] = None,
     ) -> AlarmList:
-        before = _decode_cursor(cursor) if cursor else None
+        before = decode_int_cursor(cursor)
+        cities, domains = principal.city_filter(city), principal.domain_filter(domain)
+        if cities == [] or domains == []:
+            return AlarmList(items=[], next=None)
         rows = await db(request).list_alarms(
             limit=limit + 1,
             before_id=before,
-            states=_comma_list(state, ALARM_STATES, "state"),
-            city=city,
-            domain=domain,
-            severities=_comma_list(severity, SEVERITIES, "severity"),
+            states=comma_list(state, ALARM_STATES, "state"),
+            cities=cities,
+            domains=domains,
+            severities=comma_list(severity, SEVERITIES, "severity"),
             device_id=device_id,
         )
         page = rows[:limit]
-        return AlarmList(items=page, next=_encode_cursor(page[-1].id) if len(rows) > limit else None)
+        return AlarmList(items=page, next=encode_cursor(page[-1].id) if len(rows) > limit else None)
 
     @app.get(
         "/v1/alarms/{alarm_id}",
         response_model=Alarm,
         summary="One alarm, with who acknowledged or resolved it.",
         tags=["alarms"],
-        dependencies=[require("viewer")],
-        responses={404: _PROBLEM},
+        responses={404: PROBLEM},
     )
-    async def alarm(request: Request, alarm_id: AlarmId) -> Alarm:
-        return await db(request).get_alarm(alarm_id)
+    async def alarm(request: Request, principal: Viewer, alarm_id: AlarmId) -> Alarm:
+        return await scoped_alarm(request, principal, alarm_id)
 
     @app.post(
         "/v1/alarms/{alarm_id}/ack",
         response_model=Alarm,
         summary="Acknowledge an alarm (operator).",
         tags=["alarms"],
-        responses={404: _PROBLEM, 409: _PROBLEM},
+        responses={404: PROBLEM, 409: PROBLEM},
     )
     async def acknowledge_alarm(
         request: Request,
         alarm_id: AlarmId,
-        principal: Annotated[Principal, require("operator")],
+        principal: Operator,
         action: AlarmAction | None = None,
     ) -> Alarm:
         note = action.note if action else None
+        await scoped_alarm(request, principal, alarm_id)
         return await db(request).acknowledge_alarm(alarm_id, actor=principal.name, note=note)
 
     @app.post(
@@ -445,15 +436,16 @@ def create_app(
         response_model=Alarm,
         summary="Resolve an alarm by hand (operator).",
         tags=["alarms"],
-        responses={404: _PROBLEM, 409: _PROBLEM},
+        responses={404: PROBLEM, 409: PROBLEM},
     )
     async def resolve_alarm(
         request: Request,
         alarm_id: AlarmId,
-        principal: Annotated[Principal, require("operator")],
+        principal: Operator,
         action: AlarmAction | None = None,
     ) -> Alarm:
         note = action.note if action else None
+        await scoped_alarm(request, principal, alarm_id)
         return await db(request).resolve_alarm(alarm_id, actor=principal.name, note=note)
 
     @app.get(
@@ -473,4 +465,5 @@ def create_app(
             devices.add(count, status=status)
         return Response(render([dead, devices]), media_type=CONTENT_TYPE)
 
+    add_page_routes(app, settings)
     return app

@@ -10,9 +10,13 @@ from ioc_core.storage import Database
 
 class ApiServer(HttpServer):
     def __init__(self, settings: Settings, *, database: Database | None = None) -> None:
-        super().__init__(
-            create_app(settings, database=database),
-            host=settings.api_host,
-            port=settings.api_port,
-            name="API",
-        )
+        self._app = create_app(settings, database=database)
+        super().__init__(self._app, host=settings.api_host, port=settings.api_port, name="API")
+
+    async def stop(self) -> None:
+        # uvicorn waits for open responses to finish before the app's shutdown runs, and event
+        # streams never finish by themselves: end them first.
+        hub = getattr(self._app.state, "event_hub", None)
+        if hub is not None:
+            hub.close_streams()
+        await super().stop()

@@ -2,6 +2,10 @@
 
 Every event has a stable `id` (a UUID chosen when the event is recorded), so consumers that see
 an event twice (the outbox relay is at-least-once) can tell.
+
+`state.changed` events are snapshots of the latest state of the devices of one city and domain
+that changed lately; a later one supersedes an earlier one, so they are sent straight to Kafka
+rather than through the outbox.
 """
 
 from __future__ import annotations
@@ -10,10 +14,11 @@ import json
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypedDict
 
 DEVICE_ONLINE = "device.online"
 DEVICE_OFFLINE = "device.offline"
+STATE_CHANGED = "state.changed"
 
 # Why a device's status changed.
 CAUSE_TELEMETRY = "telemetry"
@@ -21,6 +26,15 @@ CAUSE_STATUS_MESSAGE = "status_message"
 CAUSE_INACTIVITY = "inactivity"
 
 SOURCE = "urn:ioc:processor"
+
+
+class ChangedDevice(TypedDict):
+    """One device in a `state.changed` event: its status and its newest reading's metrics."""
+
+    device_id: str
+    status: str
+    ts: str
+    metrics: dict[str, float]
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,4 +82,16 @@ def device_status_event(
             "previous": previous,
             "cause": cause,
         },
+    )
+
+
+def state_changed_event(*, city: str, domain: str, items: list[ChangedDevice], at: datetime) -> Event:
+    """The latest state of some devices of one city and domain. Keyed by `{city}/{domain}`, so the
+    snapshots of one place stay in order on the bus."""
+    return Event(
+        id=str(uuid.uuid4()),
+        type=STATE_CHANGED,
+        subject=f"{city}/{domain}",
+        time=at,
+        data={"city": city, "domain": domain, "items": items},
     )

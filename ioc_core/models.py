@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal, Self
+from typing import Annotated, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, model_validator
 
 from ioc_core.domains import DOMAINS
 from ioc_core.rules import rule_value_problem
@@ -26,14 +26,15 @@ ThresholdKey = Literal[
     "zscore_floor",
     "flatline_s",
 ]
-Thresholds = dict[str, dict[ThresholdKey, float | None]]
+# Strict: JSON `true` or "3" is a mistake to point out, not a number to guess.
+Thresholds = dict[str, dict[ThresholdKey, Annotated[float, Strict()] | None]]
 
 
 class Location(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    lat: float = Field(ge=-90, le=90, description="WGS 84 latitude", examples=[21.0285])
-    lon: float = Field(ge=-180, le=180, description="WGS 84 longitude", examples=[105.8542])
+    lat: float = Field(ge=-90, le=90, strict=True, description="WGS 84 latitude", examples=[21.0285])
+    lon: float = Field(ge=-180, le=180, strict=True, description="WGS 84 longitude", examples=[105.8542])
 
 
 class DeviceIn(BaseModel):

@@ -106,6 +106,30 @@ class Settings(BaseSettings):
         default=3600, gt=0, description="how often a processor drops readings older than the retention"
     )
 
+    api_max_streams: int = Field(
+        default=100, ge=1, description="concurrent /v1/stream connections one API process serves"
+    )
+    stream_heartbeat_s: float = Field(
+        default=15.0, gt=0, description="seconds between SSE heartbeat comments on an idle stream"
+    )
+    state_event_interval_s: float = Field(
+        default=2.0,
+        gt=0,
+        description="processors send a device's changed latest state on ioc.events at most this often",
+    )
+    api_max_series_points: int = Field(
+        default=10_000, ge=10, description="the most buckets one series request may ask for"
+    )
+    api_key_cache_s: float = Field(
+        default=5.0, ge=0, description="how long the API trusts a looked-up API key (revocation delay)"
+    )
+    map_tiles_url: str | None = Field(
+        default=None,
+        description="XYZ tile URL template for the operations page's map (e.g. a city's own tile"
+        " server); unset, the map draws devices on a plain background and fetches nothing outside",
+    )
+    map_tiles_attribution: str = Field(default="", description="attribution shown under the tiles")
+
     @field_validator("mqtt_url")
     @classmethod
     def _check_mqtt_url(cls, value: SecretStr) -> SecretStr:

@@ -7,6 +7,9 @@ alarms and their events. Offsets are committed only after it. A processor killed
 write and the commit replays the batch, and the database absorbs the copies: readings by their
 primary key (or remembered `seq`), dead letters by their bus position, status by its time, and
 detectors skip readings no newer than the state they stored, so alarms are not counted twice.
+
+After each batch the devices' new latest state waits in memory and goes out every
+`IOC_STATE_EVENT_INTERVAL_S` as `state.changed` events (latest wins), for the live screens.
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
-from datetime import datetime, timedelta
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
 from aiokafka import ConsumerRebalanceListener, TopicPartition
@@ -28,6 +32,7 @@ from ioc_core.alarms import Finding
 from ioc_core.bus import BusConsumer, BusProducer, ensure_topics
 from ioc_core.component import Component
 from ioc_core.errors import IocError, RejectedMessage
+from ioc_core.events import ChangedDevice, state_changed_event
 from ioc_core.settings import Settings
 from ioc_core.storage import Database, TelemetryBatch
 from ioc_core.storage.database import BatchTransaction, DeviceProfileRow, StatusTransition
@@ -49,6 +54,27 @@ _RETRY_BACKOFF_MAX_S = 10.0
 FAULT_EXIT_CODE = 70
 # A partition counts as caught up (its devices' silence is real, not our lag) within this many records.
 _CAUGHT_UP_LAG = 100
+# Devices per `state.changed` event, so that one event stays far below Kafka's message size limit.
+_STATE_ITEMS_MAX = 500
+_FINAL_STATE_FLUSH_S = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class _PendingState:
+    device_id: str
+    city: str
+    domain: str
+    status: str
+    ts: datetime
+    metrics: dict[str, float]
+
+    def snapshot(self) -> ChangedDevice:
+        return {
+            "device_id": self.device_id,
+            "status": self.status,
+            "ts": self.ts.isoformat(),
+            "metrics": self.metrics,
+        }
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -95,10 +121,15 @@ class TelemetryProcessor(Component):
         self._detector_states: dict[str, dict[str, object]] = {}
         self._profiles: dict[str, DeviceProfile] = {}
         self._profiles_loaded_at = 0.0
+        # Latest state of the devices changed since the last `state.changed` flush, and the newest
+        # reading time seen per device, so that a late reading never moves a screen backwards.
+        self._pending_states: dict[str, _PendingState] = {}
+        self._newest_state_ts: dict[str, datetime] = {}
         self.rows_written = 0
         self.duplicates_dropped = 0
         self.batches_written = 0
         self.events_relayed = 0
+        self.state_events_sent = 0
         self.findings = 0
 
     async def start(self) -> None:
@@ -124,6 +155,10 @@ class TelemetryProcessor(Component):
                 self._every(self._settings.silence_check_s, self._sweep_silent), name="processor-silence"
             ),
             asyncio.create_task(self._relay_events(), name="processor-relay"),
+            asyncio.create_task(
+                self._every(self._settings.state_event_interval_s, self._flush_states),
+                name="processor-state-events",
+            ),
             asyncio.create_task(self._every(60, self._database.housekeeping), name="processor-housekeeping"),
             asyncio.create_task(
                 self._every(self._settings.retention_check_s, self._apply_retention),
@@ -139,6 +174,11 @@ class TelemetryProcessor(Component):
                 await task
         self._tasks = []
         await self._consumer.stop()
+        # The last changes would otherwise reach the screens only with the devices' next readings.
+        try:
+            await asyncio.wait_for(self._flush_states(), _FINAL_STATE_FLUSH_S)
+        except TimeoutError:
+            log.warning("the last state.changed events were not sent before stopping")
         await self._producer.stop()
         await self._database.stop()
 
@@ -236,6 +276,7 @@ class TelemetryProcessor(Component):
             findings.extend(_offline_findings(result.transitions))
             alarm_events = await transaction.apply_findings(findings)
         self._detector_states.update(new_states)
+        self._remember_states(batch, result.kept, result.transitions, profiles)
         self.rows_written += result.stored
         self.duplicates_dropped += result.duplicates
         self.batches_written += 1
@@ -282,6 +323,7 @@ class TelemetryProcessor(Component):
         async with self._database.transaction() as transaction:
             transitions = await transaction.sweep_silent(owned, self._settings.offline_after())
             await transaction.apply_findings(_offline_findings(transitions))
+        self._note_status(transitions)
         if transitions:
             log.info("%d devices went silent", len(transitions))
             self._events_pending.set()
@@ -320,6 +362,99 @@ class TelemetryProcessor(Component):
             await claim.mark_published()
         self.events_relayed += len(claim.events)
         return len(claim.events)
+
+    def _remember_states(
+        self,
+        batch: TelemetryBatch,
+        kept: list[Reading],
+        transitions: list[StatusTransition],
+        profiles: dict[str, DeviceProfile],
+    ) -> None:
+        """Note the committed batch's changes for the next `state.changed` flush (latest wins).
+        Metrics merge into what is pending, as they do in the stored latest state."""
+        # A device's status after the batch: its last record decides, as in storage.
+        statuses: dict[str, str] = {}
+        for record, _ in batch.records:
+            statuses[record.device_id] = "online" if isinstance(record, Reading) else record.status
+        statuses.update((t.device_id, t.status) for t in transitions)
+        for reading in sorted(kept, key=lambda r: r.ts):
+            profile = profiles.get(reading.device_id)
+            if profile is None:
+                continue  # no longer registered: it has no latest state either
+            newest = self._newest_state_ts.get(reading.device_id)
+            if newest is not None and reading.ts < newest:
+                continue  # a late reading is stored but never moves "latest" backwards
+            pending = self._pending_states.get(reading.device_id)
+            self._pending_states[reading.device_id] = _PendingState(
+                device_id=reading.device_id,
+                city=profile.city,
+                domain=profile.domain,
+                status=statuses.get(reading.device_id, "online"),
+                ts=reading.ts,
+                metrics={**pending.metrics, **reading.metrics} if pending else dict(reading.metrics),
+            )
+            self._newest_state_ts[reading.device_id] = reading.ts
+        self._note_status(transitions)
+
+    def _note_status(self, transitions: Iterable[StatusTransition]) -> None:
+        for transition in transitions:
+            pending = self._pending_states.get(transition.device_id)
+            if pending is not None:
+                self._pending_states[transition.device_id] = replace(pending, status=transition.status)
+
+    async def _flush_states(self) -> None:
+        """Send the pending latest states as `state.changed` events, per city and domain.
+
+        Straight to Kafka, not through the outbox: they are snapshots, and a lost one is superseded
+        by the next. A failed send puts its devices back into the pending set (unless newer state
+        is pending by then), so a device that falls silent still gets its last state out.
+        """
+        if not self._pending_states:
+            return
+        pending, self._pending_states = self._pending_states, {}
+        places: dict[tuple[str, str], list[_PendingState]] = {}
+        for state in pending.values():
+            places.setdefault((state.city, state.domain), []).append(state)
+        now = datetime.now(tz=UTC)
+        chunks = [
+            states[start : start + _STATE_ITEMS_MAX]
+            for _, states in sorted(places.items())
+            for start in range(0, len(states), _STATE_ITEMS_MAX)
+        ]
+        try:
+            results = await asyncio.gather(
+                *(self._send_states(chunk, now) for chunk in chunks), return_exceptions=True
+            )
+        except BaseException:
+            # Stopped while sending: what was sent may go again, which a snapshot allows.
+            self._restore_states(pending.values())
+            raise
+        failures = [(chunk, r) for chunk, r in zip(chunks, results, strict=True) if r is not None]
+        for chunk, error in failures:
+            if not isinstance(error, KafkaError):
+                raise error
+            self._restore_states(chunk)
+        if failures:
+            log.warning(
+                "sending %d of %d state.changed events failed, retrying with the next: %s",
+                len(failures),
+                len(chunks),
+                failures[0][1],
+            )
+        self.state_events_sent += len(chunks) - len(failures)
+
+    def _restore_states(self, states: Iterable[_PendingState]) -> None:
+        for state in states:
+            newer = self._pending_states.get(state.device_id)
+            self._pending_states[state.device_id] = (
+                replace(newer, metrics={**state.metrics, **newer.metrics}) if newer else state
+            )
+
+    async def _send_states(self, states: list[_PendingState], at: datetime) -> None:
+        event = state_changed_event(
+            city=states[0].city, domain=states[0].domain, items=[s.snapshot() for s in states], at=at
+        )
+        await self._producer.send_and_wait(self._topics.events, event.to_bytes(), key=event.key)
 
     async def _every(self, seconds: float, action: Callable[[], Awaitable[object]]) -> None:
         while True:

@@ -578,6 +578,16 @@ plain_down() {
     fi
 }
 
+# ---------------------------------------------------------------- chromium
+
+# Not a service: the operations page's browser test drives Debian's headless Chromium.
+chromium_ensure() {
+    command -v chromium >/dev/null && return
+    apt_install chromium
+    command -v chromium >/dev/null || fail "chromium: not on PATH after installing it (log: $LOG_DIR/apt.log)"
+    say "chromium: installed"
+}
+
 # ---------------------------------------------------------------- commands
 
 # Two concurrent runs (e.g. parallel make targets) would race on downloads and
@@ -619,6 +629,7 @@ up)
     kafka_up
     pg_up
     plain_up
+    chromium_ensure
     print_env
     ;;
 down)

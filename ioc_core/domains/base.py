@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+from ioc_core.kpis import Kpi
 from ioc_core.rules import DistrictCorrelation, MetricRules
 
 _CAMEL_BOUNDARY = re.compile(r"(?<=[a-z0-9])(?=[A-Z][a-z])")
@@ -68,6 +69,8 @@ class Domain:
     sampler: Sampler
     default_rules: Mapping[str, MetricRules] = field(default_factory=dict)
     correlation: DistrictCorrelation | None = None
+    # Headline figures of the domain's summary tile.
+    kpis: tuple[Kpi, ...] = ()
 
     def __post_init__(self) -> None:
         if BATTERY not in self.metrics:

@@ -7,6 +7,7 @@ import random
 from datetime import datetime, timedelta
 
 from ioc_core.domains.base import Domain, Metric, clamp
+from ioc_core.kpis import Kpi, count, highest, past_limit
 from ioc_core.rules import DistrictCorrelation, MetricRules
 
 LEVEL = Metric(
@@ -74,5 +75,22 @@ DOMAIN = Domain(
         window_s=1800,
         min_stations=2,
         fresh_s=900,
+    ),
+    kpis=(
+        Kpi(
+            "above_alert",
+            "Stations above alert level",
+            "Trạm vượt mức báo động",
+            None,
+            count(past_limit(LEVEL.name, "warn_above", "crit_above")),
+        ),
+        Kpi(
+            "above_danger",
+            "Stations above danger level",
+            "Trạm vượt mức nguy hiểm",
+            None,
+            count(past_limit(LEVEL.name, "crit_above")),
+        ),
+        Kpi("highest_level", "Highest water level", "Mực nước cao nhất", "m", highest(LEVEL.name)),
     ),
 )

@@ -6,6 +6,7 @@ import random
 from datetime import datetime, timedelta
 
 from ioc_core.domains.base import Domain, Metric, clamp, daily_cycle
+from ioc_core.kpis import Kpi, average, count, past_limit
 from ioc_core.rules import MetricRules
 
 VOLTAGE = Metric("voltage", "V", 0, 1000, "phase voltage", label_en="Voltage", label_vi="Điện áp", decimals=1)
@@ -75,4 +76,14 @@ DOMAIN = Domain(
         # Load follows the daily curve; only a jump far outside the feeder's own pattern is unusual.
         ACTIVE_POWER.name: MetricRules(zscore=6.0, zscore_floor=30),
     },
+    kpis=(
+        Kpi(
+            "outside_voltage_band",
+            "Sensors outside the voltage band",
+            "Điểm điện áp ngoài dải",
+            None,
+            count(past_limit(VOLTAGE.name, "warn_below", "warn_above", "crit_below", "crit_above")),
+        ),
+        Kpi("average_voltage", "Average voltage", "Điện áp trung bình", "V", average(VOLTAGE.name, 1)),
+    ),
 )

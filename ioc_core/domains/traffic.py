@@ -6,6 +6,7 @@ import random
 from datetime import datetime, timedelta
 
 from ioc_core.domains.base import Domain, Metric, clamp, daily_cycle
+from ioc_core.kpis import DeviceSnapshot, Kpi, average, count
 from ioc_core.rules import MetricRules
 
 INTENSITY = Metric(
@@ -53,6 +54,20 @@ def _sample(rng: random.Random, t: datetime, phase: float) -> dict[str, float]:
     }
 
 
+# A road is congested well before it is at a standstill (the alarm limits): slower than 15 km/h
+# or 70 % occupied is what a traffic operator calls congestion.
+CONGESTED_SPEED_KMH = 15.0
+CONGESTED_OCCUPANCY = 0.7
+
+
+def _congested(device: DeviceSnapshot) -> bool:
+    speed = device.metrics.get(SPEED.name)
+    occupancy = device.metrics.get(OCCUPANCY.name)
+    return (speed is not None and speed < CONGESTED_SPEED_KMH) or (
+        occupancy is not None and occupancy > CONGESTED_OCCUPANCY
+    )
+
+
 DOMAIN = Domain(
     name="traffic",
     title_en="Traffic",
@@ -69,4 +84,8 @@ DOMAIN = Domain(
         ),
         INTENSITY.name: MetricRules(zscore=6.0, zscore_floor=6),
     },
+    kpis=(
+        Kpi("average_speed", "Average speed", "Tốc độ trung bình", "km/h", average(SPEED.name, 1)),
+        Kpi("congested_sensors", "Congested sensors", "Điểm ùn tắc", None, count(_congested)),
+    ),
 )

@@ -6,6 +6,7 @@ import random
 from datetime import datetime, timedelta
 
 from ioc_core.domains.base import Domain, Metric, clamp
+from ioc_core.kpis import DeviceSnapshot, Kpi, average, count
 from ioc_core.rules import MetricRules
 
 FILLING = Metric(
@@ -41,6 +42,15 @@ def _sample(rng: random.Random, t: datetime, phase: float) -> dict[str, float]:
     }
 
 
+# Collection crews are sent to bins at 80 % and above.
+FULL_AT = 0.8
+
+
+def _full(device: DeviceSnapshot) -> bool:
+    level = device.metrics.get(FILLING.name)
+    return level is not None and level >= FULL_AT
+
+
 DOMAIN = Domain(
     name="waste",
     title_en="Waste collection",
@@ -56,4 +66,8 @@ DOMAIN = Domain(
             warn_above=60, crit_above=80, hysteresis=2, rise_above=15, zscore=6.0, zscore_floor=1.5
         ),
     },
+    kpis=(
+        Kpi("bins_full", "Bins at least 80 % full", "Thùng đầy từ 80 %", None, count(_full)),
+        Kpi("average_filling", "Average filling", "Mức đầy trung bình", "fraction", average(FILLING.name)),
+    ),
 )

@@ -6,6 +6,7 @@ import random
 from datetime import datetime, timedelta
 
 from ioc_core.domains.base import Domain, Metric, clamp, daily_cycle
+from ioc_core.kpis import Kpi, count, has_open_alarm, lowest
 from ioc_core.rules import MetricRules
 
 PRESSURE = Metric(
@@ -74,4 +75,15 @@ DOMAIN = Domain(
             zscore_floor=0.15,
         ),
     },
+    kpis=(
+        Kpi("lowest_pressure", "Lowest pressure", "Áp lực thấp nhất", "bar", lowest(PRESSURE.name)),
+        # A leak shows as pressure falling (too low, or dropping fast) or flow rising unexpectedly.
+        Kpi(
+            "suspected_leaks",
+            "Suspected leaks",
+            "Nghi rò rỉ",
+            None,
+            count(has_open_alarm({PRESSURE.name, FLOW.name}, ("threshold.", "rate.", "zscore."))),
+        ),
+    ),
 )

@@ -10,13 +10,18 @@ from ioc_core.storage.database import (
     ensure_database,
 )
 from ioc_core.storage.schema import StorageTier
+from ioc_core.storage.views import ApiKeyRow, CityRow, StatePage, SummaryDevice
 
 __all__ = [
+    "ApiKeyRow",
+    "CityRow",
     "Database",
     "DeadLetterRow",
     "OutboxClaim",
     "OutboxEvent",
+    "StatePage",
     "StorageTier",
+    "SummaryDevice",
     "TelemetryBatch",
     "WriteResult",
     "ensure_database",

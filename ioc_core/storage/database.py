@@ -53,6 +53,7 @@ from ioc_core.events import (
 )
 from ioc_core.models import Device, DeviceIn, DeviceRoute, LatestReading, Location, StateItem
 from ioc_core.rules import severity_rank
+from ioc_core.storage import views
 from ioc_core.storage.schema import MIGRATION_LOCK_ID, MIGRATIONS, StorageTier, domain_table_ddl, ident
 from ioc_core.storage.tiers import (
     AGGREGATES,
@@ -341,6 +342,8 @@ def _final_statuses(records: Sequence[tuple[BusTelemetry, int]]) -> dict[str, _S
 
 
 async def _init_connection(connection: asyncpg.Connection) -> None:
+    # Timestamps that PostgreSQL renders itself (JSON built in SQL) come out in UTC.
+    await connection.execute("SET TIME ZONE 'UTC'")
     for type_name in ("jsonb", "json"):
         await connection.set_type_codec(
             type_name, encoder=json.dumps, decoder=json.loads, schema="pg_catalog", format="text"
@@ -519,22 +522,24 @@ class Database(Component):
 
     async def insert_device(self, device: DeviceIn) -> Device:
         try:
-            await self.pool.execute(
-                "INSERT INTO devices (id, city, domain, name, district, lat, lon, thresholds)"
-                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-                device.id,
-                device.city,
-                device.domain,
-                device.name,
-                device.district,
-                device.location.lat,
-                device.location.lon,
-                device.thresholds,
-            )
-        except asyncpg.UniqueViolationError as exc:
-            raise ConflictError(f"device {device.id!r} already exists") from exc
-        except _CONNECTION_ERRORS as exc:
-            raise _unavailable(self._url, exc) from exc
+            async with self.transaction() as transaction:
+                await transaction.connection.execute(
+                    "INSERT INTO devices (id, city, domain, name, district, lat, lon, thresholds)"
+                    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                    device.id,
+                    device.city,
+                    device.domain,
+                    device.name,
+                    device.district,
+                    device.location.lat,
+                    device.location.lon,
+                    device.thresholds,
+                )
+                transaction.touch(device.city, device.domain)
+        except StorageError as exc:
+            if isinstance(exc.__cause__, asyncpg.UniqueViolationError):
+                raise ConflictError(f"device {device.id!r} already exists") from exc
+            raise
         return await self.get_device(device.id)
 
     async def get_device(self, device_id: str) -> Device:
@@ -545,19 +550,7 @@ class Database(Component):
         )
         if row is None:
             raise NotFoundError(f"device {device_id!r} not found")
-        return Device(
-            id=row["id"],
-            city=row["city"],
-            domain=row["domain"],
-            name=row["name"],
-            district=row["district"],
-            location=Location(lat=row["lat"], lon=row["lon"]),
-            thresholds=row["thresholds"],
-            status=row["status"],
-            last_seen=row["last_seen"],
-            latest=LatestReading(ts=row["ts"], metrics=row["metrics"]) if row["ts"] is not None else None,
-            created_at=row["created_at"],
-        )
+        return _device_of(row)
 
     async def device_routes(self) -> list[DeviceRoute]:
         rows = await self._fetch("SELECT id, city, domain FROM devices")
@@ -609,7 +602,9 @@ class Database(Component):
         the block ends, or not at all. Durable when the block has ended."""
         try:
             async with self.pool.acquire() as connection, connection.transaction():
-                yield BatchTransaction(self, connection)
+                transaction = BatchTransaction(self, connection)
+                yield transaction
+                await transaction.flush_versions()
         except _CONNECTION_ERRORS as exc:
             raise _unavailable(self._url, exc) from exc
         except asyncpg.PostgresError as exc:
@@ -710,25 +705,25 @@ class Database(Component):
         limit: int,
         before_id: int | None = None,
         states: Sequence[str] | None = None,
-        city: str | None = None,
-        domain: str | None = None,
+        cities: Sequence[str] | None = None,
+        domains: Sequence[str] | None = None,
         severities: Sequence[str] | None = None,
         device_id: str | None = None,
     ) -> list[Alarm]:
-        """Alarms matching every filter given, newest first."""
+        """Alarms matching every filter given, newest first; `cities`/`domains` None = every one."""
         rows = await self._fetch(
             f"SELECT {_ALARM_COLUMNS} FROM alarms a"
             " WHERE ($1::bigint IS NULL OR a.id < $1)"
             " AND ($2::text[] IS NULL OR a.state = ANY($2))"
-            " AND ($3::text IS NULL OR a.city = $3)"
-            " AND ($4::text IS NULL OR a.domain = $4)"
+            " AND ($3::text[] IS NULL OR a.city = ANY($3))"
+            " AND ($4::text[] IS NULL OR a.domain = ANY($4))"
             " AND ($5::text[] IS NULL OR a.severity = ANY($5))"
             " AND ($6::text IS NULL OR a.device_id = $6)"
             " ORDER BY a.id DESC LIMIT $7",
             before_id,
             list(states) if states else None,
-            city,
-            domain,
+            _text_list(cities),
+            _text_list(domains),
             list(severities) if severities else None,
             device_id,
             limit,
@@ -805,6 +800,7 @@ class Database(Component):
                     f"SELECT {_ALARM_COLUMNS} FROM alarms a WHERE a.id = $1", alarm_id
                 )
                 alarm = _alarm_of(rows[0])
+                transaction.touch(alarm.city, alarm.domain)
                 event = alarm_event(event_type, alarm, datetime.now(UTC))
                 event.data["by"] = actor
                 event.data["note"] = note
@@ -815,25 +811,190 @@ class Database(Component):
 
     async def update_device(self, device: DeviceIn) -> Device:
         """Store a device's name, district, location and thresholds; its id, city and domain stay."""
-        row = await self._fetchrow(
-            "UPDATE devices SET name = $2, district = $3, lat = $4, lon = $5, thresholds = $6,"
-            " updated_at = now() WHERE id = $1 RETURNING id",
-            device.id,
-            device.name,
-            device.district,
-            device.location.lat,
-            device.location.lon,
-            device.thresholds,
-        )
-        if row is None:
-            raise NotFoundError(f"device {device.id!r} not found")
+        async with self.transaction() as transaction:
+            row = await transaction.connection.fetchrow(
+                "UPDATE devices SET name = $2, district = $3, lat = $4, lon = $5, thresholds = $6,"
+                " updated_at = now() WHERE id = $1 RETURNING city, domain",
+                device.id,
+                device.name,
+                device.district,
+                device.location.lat,
+                device.location.lon,
+                device.thresholds,
+            )
+            if row is None:
+                raise NotFoundError(f"device {device.id!r} not found")
+            transaction.touch(row["city"], row["domain"])
         return await self.get_device(device.id)
 
     async def delete_device(self, device_id: str) -> None:
         """Remove a device from the registry (its state goes with it; stored readings stay)."""
-        row = await self._fetchrow("DELETE FROM devices WHERE id = $1 RETURNING id", device_id)
+        async with self.transaction() as transaction:
+            row = await transaction.connection.fetchrow(
+                "DELETE FROM devices WHERE id = $1 RETURNING city, domain", device_id
+            )
+            if row is None:
+                raise NotFoundError(f"device {device_id!r} not found")
+            transaction.touch(row["city"], row["domain"])
+
+    # -- operations views ---------------------------------------------------------------------
+
+    async def state_version(self, cities: Sequence[str] | None, domains: Sequence[str] | None) -> str:
+        """Changes whenever anything shown about the devices in scope changes (see `views`)."""
+        row = await self._fetchrow(views.STATE_VERSIONS_SQL, _text_list(cities), _text_list(domains))
+        return str(row[0]) if row is not None else ""
+
+    async def state_page(
+        self,
+        cities: Sequence[str] | None,
+        domains: Sequence[str] | None,
+        *,
+        after: str | None,
+        limit: int,
+    ) -> views.StatePage:
+        """The latest state of devices in scope, in id order, as JSON built by the database."""
+        scope = (_text_list(cities), _text_list(domains))
+        row = await self._fetchrow(views.STATE_PAGE_SQL, *scope, after, limit)
+        if row is None or not row["n"]:
+            return views.StatePage(items_json="[]", count=0, last_id=None, more=False)
+        more = bool((await self._fetchrow(views.MORE_DEVICES_SQL, *scope, row["last_id"]) or [False])[0])
+        return views.StatePage(items_json=row["items"], count=row["n"], last_id=row["last_id"], more=more)
+
+    async def layer_features(
+        self,
+        cities: Sequence[str] | None,
+        domains: Sequence[str] | None,
+        bbox: tuple[float, float, float, float] | None,
+    ) -> tuple[int, str]:
+        """GeoJSON features (a JSON array text) of the devices in scope, with how many there are."""
+        row = await self._fetchrow(
+            views.LAYER_SQL, _text_list(cities), _text_list(domains), list(bbox) if bbox else None
+        )
+        return (row["n"], row["features"]) if row is not None else (0, "[]")
+
+    async def list_devices(
+        self,
+        cities: Sequence[str] | None,
+        domains: Sequence[str] | None,
+        *,
+        status: str | None,
+        bbox: tuple[float, float, float, float] | None,
+        after: str | None,
+        limit: int,
+    ) -> list[Device]:
+        rows = await self._fetch(
+            views.DEVICE_PAGE_SQL,
+            _text_list(cities),
+            _text_list(domains),
+            status,
+            list(bbox) if bbox else None,
+            after,
+            limit,
+        )
+        return [_device_of(row) for row in rows]
+
+    async def summary_inputs(
+        self, cities: Sequence[str] | None, domains: Sequence[str] | None, city: str | None
+    ) -> tuple[list[views.SummaryDevice], list[tuple[str, str, str, int]]]:
+        """Devices in scope with their open alarms, and open alarms counted by (domain, state,
+        severity): what a summary's figures are computed from."""
+        scope = (_text_list(cities), _text_list(domains), city)
+        device_rows = await self._fetch(views.SUMMARY_DEVICES_SQL, *scope)
+        alarm_rows = await self._fetch(views.SUMMARY_ALARMS_SQL, *scope)
+        devices = [
+            views.SummaryDevice(
+                id=r["id"],
+                domain=r["domain"],
+                status=r["status"],
+                metrics=r["metrics"],
+                thresholds=r["thresholds"],
+                open_alarms=[_rule_and_metric(item) for item in r["open_alarms"]],
+            )
+            for r in device_rows
+        ]
+        return devices, [(r["domain"], r["state"], r["severity"], r["n"]) for r in alarm_rows]
+
+    async def cities(
+        self, cities: Sequence[str] | None, domains: Sequence[str] | None
+    ) -> list[views.CityRow]:
+        rows = await self._fetch(views.CITIES_SQL, _text_list(cities), _text_list(domains))
+        return [
+            views.CityRow(
+                city=r["city"],
+                devices=r["devices"],
+                lat=r["lat"],
+                lon=r["lon"],
+                bbox=(r["min_lon"], r["min_lat"], r["max_lon"], r["max_lat"]),
+            )
+            for r in rows
+        ]
+
+    # -- API keys -----------------------------------------------------------------------------
+
+    async def create_api_key(
+        self,
+        *,
+        key_id: str,
+        name: str | None,
+        role: str,
+        cities: Sequence[str] | None,
+        domains: Sequence[str] | None,
+        key_hash: bytes,
+        created_by: str,
+    ) -> views.ApiKeyRow:
+        row = await self._fetchrow(
+            "INSERT INTO api_keys (id, name, role, cities, domains, key_hash, created_by)"
+            f" VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {views.API_KEY_COLUMNS}",
+            key_id,
+            name,
+            role,
+            _text_list(cities),
+            _text_list(domains),
+            key_hash,
+            created_by,
+        )
+        assert row is not None
+        return views.ApiKeyRow(**dict(row))
+
+    async def api_key_by_hash(self, key_hash: bytes) -> views.ApiKeyRow | None:
+        """The live (not revoked) key with this digest."""
+        row = await self._fetchrow(
+            f"SELECT {views.API_KEY_COLUMNS} FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL",
+            key_hash,
+        )
+        return views.ApiKeyRow(**dict(row)) if row is not None else None
+
+    async def list_api_keys(
+        self, cities: Sequence[str] | None, domains: Sequence[str] | None, *, after: str | None, limit: int
+    ) -> list[views.ApiKeyRow]:
+        """Keys whose scope lies within `cities` and `domains` (None = no limit), in id order."""
+        rows = await self._fetch(
+            f"SELECT {views.API_KEY_COLUMNS} FROM api_keys"
+            " WHERE ($1::text[] IS NULL OR cities <@ $1) AND ($2::text[] IS NULL OR domains <@ $2)"
+            " AND ($3::text IS NULL OR id > $3) ORDER BY id LIMIT $4",
+            _text_list(cities),
+            _text_list(domains),
+            after,
+            limit,
+        )
+        return [views.ApiKeyRow(**dict(r)) for r in rows]
+
+    async def get_api_key(self, key_id: str) -> views.ApiKeyRow:
+        row = await self._fetchrow(f"SELECT {views.API_KEY_COLUMNS} FROM api_keys WHERE id = $1", key_id)
         if row is None:
-            raise NotFoundError(f"device {device_id!r} not found")
+            raise NotFoundError(f"API key {key_id!r} not found")
+        return views.ApiKeyRow(**dict(row))
+
+    async def revoke_api_key(self, key_id: str) -> views.ApiKeyRow:
+        """Revoke a key (again: no change); it stops working within the API's key cache time."""
+        row = await self._fetchrow(
+            "UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE id = $1"
+            f" RETURNING {views.API_KEY_COLUMNS}",
+            key_id,
+        )
+        if row is None:
+            raise NotFoundError(f"API key {key_id!r} not found")
+        return views.ApiKeyRow(**dict(row))
 
     # -- series and retention -----------------------------------------------------------------
 
@@ -1008,6 +1169,31 @@ class StatusTransition:
     at: datetime
 
 
+def _device_of(row: asyncpg.Record) -> Device:
+    return Device(
+        id=row["id"],
+        city=row["city"],
+        domain=row["domain"],
+        name=row["name"],
+        district=row["district"],
+        location=Location(lat=row["lat"], lon=row["lon"]),
+        thresholds=row["thresholds"],
+        status=row["status"],
+        last_seen=row["last_seen"],
+        latest=LatestReading(ts=row["ts"], metrics=row["metrics"]) if row["ts"] is not None else None,
+        created_at=row["created_at"],
+    )
+
+
+def _text_list(values: Sequence[str] | None) -> list[str] | None:
+    return list(values) if values is not None else None
+
+
+def _rule_and_metric(item: str) -> tuple[str, str | None]:
+    rule, _, metric = item.partition("|")
+    return rule, metric or None
+
+
 def _alarm_of(row: asyncpg.Record) -> Alarm:
     return Alarm(
         id=row["id"],
@@ -1053,10 +1239,26 @@ class BatchTransaction:
     def __init__(self, database: Database, connection: Connection) -> None:
         self._database = database
         self._connection = connection
+        # (city, domain) pairs whose screens change when this transaction commits.
+        self.touched: set[tuple[str, str]] = set()
 
     @property
     def connection(self) -> Connection:
         return self._connection
+
+    def touch(self, city: str, domain: str) -> None:
+        self.touched.add((city, domain))
+
+    async def flush_versions(self) -> None:
+        """Bump the touched pairs' state versions; the last statement, so the rows stay locked
+        only until the commit that follows."""
+        if not self.touched:
+            return
+        pairs = sorted(self.touched)
+        await self._connection.execute(
+            views.BUMP_STATE_VERSIONS_SQL, [p[0] for p in pairs], [p[1] for p in pairs]
+        )
+        self.touched.clear()
 
     async def write(self, batch: TelemetryBatch) -> WriteResult:
         """Store one poll of the bus: readings (each once), latest state, status transitions with
@@ -1086,6 +1288,7 @@ class BatchTransaction:
         result.stored = await self._database._insert_readings(connection, [r for r, _ in kept])
         result.duplicates = len(readings) - result.stored
         result.kept = [r for r, _ in kept]
+        self.touched.update((r.city, r.domain) for r, _ in kept)
         if kept:
             latest = _latest_per_device(kept)
             await connection.execute(
@@ -1111,6 +1314,7 @@ class BatchTransaction:
                 [s.cause for s in statuses.values()],
             )
             result.transitions = [_transition_of(row) for row in rows]
+            self.touched.update((t.city, t.domain) for t in result.transitions)
             result.events = [_status_event(t) for t in result.transitions]
             await _insert_outbox(connection, result.events)
         if batch.dead_letters:
@@ -1143,6 +1347,7 @@ class BatchTransaction:
             [limit[1] for limit in limits],
         )
         transitions = [_transition_of(row) for row in rows]
+        self.touched.update((t.city, t.domain) for t in transitions)
         await _insert_outbox(self._connection, [_status_event(t) for t in transitions])
         return transitions
 
@@ -1232,6 +1437,7 @@ class BatchTransaction:
                     alarm_event(ALARM_RESOLVED, a, a.resolved_at or a.last_seen_at)
                     for a in map(_alarm_of, rows)
                 )
+        self.touched.update((e.data["city"], e.data["domain"]) for e in events)
         await _insert_outbox(self._connection, events)
         return events
 

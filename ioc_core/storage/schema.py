@@ -163,6 +163,39 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         CREATE INDEX devices_city_district ON devices (city, district);
         """,
     ),
+    (
+        4,
+        """
+        -- API keys, kept only as SHA-256 digests: a key is shown once, when it is made.
+        CREATE TABLE api_keys (
+            id          text PRIMARY KEY,
+            name        text,
+            role        text NOT NULL CHECK (role IN ('viewer', 'operator', 'admin')),
+            cities      text[],
+            domains     text[],
+            key_hash    bytea NOT NULL UNIQUE,
+            created_by  text,
+            created_at  timestamptz NOT NULL DEFAULT now(),
+            revoked_at  timestamptz
+        );
+
+        -- A number per (city, domain) that changes with every committed change of what screens
+        -- show there (latest state, status, registry, open alarms): polled views are cached and
+        -- answered 304 by it without looking at the devices.
+        CREATE SEQUENCE state_version_seq;
+        CREATE TABLE state_versions (
+            city        text NOT NULL,
+            domain      text NOT NULL,
+            version     bigint NOT NULL,
+            changed_at  timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (city, domain)
+        );
+        INSERT INTO state_versions (city, domain, version)
+        SELECT p.city, p.domain, nextval('state_version_seq')
+        FROM (SELECT DISTINCT city, domain FROM devices) AS p;
+        CREATE INDEX devices_lon_lat ON devices (lon, lat);
+        """,
+    ),
 )
 
 

@@ -1,0 +1,154 @@
+"""API keys: made by an admin, shown once, kept hashed, limited to a role and optionally to some
+cities and domains."""
+
+from __future__ import annotations
+
+import secrets
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Path, Query, Request
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from api.auth import Admin, KeyCache, Role, hash_key
+from api.common import PROBLEM, Cursor, db, decode_text_cursor, encode_cursor
+from ioc_core.domains import DOMAINS
+from ioc_core.storage import ApiKeyRow
+from ioc_core.telemetry import CITY_PATTERN
+
+router = APIRouter()
+
+KeyId = Annotated[str, Path(pattern="^key_[0-9a-f]{16}$", description="API key id")]
+
+
+class ApiKeyIn(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"role": "operator", "cities": ["hai-phong"], "name": "Hải Phòng flood desk"}]
+        },
+    )
+
+    role: Role
+    cities: list[str] | None = Field(
+        default=None, min_length=1, max_length=100, description="only these cities; omitted = every city"
+    )
+    domains: list[str] | None = Field(
+        default=None, min_length=1, max_length=10, description="only these domains; omitted = every domain"
+    )
+    name: str | None = Field(default=None, max_length=200, description="who or what uses the key")
+
+    @field_validator("cities")
+    @classmethod
+    def _check_cities(cls, value: list[str] | None) -> list[str] | None:
+        for city in value or ():
+            if not CITY_PATTERN.fullmatch(city):
+                raise ValueError(f"{city!r} is not a city slug ([a-z0-9-]{{1,32}})")
+        return sorted(set(value)) if value is not None else None
+
+    @field_validator("domains")
+    @classmethod
+    def _check_domains(cls, value: list[str] | None) -> list[str] | None:
+        for domain in value or ():
+            if domain not in DOMAINS:
+                raise ValueError(f"{domain!r} is not a domain; known: {', '.join(DOMAINS)}")
+        return sorted(set(value)) if value is not None else None
+
+
+class ApiKey(BaseModel):
+    id: str
+    name: str | None
+    role: Role
+    cities: list[str] | None
+    domains: list[str] | None
+    created_by: str | None
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+class NewApiKey(ApiKey):
+    key: str = Field(description="the key itself, shown this once only")
+
+
+class ApiKeyList(BaseModel):
+    items: list[ApiKey]
+    next: str | None = Field(description="cursor of the next page, or null on the last")
+
+
+def _api_key(row: ApiKeyRow) -> ApiKey:
+    return ApiKey(
+        id=row.id,
+        name=row.name,
+        role=row.role,  # type: ignore[arg-type]
+        cities=row.cities,
+        domains=row.domains,
+        created_by=row.created_by,
+        created_at=row.created_at,
+        revoked_at=row.revoked_at,
+    )
+
+
+@router.post(
+    "/v1/api-keys",
+    response_model=NewApiKey,
+    status_code=201,
+    summary="Make an API key (admin); the key is in this answer only.",
+    description="A key limited to some cities or domains sees nothing else: other objects answer 404."
+    " An admin limited to a scope can only make keys within it.",
+    tags=["api keys"],
+    responses={400: PROBLEM, 403: PROBLEM},
+)
+async def create_key(request: Request, principal: Admin, body: ApiKeyIn) -> NewApiKey:
+    if not principal.covers(body.cities, body.domains):
+        raise HTTPException(403, "a key cannot be given a wider scope than the key that makes it")
+    key = "ioc_" + secrets.token_urlsafe(32)
+    row = await db(request).create_api_key(
+        key_id="key_" + secrets.token_hex(8),
+        name=body.name,
+        role=body.role,
+        cities=body.cities,
+        domains=body.domains,
+        key_hash=hash_key(key),
+        created_by=principal.name,
+    )
+    return NewApiKey(**_api_key(row).model_dump(), key=key)
+
+
+@router.get(
+    "/v1/api-keys",
+    response_model=ApiKeyList,
+    summary="API keys within the caller's scope, without the keys themselves (admin).",
+    tags=["api keys"],
+    responses={400: PROBLEM},
+)
+async def list_keys(
+    request: Request,
+    principal: Admin,
+    limit: Annotated[int, Query(ge=1, le=1000, description="page size")] = 100,
+    cursor: Cursor = None,
+) -> ApiKeyList:
+    after = decode_text_cursor(cursor)
+    rows = await db(request).list_api_keys(
+        principal.city_filter(None), principal.domain_filter(None), after=after, limit=limit + 1
+    )
+    page = rows[:limit]
+    return ApiKeyList(
+        items=[_api_key(r) for r in page], next=encode_cursor(page[-1].id) if len(rows) > limit else None
+    )
+
+
+@router.delete(
+    "/v1/api-keys/{key_id}",
+    status_code=204,
+    summary="Revoke an API key (admin); it stops working within seconds.",
+    tags=["api keys"],
+    responses={404: PROBLEM},
+)
+async def revoke_key(request: Request, principal: Admin, key_id: KeyId) -> None:
+    database = db(request)
+    row = await database.get_api_key(key_id)
+    if not principal.covers(row.cities, row.domains):
+        raise HTTPException(404, f"API key {key_id!r} not found")
+    await database.revoke_api_key(key_id)
+    cache: KeyCache = request.app.state.key_cache
+    cache.clear()

@@ -1,0 +1,430 @@
+"""What operations-center screens poll: latest state, GIS layers, summaries, cities and series."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, HTTPException, Query, Request, Response
+from pydantic import BaseModel, Field
+
+from api.auth import Viewer
+from api.common import (
+    PROBLEM,
+    BboxFilter,
+    CityFilter,
+    Cursor,
+    DeviceId,
+    DomainFilter,
+    DomainName,
+    cached_view,
+    db,
+    decode_text_cursor,
+    encode_cursor,
+    parse_bbox,
+    scoped_device_check,
+)
+from ioc_core.domains import DOMAINS
+from ioc_core.kpis import DeviceSnapshot
+from ioc_core.models import Device, Location, StateItem
+from ioc_core.places import city_name
+from ioc_core.rules import SEVERITIES, rules_for
+from ioc_core.storage import SummaryDevice
+from ioc_core.storage.tiers import AGGREGATES
+
+router = APIRouter()
+
+_BUCKET = re.compile(r"^([1-9][0-9]{0,5})(s|m|h|d)$")
+_BUCKET_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+_GEOJSON = "application/geo+json"
+
+Aggregate = Literal["avg", "min", "max", "count", "last"]
+StatusFilter = Annotated[
+    Literal["online", "offline", "unknown"] | None, Query(description="only devices with this status")
+]
+
+
+class StateList(BaseModel):
+    items: list[StateItem]
+    next: str | None = Field(description="cursor of the next page, or null on the last")
+
+
+class DeviceList(BaseModel):
+    items: list[Device]
+    next: str | None = Field(description="cursor of the next page, or null on the last")
+
+
+class PointGeometry(BaseModel):
+    type: Literal["Point"]
+    coordinates: list[float] = Field(min_length=2, max_length=2, description="[lon, lat] (RFC 7946)")
+
+
+class FeatureProperties(BaseModel):
+    id: str
+    name: str | None
+    city: str
+    domain: str
+    district: str | None
+    status: Literal["online", "offline", "unknown"]
+    ts: datetime | None = Field(description="time of the latest reading")
+    last_seen: datetime | None
+    metrics: dict[str, float]
+    alarm_severity: Literal["low", "medium", "high", "critical"] | None = Field(
+        description="worst severity among the device's open alarms"
+    )
+    open_alarms: int
+    district_alarm_severity: Literal["low", "medium", "high", "critical"] | None = Field(
+        description="worst open district-wide alarm (flood) of the device's district"
+    )
+
+
+class Feature(BaseModel):
+    type: Literal["Feature"]
+    id: str
+    geometry: PointGeometry
+    properties: FeatureProperties
+
+
+class FeatureCollection(BaseModel):
+    type: Literal["FeatureCollection"]
+    features: list[Feature]
+
+
+class DeviceCounts(BaseModel):
+    total: int
+    online: int
+    offline: int
+    unknown: int
+
+
+class SeverityCounts(BaseModel):
+    low: int = 0
+    medium: int = 0
+    high: int = 0
+    critical: int = 0
+
+
+class SummaryFigure(BaseModel):
+    name: str
+    label_en: str
+    label_vi: str
+    value: float | None
+    unit: str | None
+    device_id: str | None = Field(default=None, description="the device of a lowest or highest value")
+
+
+class DomainSummary(BaseModel):
+    title_en: str
+    title_vi: str
+    devices: DeviceCounts
+    alarms: SeverityCounts = Field(description="active (unacknowledged) alarms by severity")
+    acknowledged: SeverityCounts = Field(description="acknowledged, still open alarms by severity")
+    figures: list[SummaryFigure]
+
+
+class Summary(BaseModel):
+    city: str | None = Field(description="the city asked for, or null for every city in scope")
+    generated_at: datetime
+    domains: dict[str, DomainSummary]
+
+
+class City(BaseModel):
+    city: str
+    name: str
+    devices: int
+    center: Location
+    bbox: list[float] = Field(min_length=4, max_length=4, description="[minLon, minLat, maxLon, maxLat]")
+
+
+class CityList(BaseModel):
+    items: list[City]
+    next: str | None = None
+
+
+class SeriesPoint(BaseModel):
+    t: datetime = Field(description="start of the bucket")
+    value: float | None
+
+
+class Series(BaseModel):
+    device_id: str
+    metric: str
+    unit: str
+    agg: Aggregate
+    bucket: str
+    items: list[SeriesPoint]
+    next: str | None = None
+
+
+def _scope(
+    principal: Viewer, city: str | None, domain: str | None
+) -> tuple[list[str] | None, list[str] | None]:
+    return principal.city_filter(city), principal.domain_filter(domain)
+
+
+def _empty(values: Sequence[str] | None) -> bool:
+    return values is not None and not values
+
+
+@router.get(
+    "/v1/state",
+    response_model=StateList,
+    summary="The latest reading of every device in scope (ETag, 304, gzip).",
+    description="Answered from the latest-state table, never the readings. Send the `ETag` back as"
+    " `If-None-Match` to get 304 while nothing in scope changed. Devices in id order.",
+    tags=["state"],
+    responses={304: {"description": "nothing changed"}, 400: PROBLEM},
+)
+async def state(
+    request: Request,
+    principal: Viewer,
+    city: CityFilter = None,
+    domain: DomainFilter = None,
+    limit: Annotated[int, Query(ge=1, le=50_000, description="page size")] = 10_000,
+    cursor: Cursor = None,
+) -> Response:
+    after = decode_text_cursor(cursor)
+    cities, domains = _scope(principal, city, domain)
+
+    async def render() -> bytes:
+        if _empty(cities) or _empty(domains):
+            return b'{"items":[],"next":null}'
+        page = await db(request).state_page(cities, domains, after=after, limit=limit)
+        next_ = json.dumps(encode_cursor(page.last_id)) if page.more and page.last_id else "null"
+        return f'{{"items":{page.items_json},"next":{next_}}}'.encode()
+
+    return await cached_view(request, principal, cities=cities, domains=domains, render=render)
+
+
+@router.get(
+    "/v1/layers/{domain}",
+    response_model=FeatureCollection,
+    summary="A domain's devices as an RFC 7946 GeoJSON FeatureCollection (ETag, 304, gzip).",
+    description="Points are `[lon, lat]`; properties carry status, latest metrics and the worst open"
+    " alarm severity, ready for Leaflet, MapLibre or Grafana's Geomap.",
+    tags=["state"],
+    responses={
+        200: {"content": {_GEOJSON: {}}},
+        304: {"description": "nothing changed"},
+        400: PROBLEM,
+    },
+)
+async def layer(
+    request: Request, principal: Viewer, domain: DomainName, city: CityFilter = None, bbox: BboxFilter = None
+) -> Response:
+    box = parse_bbox(bbox)
+    cities, domains = _scope(principal, city, domain)
+
+    async def render() -> bytes:
+        if _empty(cities) or _empty(domains):
+            return b'{"type":"FeatureCollection","features":[]}'
+        _, features = await db(request).layer_features(cities, domains, box)
+        return f'{{"type":"FeatureCollection","features":{features}}}'.encode()
+
+    return await cached_view(
+        request, principal, cities=cities, domains=domains, render=render, media_type=_GEOJSON
+    )
+
+
+@router.get(
+    "/v1/summary",
+    response_model=Summary,
+    summary="Per domain: devices by status, open alarms by severity and headline figures.",
+    description="Figures: traffic average speed and congested sensors; waste bins at or above 80 %;"
+    " water lowest pressure and suspected leaks; grid sensors outside the voltage band; flood"
+    " stations above alert and danger level and the highest level. Offline devices' last values"
+    " are left out of the figures.",
+    tags=["state"],
+    responses={304: {"description": "nothing changed"}, 400: PROBLEM},
+)
+async def summary(request: Request, principal: Viewer, city: CityFilter = None) -> Response:
+    cities, domains = _scope(principal, city, None)
+
+    async def render() -> bytes:
+        devices: list[SummaryDevice] = []
+        alarms: list[tuple[str, str, str, int]] = []
+        if not (_empty(cities) or _empty(domains)):
+            devices, alarms = await db(request).summary_inputs(cities, domains, None)
+        visible = [d for d in DOMAINS if domains is None or d in domains]
+        body = Summary(
+            city=city, generated_at=datetime.now(UTC), domains=_summaries(visible, devices, alarms)
+        )
+        return body.model_dump_json().encode()
+
+    return await cached_view(request, principal, cities=cities, domains=domains, render=render)
+
+
+def _summaries(
+    domains: list[str], devices: list[SummaryDevice], alarms: list[tuple[str, str, str, int]]
+) -> dict[str, DomainSummary]:
+    result: dict[str, DomainSummary] = {}
+    for name in domains:
+        domain = DOMAINS[name]
+        mine = [d for d in devices if d.domain == name]
+        counts = {status: sum(1 for d in mine if d.status == status) for status in ("online", "offline")}
+        active = SeverityCounts()
+        acknowledged = SeverityCounts()
+        for alarm_domain, alarm_state, severity, n in alarms:
+            if alarm_domain == name and severity in SEVERITIES:
+                target = active if alarm_state == "active" else acknowledged
+                setattr(target, severity, getattr(target, severity) + n)
+        snapshots = [
+            DeviceSnapshot(
+                device_id=d.id,
+                status=d.status,
+                metrics=d.metrics,
+                rules=rules_for(domain, d.thresholds),
+                open_alarms=d.open_alarms,
+            )
+            for d in mine
+        ]
+        figures = []
+        for kpi in domain.kpis:
+            figure = kpi.compute(snapshots)
+            figures.append(
+                SummaryFigure(
+                    name=kpi.name,
+                    label_en=kpi.label_en,
+                    label_vi=kpi.label_vi,
+                    value=figure.value,
+                    unit=kpi.unit,
+                    device_id=figure.device_id,
+                )
+            )
+        result[name] = DomainSummary(
+            title_en=domain.title_en,
+            title_vi=domain.title_vi,
+            devices=DeviceCounts(
+                total=len(mine),
+                online=counts["online"],
+                offline=counts["offline"],
+                unknown=len(mine) - counts["online"] - counts["offline"],
+            ),
+            alarms=active,
+            acknowledged=acknowledged,
+            figures=figures,
+        )
+    return result
+
+
+@router.get(
+    "/v1/cities",
+    response_model=CityList,
+    summary="Cities with devices in scope, with their centre and bounding box.",
+    tags=["state"],
+)
+async def cities(request: Request, principal: Viewer) -> CityList:
+    rows = await db(request).cities(principal.city_filter(None), principal.domain_filter(None))
+    return CityList(
+        items=[
+            City(
+                city=r.city,
+                name=city_name(r.city),
+                devices=r.devices,
+                center=Location(lat=r.lat, lon=r.lon),
+                bbox=list(r.bbox),
+            )
+            for r in rows
+        ]
+    )
+
+
+@router.get(
+    "/v1/devices",
+    response_model=DeviceList,
+    summary="Registered devices with their status and latest reading, in id order.",
+    tags=["devices"],
+    responses={400: PROBLEM},
+)
+async def devices(
+    request: Request,
+    principal: Viewer,
+    city: CityFilter = None,
+    domain: DomainFilter = None,
+    status: StatusFilter = None,
+    bbox: BboxFilter = None,
+    limit: Annotated[int, Query(ge=1, le=1000, description="page size")] = 100,
+    cursor: Cursor = None,
+) -> DeviceList:
+    box = parse_bbox(bbox)
+    after = decode_text_cursor(cursor)
+    cities, domains = _scope(principal, city, domain)
+    if _empty(cities) or _empty(domains):
+        return DeviceList(items=[], next=None)
+    rows = await db(request).list_devices(
+        cities, domains, status=status, bbox=box, after=after, limit=limit + 1
+    )
+    page = rows[:limit]
+    return DeviceList(items=page, next=encode_cursor(page[-1].id) if len(rows) > limit else None)
+
+
+def _parse_bucket(bucket: str) -> timedelta:
+    match = _BUCKET.fullmatch(bucket)
+    if match is None:
+        raise HTTPException(
+            400, "bucket must be a whole number and a unit s, m, h or d, like 30s, 5m, 1h, 1d"
+        )
+    return timedelta(**{_BUCKET_UNITS[match.group(2)]: int(match.group(1))})
+
+
+def _aware(value: datetime, name: str) -> datetime:
+    if value.tzinfo is None:
+        raise HTTPException(400, f"`{name}` must be RFC 3339 with an offset, like 2026-11-21T08:00:00+07:00")
+    return value
+
+
+@router.get(
+    "/v1/devices/{device_id}/series",
+    response_model=Series,
+    summary="One metric of one device in time buckets (time_bucket, or the best tier's aggregates).",
+    description="Buckets are aligned to the Unix epoch in UTC and left out when they hold no reading."
+    " `from` defaults to an hour before `to`, `to` to now. Asking for more buckets than the server"
+    " allows, a reversed range or a metric the device's domain does not have is a 400.",
+    tags=["devices"],
+    responses={400: PROBLEM, 404: PROBLEM},
+)
+async def series(
+    request: Request,
+    principal: Viewer,
+    device_id: DeviceId,
+    metric: Annotated[str, Query(max_length=64, description="metric name, e.g. currentLevel")],
+    from_: Annotated[datetime | None, Query(alias="from", description="start, RFC 3339")] = None,
+    to: Annotated[datetime | None, Query(description="end (exclusive), RFC 3339")] = None,
+    bucket: Annotated[str, Query(max_length=16, description="bucket width: 30s, 5m, 1h, 1d")] = "1m",
+    agg: Annotated[Aggregate, Query(description="aggregate per bucket")] = "avg",
+) -> Series:
+    database = db(request)
+    device = await database.get_device(device_id)
+    scoped_device_check(principal, device.city, device.domain, f"device {device_id!r}")
+    domain = DOMAINS[device.domain]
+    metric_def = domain.metric(metric)
+    if metric_def is None:
+        known = ", ".join(m.name for m in domain.metrics)
+        raise HTTPException(400, f"{metric!r} is not a metric of the {device.domain} domain; known: {known}")
+    width = _parse_bucket(bucket)
+    end = _aware(to, "to") if to is not None else datetime.now(UTC)
+    start = _aware(from_, "from") if from_ is not None else end - timedelta(hours=1)
+    if start >= end:
+        raise HTTPException(400, "`from` must be before `to`")
+    limit = request.app.state.settings.api_max_series_points
+    points = (end - start) / width
+    if points > limit:
+        raise HTTPException(
+            400,
+            f"that is {math.ceil(points)} buckets; at most {limit} are allowed: use a wider bucket"
+            " or a shorter range",
+        )
+    assert agg in AGGREGATES
+    rows = await database.series(device.id, device.domain, metric, start, end, width, agg)
+    return Series(
+        device_id=device.id,
+        metric=metric,
+        unit=metric_def.unit,
+        agg=agg,
+        bucket=bucket,
+        items=[SeriesPoint(t=t, value=v) for t, v in rows],
+    )

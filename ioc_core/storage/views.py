@@ -1,0 +1,178 @@
+"""Read-side SQL of the operations API: latest state, GIS layers, summaries, cities, API keys.
+
+Screens poll these every few seconds, so they read the registry and the latest-state table only,
+never the readings, and the heavy ones build their JSON inside PostgreSQL: one text value comes
+back instead of ten thousand records to convert.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+# Filters shared by the queries below: $1 cities (NULL = every), $2 domains (NULL = every).
+_SCOPE = "($1::text[] IS NULL OR d.city = ANY($1)) AND ($2::text[] IS NULL OR d.domain = ANY($2))"
+
+# Versions of the (city, domain) pairs in scope, as one string: what an ETag is made of.
+STATE_VERSIONS_SQL = """
+SELECT coalesce(string_agg(city || '/' || domain || '=' || version, ',' ORDER BY city, domain), '')
+FROM state_versions
+WHERE ($1::text[] IS NULL OR city = ANY($1)) AND ($2::text[] IS NULL OR domain = ANY($2))
+"""
+
+# Locks the pairs' rows in one order, at the end of a transaction, so concurrent writers neither
+# deadlock nor hold the lock long; a committed change is always a new number.
+BUMP_STATE_VERSIONS_SQL = """
+INSERT INTO state_versions AS v (city, domain, version)
+SELECT u.city, u.domain, nextval('state_version_seq')
+FROM unnest($1::text[], $2::text[]) AS u (city, domain)
+ORDER BY u.city, u.domain
+ON CONFLICT (city, domain) DO UPDATE SET version = excluded.version, changed_at = now()
+"""
+
+# $3 the last device id of the previous page (NULL on the first), $4 page size.
+STATE_PAGE_SQL = f"""
+WITH page AS (
+    SELECT d.id, d.city, d.domain, d.lat, d.lon, coalesce(s.status, 'unknown') AS status, s.ts,
+           coalesce(s.metrics, '{{}}'::jsonb) AS metrics
+    FROM devices d LEFT JOIN device_state s ON s.device_id = d.id
+    WHERE {_SCOPE} AND ($3::text IS NULL OR d.id > $3)
+    ORDER BY d.id
+    LIMIT $4
+)
+SELECT count(*) AS n, max(id) AS last_id,
+       coalesce(json_agg(json_build_object(
+           'device_id', id, 'city', city, 'domain', domain, 'status', status, 'ts', ts,
+           'metrics', metrics, 'location', json_build_object('lat', lat, 'lon', lon)
+       ) ORDER BY id), '[]')::text AS items
+FROM page
+"""
+
+MORE_DEVICES_SQL = f"""
+SELECT EXISTS (SELECT 1 FROM devices d WHERE {_SCOPE} AND d.id > $3)
+"""
+
+_SEVERITY_RANK = "CASE a.severity WHEN 'critical' THEN 4 WHEN 'high' THEN 3 WHEN 'medium' THEN 2 ELSE 1 END"
+
+# Worst open alarm per device, and the open district alarm of each district.
+_OPEN_ALARMS = f"""
+    SELECT a.device_id, count(*) AS n,
+           (array_agg(a.severity ORDER BY {_SEVERITY_RANK} DESC))[1] AS worst
+    FROM alarms a
+    WHERE a.state <> 'resolved' AND a.device_id IS NOT NULL
+    GROUP BY a.device_id
+"""
+_DISTRICT_ALARMS = f"""
+    SELECT a.city, a.district, (array_agg(a.severity ORDER BY {_SEVERITY_RANK} DESC))[1] AS worst
+    FROM alarms a
+    WHERE a.state <> 'resolved' AND a.device_id IS NULL AND a.district IS NOT NULL
+    GROUP BY a.city, a.district
+"""
+
+# $3 bbox as [min lon, min lat, max lon, max lat] or NULL.
+_BBOX = "($3::float8[] IS NULL OR (d.lon BETWEEN $3[1] AND $3[3] AND d.lat BETWEEN $3[2] AND $3[4]))"
+
+# An RFC 7946 FeatureCollection's features: [lon, lat] points with the latest state.
+LAYER_SQL = f"""
+SELECT count(*) AS n, coalesce(json_agg(json_build_object(
+    'type', 'Feature',
+    'id', d.id,
+    'geometry', json_build_object('type', 'Point', 'coordinates', json_build_array(d.lon, d.lat)),
+    'properties', json_build_object(
+        'id', d.id, 'name', d.name, 'city', d.city, 'domain', d.domain, 'district', d.district,
+        'status', coalesce(s.status, 'unknown'), 'ts', s.ts, 'last_seen', s.last_seen,
+        'metrics', coalesce(s.metrics, '{{}}'::jsonb),
+        'alarm_severity', a.worst, 'open_alarms', coalesce(a.n, 0),
+        'district_alarm_severity', da.worst
+    )
+) ORDER BY d.id), '[]')::text AS features
+FROM devices d
+LEFT JOIN device_state s ON s.device_id = d.id
+LEFT JOIN ({_OPEN_ALARMS}) a ON a.device_id = d.id
+LEFT JOIN ({_DISTRICT_ALARMS}) da ON da.city = d.city AND da.district = d.district
+WHERE {_SCOPE} AND {_BBOX}
+"""
+
+# $3 status filter or NULL, $4 bbox or NULL, $5 last id of the previous page, $6 page size.
+DEVICE_PAGE_SQL = f"""
+SELECT d.id, d.city, d.domain, d.name, d.district, d.lat, d.lon, d.thresholds, d.created_at,
+       coalesce(s.status, 'unknown') AS status, s.last_seen, s.ts, s.metrics
+FROM devices d LEFT JOIN device_state s ON s.device_id = d.id
+WHERE {_SCOPE}
+  AND ($3::text IS NULL OR coalesce(s.status, 'unknown') = $3)
+  AND ($4::float8[] IS NULL OR (d.lon BETWEEN $4[1] AND $4[3] AND d.lat BETWEEN $4[2] AND $4[4]))
+  AND ($5::text IS NULL OR d.id > $5)
+ORDER BY d.id
+LIMIT $6
+"""
+
+# What the summary's figures are computed from: every device in scope with its open alarms.
+SUMMARY_DEVICES_SQL = f"""
+SELECT d.id, d.domain, coalesce(s.status, 'unknown') AS status, coalesce(s.metrics, '{{}}'::jsonb) AS metrics,
+       d.thresholds,
+       coalesce((SELECT array_agg(a.rule || '|' || coalesce(a.metric, '')) FROM alarms a
+                 WHERE a.device_id = d.id AND a.state <> 'resolved'), '{{}}') AS open_alarms
+FROM devices d LEFT JOIN device_state s ON s.device_id = d.id
+WHERE {_SCOPE} AND ($3::text IS NULL OR d.city = $3)
+"""
+
+SUMMARY_ALARMS_SQL = """
+SELECT a.domain, a.state, a.severity, count(*) AS n
+FROM alarms a
+WHERE a.state <> 'resolved'
+  AND ($1::text[] IS NULL OR a.city = ANY($1)) AND ($2::text[] IS NULL OR a.domain = ANY($2))
+  AND ($3::text IS NULL OR a.city = $3)
+GROUP BY a.domain, a.state, a.severity
+"""
+
+CITIES_SQL = f"""
+SELECT d.city, count(*) AS devices, avg(d.lat) AS lat, avg(d.lon) AS lon,
+       min(d.lon) AS min_lon, min(d.lat) AS min_lat, max(d.lon) AS max_lon, max(d.lat) AS max_lat
+FROM devices d
+WHERE {_SCOPE}
+GROUP BY d.city
+ORDER BY d.city
+"""
+
+API_KEY_COLUMNS = "id, name, role, cities, domains, created_by, created_at, revoked_at"
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKeyRow:
+    id: str
+    name: str | None
+    role: str
+    cities: list[str] | None
+    domains: list[str] | None
+    created_by: str | None
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class StatePage:
+    """Items as a JSON array text, and the last device id on the page (None when empty)."""
+
+    items_json: str
+    count: int
+    last_id: str | None
+    more: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SummaryDevice:
+    id: str
+    domain: str
+    status: str
+    metrics: dict[str, float]
+    thresholds: dict[str, dict[str, float | None]]
+    open_alarms: list[tuple[str, str | None]]
+
+
+@dataclass(frozen=True, slots=True)
+class CityRow:
+    city: str
+    devices: int
+    lat: float
+    lon: float
+    bbox: tuple[float, float, float, float]

@@ -1,0 +1,139 @@
+"""The live stream's event ids (position vectors), event kinds and filters."""
+
+from __future__ import annotations
+
+import base64
+import random
+
+import pytest
+from fastapi import HTTPException
+
+from api.auth import Principal
+from api.stream import StreamFilter, _kinds, _parse, decode_position, encode_position, kind_of
+
+TOPIC = "ioc.events"
+
+
+def _raw_id(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+@pytest.mark.parametrize(
+    "offsets",
+    [
+        (0,),
+        (0, 0, 0, 0, 0, 0),
+        (1, 127, 128, 16_383, 16_384, 2**31),
+        (2**63 - 1, 0, 5),
+        tuple(range(0, 100_000, 997)),
+    ],
+)
+def test_a_position_round_trips(offsets: tuple[int, ...]) -> None:
+    text = encode_position(offsets, topic=TOPIC)
+    assert decode_position(text, topic=TOPIC) == offsets
+    assert all(c.isalnum() or c in "-_" for c in text)
+
+
+def test_ids_are_compact_and_distinct() -> None:
+    rng = random.Random(7)
+    seen = set()
+    for _ in range(2000):
+        offsets = tuple(rng.randrange(0, 2_000_000) for _ in range(6))
+        text = encode_position(offsets, topic=TOPIC)
+        assert len(text) <= 30
+        seen.add(text)
+        assert decode_position(text, topic=TOPIC) == offsets
+    assert len(seen) == 2000
+
+
+def test_an_id_of_another_topic_is_not_taken() -> None:
+    text = encode_position((1, 2, 3), topic="other.ioc.events")
+    assert decode_position(text, topic=TOPIC) is None
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        None,
+        "",
+        "abc",
+        "!!!!",
+        "a b c",
+        "0123456789",
+        "x" * 5000,
+        "8f2d6c1e-4a0b-4a53-9a25-3c0f5d7e9b11",  # a CloudEvent UUID, not a position
+    ],
+)
+def test_garbled_ids_are_not_taken(text: str | None) -> None:
+    assert decode_position(text, topic=TOPIC) is None
+
+
+def test_damaged_ids_are_not_taken() -> None:
+    good = encode_position((10, 20, 300), topic=TOPIC)
+    raw = base64.urlsafe_b64decode(good + "=" * (-len(good) % 4))
+    tag = raw[1:3]
+    damaged = [
+        good[:-1],  # truncated
+        good + "=",  # padded
+        good + "A",  # trailing data
+        _raw_id(bytes([2]) + raw[1:]),  # another version
+        _raw_id(bytes([1]) + tag + bytes([0])),  # no partitions
+        _raw_id(bytes([1]) + tag + bytes([3, 10, 20])),  # fewer offsets than partitions
+        _raw_id(bytes([1]) + tag + bytes([2, 10, 20, 30])),  # more offsets than partitions
+        _raw_id(bytes([1]) + tag + bytes([1, 0x8A, 0x00])),  # an offset spelled the long way
+        _raw_id(bytes([1]) + tag + bytes([1]) + bytes([0xFF] * 9) + bytes([0x01])),  # beyond 2**63 - 1
+        _raw_id(bytes([1]) + tag + bytes([1, 0x80])),  # cut inside a varint
+    ]
+    for text in damaged:
+        assert decode_position(text, topic=TOPIC) is None, text
+
+
+def test_negative_offsets_are_refused() -> None:
+    with pytest.raises(ValueError):
+        encode_position((1, -1), topic=TOPIC)
+
+
+def test_event_kinds() -> None:
+    assert kind_of("alarm.raised") == kind_of("alarm.resolved") == "alarm"
+    assert kind_of("device.online") == kind_of("device.offline") == "status"
+    assert kind_of("state.changed") == "state"
+    assert kind_of("device.registered") is None
+    assert kind_of(None) is None
+
+
+def test_records_become_one_line_events() -> None:
+    value = (
+        b'{\n "type": "alarm.raised",\n "data": {"city": "ha-noi", "domain": "flood", "message": "a\\nb"}\n}'
+    )
+    parsed = _parse(value)
+    assert parsed is not None
+    assert (parsed.kind, parsed.city, parsed.domain) == ("alarm", "ha-noi", "flood")
+    assert "\n" not in parsed.data and "\r" not in parsed.data
+    for value in [b"", b"not json", b"[1, 2]", b'{"type": "alarm.raised"}', b'{"type": "x.y", "data": {}}']:
+        assert _parse(value) is None
+    assert _parse(b'{"type": "alarm.raised", "data": {"city": "ha-noi"}}') is None
+
+
+def test_filters_keep_to_the_callers_scope() -> None:
+    everyone = Principal(name="admin", role="admin")
+    hanoi_flood = Principal(
+        name="k", role="viewer", cities=frozenset({"ha-noi"}), domains=frozenset({"flood"})
+    )
+    all_kinds = frozenset({"alarm", "status", "state"})
+    assert StreamFilter(all_kinds, None, None, everyone).matches("state", "can-tho", "grid")
+    assert StreamFilter(all_kinds, None, None, hanoi_flood).matches("alarm", "ha-noi", "flood")
+    assert not StreamFilter(all_kinds, None, None, hanoi_flood).matches("alarm", "ha-noi", "grid")
+    assert not StreamFilter(all_kinds, None, None, hanoi_flood).matches("alarm", "hai-phong", "flood")
+    # A filter cannot widen the scope.
+    assert not StreamFilter(all_kinds, "hai-phong", None, hanoi_flood).matches("alarm", "hai-phong", "flood")
+    assert not StreamFilter(frozenset({"status"}), None, None, everyone).matches("alarm", "ha-noi", "flood")
+    assert not StreamFilter(all_kinds, "ha-noi", "water", everyone).matches("state", "ha-noi", "flood")
+
+
+def test_types_parameter() -> None:
+    assert _kinds(None) == {"alarm", "status", "state"}
+    assert _kinds("alarm, state") == {"alarm", "state"}
+    for bad in ["", ",", "alarms", "alarm,telemetry"]:
+        with pytest.raises(HTTPException) as raised:
+            _kinds(bad)
+        assert raised.value.status_code == 400
