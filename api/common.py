@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import gzip
@@ -43,6 +44,8 @@ BboxFilter = Annotated[
 _GZIP_LEVEL = 6
 _GZIP_MIN_BYTES = 1024
 _VIEW_CACHE_ENTRIES = 64
+# Bodies this large are compressed on a worker thread, so the event loop keeps answering.
+_THREAD_BYTES = 256 * 1024
 
 
 def db(request: Request) -> Database:
@@ -156,6 +159,34 @@ class ViewCache:
     def __init__(self, entries: int = _VIEW_CACHE_ENTRIES) -> None:
         self._entries: OrderedDict[str, _CachedBody] = OrderedDict()
         self._size = entries
+        self._rendering: dict[str, asyncio.Future[_CachedBody]] = {}
+
+    async def get_or_render(self, tag: str, render: Callable[[], Awaitable[bytes]]) -> _CachedBody:
+        """The body for `tag`, rendering it once however many requests ask at the same time:
+        while the pipeline ingests, versions change several times a second, and without this
+        every waiting screen would render the same version again."""
+        body = self.get(tag)
+        if body is not None:
+            return body
+        pending = self._rendering.get(tag)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[_CachedBody] = asyncio.get_running_loop().create_future()
+        self._rendering[tag] = future
+        try:
+            plain = await render()
+            body = self.put(
+                tag, await asyncio.to_thread(_gzip, plain) if len(plain) > _THREAD_BYTES else None, plain
+            )
+            future.set_result(body)
+            return body
+        except BaseException as exc:
+            future.set_exception(exc)
+            # Read, so an error nobody else waited for is not reported as never retrieved.
+            future.exception()
+            raise
+        finally:
+            del self._rendering[tag]
 
     def get(self, tag: str) -> _CachedBody | None:
         body = self._entries.get(tag)
@@ -163,13 +194,18 @@ class ViewCache:
             self._entries.move_to_end(tag)
         return body
 
-    def put(self, tag: str, plain: bytes) -> _CachedBody:
-        gzipped = gzip.compress(plain, _GZIP_LEVEL, mtime=0) if len(plain) >= _GZIP_MIN_BYTES else None
+    def put(self, tag: str, gzipped: bytes | None, plain: bytes) -> _CachedBody:
+        if gzipped is None and len(plain) >= _GZIP_MIN_BYTES:
+            gzipped = _gzip(plain)
         body = _CachedBody(plain, gzipped)
         self._entries[tag] = body
         while len(self._entries) > self._size:
             self._entries.popitem(last=False)
         return body
+
+
+def _gzip(plain: bytes) -> bytes:
+    return gzip.compress(plain, _GZIP_LEVEL, mtime=0)
 
 
 def _matches(if_none_match: str | None, tag: str) -> bool:
@@ -209,9 +245,7 @@ async def cached_view(
     if _matches(request.headers.get("if-none-match"), tag):
         return Response(status_code=304, headers=headers)
     cache: ViewCache = request.app.state.view_cache
-    body = cache.get(tag)
-    if body is None:
-        body = cache.put(tag, await render())
+    body = await cache.get_or_render(tag, render)
     if body.gzipped is not None and "gzip" in request.headers.get("accept-encoding", ""):
         return Response(body.gzipped, media_type=media_type, headers={**headers, "Content-Encoding": "gzip"})
     return Response(body.plain, media_type=media_type, headers=headers)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from fastapi import HTTPException
 
@@ -106,8 +108,29 @@ def test_cursors_bboxes_and_etags() -> None:
     assert _matches('W/"abc"', 'W/"abc"') and _matches('"abc", W/"x"', 'W/"abc"') and _matches("*", 'W/"a"')
     assert not _matches('W/"abd"', 'W/"abc"') and not _matches(None, 'W/"abc"')
     cache = ViewCache(entries=2)
-    small = cache.put("a", b"{}")
-    big = cache.put("b", b"x" * 5000)
+    small = cache.put("a", None, b"{}")
+    big = cache.put("b", None, b"x" * 5000)
     assert small.gzipped is None and big.gzipped is not None and len(big.gzipped) < 100
-    cache.put("c", b"{}")
+    cache.put("c", None, b"{}")
     assert cache.get("a") is None and cache.get("c") is not None
+
+
+async def test_concurrent_requests_for_one_version_render_it_once() -> None:
+    cache = ViewCache()
+    calls = 0
+
+    async def render() -> bytes:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.05)
+        return b"x" * 2000
+
+    bodies = await asyncio.gather(*(cache.get_or_render("v1", render) for _ in range(20)))
+    assert calls == 1 and all(b is bodies[0] for b in bodies)
+
+    async def failing() -> bytes:
+        raise RuntimeError("database gone")
+
+    for _ in range(2):
+        with pytest.raises(RuntimeError):
+            await cache.get_or_render("v2", failing)
