@@ -34,12 +34,11 @@ from starlette.types import Message, Receive, Scope, Send
 
 from api import problems
 from api.auth import Principal, require
+from api.common import CityFilter, DomainFilter, comma_list
 from ioc_core.bus import ensure_topics
 from ioc_core.component import Component
-from ioc_core.domains import DOMAINS
 from ioc_core.errors import IocError, ServiceUnavailableError
 from ioc_core.settings import Settings
-from ioc_core.telemetry import CITY_PATTERN
 
 log = logging.getLogger(__name__)
 
@@ -701,12 +700,7 @@ beyond it, and while the process is not connected to Kafka, the answer is 503 wi
 
 
 def _kinds(types: str | None) -> frozenset[str]:
-    if types is None:
-        return frozenset(KINDS)
-    items = [item.strip() for item in types.split(",") if item.strip()]
-    if not items or any(item not in KINDS for item in items):
-        raise HTTPException(400, f"types must be a comma-separated list of {', '.join(KINDS)}")
-    return frozenset(items)
+    return frozenset(comma_list(types, KINDS, "types") or KINDS)
 
 
 def add_stream_route(app: FastAPI) -> None:
@@ -738,12 +732,8 @@ def add_stream_route(app: FastAPI) -> None:
     async def stream(
         request: Request,
         principal: Annotated[Principal, require("viewer")],
-        city: Annotated[
-            str | None, Query(pattern=f"^{CITY_PATTERN.pattern}$", description="only this city")
-        ] = None,
-        domain: Annotated[
-            str | None, Query(pattern="^(" + "|".join(DOMAINS) + ")$", description="only this domain")
-        ] = None,
+        city: CityFilter = None,
+        domain: DomainFilter = None,
         types: Annotated[
             str | None, Query(description="comma-separated: alarm, status, state (default all)")
         ] = None,
