@@ -29,7 +29,9 @@ from api.common import (
     decode_int_cursor,
     encode_cursor,
     reject_unknown_query_parameters,
-    scoped_device_check,
+    scoped_alarm,
+    scoped_device,
+    sees_nothing,
 )
 from api.page import add_page_routes
 from api.stream import EventHub, add_stream_route
@@ -164,16 +166,6 @@ def create_app(
                 404, "this deployment does not manage device credentials (IOC_MQTT_ADMIN_URL is unset)"
             )
         return accounts_
-
-    async def scoped_device(request: Request, principal: Viewer, device_id: str) -> Device:
-        device = await db(request).get_device(device_id)
-        scoped_device_check(principal, device.city, device.domain, f"device {device_id!r}")
-        return device
-
-    async def scoped_alarm(request: Request, principal: Viewer, alarm_id: int) -> Alarm:
-        alarm = await db(request).get_alarm(alarm_id)
-        scoped_device_check(principal, alarm.city, alarm.domain, f"alarm {alarm_id}")
-        return alarm
 
     @app.get("/health", response_model=Health, summary="Liveness: the process answers.", tags=["health"])
     async def health() -> Health:
@@ -390,7 +382,7 @@ def create_app(
     ) -> AlarmList:
         before = decode_int_cursor(cursor)
         cities, domains = principal.city_filter(city), principal.domain_filter(domain)
-        if cities == [] or domains == []:
+        if sees_nothing(cities, domains):
             return AlarmList(items=[], next=None)
         rows = await db(request).list_alarms(
             limit=limit + 1,

@@ -19,7 +19,9 @@ from fastapi.routing import APIRoute
 
 from api import problems
 from api.auth import Principal
+from ioc_core.alarms import Alarm
 from ioc_core.domains import DOMAINS
+from ioc_core.models import Device
 from ioc_core.storage import Database
 from ioc_core.telemetry import CITY_PATTERN, DEVICE_ID_PATTERN
 
@@ -115,10 +117,27 @@ def parse_bbox(value: str | None) -> tuple[float, float, float, float] | None:
     return min_lon, min_lat, max_lon, max_lat
 
 
-def scoped_device_check(principal: Principal, city: str, domain: str, what: str) -> None:
+def _outside_scope(principal: Principal, city: str, domain: str, what: str) -> None:
     """Objects outside the key's scope answer exactly as missing ones do."""
     if not principal.allows(city, domain):
         raise HTTPException(404, f"{what} not found")
+
+
+async def scoped_device(request: Request, principal: Principal, device_id: str) -> Device:
+    device = await db(request).get_device(device_id)
+    _outside_scope(principal, device.city, device.domain, f"device {device_id!r}")
+    return device
+
+
+async def scoped_alarm(request: Request, principal: Principal, alarm_id: int) -> Alarm:
+    alarm = await db(request).get_alarm(alarm_id)
+    _outside_scope(principal, alarm.city, alarm.domain, f"alarm {alarm_id}")
+    return alarm
+
+
+def sees_nothing(cities: Sequence[str] | None, domains: Sequence[str] | None) -> bool:
+    """Filters narrowed to the key's scope that no object can match (see `Principal.narrow`)."""
+    return cities == [] or domains == []
 
 
 _ALLOWED_QUERY: dict[int, frozenset[str]] = {}
@@ -175,9 +194,7 @@ class ViewCache:
         self._rendering[tag] = future
         try:
             plain = await render()
-            body = self.put(
-                tag, await asyncio.to_thread(_gzip, plain) if len(plain) > _THREAD_BYTES else None, plain
-            )
+            body = self.put(tag, plain, await _compressed(plain))
             future.set_result(body)
             return body
         except BaseException as exc:
@@ -194,9 +211,7 @@ class ViewCache:
             self._entries.move_to_end(tag)
         return body
 
-    def put(self, tag: str, gzipped: bytes | None, plain: bytes) -> _CachedBody:
-        if gzipped is None and len(plain) >= _GZIP_MIN_BYTES:
-            gzipped = _gzip(plain)
+    def put(self, tag: str, plain: bytes, gzipped: bytes | None) -> _CachedBody:
         body = _CachedBody(plain, gzipped)
         self._entries[tag] = body
         while len(self._entries) > self._size:
@@ -204,8 +219,12 @@ class ViewCache:
         return body
 
 
-def _gzip(plain: bytes) -> bytes:
-    return gzip.compress(plain, _GZIP_LEVEL, mtime=0)
+async def _compressed(plain: bytes) -> bytes | None:
+    if len(plain) < _GZIP_MIN_BYTES:
+        return None
+    if len(plain) < _THREAD_BYTES:
+        return gzip.compress(plain, _GZIP_LEVEL, mtime=0)
+    return await asyncio.to_thread(gzip.compress, plain, _GZIP_LEVEL, mtime=0)
 
 
 def _matches(if_none_match: str | None, tag: str) -> bool:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Literal
 
@@ -26,7 +25,8 @@ from api.common import (
     decode_text_cursor,
     encode_cursor,
     parse_bbox,
-    scoped_device_check,
+    scoped_device,
+    sees_nothing,
 )
 from ioc_core.domains import DOMAINS
 from ioc_core.kpis import DeviceSnapshot
@@ -166,10 +166,6 @@ def _scope(
     return principal.city_filter(city), principal.domain_filter(domain)
 
 
-def _empty(values: Sequence[str] | None) -> bool:
-    return values is not None and not values
-
-
 @router.get(
     "/v1/state",
     response_model=StateList,
@@ -191,7 +187,7 @@ async def state(
     cities, domains = _scope(principal, city, domain)
 
     async def render() -> bytes:
-        if _empty(cities) or _empty(domains):
+        if sees_nothing(cities, domains):
             return b'{"items":[],"next":null}'
         page = await db(request).state_page(cities, domains, after=after, limit=limit)
         next_ = json.dumps(encode_cursor(page.last_id)) if page.more and page.last_id else "null"
@@ -220,7 +216,7 @@ async def layer(
     cities, domains = _scope(principal, city, domain)
 
     async def render() -> bytes:
-        if _empty(cities) or _empty(domains):
+        if sees_nothing(cities, domains):
             return b'{"type":"FeatureCollection","features":[]}'
         _, features = await db(request).layer_features(cities, domains, box)
         return f'{{"type":"FeatureCollection","features":{features}}}'.encode()
@@ -247,7 +243,7 @@ async def summary(request: Request, principal: Viewer, city: CityFilter = None) 
     async def render() -> bytes:
         devices: list[SummaryDevice] = []
         alarms: list[tuple[str, str, str, int]] = []
-        if not (_empty(cities) or _empty(domains)):
+        if not sees_nothing(cities, domains):
             devices, alarms = await db(request).summary_inputs(cities, domains, None)
         visible = [d for d in DOMAINS if domains is None or d in domains]
         body = Summary(
@@ -353,7 +349,7 @@ async def devices(
     box = parse_bbox(bbox)
     after = decode_text_cursor(cursor)
     cities, domains = _scope(principal, city, domain)
-    if _empty(cities) or _empty(domains):
+    if sees_nothing(cities, domains):
         return DeviceList(items=[], next=None)
     rows = await db(request).list_devices(
         cities, domains, status=status, bbox=box, after=after, limit=limit + 1
@@ -398,8 +394,7 @@ async def series(
     agg: Annotated[Aggregate, Query(description="aggregate per bucket")] = "avg",
 ) -> Series:
     database = db(request)
-    device = await database.get_device(device_id)
-    scoped_device_check(principal, device.city, device.domain, f"device {device_id!r}")
+    device = await scoped_device(request, principal, device_id)
     domain = DOMAINS[device.domain]
     metric_def = domain.metric(metric)
     if metric_def is None:

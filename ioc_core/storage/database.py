@@ -853,12 +853,14 @@ class Database(Component):
         limit: int,
     ) -> views.StatePage:
         """The latest state of devices in scope, in id order, as JSON built by the database."""
-        scope = (_text_list(cities), _text_list(domains))
-        row = await self._fetchrow(views.STATE_PAGE_SQL, *scope, after, limit)
+        row = await self._fetchrow(
+            views.STATE_PAGE_SQL, _text_list(cities), _text_list(domains), after, limit
+        )
         if row is None or not row["n"]:
             return views.StatePage(items_json="[]", count=0, last_id=None, more=False)
-        more = bool((await self._fetchrow(views.MORE_DEVICES_SQL, *scope, row["last_id"]) or [False])[0])
-        return views.StatePage(items_json=row["items"], count=row["n"], last_id=row["last_id"], more=more)
+        return views.StatePage(
+            items_json=row["items"], count=row["n"], last_id=row["last_id"], more=row["more"]
+        )
 
     async def layer_features(
         self,

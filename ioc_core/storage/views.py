@@ -30,26 +30,24 @@ ORDER BY u.city, u.domain
 ON CONFLICT (city, domain) DO UPDATE SET version = excluded.version, changed_at = now()
 """
 
-# $3 the last device id of the previous page (NULL on the first), $4 page size.
+# $3 the last device id of the previous page (NULL on the first), $4 page size. One row more than
+# the page is read to tell whether another page follows.
 STATE_PAGE_SQL = f"""
 WITH page AS (
     SELECT d.id, d.city, d.domain, d.lat, d.lon, coalesce(s.status, 'unknown') AS status, s.ts,
-           coalesce(s.metrics, '{{}}'::jsonb) AS metrics
+           coalesce(s.metrics, '{{}}'::jsonb) AS metrics, row_number() OVER (ORDER BY d.id) AS n
     FROM devices d LEFT JOIN device_state s ON s.device_id = d.id
     WHERE {_SCOPE} AND ($3::text IS NULL OR d.id > $3)
     ORDER BY d.id
-    LIMIT $4
+    LIMIT $4 + 1
 )
-SELECT count(*) AS n, max(id) AS last_id,
+SELECT count(*) FILTER (WHERE n <= $4) AS n, max(id) FILTER (WHERE n <= $4) AS last_id,
+       count(*) > $4 AS more,
        coalesce(json_agg(json_build_object(
            'device_id', id, 'city', city, 'domain', domain, 'status', status, 'ts', ts,
            'metrics', metrics, 'location', json_build_object('lat', lat, 'lon', lon)
-       ) ORDER BY id), '[]')::text AS items
+       ) ORDER BY id) FILTER (WHERE n <= $4), '[]')::text AS items
 FROM page
-"""
-
-MORE_DEVICES_SQL = f"""
-SELECT EXISTS (SELECT 1 FROM devices d WHERE {_SCOPE} AND d.id > $3)
 """
 
 _SEVERITY_RANK = "CASE a.severity WHEN 'critical' THEN 4 WHEN 'high' THEN 3 WHEN 'medium' THEN 2 ELSE 1 END"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 
 import pytest
 from fastapi import HTTPException
@@ -107,12 +108,20 @@ def test_cursors_bboxes_and_etags() -> None:
             parse_bbox(bad)
     assert _matches('W/"abc"', 'W/"abc"') and _matches('"abc", W/"x"', 'W/"abc"') and _matches("*", 'W/"a"')
     assert not _matches('W/"abd"', 'W/"abc"') and not _matches(None, 'W/"abc"')
+
+
+async def test_view_cache_compresses_large_bodies_and_keeps_the_newest() -> None:
     cache = ViewCache(entries=2)
-    small = cache.put("a", None, b"{}")
-    big = cache.put("b", None, b"x" * 5000)
+
+    async def body(content: bytes) -> bytes:
+        return content
+
+    small = await cache.get_or_render("a", lambda: body(b"{}"))
+    big = await cache.get_or_render("b", lambda: body(b"x" * 5000))
+    huge = await cache.get_or_render("c", lambda: body(b"y" * 400_000))
     assert small.gzipped is None and big.gzipped is not None and len(big.gzipped) < 100
-    cache.put("c", None, b"{}")
-    assert cache.get("a") is None and cache.get("c") is not None
+    assert huge.gzipped is not None and gzip.decompress(huge.gzipped) == huge.plain
+    assert cache.get("a") is None and cache.get("c") is huge
 
 
 async def test_concurrent_requests_for_one_version_render_it_once() -> None:
