@@ -227,7 +227,9 @@ kafka_ready() {
     size=$(stat -c %s "$KAFKA_LOG" 2>/dev/null) || return 1
     # The log rolled over during startup: search the new file from the top.
     ((size >= KAFKA_LOG_OFFSET)) || KAFKA_LOG_OFFSET=0
-    tail -c "+$((KAFKA_LOG_OFFSET + 1))" "$KAFKA_LOG" | grep -q 'Kafka Server started'
+    # Not `tail | grep -q`: under pipefail, grep leaving at the first match kills tail with SIGPIPE
+    # whenever more than a pipe's worth of log follows the line, and the broker never looks ready.
+    grep -q 'Kafka Server started' < <(tail -c "+$((KAFKA_LOG_OFFSET + 1))" "$KAFKA_LOG")
 }
 
 # The heap is capped well below Kafka's 1 GiB default: a test broker holds
