@@ -15,7 +15,7 @@ from fastapi.middleware.gzip import GZipMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from api import keys, problems, views
+from api import keys, problems, public, views, webhooks
 from api.auth import Admin, KeyCache, Operator, Viewer
 from api.common import (
     PROBLEM,
@@ -157,6 +157,8 @@ def create_app(
     app.add_middleware(GZipMiddleware, minimum_size=1024, compresslevel=6)
     app.include_router(views.router)
     app.include_router(keys.router)
+    app.include_router(public.router)
+    app.include_router(webhooks.router)
     add_stream_route(app)
 
     def device_accounts_of(request: Request) -> DeviceAccounts:
@@ -455,7 +457,10 @@ def create_app(
         devices = Metric("ioc_devices", "gauge", "registered devices, by status")
         for status, count in sorted((await database_.device_status_counts()).items()):
             devices.add(count, status=status)
-        return Response(render([dead, devices]), media_type=CONTENT_TYPE)
+        deliveries = Metric("ioc_webhook_deliveries", "gauge", "webhook deliveries kept, by state")
+        for state, count in sorted((await database_.webhooks.delivery_counts()).items()):
+            deliveries.add(count, state=state)
+        return Response(render([dead, devices, deliveries]), media_type=CONTENT_TYPE)
 
     add_page_routes(app, settings)
     return app

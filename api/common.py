@@ -227,7 +227,7 @@ async def _compressed(plain: bytes) -> bytes | None:
     return await asyncio.to_thread(gzip.compress, plain, _GZIP_LEVEL, mtime=0)
 
 
-def _matches(if_none_match: str | None, tag: str) -> bool:
+def etag_matches(if_none_match: str | None, tag: str) -> bool:
     if not if_none_match:
         return False
     weak_tag = tag.removeprefix("W/")
@@ -261,7 +261,7 @@ async def cached_view(
         "Cache-Control": "private, no-cache",
         "Vary": "Accept-Encoding, Authorization, X-API-Key",
     }
-    if _matches(request.headers.get("if-none-match"), tag):
+    if etag_matches(request.headers.get("if-none-match"), tag):
         return Response(status_code=304, headers=headers)
     cache: ViewCache = request.app.state.view_cache
     body = await cache.get_or_render(tag, render)

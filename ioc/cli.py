@@ -72,8 +72,26 @@ async def run_gateway(settings: Settings) -> None:
 async def run_processor(settings: Settings) -> None:
     from processors.telemetry import TelemetryProcessor
 
-    async with TelemetryProcessor(settings) as processor:
-        await _until_signalled(processor.wait)
+    async with contextlib.AsyncExitStack() as stack:
+        processor = await stack.enter_async_context(TelemetryProcessor(settings))
+        waits: list[Callable[[], Awaitable[None]]] = [processor.wait]
+        if settings.webhook_worker:
+            waits.append(await _start_webhooks(stack, settings))
+        await _until_signalled(*waits)
+
+
+async def run_webhooks(settings: Settings) -> None:
+    async with contextlib.AsyncExitStack() as stack:
+        await _until_signalled(await _start_webhooks(stack, settings))
+
+
+async def _start_webhooks(
+    stack: contextlib.AsyncExitStack, settings: Settings
+) -> Callable[[], Awaitable[None]]:
+    from processors.webhooks import WebhookDispatcher
+
+    dispatcher = await stack.enter_async_context(WebhookDispatcher(settings))
+    return dispatcher.wait
 
 
 async def run_api(settings: Settings) -> None:
@@ -89,14 +107,16 @@ async def run_up(settings: Settings) -> None:
     from processors.telemetry import TelemetryProcessor
 
     await migrate(settings)
-    async with (
-        TelemetryProcessor(settings) as processor,
-        Gateway(settings),
-        ApiServer(settings) as server,
-    ):
+    async with contextlib.AsyncExitStack() as stack:
+        processor = await stack.enter_async_context(TelemetryProcessor(settings))
+        await stack.enter_async_context(Gateway(settings))
+        server = await stack.enter_async_context(ApiServer(settings))
+        waits: list[Callable[[], Awaitable[None]]] = [processor.wait, server.wait]
+        if settings.webhook_worker:
+            waits.append(await _start_webhooks(stack, settings))
         key_hint = "" if settings.admin_api_key else " (set IOC_ADMIN_API_KEY to use the protected endpoints)"
         print(f"IOC running: API on http://{settings.api_host}:{settings.api_port}{key_hint}", flush=True)
-        await _until_signalled(processor.wait, server.wait)
+        await _until_signalled(*waits)
 
 
 async def migrate(settings: Settings) -> None:
@@ -162,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("gateway", help="run one MQTT ingest gateway")
     commands.add_parser("processor", help="run one stream processor")
     commands.add_parser("api", help="run the HTTP API")
+    commands.add_parser(
+        "webhooks", help="run a webhook delivery worker on its own (processors run one by default)"
+    )
     commands.add_parser("migrate", help="create or upgrade the database schema (safe to repeat)")
     commands.add_parser("settings", help="print the effective settings, secrets masked")
     devices = commands.add_parser("devices", help="manage the device registry")
@@ -194,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             "gateway": run_gateway,
             "processor": run_processor,
             "api": run_api,
+            "webhooks": run_webhooks,
             "migrate": migrate,
         }
         if command == "simulate":

@@ -129,7 +129,11 @@ class Alarm(BaseModel):
     count: int = Field(description="readings in violation since the alarm was raised")
     message: str = Field(description="Vietnamese, then English")
     messages: AlarmMessages
-    escalated: bool = False
+    escalated: bool = Field(
+        default=False,
+        description="true once a high or critical alarm went unacknowledged past its domain's limit",
+    )
+    escalated_at: datetime | None = None
     audit: list[AuditEntry] | None = Field(
         default=None, description="who acknowledged or resolved it, when and why (detail view only)"
     )

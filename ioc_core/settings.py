@@ -42,7 +42,48 @@ class Settings(BaseSettings):
         description="the broker's dynamic-security admin as mqtt://user:password@host:port; when set,"
         " registering a device creates its own MQTT account",
     )
-    webhook_allow_private: bool = False
+    webhook_allow_private: bool = Field(
+        default=False,
+        description="let webhook URLs point at loopback, private or link-local addresses (tests,"
+        " on-premise agencies)",
+    )
+    webhook_worker: bool = Field(
+        default=True,
+        description="run the webhook delivery worker inside `ioc processor` (and `ioc up`); turn off"
+        " where `ioc webhooks` runs it on its own",
+    )
+    webhook_timeout_s: float = Field(default=10.0, gt=0, le=120, description="one attempt's time limit")
+    webhook_concurrency: int = Field(
+        default=4, ge=1, le=100, description="requests in flight to one endpoint, across all workers"
+    )
+    webhook_retry_window_s: float = Field(
+        default=86_400,
+        gt=0,
+        description="how long a failing delivery is retried before it is marked failed",
+    )
+    webhook_backoff_initial_s: float = Field(
+        default=2.0, gt=0, description="wait after the first failed attempt; doubles after each"
+    )
+    webhook_backoff_max_s: float = Field(default=900.0, gt=0, description="longest wait between attempts")
+    webhook_poll_s: float = Field(
+        default=1.0,
+        gt=0,
+        description="how often a worker looks for due retries (new deliveries wake it at once)",
+    )
+    webhook_log_days: float = Field(
+        default=30, gt=0, description="days delivered and failed webhook deliveries stay in the log"
+    )
+    cap_sender: str | None = Field(
+        default=None,
+        pattern=r"^[^\s,&<]{1,255}$",
+        description="the `sender` of public CAP warnings (e.g. ioc@hai-phong.gov.vn); unset, ioc@ and"
+        " the host name the feed was asked for",
+    )
+    escalate_after_s: dict[str, float] = Field(
+        default_factory=dict,
+        description="per-domain seconds after which an unacknowledged high or critical alarm is"
+        " escalated (overrides the domains' defaults)",
+    )
 
     gateway_client_id: str = Field(
         default="ioc-gateway",
@@ -172,6 +213,23 @@ class Settings(BaseSettings):
                     f"IOC_OFFLINE_AFTER_S: {domain!r}={seconds!r} is not a domain and a positive number"
                 )
         return value
+
+    @field_validator("escalate_after_s")
+    @classmethod
+    def _check_escalate_after(cls, value: dict[str, float]) -> dict[str, float]:
+        for domain, seconds in value.items():
+            if domain not in DOMAINS or not seconds > 0:
+                raise ValueError(
+                    f"IOC_ESCALATE_AFTER_S: {domain!r}={seconds!r} is not a domain and a positive number"
+                )
+        return value
+
+    def escalate_after(self) -> dict[str, float]:
+        """Seconds an active high or critical alarm of each domain may wait for acknowledgement."""
+        return {
+            name: self.escalate_after_s.get(name, d.escalate_after.total_seconds())
+            for name, d in DOMAINS.items()
+        }
 
     def offline_after(self) -> dict[str, float]:
         """Seconds of silence after which a device of each domain counts as offline."""

@@ -154,6 +154,9 @@ class TelemetryProcessor(Component):
             asyncio.create_task(
                 self._every(self._settings.silence_check_s, self._sweep_silent), name="processor-silence"
             ),
+            asyncio.create_task(
+                self._every(self._settings.silence_check_s, self._escalate), name="processor-escalation"
+            ),
             asyncio.create_task(self._relay_events(), name="processor-relay"),
             asyncio.create_task(
                 self._every(self._settings.state_event_interval_s, self._flush_states),
@@ -326,6 +329,13 @@ class TelemetryProcessor(Component):
         self._note_status(transitions)
         if transitions:
             log.info("%d devices went silent", len(transitions))
+            self._events_pending.set()
+
+    async def _escalate(self) -> None:
+        async with self._database.transaction() as transaction:
+            events = await transaction.escalate_alarms(self._settings.escalate_after())
+        if events:
+            log.warning("%d alarms escalated: nobody acknowledged them in time", len(events))
             self._events_pending.set()
 
     async def _apply_retention(self) -> None:

@@ -12,6 +12,8 @@ import pytest
 @dataclass
 class Figures:
     latencies_s: dict[str, float] = field(default_factory=dict)
+    # Free-form lines measured by other tests, printed as they are.
+    lines: list[str] = field(default_factory=list)
 
 
 FIGURES = Figures()
@@ -23,10 +25,14 @@ def figures() -> Iterator[Figures]:
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if not FIGURES.latencies_s and not FIGURES.lines:
+        return
+    terminalreporter.section("measured figures")
+    for line in FIGURES.lines:
+        terminalreporter.write_line(line)
     if not FIGURES.latencies_s:
         return
     values = sorted(FIGURES.latencies_s.values())
-    terminalreporter.section("measured figures")
     for name, seconds in sorted(FIGURES.latencies_s.items()):
         terminalreporter.write_line(f"publish -> API latency, {name}: {seconds * 1000:.0f} ms")
     terminalreporter.write_line(

@@ -10,6 +10,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Literal
 
 from ioc_core.kpis import Kpi
 from ioc_core.rules import DistrictCorrelation, MetricRules
@@ -59,6 +60,35 @@ BATTERY = Metric(
 BATTERY_RULES = MetricRules(warn_below=0.15, hysteresis=0.05)
 
 
+# The categories of CAP 1.2 (`info/category`).
+CapCategory = Literal[
+    "Geo",
+    "Met",
+    "Safety",
+    "Security",
+    "Rescue",
+    "Fire",
+    "Health",
+    "Env",
+    "Transport",
+    "Infra",
+    "CBRNE",
+    "Other",
+]
+
+
+@dataclass(frozen=True)
+class PublicWarning:
+    """Which of a domain's alarms the public is warned of, as CAP 1.2 alerts (`GET /v1/public/cap`),
+    and how they are named there. Only open alarms of severity medium or worse are published."""
+
+    category: CapCategory
+    event_vi: str
+    event_en: str
+    # Alarm rules (`threshold.currentLevel`, `flood.district`, ...) that concern the public.
+    rules: frozenset[str]
+
+
 @dataclass(frozen=True)
 class Domain:
     name: str
@@ -71,6 +101,11 @@ class Domain:
     correlation: DistrictCorrelation | None = None
     # Headline figures of the domain's summary tile.
     kpis: tuple[Kpi, ...] = ()
+    # A high or critical alarm nobody has acknowledged for this long is escalated to the agencies
+    # whose webhooks ask for escalations.
+    escalate_after: timedelta = timedelta(minutes=15)
+    # Alarms the public is warned of; None: the domain's alarms stay with the operators.
+    public_warning: PublicWarning | None = None
 
     def __post_init__(self) -> None:
         if BATTERY not in self.metrics:

@@ -6,7 +6,8 @@ import math
 import random
 from datetime import datetime, timedelta
 
-from ioc_core.domains.base import Domain, Metric, clamp
+from ioc_core.alarms import DISTRICT_FLOOD_RULE
+from ioc_core.domains.base import Domain, Metric, PublicWarning, clamp
 from ioc_core.kpis import Kpi, count, highest, past_limit
 from ioc_core.rules import DistrictCorrelation, MetricRules
 
@@ -49,6 +50,8 @@ DOMAIN = Domain(
     title_vi="Cảnh báo ngập lụt",
     metrics=(LEVEL, RAINFALL),
     offline_after=timedelta(minutes=5),
+    # A danger level left unhandled for ten minutes is already a flood in the streets.
+    escalate_after=timedelta(minutes=10),
     sampler=_sample,
     default_rules={
         # Tides move the level by about 0.2 m an hour at most; half a metre in ten minutes is a flash
@@ -92,5 +95,19 @@ DOMAIN = Domain(
             count(past_limit(LEVEL.name, "crit_above")),
         ),
         Kpi("highest_level", "Highest water level", "Mực nước cao nhất", "m", highest(LEVEL.name)),
+    ),
+    # Water past a station's limits, rising fast, or flooding a district is what people nearby must
+    # hear; a station gone silent or with a flat battery is the city's own business, and the
+    # statistical rules (z-score, flatline) speak of the sensor more than of the water.
+    public_warning=PublicWarning(
+        category="Met",
+        event_vi="Ngập lụt",
+        event_en="Flood",
+        rules=frozenset(
+            {
+                *(f"{kind}.{metric.name}" for kind in ("threshold", "rate") for metric in (LEVEL, RAINFALL)),
+                DISTRICT_FLOOD_RULE,
+            }
+        ),
     ),
 )

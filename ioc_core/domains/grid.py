@@ -49,6 +49,7 @@ DOMAIN = Domain(
     title_vi="Lưới điện",
     metrics=(VOLTAGE, FREQUENCY, ACTIVE_POWER),
     offline_after=timedelta(minutes=5),
+    escalate_after=timedelta(minutes=10),
     sampler=_sample,
     default_rules={
         # Vietnam's distribution band: 230 V ±5 % warns, ±10 % is critical. A live feeder's voltage

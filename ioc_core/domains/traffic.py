@@ -74,6 +74,7 @@ DOMAIN = Domain(
     title_vi="Giao thông",
     metrics=(INTENSITY, OCCUPANCY, SPEED),
     offline_after=timedelta(minutes=5),
+    escalate_after=timedelta(minutes=15),
     sampler=_sample,
     default_rules={
         # Rush hour is slow and dense by nature (about 18 km/h and 60 % occupancy on an arterial);

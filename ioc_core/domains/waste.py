@@ -57,6 +57,8 @@ DOMAIN = Domain(
     title_vi="Thu gom rác thải",
     metrics=(FILLING, TEMPERATURE),
     offline_after=timedelta(minutes=30),
+    # A full bin can wait for the next round; an hour without anyone looking is worth a call.
+    escalate_after=timedelta(minutes=60),
     sampler=_sample,
     default_rules={
         # Emptying drops the level to near zero every night, so a jump in the level is normal.

@@ -47,6 +47,7 @@ DOMAIN = Domain(
     title_vi="Cấp thoát nước",
     metrics=(PRESSURE, FLOW, TURBIDITY, PH),
     offline_after=timedelta(minutes=10),
+    escalate_after=timedelta(minutes=15),
     sampler=_sample,
     default_rules={
         # Demand moves pressure by about 0.1 bar in ten minutes; losing 1.5 bar that fast is a burst

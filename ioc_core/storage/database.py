@@ -40,7 +40,6 @@ from ioc_core.domains import DOMAINS, Domain
 from ioc_core.errors import (
     ConflictError,
     NotFoundError,
-    ServiceUnavailableError,
     StorageError,
     ValidationError,
 )
@@ -54,6 +53,9 @@ from ioc_core.events import (
 from ioc_core.models import Device, DeviceIn, DeviceRoute, LatestReading, Location, StateItem
 from ioc_core.rules import severity_rank
 from ioc_core.storage import views
+from ioc_core.storage.connections import CONNECTION_ERRORS as _CONNECTION_ERRORS
+from ioc_core.storage.connections import TRANSIENT_ERRORS as _TRANSIENT_ERRORS
+from ioc_core.storage.connections import unavailable as _unavailable
 from ioc_core.storage.schema import MIGRATION_LOCK_ID, MIGRATIONS, StorageTier, domain_table_ddl, ident
 from ioc_core.storage.tiers import (
     AGGREGATES,
@@ -67,30 +69,13 @@ from ioc_core.storage.tiers import (
     series_sql,
     tier_objects_sql,
 )
+from ioc_core.storage.webhooks import WebhookStore, route_deliveries
 from ioc_core.telemetry import BusTelemetry, Reading, StoredDeadLetter
+from ioc_core.webhooks import routed
 
 Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 
 log = logging.getLogger(__name__)
-
-
-# Failures that pass by themselves: retry the same transaction later.
-_TRANSIENT_ERRORS = (
-    asyncpg.DeadlockDetectedError,
-    asyncpg.SerializationError,
-    asyncpg.ReadOnlySQLTransactionError,
-    asyncpg.OperatorInterventionError,
-    asyncpg.InsufficientResourcesError,
-)
-
-_CONNECTION_ERRORS = (
-    OSError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.ConnectionDoesNotExistError,
-    asyncpg.InterfaceError,
-    asyncpg.AdminShutdownError,
-    asyncpg.TooManyConnectionsError,
-)
 
 
 @dataclass(frozen=True)
@@ -204,7 +189,7 @@ ON CONFLICT (event_id) DO NOTHING
 _ALARM_COLUMNS = """
     a.id, a.subject, a.device_id, a.city, a.domain, a.district, a.rule, a.metric, a.severity,
     a.state, a.started_at, a.last_seen_at, a.acknowledged_at, a.resolved_at, a.value, a.threshold,
-    a.count, a.message_vi, a.message_en, a.escalated
+    a.count, a.message_vi, a.message_en, a.escalated, a.escalated_at
 """
 
 _SEVERITY_ORDER = "ARRAY['low', 'medium', 'high', 'critical']"
@@ -213,9 +198,11 @@ _SEVERITY_ORDER = "ARRAY['low', 'medium', 'high', 'critical']"
 # milder one does not lower it: an alarm stays as serious as the worst it has been until resolved.
 _UPSERT_ALARMS_SQL = f"""
 INSERT INTO alarms AS a (subject, device_id, city, domain, district, rule, metric, severity,
-                         started_at, last_seen_at, value, threshold, count, message_vi, message_en)
+                         started_at, last_seen_at, value, threshold, count, message_vi, message_en,
+                         serious_since)
 SELECT u.subject, u.device_id, u.city, u.domain, u.district, u.rule, u.metric, u.severity,
-       u.at, u.at, u.value, u.threshold, u.repeats, u.message_vi, u.message_en
+       u.at, u.at, u.value, u.threshold, u.repeats, u.message_vi, u.message_en,
+       CASE WHEN u.severity IN ('high', 'critical') THEN u.at END
 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
             $8::text[], $9::timestamptz[], $10::float8[], $11::float8[], $12::integer[], $13::text[],
             $14::text[])
@@ -234,8 +221,19 @@ ON CONFLICT (subject, rule) WHERE state <> 'resolved' DO UPDATE SET
                      THEN excluded.threshold ELSE a.threshold END,
     message_vi = excluded.message_vi,
     message_en = excluded.message_en,
+    serious_since = coalesce(a.serious_since, excluded.serious_since),
     updated_at = now()
 RETURNING {_ALARM_COLUMNS}, a.previous_severity, (a.xmax = 0) AS inserted
+"""
+
+# Active (nobody acknowledged) high or critical alarms older than their domain's limit. Each is
+# escalated once, whichever processors run this at the same time: the row lock decides.
+_ESCALATE_ALARMS_SQL = f"""
+UPDATE alarms AS a SET escalated = true, escalated_at = now(), updated_at = now()
+FROM unnest($1::text[], $2::float8[]) AS u (domain, after_s)
+WHERE a.domain = u.domain AND a.state = 'active' AND NOT a.escalated AND a.serious_since IS NOT NULL
+  AND a.serious_since < now() - make_interval(secs => u.after_s)
+RETURNING {_ALARM_COLUMNS}
 """
 
 _RESOLVE_ALARMS_SQL = f"""
@@ -350,12 +348,6 @@ async def _init_connection(connection: asyncpg.Connection) -> None:
         )
 
 
-def _unavailable(url: str, exc: BaseException) -> ServiceUnavailableError:
-    parts = urlsplit(url)
-    where = f"{parts.hostname}:{parts.port or 5432}{parts.path}"
-    return ServiceUnavailableError(f"database at {where} is unreachable: {exc}")
-
-
 async def _maintenance_connection(url: str) -> tuple[str, asyncpg.Connection]:
     """The name of the database in `url`, and a connection to the server's `postgres` database
     from which it can be created or dropped."""
@@ -428,6 +420,10 @@ class Database(Component):
         if self._pool is None:
             raise StorageError("database is not started")
         return self._pool
+
+    @property
+    def webhooks(self) -> WebhookStore:
+        return WebhookStore(lambda: self.pool, self._url)
 
     async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
         try:
@@ -931,6 +927,36 @@ class Database(Component):
             for r in rows
         ]
 
+    async def public_alarms(
+        self,
+        rules: Sequence[tuple[str, str]],
+        severities: Sequence[str],
+        *,
+        city: str | None = None,
+        alarm_id: int | None = None,
+        limit: int = 1000,
+    ) -> list[views.PublicAlarmRow]:
+        """Open alarms of the given `(domain, rule)` pairs and severities, worst and newest first,
+        with their place (see `views.PUBLIC_ALARMS_SQL`)."""
+        rows = await self._fetch(
+            views.PUBLIC_ALARMS_SQL.format(alarm_columns=_ALARM_COLUMNS),
+            [domain for domain, _ in rules],
+            [rule for _, rule in rules],
+            list(severities),
+            city,
+            alarm_id,
+            limit,
+        )
+        return [
+            views.PublicAlarmRow(
+                alarm=_alarm_of(r),
+                device_name=r["device_name"],
+                location=(r["lat"], r["lon"]) if r["lat"] is not None else None,
+                district_points=list(zip(r["district_lats"] or (), r["district_lons"] or (), strict=True)),
+            )
+            for r in rows
+        ]
+
     # -- API keys -----------------------------------------------------------------------------
 
     async def create_api_key(
@@ -1116,6 +1142,8 @@ async def _remove_old_readings(
 
 
 async def _insert_outbox(connection: Connection, events: Sequence[Event]) -> None:
+    """Record events for the relay to Kafka, and their webhook deliveries, in the caller's
+    transaction."""
     if not events:
         return
     await connection.execute(
@@ -1125,6 +1153,7 @@ async def _insert_outbox(connection: Connection, events: Sequence[Event]) -> Non
         [e.key for e in events],
         [json.dumps(e.to_cloudevent(), ensure_ascii=False) for e in events],
     )
+    await route_deliveries(connection, routed(events))
 
 
 @dataclass(frozen=True, slots=True)
@@ -1218,6 +1247,7 @@ def _alarm_of(row: asyncpg.Record) -> Alarm:
         message=bilingual(row["message_vi"], row["message_en"]),
         messages=AlarmMessages(vi=row["message_vi"], en=row["message_en"]),
         escalated=row["escalated"],
+        escalated_at=row["escalated_at"],
     )
 
 
@@ -1396,6 +1426,16 @@ class BatchTransaction:
             DISTRICT_FLOOD_RULE,
         )
         return [row["flood_signal"] for row in rows], bool(open_alarm)
+
+    async def escalate_alarms(self, after_s: dict[str, float]) -> list[Event]:
+        """Escalate the alarms nobody acknowledged in time; records `alarm.updated` events with
+        `escalated: true`."""
+        rows = await self._connection.fetch(_ESCALATE_ALARMS_SQL, list(after_s), list(after_s.values()))
+        now = datetime.now(UTC)
+        events = [alarm_event(ALARM_UPDATED, _alarm_of(row), now) for row in rows]
+        self.touched.update((e.data["city"], e.data["domain"]) for e in events)
+        await _insert_outbox(self._connection, events)
+        return events
 
     async def apply_findings(self, findings: Sequence[Finding]) -> list[Event]:
         """Raise, repeat, escalate or resolve alarms; records and returns their lifecycle events."""

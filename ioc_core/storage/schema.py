@@ -196,6 +196,77 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         CREATE INDEX devices_lon_lat ON devices (lon, lat);
         """,
     ),
+    (
+        5,
+        """
+        -- Agencies' webhook endpoints. The secret must be kept to sign with; the API shows it once.
+        CREATE TABLE webhook_endpoints (
+            id                 text PRIMARY KEY,
+            url                text NOT NULL,
+            description        text,
+            secret             text NOT NULL,
+            cities             text[],
+            domains            text[],
+            types              text[],
+            min_severity       text CHECK (min_severity IN ('low', 'medium', 'high', 'critical')),
+            min_severity_rank  smallint,
+            escalated_only     boolean NOT NULL DEFAULT false,
+            created_by         text,
+            created_at         timestamptz NOT NULL DEFAULT now(),
+            disabled_at        timestamptz,
+            disabled_reason    text
+        );
+
+        -- One row per (endpoint, event), made in the transaction that records the event: the
+        -- deliveries' own outbox. `webhook-id` is the same on every attempt.
+        CREATE TABLE webhook_deliveries (
+            id                 bigserial PRIMARY KEY,
+            endpoint_id        text NOT NULL REFERENCES webhook_endpoints (id) ON DELETE CASCADE,
+            message_id         text NOT NULL,
+            event_type         text NOT NULL,
+            body               text NOT NULL,
+            state              text NOT NULL DEFAULT 'pending'
+                               CHECK (state IN ('pending', 'delivered', 'failed')),
+            created_at         timestamptz NOT NULL DEFAULT now(),
+            window_started_at  timestamptz NOT NULL DEFAULT now(),
+            next_attempt_at    timestamptz NOT NULL DEFAULT now(),
+            attempts           integer NOT NULL DEFAULT 0,
+            lease_owner        text,
+            lease_until        timestamptz,
+            last_status        integer,
+            last_error         text,
+            delivered_at       timestamptz,
+            failed_at          timestamptz,
+            failure_reason     text,
+            UNIQUE (endpoint_id, message_id)
+        );
+        CREATE INDEX webhook_deliveries_due ON webhook_deliveries (endpoint_id, next_attempt_at)
+            WHERE state = 'pending';
+        CREATE INDEX webhook_deliveries_by_endpoint ON webhook_deliveries (endpoint_id, id);
+        CREATE INDEX webhook_deliveries_finished ON webhook_deliveries (created_at)
+            WHERE state <> 'pending';
+
+        CREATE TABLE webhook_attempts (
+            id               bigserial PRIMARY KEY,
+            delivery_id      bigint NOT NULL REFERENCES webhook_deliveries (id) ON DELETE CASCADE,
+            attempted_at     timestamptz NOT NULL,
+            status_code      integer,
+            latency_ms       double precision NOT NULL,
+            error            text,
+            response         text,
+            next_attempt_at  timestamptz
+        );
+        CREATE INDEX webhook_attempts_by_delivery ON webhook_attempts (delivery_id, id);
+
+        -- Escalation counts from when an alarm became high or critical, not from when it was
+        -- raised: a warning that turns into a danger gives operators their full time again.
+        ALTER TABLE alarms ADD COLUMN serious_since timestamptz, ADD COLUMN escalated_at timestamptz;
+        UPDATE alarms SET serious_since = started_at
+            WHERE severity IN ('high', 'critical') AND state <> 'resolved';
+        CREATE INDEX alarms_unescalated ON alarms (serious_since)
+            WHERE state = 'active' AND NOT escalated AND serious_since IS NOT NULL;
+        """,
+    ),
 )
 
 

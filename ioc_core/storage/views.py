@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
+from ioc_core.alarms import Alarm
+
 # Filters shared by the queries below: $1 cities (NULL = every), $2 domains (NULL = every).
 _SCOPE = "($1::text[] IS NULL OR d.city = ANY($1)) AND ($2::text[] IS NULL OR d.domain = ANY($2))"
 
@@ -174,3 +176,39 @@ class CityRow:
     lat: float
     lon: float
     bbox: tuple[float, float, float, float]
+
+
+# Open alarms the public is warned of (CAP, `GET /v1/public/cap`), worst and newest first, with
+# where they are: a device alarm's device, or every registered device of a district alarm's domain
+# in its district. `{alarm_columns}` takes the alarm's own columns, as every alarm query reads them.
+# $1, $2 the public (domain, rule) pairs; $3 severities; $4 a city or NULL; $5 one alarm id or
+# NULL; $6 the most rows.
+PUBLIC_ALARMS_SQL = f"""
+SELECT {{alarm_columns}}, d.name AS device_name, d.lat, d.lon,
+       p.lats AS district_lats, p.lons AS district_lons
+FROM alarms a
+LEFT JOIN devices d ON d.id = a.device_id
+LEFT JOIN LATERAL (
+    SELECT array_agg(x.lat ORDER BY x.id) AS lats, array_agg(x.lon ORDER BY x.id) AS lons
+    FROM devices x
+    WHERE a.device_id IS NULL AND x.city = a.city AND x.district = a.district AND x.domain = a.domain
+) p ON true
+WHERE a.state <> 'resolved'
+  AND (a.domain, a.rule) IN (SELECT * FROM unnest($1::text[], $2::text[]))
+  AND a.severity = ANY($3::text[])
+  AND ($4::text IS NULL OR a.city = $4)
+  AND ($5::bigint IS NULL OR a.id = $5)
+ORDER BY {_SEVERITY_RANK} DESC, a.id DESC
+LIMIT $6
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class PublicAlarmRow:
+    """An open public alarm with its place: the device's name and `(lat, lon)` (None when the device
+    is gone), or for a district alarm the `(lat, lon)` of its district's devices."""
+
+    alarm: Alarm
+    device_name: str | None
+    location: tuple[float, float] | None
+    district_points: list[tuple[float, float]]

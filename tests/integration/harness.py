@@ -182,3 +182,14 @@ async def delete_topics(prefix: str) -> None:
             await admin.delete_topics(names)
     finally:
         await admin.close()
+
+
+SERVICES_SCRIPT = Path(__file__).resolve().parents[2] / "services" / "services.sh"
+
+
+def services(*args: str) -> None:
+    """Run `services.sh` (stop or start a real service, for fault tests)."""
+    result = subprocess.run(
+        ["bash", str(SERVICES_SCRIPT), *args], capture_output=True, text=True, timeout=180, check=False
+    )
+    assert result.returncode == 0, f"services.sh {' '.join(args)} failed:\n{result.stderr[-2000:]}"

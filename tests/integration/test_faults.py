@@ -6,20 +6,16 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import subprocess
 import threading
 import time
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import httpx
 
 from tests.integration.conftest import System
-from tests.integration.harness import Publisher, unique, wait_until
+from tests.integration.harness import Publisher, services, unique, wait_until
 from tests.integration.test_gateway import _at_least, count_readings, register
-
-SERVICES_SCRIPT = Path(__file__).resolve().parents[2] / "services" / "services.sh"
 
 
 def flood_messages(city: str, devices: list[str], count: int) -> list[tuple[str, bytes]]:
@@ -97,13 +93,6 @@ async def test_gateway_killed_mid_stream_loses_and_doubles_nothing(
     )
     await asyncio.sleep(2)  # anything redelivered twice would land by now
     assert await count_readings(system.database_url, "readings_flood", devices) == total
-
-
-def services(*args: str) -> None:
-    result = subprocess.run(
-        ["bash", str(SERVICES_SCRIPT), *args], capture_output=True, text=True, timeout=180, check=False
-    )
-    assert result.returncode == 0, f"services.sh {' '.join(args)} failed:\n{result.stderr[-2000:]}"
 
 
 async def test_kafka_stopped_then_restarted_backlog_drains(

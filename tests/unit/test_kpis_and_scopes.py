@@ -11,10 +11,10 @@ from fastapi import HTTPException
 from api.auth import Principal
 from api.common import (
     ViewCache,
-    _matches,
     decode_int_cursor,
     decode_text_cursor,
     encode_cursor,
+    etag_matches,
     parse_bbox,
 )
 from ioc_core.domains import DOMAINS
@@ -106,8 +106,12 @@ def test_cursors_bboxes_and_etags() -> None:
     for bad in ("1,2,3", "a,b,c,d", "10,10,5,5", "nan,1,2,3", "-200,0,0,1"):
         with pytest.raises(HTTPException):
             parse_bbox(bad)
-    assert _matches('W/"abc"', 'W/"abc"') and _matches('"abc", W/"x"', 'W/"abc"') and _matches("*", 'W/"a"')
-    assert not _matches('W/"abd"', 'W/"abc"') and not _matches(None, 'W/"abc"')
+    assert (
+        etag_matches('W/"abc"', 'W/"abc"')
+        and etag_matches('"abc", W/"x"', 'W/"abc"')
+        and etag_matches("*", 'W/"a"')
+    )
+    assert not etag_matches('W/"abd"', 'W/"abc"') and not etag_matches(None, 'W/"abc"')
 
 
 async def test_view_cache_compresses_large_bodies_and_keeps_the_newest() -> None:

@@ -1,0 +1,330 @@
+"""Agency webhook endpoints (contract §6 and §8): register, list, change, remove; the delivery log
+and retrying a failed delivery. Admin only; an admin limited to some cities or domains manages
+only endpoints whose filter lies within its scope."""
+
+from __future__ import annotations
+
+import secrets
+from datetime import datetime
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, HTTPException, Path, Query, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from api.auth import Admin, Principal
+from api.common import PROBLEM, Cursor, comma_list, db, decode_int_cursor, decode_text_cursor, encode_cursor
+from ioc_core.errors import ConflictError, NotFoundError
+from ioc_core.settings import Settings
+from ioc_core.storage.webhooks import DeliveryRow, EndpointRow
+from ioc_core.webhooks import WebhookError, WebhookFilter, allowed_addresses, new_secret, parse_url
+
+router = APIRouter(tags=["webhooks"])
+
+WebhookId = Annotated[str, Path(pattern="^wh_[0-9a-f]{16}$", description="webhook id")]
+DeliveryId = Annotated[int, Path(ge=1, le=2**63 - 1, description="delivery id")]
+DeliveryState = Literal["pending", "delivered", "failed"]
+DELIVERY_STATES: tuple[DeliveryState, ...] = ("pending", "delivered", "failed")
+
+
+class WebhookIn(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "url": "https://canh-bao.example.gov.vn/hooks/ioc",
+                    "description": "Ban Chỉ huy PCTT Hà Nội",
+                    "filter": {"cities": ["ha-noi"], "domains": ["flood"], "min_severity": "high"},
+                }
+            ]
+        },
+    )
+
+    url: str = Field(min_length=1, max_length=2048, description="http(s) URL the events are POSTed to")
+    description: str | None = Field(default=None, max_length=500)
+    filter: WebhookFilter = Field(default_factory=WebhookFilter)
+
+
+class WebhookPatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: str | None = Field(default=None, min_length=1, max_length=2048)
+    description: str | None = Field(default=None, max_length=500)
+    filter: WebhookFilter | None = Field(default=None, description="replaces the whole filter")
+    enabled: bool | None = Field(
+        default=None, description="true turns a disabled endpoint (by a 410, say) back on; false pauses it"
+    )
+
+
+class Webhook(BaseModel):
+    id: str
+    url: str
+    description: str | None
+    filter: WebhookFilter
+    enabled: bool
+    disabled_at: datetime | None
+    disabled_reason: str | None
+    created_by: str | None
+    created_at: datetime
+
+
+class NewWebhook(Webhook):
+    secret: str = Field(description="the signing secret (`whsec_…`), shown this once only")
+
+
+class WebhookList(BaseModel):
+    items: list[Webhook]
+    next: str | None = Field(description="cursor of the next page, or null on the last")
+
+
+class Attempt(BaseModel):
+    attempted_at: datetime
+    status_code: int | None = Field(description="the endpoint's answer; null when there was none")
+    latency_ms: float
+    error: str | None
+    response: str | None = Field(description="the start of the endpoint's answer")
+    next_attempt_at: datetime | None = Field(description="when it was to be tried again, if it was")
+
+
+class Delivery(BaseModel):
+    id: int
+    webhook_id: str
+    message_id: str = Field(description="the `webhook-id` header, the same on every attempt")
+    type: str
+    state: DeliveryState
+    created_at: datetime
+    next_attempt_at: datetime | None = Field(description="for a pending delivery: its next try")
+    attempt_count: int
+    last_status: int | None
+    last_error: str | None
+    delivered_at: datetime | None
+    failed_at: datetime | None
+    failure_reason: str | None
+    attempts: list[Attempt]
+
+
+class DeliveryList(BaseModel):
+    items: list[Delivery]
+    next: str | None = Field(description="cursor of the next (older) page, or null on the last")
+
+
+def _webhook(row: EndpointRow) -> Webhook:
+    return Webhook(
+        id=row.id,
+        url=row.url,
+        description=row.description,
+        filter=row.filter,
+        enabled=row.disabled_at is None,
+        disabled_at=row.disabled_at,
+        disabled_reason=row.disabled_reason,
+        created_by=row.created_by,
+        created_at=row.created_at,
+    )
+
+
+def _delivery(row: DeliveryRow) -> Delivery:
+    return Delivery(
+        id=row.id,
+        webhook_id=row.endpoint_id,
+        message_id=row.message_id,
+        type=row.event_type,
+        state=row.state,  # type: ignore[arg-type]
+        created_at=row.created_at,
+        next_attempt_at=row.next_attempt_at if row.state == "pending" else None,
+        attempt_count=row.attempts,
+        last_status=row.last_status,
+        last_error=row.last_error,
+        delivered_at=row.delivered_at,
+        failed_at=row.failed_at,
+        failure_reason=row.failure_reason,
+        attempts=[Attempt.model_validate(a, from_attributes=True) for a in row.attempt_log],
+    )
+
+
+async def _checked_url(request: Request, url: str) -> str:
+    """The URL, once its shape and every address its host resolves to are acceptable."""
+    settings: Settings = request.app.state.settings
+    try:
+        target = parse_url(url)
+        await allowed_addresses(target.host, target.port, allow_private=settings.webhook_allow_private)
+    except WebhookError as exc:
+        raise HTTPException(400, f"webhook URL refused: {exc}") from exc
+    return target.url
+
+
+def _within_scope(principal: Principal, webhook_filter: WebhookFilter) -> WebhookFilter:
+    """A scoped admin's endpoints default to its scope and may not reach beyond it."""
+    scoped = webhook_filter.model_copy(
+        update={
+            "cities": webhook_filter.cities
+            if webhook_filter.cities is not None or principal.cities is None
+            else sorted(principal.cities),
+            "domains": webhook_filter.domains
+            if webhook_filter.domains is not None or principal.domains is None
+            else sorted(principal.domains),
+        }
+    )
+    if not principal.covers(scoped.cities, scoped.domains):
+        raise HTTPException(403, "a webhook cannot receive events beyond the scope of the key that makes it")
+    return scoped
+
+
+async def _scoped_endpoint(request: Request, principal: Principal, webhook_id: str) -> EndpointRow:
+    row = await db(request).webhooks.get_endpoint(webhook_id)
+    if not principal.covers(row.cities, row.domains):
+        raise NotFoundError(f"webhook {webhook_id!r} not found")
+    return row
+
+
+@router.post(
+    "/v1/webhooks",
+    response_model=NewWebhook,
+    status_code=201,
+    summary="Register an agency endpoint (admin); the signing secret is in this answer only.",
+    description="Events matching the filter are POSTed as Standard Webhooks v1 (signed, retried"
+    " with backoff under the same `webhook-id`). URLs that are or resolve to loopback, private,"
+    " link-local or multicast addresses are refused unless `IOC_WEBHOOK_ALLOW_PRIVATE` is set.",
+    responses={400: PROBLEM, 403: PROBLEM},
+)
+async def create_webhook(request: Request, principal: Admin, body: WebhookIn) -> NewWebhook:
+    webhook_filter = _within_scope(principal, body.filter)
+    url = await _checked_url(request, body.url)
+    secret = new_secret()
+    row = await db(request).webhooks.create_endpoint(
+        endpoint_id="wh_" + secrets.token_hex(8),
+        url=url,
+        description=body.description,
+        secret=secret,
+        webhook_filter=webhook_filter,
+        created_by=principal.name,
+    )
+    return NewWebhook(**_webhook(row).model_dump(), secret=secret)
+
+
+@router.get(
+    "/v1/webhooks",
+    response_model=WebhookList,
+    summary="Agency endpoints within the caller's scope, without their secrets (admin).",
+    responses={400: PROBLEM},
+)
+async def list_webhooks(
+    request: Request,
+    principal: Admin,
+    limit: Annotated[int, Query(ge=1, le=1000, description="page size")] = 100,
+    cursor: Cursor = None,
+) -> WebhookList:
+    rows = await db(request).webhooks.list_endpoints(
+        principal.city_filter(None),
+        principal.domain_filter(None),
+        after=decode_text_cursor(cursor),
+        limit=limit + 1,
+    )
+    page = rows[:limit]
+    return WebhookList(
+        items=[_webhook(r) for r in page], next=encode_cursor(page[-1].id) if len(rows) > limit else None
+    )
+
+
+@router.get(
+    "/v1/webhooks/{webhook_id}",
+    response_model=Webhook,
+    summary="One agency endpoint (admin).",
+    responses={404: PROBLEM},
+)
+async def get_webhook(request: Request, principal: Admin, webhook_id: WebhookId) -> Webhook:
+    return _webhook(await _scoped_endpoint(request, principal, webhook_id))
+
+
+@router.patch(
+    "/v1/webhooks/{webhook_id}",
+    response_model=Webhook,
+    summary="Change an endpoint's URL, description or filter, or enable or disable it (admin).",
+    responses={400: PROBLEM, 403: PROBLEM, 404: PROBLEM},
+)
+async def update_webhook(
+    request: Request, principal: Admin, webhook_id: WebhookId, body: WebhookPatch
+) -> Webhook:
+    await _scoped_endpoint(request, principal, webhook_id)
+    webhook_filter = _within_scope(principal, body.filter) if body.filter is not None else None
+    url = await _checked_url(request, body.url) if body.url is not None else None
+    row = await db(request).webhooks.update_endpoint(
+        webhook_id, url=url, description=body.description, webhook_filter=webhook_filter, enabled=body.enabled
+    )
+    return _webhook(row)
+
+
+@router.delete(
+    "/v1/webhooks/{webhook_id}",
+    status_code=204,
+    summary="Remove an agency endpoint and its delivery log (admin).",
+    responses={404: PROBLEM},
+)
+async def delete_webhook(request: Request, principal: Admin, webhook_id: WebhookId) -> None:
+    await _scoped_endpoint(request, principal, webhook_id)
+    await db(request).webhooks.delete_endpoint(webhook_id)
+
+
+@router.get(
+    "/v1/webhooks/{webhook_id}/deliveries",
+    response_model=DeliveryList,
+    summary="The endpoint's deliveries, newest first, each with every attempt (admin).",
+    responses={400: PROBLEM, 404: PROBLEM},
+)
+async def list_deliveries(
+    request: Request,
+    principal: Admin,
+    webhook_id: WebhookId,
+    state: Annotated[
+        str | None, Query(max_length=100, description="comma-separated: pending, delivered, failed")
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=500, description="page size")] = 50,
+    cursor: Cursor = None,
+) -> DeliveryList:
+    await _scoped_endpoint(request, principal, webhook_id)
+    rows = await db(request).webhooks.list_deliveries(
+        webhook_id,
+        states=comma_list(state, DELIVERY_STATES, "state"),
+        before=decode_int_cursor(cursor),
+        limit=limit + 1,
+    )
+    page = rows[:limit]
+    return DeliveryList(
+        items=[_delivery(r) for r in page], next=encode_cursor(page[-1].id) if len(rows) > limit else None
+    )
+
+
+@router.get(
+    "/v1/webhooks/{webhook_id}/deliveries/{delivery_id}",
+    response_model=Delivery,
+    summary="One delivery with every attempt (admin).",
+    responses={404: PROBLEM},
+)
+async def get_delivery(
+    request: Request, principal: Admin, webhook_id: WebhookId, delivery_id: DeliveryId
+) -> Delivery:
+    await _scoped_endpoint(request, principal, webhook_id)
+    return _delivery(await db(request).webhooks.get_delivery(webhook_id, delivery_id))
+
+
+@router.post(
+    "/v1/webhooks/{webhook_id}/deliveries/{delivery_id}/retry",
+    response_model=Delivery,
+    status_code=202,
+    summary="Send a failed delivery again now, with a fresh retry window (admin).",
+    description="The same `webhook-id` is sent again, so a receiver that did get it can tell."
+    " A delivered one is a 409; a disabled endpoint must be enabled first (409).",
+    responses={404: PROBLEM, 409: PROBLEM},
+)
+async def retry_delivery(
+    request: Request, principal: Admin, webhook_id: WebhookId, delivery_id: DeliveryId
+) -> Delivery:
+    endpoint = await _scoped_endpoint(request, principal, webhook_id)
+    store = db(request).webhooks
+    current = await store.get_delivery(webhook_id, delivery_id)
+    if current.state == "delivered":
+        raise ConflictError(f"delivery {delivery_id} was delivered already")
+    if endpoint.disabled_at is not None:
+        raise ConflictError(
+            f"webhook {webhook_id!r} is disabled ({endpoint.disabled_reason}); enable it first"
+        )
+    return _delivery(await store.retry_delivery(webhook_id, delivery_id))

@@ -1,0 +1,33 @@
+"""How database failures are told apart: an unreachable server (retry later) or a refusal."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+import asyncpg
+
+from ioc_core.errors import ServiceUnavailableError
+
+# Failures that pass by themselves: retry the same transaction later.
+TRANSIENT_ERRORS = (
+    asyncpg.DeadlockDetectedError,
+    asyncpg.SerializationError,
+    asyncpg.ReadOnlySQLTransactionError,
+    asyncpg.OperatorInterventionError,
+    asyncpg.InsufficientResourcesError,
+)
+
+CONNECTION_ERRORS = (
+    OSError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.ConnectionDoesNotExistError,
+    asyncpg.InterfaceError,
+    asyncpg.AdminShutdownError,
+    asyncpg.TooManyConnectionsError,
+)
+
+
+def unavailable(url: str, exc: BaseException) -> ServiceUnavailableError:
+    parts = urlsplit(url)
+    where = f"{parts.hostname}:{parts.port or 5432}{parts.path}"
+    return ServiceUnavailableError(f"database at {where} is unreachable: {exc}")

@@ -1,0 +1,357 @@
+"""Webhooks to agencies (contract §8): Standard Webhooks v1 signing, endpoint filters, which
+addresses a webhook may reach, and when a failed delivery is tried again.
+
+Everything here is pure; the delivery worker (`processors.webhooks`) does the I/O and the
+storage layer (`ioc_core.storage.webhooks`) keeps endpoints, deliveries and attempts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import ipaddress
+import json
+import random
+import secrets
+import socket
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from email.utils import parsedate_to_datetime
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ioc_core.alarms import ALARM_ACKNOWLEDGED, ALARM_RAISED, ALARM_RESOLVED, ALARM_UPDATED
+from ioc_core.domains import DOMAINS
+from ioc_core.errors import IocError
+from ioc_core.events import DEVICE_OFFLINE, DEVICE_ONLINE, Event
+from ioc_core.rules import SEVERITIES, severity_rank
+from ioc_core.telemetry import CITY_PATTERN
+
+WebhookEventType = Literal[
+    "alarm.raised", "alarm.updated", "alarm.acknowledged", "alarm.resolved", "device.offline", "device.online"
+]
+# What agencies can subscribe to; `state.changed` snapshots are for screens only.
+WEBHOOK_EVENT_TYPES: tuple[str, ...] = (
+    ALARM_RAISED,
+    ALARM_UPDATED,
+    ALARM_ACKNOWLEDGED,
+    ALARM_RESOLVED,
+    DEVICE_OFFLINE,
+    DEVICE_ONLINE,
+)
+SeverityName = Literal["low", "medium", "high", "critical"]
+
+SECRET_PREFIX = "whsec_"
+_SECRET_BYTES = 32
+# What is read of an agency's answer at most, and what of it the delivery log keeps.
+RESPONSE_READ_MAX = 64 * 1024
+RESPONSE_KEEP_MAX = 1024
+# The longest `Retry-After` honoured: an endpoint cannot park a delivery for days.
+RETRY_AFTER_MAX_S = 3600.0
+
+
+class WebhookError(IocError):
+    """A webhook URL or answer that cannot be used."""
+
+
+class ForbiddenAddress(WebhookError):
+    """The URL's host is or resolves to an address webhooks may not reach."""
+
+
+# -- signing -------------------------------------------------------------------------------------
+
+
+def new_secret() -> str:
+    return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(_SECRET_BYTES)).decode()
+
+
+def secret_key(secret: str) -> bytes:
+    """The HMAC key: the base64 part after `whsec_`."""
+    return base64.b64decode(secret.removeprefix(SECRET_PREFIX))
+
+
+def sign(secret: str, message_id: str, timestamp: int, body: bytes) -> str:
+    """The `webhook-signature` value: `v1,` and the base64 HMAC-SHA256 of `{id}.{timestamp}.{body}`."""
+    signed = f"{message_id}.{timestamp}.".encode() + body
+    digest = hmac.new(secret_key(secret), signed, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(digest).decode()
+
+
+def signed_headers(
+    secret: str, message_id: str, body: bytes, *, now: datetime | None = None
+) -> dict[str, str]:
+    timestamp = int((now or datetime.now(UTC)).timestamp())
+    return {
+        "content-type": "application/json",
+        "webhook-id": message_id,
+        "webhook-timestamp": str(timestamp),
+        "webhook-signature": sign(secret, message_id, timestamp, body),
+        "user-agent": "ioc-webhooks/1",
+    }
+
+
+def message_id(event_id: str) -> str:
+    """The `webhook-id` of an event: the same for every attempt and every endpoint."""
+    return "msg_" + event_id.replace("-", "")
+
+
+def message_body(event: Event) -> str:
+    """The Standard Webhooks payload: `{type, timestamp, data}`."""
+    return json.dumps(
+        {"type": event.type, "timestamp": event.time.isoformat(), "data": event.data},
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+
+
+# -- routing -------------------------------------------------------------------------------------
+
+
+class WebhookFilter(BaseModel):
+    """Which events an endpoint receives; every field left out matches everything."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"cities": ["ha-noi"], "domains": ["flood"], "min_severity": "high"}]
+        },
+    )
+
+    cities: list[str] | None = Field(default=None, min_length=1, max_length=100)
+    domains: list[str] | None = Field(default=None, min_length=1, max_length=10)
+    min_severity: SeverityName | None = Field(
+        default=None,
+        description="alarm events at least this severe; device events, which have no severity, then"
+        " come only when `types` names them",
+    )
+    types: list[WebhookEventType] | None = Field(default=None, min_length=1, max_length=6)
+    escalated_only: bool = Field(
+        default=False,
+        description="only events of escalated alarms: the escalation (`alarm.updated` with"
+        " `escalated: true`) and what happens to the alarm after it",
+    )
+
+    @field_validator("cities")
+    @classmethod
+    def _check_cities(cls, value: list[str] | None) -> list[str] | None:
+        for city in value or ():
+            if not CITY_PATTERN.fullmatch(city):
+                raise ValueError(f"{city!r} is not a city slug ([a-z0-9-]{{1,32}})")
+        return sorted(set(value)) if value is not None else None
+
+    @field_validator("domains")
+    @classmethod
+    def _check_domains(cls, value: list[str] | None) -> list[str] | None:
+        for domain in value or ():
+            if domain not in DOMAINS:
+                raise ValueError(f"{domain!r} is not a domain; known: {', '.join(DOMAINS)}")
+        return sorted(set(value)) if value is not None else None
+
+    @field_validator("types")
+    @classmethod
+    def _unique_types(cls, value: list[str] | None) -> list[str] | None:
+        return sorted(set(value)) if value is not None else None
+
+
+@dataclass(frozen=True, slots=True)
+class RoutedEvent:
+    """What an endpoint's filter looks at, and what is sent."""
+
+    event_id: str
+    message_id: str
+    type: str
+    city: str
+    domain: str
+    severity_rank: int | None
+    escalated: bool
+    body: str
+
+
+def routed(events: Iterable[Event]) -> list[RoutedEvent]:
+    """The events agencies can subscribe to, ready for routing."""
+    out = []
+    for event in events:
+        if event.type not in WEBHOOK_EVENT_TYPES:
+            continue
+        severity = event.data.get("severity")
+        out.append(
+            RoutedEvent(
+                event_id=event.id,
+                message_id=message_id(event.id),
+                type=event.type,
+                city=str(event.data.get("city", "")),
+                domain=str(event.data.get("domain", "")),
+                severity_rank=severity_rank(severity) if severity in SEVERITIES else None,
+                escalated=bool(event.data.get("escalated", False)),
+                body=message_body(event),
+            )
+        )
+    return out
+
+
+def matches(webhook_filter: WebhookFilter, event: RoutedEvent) -> bool:
+    """The routing rule, as the storage layer applies it in SQL (kept here for tests and docs)."""
+    f = webhook_filter
+    if f.cities is not None and event.city not in f.cities:
+        return False
+    if f.domains is not None and event.domain not in f.domains:
+        return False
+    if f.types is not None and event.type not in f.types:
+        return False
+    if f.escalated_only and not event.escalated:
+        return False
+    if f.min_severity is None:
+        return True
+    if event.severity_rank is None:
+        return f.types is not None
+    return event.severity_rank >= severity_rank(f.min_severity)
+
+
+# -- addresses -----------------------------------------------------------------------------------
+
+
+def forbidden_reason(address: str) -> str | None:
+    """Why webhooks may not reach this IP address, or None when they may."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    checks = (
+        ("loopback", ip.is_loopback),
+        ("link-local", ip.is_link_local),
+        ("multicast", ip.is_multicast),
+        ("unspecified", ip.is_unspecified),
+        ("private", ip.is_private),
+        ("reserved", ip.is_reserved),
+    )
+    for name, hit in checks:
+        if hit:
+            return f"{address} is a {name} address"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookUrl:
+    url: str
+    host: str
+    port: int
+
+
+def parse_url(url: str) -> WebhookUrl:
+    """Check a URL's shape: http(s), a host, no credentials, no fragment."""
+    if len(url) > 2048:
+        raise WebhookError("the URL is longer than 2048 characters")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise WebhookError(f"the URL is malformed: {exc}") from exc
+    if parts.scheme not in ("http", "https"):
+        raise WebhookError("the URL must start with http:// or https://")
+    if not parts.hostname:
+        raise WebhookError("the URL has no host")
+    if parts.username is not None or parts.password is not None:
+        raise WebhookError("credentials in the URL are not supported; requests are signed instead")
+    if parts.fragment:
+        raise WebhookError("the URL must not have a #fragment")
+    return WebhookUrl(url=url, host=parts.hostname, port=port or (443 if parts.scheme == "https" else 80))
+
+
+async def resolve(host: str, port: int) -> list[str]:
+    """Every address `host` resolves to (an IP literal resolves to itself)."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:
+        return [host]
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise WebhookError(f"{host} does not resolve: {exc.strerror}", retriable=True) from exc
+    return sorted({str(info[4][0]) for info in infos})
+
+
+async def allowed_addresses(host: str, port: int, *, allow_private: bool) -> list[str]:
+    """The addresses to connect to. With private addresses forbidden, a host with any forbidden
+    address is refused whole: a name that mixes public and private answers is an attack."""
+    addresses = await resolve(host, port)
+    if not allow_private:
+        for address in addresses:
+            reason = forbidden_reason(address)
+            if reason is not None:
+                raise ForbiddenAddress(f"{host} resolves to a forbidden address: {reason}")
+    return addresses
+
+
+# -- retries -------------------------------------------------------------------------------------
+
+
+def backoff(attempt: int, *, initial_s: float, maximum_s: float, rng: random.Random | None = None) -> float:
+    """Seconds before the next try after `attempt` failed ones: doubling from `initial_s` up to
+    `maximum_s`, with "equal jitter" (half fixed, half random) so that endpoints coming back after
+    an outage are not hit by every delivery at the same instant."""
+    ceiling = min(maximum_s, initial_s * 2.0 ** min(max(attempt - 1, 0), 40))
+    return ceiling / 2 + (rng or random).uniform(0, ceiling / 2)
+
+
+def retry_after(value: str | None, *, now: datetime) -> float | None:
+    """Seconds a `Retry-After` header asks for (delta-seconds or an HTTP date), capped."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return min(float(value), RETRY_AFTER_MAX_S)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return min(max((when - now).total_seconds(), 0.0), RETRY_AFTER_MAX_S)
+
+
+Outcome = Literal["delivered", "retry", "gone"]
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptResult:
+    """One try: what the agency answered (or why there was no answer)."""
+
+    status_code: int | None
+    latency_ms: float
+    error: str | None
+    response: str | None = None
+    retry_after_s: float | None = None
+
+    @property
+    def outcome(self) -> Outcome:
+        if self.status_code is not None and 200 <= self.status_code < 300:
+            return "delivered"
+        if self.status_code == 410:
+            return "gone"
+        return "retry"
+
+
+def next_attempt(
+    result: AttemptResult,
+    *,
+    attempts: int,
+    now: datetime,
+    window_ends: datetime,
+    initial_s: float,
+    maximum_s: float,
+) -> datetime | None:
+    """When to try again after a failed attempt, or None when the retry window is over.
+    Every failure is tried again: a 4xx is as likely a misdeployed endpoint as a lasting refusal,
+    and a lost alarm costs more than a repeated request."""
+    delay = backoff(attempts, initial_s=initial_s, maximum_s=maximum_s)
+    if result.retry_after_s is not None and result.status_code in (429, 503):
+        delay = result.retry_after_s
+    at = now + timedelta(seconds=delay)
+    return at if at <= window_ends else None
