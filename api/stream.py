@@ -26,7 +26,6 @@ from typing import Annotated, Any
 
 import anyio
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 from fastapi import FastAPI, Header, HTTPException, Query, Request
 from fastapi.responses import StreamingResponse
@@ -35,7 +34,7 @@ from starlette.types import Message, Receive, Scope, Send
 from api import problems
 from api.auth import Principal, require
 from api.common import CityFilter, DomainFilter, comma_list
-from ioc_core.bus import ensure_topics
+from ioc_core.bus import ensure_topics, new_admin, new_consumer
 from ioc_core.component import Component
 from ioc_core.errors import IocError, ServiceUnavailableError
 from ioc_core.settings import Settings
@@ -350,8 +349,8 @@ class EventHub(Component):
     def consumer(self) -> AIOKafkaConsumer:
         """A consumer outside any group, for reading a stretch of the topic (the caller starts,
         assigns and stops it). Offsets older than the retention read from the earliest kept."""
-        return AIOKafkaConsumer(
-            bootstrap_servers=self._settings.kafka_bootstrap,
+        return new_consumer(
+            self._settings.kafka_bootstrap,
             group_id=None,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
@@ -406,8 +405,8 @@ class EventHub(Component):
         # the broker auto-create it with its own defaults.
         await ensure_topics(bootstrap, [self.topic], partitions=self._settings.topic_partitions)
         count = await asyncio.wait_for(_partition_count(bootstrap, self.topic), _KAFKA_TIMEOUT_S)
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=bootstrap,
+        consumer = new_consumer(
+            bootstrap,
             group_id=None,
             enable_auto_commit=False,
             auto_offset_reset="latest",
@@ -455,7 +454,7 @@ class EventHub(Component):
 
 
 async def _partition_count(bootstrap: str, topic: str) -> int:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15_000)
+    admin = new_admin(bootstrap, request_timeout_ms=15_000)
     try:
         await admin.start()
         described = await admin.describe_topics([topic])

@@ -18,7 +18,7 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from ioc_core.alarms import Finding
@@ -33,8 +33,9 @@ from processors.detection import (
 )
 from simulators.cities import CITIES
 
-# Morning rush: traffic, water demand and grid load all move during the first hour.
-DEFAULT_START = datetime(2026, 7, 1, 6, 30, tzinfo=UTC)
+# Morning rush (Vietnam time, as the samplers' days run): traffic, water demand and grid load all
+# move during the first hour.
+DEFAULT_START = datetime(2026, 7, 1, 6, 30, tzinfo=timezone(timedelta(hours=7)))
 
 
 @dataclass

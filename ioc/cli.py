@@ -102,21 +102,14 @@ async def run_api(settings: Settings) -> None:
 
 
 async def run_up(settings: Settings) -> None:
-    from api.server import ApiServer
-    from ingest.gateway import Gateway
-    from processors.telemetry import TelemetryProcessor
+    from ioc.up import run_up as run_everything
 
-    await migrate(settings)
-    async with contextlib.AsyncExitStack() as stack:
-        processor = await stack.enter_async_context(TelemetryProcessor(settings))
-        await stack.enter_async_context(Gateway(settings))
-        server = await stack.enter_async_context(ApiServer(settings))
-        waits: list[Callable[[], Awaitable[None]]] = [processor.wait, server.wait]
-        if settings.webhook_worker:
-            waits.append(await _start_webhooks(stack, settings))
-        key_hint = "" if settings.admin_api_key else " (set IOC_ADMIN_API_KEY to use the protected endpoints)"
-        print(f"IOC running: API on http://{settings.api_host}:{settings.api_port}{key_hint}", flush=True)
-        await _until_signalled(*waits)
+    await run_everything(
+        settings,
+        migrate=migrate,
+        until_signalled=_until_signalled,
+        announce=lambda text: print(text, flush=True),
+    )
 
 
 async def migrate(settings: Settings) -> None:
@@ -146,17 +139,33 @@ async def import_devices(settings: Settings, path: Path) -> int:
 
 
 async def simulate(settings: Settings, args: argparse.Namespace) -> None:
-    from simulators.fleet import simulate as run_simulation
+    from simulators.progress import progress_display
+    from simulators.simulate import simulate as run_simulation
 
-    summary = await run_simulation(
-        settings,
-        city=args.city,
-        devices=args.devices,
-        rate=args.rate,
-        duration=args.duration,
-        register=args.register,
-    )
-    print(json.dumps(summary.as_dict()))
+    # Ctrl-C or SIGTERM ends the run early; the summary is printed all the same.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    with progress_display(f"{args.city} {args.scenario}", args.duration) as progress:
+        summary = await run_simulation(
+            settings,
+            city=args.city,
+            devices=args.devices,
+            rate=args.rate,
+            duration=args.duration,
+            scenario=args.scenario,
+            register=args.register,
+            api_url=args.api,
+            places=args.places,
+            truth=args.truth,
+            seed=args.seed,
+            load=args.load,
+            processes=args.processes,
+            progress=progress,
+            stop=stop,
+        )
+    print(json.dumps(summary, ensure_ascii=False))
 
 
 def _positive_int(text: str) -> int:
@@ -196,8 +205,19 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--devices", type=_positive_int, default=50, help="number of devices")
     sim.add_argument("--rate", type=_positive_float, default=10.0, help="messages per second in total")
     sim.add_argument("--duration", type=_positive_float, default=60.0, help="seconds to run")
-    sim.add_argument("--scenario", default="normal", choices=["normal"], help="what happens in the city")
-    sim.add_argument("--register", action="store_true", help="register the fleet first")
+    sim.add_argument(
+        "--scenario",
+        default="normal",
+        choices=["normal", "storm", "outage", "bad-devices"],
+        help="what happens in the city (timeline laid over --duration)",
+    )
+    sim.add_argument("--register", action="store_true", help="register the fleet first, per-station limits")
+    sim.add_argument("--api", metavar="URL", help="register through this API (key in IOC_ADMIN_API_KEY)")
+    sim.add_argument("--places", metavar="CITY", help="lay the fleet out on this city's map")
+    sim.add_argument("--truth", type=Path, metavar="FILE", help="ground truth, JSON Lines")
+    sim.add_argument("--seed", type=int, default=7, help="the same seed gives the same fleet")
+    sim.add_argument("--load", action="store_true", help="load mode (also above 500 devices)")
+    sim.add_argument("--processes", type=_positive_int, help="load mode: worker processes")
     return parser
 
 

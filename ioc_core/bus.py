@@ -12,6 +12,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import IllegalStateError, KafkaConnectionError, KafkaError
 
+from ioc_core import logbus
 from ioc_core.component import Component
 from ioc_core.domains import DOMAINS
 from ioc_core.errors import IocError, ServiceUnavailableError
@@ -52,9 +53,28 @@ class Topics:
         return name if name in DOMAINS else None
 
 
+def new_consumer(bootstrap: str, **options: Any) -> AIOKafkaConsumer:
+    """A Kafka consumer, or the in-process log bus's for a `memory://` bootstrap."""
+    if logbus.is_memory(bootstrap):
+        return logbus.MemoryConsumer(bootstrap_servers=bootstrap, **options)
+    return AIOKafkaConsumer(bootstrap_servers=bootstrap, **options)
+
+
+def new_producer(bootstrap: str, **options: Any) -> AIOKafkaProducer:
+    if logbus.is_memory(bootstrap):
+        return logbus.MemoryProducer(bootstrap_servers=bootstrap, **options)
+    return AIOKafkaProducer(bootstrap_servers=bootstrap, **options)
+
+
+def new_admin(bootstrap: str, **options: Any) -> AIOKafkaAdminClient:
+    if logbus.is_memory(bootstrap):
+        return logbus.MemoryAdmin(bootstrap_servers=bootstrap, **options)
+    return AIOKafkaAdminClient(bootstrap_servers=bootstrap, **options)
+
+
 async def ensure_topics(bootstrap: str, topics: Iterable[str], *, partitions: int) -> None:
     """Create missing topics (idempotent); the broker may also auto-create, but with its defaults."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15_000)
+    admin = new_admin(bootstrap, request_timeout_ms=15_000)
     try:
         await admin.start()
     except KafkaError as exc:
@@ -80,8 +100,8 @@ class BusProducer(Component):
 
     def __init__(self, bootstrap: str, *, linger_ms: int = 5, client_id: str = "ioc") -> None:
         self._bootstrap = bootstrap
-        self._producer = AIOKafkaProducer(
-            bootstrap_servers=bootstrap,
+        self._producer = new_producer(
+            bootstrap,
             client_id=client_id,
             enable_idempotence=True,
             acks="all",
@@ -134,8 +154,8 @@ class BusConsumer(Component):
     ) -> None:
         self._bootstrap = bootstrap
         self._max_records = max_records
-        self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=bootstrap,
+        self._consumer = new_consumer(
+            bootstrap,
             group_id=group_id,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
@@ -170,6 +190,17 @@ class BusConsumer(Component):
 
     async def commit(self) -> None:
         await self._consumer.commit()
+
+    async def uncommitted(self) -> int:
+        """Records on the assigned partitions not yet committed (stored and acknowledged)."""
+        total = 0
+        for tp in self._consumer.assignment():
+            highwater = self._consumer.highwater(tp)
+            if highwater is None:
+                continue
+            committed = await self._consumer.committed(tp)
+            total += max(highwater - (committed or 0), 0)
+        return total
 
     async def caught_up(self, *, max_lag: int) -> list[tuple[str, int]]:
         """The assigned partitions whose unread backlog is at most `max_lag` records."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -140,6 +141,30 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
 
+    data_dir: Path = Field(
+        default=Path(".ioc-data"),
+        description="where `ioc up` keeps the data of its embedded services and its admin key",
+    )
+    embedded_mqtt_port: int = Field(
+        default=1883,
+        ge=0,
+        le=65535,
+        description="port of the broker `ioc up` embeds when IOC_MQTT_URL is unset",
+    )
+    embedded_postgres_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="port of the PostgreSQL `ioc up` embeds when IOC_DATABASE_URL is unset; 0 picks a free"
+        " one on the first run and keeps it",
+    )
+    simulator_city: str = Field(
+        default="ha-noi", pattern=r"^[a-z0-9-]{1,32}$", description="the city `ioc up` simulates"
+    )
+    simulator_devices: int = Field(
+        default=50, ge=0, le=100_000, description="devices `ioc up` simulates; 0 runs no simulator"
+    )
+
     retention_days: int = Field(
         default=90, gt=0, description="days readings are kept; aggregates are kept several times longer"
     )
@@ -252,6 +277,8 @@ class Settings(BaseSettings):
         for name, value in self.model_dump().items():
             if isinstance(value, SecretStr):
                 shown[name] = _mask_url(value.get_secret_value()) if name.endswith("_url") else "**********"
+            elif isinstance(value, Path):
+                shown[name] = str(value)
             else:
                 shown[name] = value
         return shown

@@ -185,6 +185,21 @@ class TelemetryProcessor(Component):
         await self._producer.stop()
         await self._database.stop()
 
+    async def drain(self, timeout_s: float) -> None:
+        """Wait, at most `timeout_s`, until every record on our partitions is stored and committed:
+        with the gateway stopped, nothing is left on a bus that does not outlive the process."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                left = await self._consumer.uncommitted()
+            except KafkaError as exc:
+                log.warning("cannot tell what is left to process: %s", exc)
+                return
+            if left == 0:
+                return
+            await asyncio.sleep(0.1)
+        log.warning("stopping with records not yet processed; they are read again on the next start")
+
     async def wait(self) -> None:
         """Until a processing loop ends by failing (its error is raised here); cancelling this
         wait does not stop the loops."""

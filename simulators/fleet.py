@@ -1,5 +1,6 @@
-"""Load mode of the simulator: N devices spread over a city's districts and the five domains,
-publishing at a steady total rate over one MQTT connection with QoS 1 and a per-device `seq`.
+"""A simulated city fleet: devices of the five domains placed at real places of a city's districts,
+each with its own behaviour (its domain's sampler and phase), per-station alarm limits, and the
+feeder that powers it; and registering that fleet (database or API).
 """
 
 from __future__ import annotations
@@ -8,23 +9,30 @@ import asyncio
 import json
 import logging
 import random
-import threading
-import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
+import httpx
 
 from ioc_core.domains import DOMAINS, Domain
-from ioc_core.errors import ConflictError, ServiceUnavailableError
-from ioc_core.models import DeviceIn, Location
+from ioc_core.errors import ConfigurationError, ConflictError, IocError, ServiceUnavailableError
+from ioc_core.models import DeviceIn
 from ioc_core.settings import Settings
 from ioc_core.storage import Database
-from ioc_core.telemetry import utcnow
-from simulators.cities import CITIES
+from ioc_core.telemetry import TOPIC_ROOT
+from simulators.cities import CITIES, SUBSTATION, WATER_WORKS, District, Site
 
 log = logging.getLogger(__name__)
+
+# How far a device stands from the point of its place (about 130 m either way), and from a
+# district's centre when the district has no place of the device's kind (about 1.3 km).
+_SITE_SPREAD_DEG = 0.0012
+_CENTRE_SPREAD_DEG = 0.012
+# Devices of a domain come in pairs per district, so that even a small fleet has two flood stations
+# in a district (what district flood correlation needs) and two of everything else beside them.
+_PER_DISTRICT_RUN = 2
 
 
 @dataclass
@@ -33,146 +41,207 @@ class SimulatedDevice:
     city: str
     domain: Domain
     district: str
+    site: str
     lat: float
     lon: float
     phase: float
+    # The per-station limits it registers with (`DeviceIn.thresholds`); {} keeps the domain's.
+    thresholds: dict[str, dict[str, float | None]]
+    # The distribution feeder that powers it (grid meters and water works), or None.
+    feeder: str | None = None
     seq: int = 0
     rng: random.Random = field(default_factory=random.Random)
 
     @property
     def topic(self) -> str:
-        return f"ioc/v1/{self.city}/{self.domain.name}/{self.id}/telemetry"
+        return f"{TOPIC_ROOT}/{self.city}/{self.domain.name}/{self.id}/telemetry"
 
-    def next_payload(self) -> bytes:
+    @property
+    def status_topic(self) -> str:
+        return f"{TOPIC_ROOT}/{self.city}/{self.domain.name}/{self.id}/status"
+
+    @property
+    def name(self) -> str:
+        return f"{self.domain.title_vi}: {self.site} #{self.id.rsplit('-', 1)[-1]}"
+
+    def sample(self, at: datetime) -> dict[str, float]:
+        """What the device measures at `at` on a normal day."""
+        return self.domain.sampler(self.rng, at, self.phase)
+
+    def payload(self, at: datetime, metrics: dict[str, float]) -> bytes:
+        """The device's next telemetry message: its clock, its next `seq`, the metrics."""
         self.seq += 1
-        now = utcnow()
-        body: dict[str, Any] = {"ts": now.isoformat(), "seq": self.seq}
-        body.update(self.domain.sampler(self.rng, now, self.phase))
+        body: dict[str, Any] = {"ts": at.isoformat(), "seq": self.seq, **metrics}
         return json.dumps(body, separators=(",", ":")).encode()
 
+    def next_payload(self, at: datetime) -> bytes:
+        return self.payload(at, self.sample(at))
+
     def registration(self) -> DeviceIn:
-        return DeviceIn(
-            id=self.id,
-            city=self.city,
-            domain=self.domain.name,
-            name=f"{self.domain.title_vi} {self.district} #{self.id.rsplit('-', 1)[-1]}",
-            district=self.district,
-            location=Location(lat=self.lat, lon=self.lon),
+        return DeviceIn.model_validate(
+            {
+                "id": self.id,
+                "city": self.city,
+                "domain": self.domain.name,
+                "name": self.name,
+                "district": self.district,
+                "location": {"lat": self.lat, "lon": self.lon},
+                "thresholds": self.thresholds,
+            }
         )
 
 
-def build_fleet(city: str, count: int, *, seed: int = 7) -> list[SimulatedDevice]:
+def places_of(city: str) -> tuple[District, ...]:
     districts = CITIES.get(city)
     if districts is None:
-        raise ValueError(f"unknown city {city!r}; known: {', '.join(CITIES)}")
+        raise ValueError(f"no map of city {city!r}; known: {', '.join(CITIES)}")
+    return districts
+
+
+def device_id(city: str, domain: str, index: int) -> str:
+    return f"sim-{city}-{domain}-{index:05d}"
+
+
+def build_fleet(city: str, count: int, *, places: str | None = None, seed: int = 7) -> list[SimulatedDevice]:
+    """`count` devices spread evenly over the five domains and, in pairs, over the districts of
+    `places` (a city with a map, by default `city` itself), published under `city`. The same
+    arguments give the same fleet, down to each device's random stream."""
+    districts = places_of(places or city)
     rng = random.Random(seed)
-    domains = list(DOMAINS.values())
+    domains = [DOMAINS[name] for name in sorted(DOMAINS)]
+    used: dict[tuple[str, str], int] = {}
     fleet = []
     for index in range(count):
         domain = domains[index % len(domains)]
-        district = districts[index % len(districts)]
+        nth = index // len(domains)
+        district = districts[(nth // _PER_DISTRICT_RUN) % len(districts)]
+        candidates = [site for kind in domain.sites for site in district.sites_of(kind)]
+        turn = used.get((domain.name, district.name), 0)
+        used[(domain.name, district.name)] = turn + 1
+        site = candidates[turn % len(candidates)] if candidates else None
+        if site is not None:
+            lat = site.lat + rng.uniform(-_SITE_SPREAD_DEG, _SITE_SPREAD_DEG)
+            lon = site.lon + rng.uniform(-_SITE_SPREAD_DEG, _SITE_SPREAD_DEG)
+            phase = _phase_at(site, rng)
+        else:
+            lat = district.lat + rng.uniform(-_CENTRE_SPREAD_DEG, _CENTRE_SPREAD_DEG)
+            lon = district.lon + rng.uniform(-_CENTRE_SPREAD_DEG, _CENTRE_SPREAD_DEG)
+            phase = rng.random()
+        thresholds = domain.station_thresholds(phase) if domain.station_thresholds else {}
         fleet.append(
             SimulatedDevice(
-                id=f"sim-{city}-{domain.name}-{index:05d}",
+                id=device_id(city, domain.name, index),
                 city=city,
                 domain=domain,
                 district=district.name,
-                # Spread around the district centre, about 2 km either way.
-                lat=round(district.lat + rng.uniform(-0.018, 0.018), 6),
-                lon=round(district.lon + rng.uniform(-0.018, 0.018), 6),
-                phase=rng.random(),
+                site=site.name if site is not None else district.name,
+                lat=round(lat, 6),
+                lon=round(lon, 6),
+                phase=phase,
+                thresholds=thresholds,
+                feeder=_feeder(domain, district, site),
                 rng=random.Random(rng.random()),
             )
         )
     return fleet
 
 
-async def register_fleet(settings: Settings, fleet: list[SimulatedDevice]) -> int:
-    """Register every device not yet known; returns how many were new."""
-    created = 0
-    async with Database(settings.database_url.get_secret_value(), max_size=2) as database:
-        for device in fleet:
-            try:
-                await database.insert_device(device.registration())
-                created += 1
-            except ConflictError:
-                continue
-    return created
+def _phase_at(site: Site, rng: random.Random) -> float:
+    if site.phase is None:
+        return rng.random()
+    # Devices at one place behave alike, not identically.
+    return min(max(site.phase + rng.uniform(-0.04, 0.04), 0.0), 0.999)
+
+
+def _feeder(domain: Domain, district: District, site: Site | None) -> str | None:
+    """Devices at a substation measure its outgoing feeder; water works and their pumps hang on
+    their district's first feeder. Other devices have batteries or are not worth modelling."""
+    if SUBSTATION in domain.sites:
+        return f"{site.name if site is not None else district.name} – lộ 471"
+    if WATER_WORKS in domain.sites:
+        substations = district.sites_of(SUBSTATION)
+        return f"{substations[0].name if substations else district.name} – lộ 471"
+    return None
 
 
 @dataclass
-class PublishSummary:
-    sent: int
-    acknowledged: int
-    seconds: float
+class Registration:
+    created: int = 0
+    updated: int = 0
 
-    @property
-    def rate(self) -> float:
-        return self.sent / self.seconds if self.seconds > 0 else 0.0
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "sent": self.sent,
-            "acknowledged": self.acknowledged,
-            "seconds": round(self.seconds, 3),
-            "rate": round(self.rate, 1),
-        }
+    def as_dict(self) -> dict[str, int]:
+        return {"registered": self.created, "updated": self.updated}
 
 
-def publish(
-    settings: Settings, fleet: list[SimulatedDevice], *, rate: float, duration: float
-) -> PublishSummary:
-    """Publish round-robin over the fleet at `rate` messages/s for `duration` seconds (blocking)."""
-    endpoint = settings.mqtt
-    acknowledged = 0
-    lock = threading.Lock()
+async def register_fleet(
+    settings: Settings, fleet: Iterable[SimulatedDevice], *, api_url: str | None = None
+) -> Registration:
+    """Register every device, or bring an already registered one's name, place and limits up to
+    date (they are the simulator's own). Through the API at `api_url` with the admin key, else
+    straight into the database."""
+    devices = [device.registration() for device in fleet]
+    if api_url:
+        result = await _register_through_api(settings, devices, api_url)
+    else:
+        result = await _register_in_database(settings, devices)
+    log.info("fleet registered: %d new, %d updated", result.created, result.updated)
+    return result
 
-    def on_publish(client: mqtt.Client, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
-        nonlocal acknowledged
-        with lock:
-            acknowledged += 1
 
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"ioc-sim-{random.getrandbits(32):08x}")
-    client.max_inflight_messages_set(1000)
-    client.max_queued_messages_set(0)
-    if endpoint.username:
-        client.username_pw_set(
-            endpoint.username, endpoint.password.get_secret_value() if endpoint.password else None
-        )
-    if endpoint.tls:
-        client.tls_set()
-    client.on_publish = on_publish
+_CONCURRENT_REGISTRATIONS = 8
+
+
+async def _register_in_database(settings: Settings, devices: list[DeviceIn]) -> Registration:
+    result = Registration()
+    async with Database(settings.database_url.get_secret_value(), max_size=4) as database:
+        gate = asyncio.Semaphore(4)
+
+        async def one(device: DeviceIn) -> None:
+            async with gate:
+                try:
+                    await database.insert_device(device)
+                    result.created += 1
+                except ConflictError:
+                    await database.update_device(device)
+                    result.updated += 1
+
+        await asyncio.gather(*(one(device) for device in devices))
+    return result
+
+
+async def _register_through_api(settings: Settings, devices: list[DeviceIn], api_url: str) -> Registration:
+    if settings.admin_api_key is None:
+        raise ConfigurationError("registering through the API needs an admin key in IOC_ADMIN_API_KEY")
+    result = Registration()
+    headers = {"Authorization": f"Bearer {settings.admin_api_key.get_secret_value()}"}
+    gate = asyncio.Semaphore(_CONCURRENT_REGISTRATIONS)
+    async with httpx.AsyncClient(base_url=api_url.rstrip("/"), headers=headers, timeout=30) as client:
+
+        async def one(device: DeviceIn) -> None:
+            async with gate:
+                body = device.model_dump(mode="json")
+                response = await client.post("/v1/devices", json=body)
+                if response.status_code == 409:
+                    change = {k: body[k] for k in ("name", "district", "location", "thresholds")}
+                    response = await client.patch(f"/v1/devices/{device.id}", json=change)
+                    _check(response, device.id)
+                    result.updated += 1
+                else:
+                    _check(response, device.id)
+                    result.created += 1
+
+        try:
+            await asyncio.gather(*(one(device) for device in devices))
+        except httpx.HTTPError as exc:
+            raise ServiceUnavailableError(f"the API at {api_url} is unreachable: {exc}") from exc
+    return result
+
+
+def _check(response: httpx.Response, device: str) -> None:
+    if response.is_success:
+        return
     try:
-        client.connect(endpoint.host, endpoint.port, 30)
-    except OSError as exc:
-        raise ServiceUnavailableError(
-            f"MQTT broker at {endpoint.host}:{endpoint.port} is unreachable: {exc}"
-        ) from exc
-    client.loop_start()
-    sent = 0
-    started = time.monotonic()
-    try:
-        while time.monotonic() - started < duration:
-            due = int((time.monotonic() - started) * rate) + 1
-            while sent < due:
-                device = fleet[sent % len(fleet)]
-                client.publish(device.topic, device.next_payload(), qos=1)
-                sent += 1
-            time.sleep(min(0.01, 1 / rate))
-        deadline = time.monotonic() + 30
-        while acknowledged < sent and time.monotonic() < deadline:
-            time.sleep(0.02)
-    finally:
-        client.disconnect()
-        client.loop_stop()
-    return PublishSummary(sent=sent, acknowledged=acknowledged, seconds=time.monotonic() - started)
-
-
-async def simulate(
-    settings: Settings, *, city: str, devices: int, rate: float, duration: float, register: bool
-) -> PublishSummary:
-    fleet = build_fleet(city, devices)
-    if register:
-        created = await register_fleet(settings, fleet)
-        log.info("registered %d new devices of %d", created, len(fleet))
-    return await asyncio.to_thread(publish, settings, fleet, rate=rate, duration=duration)
+        detail = response.json().get("detail") or response.text
+    except ValueError:
+        detail = response.text
+    raise IocError(f"the API refused device {device!r}: {response.status_code} {str(detail)[:200]}")

@@ -9,7 +9,7 @@ import random
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Literal
 
 from ioc_core.kpis import Kpi
@@ -45,6 +45,10 @@ class Metric:
 # A simulated device's next metrics, from its own random stream, the wall-clock time
 # (for daily cycles) and a per-device phase in [0, 1) that spreads devices apart.
 Sampler = Callable[[random.Random, datetime, float], dict[str, float]]
+# The alarm settings (a device's `thresholds`) a simulated device of the given phase registers
+# with: limits fitted to the normal range its sampler gives that phase, as a utility fits each
+# station's own limits to what that station normally sees.
+StationThresholds = Callable[[float], dict[str, dict[str, float | None]]]
 
 BATTERY = Metric(
     "batteryLevel",
@@ -106,6 +110,12 @@ class Domain:
     escalate_after: timedelta = timedelta(minutes=15)
     # Alarms the public is warned of; None: the domain's alarms stay with the operators.
     public_warning: PublicWarning | None = None
+    # Where simulated devices of the domain stand, as kinds of place on a city's map ("road",
+    # "river", "low_street", "market", "substation", "water_works"), most fitting first; a city
+    # without such places gets them around its district centres.
+    sites: tuple[str, ...] = ()
+    # Per-station limits for simulated devices; None: the domain's default rules fit every station.
+    station_thresholds: StationThresholds | None = None
 
     def __post_init__(self) -> None:
         if BATTERY not in self.metrics:
@@ -134,14 +144,42 @@ class Domain:
         return None
 
 
+# Vietnam keeps one time zone, UTC+7, all year: daily rhythms follow its clock.
+LOCAL_TIME = timezone(timedelta(hours=7))
+
+
+def local_time(t: datetime) -> datetime:
+    """`t` on the local clock; a naive `t` is taken as local already."""
+    return t.astimezone(LOCAL_TIME) if t.tzinfo is not None else t
+
+
+def local_hour(t: datetime) -> float:
+    """The hour of the day on the local clock, 0 to 24."""
+    local = local_time(t)
+    return local.hour + local.minute / 60 + local.second / 3600 + local.microsecond / 3.6e9
+
+
 def daily_cycle(t: datetime, peaks: tuple[float, ...], width_h: float = 1.5) -> float:
     """A 0..1 bump at each peak hour (local time of the reading), for rush hours and load curves."""
-    hour = t.hour + t.minute / 60 + t.second / 3600
+    hour = local_hour(t)
     level = 0.0
     for peak in peaks:
         distance = min(abs(hour - peak), 24 - abs(hour - peak))
         level = max(level, math.exp(-((distance / width_h) ** 2)))
     return level
+
+
+def daytime(t: datetime, start_h: float, end_h: float, ramp_h: float = 1.0) -> float:
+    """0 at night, rising smoothly to 1 over `ramp_h` hours from `start_h` and back to 0 from
+    `end_h` (local hours, `start_h` < `end_h`): the part of the day a city is up and about."""
+    hour = local_hour(t)
+    return smoothstep((hour - start_h) / ramp_h) * (1 - smoothstep((hour - end_h) / ramp_h))
+
+
+def smoothstep(x: float) -> float:
+    """0 below 0, 1 above 1, an S-curve in between."""
+    x = min(max(x, 0.0), 1.0)
+    return x * x * (3 - 2 * x)
 
 
 def clamp(value: float, metric: Metric) -> float:

@@ -7,7 +7,7 @@ import random
 from datetime import datetime, timedelta
 
 from ioc_core.alarms import DISTRICT_FLOOD_RULE
-from ioc_core.domains.base import Domain, Metric, PublicWarning, clamp
+from ioc_core.domains.base import BATTERY, Domain, Metric, PublicWarning, clamp
 from ioc_core.kpis import Kpi, count, highest, past_limit
 from ioc_core.rules import DistrictCorrelation, MetricRules
 
@@ -32,16 +32,45 @@ RAINFALL = Metric(
 )
 
 
+# The Gulf of Tonkin's tide is diurnal, one high water a day (24.84 h), its range swelling and
+# shrinking over the 13.66-day tropical half-month; it reaches up the Cấm, Lạch Tray, Tam Bạc and
+# Bạch Đằng rivers but hardly up the Red River to Hà Nội.
+_TIDE_PERIOD_H = 24.84
+_TIDE_MODULATION_H = 13.66 * 24
+
+
+def _mean_level(phase: float) -> float:
+    return 0.5 + 1.2 * phase
+
+
+def _tide_amplitude(phase: float) -> float:
+    return 0.05 + 0.75 * phase
+
+
 def _sample(rng: random.Random, t: datetime, phase: float) -> dict[str, float]:
-    # Semi-diurnal tide (about 12.4 h) moves river levels near the coast; no rain in normal weather.
+    # `phase` is how far the sea reaches the station: 0 on an inland canal (Tô Lịch, Kim Ngưu) with a
+    # steady level, 1 at a river mouth where the tide moves the level by up to a metre and a half.
+    # Normal weather is dry, with now and then a drizzle far below anything that floods a street.
     hours = t.timestamp() / 3600
-    tide = math.sin(2 * math.pi * (hours / 12.42 + phase))
-    level = 1.2 + 0.4 * tide + rng.gauss(0, 0.01)
-    rainfall = max(0.0, rng.gauss(0, 0.2))
+    spring = 0.65 + 0.35 * math.cos(2 * math.pi * hours / _TIDE_MODULATION_H)
+    tide = _tide_amplitude(phase) * spring * math.cos(2 * math.pi * (hours / _TIDE_PERIOD_H - 0.15 * phase))
+    level = _mean_level(phase) + tide + rng.gauss(0, 0.008)
+    rainfall = max(0.0, rng.gauss(-0.4, 0.5))
     return {
         LEVEL.name: round(clamp(level, LEVEL), 3),
         RAINFALL.name: round(clamp(rainfall, RAINFALL), 2),
+        # Solar-charged: the battery stays well up.
+        BATTERY.name: round(clamp(0.7 + 0.25 * phase + rng.gauss(0, 0.002), BATTERY), 3),
     }
+
+
+def _station_thresholds(phase: float) -> dict[str, dict[str, float | None]]:
+    # A station's alert level sits above the highest water it normally sees (the spring tide's high
+    # water), its danger level further up, as each hydrological station has its own flood levels.
+    normal_high = _mean_level(phase) + _tide_amplitude(phase) + 0.03
+    alert = normal_high + 0.3 + 0.3 * phase
+    danger = alert + 0.5 + 0.5 * phase
+    return {LEVEL.name: {"warn_above": round(alert, 2), "crit_above": round(danger, 2)}}
 
 
 DOMAIN = Domain(
@@ -53,6 +82,8 @@ DOMAIN = Domain(
     # A danger level left unhandled for ten minutes is already a flood in the streets.
     escalate_after=timedelta(minutes=10),
     sampler=_sample,
+    sites=("river", "low_street"),
+    station_thresholds=_station_thresholds,
     default_rules={
         # Tides move the level by about 0.2 m an hour at most; half a metre in ten minutes is a flash
         # flood. A level station's reading never repeats exactly for half an hour unless it is stuck.

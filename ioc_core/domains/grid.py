@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import random
 from datetime import datetime, timedelta
 
-from ioc_core.domains.base import Domain, Metric, clamp, daily_cycle
+from ioc_core.domains.base import Domain, Metric, clamp, daily_cycle, daytime
 from ioc_core.kpis import Kpi, average, count, past_limit
 from ioc_core.rules import MetricRules
 
@@ -32,14 +33,32 @@ ACTIVE_POWER = Metric(
 )
 
 
+def _load(t: datetime) -> float:
+    """A city feeder's load as a share of its evening peak: the trough before dawn, offices and air
+    conditioning through the day with a bump at noon, and the evening peak (cooking, air conditioning
+    at home) from 19:00 to 21:00."""
+    day = 0.30 * daytime(t, 6.5, 22.5, ramp_h=2.0)
+    noon = 0.10 * daily_cycle(t, (11.5,), width_h=2.0)
+    return 0.45 + day + noon + 0.25 * daily_cycle(t, (20.0,), width_h=2.2)
+
+
+_TROUGH, _PEAK = 0.45, 1.0
+
+
 def _sample(rng: random.Random, t: datetime, phase: float) -> dict[str, float]:
-    # Evening peak (air conditioning, cooking) pulls voltage down a little, staying well inside the
-    # regulated band as a healthy feeder does.
-    load = 0.35 + 0.65 * daily_cycle(t, (11.5, 19.5), width_h=3)
+    # The voltage falls as the load rises (224 V at the evening peak, 232.5 V at night), well inside
+    # the ±5 % band as on a healthy feeder; frequency is one for the whole grid, wandering a few
+    # hundredths of a hertz as the dispatch centre balances it. `phase` sizes the feeder (0.8 to 6 MW).
+    load = _load(t)
+    share = (load - _TROUGH) / (_PEAK - _TROUGH)
+    rating = 800 + 5200 * phase
+    minutes = t.timestamp() / 60
+    wander = 0.02 * math.sin(2 * math.pi * minutes / 17) + 0.01 * math.sin(2 * math.pi * minutes / 6.3)
+    frequency = 50 + wander
     return {
-        VOLTAGE.name: round(clamp(230 - 6 * load + rng.gauss(0, 1.0), VOLTAGE), 1),
-        FREQUENCY.name: round(clamp(50 + rng.gauss(0, 0.02), FREQUENCY), 3),
-        ACTIVE_POWER.name: round(clamp((200 + 800 * phase) * load + rng.gauss(0, 10), ACTIVE_POWER), 1),
+        VOLTAGE.name: round(clamp(232.5 - 8.5 * share + rng.gauss(0, 0.8), VOLTAGE), 1),
+        FREQUENCY.name: round(clamp(frequency + rng.gauss(0, 0.006), FREQUENCY), 3),
+        ACTIVE_POWER.name: round(clamp(rating * load + rng.gauss(0, 0.008 * rating), ACTIVE_POWER), 1),
     }
 
 
@@ -51,6 +70,7 @@ DOMAIN = Domain(
     offline_after=timedelta(minutes=5),
     escalate_after=timedelta(minutes=10),
     sampler=_sample,
+    sites=("substation",),
     default_rules={
         # Vietnam's distribution band: 230 V ±5 % warns, ±10 % is critical. A live feeder's voltage
         # and frequency never hold the exact same reading for ten minutes.

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import random
 from datetime import datetime, timedelta
 
-from ioc_core.domains.base import Domain, Metric, clamp
+from ioc_core.domains.base import BATTERY, Domain, Metric, clamp, daily_cycle, local_hour, smoothstep
 from ioc_core.kpis import DeviceSnapshot, Kpi, average, count
 from ioc_core.rules import MetricRules
 
@@ -30,15 +31,48 @@ TEMPERATURE = Metric(
 )
 
 
+def _production(hour: float) -> float:
+    """How fast a neighbourhood throws waste away at a local hour: little at night, most from the
+    morning market to the evening meal."""
+    day = smoothstep((hour - 5.0) / 1.5) * (1 - smoothstep((hour - 21.0) / 1.5))
+    return 0.12 + 0.88 * day + 0.4 * math.exp(-(((hour - 18.5) / 1.2) ** 2))
+
+
+# Cumulative production over a day in five-minute steps, to fill bins without integrating per sample.
+_STEPS_PER_HOUR = 12
+_CUMULATIVE = [0.0]
+for _step in range(24 * _STEPS_PER_HOUR):
+    _CUMULATIVE.append(_CUMULATIVE[-1] + _production((_step + 0.5) / _STEPS_PER_HOUR) / _STEPS_PER_HOUR)
+_PER_DAY = _CUMULATIVE[-1]
+
+
+def _produced_since(start_h: float, hour: float) -> float:
+    """Share of a day's waste produced from local hour `start_h` up to `hour` (wrapping midnight)."""
+
+    def upto(h: float) -> float:
+        position = (h % 24) * _STEPS_PER_HOUR
+        index = min(int(position), len(_CUMULATIVE) - 2)
+        return _CUMULATIVE[index] + (position - index) * (_CUMULATIVE[index + 1] - _CUMULATIVE[index])
+
+    produced = upto(hour) - upto(start_h)
+    return (produced if produced >= 0 else produced + _PER_DAY) / _PER_DAY
+
+
 def _sample(rng: random.Random, t: datetime, phase: float) -> dict[str, float]:
-    # Bins fill through the day and are emptied by the night round at 22:00, the fullest at about
-    # three quarters: on a normal day the round comes before any bin needs an extra collection.
-    hours_since_round = (t.hour + t.minute / 60 - 22) % 24
-    filling = (0.05 + 0.021 * hours_since_round) * (0.7 + 0.6 * phase) + rng.gauss(0, 0.01)
-    temperature = 28 + 4 * phase + rng.gauss(0, 0.5)
+    # Bins fill through the day and are emptied by the evening collection round, which reaches each
+    # bin at its own time between 19:00 and 23:00 (`phase`). A bin fills 40 to 65 % of its volume a
+    # day, so the round always comes before it needs an extra collection.
+    hour = local_hour(t)
+    round_h = 19.0 + 4.0 * phase
+    left_after_round = 0.02 + 0.03 * phase
+    filling = left_after_round + (0.40 + 0.25 * phase) * _produced_since(round_h, hour) + rng.gauss(0, 0.008)
+    # Inside a closed bin in the sun: the day's heat, plus a little from the rotting waste.
+    temperature = 26 + 2 * phase + 6 * daily_cycle(t, (14.0,), width_h=4.0) + rng.gauss(0, 0.4)
     return {
         FILLING.name: round(clamp(filling, FILLING), 3),
         TEMPERATURE.name: round(clamp(temperature, TEMPERATURE), 1),
+        # A sensor that wakes a few times an hour lasts years on its battery.
+        BATTERY.name: round(clamp(0.55 + 0.4 * phase + rng.gauss(0, 0.002), BATTERY), 3),
     }
 
 
@@ -60,6 +94,7 @@ DOMAIN = Domain(
     # A full bin can wait for the next round; an hour without anyone looking is worth a call.
     escalate_after=timedelta(minutes=60),
     sampler=_sample,
+    sites=("market", "road"),
     default_rules={
         # Emptying drops the level to near zero every night, so a jump in the level is normal.
         FILLING.name: MetricRules(warn_above=0.8, crit_above=0.95, hysteresis=0.05),

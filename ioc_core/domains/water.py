@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from datetime import datetime, timedelta
 
-from ioc_core.domains.base import Domain, Metric, clamp, daily_cycle
+from ioc_core.domains.base import Domain, Metric, clamp, daily_cycle, daytime
 from ioc_core.kpis import Kpi, count, has_open_alarm, lowest
 from ioc_core.rules import MetricRules
 
@@ -28,16 +28,49 @@ TURBIDITY = Metric(
 PH = Metric("pH", "", 0, 14, "acidity of the water", label_en="pH", label_vi="Độ pH")
 
 
+def _demand(t: datetime) -> float:
+    """Water demand as a share of the day's peak: the night minimum (leaks and a few users) from 1:00
+    to 4:00, the morning peak at 6:30, the day's plateau, and the evening peak at 19:00."""
+    base = 0.30 + 0.65 * daytime(t, 5.0, 22.5, ramp_h=1.5)
+    return base + 0.5 * daily_cycle(t, (6.5,), width_h=1.3) + 0.4 * daily_cycle(t, (19.0,), width_h=1.8)
+
+
+_NIGHT_DEMAND, _PEAK_DEMAND = 0.30, 1.45
+# Share of the night pressure lost to friction in the mains at the day's peak demand.
+_PEAK_PRESSURE_LOSS = 0.3
+
+
+def _night_pressure(phase: float) -> float:
+    """A station's pressure at the night minimum of demand, its highest: 3 to 4.5 bar."""
+    return 3.0 + 1.5 * phase
+
+
 def _sample(rng: random.Random, t: datetime, phase: float) -> dict[str, float]:
-    # Demand peaks morning and evening; pressure sags as demand rises; night flow is the leak floor.
-    demand = 0.25 + 0.75 * daily_cycle(t, (6.5, 19.0), width_h=2.5)
-    flow = (80 + 400 * phase) * demand + rng.gauss(0, 5)
-    pressure = 4.2 - 1.4 * demand + rng.gauss(0, 0.05)
+    # A metering point on a distribution main: flow follows demand, from the night minimum (the
+    # figure leak hunters watch) to the morning peak, and pressure sags as the flow rises. `phase`
+    # sizes the main (150 to 2000 m³/h at the peak) and sets the pressure of its zone.
+    demand = _demand(t)
+    peak_flow = 150 + 1850 * phase
+    flow = peak_flow * demand / _PEAK_DEMAND
+    share = (demand - _NIGHT_DEMAND) / (_PEAK_DEMAND - _NIGHT_DEMAND)
+    pressure = _night_pressure(phase) * (1 - _PEAK_PRESSURE_LOSS * share)
     return {
-        PRESSURE.name: round(clamp(pressure, PRESSURE), 3),
-        FLOW.name: round(clamp(flow, FLOW), 1),
-        TURBIDITY.name: round(clamp(0.6 + rng.gauss(0, 0.1), TURBIDITY), 2),
-        PH.name: round(clamp(7.2 + rng.gauss(0, 0.05), PH), 2),
+        PRESSURE.name: round(clamp(pressure + rng.gauss(0, 0.03), PRESSURE), 3),
+        FLOW.name: round(clamp(flow + rng.gauss(0, 0.01 * flow + 1), FLOW), 1),
+        TURBIDITY.name: round(clamp(0.3 + 0.4 * phase + rng.gauss(0, 0.05), TURBIDITY), 2),
+        PH.name: round(clamp(7.0 + 0.4 * phase + rng.gauss(0, 0.03), PH), 2),
+    }
+
+
+def _station_thresholds(phase: float) -> dict[str, dict[str, float | None]]:
+    # A zone's low-pressure limits follow its own pressure: what is normal on the high ground of one
+    # zone is a burst main in another.
+    lowest = _night_pressure(phase) * (1 - _PEAK_PRESSURE_LOSS)
+    return {
+        PRESSURE.name: {
+            "warn_below": round(0.7 * lowest, 2),
+            "crit_below": round(0.45 * lowest, 2),
+        }
     }
 
 
@@ -49,6 +82,8 @@ DOMAIN = Domain(
     offline_after=timedelta(minutes=10),
     escalate_after=timedelta(minutes=15),
     sampler=_sample,
+    sites=("water_works", "road"),
+    station_thresholds=_station_thresholds,
     default_rules={
         # Demand moves pressure by about 0.1 bar in ten minutes; losing 1.5 bar that fast is a burst
         # main. Network pressure is never exactly constant for half an hour on a working sensor.
