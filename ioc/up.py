@@ -2,12 +2,16 @@
 
 A service whose setting is unset runs embedded: `IOC_DATABASE_URL` unset starts a PostgreSQL
 whose data lives under `IOC_DATA_DIR` (`./.ioc-data/`), `IOC_MQTT_URL` unset an MQTT broker on
-127.0.0.1:1883, `IOC_KAFKA_BOOTSTRAP` unset the in-process log bus. Set, the real service is used.
+127.0.0.1:1883, `IOC_KAFKA_BOOTSTRAP` unset the in-process log bus (kept on disk there too). Set, the real
+service is used.
 Without `IOC_ADMIN_API_KEY` an admin key is made on the first run, kept in the data directory and
 printed with a link to the operations page that carries it.
 
-Stopping (Ctrl-C or SIGTERM) goes in the order that loses nothing: the simulator and the gateway
-stop taking telemetry, the processors finish what the bus holds, then the rest stops.
+Stopping (Ctrl-C or SIGTERM) goes in the order that leaves nothing half done: the simulator
+stops, the broker hands what it holds to the gateway, the gateway stops taking telemetry, the
+processor stores what the bus holds, then the rest stops. A killed process loses nothing the
+gateway acknowledged either: the bus fsyncs a record before its send completes, and the next start
+reads it back.
 """
 
 from __future__ import annotations
@@ -20,9 +24,9 @@ from pathlib import Path
 
 from pydantic import SecretStr
 
+from ioc_core import logbus
 from ioc_core.embedded.mqtt_broker import EmbeddedBroker
 from ioc_core.errors import ConfigurationError
-from ioc_core.logbus import SCHEME as MEMORY_BUS
 from ioc_core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -80,8 +84,11 @@ async def _embed(
         changes["mqtt_url"] = SecretStr(broker.url)
         embedded.append(f"MQTT broker at {broker.url}")
     if "kafka_bootstrap" not in given:
-        changes["kafka_bootstrap"] = f"{MEMORY_BUS}ioc"
-        embedded.append("in-process log bus in place of Kafka")
+        bootstrap = f"{logbus.SCHEME}ioc"
+        logbus.open_log(bootstrap, data_dir / "bus")
+        stack.callback(logbus.forget, bootstrap)
+        changes["kafka_bootstrap"] = bootstrap
+        embedded.append(f"in-process log bus in place of Kafka, kept in {data_dir / 'bus'}")
     if "admin_api_key" not in given:
         changes["admin_api_key"] = SecretStr(_admin_key(data_dir))
     if embedded:

@@ -10,27 +10,45 @@ It keeps what the components rely on from Kafka:
 - group-less consumers that assign partitions and seek, for the live event stream's exact resume.
 
 The classes copy the parts of aiokafka's consumer, producer and admin client that the bus module
-and the event hub use, so both run unchanged on either. Records live in memory: a process that
-ends loses what its consumers had not yet processed, which is why `ioc up` stops the gateway
-first and lets the processors catch up before it stops them.
+and the event hub use, so both run unchanged on either.
+
+A log opened with a directory (`open_log`, as `ioc up` does under its data directory) is also
+written to disk: each partition as segment files of length-prefixed records, each group's
+committed offsets as a small JSON file. A send resolves only once its record is fsynced, so what
+the gateway acknowledged to a device survives a killed process, and the next start reads the
+segments back and resumes every group from its commits. Without a directory, records live in
+memory only.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import json
+import logging
+import os
+import struct
 import time
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, BinaryIO
 
 from aiokafka import ConsumerRebalanceListener
 from aiokafka.structs import ConsumerRecord, RecordMetadata, TopicPartition
+
+log = logging.getLogger(__name__)
 
 SCHEME = "memory://"
 DEFAULT_PARTITIONS = 6
 # Records kept per partition, like a retention limit: older ones are dropped.
 DEFAULT_RETAINED = 500_000
+# A partition's records on disk are split into segments of this many, so retention can delete
+# whole files.
+SEGMENT_RECORDS = 50_000
+# offset, timestamp (ms), key length, value length (-1: none)
+_RECORD_HEADER = struct.Struct(">qqii")
 
 
 def is_memory(bootstrap: str) -> bool:
@@ -42,6 +60,10 @@ class _Partition:
     records: list[ConsumerRecord[bytes, bytes]] = field(default_factory=list)
     # Offset of records[0]: records before it were dropped by retention.
     start: int = 0
+    # On disk: the directory of its segments and the one being written.
+    directory: Path | None = None
+    segment: BinaryIO | None = None
+    segment_base: int = 0
 
     @property
     def end(self) -> int:
@@ -63,12 +85,25 @@ class _Group:
 class MemoryLog:
     """The topics, partitions and groups of one `memory://NAME`."""
 
-    def __init__(self, *, partitions: int = DEFAULT_PARTITIONS, retained: int = DEFAULT_RETAINED) -> None:
+    def __init__(
+        self,
+        *,
+        partitions: int = DEFAULT_PARTITIONS,
+        retained: int = DEFAULT_RETAINED,
+        directory: Path | None = None,
+    ) -> None:
         self.default_partitions = partitions
         self.retained = retained
+        self.directory = directory
         self._topics: dict[str, list[_Partition]] = {}
         self._groups: dict[str, _Group] = {}
         self._waiters: set[asyncio.Future[None]] = set()
+        # Sends waiting for the next fsync, and the task doing it.
+        self._unsynced: list[tuple[asyncio.Future[RecordMetadata], RecordMetadata]] = []
+        self._dirty: set[int] = set()
+        self._syncing: asyncio.Task[None] | None = None
+        if directory is not None:
+            self._load(directory)
 
     # -- topics ---------------------------------------------------------------------------
 
@@ -78,12 +113,22 @@ class MemoryLog:
     def create(self, topic: str, partitions: int | None = None) -> bool:
         if topic in self._topics:
             return False
-        self._topics[topic] = [_Partition() for _ in range(partitions or self.default_partitions)]
+        count = partitions or self.default_partitions
+        self._topics[topic] = [_Partition() for _ in range(count)]
+        if self.directory is not None:
+            for index, partition in enumerate(self._topics[topic]):
+                partition.directory = self.directory / "topics" / topic / str(index)
+                partition.directory.mkdir(parents=True, exist_ok=True)
         self._rebalance_subscribers(topic)
         return True
 
     def delete(self, topic: str) -> None:
-        self._topics.pop(topic, None)
+        for partition in self._topics.pop(topic, []):
+            if partition.segment is not None:
+                partition.segment.close()
+            if partition.directory is not None:
+                for path in partition.directory.glob("*.log"):
+                    path.unlink()
 
     def partitions(self, topic: str) -> list[_Partition]:
         if topic not in self._topics:
@@ -121,13 +166,139 @@ class MemoryLog:
             headers=(),
         )
         log.records.append(record)
-        if len(log.records) > self.retained:
+        if log.directory is not None:
+            self._write(log, record)
+        # Trimmed a tenth at a time: dropping one record per append would move the whole list.
+        if len(log.records) > self.retained + max(self.retained // 10, 1):
             dropped = len(log.records) - self.retained
             del log.records[:dropped]
             log.start += dropped
         self._wake()
         tp = TopicPartition(topic, index)
         return RecordMetadata(topic, index, tp, record.offset, timestamp, 0, log.start)
+
+    # -- disk -----------------------------------------------------------------------------
+
+    def _write(self, partition: _Partition, record: ConsumerRecord[bytes, bytes]) -> None:
+        assert partition.directory is not None
+        if partition.segment is None or record.offset - partition.segment_base >= SEGMENT_RECORDS:
+            if partition.segment is not None:
+                partition.segment.flush()
+                os.fsync(partition.segment.fileno())
+                partition.segment.close()
+            partition.segment_base = record.offset
+            partition.segment = (partition.directory / f"{record.offset:020d}.log").open("ab")
+            _drop_segments_before(partition.directory, partition.start)
+        key, value = record.key, record.value
+        partition.segment.write(
+            _RECORD_HEADER.pack(
+                record.offset,
+                record.timestamp,
+                len(key) if key is not None else -1,
+                len(value) if value is not None else -1,
+            )
+            + (key or b"")
+            + (value or b"")
+        )
+        self._dirty.add(id(partition))
+
+    def durable(self, metadata: RecordMetadata) -> asyncio.Future[RecordMetadata]:
+        """A future that resolves once the record is on disk (at once without a directory)."""
+        future: asyncio.Future[RecordMetadata] = asyncio.get_running_loop().create_future()
+        if self.directory is None:
+            future.set_result(metadata)
+            return future
+        self._unsynced.append((future, metadata))
+        if self._syncing is None or self._syncing.done():
+            self._syncing = asyncio.create_task(self._sync(), name="logbus-fsync")
+        return future
+
+    async def _sync(self) -> None:
+        """Flush and fsync what was written, resolving the sends waiting for it; sends made while
+        one fsync runs share the next (group commit)."""
+        while self._unsynced:
+            waiting, self._unsynced = self._unsynced, []
+            files = [
+                p.segment
+                for partitions in self._topics.values()
+                for p in partitions
+                if p.segment is not None and id(p) in self._dirty
+            ]
+            self._dirty.clear()
+            for handle in files:
+                handle.flush()
+            try:
+                await asyncio.to_thread(_fsync_all, [handle.fileno() for handle in files])
+            except OSError as exc:
+                for future, _ in waiting:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for future, metadata in waiting:
+                if not future.done():
+                    future.set_result(metadata)
+
+    def _load(self, directory: Path) -> None:
+        """Read the segments and commits a previous run left, up to the retention."""
+        topics = directory / "topics"
+        loaded = 0
+        for topic_dir in sorted(p for p in topics.glob("*") if p.is_dir()):
+            indexes = sorted(int(p.name) for p in topic_dir.glob("*") if p.is_dir() and p.name.isdigit())
+            if not indexes or indexes != list(range(len(indexes))):
+                continue
+            partitions = []
+            for index in indexes:
+                folder = topic_dir / str(index)
+                records = _read_segments(folder, topic_dir.name, index)
+                loaded += len(records)
+                if len(records) > self.retained:
+                    records = records[-self.retained :]
+                start = records[0].offset if records else _next_offset_of_empty(folder)
+                partitions.append(_Partition(records=records, start=start, directory=folder))
+            self._topics[topic_dir.name] = partitions
+        for path in sorted((directory / "groups").glob("*.json")):
+            try:
+                stored = json.loads(path.read_text())
+            except (OSError, ValueError) as exc:
+                log.warning("ignoring unreadable committed offsets %s: %s", path, exc)
+                continue
+            group = self._groups.setdefault(stored["group"], _Group())
+            for entry in stored["offsets"]:
+                group.committed[TopicPartition(entry["topic"], entry["partition"])] = entry["offset"]
+        if loaded:
+            log.info("in-process log bus: %d records read back from %s", loaded, directory)
+
+    def _save_commits(self, group: str) -> None:
+        if self.directory is None:
+            return
+        folder = self.directory / "groups"
+        folder.mkdir(parents=True, exist_ok=True)
+        committed = self._groups[group].committed
+        body = json.dumps(
+            {
+                "group": group,
+                "offsets": [
+                    {"topic": tp.topic, "partition": tp.partition, "offset": offset}
+                    for tp, offset in sorted(committed.items())
+                ],
+            }
+        )
+        name = zlib.crc32(group.encode())
+        temporary = folder / f"{name:08x}.json.tmp"
+        with temporary.open("w") as handle:
+            handle.write(body)
+            handle.flush()
+            os.fsync(handle.fileno())
+        temporary.replace(folder / f"{name:08x}.json")
+
+    def close(self) -> None:
+        for partitions in self._topics.values():
+            for partition in partitions:
+                if partition.segment is not None:
+                    partition.segment.flush()
+                    os.fsync(partition.segment.fileno())
+                    partition.segment.close()
+                    partition.segment = None
 
     def read(self, tp: TopicPartition, offset: int, limit: int) -> list[ConsumerRecord[bytes, bytes]]:
         log = self.partitions(tp.topic)[tp.partition]
@@ -162,6 +333,7 @@ class MemoryLog:
 
     def commit(self, group: str, offsets: dict[TopicPartition, int]) -> None:
         self._groups.setdefault(group, _Group()).committed.update(offsets)
+        self._save_commits(group)
 
     def join(self, group: str, consumer: MemoryConsumer, topics: Iterable[str]) -> None:
         members = self._groups.setdefault(group, _Group()).members
@@ -200,6 +372,63 @@ class MemoryLog:
         self._wake()
 
 
+def _fsync_all(descriptors: list[int]) -> None:
+    for descriptor in descriptors:
+        os.fsync(descriptor)
+
+
+def _read_segments(directory: Path, topic: str, partition: int) -> list[ConsumerRecord[bytes, bytes]]:
+    """Every whole record of a partition's segments; a torn record at the end (a crash while
+    writing it, before its send was acknowledged) is cut off."""
+    records: list[ConsumerRecord[bytes, bytes]] = []
+    for path in sorted(directory.glob("*.log")):
+        data = path.read_bytes()
+        position = 0
+        while position + _RECORD_HEADER.size <= len(data):
+            offset, timestamp, key_size, value_size = _RECORD_HEADER.unpack_from(data, position)
+            body = position + _RECORD_HEADER.size
+            finish = body + max(key_size, 0) + max(value_size, 0)
+            if finish > len(data) or (records and offset != records[-1].offset + 1):
+                break
+            key = data[body : body + key_size] if key_size >= 0 else None
+            value = data[body + max(key_size, 0) : finish] if value_size >= 0 else None
+            records.append(
+                ConsumerRecord(
+                    topic=topic,
+                    partition=partition,
+                    offset=offset,
+                    timestamp=timestamp,
+                    timestamp_type=0,
+                    key=key,
+                    value=value,
+                    checksum=None,
+                    serialized_key_size=key_size,
+                    serialized_value_size=value_size,
+                    headers=(),
+                )
+            )
+            position = finish
+        if position < len(data):
+            log.warning("in-process log bus: cutting a torn record off %s at byte %d", path, position)
+            with path.open("r+b") as handle:
+                handle.truncate(position)
+    return records
+
+
+def _next_offset_of_empty(directory: Path) -> int:
+    """An empty partition starts where its newest (empty) segment's name says."""
+    names = sorted(directory.glob("*.log"))
+    return int(names[-1].stem) if names else 0
+
+
+def _drop_segments_before(directory: Path, start: int) -> None:
+    """Delete segments whose records all lie before `start` (the newest is never deleted)."""
+    segments = sorted(directory.glob("*.log"))
+    for current, following in itertools.pairwise(segments):
+        if int(following.stem) <= start:
+            current.unlink()
+
+
 def _round_robin(partitions: list[_Partition]) -> int:
     # The shortest partition: keyless records spread evenly.
     return min(range(len(partitions)), key=lambda i: partitions[i].end)
@@ -216,13 +445,23 @@ def log_for(bootstrap: str) -> MemoryLog:
     return _LOGS[name]
 
 
+def open_log(bootstrap: str, directory: Path, *, retained: int = DEFAULT_RETAINED) -> MemoryLog:
+    """Register the log of that name as one kept in `directory` (read back if it exists)."""
+    name = bootstrap.removeprefix(SCHEME) or "default"
+    directory.mkdir(parents=True, exist_ok=True)
+    _LOGS[name] = MemoryLog(directory=directory, retained=retained)
+    return _LOGS[name]
+
+
 def forget(bootstrap: str) -> None:
-    _LOGS.pop(bootstrap.removeprefix(SCHEME) or "default", None)
+    found = _LOGS.pop(bootstrap.removeprefix(SCHEME) or "default", None)
+    if found is not None:
+        found.close()
 
 
 class MemoryProducer:
-    """`AIOKafkaProducer`'s `start`, `stop`, `send` and `send_and_wait`; a send is durable (as
-    far as the process is) as soon as it returns."""
+    """`AIOKafkaProducer`'s `start`, `stop`, `send` and `send_and_wait`; the future a send returns
+    resolves once the record is durable (on disk for a log with a directory)."""
 
     def __init__(self, *, bootstrap_servers: str, **_: Any) -> None:
         self._log = log_for(bootstrap_servers)
@@ -236,9 +475,7 @@ class MemoryProducer:
     async def send(
         self, topic: str, value: bytes | None = None, key: bytes | None = None, partition: int | None = None
     ) -> asyncio.Future[RecordMetadata]:
-        future: asyncio.Future[RecordMetadata] = asyncio.get_running_loop().create_future()
-        future.set_result(self._log.append(topic, key, value, partition))
-        return future
+        return self._log.durable(self._log.append(topic, key, value, partition))
 
     async def send_and_wait(
         self, topic: str, value: bytes | None = None, key: bytes | None = None, partition: int | None = None

@@ -153,6 +153,7 @@
     retryMs: 1000, // the next reconnection delay: doubles on each failure, back to the base on an event
     streamAbort: null,
     pollTimer: null,
+    pollDue: 0,
     refreshTimer: null,
     pending: new Set(),
     noticeKey: null,
@@ -400,6 +401,7 @@
     if (state.streamAbort) state.streamAbort.abort();
     state.streamAbort = null;
     clearTimeout(state.pollTimer);
+    state.pollTimer = null;
     clearTimeout(state.refreshTimer);
     state.pending.clear();
     state.live = false;
@@ -488,16 +490,19 @@
     ]);
   }
 
+  // A poll already due sooner is kept: a stream that keeps failing must not put polling off.
   function schedulePoll(generation) {
     if (generation !== state.generation) return;
+    const interval = state.live ? POLL_LIVE_MS : POLL_MS;
+    const due = Date.now() + interval;
+    if (state.pollTimer && state.pollDue <= due) return;
     clearTimeout(state.pollTimer);
-    state.pollTimer = setTimeout(
-      () => {
-        if (generation !== state.generation) return;
-        refreshAll(generation).finally(() => schedulePoll(generation));
-      },
-      state.live ? POLL_LIVE_MS : POLL_MS,
-    );
+    state.pollDue = due;
+    state.pollTimer = setTimeout(() => {
+      state.pollTimer = null;
+      if (generation !== state.generation) return;
+      refreshAll(generation).finally(() => schedulePoll(generation));
+    }, interval);
   }
 
   // Several events in a burst make one refresh of each thing they touched.

@@ -45,13 +45,24 @@ def _load(t: datetime) -> float:
 _TROUGH, _PEAK = 0.45, 1.0
 
 
+def _rating(phase: float) -> float:
+    """A feeder's peak load in kW: 0.8 to 6 MW by its `phase`."""
+    return 800 + 5200 * phase
+
+
+def _station_thresholds(phase: float) -> dict[str, dict[str, float | None]]:
+    # A feeder's load moves by a few per cent of its rating within minutes as large consumers
+    # switch and the daily ramps begin; surprise is measured against that, not a fixed kilowatt.
+    return {ACTIVE_POWER.name: {"zscore_floor": round(0.03 * _rating(phase), 1)}}
+
+
 def _sample(rng: random.Random, t: datetime, phase: float) -> dict[str, float]:
     # The voltage falls as the load rises (224 V at the evening peak, 232.5 V at night), well inside
     # the ±5 % band as on a healthy feeder; frequency is one for the whole grid, wandering a few
     # hundredths of a hertz as the dispatch centre balances it. `phase` sizes the feeder (0.8 to 6 MW).
     load = _load(t)
     share = (load - _TROUGH) / (_PEAK - _TROUGH)
-    rating = 800 + 5200 * phase
+    rating = _rating(phase)
     minutes = t.timestamp() / 60
     wander = 0.02 * math.sin(2 * math.pi * minutes / 17) + 0.01 * math.sin(2 * math.pi * minutes / 6.3)
     frequency = 50 + wander
@@ -70,6 +81,7 @@ DOMAIN = Domain(
     offline_after=timedelta(minutes=5),
     escalate_after=timedelta(minutes=10),
     sampler=_sample,
+    station_thresholds=_station_thresholds,
     sites=("substation",),
     default_rules={
         # Vietnam's distribution band: 230 V ±5 % warns, ±10 % is critical. A live feeder's voltage
