@@ -51,6 +51,8 @@ class LinkStats:
     def __init__(self) -> None:
         self.sent = 0
         self.acknowledged = 0
+        # Of `sent`, the retained `online` statuses said on each (re)connection.
+        self.statuses = 0
         # Readings a powered-off or stopped device could not send.
         self.dropped = 0
 
@@ -332,6 +334,7 @@ class DeviceLink:
         self._attempt = self.failures = 0
         if self.status_topic is not None:
             self.publish(self.status_topic, b"online", retain=True)
+            self.hub.stats.statuses += 1
         self.connected.set()
 
     def _on_disconnect(

@@ -47,10 +47,12 @@ class RunSummary:
     seconds: float
     incidents: int
     truth: str | None
+    # Of `sent`, the devices' `online` statuses: the rate counts readings only.
+    statuses: int = 0
 
     @property
     def rate(self) -> float:
-        return self.sent / self.seconds if self.seconds > 0 else 0.0
+        return (self.sent - self.statuses) / self.seconds if self.seconds > 0 else 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -59,6 +61,7 @@ class RunSummary:
             "devices": self.devices,
             "sent": self.sent,
             "acknowledged": self.acknowledged,
+            "statuses": self.statuses,
             "dropped": self.dropped,
             "seconds": round(self.seconds, 3),
             "rate": round(self.rate, 1),
@@ -172,6 +175,7 @@ class ScenarioRun:
             sent=stats.sent,
             acknowledged=stats.acknowledged,
             dropped=stats.dropped,
+            statuses=stats.statuses,
             seconds=seconds,
             incidents=len(incidents),
             truth=str(self.truth_path) if self.truth_path is not None else None,

@@ -10,8 +10,9 @@ field devices use, with the delivery guarantees the pipeline depends on:
   subscriptions `$share/{group}/{filter}`, retained messages (an empty payload clears one), last
   wills (MQTT 5 will delay honoured), keep-alive (silent for 1.5 times it: closed, will sent),
   session takeover, persistent sessions (3.1.1 `clean_session=0`: kept until a clean connect;
-  5.0 `clean_start` and Session Expiry Interval, which DISCONNECT may change) with messages queued
-  while the client is away and unacknowledged QoS 1 messages resent with DUP on reconnect.
+  5.0 `clean_start` and Session Expiry Interval, which DISCONNECT may change; either ends after
+  `max_session_expiry_s`, a day by default, without its client) with messages queued while the
+  client is away and unacknowledged QoS 1 messages resent with DUP on reconnect.
 - MQTT 5: Receive Maximum, Maximum Packet Size (both ways), message expiry, no-local,
   retain-as-published, retain handling, user properties and the other publish properties passed
   on, reason codes on DISCONNECT. Not offered: topic aliases (Topic Alias Maximum is 0, so a
@@ -74,6 +75,9 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_QUEUED_PER_SESSION = 1_000_000
 DEFAULT_MAX_PACKET_SIZE = 1024 * 1024
 DEFAULT_MAX_INFLIGHT_V311 = 100
+# Persistent sessions (an MQTT 3.1.1 one, or an MQTT 5 one asking for "never") end after a day
+# without their client.
+DEFAULT_MAX_SESSION_EXPIRY_S = 86_400.0
 
 _CONNECT, _CONNACK, _PUBLISH, _PUBACK, _PUBREC, _PUBREL, _PUBCOMP = 1, 2, 3, 4, 5, 6, 7
 _SUBSCRIBE, _SUBACK, _UNSUBSCRIBE, _UNSUBACK, _PINGREQ, _PINGRESP, _DISCONNECT, _AUTH = range(8, 16)
@@ -1238,7 +1242,10 @@ class EmbeddedBroker(Component):
         max_packet_size: int = DEFAULT_MAX_PACKET_SIZE,
         max_inflight_v311: int = DEFAULT_MAX_INFLIGHT_V311,
         drain_timeout_s: float = 5.0,
+        max_session_expiry_s: float = DEFAULT_MAX_SESSION_EXPIRY_S,
     ) -> None:
+        if max_session_expiry_s <= 0:
+            raise ValueError("the longest session expiry must be positive")
         if max_queued_per_session < 1 or max_inflight_v311 < 1 or not 2 <= max_packet_size <= 268_435_460:
             raise ValueError("queue and in-flight limits must be positive; packet size 2 B to 256 MiB")
         self.host = host
@@ -1248,6 +1255,7 @@ class EmbeddedBroker(Component):
         self.max_packet_size = max_packet_size
         self.max_inflight_v311 = max_inflight_v311
         self.drain_timeout_s = drain_timeout_s
+        self.max_session_expiry_s = max_session_expiry_s
         self.stats = BrokerStats()
         self.connections: set[_Connection] = set()
         self.sessions: dict[str, _Session] = {}
@@ -1409,8 +1417,11 @@ class EmbeddedBroker(Component):
         self._return_shared(session, ending=False)
         if session.expiry_s == 0:
             self.end_session(session)
-        elif session.expiry_s != math.inf:
-            session.expiry_timer = self.loop.call_later(session.expiry_s, self._expire, session)
+        else:
+            # A persistent session nobody comes back for (an MQTT 3.1.1 one never expires by the
+            # protocol) would queue its subscriptions' messages until it held every publisher up.
+            expiry_s = min(session.expiry_s, self.max_session_expiry_s)
+            session.expiry_timer = self.loop.call_later(expiry_s, self._expire, session)
         if will is not None:
             if connection.will_delay_s and self.sessions.get(session.client_id) is session:
                 session.pending_will = will

@@ -742,6 +742,22 @@ def test_v5_session_lives_for_its_expiry_interval_and_no_longer(broker: RunningB
     publisher.disconnect()
 
 
+def test_persistent_sessions_nobody_returns_to_end_after_the_longest_expiry() -> None:
+    with RunningBroker(max_session_expiry_s=1) as running:
+        forgotten = unique("forgotten3")
+        subscriber = Client(running, client_id=forgotten, clean=False).connect()
+        subscriber.subscribe("f/#")
+        subscriber.disconnect()
+        forever = unique("forever5")
+        v5 = Client(running, protocol=V5, client_id=forever, clean=False, session_expiry=0xFFFFFFFF).connect()
+        v5.subscribe("f/#")
+        v5.disconnect()
+        assert running.call(lambda: {forgotten, forever} <= set(running.broker.sessions))
+        time.sleep(1.6)
+        assert running.call(lambda: not {forgotten, forever} & set(running.broker.sessions))
+        assert Client(running, client_id=forgotten, clean=False).connect().session_present is False
+
+
 def test_a_second_connection_with_the_same_client_id_takes_over(broker: RunningBroker) -> None:
     client_id = unique("twice")
     old = Client(broker, protocol=V5, client_id=client_id, clean=False, session_expiry=60).connect()
