@@ -12,9 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from api.auth import Admin, KeyCache, Role, hash_key
 from api.common import PROBLEM, Cursor, db, decode_text_cursor, encode_cursor
-from ioc_core.domains import DOMAINS
+from ioc_core.models import city_list, domain_list
 from ioc_core.storage import ApiKeyRow
-from ioc_core.telemetry import CITY_PATTERN
 
 router = APIRouter()
 
@@ -41,18 +40,12 @@ class ApiKeyIn(BaseModel):
     @field_validator("cities")
     @classmethod
     def _check_cities(cls, value: list[str] | None) -> list[str] | None:
-        for city in value or ():
-            if not CITY_PATTERN.fullmatch(city):
-                raise ValueError(f"{city!r} is not a city slug ([a-z0-9-]{{1,32}})")
-        return sorted(set(value)) if value is not None else None
+        return city_list(value)
 
     @field_validator("domains")
     @classmethod
     def _check_domains(cls, value: list[str] | None) -> list[str] | None:
-        for domain in value or ():
-            if domain not in DOMAINS:
-                raise ValueError(f"{domain!r} is not a domain; known: {', '.join(DOMAINS)}")
-        return sorted(set(value)) if value is not None else None
+        return domain_list(value)
 
 
 class ApiKey(BaseModel):

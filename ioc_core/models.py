@@ -177,3 +177,19 @@ class DevicePatch(BaseModel):
             if name in self.model_fields_set and getattr(self, name) is None:
                 raise ValueError(f"{name} cannot be null")
         return self
+
+
+def city_list(value: list[str] | None) -> list[str] | None:
+    """The cities of a scope or filter: slugs, sorted, each once; None (every city) stays None."""
+    for city in value or ():
+        if not CITY_PATTERN.fullmatch(city):
+            raise ValueError(f"{city!r} is not a city slug ([a-z0-9-]{{1,32}})")
+    return sorted(set(value)) if value is not None else None
+
+
+def domain_list(value: list[str] | None) -> list[str] | None:
+    """The domains of a scope or filter: known names, sorted, each once; None stays None."""
+    for domain in value or ():
+        if domain not in DOMAINS:
+            raise ValueError(f"{domain!r} is not a domain; known: {', '.join(DOMAINS)}")
+    return sorted(set(value)) if value is not None else None

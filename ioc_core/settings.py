@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ioc_core.bus import Topics
@@ -229,23 +229,14 @@ class Settings(BaseSettings):
                 raise ValueError(f"IOC_GATEWAY_CITIES: {city!r} is not a city slug")
         return value
 
-    @field_validator("offline_after_s")
+    @field_validator("offline_after_s", "escalate_after_s")
     @classmethod
-    def _check_offline_after(cls, value: dict[str, float]) -> dict[str, float]:
+    def _check_per_domain_seconds(cls, value: dict[str, float], info: ValidationInfo) -> dict[str, float]:
         for domain, seconds in value.items():
             if domain not in DOMAINS or not seconds > 0:
                 raise ValueError(
-                    f"IOC_OFFLINE_AFTER_S: {domain!r}={seconds!r} is not a domain and a positive number"
-                )
-        return value
-
-    @field_validator("escalate_after_s")
-    @classmethod
-    def _check_escalate_after(cls, value: dict[str, float]) -> dict[str, float]:
-        for domain, seconds in value.items():
-            if domain not in DOMAINS or not seconds > 0:
-                raise ValueError(
-                    f"IOC_ESCALATE_AFTER_S: {domain!r}={seconds!r} is not a domain and a positive number"
+                    f"IOC_{(info.field_name or '').upper()}: {domain!r}={seconds!r} is not a domain and a"
+                    " positive number"
                 )
         return value
 

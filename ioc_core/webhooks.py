@@ -26,11 +26,10 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ioc_core.alarms import ALARM_ACKNOWLEDGED, ALARM_RAISED, ALARM_RESOLVED, ALARM_UPDATED
-from ioc_core.domains import DOMAINS
 from ioc_core.errors import IocError
 from ioc_core.events import DEVICE_OFFLINE, DEVICE_ONLINE, Event
+from ioc_core.models import city_list, domain_list
 from ioc_core.rules import SEVERITIES, severity_rank
-from ioc_core.telemetry import CITY_PATTERN
 
 WebhookEventType = Literal[
     "alarm.raised", "alarm.updated", "alarm.acknowledged", "alarm.resolved", "device.offline", "device.online"
@@ -139,18 +138,12 @@ class WebhookFilter(BaseModel):
     @field_validator("cities")
     @classmethod
     def _check_cities(cls, value: list[str] | None) -> list[str] | None:
-        for city in value or ():
-            if not CITY_PATTERN.fullmatch(city):
-                raise ValueError(f"{city!r} is not a city slug ([a-z0-9-]{{1,32}})")
-        return sorted(set(value)) if value is not None else None
+        return city_list(value)
 
     @field_validator("domains")
     @classmethod
     def _check_domains(cls, value: list[str] | None) -> list[str] | None:
-        for domain in value or ():
-            if domain not in DOMAINS:
-                raise ValueError(f"{domain!r} is not a domain; known: {', '.join(DOMAINS)}")
-        return sorted(set(value)) if value is not None else None
+        return domain_list(value)
 
     @field_validator("types")
     @classmethod

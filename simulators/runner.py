@@ -30,7 +30,9 @@ _DEVICES_PER_CARRIER = 250
 _MOST_CARRIERS = 16
 _PROGRESS_EVERY_S = 0.5
 _LONGEST_NAP_S = 0.25
-_SETTLE_S = 5.0
+# At the end of a run, how long to wait for the broker to acknowledge what is still in flight: on
+# a busy machine a reconnecting device's queued messages take a while.
+_SETTLE_S = 20.0
 
 # Told now and then how far a run is: messages sent, acknowledged by the broker, seconds elapsed.
 ProgressCallback = Callable[[int, int, float], None]

@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 import sys
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -47,8 +45,9 @@ from simulators.runner import ScenarioRun
 from simulators.scenarios import Scenario
 from simulators.truth import Incident, read_truth
 from tests.integration import harness
-from tests.integration.conftest import ADMIN_KEY, POSTGRES_URL, free_port
-from tests.integration.harness import ComponentProcess, delete_topics, unique
+from tests.integration.conftest import ADMIN_KEY
+from tests.integration.harness import unique
+from tests.integration.systems import own_system
 
 # scenario → (map, devices, messages per second, seconds); every device reports once a second.
 RUNS = {
@@ -96,62 +95,23 @@ class ScenarioSystem:
 
 @pytest.fixture(scope="module")
 async def scenarios(log_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[ScenarioSystem]:
-    name = f"ioc_test_{int(time.time())}_{uuid.uuid4().hex[:8]}"
-    database_url = f"{POSTGRES_URL}/{name}"
-    run_id = unique("scn")
     runs = {
         scenario: Run(
             scenario, unique(f"scn-{scenario}")[:32], tmp_path_factory.mktemp("truth") / "truth.jsonl"
         )
         for scenario in RUNS
     }
-    env = harness.test_env(
-        IOC_DATABASE_URL=database_url,
-        IOC_API_PORT=str(free_port()),
-        IOC_ADMIN_API_KEY=ADMIN_KEY,
-        IOC_GATEWAY_CLIENT_ID=f"gw-{run_id}",
-        IOC_GATEWAY_SHARE_GROUP=f"gw-{run_id}",
-        IOC_GATEWAY_CITIES=json.dumps([run.city for run in runs.values()]),
-        IOC_GATEWAY_HEALTH_PORT=str(free_port()),
-        IOC_MQTT_SESSION_EXPIRY_S="300",
-        IOC_PROCESSOR_GROUP_ID=f"processor-{run_id}",
-        IOC_TOPIC_PREFIX=f"{run_id}.",
-        IOC_REGISTRY_REFRESH_S="1",
-        IOC_SILENCE_CHECK_S="1",
-        IOC_OUTBOX_POLL_S="0.5",
+    async with own_system(
+        log_dir,
+        "scenarios",
+        [run.city for run in runs.values()],
         # Short enough that silence would be caught too, long enough that the outage's alarms can
         # only have come from the devices' last wills within the incidents' ten seconds.
         IOC_OFFLINE_AFTER_S=json.dumps({"grid": 30, "water": 30}),
-    )
-    migrated = subprocess.run(
-        [sys.executable, "-m", "ioc.cli", "migrate"], env=env, capture_output=True, text=True, timeout=120
-    )
-    assert migrated.returncode == 0, migrated.stdout + migrated.stderr
-    processes = [
-        ComponentProcess("processor", env, log_dir, name="processor-scenarios"),
-        ComponentProcess("gateway", env, log_dir, name="gateway-scenarios"),
-        ComponentProcess("api", env, log_dir, name="api-scenarios"),
-    ]
-    for process in processes:
-        process.start()
-    system = ScenarioSystem(
-        env=env, api_url=f"http://127.0.0.1:{env['IOC_API_PORT']}", database_url=database_url, runs=runs
-    )
-    try:
-        await processes[0].wait_for_log("processor joined group")
-        await processes[1].wait_for_log("gateway health listening")
-        await processes[2].wait_for_log("API listening")
+    ) as own:
+        system = ScenarioSystem(env=own.env, api_url=own.api_url, database_url=own.database_url, runs=runs)
         await _run_all(system)
         yield system
-    finally:
-        for process in processes:
-            process.stop()
-        await delete_topics(env["IOC_TOPIC_PREFIX"])
-        admin = await asyncpg.connect(f"{POSTGRES_URL}/postgres")
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
 
 
 async def _run_all(system: ScenarioSystem) -> None:

@@ -13,17 +13,13 @@ import contextlib
 import json
 import signal
 import statistics
-import subprocess
-import sys
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import httpx
 import pytest
 from standardwebhooks import Webhook as ReferenceVerifier
@@ -37,16 +33,14 @@ from ioc_core.settings import load_settings
 from ioc_core.storage.webhooks import DeliveryJob
 from processors.webhooks import send_once, webhook_client
 from tests.conftest import Figures
-from tests.integration import harness
-from tests.integration.conftest import ADMIN_KEY, POSTGRES_URL, System, free_port
+from tests.integration.conftest import ADMIN_KEY, System, free_port
 from tests.integration.harness import (
-    ComponentProcess,
     Publisher,
-    delete_topics,
     services,
     unique,
     wait_until,
 )
+from tests.integration.systems import OwnSystem, own_system
 
 CITY = unique("hooks")[:32]
 TIMEOUT_S = 2
@@ -130,38 +124,13 @@ async def receiver() -> AsyncIterator[Receiver]:
 # -- a system of the module's own -------------------------------------------------------------
 
 
-@dataclass
-class HookSystem:
-    env: dict[str, str]
-    api_url: str
-    database_url: str
-    worker: ComponentProcess
-    log_dir: Path
-
-    def restart_worker(self) -> None:
-        self.worker = ComponentProcess("webhooks", self.env, self.log_dir, name=f"webhooks-{unique('w')}")
-        self.worker.start()
-
-
 @pytest.fixture(scope="module")
-async def hooks(log_dir: Path) -> AsyncIterator[HookSystem]:
-    name = f"ioc_test_{int(time.time())}_{uuid.uuid4().hex[:8]}"
-    database_url = f"{POSTGRES_URL}/{name}"
-    run = unique("wh")
-    env = harness.test_env(
-        IOC_DATABASE_URL=database_url,
-        IOC_API_PORT=str(free_port()),
-        IOC_ADMIN_API_KEY=ADMIN_KEY,
-        IOC_GATEWAY_CLIENT_ID=f"gw-{run}",
-        IOC_GATEWAY_SHARE_GROUP=f"gw-{run}",
-        IOC_GATEWAY_CITIES=json.dumps([CITY]),
-        IOC_GATEWAY_HEALTH_PORT=str(free_port()),
-        IOC_MQTT_SESSION_EXPIRY_S="300",
-        IOC_PROCESSOR_GROUP_ID=f"processor-{run}",
-        IOC_TOPIC_PREFIX=f"{run}.",
-        IOC_REGISTRY_REFRESH_S="1",
-        IOC_SILENCE_CHECK_S="1",
-        IOC_OUTBOX_POLL_S="0.5",
+async def hooks(log_dir: Path) -> AsyncIterator[OwnSystem]:
+    async with own_system(
+        log_dir,
+        "hooks",
+        [CITY],
+        commands=("processor", "gateway", "api", "webhooks"),
         IOC_WEBHOOK_ALLOW_PRIVATE="true",
         IOC_WEBHOOK_WORKER="false",
         IOC_WEBHOOK_TIMEOUT_S=str(TIMEOUT_S),
@@ -169,45 +138,12 @@ async def hooks(log_dir: Path) -> AsyncIterator[HookSystem]:
         IOC_WEBHOOK_BACKOFF_INITIAL_S="0.3",
         IOC_WEBHOOK_BACKOFF_MAX_S="2",
         IOC_ESCALATE_AFTER_S=json.dumps({"flood": ESCALATE_AFTER_S}),
-    )
-    migrated = subprocess.run(
-        [sys.executable, "-m", "ioc.cli", "migrate"], env=env, capture_output=True, text=True, timeout=120
-    )
-    assert migrated.returncode == 0, migrated.stdout + migrated.stderr
-    processes = [
-        ComponentProcess("processor", env, log_dir, name="processor-hooks"),
-        ComponentProcess("gateway", env, log_dir, name="gateway-hooks"),
-        ComponentProcess("api", env, log_dir, name="api-hooks"),
-    ]
-    system = HookSystem(
-        env=env,
-        api_url=f"http://127.0.0.1:{env['IOC_API_PORT']}",
-        database_url=database_url,
-        worker=ComponentProcess("webhooks", env, log_dir, name="webhooks-hooks"),
-        log_dir=log_dir,
-    )
-    for process in [*processes, system.worker]:
-        process.start()
-    try:
-        await processes[0].wait_for_log("processor joined group")
-        await processes[1].wait_for_log("gateway health listening")
-        await processes[2].wait_for_log("API listening")
-        await system.worker.wait_for_log("webhook worker")
+    ) as system:
         yield system
-    finally:
-        system.worker.stop()
-        for process in processes:
-            process.stop()
-        await delete_topics(env["IOC_TOPIC_PREFIX"])
-        admin = await asyncpg.connect(f"{POSTGRES_URL}/postgres")
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
 
 
 @pytest.fixture
-async def api(hooks: HookSystem) -> AsyncIterator[httpx.AsyncClient]:
+async def api(hooks: OwnSystem) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(
         base_url=hooks.api_url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=10
     ) as client:
@@ -277,7 +213,7 @@ def of_device(requests: list[Received], device_id: str) -> list[Received]:
 
 
 async def test_alarm_arrives_signed_as_standard_webhooks(
-    hooks: HookSystem, api: httpx.AsyncClient, receiver: Receiver
+    hooks: OwnSystem, api: httpx.AsyncClient, receiver: Receiver
 ) -> None:
     hook = await register_hook(
         api, receiver.url("signed"), cities=[CITY], types=["alarm.raised"], domains=["flood"]
@@ -305,7 +241,7 @@ async def test_alarm_arrives_signed_as_standard_webhooks(
 
 
 async def test_server_error_is_retried_and_delivered_once(
-    hooks: HookSystem, api: httpx.AsyncClient, receiver: Receiver
+    hooks: OwnSystem, api: httpx.AsyncClient, receiver: Receiver
 ) -> None:
     receiver.plan("flaky", Reply(500), Reply(502))
     hook = await register_hook(api, receiver.url("flaky"), cities=[CITY], types=["alarm.raised"])
@@ -323,7 +259,7 @@ async def test_server_error_is_retried_and_delivered_once(
 
 
 async def test_too_many_requests_waits_for_retry_after(
-    hooks: HookSystem, api: httpx.AsyncClient, receiver: Receiver
+    hooks: OwnSystem, api: httpx.AsyncClient, receiver: Receiver
 ) -> None:
     receiver.plan("busy", Reply(429, {"Retry-After": "3"}))
     hook = await register_hook(api, receiver.url("busy"), cities=[CITY], types=["alarm.raised"])
@@ -337,7 +273,7 @@ async def test_too_many_requests_waits_for_retry_after(
 
 
 async def test_gone_disables_the_endpoint(
-    hooks: HookSystem, api: httpx.AsyncClient, receiver: Receiver
+    hooks: OwnSystem, api: httpx.AsyncClient, receiver: Receiver
 ) -> None:
     receiver.plan("gone", Reply(410))
     hook = await register_hook(
@@ -367,7 +303,7 @@ async def test_gone_disables_the_endpoint(
 
 
 async def test_hung_receiver_times_out_and_is_retried(
-    hooks: HookSystem, api: httpx.AsyncClient, receiver: Receiver
+    hooks: OwnSystem, api: httpx.AsyncClient, receiver: Receiver
 ) -> None:
     receiver.plan("hung", Reply(200, delay_s=TIMEOUT_S + 3))
     hook = await register_hook(api, receiver.url("hung"), cities=[CITY], types=["alarm.raised"])
@@ -381,7 +317,7 @@ async def test_hung_receiver_times_out_and_is_retried(
 
 
 async def test_worker_killed_mid_retry_resumes_and_repeats_nothing_delivered(
-    hooks: HookSystem, api: httpx.AsyncClient, receiver: Receiver
+    hooks: OwnSystem, api: httpx.AsyncClient, receiver: Receiver
 ) -> None:
     done = await register_hook(api, receiver.url("before-kill"), cities=[CITY], types=["alarm.raised"])
     early = await flood_station(api)
@@ -394,12 +330,11 @@ async def test_worker_killed_mid_retry_resumes_and_repeats_nothing_delivered(
     publish_level(device_id, 4.6)
     await receiver.wait_for("kill", 1)
     await asyncio.sleep(0.5)
-    assert hooks.worker.stop(signal.SIGKILL) == -signal.SIGKILL
+    assert hooks.processes["webhooks"].stop(signal.SIGKILL) == -signal.SIGKILL
     pending = await deliveries(api, hook["id"], state="pending")
     assert len(pending) == 1 and pending[0]["attempts"][0]["status_code"] == 503
 
-    hooks.restart_worker()
-    await hooks.worker.wait_for_log("webhook worker")
+    await hooks.restart("webhooks")
     delivery = await wait_for_delivery_state(api, hook["id"], "delivered", timeout=30)
     assert [a["status_code"] for a in delivery["attempts"]] == [503, 200]
     second = receiver.of("kill")[1]
@@ -410,7 +345,7 @@ async def test_worker_killed_mid_retry_resumes_and_repeats_nothing_delivered(
 
 
 async def test_database_restart_while_an_answer_is_in_flight_sends_nothing_twice(
-    hooks: HookSystem, api: httpx.AsyncClient, receiver: Receiver
+    hooks: OwnSystem, api: httpx.AsyncClient, receiver: Receiver
 ) -> None:
     gate = asyncio.Event()
     receiver.plan("restart", Reply(200, delay_s=TIMEOUT_S - 0.5, gate=gate))
@@ -421,7 +356,7 @@ async def test_database_restart_while_an_answer_is_in_flight_sends_nothing_twice
     await asyncio.to_thread(services, "stop", "timescaledb")
     try:
         gate.set()  # the agency answers 200 while the database is down
-        await hooks.worker.wait_for_log("recording webhook attempt", timeout=10)
+        await hooks.processes["webhooks"].wait_for_log("recording webhook attempt", timeout=10)
         await asyncio.sleep(2)
     finally:
         await asyncio.to_thread(services, "up")
@@ -429,11 +364,11 @@ async def test_database_restart_while_an_answer_is_in_flight_sends_nothing_twice
     assert [a["status_code"] for a in delivery["attempts"]] == [200]
     await asyncio.sleep(1)
     assert len(receiver.of("restart")) == 1
-    assert hooks.worker.running
+    assert hooks.processes["webhooks"].running
 
 
 async def test_retry_window_ends_in_a_visible_failure_an_admin_can_retry(
-    hooks: HookSystem, api: httpx.AsyncClient, receiver: Receiver
+    hooks: OwnSystem, api: httpx.AsyncClient, receiver: Receiver
 ) -> None:
     receiver.plan("down", *[Reply(500)] * 200)
     hook = await register_hook(
@@ -458,7 +393,7 @@ async def test_retry_window_ends_in_a_visible_failure_an_admin_can_retry(
 
 
 async def test_routing_by_city_domain_severity_and_type(
-    hooks: HookSystem, api: httpx.AsyncClient, receiver: Receiver
+    hooks: OwnSystem, api: httpx.AsyncClient, receiver: Receiver
 ) -> None:
     critical_only = await register_hook(api, receiver.url("critical"), cities=[CITY], min_severity="critical")
     water_only = await register_hook(api, receiver.url("water"), cities=[CITY], domains=["water"])
@@ -498,7 +433,7 @@ async def test_routing_by_city_domain_severity_and_type(
 
 
 async def test_unacknowledged_critical_alarm_is_escalated_once(
-    hooks: HookSystem, api: httpx.AsyncClient, receiver: Receiver
+    hooks: OwnSystem, api: httpx.AsyncClient, receiver: Receiver
 ) -> None:
     escalations = await register_hook(api, receiver.url("escalations"), cities=[CITY], escalated_only=True)
     everything = await register_hook(api, receiver.url("everything"), cities=[CITY], domains=["flood"])
@@ -598,7 +533,7 @@ async def test_redirects_are_not_followed(receiver: Receiver) -> None:
 
 
 async def test_latency_from_danger_level_to_webhook(
-    hooks: HookSystem, api: httpx.AsyncClient, receiver: Receiver, figures: Figures
+    hooks: OwnSystem, api: httpx.AsyncClient, receiver: Receiver, figures: Figures
 ) -> None:
     """Reading published (broker-acknowledged) to the agency's receiver, 20 times."""
     await register_hook(
