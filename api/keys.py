@@ -8,11 +8,11 @@ from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Path, Query, Request
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from api.auth import Admin, KeyCache, Role, hash_key
 from api.common import PROBLEM, Cursor, db, decode_text_cursor, encode_cursor
-from ioc_core.models import city_list, domain_list
+from ioc_core.models import CityList, DomainList
 from ioc_core.storage import ApiKeyRow
 
 router = APIRouter()
@@ -29,23 +29,13 @@ class ApiKeyIn(BaseModel):
     )
 
     role: Role
-    cities: list[str] | None = Field(
+    cities: CityList = Field(
         default=None, min_length=1, max_length=100, description="only these cities; omitted = every city"
     )
-    domains: list[str] | None = Field(
+    domains: DomainList = Field(
         default=None, min_length=1, max_length=10, description="only these domains; omitted = every domain"
     )
     name: str | None = Field(default=None, max_length=200, description="who or what uses the key")
-
-    @field_validator("cities")
-    @classmethod
-    def _check_cities(cls, value: list[str] | None) -> list[str] | None:
-        return city_list(value)
-
-    @field_validator("domains")
-    @classmethod
-    def _check_domains(cls, value: list[str] | None) -> list[str] | None:
-        return domain_list(value)
 
 
 class ApiKey(BaseModel):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, model_validator
 
 from ioc_core.domains import DOMAINS
 from ioc_core.rules import rule_value_problem
@@ -193,3 +193,8 @@ def domain_list(value: list[str] | None) -> list[str] | None:
         if domain not in DOMAINS:
             raise ValueError(f"{domain!r} is not a domain; known: {', '.join(DOMAINS)}")
     return sorted(set(value)) if value is not None else None
+
+
+# A scope's or filter's cities and domains, checked and in one order (None: every one).
+CityList = Annotated[list[str] | None, AfterValidator(city_list)]
+DomainList = Annotated[list[str] | None, AfterValidator(domain_list)]

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ioc_core.alarms import ALARM_ACKNOWLEDGED, ALARM_RAISED, ALARM_RESOLVED, ALARM_UPDATED
 from ioc_core.errors import IocError
 from ioc_core.events import DEVICE_OFFLINE, DEVICE_ONLINE, Event
-from ioc_core.models import city_list, domain_list
+from ioc_core.models import CityList, DomainList
 from ioc_core.rules import SEVERITIES, severity_rank
 
 WebhookEventType = Literal[
@@ -121,8 +121,8 @@ class WebhookFilter(BaseModel):
         },
     )
 
-    cities: list[str] | None = Field(default=None, min_length=1, max_length=100)
-    domains: list[str] | None = Field(default=None, min_length=1, max_length=10)
+    cities: CityList = Field(default=None, min_length=1, max_length=100)
+    domains: DomainList = Field(default=None, min_length=1, max_length=10)
     min_severity: SeverityName | None = Field(
         default=None,
         description="alarm events at least this severe; device events, which have no severity, then"
@@ -134,16 +134,6 @@ class WebhookFilter(BaseModel):
         description="only events of escalated alarms: the escalation (`alarm.updated` with"
         " `escalated: true`) and what happens to the alarm after it",
     )
-
-    @field_validator("cities")
-    @classmethod
-    def _check_cities(cls, value: list[str] | None) -> list[str] | None:
-        return city_list(value)
-
-    @field_validator("domains")
-    @classmethod
-    def _check_domains(cls, value: list[str] | None) -> list[str] | None:
-        return domain_list(value)
 
     @field_validator("types")
     @classmethod
@@ -185,24 +175,6 @@ def routed(events: Iterable[Event]) -> list[RoutedEvent]:
             )
         )
     return out
-
-
-def matches(webhook_filter: WebhookFilter, event: RoutedEvent) -> bool:
-    """The routing rule, as the storage layer applies it in SQL (kept here for tests and docs)."""
-    f = webhook_filter
-    if f.cities is not None and event.city not in f.cities:
-        return False
-    if f.domains is not None and event.domain not in f.domains:
-        return False
-    if f.types is not None and event.type not in f.types:
-        return False
-    if f.escalated_only and not event.escalated:
-        return False
-    if f.min_severity is None:
-        return True
-    if event.severity_rank is None:
-        return f.types is not None
-    return event.severity_rank >= severity_rank(f.min_severity)
 
 
 # -- addresses -----------------------------------------------------------------------------------

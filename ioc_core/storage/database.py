@@ -393,6 +393,8 @@ class Database(Component):
         self._max_size = max_size
         self._pool: asyncpg.Pool | None = None
         self.tier: StorageTier | None = None
+        # Webhook endpoints, deliveries and attempts, over this pool.
+        self.webhooks = WebhookStore(lambda: self.pool, url)
 
     async def start(self) -> None:
         try:
@@ -420,10 +422,6 @@ class Database(Component):
         if self._pool is None:
             raise StorageError("database is not started")
         return self._pool
-
-    @property
-    def webhooks(self) -> WebhookStore:
-        return WebhookStore(lambda: self.pool, self._url)
 
     async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
         try:

@@ -52,6 +52,20 @@ class OwnSystem:
 
 
 @contextlib.asynccontextmanager
+async def new_database() -> AsyncIterator[str]:
+    """The URL of a database name no one uses (created by whoever migrates it), dropped at the end."""
+    name = f"ioc_test_{int(time.time())}_{uuid.uuid4().hex[:8]}"
+    try:
+        yield f"{POSTGRES_URL}/{name}"
+    finally:
+        admin = await asyncpg.connect(f"{POSTGRES_URL}/postgres")
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+
+@contextlib.asynccontextmanager
 async def own_system(
     log_dir: Path,
     name: str,
@@ -62,10 +76,25 @@ async def own_system(
 ) -> AsyncIterator[OwnSystem]:
     """Migrate a new database and run `commands` against it, its gateway taking `cities`;
     `settings` (IOC_* variables) override the defaults. Everything is removed at the end."""
-    database = f"ioc_test_{int(time.time())}_{uuid.uuid4().hex[:8]}"
+    async with (
+        new_database() as database_url,
+        _running(log_dir, name, cities, commands, database_url, settings) as system,
+    ):
+        yield system
+
+
+@contextlib.asynccontextmanager
+async def _running(
+    log_dir: Path,
+    name: str,
+    cities: list[str],
+    commands: tuple[str, ...],
+    database_url: str,
+    settings: dict[str, str],
+) -> AsyncIterator[OwnSystem]:
     run = unique(name)
     env = test_env(
-        IOC_DATABASE_URL=f"{POSTGRES_URL}/{database}",
+        IOC_DATABASE_URL=database_url,
         IOC_API_PORT=str(free_port()),
         IOC_ADMIN_API_KEY=ADMIN_KEY,
         IOC_GATEWAY_CLIENT_ID=f"gw-{run}",
@@ -100,8 +129,3 @@ async def own_system(
         for process in system.processes.values():
             process.stop()
         await delete_topics(env["IOC_TOPIC_PREFIX"])
-        admin = await asyncpg.connect(f"{POSTGRES_URL}/postgres")
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
-        finally:
-            await admin.close()

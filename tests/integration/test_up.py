@@ -8,7 +8,6 @@ import asyncio
 import json
 import signal
 import time
-import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,8 +18,9 @@ import httpx
 import pytest
 
 from tests.integration import harness
-from tests.integration.conftest import POSTGRES_URL, free_port
+from tests.integration.conftest import free_port
 from tests.integration.harness import Publisher, unique, wait_until
+from tests.integration.systems import new_database
 
 CITY = unique("up")[:32]
 
@@ -29,64 +29,59 @@ CITY = unique("up")[:32]
 async def up(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[dict[str, Any]]:
-    name = f"ioc_test_{int(time.time())}_{uuid.uuid4().hex[:8]}"
-    run = unique("up")
-    kafka = (
-        {
-            "IOC_KAFKA_BOOTSTRAP": "127.0.0.1:9092",
-            "IOC_TOPIC_PREFIX": f"{run}.",
-            "IOC_PROCESSOR_GROUP_ID": f"processor-{run}",
-        }
-        if request.param == "kafka"
-        else {}
-    )
-    data_dir = tmp_path_factory.mktemp("ioc-data")
-    port = free_port()
-    env = harness.test_env(
-        IOC_DATABASE_URL=f"{POSTGRES_URL}/{name}",
-        IOC_MQTT_URL="mqtt://127.0.0.1:1883",
-        IOC_API_PORT=str(port),
-        IOC_DATA_DIR=str(data_dir),
-        IOC_SIMULATOR_DEVICES="0",
-        IOC_GATEWAY_CITIES=json.dumps([CITY]),
-        IOC_GATEWAY_CLIENT_ID=unique("gw-up"),
-        IOC_GATEWAY_SHARE_GROUP=unique("gw-up"),
-        IOC_REGISTRY_REFRESH_S="1",
-        IOC_STATE_EVENT_INTERVAL_S="0.5",
-        **kafka,
-    )
-    process = harness.ComponentProcess("up", env, data_dir, name="up")
-    process.start()
+    async with new_database() as database_url:
+        run = unique("up")
+        kafka = (
+            {
+                "IOC_KAFKA_BOOTSTRAP": "127.0.0.1:9092",
+                "IOC_TOPIC_PREFIX": f"{run}.",
+                "IOC_PROCESSOR_GROUP_ID": f"processor-{run}",
+            }
+            if request.param == "kafka"
+            else {}
+        )
+        data_dir = tmp_path_factory.mktemp("ioc-data")
+        port = free_port()
+        env = harness.test_env(
+            IOC_DATABASE_URL=database_url,
+            IOC_MQTT_URL="mqtt://127.0.0.1:1883",
+            IOC_API_PORT=str(port),
+            IOC_DATA_DIR=str(data_dir),
+            IOC_SIMULATOR_DEVICES="0",
+            IOC_GATEWAY_CITIES=json.dumps([CITY]),
+            IOC_GATEWAY_CLIENT_ID=unique("gw-up"),
+            IOC_GATEWAY_SHARE_GROUP=unique("gw-up"),
+            IOC_REGISTRY_REFRESH_S="1",
+            IOC_STATE_EVENT_INTERVAL_S="0.5",
+            **kafka,
+        )
+        process = harness.ComponentProcess("up", env, data_dir, name="up")
+        process.start()
 
-    def output() -> str:
-        return process.log_text()
+        def output() -> str:
+            return process.log_text()
 
-    async def announced() -> str | None:
-        if not process.running:
-            raise AssertionError(f"ioc up exited:\n{output()}")
-        text = output()
-        return text if "operations page" in text else None
+        async def announced() -> str | None:
+            if not process.running:
+                raise AssertionError(f"ioc up exited:\n{output()}")
+            text = output()
+            return text if "operations page" in text else None
 
-    try:
-        await wait_until(announced, timeout=90, what="ioc up to announce itself", interval=0.2)
-        key = (data_dir / "admin-api-key").read_text().strip()
-        yield {
-            "process": process,
-            "url": f"http://127.0.0.1:{port}",
-            "key": key,
-            "output": output,
-            "data_dir": data_dir,
-            "bus": request.param,
-        }
-    finally:
-        process.stop(signal.SIGKILL)
-        if kafka:
-            await harness.delete_topics(kafka["IOC_TOPIC_PREFIX"])
-        admin = await asyncpg.connect(f"{POSTGRES_URL}/postgres")
         try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            await wait_until(announced, timeout=90, what="ioc up to announce itself", interval=0.2)
+            key = (data_dir / "admin-api-key").read_text().strip()
+            yield {
+                "process": process,
+                "url": f"http://127.0.0.1:{port}",
+                "key": key,
+                "output": output,
+                "data_dir": data_dir,
+                "bus": request.param,
+            }
         finally:
-            await admin.close()
+            process.stop(signal.SIGKILL)
+            if kafka:
+                await harness.delete_topics(kafka["IOC_TOPIC_PREFIX"])
 
 
 async def test_up_announces_a_page_link_with_a_kept_admin_key(up: dict[str, Any]) -> None:
@@ -139,84 +134,83 @@ async def test_in_process_bus_loses_and_doubles_nothing_when_the_process_dies(
 ) -> None:
     """`ioc up` exits abruptly after storing its first batch, before committing it; the next run
     reads the bus back from disk, replays that batch without doubles and stores the rest."""
-    name = f"ioc_test_{int(time.time())}_{uuid.uuid4().hex[:8]}"
-    data_dir = tmp_path_factory.mktemp("ioc-data-crash")
-    city = unique("crash")[:32]
-    env = harness.test_env(
-        IOC_DATABASE_URL=f"{POSTGRES_URL}/{name}",
-        IOC_MQTT_URL="mqtt://127.0.0.1:1883",
-        IOC_API_PORT=str(free_port()),
-        IOC_DATA_DIR=str(data_dir),
-        IOC_SIMULATOR_DEVICES="0",
-        IOC_GATEWAY_CITIES=json.dumps([city]),
-        IOC_GATEWAY_CLIENT_ID=unique("gw-crash"),
-        IOC_GATEWAY_SHARE_GROUP=unique("gw-crash"),
-        IOC_REGISTRY_REFRESH_S="1",
-        IOC_PROCESSOR_BATCH_MAX="50",
-    )
-    first = harness.ComponentProcess(
-        "up", {**env, "IOC_FAULT_EXIT_AFTER_BATCHES": "1"}, data_dir, name="crash-1"
-    )
-    second = harness.ComponentProcess("up", env, data_dir, name="crash-2")
-    total = 400
-    try:
-        first.start()
-        await first.wait_for_log("operations page", timeout=60)
-        key = (data_dir / "admin-api-key").read_text().strip()
-        base = f"http://127.0.0.1:{env['IOC_API_PORT']}"
-        async with httpx.AsyncClient(base_url=base, headers={"X-API-Key": key}, timeout=10) as api:
-            device_id = unique("crash-flood")
-            created = await api.post(
-                "/v1/devices",
-                json={
-                    "id": device_id,
-                    "city": city,
-                    "domain": "flood",
-                    "location": {"lat": 21.0, "lon": 105.8},
-                },
-            )
-            assert created.status_code == 201, created.text
-        await asyncio.sleep(3)  # the gateway's registry refreshes every second
-        start = int(time.time()) - total
-        topic = f"ioc/v1/{city}/flood/{device_id}/telemetry"
-        with Publisher() as publisher:
-            publisher.publish_all(
-                [
-                    (topic, json.dumps({"ts": start + n, "seq": n, "currentLevel": 1.0 + n / 1000}).encode())
-                    for n in range(total)
-                ]
-            )
-
-        async def exited() -> bool | None:
-            return True if not first.running else None
-
-        await wait_until(exited, timeout=60, what="the fault-injected exit")
-        assert "fault injection" in first.log_text()
-        second.start()
-        await second.wait_for_log("operations page", timeout=60)
-
-        async def stored() -> int | None:
-            connection = await asyncpg.connect(env["IOC_DATABASE_URL"])
-            try:
-                count: int = await connection.fetchval(
-                    "SELECT count(*) FROM readings_flood WHERE device_id = $1", device_id
-                )
-            finally:
-                await connection.close()
-            return count if count >= total else None
-
-        assert (
-            await wait_until(stored, timeout=60, what=f"all {total} readings stored", interval=0.5) == total
+    async with new_database() as database_url:
+        data_dir = tmp_path_factory.mktemp("ioc-data-crash")
+        city = unique("crash")[:32]
+        env = harness.test_env(
+            IOC_DATABASE_URL=database_url,
+            IOC_MQTT_URL="mqtt://127.0.0.1:1883",
+            IOC_API_PORT=str(free_port()),
+            IOC_DATA_DIR=str(data_dir),
+            IOC_SIMULATOR_DEVICES="0",
+            IOC_GATEWAY_CITIES=json.dumps([city]),
+            IOC_GATEWAY_CLIENT_ID=unique("gw-crash"),
+            IOC_GATEWAY_SHARE_GROUP=unique("gw-crash"),
+            IOC_REGISTRY_REFRESH_S="1",
+            IOC_PROCESSOR_BATCH_MAX="50",
         )
-        await asyncio.sleep(1)
-        assert await stored() == total
-        assert "read back" in second.log_text()
-        assert second.stop(signal.SIGTERM, timeout=30) == 0, second.log_text()
-    finally:
-        first.stop(signal.SIGKILL)
-        second.stop(signal.SIGKILL)
-        admin = await asyncpg.connect(f"{POSTGRES_URL}/postgres")
+        first = harness.ComponentProcess(
+            "up", {**env, "IOC_FAULT_EXIT_AFTER_BATCHES": "1"}, data_dir, name="crash-1"
+        )
+        second = harness.ComponentProcess("up", env, data_dir, name="crash-2")
+        total = 400
         try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            first.start()
+            await first.wait_for_log("operations page", timeout=60)
+            key = (data_dir / "admin-api-key").read_text().strip()
+            base = f"http://127.0.0.1:{env['IOC_API_PORT']}"
+            async with httpx.AsyncClient(base_url=base, headers={"X-API-Key": key}, timeout=10) as api:
+                device_id = unique("crash-flood")
+                created = await api.post(
+                    "/v1/devices",
+                    json={
+                        "id": device_id,
+                        "city": city,
+                        "domain": "flood",
+                        "location": {"lat": 21.0, "lon": 105.8},
+                    },
+                )
+                assert created.status_code == 201, created.text
+            await asyncio.sleep(3)  # the gateway's registry refreshes every second
+            start = int(time.time()) - total
+            topic = f"ioc/v1/{city}/flood/{device_id}/telemetry"
+            with Publisher() as publisher:
+                publisher.publish_all(
+                    [
+                        (
+                            topic,
+                            json.dumps({"ts": start + n, "seq": n, "currentLevel": 1.0 + n / 1000}).encode(),
+                        )
+                        for n in range(total)
+                    ]
+                )
+
+            async def exited() -> bool | None:
+                return True if not first.running else None
+
+            await wait_until(exited, timeout=60, what="the fault-injected exit")
+            assert "fault injection" in first.log_text()
+            second.start()
+            await second.wait_for_log("operations page", timeout=60)
+
+            async def stored() -> int | None:
+                connection = await asyncpg.connect(database_url)
+                try:
+                    count: int = await connection.fetchval(
+                        "SELECT count(*) FROM readings_flood WHERE device_id = $1", device_id
+                    )
+                finally:
+                    await connection.close()
+                return count if count >= total else None
+
+            assert (
+                await wait_until(stored, timeout=60, what=f"all {total} readings stored", interval=0.5)
+                == total
+            )
+            await asyncio.sleep(1)
+            assert await stored() == total
+            assert "read back" in second.log_text()
+            assert second.stop(signal.SIGTERM, timeout=30) == 0, second.log_text()
         finally:
-            await admin.close()
+            first.stop(signal.SIGKILL)
+            second.stop(signal.SIGKILL)

@@ -22,7 +22,6 @@ from ioc_core.webhooks import (
     WebhookFilter,
     backoff,
     forbidden_reason,
-    matches,
     new_secret,
     next_attempt,
     parse_url,
@@ -85,38 +84,6 @@ def test_message_id_is_stable_per_event_and_screens_only_events_are_not_routed()
     }
     snapshot = state_changed_event(city="ha-noi", domain="flood", items=[], at=datetime.now(UTC))
     assert routed([snapshot]) == []
-
-
-@pytest.mark.parametrize(
-    ("webhook_filter", "event", "expected"),
-    [
-        (WebhookFilter(), alarm_event("low"), True),
-        (WebhookFilter(cities=["hai-phong"]), alarm_event(), False),
-        (WebhookFilter(cities=["ha-noi"], domains=["flood"]), alarm_event(), True),
-        (WebhookFilter(domains=["water"]), alarm_event(), False),
-        (WebhookFilter(min_severity="high"), alarm_event("medium"), False),
-        (WebhookFilter(min_severity="high"), alarm_event("critical"), True),
-        (WebhookFilter(types=["alarm.resolved"]), alarm_event(), False),
-        (WebhookFilter(escalated_only=True), alarm_event(), False),
-        (WebhookFilter(escalated_only=True), alarm_event(escalated=True), True),
-    ],
-)
-def test_filters(webhook_filter: WebhookFilter, event: Event, expected: bool) -> None:
-    assert matches(webhook_filter, routed([event])[0]) is expected
-
-
-def test_device_events_pass_a_severity_filter_only_when_named() -> None:
-    offline = Event(
-        id="0d8f1f52-1111-4e1e-9b1e-6f1f1f1f1f1f",
-        type="device.offline",
-        subject="d1",
-        time=datetime.now(UTC),
-        data={"device_id": "d1", "city": "ha-noi", "domain": "grid", "status": "offline"},
-    )
-    event = routed([offline])[0]
-    assert matches(WebhookFilter(), event)
-    assert not matches(WebhookFilter(min_severity="low"), event)
-    assert matches(WebhookFilter(min_severity="high", types=["device.offline", "alarm.raised"]), event)
 
 
 def test_filter_rejects_unknown_names() -> None:
