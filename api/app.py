@@ -135,7 +135,9 @@ def create_app(
             app.state.database = database
             yield
             return
-        async with Database(settings.database_url.get_secret_value()) as owned:
+        async with Database(
+            settings.database_url.get_secret_value(), timeout_s=settings.database_timeout_s
+        ) as owned:
             app.state.database = owned
             log.info("API ready on storage tier %s", owned.tier)
             yield

@@ -13,6 +13,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ioc_core.errors import ConflictError, IocError, NotFoundError, ServiceUnavailableError, ValidationError
+from ioc_core.supervision import describe, is_retriable
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +66,29 @@ def install(app: FastAPI) -> None:
     async def _ioc(request: Request, exc: IocError) -> JSONResponse:
         for error_type, status in _STATUS_OF_ERROR:
             if isinstance(exc, error_type):
+                if status == 503:
+                    return unavailable_response(str(exc))
                 return problem_response(status, str(exc))
+        if exc.retriable:
+            return unavailable_response(str(exc))
         log.error("request %s %s failed: %s", request.method, request.url.path, exc)
         return problem_response(500, "internal error")
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        if is_retriable(exc):
+            # A dependency between states (a pooled connection broken by a database restart, a
+            # timeout): the client's next try will likely succeed.
+            log.warning("request %s %s met an outage: %s", request.method, request.url.path, describe(exc))
+            return unavailable_response("a service this request needs is unavailable; try again shortly")
         log.error("request %s %s failed", request.method, request.url.path, exc_info=exc)
         return problem_response(500, "internal error")
+
+
+# How long a client should wait before trying again while a dependency is down: long enough not
+# to hammer a recovering database, short enough for a wall screen to come back promptly.
+RETRY_AFTER_S = 5
+
+
+def unavailable_response(detail: str) -> JSONResponse:
+    return problem_response(503, detail, headers={"Retry-After": str(RETRY_AFTER_S)})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from api.app import create_app
 from ioc_core.http import HttpServer
 from ioc_core.settings import Settings
@@ -12,6 +14,21 @@ class ApiServer(HttpServer):
     def __init__(self, settings: Settings, *, database: Database | None = None) -> None:
         self._app = create_app(settings, database=database)
         super().__init__(self._app, host=settings.api_host, port=settings.api_port, name="API")
+
+    async def wait(self) -> None:
+        """Until the server ends by itself or the live-event hub fails for good (raised here)."""
+        hub = getattr(self._app.state, "event_hub", None)
+        if hub is None:
+            await super().wait()
+            return
+        waits = [asyncio.ensure_future(super().wait()), asyncio.ensure_future(hub.wait())]
+        try:
+            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()
+        finally:
+            for task in waits:
+                task.cancel()
 
     async def stop(self) -> None:
         # uvicorn waits for open responses to finish before the app's shutdown runs, and event

@@ -38,6 +38,7 @@ from ioc_core.bus import ensure_topics, new_admin, new_consumer
 from ioc_core.component import Component
 from ioc_core.errors import IocError, ServiceUnavailableError
 from ioc_core.settings import Settings
+from ioc_core.supervision import Outage, RetryPolicy, Supervisor, is_retriable, retrying
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ RETRY_MS = 3000
 QUEUE_LIMIT = 5000
 _RETRY_AFTER_S = 5
 _CONNECT_RETRY_MIN_S, _CONNECT_RETRY_MAX_S = 1.0, 30.0
+_CONNECT_POLICY = RetryPolicy(initial_s=_CONNECT_RETRY_MIN_S, max_s=_CONNECT_RETRY_MAX_S)
 _KAFKA_TIMEOUT_S = 30.0
 _POLL_MS = 1000
 _FINAL_WRITE_S = 1.0
@@ -292,7 +294,8 @@ class EventHub(Component):
         self._partitions: list[TopicPartition] = []
         self._positions: list[int] = []
         self._subscriptions: set[_Subscription] = set()
-        self._task: asyncio.Task[None] | None = None
+        self._supervisor = Supervisor("API event hub")
+        self._following = Outage(f"live events: following {self.topic}", log)
         self._connected = False
         self._closing = False
 
@@ -310,15 +313,15 @@ class EventHub(Component):
 
     async def start(self) -> None:
         self._closing = False
-        self._task = asyncio.create_task(self._run(), name="event-hub")
+        self._supervisor.spawn("following events", self._run, restart=False)
+
+    async def wait(self) -> None:
+        """Until following the events fails for good (raises `ComponentFailed`)."""
+        await self._supervisor.wait()
 
     async def stop(self) -> None:
         self.close_streams()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._supervisor.stop()
         if self._consumer is not None:
             await self._consumer.stop()
             self._consumer = None
@@ -371,8 +374,10 @@ class EventHub(Component):
             )
             try:
                 await self._follow()
-            except Exception:
-                log.exception("live events: following %s failed; starting over", self.topic)
+            except Exception as exc:
+                if not is_retriable(exc):
+                    raise
+                self._following.failed(exc)
             # The open streams end; their clients come back with their Last-Event-ID.
             self._connected = False
             for subscription in list(self._subscriptions):
@@ -384,26 +389,19 @@ class EventHub(Component):
             await asyncio.sleep(_CONNECT_RETRY_MIN_S)
 
     async def _connect_with_retries(self) -> None:
-        delay = _CONNECT_RETRY_MIN_S
-        while True:
-            try:
-                await self._connect()
-                return
-            except (KafkaError, IocError, OSError, TimeoutError) as exc:
-                log.warning(
-                    "live events: cannot follow %s on Kafka yet (%s); retrying in %.0fs",
-                    self.topic,
-                    exc or type(exc).__name__,
-                    delay,
-                )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, _CONNECT_RETRY_MAX_S)
+        await retrying(self._following, self._connect, policy=_CONNECT_POLICY)
 
     async def _connect(self) -> None:
         bootstrap = self._settings.kafka_bootstrap
         # Created if missing (as the processors do), so that asking for its metadata cannot make
         # the broker auto-create it with its own defaults.
-        await ensure_topics(bootstrap, [self.topic], partitions=self._settings.topic_partitions)
+        await ensure_topics(
+            bootstrap,
+            [self.topic],
+            partitions=self._settings.topic_partitions,
+            replication_factor=self._settings.kafka_replication_factor,
+            min_insync_replicas=self._settings.kafka_min_insync_replicas,
+        )
         count = await asyncio.wait_for(_partition_count(bootstrap, self.topic), _KAFKA_TIMEOUT_S)
         consumer = new_consumer(
             bootstrap,

@@ -15,6 +15,7 @@ import collections
 import contextlib
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -29,14 +30,16 @@ from ingest.registry import DeviceRegistry
 from ioc_core.bus import BusProducer, ensure_topics
 from ioc_core.component import Component
 from ioc_core.domains import DOMAINS
-from ioc_core.errors import IocError, RejectedMessage, ServiceUnavailableError
+from ioc_core.errors import RejectedMessage, ServiceUnavailableError
 from ioc_core.metrics import Metric
 from ioc_core.models import DeviceRoute
 from ioc_core.settings import Settings
 from ioc_core.storage import Database
+from ioc_core.supervision import Supervisor, describe
 from ioc_core.telemetry import (
     REASON_DEVICE_MISMATCH,
     REASON_UNKNOWN_DEVICE,
+    REASON_UNPROCESSABLE,
     TOPIC_ROOT,
     BusTelemetry,
     DeadLetter,
@@ -52,7 +55,10 @@ from ioc_core.telemetry import (
 log = logging.getLogger(__name__)
 
 _CONNECT_TIMEOUT_S = 15.0
-_RETRY_BACKOFF_MAX_S = 10.0
+# Kafka that has acknowledged nothing for this long is not taking telemetry: the idempotent
+# producer retries in-sync-replica and leader errors forever without failing a send, so a cluster
+# with too few brokers shows up only as silence.
+_KAFKA_STALL_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +68,10 @@ class InboundMessage:
     mid: int
     qos: int
     received_at: datetime
+    # Which MQTT connection delivered it: a packet id means something only on its own connection.
+    connection: int = 0
+    # The broker's DUP flag: it may have delivered this message before (under the same packet id).
+    dup: bool = False
 
 
 class GatewayStats:
@@ -109,6 +119,9 @@ def validate(message: InboundMessage, address: TopicAddress, route: DeviceRoute 
             metrics=m.metrics,
             received_at=message.received_at,
             device_time=m.device_time,
+            # What storage tells a redelivered copy by, when the reading's time is the receipt's.
+            redelivered=message.dup,
+            packet_id=message.mid if message.qos else None,
         )
         for m in measurements
     ]
@@ -120,9 +133,17 @@ class Gateway(Component):
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self.stats = GatewayStats()
-        self._database = Database(settings.database_url.get_secret_value(), min_size=1, max_size=4)
+        self._database = Database(
+            settings.database_url.get_secret_value(),
+            min_size=1,
+            max_size=4,
+            timeout_s=settings.database_timeout_s,
+        )
         self._producer = BusProducer(settings.kafka_bootstrap, client_id=settings.gateway_client_id)
-        self._registry = DeviceRegistry(self._database, refresh_s=settings.registry_refresh_s)
+        self._supervisor = Supervisor("gateway")
+        self._registry = DeviceRegistry(
+            self._database, self._supervisor, refresh_s=settings.registry_refresh_s
+        )
         # Slots bound what we hold: taken in paho's thread per message, given back on its ack.
         self._slots = threading.BoundedSemaphore(settings.gateway_queue_size)
         self._inbox: collections.deque[InboundMessage] = collections.deque()
@@ -130,12 +151,16 @@ class Gateway(Component):
         self._inbox_signalled = False
         self._in_process = 0
         self._drained = asyncio.Event()
-        self._retries: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: mqtt.Client | None = None
         self._connected = threading.Event()
         self._stopping = threading.Event()
-        self._worker: asyncio.Task[None] | None = None
+        self._worker_started = False
+        # Counts connections; paho's thread bumps it on each CONNACK.
+        self._connection = 0
+        self.stale_acks_skipped = 0
+        # Since when the oldest message now in hand has waited for Kafka (None: nothing waits).
+        self._kafka_waiting_since: float | None = None
 
     @property
     def subscriptions(self) -> list[str]:
@@ -158,11 +183,21 @@ class Gateway(Component):
 
     def readiness(self) -> dict[str, str]:
         """Each dependency's state; all "ok" means the gateway is taking telemetry."""
-        return {
+        checks = {
             "mqtt": "ok" if self.connected else "disconnected",
-            "kafka": "ok" if self.stats.produce_error is None else f"failing: {self.stats.produce_error}",
+            "kafka": self._kafka_state(),
             "backlog": "ok" if self.backlog < self._settings.gateway_queue_size else "full",
         }
+        checks.update(self._supervisor.failing())
+        return checks
+
+    def _kafka_state(self) -> str:
+        if self.stats.produce_error is not None:
+            return f"failing: {self.stats.produce_error}"
+        waiting_since = self._kafka_waiting_since
+        if waiting_since is not None and time.monotonic() - waiting_since > _KAFKA_STALL_S:
+            return f"no acknowledgement for {time.monotonic() - waiting_since:.0f} s"
+        return "ok"
 
     def metrics(self) -> list[Metric]:
         stats = self.stats
@@ -186,6 +221,11 @@ class Gateway(Component):
             Metric("ioc_gateway_produce_retries_total", "counter", "Kafka sends retried").add(
                 stats.produce_retries
             ),
+            Metric(
+                "ioc_gateway_stale_acks_skipped_total",
+                "counter",
+                "messages not acknowledged because their connection had ended (the broker sends them again)",
+            ).add(self.stale_acks_skipped),
             Metric("ioc_gateway_backlog", "gauge", "messages taken and not yet acknowledged").add(
                 self.backlog
             ),
@@ -208,10 +248,13 @@ class Gateway(Component):
                 self._settings.kafka_bootstrap,
                 self._settings.topics.all(),
                 partitions=self._settings.topic_partitions,
+                replication_factor=self._settings.kafka_replication_factor,
+                min_insync_replicas=self._settings.kafka_min_insync_replicas,
             )
             await self._producer.start()
             await self._registry.start()
-            self._worker = asyncio.create_task(self._work(), name="gateway-worker")
+            self._supervisor.spawn("worker", self._work, restart=False)
+            self._worker_started = True
             await self._connect_mqtt()
         except BaseException:
             await self.stop()
@@ -240,7 +283,11 @@ class Gateway(Component):
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
-        client.reconnect_delay_set(min_delay=1, max_delay=30)
+        # Mosquitto (2.0) does not keep shared subscriptions across its own restart: until we are
+        # back and subscribed again, what devices publish has no subscriber and is dropped. Coming
+        # back within two seconds keeps that window short; a handful of gateways retrying that
+        # often costs a broker nothing.
+        client.reconnect_delay_set(min_delay=1, max_delay=2)
         properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         properties.SessionExpiryInterval = self._settings.mqtt_session_expiry_s
         # The broker may have this many unacknowledged messages out to us at once.
@@ -263,26 +310,31 @@ class Gateway(Component):
     async def stop(self) -> None:
         self._stopping.set()
         # Let Kafka acknowledge what is already sent, so those messages are not redelivered.
-        if self._in_process and self._worker is not None:
+        if self._in_process and self._worker_started:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._drained.wait(), timeout=10)
         if self._client is not None:
             self._client.disconnect()
             self._client.loop_stop()
             self._client = None
-        if self._worker is not None:
-            self._worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
-            self._worker = None
-        for task in list(self._retries):
-            task.cancel()
-        await self._registry.stop()
+        await self._supervisor.stop()
+        self._worker_started = False
         await self._producer.stop()
         await self._database.stop()
         self._connected.clear()
 
+    async def wait(self) -> None:
+        """Until the gateway fails for good (raises `ComponentFailed`); cancelling this wait does
+        not stop it."""
+        await self._supervisor.wait()
+
     # -- paho's network thread ----------------------------------------------------------------
+
+    def _fail_from_thread(self, what: str, error: BaseException) -> None:
+        """An error in paho's thread would end that thread silently; end the gateway instead."""
+        log.error("%s failed in the MQTT client's thread: %s", what, describe(error))
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._supervisor.fail, what, error)
 
     def _on_connect(
         self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: ReasonCode, properties: Any
@@ -290,6 +342,9 @@ class Gateway(Component):
         if reason_code.is_failure:
             log.error("MQTT broker refused the connection: %s", reason_code)
             return
+        # Messages taken on an earlier connection are acknowledged no more: their packet ids may
+        # name other messages now. The broker sends them again, and storage drops the copies.
+        self._connection += 1
         client.subscribe([(topic, 1) for topic in self.subscriptions])
         log.info("connected to MQTT broker (session present: %s)", flags.session_present)
         self._connected.set()
@@ -302,12 +357,26 @@ class Gateway(Component):
             log.warning("MQTT connection lost (%s); reconnecting, the broker keeps our session", reason_code)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        try:
+            self._take(message)
+        except Exception as exc:
+            self._fail_from_thread("taking a message", exc)
+            raise
+
+    def _take(self, message: mqtt.MQTTMessage) -> None:
+        try:
+            topic = message.topic
+        except UnicodeDecodeError:
+            # MQTT requires UTF-8 topic names; a broker that lets one through still gets a dead letter.
+            topic = bytes(message._topic).decode("utf-8", errors="replace")
         inbound = InboundMessage(
-            topic=message.topic,
+            topic=topic,
             payload=bytes(message.payload),
             mid=message.mid,
             qos=message.qos,
             received_at=utcnow(),
+            connection=self._connection,
+            dup=bool(message.dup),
         )
         # Waiting for a slot is the back-pressure: paho stops reading and the broker keeps the rest.
         while not self._slots.acquire(timeout=0.5):
@@ -341,6 +410,8 @@ class Gateway(Component):
         if not records:
             self._complete(message, produced=0)
             return
+        if self._kafka_waiting_since is None:
+            self._kafka_waiting_since = time.monotonic()
         try:
             futures = [await self._producer.send(topic, value, key=key) for topic, value, key in records]
         except Exception as exc:
@@ -374,16 +445,19 @@ class Gateway(Component):
                 await self._produce(topic, value, key)
             self._complete(message, produced=_readings_in(records))
 
-        task = asyncio.create_task(resend(), name="gateway-resend")
-        self._retries.add(task)
-        task.add_done_callback(self._retries.discard)
+        self._supervisor.spawn(f"resend of message {message.mid}", resend, restart=False)
 
     def _complete(self, message: InboundMessage, *, produced: int) -> None:
         if message.qos > 0 and self._client is not None:
-            self._client.ack(message.mid, message.qos)
+            if message.connection == self._connection and self.connected:
+                self._client.ack(message.mid, message.qos)
+            else:
+                self.stale_acks_skipped += 1
         self.stats.acked += 1
         self.stats.readings_produced += produced
         self._in_process -= 1
+        # Each acknowledgement shows Kafka is moving; the clock restarts for what still waits.
+        self._kafka_waiting_since = time.monotonic() if self._in_process else None
         if not self._in_process:
             self._drained.set()
         self._slots.release()
@@ -396,46 +470,54 @@ class Gateway(Component):
         """What to put on the bus for one message: its readings, or one dead letter."""
         try:
             address = parse_topic(message.topic)
-            route = await self._lookup(address.device_id)
+        except Exception as exc:
+            return [self._dead_letter(message, _rejection(exc, message))]
+        # Outside the guard: a registry that cannot answer is retried, not the message's fault.
+        route = await self._lookup(address.device_id)
+        try:
             records = validate(message, address, route)
-        except RejectedMessage as rejection:
-            self.stats.rejected[rejection.reason] += 1
-            log.debug("rejected message on %s: %s", message.topic, rejection)
-            letter = DeadLetter(
-                reason=rejection.reason,
-                detail=rejection.detail,
-                topic=message.topic,
-                received_at=message.received_at,
-                payload=message.payload,
-            )
-            return [(self._settings.topics.deadletter, letter.to_bytes(), None)]
+        except Exception as exc:
+            return [self._dead_letter(message, _rejection(exc, message))]
         self.stats.accepted += 1
         return [(self._settings.topics.telemetry(r.domain), r.to_bytes(), r.device_id) for r in records]
 
+    def _dead_letter(
+        self, message: InboundMessage, rejection: RejectedMessage
+    ) -> tuple[str, bytes, str | None]:
+        self.stats.rejected[rejection.reason] += 1
+        log.debug("rejected message on %s: %s", message.topic, rejection)
+        letter = DeadLetter(
+            reason=rejection.reason,
+            detail=rejection.detail,
+            topic=message.topic,
+            received_at=message.received_at,
+            payload=message.payload,
+        )
+        return (self._settings.topics.deadletter, letter.to_bytes(), None)
+
     async def _lookup(self, device_id: str) -> DeviceRoute | None:
-        delay = 0.5
-        while True:
-            try:
-                return await self._registry.lookup(device_id)
-            except IocError as exc:
-                if not exc.retriable:
-                    raise
-                log.warning("device lookup failed, retrying in %.1fs: %s", delay, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, _RETRY_BACKOFF_MAX_S)
+        return await self._supervisor.retry("device registry", lambda: self._registry.lookup(device_id))
 
     async def _produce(self, topic: str, value: bytes, key: str | None) -> None:
-        """Send until Kafka acknowledges; an unacknowledged MQTT message is never given up."""
-        delay = 0.5
-        while True:
+        """Send until Kafka acknowledges; an unacknowledged MQTT message is never given up while
+        the failure is one that passes."""
+
+        async def send() -> None:
             try:
                 await self._producer.send_and_wait(topic, value, key=key)
-                self.stats.produce_error = None
-                return
             except Exception as exc:
-                if self._stopping.is_set():
-                    raise
                 self._note_produce_failure(exc)
-                log.warning("Kafka did not take a record for %s, retrying in %.1fs: %s", topic, delay, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, _RETRY_BACKOFF_MAX_S)
+                raise
+
+        await self._supervisor.retry("Kafka", send)
+        self.stats.produce_error = None
+
+
+def _rejection(exc: Exception, message: InboundMessage) -> RejectedMessage:
+    """The dead-letter reason for a message that validation refused or failed on."""
+    if isinstance(exc, RejectedMessage):
+        return exc
+    # Validation met something it does not foresee: a defect to fix, but the message is the
+    # stranger's, so it becomes a dead letter and the gateway goes on.
+    log.error("validating a message on %s failed unexpectedly", message.topic[:200], exc_info=exc)
+    return RejectedMessage(REASON_UNPROCESSABLE, describe(exc))

@@ -4,55 +4,39 @@ validation costs no database query per message.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
 
-from ioc_core.errors import IocError
 from ioc_core.models import DeviceRoute
 from ioc_core.storage import Database
+from ioc_core.supervision import Supervisor
 
 log = logging.getLogger(__name__)
 
 
 class DeviceRegistry:
-    def __init__(self, database: Database, *, refresh_s: float, miss_ttl_s: float = 5.0) -> None:
+    def __init__(
+        self, database: Database, supervisor: Supervisor, *, refresh_s: float, miss_ttl_s: float = 5.0
+    ) -> None:
         self._database = database
+        self._supervisor = supervisor
         self._refresh_s = refresh_s
         self._miss_ttl_s = miss_ttl_s
         self._routes: dict[str, DeviceRoute] = {}
         # Unknown ids are remembered briefly so a flood of junk ids costs one query each per TTL,
         # while a device registered a moment ago is found within the TTL.
         self._misses: dict[str, float] = {}
-        self._refresher: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.refresh()
-        self._refresher = asyncio.create_task(self._refresh_forever(), name="registry-refresh")
-
-    async def stop(self) -> None:
-        if self._refresher is not None:
-            self._refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._refresher
+        # The cached routes stay valid while a refresh fails: the gateway goes on with them.
+        self._supervisor.every("registry refresh", self._refresh_s, self.refresh, blocking=False)
 
     async def refresh(self) -> None:
         routes = await self._database.device_routes()
         self._routes = {route.id: route for route in routes}
         self._misses.clear()
         log.debug("device registry holds %d devices", len(self._routes))
-
-    async def _refresh_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self._refresh_s)
-            try:
-                await self.refresh()
-            except IocError as exc:
-                # The cached routes stay valid; the next round tries again.
-                log.warning(
-                    "device registry refresh failed, keeping %d cached devices: %s", len(self._routes), exc
-                )
 
     async def lookup(self, device_id: str) -> DeviceRoute | None:
         route = self._routes.get(device_id)

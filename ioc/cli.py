@@ -12,11 +12,16 @@ import sys
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from ioc_core.errors import ConflictError, IocError
 from ioc_core.http import HttpServer
 from ioc_core.settings import Settings, load_settings
 from ioc_core.storage import Database, ensure_database
+from ioc_core.supervision import describe
+
+if TYPE_CHECKING:
+    from processors.webhooks import WebhookDispatcher
 
 log = logging.getLogger("ioc")
 
@@ -28,6 +33,9 @@ def _configure_logging(level: str) -> None:
         stream=sys.stderr,
     )
     logging.getLogger("aiokafka").setLevel(logging.WARNING)
+    # asyncpg's pool logs each failed attempt to reconnect, with a traceback; our supervision
+    # already reports an outage once when it starts and once when it ends.
+    logging.getLogger("asyncpg.pool").setLevel(logging.ERROR)
 
 
 async def _until_signalled(*waitables: Callable[[], Awaitable[None]]) -> None:
@@ -36,6 +44,7 @@ async def _until_signalled(*waitables: Callable[[], Awaitable[None]]) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGUSR1, _log_tasks)
     tasks = [asyncio.ensure_future(w()) for w in waitables]
     stopper = asyncio.ensure_future(stop.wait())
     try:
@@ -46,52 +55,73 @@ async def _until_signalled(*waitables: Callable[[], Awaitable[None]]) -> None:
     finally:
         for task in [stopper, *tasks]:
             task.cancel()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
             loop.remove_signal_handler(sig)
 
 
-async def _forever() -> None:
-    await asyncio.Event().wait()
+def _log_tasks() -> None:
+    """SIGUSR1: log where every task of the process waits, for an operator asking "what is it
+    stuck on?" of a process that still answers /health."""
+    for task in asyncio.all_tasks():
+        places: list[str] = []
+        awaited: Any = task.get_coro()
+        # Follow the chain of awaits down to where the task is suspended.
+        while awaited is not None and len(places) < 40:
+            frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "gi_frame", None)
+            if frame is not None:
+                places.append(f"{frame.f_code.co_name}:{frame.f_lineno}")
+            awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
+        log.warning("task %s waits in %s", task.get_name(), " -> ".join(places) or "(not started)")
 
 
 async def run_gateway(settings: Settings) -> None:
     from ingest.gateway import Gateway
-    from ingest.health import health_app
+    from ioc_core.health import health_app
 
     async with Gateway(settings) as gateway:
         if settings.gateway_health_port == 0:
-            await _until_signalled(_forever)
+            await _until_signalled(gateway.wait)
             return
         app = health_app(gateway.readiness, gateway.metrics)
         async with HttpServer(
             app, host=settings.api_host, port=settings.gateway_health_port, name="gateway health"
         ):
-            await _until_signalled(_forever)
+            await _until_signalled(gateway.wait)
 
 
 async def run_processor(settings: Settings) -> None:
+    from ioc_core.health import health_app
     from processors.telemetry import TelemetryProcessor
 
     async with contextlib.AsyncExitStack() as stack:
         processor = await stack.enter_async_context(TelemetryProcessor(settings))
         waits: list[Callable[[], Awaitable[None]]] = [processor.wait]
+        readiness = [processor.readiness]
         if settings.webhook_worker:
-            waits.append(await _start_webhooks(stack, settings))
+            dispatcher = await _start_webhooks(stack, settings)
+            waits.append(dispatcher.wait)
+            readiness.append(dispatcher.readiness)
+        if settings.processor_health_port:
+            app = health_app(
+                lambda: {k: v for ready in readiness for k, v in ready().items()}, processor.metrics
+            )
+            await stack.enter_async_context(
+                HttpServer(
+                    app, host=settings.api_host, port=settings.processor_health_port, name="processor health"
+                )
+            )
         await _until_signalled(*waits)
 
 
 async def run_webhooks(settings: Settings) -> None:
     async with contextlib.AsyncExitStack() as stack:
-        await _until_signalled(await _start_webhooks(stack, settings))
+        await _until_signalled((await _start_webhooks(stack, settings)).wait)
 
 
-async def _start_webhooks(
-    stack: contextlib.AsyncExitStack, settings: Settings
-) -> Callable[[], Awaitable[None]]:
+async def _start_webhooks(stack: contextlib.AsyncExitStack, settings: Settings) -> WebhookDispatcher:
     from processors.webhooks import WebhookDispatcher
 
-    dispatcher = await stack.enter_async_context(WebhookDispatcher(settings))
-    return dispatcher.wait
+    return await stack.enter_async_context(WebhookDispatcher(settings))
 
 
 async def run_api(settings: Settings) -> None:
@@ -252,6 +282,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"ioc {args.command}: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        # Anything else is a defect; one line for the supervisor's log (the traceback is logged at
+        # debug level), and a non-zero exit so that it starts a clean process.
+        log.debug("ioc %s failed", args.command, exc_info=True)
+        print(f"ioc {args.command}: unexpected failure: {describe(exc)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

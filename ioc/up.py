@@ -119,7 +119,7 @@ async def run_up(
             waits.append((await stack.enter_async_context(WebhookDispatcher(settings))).wait)
         server = await stack.enter_async_context(ApiServer(settings))
         waits.append(server.wait)
-        await stack.enter_async_context(Gateway(settings))
+        waits.append((await stack.enter_async_context(Gateway(settings))).wait)
         if broker is not None:
             # Stopped before the gateway: it hands what it still holds to the gateway, which
             # stores it, instead of losing it with its memory.

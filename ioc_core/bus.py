@@ -8,14 +8,14 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import IllegalStateError, KafkaConnectionError, KafkaError
 
 from ioc_core import logbus
 from ioc_core.component import Component
 from ioc_core.domains import DOMAINS
-from ioc_core.errors import IocError, ServiceUnavailableError
+from ioc_core.errors import ConfigurationError, IocError, ServiceUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +72,33 @@ def new_admin(bootstrap: str, **options: Any) -> AIOKafkaAdminClient:
     return AIOKafkaAdminClient(bootstrap_servers=bootstrap, **options)
 
 
-async def ensure_topics(bootstrap: str, topics: Iterable[str], *, partitions: int) -> None:
-    """Create missing topics (idempotent); the broker may also auto-create, but with its defaults."""
+def replication_for(
+    brokers: int, replication_factor: int | None = None, min_insync_replicas: int | None = None
+) -> tuple[int, int]:
+    """Copies of each partition and the copies a write must reach (`min.insync.replicas`): as
+    given, or from the cluster's size. Three copies with two in sync survive one broker lost
+    without refusing writes, and a second without losing an acknowledged one."""
+    copies = replication_factor if replication_factor is not None else max(1, min(3, brokers))
+    in_sync = min_insync_replicas if min_insync_replicas is not None else (2 if copies >= 3 else 1)
+    if in_sync > copies:
+        raise ConfigurationError(
+            f"min.insync.replicas {in_sync} exceeds the replication factor {copies}: no write could succeed"
+        )
+    return copies, in_sync
+
+
+async def ensure_topics(
+    bootstrap: str,
+    topics: Iterable[str],
+    *,
+    partitions: int,
+    replication_factor: int | None = None,
+    min_insync_replicas: int | None = None,
+) -> None:
+    """Create missing topics (idempotent); the broker may also auto-create, but with its defaults.
+
+    Unset, `replication_factor` and `min_insync_replicas` follow the number of live brokers (see
+    `replication_for`). The in-process bus (`memory://`) has nothing to replicate."""
     admin = new_admin(bootstrap, request_timeout_ms=15_000)
     try:
         await admin.start()
@@ -84,13 +109,28 @@ async def ensure_topics(bootstrap: str, topics: Iterable[str], *, partitions: in
         missing = [t for t in topics if t not in existing]
         if not missing:
             return
+        if logbus.is_memory(bootstrap):
+            copies, in_sync = 1, 1
+        else:
+            brokers = len((await admin.describe_cluster())["brokers"])
+            copies, in_sync = replication_for(brokers, replication_factor, min_insync_replicas)
         response = await admin.create_topics(
-            [NewTopic(name=t, num_partitions=partitions, replication_factor=1) for t in missing]
+            [
+                NewTopic(
+                    name=t,
+                    num_partitions=partitions,
+                    replication_factor=copies,
+                    topic_configs={"min.insync.replicas": str(in_sync)},
+                )
+                for t in missing
+            ]
         )
         for topic, code, message in response.topic_errors:
             if code not in (0, _TOPIC_EXISTS):
                 raise IocError(f"creating Kafka topic {topic} failed: error {code} {message}", retriable=True)
-        log.info("created Kafka topics %s", ", ".join(missing))
+        log.info(
+            "created Kafka topics %s (%d copies, %d in sync for a write)", ", ".join(missing), copies, in_sync
+        )
     finally:
         await admin.close()
 
@@ -163,6 +203,10 @@ class BusConsumer(Component):
             max_poll_records=max_records,
         )
         self._consumer.subscribe(list(topics), listener=listener)
+        # Next offset to read and next offset committed, per partition, as this member saw them;
+        # the difference to the partition's end is its lag, known without asking the broker.
+        self._read: dict[TopicPartition, int] = {}
+        self._committed: dict[TopicPartition, int] = {}
 
     async def start(self) -> None:
         try:
@@ -176,6 +220,9 @@ class BusConsumer(Component):
 
     async def getmany(self, timeout_ms: int = 1_000) -> list[BusRecord]:
         batches = await self._consumer.getmany(timeout_ms=timeout_ms, max_records=self._max_records)
+        for tp, messages in batches.items():
+            if messages:
+                self._read[tp] = messages[-1].offset + 1
         return [
             BusRecord(
                 topic=message.topic,
@@ -189,7 +236,30 @@ class BusConsumer(Component):
         ]
 
     async def commit(self) -> None:
+        read = dict(self._read)
         await self._consumer.commit()
+        self._committed.update(read)
+
+    def forget_commits(self) -> None:
+        """After a rebalance another member may have committed our new partitions further."""
+        self._committed.clear()
+        self._read.clear()
+
+    async def lag(self) -> dict[tuple[str, int], int]:
+        """Per assigned partition, records at its end not yet stored and committed by this member
+        (asks the broker for the ends, so it stays true while the processing loop is stuck)."""
+        assigned = list(self._consumer.assignment())
+        if not assigned:
+            return {}
+        ends = await self._consumer.end_offsets(assigned)
+        lag = {}
+        for tp in assigned:
+            committed = self._committed.get(tp)
+            if committed is None:
+                committed = await self._consumer.committed(tp) or 0
+                self._committed[tp] = committed
+            lag[(tp.topic, tp.partition)] = max(ends[tp] - committed, 0)
+        return lag
 
     async def uncommitted(self) -> int:
         """Records on the assigned partitions not yet committed (stored and acknowledged)."""

@@ -34,6 +34,18 @@ class Settings(BaseSettings):
         description="MQTT broker; credentials may be in the URL (mqtt:// or mqtts://).",
     )
     kafka_bootstrap: str = "127.0.0.1:9092"
+    kafka_replication_factor: int | None = Field(
+        default=None,
+        ge=1,
+        description="copies of each partition in the topics the system creates; unset, 3 on a cluster"
+        " of three or more brokers, else one per broker",
+    )
+    kafka_min_insync_replicas: int | None = Field(
+        default=None,
+        ge=1,
+        description="copies a write must reach before Kafka acknowledges it (the topics'"
+        " min.insync.replicas); unset, 2 when there are three copies or more, else 1",
+    )
     database_url: SecretStr = SecretStr("postgresql://postgres@127.0.0.1:5432/ioc")
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8000, ge=0, le=65535)
@@ -103,6 +115,18 @@ class Settings(BaseSettings):
         ge=0,
         le=65535,
         description="port of the gateway's /health, /ready and /metrics; 0 turns it off",
+    )
+    database_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="longest a database statement may take (server statement_timeout, and the client's"
+        " wait on a server that hangs); past it the work is retried",
+    )
+    processor_health_port: int = Field(
+        default=8082,
+        ge=0,
+        le=65535,
+        description="port of the processor's /health, /ready and /metrics (lag by partition); 0 is off",
     )
     mqtt_session_expiry_s: int = Field(default=86_400, ge=0)
     gateway_queue_size: int = Field(default=10_000, ge=1)
@@ -212,6 +236,17 @@ class Settings(BaseSettings):
         parts = urlsplit(value.get_secret_value())
         if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl") or not parts.hostname or not parts.username:
             raise ValueError("IOC_MQTT_ADMIN_URL must look like mqtt://user:password@host[:port]")
+        return value
+
+    @field_validator("kafka_min_insync_replicas")
+    @classmethod
+    def _check_min_insync(cls, value: int | None, info: ValidationInfo) -> int | None:
+        copies = info.data.get("kafka_replication_factor")
+        if value is not None and copies is not None and value > copies:
+            # Kafka would accept such a topic, and then refuse every write to it.
+            raise ValueError(
+                f"IOC_KAFKA_MIN_INSYNC_REPLICAS ({value}) exceeds IOC_KAFKA_REPLICATION_FACTOR ({copies})"
+            )
         return value
 
     @field_validator("database_url")

@@ -6,6 +6,7 @@ Everything here is pure; the gateway supplies the receive time and the device re
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from ioc_core import units
 from ioc_core.domains import DOMAINS, Domain
 from ioc_core.errors import RejectedMessage
 
@@ -33,10 +35,14 @@ REASON_DEVICE_MISMATCH = "device_mismatch"
 REASON_UNKNOWN_METRIC = "unknown_metric"
 REASON_NOT_FINITE = "not_finite"
 REASON_OUT_OF_RANGE = "out_of_range"
+# A SenML value in a unit (`u`, `bu`) that is unknown or does not measure what its metric measures.
+REASON_UNIT_MISMATCH = "unit_mismatch"
 REASON_BAD_TIMESTAMP = "bad_timestamp"
 REASON_FUTURE_TIMESTAMP = "future_timestamp"
 REASON_NO_METRICS = "no_metrics"
 REASON_BAD_STATUS = "bad_status"
+# A message that made validation fail in a way it does not foresee: kept, never fatal to the gateway.
+REASON_UNPROCESSABLE = "unprocessable"
 
 DEVICE_STATUSES = ("online", "offline")
 
@@ -59,9 +65,11 @@ class TopicAddress:
 class Reading:
     """One validated measurement set of one device at one instant.
 
-    `device_time` says whether `ts` came from the device; when it did not (no `ts` in the
-    payload) `ts` is the receive time, which differs on every redelivery, so such readings are
-    de-duplicated by `seq` instead.
+    `device_time` says whether `ts` came from the device. When it did not (no `ts` in the payload,
+    or a SenML time relative to the receipt), `ts` is the receive time (plus the relative offset),
+    which differs on every redelivery, so such readings are de-duplicated by what they carry
+    instead (see `content_digest` and `BatchTransaction.write`): by `seq` and content, or, without
+    a `seq`, by the MQTT delivery (`redelivered`, the DUP flag, and `packet_id`) and content.
     """
 
     device_id: str
@@ -72,6 +80,10 @@ class Reading:
     metrics: dict[str, float]
     received_at: datetime
     device_time: bool = True
+    # The broker's word that it may have delivered this message before (MQTT DUP flag), and the
+    # packet identifier it delivered it under (None at QoS 0, which is never redelivered).
+    redelivered: bool = False
+    packet_id: int | None = None
 
     def to_bytes(self) -> bytes:
         return json.dumps(
@@ -85,9 +97,22 @@ class Reading:
                 "seq": self.seq,
                 "metrics": self.metrics,
                 "received_at": self.received_at.isoformat(),
+                "redelivered": self.redelivered,
+                "packet_id": self.packet_id,
             },
             separators=(",", ":"),
         ).encode()
+
+    def content_digest(self) -> int:
+        """A 63-bit digest of what the reading says: its metrics and, when its time is the receive
+        time, its offset from that time (two records of one SenML pack, a minute apart, may carry
+        the same values). Copies of one message have the same digest; a device that restarts its
+        `seq` sends different values under an old `seq` and so a different digest. Never 0: the
+        de-duplication tables keep 0 for entries remembered before digests were."""
+        offset_us = (self.ts - self.received_at) // timedelta(microseconds=1)
+        canonical = json.dumps([offset_us, sorted(self.metrics.items())], separators=(",", ":"))
+        digest = int.from_bytes(hashlib.blake2b(canonical.encode(), digest_size=8).digest(), "big") >> 1
+        return digest or 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,12 +166,24 @@ def decode_record(raw: bytes) -> BusTelemetry:
             domain=str(body["domain"]),
             ts=datetime.fromisoformat(body["ts"]),
             seq=None if body.get("seq") is None else int(body["seq"]),
-            metrics={str(k): float(v) for k, v in body["metrics"].items()},
+            metrics={str(k): float(v) for k, v in body["metrics"].items()},  # OverflowError: caught
             received_at=datetime.fromisoformat(body["received_at"]),
             device_time=bool(body.get("device_time", True)),
+            redelivered=bool(body.get("redelivered", False)),
+            packet_id=_packet_id(body.get("packet_id")),
         )
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise RejectedMessage(REASON_MALFORMED, f"not a telemetry record: {exc}") from exc
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError) as exc:
+        raise RejectedMessage(REASON_MALFORMED, f"not a telemetry record: {str(exc)[:200]}") from exc
+
+
+def _packet_id(value: Any) -> int | None:
+    """An MQTT packet identifier (1 to 65535) from a bus record; a record that carries anything
+    else is not one of ours, and storing it would fail every batch it is in."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 2**16:
+        raise ValueError(f"packet_id {_excerpt(value)} is not an MQTT packet identifier")
+    return value
 
 
 def parse_status(payload: bytes) -> str:
@@ -207,7 +244,7 @@ class StoredDeadLetter:
                 payload=str(body.get("payload", ""))[:DEADLETTER_PAYLOAD_LIMIT],
                 payload_size=int(body.get("payload_size", 0)),
             )
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError):
             # Not written by a gateway; keep it anyway, as the bytes it is.
             return cls.of_rejection(
                 RejectedMessage(REASON_MALFORMED, "record on the dead-letter topic is not a dead letter"),
@@ -248,13 +285,14 @@ def parse_timestamp(value: Any, *, now: datetime) -> datetime:
     if isinstance(value, bool):
         raise RejectedMessage(REASON_BAD_TIMESTAMP, "ts must be RFC 3339 text or an epoch number")
     if isinstance(value, int | float):
-        if not math.isfinite(value):
-            raise RejectedMessage(REASON_BAD_TIMESTAMP, "ts is not finite")
-        seconds = value / 1000 if abs(value) >= _EPOCH_MS_THRESHOLD else value
+        number = _finite_float(value)
+        if number is None:
+            raise RejectedMessage(REASON_BAD_TIMESTAMP, f"ts {_excerpt(value)} is not a finite epoch number")
+        seconds = number / 1000 if abs(number) >= _EPOCH_MS_THRESHOLD else number
         try:
             ts = datetime.fromtimestamp(seconds, tz=UTC)
         except (OverflowError, OSError, ValueError) as exc:
-            raise RejectedMessage(REASON_BAD_TIMESTAMP, f"ts {value!r} is out of range") from exc
+            raise RejectedMessage(REASON_BAD_TIMESTAMP, f"ts {_excerpt(value)} is out of range") from exc
     elif isinstance(value, str):
         try:
             ts = datetime.fromisoformat(value)
@@ -262,7 +300,10 @@ def parse_timestamp(value: Any, *, now: datetime) -> datetime:
             raise RejectedMessage(REASON_BAD_TIMESTAMP, f"ts {value[:40]!r} is not RFC 3339") from exc
         if ts.tzinfo is None:
             raise RejectedMessage(REASON_BAD_TIMESTAMP, "ts must carry a UTC offset (e.g. +07:00 or Z)")
-        ts = ts.astimezone(UTC)
+        try:
+            ts = ts.astimezone(UTC)
+        except OverflowError as exc:  # 9999-12-31T23:59:59-01:00 is past year 9999 in UTC
+            raise RejectedMessage(REASON_BAD_TIMESTAMP, f"ts {value[:40]!r} is out of range") from exc
     else:
         raise RejectedMessage(REASON_BAD_TIMESTAMP, "ts must be RFC 3339 text or an epoch number")
     return check_time(ts, now=now)
@@ -276,6 +317,25 @@ def check_time(ts: datetime, *, now: datetime) -> datetime:
     return ts
 
 
+def _finite_float(value: int | float) -> float | None:
+    """`value` as a finite float, or None: an integer too large for a float (JSON allows any number
+    of digits) is as unusable as an infinity, and `float()` would raise OverflowError on it."""
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _excerpt(value: object, limit: int = 40) -> str:
+    """A bounded rendering of a stranger's value for a dead letter's detail (never the whole of a
+    64 KiB string or a 4,000-digit number)."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**limit:
+        return f"<integer of {len(str(abs(value)))} digits>"
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def _reject_constant(name: str) -> float:
     raise RejectedMessage(REASON_NOT_FINITE, f"{name} is not a finite number")
 
@@ -285,22 +345,37 @@ def _decode_json(payload: bytes) -> Any:
         raise RejectedMessage(REASON_TOO_LARGE, f"{len(payload)} bytes, limit {MAX_PAYLOAD_BYTES}")
     try:
         return json.loads(payload, parse_constant=_reject_constant)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RejectedMessage(REASON_MALFORMED, f"not JSON: {exc}") from exc
     except RecursionError as exc:
         raise RejectedMessage(REASON_MALFORMED, "JSON nested too deeply") from exc
+    except ValueError as exc:
+        # JSONDecodeError and UnicodeDecodeError, and also the plain ValueError that Python's
+        # integer-digit limit raises for a number of more than 4,300 digits.
+        raise RejectedMessage(REASON_MALFORMED, f"not JSON: {str(exc)[:200]}") from exc
 
 
-def _metric_value(domain: Domain, name: str, value: Any) -> float:
+def _metric_value(domain: Domain, name: str, value: Any, unit: str = "", base: float = 0.0) -> float:
+    """A metric's value in the metric's own unit: `base + value` given in `unit` ("" for the
+    metric's unit), converted, then checked against the metric's range."""
     metric = domain.metric(name)
     if metric is None:
         known = ", ".join(m.name for m in domain.metrics)
         raise RejectedMessage(REASON_UNKNOWN_METRIC, f"{name[:64]!r} is not a {domain.name} metric ({known})")
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise RejectedMessage(REASON_MALFORMED, f"{name} must be a number")
-    number = float(value)
-    if not math.isfinite(number):
-        raise RejectedMessage(REASON_NOT_FINITE, f"{name} is not finite")
+    number = _finite_float(value)
+    if number is None:
+        raise RejectedMessage(REASON_NOT_FINITE, f"{name} is not a finite number")
+    number += base
+    if unit:
+        conversion = units.conversion(metric, unit)
+        if conversion is None:
+            accepted = ", ".join(units.accepted_units(metric))
+            raise RejectedMessage(
+                REASON_UNIT_MISMATCH,
+                f"{name} in {_excerpt(unit)} cannot be stored in {metric.unit or 'its unit'}"
+                f" (accepted: {accepted})",
+            )
+        number = conversion.apply(number)
     if not metric.accepts(number):
         raise RejectedMessage(
             REASON_OUT_OF_RANGE,
@@ -344,13 +419,17 @@ def _parse_object(body: dict[str, Any], domain: Domain, received_at: datetime) -
 def _parse_senml(pack: list[Any], domain: Domain, received_at: datetime) -> list[Measurement]:
     if not pack:
         raise RejectedMessage(REASON_NO_METRICS, "empty SenML pack")
-    by_time: dict[datetime, dict[str, float]] = {}
-    base_name, base_time = "", 0.0
+    # By time, and whether that time is the device's own (absolute) or relative to the receipt.
+    by_time: dict[tuple[datetime, bool], dict[str, float]] = {}
+    base_name, base_time, base_unit, base_value = "", 0.0, "", 0.0
     for record in pack:
         if not isinstance(record, dict):
             raise RejectedMessage(REASON_MALFORMED, "SenML records must be JSON objects")
+        # Base fields apply to this record and every later one, until a record sets them again.
         base_name = _senml_text(record, "bn", base_name)
         base_time = _senml_number(record, "bt", base_time)
+        base_unit = _senml_text(record, "bu", base_unit)
+        base_value = _senml_number(record, "bv", base_value)
         if "v" not in record:
             if "n" in record or any(k in record for k in ("vs", "vb", "vd")):
                 raise RejectedMessage(REASON_MALFORMED, "SenML records need a numeric 'v'")
@@ -358,13 +437,16 @@ def _parse_senml(pack: list[Any], domain: Domain, received_at: datetime) -> list
         full_name = base_name + _senml_text(record, "n", "")
         name = re.split(r"[:/]", full_name)[-1]
         time = base_time + _senml_number(record, "t", 0.0)
-        ts = _senml_time(time, received_at)
-        by_time.setdefault(ts, {})[name] = _metric_value(domain, name, record["v"])
+        ts, absolute = _senml_time(time, received_at)
+        unit = _senml_text(record, "u", base_unit)
+        by_time.setdefault((ts, absolute), {})[name] = _metric_value(
+            domain, name, record["v"], unit, base_value
+        )
     if not by_time:
         raise RejectedMessage(REASON_NO_METRICS, "SenML pack has no values")
     return [
-        Measurement(ts=ts, seq=None, metrics=metrics, device_time=ts != received_at)
-        for ts, metrics in sorted(by_time.items())
+        Measurement(ts=ts, seq=None, metrics=metrics, device_time=absolute)
+        for (ts, absolute), metrics in sorted(by_time.items())
     ]
 
 
@@ -377,17 +459,18 @@ def _senml_text(record: dict[str, Any], key: str, default: str) -> str:
 
 def _senml_number(record: dict[str, Any], key: str, default: float) -> float:
     value = record.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    number = None if isinstance(value, bool) or not isinstance(value, int | float) else _finite_float(value)
+    if number is None:
         raise RejectedMessage(REASON_MALFORMED, f"SenML {key!r} must be a finite number")
-    return float(value)
+    return number
 
 
-def _senml_time(value: float, received_at: datetime) -> datetime:
-    if value == 0:
-        return received_at
+def _senml_time(value: float, received_at: datetime) -> tuple[datetime, bool]:
+    """A record's time, and whether it is absolute (the device's clock) rather than relative to
+    the receipt, which a redelivery changes."""
     if abs(value) < _SENML_RELATIVE_LIMIT:
-        return check_time(received_at + timedelta(seconds=value), now=received_at)
-    return parse_timestamp(value, now=received_at)
+        return check_time(received_at + timedelta(seconds=value), now=received_at), False
+    return parse_timestamp(value, now=received_at), True
 
 
 def utcnow() -> datetime:

@@ -20,10 +20,9 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from typing import TypeVar
 
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
@@ -31,11 +30,13 @@ from aiokafka.errors import KafkaError
 from ioc_core.alarms import Finding
 from ioc_core.bus import BusConsumer, BusProducer, ensure_topics
 from ioc_core.component import Component
-from ioc_core.errors import IocError, RejectedMessage
+from ioc_core.errors import RejectedMessage
 from ioc_core.events import ChangedDevice, state_changed_event
+from ioc_core.metrics import Metric
 from ioc_core.settings import Settings
 from ioc_core.storage import Database, TelemetryBatch
 from ioc_core.storage.database import BatchTransaction, DeviceProfileRow, StatusTransition
+from ioc_core.supervision import Supervisor
 from ioc_core.telemetry import Reading, StoredDeadLetter, decode_record
 from processors.detection import (
     DeviceDetection,
@@ -48,10 +49,8 @@ from processors.detection import (
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
-_RETRY_BACKOFF_MAX_S = 10.0
 FAULT_EXIT_CODE = 70
+_LAG_CHECK_S = 2.0
 # A partition counts as caught up (its devices' silence is real, not our lag) within this many records.
 _CAUGHT_UP_LAG = 100
 # Devices per `state.changed` event, so that one event stays far below Kafka's message size limit.
@@ -100,6 +99,7 @@ class TelemetryProcessor(Component):
             min_size=1,
             max_size=4,
             seq_window_s=settings.seq_window_s,
+            timeout_s=settings.database_timeout_s,
         )
         self._consumer = BusConsumer(
             settings.kafka_bootstrap,
@@ -109,7 +109,9 @@ class TelemetryProcessor(Component):
             listener=_Rebalance(self),
         )
         self._producer = BusProducer(settings.kafka_bootstrap, client_id="ioc-processor")
-        self._tasks: list[asyncio.Task[None]] = []
+        self._supervisor = Supervisor("processor")
+        # Records read and not yet stored and committed, per partition, as of the last poll.
+        self._lag: dict[tuple[str, int], int] = {}
         self._events_pending = asyncio.Event()
         # Held while a batch is written and committed; a rebalance waits for it, so the
         # partitions' next owner starts after our last commit.
@@ -136,7 +138,11 @@ class TelemetryProcessor(Component):
         await self._database.start()
         try:
             await ensure_topics(
-                self._settings.kafka_bootstrap, self._topics.all(), partitions=self._settings.topic_partitions
+                self._settings.kafka_bootstrap,
+                self._topics.all(),
+                partitions=self._settings.topic_partitions,
+                replication_factor=self._settings.kafka_replication_factor,
+                min_insync_replicas=self._settings.kafka_min_insync_replicas,
             )
             await self._producer.start()
             await self._consumer.start()
@@ -149,33 +155,49 @@ class TelemetryProcessor(Component):
             self._settings.processor_group_id,
             self._database.tier,
         )
-        self._tasks = [
-            asyncio.create_task(self._consume(), name="processor-consume"),
-            asyncio.create_task(
-                self._every(self._settings.silence_check_s, self._sweep_silent), name="processor-silence"
+        supervisor = self._supervisor
+        supervisor.spawn("consume", self._consume)
+        supervisor.every("silence", self._settings.silence_check_s, self._sweep_silent)
+        supervisor.every("escalation", self._settings.silence_check_s, self._escalate)
+        supervisor.spawn("relay", self._relay_events)
+        supervisor.every("state events", self._settings.state_event_interval_s, self._flush_states)
+        supervisor.every("housekeeping", 60, self._database.housekeeping)
+        supervisor.every("retention", self._settings.retention_check_s, self._apply_retention)
+        supervisor.every("lag", _LAG_CHECK_S, self._refresh_lag)
+
+    def readiness(self) -> dict[str, str]:
+        """Each part's state; all "ok" means the processor is making progress."""
+        failing = self._supervisor.failing()
+        checks = {"consume": failing.pop("consume", "ok")}
+        checks["database"] = failing.pop("writing a batch", "ok")
+        checks.update(failing)
+        return checks
+
+    def metrics(self) -> list[Metric]:
+        lag = Metric(
+            "ioc_processor_lag", "gauge", "records on the bus not yet stored and committed, by partition"
+        )
+        for (topic, partition), behind in sorted(self._lag.items()):
+            lag.add(behind, topic=topic, partition=str(partition))
+        failing = self._supervisor.failing()
+        return [
+            lag,
+            Metric("ioc_processor_rows_written_total", "counter", "readings stored").add(self.rows_written),
+            Metric("ioc_processor_duplicates_total", "counter", "repeated readings dropped").add(
+                self.duplicates_dropped
             ),
-            asyncio.create_task(
-                self._every(self._settings.silence_check_s, self._escalate), name="processor-escalation"
+            Metric("ioc_processor_batches_total", "counter", "batches stored and committed").add(
+                self.batches_written
             ),
-            asyncio.create_task(self._relay_events(), name="processor-relay"),
-            asyncio.create_task(
-                self._every(self._settings.state_event_interval_s, self._flush_states),
-                name="processor-state-events",
+            Metric("ioc_processor_findings_total", "counter", "detector findings").add(self.findings),
+            Metric("ioc_processor_events_relayed_total", "counter", "outbox events sent to Kafka").add(
+                self.events_relayed
             ),
-            asyncio.create_task(self._every(60, self._database.housekeeping), name="processor-housekeeping"),
-            asyncio.create_task(
-                self._every(self._settings.retention_check_s, self._apply_retention),
-                name="processor-retention",
-            ),
+            Metric("ioc_processor_ready", "gauge", "1 while every part makes progress").add(int(not failing)),
         ]
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks = []
+        await self._supervisor.stop()
         await self._consumer.stop()
         # The last changes would otherwise reach the screens only with the devices' next readings.
         try:
@@ -201,23 +223,14 @@ class TelemetryProcessor(Component):
         log.warning("stopping with records not yet processed; they are read again on the next start")
 
     async def wait(self) -> None:
-        """Until a processing loop ends by failing (its error is raised here); cancelling this
+        """Until a processing loop fails for good (raises `ComponentFailed`); cancelling this
         wait does not stop the loops."""
-        if not self._tasks:
-            return
-        done, _ = await asyncio.wait(self._tasks, return_when=asyncio.FIRST_EXCEPTION)
-        for task in done:
-            if not task.cancelled() and task.exception() is not None:
-                raise task.exception()  # type: ignore[misc]
+        await self._supervisor.wait()
 
     async def _consume(self) -> None:
+        poll = functools.partial(self._consumer.getmany, timeout_ms=1_000)
         while True:
-            try:
-                records = await self._consumer.getmany(timeout_ms=1_000)
-            except KafkaError as exc:
-                log.warning("polling Kafka failed, polling again: %s", exc)
-                await asyncio.sleep(1)
-                continue
+            records = await self._supervisor.retry("polling Kafka", poll)
             if not records:
                 continue
             batch = TelemetryBatch()
@@ -233,7 +246,9 @@ class TelemetryProcessor(Component):
                         StoredDeadLetter.of_rejection(rejection, record.value, source=source)
                     )
             async with self._batch_lock:
-                await self._retrying("writing a batch", functools.partial(self._write, batch))
+                # While the database is away this waits with backoff: nothing is committed, and the
+                # consumer's prefetch bounds what is held; the lag shows in /metrics.
+                await self._supervisor.retry("writing a batch", functools.partial(self._write, batch))
                 self._maybe_inject_crash()
                 try:
                     await self._consumer.commit()
@@ -254,6 +269,7 @@ class TelemetryProcessor(Component):
         """Called on a rebalance: let the batch in hand finish, then forget cached detector state."""
         async with self._batch_lock:
             self._detector_states.clear()
+            self._consumer.forget_commits()
 
     async def _write(self, batch: TelemetryBatch) -> None:
         device_ids = {record.device_id for record, _ in batch.records}
@@ -323,11 +339,14 @@ class TelemetryProcessor(Component):
             self._profiles_loaded_at = time.monotonic()
         missing = [d for d in device_ids if d not in self._profiles]
         if missing:
-            rows = await self._retrying(
-                "reading device profiles", functools.partial(self._database.device_profiles, missing)
+            rows = await self._supervisor.retry(
+                "writing a batch", functools.partial(self._database.device_profiles, missing)
             )
             self._profiles.update((row.id, _profile_of(row)) for row in rows)
         return {d: self._profiles[d] for d in device_ids if d in self._profiles}
+
+    async def _refresh_lag(self) -> None:
+        self._lag = await self._consumer.lag()
 
     async def _sweep_silent(self) -> None:
         caught_up = await self._consumer.caught_up(max_lag=_CAUGHT_UP_LAG)
@@ -368,12 +387,11 @@ class TelemetryProcessor(Component):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._events_pending.wait(), timeout=self._settings.outbox_poll_s)
             self._events_pending.clear()
-            try:
-                while await self._relay_once(500) == 500:
-                    pass
-            except (IocError, KafkaError) as exc:
-                log.warning("relaying events failed, retrying: %s", exc)
-                await asyncio.sleep(1)
+            await self._supervisor.retry("relaying events", self._relay_pending)
+
+    async def _relay_pending(self) -> None:
+        while await self._relay_once(500) == 500:
+            pass
 
     async def _relay_once(self, limit: int) -> int:
         async with self._database.unpublished_events(limit) as claim:
@@ -480,26 +498,6 @@ class TelemetryProcessor(Component):
             city=states[0].city, domain=states[0].domain, items=[s.snapshot() for s in states], at=at
         )
         await self._producer.send_and_wait(self._topics.events, event.to_bytes(), key=event.key)
-
-    async def _every(self, seconds: float, action: Callable[[], Awaitable[object]]) -> None:
-        while True:
-            await asyncio.sleep(seconds)
-            try:
-                await action()
-            except IocError as exc:
-                log.warning("periodic %s failed, trying again in %.0fs: %s", action.__name__, seconds, exc)
-
-    async def _retrying(self, what: str, operation: Callable[[], Awaitable[T]]) -> T:
-        delay = 0.5
-        while True:
-            try:
-                return await operation()
-            except IocError as exc:
-                if not exc.retriable:
-                    raise
-                log.warning("%s failed, retrying in %.1fs: %s", what, delay, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, _RETRY_BACKOFF_MAX_S)
 
 
 def _profile_of(row: DeviceProfileRow) -> DeviceProfile:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
 import time
@@ -26,10 +27,11 @@ import httpcore
 import httpx
 
 from ioc_core.component import Component
-from ioc_core.errors import IocError, ServiceUnavailableError
+from ioc_core.errors import ServiceUnavailableError
 from ioc_core.settings import Settings
 from ioc_core.storage import Database
 from ioc_core.storage.webhooks import DeliveryJob
+from ioc_core.supervision import Supervisor, is_retriable
 from ioc_core.webhooks import (
     RESPONSE_KEEP_MAX,
     RESPONSE_READ_MAX,
@@ -46,7 +48,6 @@ log = logging.getLogger(__name__)
 # A claimed delivery whose worker vanished is claimed again this long after its time limit.
 _LEASE_MARGIN_S = 30.0
 _EXPIRE_EVERY_S = 60.0
-_RECORD_RETRY_MAX_S = 10.0
 
 
 class _GuardedBackend(httpcore.AsyncNetworkBackend):
@@ -159,7 +160,12 @@ class WebhookDispatcher(Component):
 
     def __init__(self, settings: Settings, *, max_in_flight: int = 64) -> None:
         self._settings = settings
-        self._database = Database(settings.database_url.get_secret_value(), min_size=1, max_size=4)
+        self._database = Database(
+            settings.database_url.get_secret_value(),
+            min_size=1,
+            max_size=4,
+            timeout_s=settings.database_timeout_s,
+        )
         self._store = self._database.webhooks
         self._owner = f"worker-{secrets.token_hex(6)}"
         self._max_in_flight = max_in_flight
@@ -167,7 +173,8 @@ class WebhookDispatcher(Component):
         self._wake = asyncio.Event()
         self._listener: asyncpg.Connection | None = None
         self._client: httpx.AsyncClient | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._supervisor = Supervisor("webhook worker")
+        self._database_outage = self._supervisor.outage("claiming deliveries")
         self.delivered = 0
         self.failed = 0
         self.retried = 0
@@ -176,19 +183,13 @@ class WebhookDispatcher(Component):
         await self._database.start()
         self._client = webhook_client(self._settings)
         await self._listen()
-        self._task = asyncio.create_task(self._run(), name="webhook-dispatch")
+        self._supervisor.spawn("dispatch", self._run, restart=False)
         log.info("webhook worker %s started", self._owner)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
         # Requests in flight are abandoned; their leases expire and they are sent again.
-        for task in list(self._in_flight):
-            task.cancel()
-        await asyncio.gather(*self._in_flight, return_exceptions=True)
+        await self._supervisor.stop()
+        self._in_flight.clear()
         if self._listener is not None:
             with contextlib.suppress(Exception):
                 await self._listener.close()
@@ -199,20 +200,26 @@ class WebhookDispatcher(Component):
         await self._database.stop()
 
     async def wait(self) -> None:
-        if self._task is not None:
-            await asyncio.wait([self._task])
-            if not self._task.cancelled() and self._task.exception() is not None:
-                raise self._task.exception()  # type: ignore[misc]
+        """Until the worker fails for good (raises `ComponentFailed`)."""
+        await self._supervisor.wait()
+
+    def readiness(self) -> dict[str, str]:
+        return self._supervisor.failing() or {"webhooks": "ok"}
 
     async def _listen(self) -> None:
         """(Re)open the notification connection; without it the worker still polls."""
         if self._listener is not None and not self._listener.is_closed():
             return
+        listening = self._supervisor.outage(
+            "listening for new deliveries (polling meanwhile)", blocking=False
+        )
         try:
             self._listener = await self._store.listen(self._wake.set)
         except ServiceUnavailableError as exc:
             self._listener = None
-            log.warning("webhook worker cannot listen for new deliveries, polling: %s", exc)
+            listening.failed(exc)
+            return
+        listening.recovered()
 
     async def _run(self) -> None:
         last_expiry = 0.0
@@ -229,8 +236,13 @@ class WebhookDispatcher(Component):
                         log.warning("%d webhook deliveries failed: their retry window ended", expired)
                     await self._store.forget(older_than_days=self._settings.webhook_log_days)
                     last_expiry = time.monotonic()
-            except IocError as exc:
-                log.warning("webhook worker cannot reach its database, trying again: %s", exc)
+            except Exception as exc:
+                if not is_retriable(exc):
+                    raise
+                # Tried again at the next poll or notification, and logged once per outage.
+                self._database_outage.failed(exc)
+                continue
+            self._database_outage.recovered()
 
     async def _claim_and_send(self) -> None:
         free = self._max_in_flight - len(self._in_flight)
@@ -243,7 +255,9 @@ class WebhookDispatcher(Component):
             lease_s=self._settings.webhook_timeout_s + _LEASE_MARGIN_S,
         )
         for job in jobs:
-            task = asyncio.create_task(self._deliver(job), name=f"webhook-{job.id}")
+            task = self._supervisor.spawn(
+                f"delivery {job.id}", functools.partial(self._deliver, job), restart=False
+            )
             self._in_flight.add(task)
             task.add_done_callback(self._in_flight.discard)
         if len(jobs) == free:
@@ -275,20 +289,17 @@ class WebhookDispatcher(Component):
             state = "pending" if retry_at is not None else "failed"
             if retry_at is None:
                 failure = f"retry window ended after {attempts} attempts; last: {result.error}"
-        try:
-            await self._record(
-                job,
-                attempted_at=attempted_at,
-                result=result,
-                state=state,
-                retry_at=retry_at,
-                failure=failure,
-                disable=disable,
-            )
-        except IocError:
-            # Unrecorded, the delivery stays leased; when the lease ends it is sent again.
-            log.exception("webhook attempt %s could not be recorded; it will be sent again", job.id)
-            return
+        # Unrecorded (the worker stopped first), the delivery stays leased; when the lease ends
+        # it is sent again.
+        await self._record(
+            job,
+            attempted_at=attempted_at,
+            result=result,
+            state=state,
+            retry_at=retry_at,
+            failure=failure,
+            disable=disable,
+        )
         if state == "delivered":
             self.delivered += 1
         elif state == "failed":
@@ -318,25 +329,19 @@ class WebhookDispatcher(Component):
     ) -> None:
         """Store the attempt, waiting out a database outage: until it is stored the lease keeps
         others off, and if the lease runs out first the delivery is sent again (at least once)."""
-        delay = 0.5
-        while True:
-            try:
-                await self._store.finish_attempt(
-                    job,
-                    attempted_at=attempted_at,
-                    status_code=result.status_code,
-                    latency_ms=result.latency_ms,
-                    error=result.error,
-                    response=result.response,
-                    state=state,
-                    next_attempt_at=retry_at,
-                    failure_reason=failure,
-                    disable_endpoint=disable,
-                )
-                return
-            except IocError as exc:
-                if not exc.retriable:
-                    raise
-                log.warning("recording webhook attempt %s failed, retrying: %s", job.id, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, _RECORD_RETRY_MAX_S)
+        await self._supervisor.retry(
+            "recording attempts",
+            functools.partial(
+                self._store.finish_attempt,
+                job,
+                attempted_at=attempted_at,
+                status_code=result.status_code,
+                latency_ms=result.latency_ms,
+                error=result.error,
+                response=result.response,
+                state=state,
+                next_attempt_at=retry_at,
+                failure_reason=failure,
+                disable_endpoint=disable,
+            ),
+        )

@@ -9,6 +9,8 @@
 #   services.sh stop S   stop one of them (mqtt, kafka, timescaledb, postgres)
 #   services.sh status   show whether each service is up
 #   services.sh env      print the settings only
+#   services.sh kafka-libs  fetch the Kafka jars if needed and print their
+#                        directory (the three-node test cluster runs from it)
 #
 # Everything downloaded or generated lives under $IOC_SERVICES_HOME
 # (default ~/.cache/ioc-services), never inside the source tree, and is reused
@@ -657,8 +659,17 @@ stop)
     ;;
 status) cmd_status ;;
 env) print_env ;;
+kafka-libs)
+    # The multi-broker cluster of the integration tests (tests/integration/kafka_cluster.py) runs
+    # from the same jars as the single broker, so both use one cached download.
+    take_lock
+    mkdir -p "$KAFKA_LOG_DIR"
+    kafka_libs
+    command -v java >/dev/null || kafka_toolchain
+    echo "$KAFKA_LIBS"
+    ;;
 *)
-    echo "usage: $0 up|down|stop SERVICE|status|env" >&2
+    echo "usage: $0 up|down|stop SERVICE|status|env|kafka-libs" >&2
     exit 2
     ;;
 esac

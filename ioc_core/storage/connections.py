@@ -13,7 +13,7 @@ TRANSIENT_ERRORS = (
     asyncpg.DeadlockDetectedError,
     asyncpg.SerializationError,
     asyncpg.ReadOnlySQLTransactionError,
-    asyncpg.OperatorInterventionError,
+    asyncpg.OperatorInterventionError,  # includes QueryCanceledError: a statement timeout
     asyncpg.InsufficientResourcesError,
 )
 
@@ -22,6 +22,10 @@ CONNECTION_ERRORS = (
     asyncpg.CannotConnectNowError,
     asyncpg.ConnectionDoesNotExistError,
     asyncpg.InterfaceError,
+    # A pooled connection left mid-protocol by a server restart ("cannot switch to state 15;
+    # another operation is in progress"): the pool replaces it, so this passes like an outage.
+    asyncpg.InternalClientError,
+    asyncpg.PostgresConnectionError,
     asyncpg.AdminShutdownError,
     asyncpg.TooManyConnectionsError,
 )

@@ -2,9 +2,20 @@
 
 Readings live in one table per domain with one typed column per metric: the contract fixes each
 domain's metrics, so typed columns are smaller than JSON, need no parsing on read, and let
-TimescaleDB compress each metric as its own column. The primary key `(device_id, ts)` is the
-de-duplication key and, read backwards, serves both "latest for device" and "series for device
-over a range". Latest state has its own small table so screens never scan readings.
+TimescaleDB compress each metric as its own column. The primary key `(device_id, ts)` makes one
+row per device and instant (messages of one instant merge into it, a repeat adds nothing) and,
+read backwards, serves both "latest for device" and "series for device over a range". Readings
+stamped with their receive time are de-duplicated before that (see `_first_copies`). Latest
+state has its own small table so screens never scan readings.
+
+On community TimescaleDB, chunks older than seven days are compressed. A late reading for such
+a chunk is still inserted or merged: TimescaleDB (2.11 and later; the compose image has 2.19)
+decompresses the device's batch of rows that the unique check or the merge touches, and the
+compression policy compresses it again. Such writes are slower, and a batch of late readings
+spread over many devices of compressed days may decompress more rows than
+`timescaledb.max_tuples_decompressed_per_dml_transaction` allows (100,000 by default); it then
+fails on every retry until that limit is raised (0 removes it). The unique check of a plain
+insert decompressed the same rows before merging existed, so the merge adds no new limit.
 """
 
 from __future__ import annotations
@@ -12,8 +23,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
@@ -81,27 +92,62 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class _ReadingsStaging:
     """Readings reach their table through a per-connection temporary table: binary COPY into it,
-    then one INSERT ... SELECT that skips duplicates (COPY itself cannot). At 5,000-row batches on
-    TimescaleDB this stored 5-25 % more rows per second than one INSERT of unnest()ed arrays, and
-    skipped repeats about 15 % faster. The table is emptied at every commit and kept for the
-    connection's next batch."""
+    then one INSERT ... SELECT that skips the (device, ts) rows already there (COPY itself cannot)
+    and counts those it stored. At 5,000-row batches on TimescaleDB this stored 5-25 % more rows
+    per second than one INSERT of unnest()ed arrays, and skipped repeats about 15 % faster. The
+    table is emptied at every commit and kept for the connection's next batch.
+
+    A staged row whose (device, ts) row exists is rarer (a replayed batch, a copy, a second
+    message of one instant): `present_sql` tells which metrics that row has, and `merge_sql` adds
+    those it lacks. Both name their rows by key arrays, so they touch only those rows, the same
+    on every tier; a batch of repeats costs about half as much again as it did when repeats were
+    only skipped."""
 
     table: str
     columns: tuple[str, ...]
+    metric_columns: tuple[str, ...]
     create_sql: str
     move_sql: str
+    present_sql: str
+    merge_sql: str
 
     @classmethod
     def of(cls, domain: Domain) -> _ReadingsStaging:
         target = ident(domain.table)
         staging = ident(f"staging_{domain.table}")
-        columns = ("ts", "device_id", "seq", "received_at", *(ident(m.column) for m in domain.metrics))
+        metric_columns = tuple(ident(m.column) for m in domain.metrics)
+        columns = ("ts", "device_id", "seq", "received_at", *metric_columns)
         listed = ", ".join(columns)
+        metric_arrays = ", ".join(f"${n}::float8[]" for n in range(3, 3 + len(metric_columns)))
         return cls(
             table=staging,
             columns=columns,
+            metric_columns=metric_columns,
             create_sql=f"CREATE TEMP TABLE IF NOT EXISTS {staging} (LIKE {target}) ON COMMIT DELETE ROWS",
-            move_sql=f"INSERT INTO {target} ({listed}) SELECT {listed} FROM {staging} ON CONFLICT DO NOTHING",
+            # The keys of the rows stored come back only when some staged row was not ($1: the
+            # number staged), so the common batch of new readings costs one count.
+            move_sql=(
+                f"WITH stored AS (INSERT INTO {target} ({listed}) SELECT {listed} FROM {staging}"
+                " ON CONFLICT DO NOTHING RETURNING device_id, ts)"
+                " SELECT count(*) AS stored,"
+                " CASE WHEN count(*) < $1 THEN array_agg(device_id) END AS devices,"
+                " CASE WHEN count(*) < $1 THEN array_agg(ts) END AS times"
+                " FROM stored"
+            ),
+            present_sql=(
+                "SELECT t.device_id, t.ts, ARRAY["
+                + ", ".join(f"t.{c} IS NOT NULL" for c in metric_columns)
+                + f"] AS present FROM unnest($1::text[], $2::timestamptz[]) AS u (device_id, ts)"
+                f" JOIN {target} t ON t.device_id = u.device_id AND t.ts = u.ts"
+            ),
+            # The first stored value of a metric stays: a repeat never rewrites a reading.
+            merge_sql=(
+                f"UPDATE {target} AS t SET "
+                + ", ".join(f"{c} = coalesce(t.{c}, u.{c})" for c in metric_columns)
+                + f" FROM unnest($1::text[], $2::timestamptz[], {metric_arrays})"
+                f" AS u (device_id, ts, {', '.join(metric_columns)})"
+                " WHERE t.device_id = u.device_id AND t.ts = u.ts"
+            ),
         )
 
 
@@ -150,12 +196,39 @@ WHERE s.device_id = x.device_id
 RETURNING x.device_id, x.city, x.domain, x.name, x.district, x.status, x.previous, x.cause, x.at
 """
 
+# The (device, seq, digest) keys of this batch that are new, or last seen longer ago than the
+# window ($5 s): their readings are stored. An entry remembered before digests were (digest 0)
+# stands for any values until it expires.
 _REMEMBER_SEQS_SQL = """
-INSERT INTO reading_seqs AS r (device_id, seq, ts)
-SELECT * FROM unnest($1::text[], $2::bigint[], $3::timestamptz[])
-ON CONFLICT (device_id, seq) DO UPDATE SET ts = excluded.ts
-    WHERE r.ts < excluded.ts - make_interval(secs => $4)
-RETURNING device_id, seq
+INSERT INTO reading_seqs AS r (device_id, seq, digest, ts)
+SELECT u.device_id, u.seq, u.digest, u.ts
+FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::timestamptz[]) AS u (device_id, seq, digest, ts)
+WHERE NOT EXISTS (
+    SELECT 1 FROM reading_seqs l
+    WHERE l.device_id = u.device_id AND l.seq = u.seq AND l.digest = 0
+      AND l.ts >= u.ts - make_interval(secs => $5)
+)
+ON CONFLICT (device_id, seq, digest) DO UPDATE SET ts = excluded.ts
+    WHERE r.ts < excluded.ts - make_interval(secs => $5)
+RETURNING device_id, seq, digest
+"""
+
+# First deliveries (no DUP flag) are always stored and remembered, so that a copy can be known.
+_REMEMBER_DELIVERIES_SQL = """
+INSERT INTO reading_deliveries AS r (device_id, packet_id, digest, received_at)
+SELECT * FROM unnest($1::text[], $2::integer[], $3::bigint[], $4::timestamptz[])
+ON CONFLICT (device_id, packet_id, digest) DO UPDATE
+    SET received_at = GREATEST(r.received_at, excluded.received_at)
+"""
+
+# Redelivered copies (DUP flag): stored only when no delivery with the same packet id and values
+# was received within the window ($5 s); those returned are stored.
+_REDELIVERIES_SQL = """
+INSERT INTO reading_deliveries AS r (device_id, packet_id, digest, received_at)
+SELECT * FROM unnest($1::text[], $2::integer[], $3::bigint[], $4::timestamptz[])
+ON CONFLICT (device_id, packet_id, digest) DO UPDATE SET received_at = excluded.received_at
+    WHERE r.received_at < excluded.received_at - make_interval(secs => $5)
+RETURNING device_id, packet_id, digest
 """
 
 _SWEEP_SILENT_SQL = f"""
@@ -305,14 +378,110 @@ def _latest_per_device(readings: Sequence[tuple[Reading, int]]) -> dict[str, _La
     return latest
 
 
-def _seq_candidates(readings: Sequence[Reading]) -> dict[tuple[str, int], Reading]:
-    """Readings de-duplicated by (device, seq): those stamped with their receive time. The first
-    of a batch stands for its copies."""
-    candidates: dict[tuple[str, int], Reading] = {}
-    for reading in readings:
-        if not reading.device_time and reading.seq is not None:
-            candidates.setdefault((reading.device_id, reading.seq), reading)
-    return candidates
+async def _first_copies(connection: Connection, readings: Sequence[Reading], window_s: float) -> list[bool]:
+    """Which readings to store, leaving out copies of messages already stored. Only readings
+    stamped with their receive time are judged here (the others are de-duplicated by their
+    (device, ts) row):
+
+    - with a `seq`: the same device, `seq` and values within the window is a copy (a broker's
+      redelivery, a device's own retransmission, a replayed bus record); a device that restarted
+      its `seq` sends other values and is stored. The first of a batch stands for its copies.
+    - without a `seq`, delivered at QoS 1 or 2: a message the broker flags as redelivered (DUP)
+      with the packet id and values of a delivery received within the window is a copy. Messages
+      without the flag are always stored, so a device that reports the same values every few
+      minutes keeps every report.
+    """
+    keep = [True] * len(readings)
+    by_seq: dict[tuple[str, int, int], int] = {}
+    by_delivery: dict[tuple[str, int, int], list[int]] = {}
+    for index, reading in enumerate(readings):
+        if reading.device_time:
+            continue
+        if reading.seq is not None:
+            key = (reading.device_id, reading.seq, reading.content_digest())
+            if key in by_seq:
+                keep[index] = False
+            else:
+                by_seq[key] = index
+        elif reading.packet_id is not None:
+            key = (reading.device_id, reading.packet_id, reading.content_digest())
+            by_delivery.setdefault(key, []).append(index)
+    if by_seq:
+        rows = await connection.fetch(
+            _REMEMBER_SEQS_SQL,
+            [k[0] for k in by_seq],
+            [k[1] for k in by_seq],
+            [k[2] for k in by_seq],
+            [readings[i].ts for i in by_seq.values()],
+            window_s,
+        )
+        accepted = {(row["device_id"], row["seq"], row["digest"]) for row in rows}
+        for key, index in by_seq.items():
+            keep[index] = key in accepted
+    first: dict[tuple[str, int, int], datetime] = {}
+    copies: dict[tuple[str, int, int], int] = {}
+    for key, indices in by_delivery.items():
+        originals = [i for i in indices if not readings[i].redelivered]
+        if originals:
+            # A flagged copy beside a first delivery with its packet id and values is its copy.
+            first[key] = max(readings[i].received_at for i in originals)
+            for index in indices:
+                keep[index] = not readings[index].redelivered
+        else:
+            copies[key] = indices[0]
+            for index in indices[1:]:
+                keep[index] = False
+    if first:
+        await connection.execute(
+            _REMEMBER_DELIVERIES_SQL,
+            [k[0] for k in first],
+            [k[1] for k in first],
+            [k[2] for k in first],
+            list(first.values()),
+        )
+    if copies:
+        rows = await connection.fetch(
+            _REDELIVERIES_SQL,
+            [k[0] for k in copies],
+            [k[1] for k in copies],
+            [k[2] for k in copies],
+            [readings[i].received_at for i in copies.values()],
+            window_s,
+        )
+        accepted = {(row["device_id"], row["packet_id"], row["digest"]) for row in rows}
+        for key, index in copies.items():
+            keep[index] = key in accepted
+    return keep
+
+
+def _first_values(metric_sets: Iterable[dict[str, float]]) -> dict[str, float]:
+    """The metrics of readings of one device and instant, each with its first value."""
+    merged: dict[str, float] = {}
+    for metrics in metric_sets:
+        for name, value in metrics.items():
+            merged.setdefault(name, value)
+    return merged
+
+
+def _stored_readings(
+    readings: Sequence[tuple[Reading, int]], added: Sequence[dict[str, float]]
+) -> list[tuple[Reading, int]]:
+    """What a batch changed in the readings, with their partitions: one reading per (device, ts)
+    row it inserted or merged into, carrying only the metrics the batch stored there, which is
+    what latest state and the detectors are to see."""
+    stored: dict[tuple[str, datetime], tuple[Reading, int]] = {}
+    for (reading, partition), metrics in zip(readings, added, strict=True):
+        if not metrics:
+            continue
+        key = (reading.device_id, reading.ts)
+        previous = stored.get(key)
+        if previous is not None:
+            stored[key] = (replace(previous[0], metrics={**previous[0].metrics, **metrics}), previous[1])
+        elif metrics is reading.metrics:
+            stored[key] = (reading, partition)  # all of it stored: no copy needed
+        else:
+            stored[key] = (replace(reading, metrics=dict(metrics)), partition)
+    return list(stored.values())
 
 
 @dataclass(frozen=True)
@@ -385,9 +554,19 @@ class Database(Component):
     """A connection pool and every query the system makes. Use with `async with`."""
 
     def __init__(
-        self, url: str, *, min_size: int = 1, max_size: int = 10, seq_window_s: float = 3600
+        self,
+        url: str,
+        *,
+        min_size: int = 1,
+        max_size: int = 10,
+        seq_window_s: float = 3600,
+        timeout_s: float | None = None,
     ) -> None:
         self._url = url
+        # Bounds every statement, on the server (statement_timeout) and in the client (a server
+        # that hangs, answering nothing): either way the caller gets a retriable error instead of
+        # waiting forever. None keeps the long default, for migrations.
+        self._timeout_s = timeout_s
         self.seq_window_s = seq_window_s
         self._min_size = min_size
         self._max_size = max_size
@@ -403,8 +582,12 @@ class Database(Component):
                 min_size=self._min_size,
                 max_size=self._max_size,
                 init=_init_connection,
-                timeout=10,
-                command_timeout=60,
+                # A connection attempt to a server that hangs waits no longer than a statement.
+                timeout=10 if self._timeout_s is None else min(10.0, self._timeout_s),
+                command_timeout=60 if self._timeout_s is None else self._timeout_s + 2,
+                server_settings=(
+                    {} if self._timeout_s is None else {"statement_timeout": str(int(self._timeout_s * 1000))}
+                ),
             )
         except _CONNECTION_ERRORS as exc:
             raise _unavailable(self._url, exc) from exc
@@ -611,27 +794,99 @@ class Database(Component):
         async with self.transaction() as transaction:
             return await transaction.write(batch)
 
-    async def _insert_readings(self, connection: Connection, readings: Sequence[Reading]) -> int:
-        """Insert readings, skipping those already stored; returns how many were new."""
+    async def _insert_readings(
+        self, connection: Connection, readings: Sequence[Reading]
+    ) -> list[dict[str, float]]:
+        """Store readings, one row per device and time. A reading whose row exists (stored before,
+        or earlier in `readings`) adds the metrics the row lacks; a metric the row has keeps its
+        first stored value, so a repeat changes nothing. Returns, per reading, the metrics it
+        added: all of them for a new row, none for a repeat."""
         if not readings:
-            return 0
+            return []
         if not connection.is_in_transaction():
             # The staging table empties at commit: copy and move must share one transaction.
             async with connection.transaction():
                 return await self._insert_readings(connection, readings)
-        by_domain: dict[str, list[Reading]] = {}
-        for reading in readings:
-            by_domain.setdefault(reading.domain, []).append(reading)
-        stored = 0
-        for domain_name, batch in by_domain.items():
-            names = [m.name for m in DOMAINS[domain_name].metrics]
-            staging = _STAGING[domain_name]
-            await connection.execute(staging.create_sql)
-            records = [(r.ts, r.device_id, r.seq, r.received_at, *map(r.metrics.get, names)) for r in batch]
-            await connection.copy_records_to_table(staging.table, records=records, columns=staging.columns)
-            status = await connection.execute(staging.move_sql)
-            stored += int(status.rsplit(" ", 1)[-1])
-        return stored
+        # Each entry is replaced, never changed in place, so one empty dict can stand for all.
+        added: list[dict[str, float]] = [{}] * len(readings)
+        by_domain: dict[str, list[int]] = {}
+        for index, reading in enumerate(readings):
+            by_domain.setdefault(reading.domain, []).append(index)
+        for domain_name, indices in by_domain.items():
+            await self._store_rows(
+                connection, _STAGING[domain_name], DOMAINS[domain_name], readings, indices, added
+            )
+        return added
+
+    async def _store_rows(
+        self,
+        connection: Connection,
+        staging: _ReadingsStaging,
+        domain: Domain,
+        readings: Sequence[Reading],
+        indices: Sequence[int],
+        added: list[dict[str, float]],
+    ) -> None:
+        """`_insert_readings` for the readings at `indices`, all of `domain`; fills `added`."""
+        names = [m.name for m in domain.metrics]
+        # One staged row per (device, ts), in order of arrival: one statement may not touch a row
+        # twice, and the first value of a metric is the one kept.
+        first: dict[tuple[str, datetime], int] = {}
+        later: dict[tuple[str, datetime], list[int]] = {}
+        for index in indices:
+            key = (readings[index].device_id, readings[index].ts)
+            if first.setdefault(key, index) != index:
+                later.setdefault(key, []).append(index)
+        folded = {
+            key: _first_values(readings[i].metrics for i in (first[key], *more))
+            for key, more in later.items()
+        }
+        await connection.execute(staging.create_sql)
+        records = []
+        for key, index in first.items():
+            reading = readings[index]
+            metrics = folded.get(key, reading.metrics)
+            records.append(
+                (reading.ts, reading.device_id, reading.seq, reading.received_at, *map(metrics.get, names))
+            )
+        await connection.copy_records_to_table(staging.table, records=records, columns=staging.columns)
+        moved = await connection.fetchrow(staging.move_sql, len(records))
+        assert moved is not None
+        every_row_new = moved["stored"] == len(records)
+        if every_row_new and not later:
+            # Every row is new, each made by one reading: the common case, kept cheap.
+            for index in indices:
+                added[index] = readings[index].metrics
+            return
+        inserted = set(zip(moved["devices"] or (), moved["times"] or (), strict=True))
+        existing = [] if every_row_new else [key for key in first if key not in inserted]
+        present: dict[tuple[str, datetime], set[str]] = {}
+        if existing:
+            found = await connection.fetch(
+                staging.present_sql, [k[0] for k in existing], [k[1] for k in existing]
+            )
+            present = {
+                (row["device_id"], row["ts"]): {
+                    n for n, has in zip(names, row["present"], strict=True) if has
+                }
+                for row in found
+            }
+        merges: list[tuple[str, datetime]] = []
+        for key, index in first.items():
+            known = set(present.get(key, ()))
+            for member in (index, *later.get(key, ())):
+                new = {n: v for n, v in readings[member].metrics.items() if n not in known}
+                added[member] = new
+                known.update(new)
+            if key in present and known != present[key]:
+                merges.append(key)
+        if merges:
+            await connection.execute(
+                staging.merge_sql,
+                [k[0] for k in merges],
+                [k[1] for k in merges],
+                *([folded.get(k, readings[first[k]].metrics).get(name) for k in merges] for name in names),
+            )
 
     # -- outbox -------------------------------------------------------------------------------
 
@@ -661,6 +916,10 @@ class Database(Component):
             )
             await self.pool.execute(
                 "DELETE FROM reading_seqs WHERE ts < now() - make_interval(secs => $1)", self.seq_window_s
+            )
+            await self.pool.execute(
+                "DELETE FROM reading_deliveries WHERE received_at < now() - make_interval(secs => $1)",
+                self.seq_window_s,
             )
         except _CONNECTION_ERRORS as exc:
             raise _unavailable(self._url, exc) from exc
@@ -1295,28 +1554,15 @@ class BatchTransaction:
         their events in the outbox, and dead letters."""
         connection = self._connection
         readings = [(r, p) for r, p in batch.records if isinstance(r, Reading)]
-        fresh_seqs = _seq_candidates([r for r, _ in readings])
         statuses = _final_statuses(batch.records)
         result = WriteResult()
-        accepted: set[tuple[str, int]] = set()
-        if fresh_seqs:
-            rows = await connection.fetch(
-                _REMEMBER_SEQS_SQL,
-                [k[0] for k in fresh_seqs],
-                [k[1] for k in fresh_seqs],
-                [r.ts for r in fresh_seqs.values()],
-                self._database.seq_window_s,
-            )
-            accepted = {(row["device_id"], row["seq"]) for row in rows}
-        kept = [
-            (r, p)
-            for r, p in readings
-            if r.device_time
-            or r.seq is None
-            or (fresh_seqs.get((r.device_id, r.seq)) is r and (r.device_id, r.seq) in accepted)
-        ]
-        result.stored = await self._database._insert_readings(connection, [r for r, _ in kept])
+        keep = await _first_copies(connection, [r for r, _ in readings], self._database.seq_window_s)
+        candidates = [pair for pair, kept_ in zip(readings, keep, strict=True) if kept_]
+        added = await self._database._insert_readings(connection, [r for r, _ in candidates])
+        # A reading counts as stored when it made a row or added a metric to one.
+        result.stored = sum(1 for metrics in added if metrics)
         result.duplicates = len(readings) - result.stored
+        kept = _stored_readings(candidates, added)
         result.kept = [r for r, _ in kept]
         self.touched.update((r.city, r.domain) for r, _ in kept)
         if kept:

@@ -267,6 +267,32 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
             WHERE state = 'active' AND NOT escalated AND serious_since IS NOT NULL;
         """,
     ),
+    (
+        6,
+        """
+        -- A device that restarts its seq after a reboot sends new readings under seqs it used
+        -- before; a copy of a message carries the same values. The remembered seqs keep a digest
+        -- of the values, so only the same seq with the same values is a repeat. Entries from
+        -- before this step have digest 0, which stands for any values until they expire.
+        ALTER TABLE reading_seqs ADD COLUMN digest bigint NOT NULL DEFAULT 0;
+        ALTER TABLE reading_seqs DROP CONSTRAINT reading_seqs_pkey;
+        ALTER TABLE reading_seqs ADD PRIMARY KEY (device_id, seq, digest);
+        ALTER TABLE reading_seqs ALTER COLUMN digest DROP DEFAULT;
+
+        -- Readings with neither a device time nor a seq (SenML packs with relative times, objects
+        -- without ts and seq) are stamped with their receive time. A copy that the broker
+        -- redelivers (DUP flag) comes under the packet id of the first delivery, with the same
+        -- values; the MQTT deliveries of such readings are remembered for a window to know it by.
+        CREATE TABLE reading_deliveries (
+            device_id    text NOT NULL,
+            packet_id    integer NOT NULL,
+            digest       bigint NOT NULL,
+            received_at  timestamptz NOT NULL,
+            PRIMARY KEY (device_id, packet_id, digest)
+        );
+        CREATE INDEX reading_deliveries_received_at ON reading_deliveries (received_at);
+        """,
+    ),
 )
 
 

@@ -38,6 +38,16 @@ class ComponentProcess:
         return f"http://127.0.0.1:{self._env['IOC_GATEWAY_HEALTH_PORT']}"
 
     @property
+    def pid(self) -> int:
+        assert self._process is not None, f"ioc {self.command} is not running"
+        return self._process.pid
+
+    def cpu_seconds(self) -> float:
+        """User and system CPU time the process has used so far."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    @property
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
@@ -87,6 +97,8 @@ class ComponentProcess:
 
 def test_env(**overrides: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("IOC_")}
+    # Several processors run side by side in tests; those that read /ready or /metrics set a port.
+    env["IOC_PROCESSOR_HEALTH_PORT"] = "0"
     env.update(overrides)
     return env
 
@@ -172,9 +184,9 @@ async def tail_topic(topic: str) -> AIOKafkaConsumer:
     return consumer
 
 
-async def delete_topics(prefix: str) -> None:
+async def delete_topics(prefix: str, bootstrap: str = "127.0.0.1:9092") -> None:
     """Remove the topics of one test run (named with its own prefix)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers="127.0.0.1:9092")
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
         names = [t for t in await admin.list_topics() if t.startswith(prefix)]

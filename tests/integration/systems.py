@@ -128,4 +128,5 @@ async def _running(
     finally:
         for process in system.processes.values():
             process.stop()
-        await delete_topics(env["IOC_TOPIC_PREFIX"])
+        # On the Kafka the system ran on (a test may point it at a cluster of its own).
+        await delete_topics(env["IOC_TOPIC_PREFIX"], env.get("IOC_KAFKA_BOOTSTRAP", "127.0.0.1:9092"))

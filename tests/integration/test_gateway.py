@@ -74,6 +74,7 @@ async def test_every_rejection_reason_is_dead_lettered_and_listed(
         "unknown_metric": (topic, b'{"voltage": 230}'),
         "out_of_range": (topic, b'{"currentLevel": 101}'),
         "not_finite": (topic, b'{"currentLevel": NaN}'),
+        "unit_mismatch": (topic, b'[{"n": "currentLevel", "u": "V", "v": 1}]'),
         "bad_timestamp": (topic, b'{"currentLevel": 1, "ts": "yesterday"}'),
         "future_timestamp": (topic, json.dumps({"currentLevel": 1, "ts": future}).encode()),
         "no_metrics": (topic, b"{}"),
@@ -91,12 +92,12 @@ async def test_every_rejection_reason_is_dead_lettered_and_listed(
             *await dead_letters_of(admin, other_city),
         ]
         by_reason = {letter["reason"]: letter for letter in letters}
-        return (letters, by_reason) if set(cases) <= set(by_reason) and len(letters) >= 12 else None
+        return (letters, by_reason) if set(cases) <= set(by_reason) and len(letters) >= 13 else None
 
     letters, by_reason = await wait_until(
         all_listed, timeout=30, what=f"dead letters for every reason\n{system.logs()}"
     )
-    assert len(letters) == 12
+    assert len(letters) == 13
     assert [letter["reason"] for letter in letters if other_city in letter["topic"]] == ["device_mismatch"]
     too_large = by_reason["payload_too_large"]
     assert too_large["payload_size"] > 64 * 1024 and len(too_large["payload"]) <= 4096
@@ -195,6 +196,34 @@ async def test_repeats_without_ts_are_stored_once_by_seq(system: System, admin: 
     finally:
         await connection.close()
     assert [r["seq"] for r in rows] == [1, 2, 3, None, None]
+
+
+async def test_units_and_messages_of_one_instant_reach_storage(
+    system: System, admin: httpx.AsyncClient
+) -> None:
+    """A SenML value in centimetres is stored in metres, and a second message at the same time
+    with another metric joins the first one's row."""
+    device = await register(admin, "flood")
+    topic = f"ioc/v1/{SESSION_CITY}/flood/{device}/telemetry"
+    ts = datetime.now(tz=UTC).replace(microsecond=0) - timedelta(minutes=1)
+    publish(topic, json.dumps([{"bt": ts.timestamp(), "n": "currentLevel", "u": "cm", "v": 45}]).encode())
+    publish(topic, json.dumps({"ts": ts.isoformat(), "rainfall": 3.5}).encode())
+
+    async def merged() -> list[tuple[Any, ...]] | None:
+        connection = await asyncpg.connect(system.database_url)
+        try:
+            rows = await connection.fetch(
+                "SELECT ts, current_level, rainfall FROM readings_flood WHERE device_id = $1", device
+            )
+        finally:
+            await connection.close()
+        found = [tuple(row) for row in rows]
+        return found if found and found[0][2] is not None else None
+
+    rows = await wait_until(merged, timeout=30, what=f"the merged reading\n{system.logs()}")
+    assert rows == [(ts, 0.45, 3.5)]
+    state = (await admin.get(f"/v1/devices/{device}")).json()
+    assert state["latest"]["metrics"] == {"currentLevel": 0.45, "rainfall": 3.5}
 
 
 async def _events_for(consumer: AIOKafkaConsumer, device_id: str, seen: list[dict[str, Any]]) -> None:

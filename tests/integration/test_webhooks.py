@@ -356,7 +356,7 @@ async def test_database_restart_while_an_answer_is_in_flight_sends_nothing_twice
     await asyncio.to_thread(services, "stop", "timescaledb")
     try:
         gate.set()  # the agency answers 200 while the database is down
-        await hooks.processes["webhooks"].wait_for_log("recording webhook attempt", timeout=10)
+        await hooks.processes["webhooks"].wait_for_log("recording attempts failed", timeout=10)
         await asyncio.sleep(2)
     finally:
         await asyncio.to_thread(services, "up")

@@ -8,6 +8,7 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
+KAFKA_BROKERS = ("kafka-1", "kafka-2", "kafka-3")
 
 
 def load() -> dict[str, Any]:
@@ -19,7 +20,9 @@ def test_every_part_of_the_topology_is_there() -> None:
     services = load()["services"]
     assert set(services) == {
         "mosquitto",
-        "kafka",
+        "kafka-1",
+        "kafka-2",
+        "kafka-3",
         "timescaledb",
         "migrate",
         "gateway",
@@ -28,21 +31,22 @@ def test_every_part_of_the_topology_is_there() -> None:
         "simulator",
     }
     assert services["mosquitto"]["image"].startswith("eclipse-mosquitto:2")
-    assert services["kafka"]["image"].startswith("apache/kafka:3.9")
-    assert services["kafka"]["environment"]["KAFKA_PROCESS_ROLES"] == "broker,controller"
+    for broker in KAFKA_BROKERS:
+        assert services[broker]["image"].startswith("apache/kafka:3.9")
+        assert services[broker]["environment"]["KAFKA_PROCESS_ROLES"] == "broker,controller"
     assert services["timescaledb"]["image"].startswith("timescale/timescaledb:")
     assert "-ha" not in services["timescaledb"]["image"]
 
 
 def test_dependencies_wait_for_health() -> None:
     services = load()["services"]
-    for name in ("mosquitto", "kafka", "timescaledb", "api"):
+    for name in ("mosquitto", *KAFKA_BROKERS, "timescaledb", "api"):
         assert "healthcheck" in services[name], name
     for name in ("gateway", "processor", "api", "simulator", "migrate"):
         conditions = {dep: spec["condition"] for dep, spec in services[name]["depends_on"].items()}
         for dependency, condition in conditions.items():
             assert condition in ("service_healthy", "service_completed_successfully", "service_started")
-            if dependency in ("mosquitto", "kafka", "timescaledb"):
+            if dependency in ("mosquitto", *KAFKA_BROKERS, "timescaledb"):
                 assert condition == "service_healthy", (name, dependency)
         if name != "migrate":
             assert conditions.get("migrate") == "service_completed_successfully", name
@@ -54,6 +58,35 @@ def test_components_are_configured_through_ioc_settings() -> None:
         environment = services[name]["environment"]
         assert {"IOC_MQTT_URL", "IOC_KAFKA_BOOTSTRAP", "IOC_DATABASE_URL"} <= set(environment), name
         assert services[name]["command"][0] in ("migrate", "gateway", "processor", "api", "simulate")
+
+
+def test_kafka_is_a_three_broker_cluster_that_keeps_two_copies_of_every_write() -> None:
+    services = load()["services"]
+    environments = [services[broker]["environment"] for broker in KAFKA_BROKERS]
+    voters = "1@kafka-1:9093,2@kafka-2:9093,3@kafka-3:9093"
+    for node_id, (broker, env) in enumerate(zip(KAFKA_BROKERS, environments, strict=True), start=1):
+        assert env["KAFKA_NODE_ID"] == node_id
+        assert env["KAFKA_ADVERTISED_LISTENERS"] == f"PLAINTEXT://{broker}:9092"
+        assert env["KAFKA_CONTROLLER_QUORUM_VOTERS"] == voters
+        assert env["KAFKA_LOG_DIRS"] == "/var/lib/kafka/data"
+        assert any(v.endswith(":/var/lib/kafka/data") for v in services[broker]["volumes"]), broker
+        for setting, value in {
+            "KAFKA_DEFAULT_REPLICATION_FACTOR": 3,
+            "KAFKA_MIN_INSYNC_REPLICAS": 2,
+            "KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR": 3,
+            "KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR": 3,
+            "KAFKA_TRANSACTION_STATE_LOG_MIN_ISR": 2,
+        }.items():
+            assert env[setting] == value, (broker, setting)
+    # One cluster: every node formats its storage with the same id, and each has its own volume.
+    assert len({env["CLUSTER_ID"] for env in environments}) == 1
+    assert len({services[b]["volumes"][0].split(":")[0] for b in KAFKA_BROKERS}) == 3
+    for name in ("migrate", "gateway", "processor", "api", "simulator"):
+        env = services[name]["environment"]
+        assert env["IOC_KAFKA_BOOTSTRAP"] == "kafka-1:9092,kafka-2:9092,kafka-3:9092", name
+        assert (env["IOC_KAFKA_REPLICATION_FACTOR"], env["IOC_KAFKA_MIN_INSYNC_REPLICAS"]) == (3, 2), name
+    for name in ("gateway", "processor"):
+        assert set(KAFKA_BROKERS) <= set(services[name]["depends_on"]), name
 
 
 def _broker_config() -> dict[str, str]:

@@ -11,6 +11,8 @@ from ioc_core.domains import DOMAINS, Domain
 from ioc_core.errors import IocError, ValidationError
 from ioc_core.settings import Settings
 from ioc_core.storage import StorageTier
+from ioc_core.storage.database import _STAGING, _stored_readings
+from ioc_core.storage.schema import MIGRATIONS
 from ioc_core.storage.tiers import (
     AGGREGATES,
     ROLLUPS,
@@ -25,6 +27,7 @@ from ioc_core.storage.tiers import (
     series_sql,
     tier_objects_sql,
 )
+from ioc_core.telemetry import Reading
 
 T0 = datetime(2025, 3, 10, 10, 30, 15, tzinfo=UTC)
 NINETY_DAYS = timedelta(days=90)
@@ -253,3 +256,46 @@ def test_retention_settings(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_validation_error_is_not_retriable() -> None:
     assert issubclass(ValidationError, IocError)
     assert ValidationError("x").retriable is False
+
+
+def test_migrations_are_appended_in_order() -> None:
+    versions = [version for version, _ in MIGRATIONS]
+    assert versions == list(range(1, len(versions) + 1))
+    sql = dict(MIGRATIONS)[6]
+    # The remembered seqs gain a digest of the values in their key; deliveries are remembered apart.
+    assert "ADD PRIMARY KEY (device_id, seq, digest)" in sql
+    assert "CREATE TABLE reading_deliveries" in sql
+
+
+@pytest.mark.parametrize("domain", list(DOMAINS.values()), ids=lambda d: d.name)
+def test_readings_merge_keeps_the_first_value_of_every_metric(domain: Domain) -> None:
+    staging = _STAGING[domain.name]
+    columns = [m.column for m in domain.metrics]
+    assert staging.metric_columns == tuple(columns)
+    assignments = re.findall(r"(\w+) = coalesce\(t\.(\w+), u\.(\w+)\)", staging.merge_sql)
+    assert assignments == [(c, c, c) for c in columns]
+    assert staging.merge_sql.count(" = ") == len(columns) + 2  # the assignments and the key match
+    assert f"${2 + len(columns)}::float8[]" in staging.merge_sql
+    assert all(f"t.{c} IS NOT NULL" in staging.present_sql for c in columns)
+    assert "ON CONFLICT DO NOTHING" in staging.move_sql
+
+
+def test_stored_readings_are_one_per_instant_with_what_was_stored() -> None:
+    def reading(device: str, seconds: int, **metrics: float) -> Reading:
+        return Reading(device, "c", "water", T0 + timedelta(seconds=seconds), None, metrics, T0)
+
+    first, second, repeat, other = (
+        reading("a", 0, pressure=1.0),
+        reading("a", 0, flow=2.0, pressure=9.0),
+        reading("a", 0, pressure=1.0),
+        reading("b", 5, pressure=3.0),
+    )
+    stored = _stored_readings(
+        [(first, 1), (second, 1), (repeat, 1), (other, 4)],
+        [first.metrics, {"flow": 2.0}, {}, other.metrics],
+    )
+    assert [(r.device_id, r.metrics, p) for r, p in stored] == [
+        ("a", {"pressure": 1.0, "flow": 2.0}, 1),
+        ("b", {"pressure": 3.0}, 4),
+    ]
+    assert stored[1][0] is other  # stored whole: not copied

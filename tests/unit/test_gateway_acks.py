@@ -1,0 +1,75 @@
+"""A packet id means something only on the MQTT connection that carried it: the gateway never
+acknowledges a message taken on an earlier connection (the broker sends it again instead)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from ingest.gateway import Gateway, InboundMessage
+from ioc_core.settings import Settings
+
+
+class FakeClient:
+    def __init__(self) -> None:
+        self.acks: list[tuple[int, int]] = []
+
+    def ack(self, mid: int, qos: int) -> None:
+        self.acks.append((mid, qos))
+
+
+def _gateway() -> tuple[Gateway, FakeClient]:
+    gateway = Gateway(Settings())
+    client = FakeClient()
+    gateway._client = client  # type: ignore[assignment]
+    gateway._connected.set()
+    return gateway, client
+
+
+def _message(mid: int, connection: int) -> InboundMessage:
+    return InboundMessage(
+        topic="ioc/v1/ha-noi/flood/x/telemetry",
+        payload=b"{}",
+        mid=mid,
+        qos=1,
+        received_at=datetime.now(tz=UTC),
+        connection=connection,
+    )
+
+
+def _take(gateway: Gateway, message: InboundMessage) -> None:
+    # What `_on_message` and the worker do before a message completes.
+    gateway._slots.acquire()
+    gateway._in_process += 1
+
+
+async def test_a_message_is_acknowledged_on_its_own_connection() -> None:
+    gateway, client = _gateway()
+    gateway._connection = 3
+    message = _message(7, connection=3)
+    _take(gateway, message)
+    gateway._complete(message, produced=1)
+    assert client.acks == [(7, 1)]
+    assert gateway.stale_acks_skipped == 0
+
+
+async def test_a_message_of_an_earlier_connection_is_not_acknowledged() -> None:
+    gateway, client = _gateway()
+    gateway._connection = 4  # reconnected after taking the message
+    message = _message(7, connection=3)
+    _take(gateway, message)
+    gateway._complete(message, produced=1)
+    assert client.acks == []
+    assert gateway.stale_acks_skipped == 1
+    metrics: dict[str, Any] = {m.name: m for m in gateway.metrics()}
+    assert "ioc_gateway_stale_acks_skipped_total" in metrics
+
+
+async def test_nothing_is_acknowledged_while_disconnected() -> None:
+    gateway, client = _gateway()
+    gateway._connection = 3
+    gateway._connected.clear()
+    message = _message(9, connection=3)
+    _take(gateway, message)
+    gateway._complete(message, produced=1)
+    assert client.acks == []
