@@ -21,7 +21,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 from tests.integration.conftest import free_port
-from tests.integration.harness import unique
+from tests.integration.harness import stop_process, unique
 
 # The project's broker configuration: the private broker gets the same queue and inflight limits,
 # without which Mosquitto drops QoS 1 messages of a slow subscriber silently.
@@ -104,16 +104,7 @@ class PrivateMosquitto:
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int | None:
         """Stop the broker; on SIGTERM it saves its persistence file before it exits."""
-        if self._process is None:
-            return None
-        if self._process.poll() is None:
-            self._process.send_signal(sig)
-            try:
-                self._process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
-        code = self._process.returncode
+        code = stop_process(self._process, sig, timeout)
         self._process = None
         return code
 

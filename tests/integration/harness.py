@@ -81,18 +81,23 @@ class ComponentProcess:
             await asyncio.sleep(0.1)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int | None:
-        if self._process is None:
-            return None
-        if self._process.poll() is None:
-            self._process.send_signal(sig)
-            try:
-                self._process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
-        code = self._process.returncode
+        code = stop_process(self._process, sig, timeout)
         self._process = None
         return code
+
+
+def stop_process(process: subprocess.Popen[bytes] | None, sig: int, timeout: float) -> int | None:
+    """Send `sig`, wait up to `timeout`, then kill; the exit code (None if there was no process)."""
+    if process is None:
+        return None
+    if process.poll() is None:
+        process.send_signal(sig)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
 
 
 def test_env(**overrides: str) -> dict[str, str]:

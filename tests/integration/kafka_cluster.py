@@ -232,8 +232,8 @@ class KafkaCluster:
                     self.libs,
                     "kafka.tools.StorageTool",
                     "format",
-                    "-t",
-                    self.cluster_id,
+                    # One argument: an id may start with "-", which would read as an option.
+                    f"--cluster-id={self.cluster_id}",
                     "-c",
                     str(node.config),
                 ),

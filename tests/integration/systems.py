@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
+import httpx
 
 from tests.integration.conftest import ADMIN_KEY, POSTGRES_URL, free_port
 from tests.integration.harness import ComponentProcess, delete_topics, test_env, unique
@@ -41,6 +42,23 @@ class OwnSystem:
     @property
     def database_url(self) -> str:
         return self.env["IOC_DATABASE_URL"]
+
+    async def register_devices(self, city: str, domain: str, count: int, prefix: str) -> list[str]:
+        """Register `count` new devices through the API; their ids."""
+        ids = [unique(prefix) for _ in range(count)]
+        async with httpx.AsyncClient(
+            base_url=self.api_url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=10
+        ) as api:
+            for device_id in ids:
+                device = {
+                    "id": device_id,
+                    "city": city,
+                    "domain": domain,
+                    "location": {"lat": 20.8, "lon": 106.7},
+                }
+                response = await api.post("/v1/devices", json=device)
+                assert response.status_code == 201, response.text
+        return ids
 
     async def restart(self, command: str) -> ComponentProcess:
         """Start `command` again (after the test stopped or killed it) under a new log name."""

@@ -49,22 +49,7 @@ async def outage_system(log_dir: Path) -> AsyncIterator[OwnSystem]:
 
 @pytest.fixture(scope="module")
 async def devices(outage_system: OwnSystem) -> list[str]:
-    ids = [unique("lvl") for _ in range(50)]
-    async with httpx.AsyncClient(
-        base_url=outage_system.api_url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=10
-    ) as api:
-        for device_id in ids:
-            response = await api.post(
-                "/v1/devices",
-                json={
-                    "id": device_id,
-                    "city": CITY,
-                    "domain": "flood",
-                    "location": {"lat": 21.0, "lon": 105.8},
-                },
-            )
-            assert response.status_code == 201, response.text
-    return ids
+    return await outage_system.register_devices(CITY, "flood", 50, "lvl")
 
 
 def numbered_messages(

@@ -28,7 +28,8 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from ioc_core.bus import Topics
-from tests.integration.conftest import ADMIN_KEY, free_port
+from tests.conftest import Figures
+from tests.integration.conftest import free_port
 from tests.integration.harness import Publisher, unique, wait_until
 from tests.integration.kafka_cluster import KafkaCluster
 from tests.integration.systems import OwnSystem, own_system
@@ -73,22 +74,7 @@ async def system(cluster: KafkaCluster, log_dir: Path) -> AsyncIterator[OwnSyste
 
 
 async def register(system: OwnSystem, count: int) -> list[str]:
-    ids = [unique("kcl-dev") for _ in range(count)]
-    async with httpx.AsyncClient(
-        base_url=system.api_url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=10
-    ) as api:
-        for device_id in ids:
-            response = await api.post(
-                "/v1/devices",
-                json={
-                    "id": device_id,
-                    "city": CITY,
-                    "domain": "flood",
-                    "location": {"lat": 20.8, "lon": 106.7},
-                },
-            )
-            assert response.status_code == 201, response.text
-    return ids
+    return await system.register_devices(CITY, "flood", count, "kcl-dev")
 
 
 def message(devices: list[str], seq: int) -> tuple[str, bytes]:
@@ -232,7 +218,7 @@ async def test_topics_are_replicated_by_the_cluster_size(cluster: KafkaCluster, 
 
 
 async def test_leaders_killed_during_ingest_lose_and_double_nothing(
-    cluster: KafkaCluster, system: OwnSystem, steady: None
+    cluster: KafkaCluster, system: OwnSystem, steady: None, figures: Figures
 ) -> None:
     devices = await register(system, 20)
     telemetry = f"{system.env['IOC_TOPIC_PREFIX']}ioc.telemetry.flood"
@@ -274,10 +260,14 @@ async def test_leaders_killed_during_ingest_lose_and_double_nothing(
         f"{len(missing)} of {len(acknowledged)} acknowledged readings lost, e.g. {sorted(missing)[:5]}"
     )
     assert set(rows) == set(acknowledged)
+    figures.lines.append(
+        f"Kafka leader of the telemetry partitions SIGKILLed {KILLS} times on a 3-broker cluster:"
+        f" {len(acknowledged)} PUBACKed, stored {len(rows)}, lost 0, doubled 0"
+    )
 
 
 async def test_two_brokers_down_gateway_holds_back_then_stores_everything_once(
-    cluster: KafkaCluster, system: OwnSystem, steady: None
+    figures: Figures, cluster: KafkaCluster, system: OwnSystem, steady: None
 ) -> None:
     devices = await register(system, 10)
     gateway = system.processes["gateway"]
@@ -315,6 +305,10 @@ async def test_two_brokers_down_gateway_holds_back_then_stores_everything_once(
 
     rows = await settled(system, OUTAGE_MESSAGES, devices)
     assert sorted(rows.values()) == [1] * OUTAGE_MESSAGES, "a reading was stored more than once"
+    figures.lines.append(
+        f"two of three Kafka brokers down: gateway /ready 503, {OUTAGE_MESSAGES} messages held,"
+        f" all stored once after recovery (lost 0, doubled 0)"
+    )
     assert set(rows) == {(devices[s % len(devices)], s) for s in range(OUTAGE_MESSAGES)}
     after = await metrics(gateway.health_url)
     assert after["ioc_gateway_acked_total"] - before["ioc_gateway_acked_total"] == OUTAGE_MESSAGES
