@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 KAFKA_BROKERS = ("kafka-1", "kafka-2", "kafka-3")
 
 

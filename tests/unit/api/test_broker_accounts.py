@@ -22,7 +22,7 @@ from ioc_core.errors import ConfigurationError, IocError
 from ioc_core.models import DevicePatch, RegisteredDevice
 from ioc_core.settings import load_settings
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_a_device_may_publish_under_its_own_topics_only() -> None:
