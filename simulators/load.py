@@ -124,25 +124,7 @@ def run_load(
     try:
         _wait_until_ready(reports, processes_)
         go.set()
-        started = time.monotonic()
-        results: dict[int, tuple[int, int, float]] = {}
-        while len(results) < workers:
-            if stop is not None and stop.is_set():
-                halt.set()
-            try:
-                report = reports.get(timeout=0.25)
-            except queue.Empty:
-                if not any(process.is_alive() for process in processes_):
-                    raise ServiceUnavailableError("load workers ended without reporting") from None
-            else:
-                if report[0] == "error":
-                    raise ServiceUnavailableError(str(report[2]))
-                if report[0] == "done":
-                    results[report[1]] = (report[2], report[3], report[4])
-            if on_progress is not None:
-                sent = sum(counters[2 * i] for i in range(workers))
-                acknowledged = sum(counters[2 * i + 1] for i in range(workers))
-                on_progress(sent, acknowledged, time.monotonic() - started)
+        results = _collect_results(reports, processes_, counters, halt, stop, on_progress)
     finally:
         go.set()
         for process in processes_:
@@ -157,6 +139,38 @@ def run_load(
         devices=devices,
         target_rate=rate,
     )
+
+
+def _collect_results(
+    reports: multiprocessing.Queue[tuple[Any, ...]],
+    processes: Sequence[multiprocessing.process.BaseProcess],
+    counters: Any,
+    halt: Any,
+    stop: threading.Event | None,
+    on_progress: Progress | None,
+) -> dict[int, tuple[int, int, float]]:
+    """Wait for every worker's final report (sent, acknowledged, seconds), passing on progress."""
+    workers = len(processes)
+    started = time.monotonic()
+    results: dict[int, tuple[int, int, float]] = {}
+    while len(results) < workers:
+        if stop is not None and stop.is_set():
+            halt.set()
+        try:
+            report = reports.get(timeout=0.25)
+        except queue.Empty:
+            if not any(process.is_alive() for process in processes):
+                raise ServiceUnavailableError("load workers ended without reporting") from None
+        else:
+            if report[0] == "error":
+                raise ServiceUnavailableError(str(report[2]))
+            if report[0] == "done":
+                results[report[1]] = (report[2], report[3], report[4])
+        if on_progress is not None:
+            sent = sum(counters[2 * i] for i in range(workers))
+            acknowledged = sum(counters[2 * i + 1] for i in range(workers))
+            on_progress(sent, acknowledged, time.monotonic() - started)
+    return results
 
 
 def _wait_until_ready(

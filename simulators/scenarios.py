@@ -539,35 +539,10 @@ class BadDevices(Scenario):
 
     def _misbehave(self, kind: str, device: SimulatedDevice, at: datetime) -> list[Send]:
         metrics = device.sample(at)
-        first = device.domain.metrics[0]
-        if kind == "malformed_payload":
-            whole = device.payload(at, metrics)
-            return [self._rejected(kind, device, device.topic, whole[: len(whole) // 2], at)]
-        if kind == "out_of_range":
-            wild = first.maximum + (first.maximum - first.minimum)
-            return [self._rejected(kind, device, device.topic, device.payload(at, {first.name: wild}), at)]
-        if kind == "not_finite":
-            device.seq += 1
-            raw = f'{{"ts":"{at.isoformat()}","seq":{device.seq},"{first.name}":NaN}}'.encode()
-            return [self._rejected(kind, device, device.topic, raw, at)]
-        if kind == "unknown_metric":
-            payload = device.payload(at, {**metrics, "signalStrength": -71.0})
-            return [self._rejected(kind, device, device.topic, payload, at)]
-        if kind == "bad_timestamp":
-            device.seq += 1
-            body = {"ts": "hôm qua, 14 giờ", "seq": device.seq, **metrics}
-            return [self._rejected(kind, device, device.topic, _json(body), at)]
-        if kind == "future_timestamp":
-            payload = device.payload(at + _FUTURE, metrics)
-            return [self._rejected(kind, device, device.topic, payload, at)]
-        if kind == "payload_too_large":
-            device.seq += 1
-            body = {"ts": at.isoformat(), "seq": device.seq, **metrics, "log": "x" * MAX_PAYLOAD_BYTES}
-            return [self._rejected(kind, device, device.topic, _json(body), at)]
-        if kind == "device_mismatch":
-            other = next(name for name in sorted(DOMAINS) if name != device.domain.name)
-            topic = f"{TOPIC_ROOT}/{device.city}/{other}/{device.id}/telemetry"
-            return [self._rejected(kind, device, topic, device.payload(at, metrics), at)]
+        bad = _bad_message(kind, device, at, metrics)
+        if bad is not None:
+            topic, payload = bad
+            return [self._rejected(kind, device, topic, payload, at)]
         if kind == "unknown_device":
             ghost = f"{device.id}-ghost"
             topic = f"{TOPIC_ROOT}/{device.city}/{device.domain.name}/{ghost}/telemetry"
@@ -665,3 +640,36 @@ def _json(body: dict[str, Any]) -> bytes:
 
 
 SCENARIOS: dict[str, type[Scenario]] = {cls.name: cls for cls in (Scenario, Storm, Outage, BadDevices)}
+
+
+def _bad_message(
+    kind: str, device: SimulatedDevice, at: datetime, metrics: dict[str, float]
+) -> tuple[str, bytes] | None:
+    """The topic and payload of a message the gateway must dead-letter as `kind` (None: not one)."""
+    first = device.domain.metrics[0]
+    if kind == "malformed_payload":
+        whole = device.payload(at, metrics)
+        return device.topic, whole[: len(whole) // 2]
+    if kind == "out_of_range":
+        wild = first.maximum + (first.maximum - first.minimum)
+        return device.topic, device.payload(at, {first.name: wild})
+    if kind == "not_finite":
+        device.seq += 1
+        return device.topic, f'{{"ts":"{at.isoformat()}","seq":{device.seq},"{first.name}":NaN}}'.encode()
+    if kind == "unknown_metric":
+        return device.topic, device.payload(at, {**metrics, "signalStrength": -71.0})
+    if kind == "bad_timestamp":
+        device.seq += 1
+        return device.topic, _json({"ts": "hôm qua, 14 giờ", "seq": device.seq, **metrics})
+    if kind == "future_timestamp":
+        return device.topic, device.payload(at + _FUTURE, metrics)
+    if kind == "payload_too_large":
+        device.seq += 1
+        body = {"ts": at.isoformat(), "seq": device.seq, **metrics, "log": "x" * MAX_PAYLOAD_BYTES}
+        return device.topic, _json(body)
+    if kind == "device_mismatch":
+        other = next(name for name in sorted(DOMAINS) if name != device.domain.name)
+        return f"{TOPIC_ROOT}/{device.city}/{other}/{device.id}/telemetry", device.payload(at, metrics)
+    if kind == "bad_status":
+        return device.status_topic, b"rebooting"
+    return None

@@ -12,10 +12,10 @@ from typing import Any
 from ioc_core.settings import Settings
 from simulators.cities import CITIES
 from simulators.fleet import build_fleet, register_fleet
-from simulators.load import run_load
+from simulators.load import LoadSummary, run_load
 from simulators.progress import Progress
 from simulators.runner import MAX_CONNECTED_DEVICES, run_scenario
-from simulators.scenarios import SCENARIOS
+from simulators.scenarios import SCENARIOS, Scenario
 
 log = logging.getLogger(__name__)
 
@@ -48,46 +48,26 @@ async def simulate(
     ValueError for arguments that cannot work together, `IocError` when a service fails.
     """
     places = places or city
-    if places not in CITIES:
-        raise ValueError(f"no map of {places!r}: pass --places with one of {', '.join(CITIES)}")
-    behaviour = SCENARIOS.get(scenario)
-    if behaviour is None:
-        raise ValueError(f"unknown scenario {scenario!r}; known: {', '.join(SCENARIOS)}")
     load = load or devices > MAX_CONNECTED_DEVICES
-    if load and scenario != "normal":
-        raise ValueError(
-            f"scenario {scenario} needs a connection per device: at most {MAX_CONNECTED_DEVICES} devices,"
-            " without --load"
-        )
+    behaviour = _scenario_of(scenario, places=places, load=load)
     fleet = build_fleet(city, devices, places=places, seed=seed)
     story = behaviour(fleet, interval_s=devices / rate, seed=seed)
     if not load:
         story.check(duration)
-    registered: dict[str, int] = {}
-    if register:
-        registered = (await register_fleet(settings, fleet, api_url=api_url)).as_dict()
+    registered = (await register_fleet(settings, fleet, api_url=api_url)).as_dict() if register else {}
     if load:
-        halt = threading.Event()
-        waiting = asyncio.ensure_future(stop.wait()) if stop is not None else None
-        if waiting is not None:
-            waiting.add_done_callback(lambda _: halt.set())
-        try:
-            summary = await asyncio.to_thread(
-                run_load,
-                settings.mqtt,
-                city=city,
-                devices=devices,
-                rate=rate,
-                duration=duration,
-                places=places,
-                processes=processes,
-                seed=seed,
-                on_progress=progress,
-                stop=halt,
-            )
-        finally:
-            if waiting is not None:
-                waiting.cancel()
+        summary = await _load(
+            settings,
+            city=city,
+            devices=devices,
+            rate=rate,
+            duration=duration,
+            places=places,
+            processes=processes,
+            seed=seed,
+            progress=progress,
+            stop=stop,
+        )
         return {"mode": "load", "city": city, **registered, **summary.as_dict()}
     truth_path = truth if truth is not None else DEFAULT_TRUTH if scenario != "normal" else None
     result = await run_scenario(
@@ -101,3 +81,55 @@ async def simulate(
         on_progress=progress,
     )
     return {"mode": "scenario", **registered, **result.as_dict()}
+
+
+async def _load(
+    settings: Settings,
+    *,
+    city: str,
+    devices: int,
+    rate: float,
+    duration: float,
+    places: str,
+    processes: int | None,
+    seed: int,
+    progress: Progress | None,
+    stop: asyncio.Event | None,
+) -> LoadSummary:
+    """Run load mode in a thread; setting `stop` halts its publishing processes."""
+    halt = threading.Event()
+    waiting = asyncio.ensure_future(stop.wait()) if stop is not None else None
+    if waiting is not None:
+        waiting.add_done_callback(lambda _: halt.set())
+    try:
+        return await asyncio.to_thread(
+            run_load,
+            settings.mqtt,
+            city=city,
+            devices=devices,
+            rate=rate,
+            duration=duration,
+            places=places,
+            processes=processes,
+            seed=seed,
+            on_progress=progress,
+            stop=halt,
+        )
+    finally:
+        if waiting is not None:
+            waiting.cancel()
+
+
+def _scenario_of(scenario: str, *, places: str, load: bool) -> type[Scenario]:
+    """The scenario to run, or ValueError for arguments that cannot work together."""
+    if places not in CITIES:
+        raise ValueError(f"no map of {places!r}: pass --places with one of {', '.join(CITIES)}")
+    behaviour = SCENARIOS.get(scenario)
+    if behaviour is None:
+        raise ValueError(f"unknown scenario {scenario!r}; known: {', '.join(SCENARIOS)}")
+    if load and scenario != "normal":
+        raise ValueError(
+            f"scenario {scenario} needs a connection per device: at most {MAX_CONNECTED_DEVICES} devices,"
+            " without --load"
+        )
+    return behaviour
