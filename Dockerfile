@@ -4,6 +4,7 @@ COPY pyproject.toml constraints.txt README.md ./
 COPY ioc_core ./ioc_core
 COPY ingest ./ingest
 COPY processors ./processors
+COPY delivery ./delivery
 COPY api ./api
 COPY simulators ./simulators
 COPY ioc ./ioc

@@ -33,10 +33,10 @@ from api.common import (
     scoped_device,
     sees_nothing,
 )
+from api.device_accounts import DeviceAccounts
 from api.page import add_page_routes
 from api.stream import EventHub, add_stream_route
 from ioc_core.alarms import ALARM_STATES, Alarm
-from ioc_core.broker_accounts import DeviceAccounts
 from ioc_core.errors import ConflictError, IocError, NotFoundError, ServiceUnavailableError
 from ioc_core.metrics import CONTENT_TYPE, Metric, render
 from ioc_core.models import Device, DeviceCredentials, DeviceIn, DevicePatch, RegisteredDevice

@@ -1,5 +1,5 @@
 """Public warnings as OASIS CAP 1.2, with no key: the open alarms each domain declares public
-(`Domain.public_warning`), for media and citizen apps to relay. `ioc_core.cap` builds the XML."""
+(`Domain.public_warning`), for media and citizen apps to relay. `api.cap` builds the XML."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request, Response
 
+from api import cap
 from api.common import AlarmId, CityFilter, db, etag_matches
 from api.problems import PROBLEM_MEDIA_TYPE
-from ioc_core import cap
 from ioc_core.domains import DOMAINS
 from ioc_core.places import city_name, place_label
 from ioc_core.settings import Settings

@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from ioc_core.embedded.mqtt_broker import EmbeddedBroker
+from ioc.embedded.mqtt_broker import EmbeddedBroker
 
 _PROTOCOLS = {"3.1.1": mqtt.MQTTv311, "5": mqtt.MQTTv5}
 

@@ -21,7 +21,7 @@ from ioc_core.storage import Database, ensure_database
 from ioc_core.supervision import describe
 
 if TYPE_CHECKING:
-    from processors.webhooks import WebhookDispatcher
+    from delivery.worker import WebhookDispatcher
 
 log = logging.getLogger("ioc")
 
@@ -119,7 +119,7 @@ async def run_webhooks(settings: Settings) -> None:
 
 
 async def _start_webhooks(stack: contextlib.AsyncExitStack, settings: Settings) -> WebhookDispatcher:
-    from processors.webhooks import WebhookDispatcher
+    from delivery.worker import WebhookDispatcher
 
     return await stack.enter_async_context(WebhookDispatcher(settings))
 

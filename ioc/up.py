@@ -24,8 +24,8 @@ from pathlib import Path
 
 from pydantic import SecretStr
 
-from ioc_core import logbus
-from ioc_core.embedded.mqtt_broker import EmbeddedBroker
+from ioc.embedded.mqtt_broker import EmbeddedBroker
+from ioc_core.bus import memory as memory_bus
 from ioc_core.errors import ConfigurationError
 from ioc_core.settings import Settings
 
@@ -68,7 +68,7 @@ async def _embed(
     embedded: list[str] = []
     broker: EmbeddedBroker | None = None
     if "database_url" not in given:
-        from ioc_core.embedded.postgres import EmbeddedPostgres
+        from ioc.embedded.postgres import EmbeddedPostgres
 
         database = await stack.enter_async_context(
             EmbeddedPostgres(
@@ -84,9 +84,9 @@ async def _embed(
         changes["mqtt_url"] = SecretStr(broker.url)
         embedded.append(f"MQTT broker at {broker.url}")
     if "kafka_bootstrap" not in given:
-        bootstrap = f"{logbus.SCHEME}ioc"
-        logbus.open_log(bootstrap, data_dir / "bus")
-        stack.callback(logbus.forget, bootstrap)
+        bootstrap = f"{memory_bus.SCHEME}ioc"
+        memory_bus.open_log(bootstrap, data_dir / "bus")
+        stack.callback(memory_bus.forget, bootstrap)
         changes["kafka_bootstrap"] = bootstrap
         embedded.append(f"in-process log bus in place of Kafka, kept in {data_dir / 'bus'}")
     if "admin_api_key" not in given:
@@ -104,9 +104,9 @@ async def run_up(
     announce: Callable[[str], None],
 ) -> None:
     from api.server import ApiServer
+    from delivery.worker import WebhookDispatcher
     from ingest.gateway import Gateway
     from processors.telemetry import TelemetryProcessor
-    from processors.webhooks import WebhookDispatcher
 
     async with contextlib.AsyncExitStack() as stack:
         settings, broker = await _embed(stack, settings)

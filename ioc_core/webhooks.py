@@ -1,7 +1,7 @@
 """Webhooks to agencies (contract §8): Standard Webhooks v1 signing, endpoint filters, which
 addresses a webhook may reach, and when a failed delivery is tried again.
 
-Everything here is pure; the delivery worker (`processors.webhooks`) does the I/O and the
+Everything here is pure; the delivery worker (`delivery.worker`) does the I/O and the
 storage layer (`ioc_core.storage.webhooks`) keeps endpoints, deliveries and attempts.
 """
 

@@ -85,7 +85,7 @@ until probe=$(rr '{"commands": [{"command": "getDefaultACLAccess"}]}' 2>&1); do
     sleep 1
 done
 
-# The gateway's role is the one ioc_core/broker_accounts.py grants (GATEWAY_ACLS).
+# The gateway's role is the one api/device_accounts.py grants (GATEWAY_ACLS).
 request=$(cat <<EOF
 {"commands": [
   {"command": "setDefaultACLAccess", "acls": [

@@ -24,7 +24,7 @@ import httpx
 import pytest
 from lxml import etree
 
-from ioc_core import cap
+from api import cap
 from tests.integration.conftest import System, free_port
 from tests.integration.harness import ComponentProcess, Publisher, unique, wait_until
 

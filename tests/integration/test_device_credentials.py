@@ -30,7 +30,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
-from ioc_core.broker_accounts import DeviceAccounts
+from api.device_accounts import DeviceAccounts
 from tests.integration.conftest import ADMIN_KEY, System, free_port
 from tests.integration.harness import ComponentProcess, unique, wait_until
 

@@ -23,7 +23,7 @@ from aiokafka import AIOKafkaConsumer
 from paho.mqtt.enums import CallbackAPIVersion
 
 from ingest.gateway import Gateway
-from ioc_core.embedded.mqtt_broker import EmbeddedBroker
+from ioc.embedded.mqtt_broker import EmbeddedBroker
 from ioc_core.models import DeviceIn, Location
 from ioc_core.settings import Settings, load_settings
 from ioc_core.storage import Database, ensure_database

@@ -17,8 +17,8 @@ from pathlib import Path
 import psutil  # type: ignore[import-untyped]
 import pytest
 
-from ioc_core.embedded import postgres
-from ioc_core.embedded.postgres import EmbeddedPostgres
+from ioc.embedded import postgres
+from ioc.embedded.postgres import EmbeddedPostgres
 from ioc_core.errors import ConfigurationError
 from ioc_core.models import DeviceIn, Location
 from ioc_core.storage import Database, StorageTier
@@ -38,7 +38,7 @@ DEVICE = DeviceIn(
 _CHILD = """
 import asyncio, sys
 from pathlib import Path
-from ioc_core.embedded.postgres import EmbeddedPostgres
+from ioc.embedded.postgres import EmbeddedPostgres
 
 async def main() -> None:
     server = EmbeddedPostgres(Path(sys.argv[1]))

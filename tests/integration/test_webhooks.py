@@ -28,10 +28,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from delivery.worker import send_once, webhook_client
 from ioc_core.http import HttpServer
 from ioc_core.settings import load_settings
 from ioc_core.storage.webhooks import DeliveryJob
-from processors.webhooks import send_once, webhook_client
 from tests.conftest import Figures
 from tests.integration.conftest import ADMIN_KEY, System, free_port
 from tests.integration.harness import (

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from ioc_core.broker_accounts import (
+from api.device_accounts import (
     GATEWAY_ACLS,
     BrokerCommandError,
     DeviceAccounts,

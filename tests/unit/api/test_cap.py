@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from ioc_core import cap
+from api import cap
 from ioc_core.domains import DOMAINS
 
 C = f"{{{cap.CAP_NS}}}"

@@ -25,7 +25,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from ioc_core.embedded.mqtt_broker import EmbeddedBroker
+from ioc.embedded.mqtt_broker import EmbeddedBroker
 from ioc_core.errors import ServiceUnavailableError
 
 T = TypeVar("T")
@@ -814,7 +814,7 @@ def test_v5_maximum_packet_size_of_a_client_is_respected(broker: RunningBroker) 
 
 
 def test_stop_lets_connected_subscribers_take_their_backlog_first(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="ioc_core.embedded.mqtt_broker")
+    caplog.set_level(logging.WARNING, logger="ioc.embedded.mqtt_broker")
     with RunningBroker(drain_timeout_s=10) as broker:
         subscriber = Client(broker, manual_ack=True).connect()
         subscriber.subscribe("drain/#")
@@ -871,7 +871,7 @@ def test_keepalive_timeout_closes_a_silent_client_and_sends_its_will(broker: Run
 
 
 def test_malformed_and_oversize_packets_close_only_that_connection(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="ioc_core.embedded.mqtt_broker")
+    caplog.set_level(logging.WARNING, logger="ioc.embedded.mqtt_broker")
     with RunningBroker(max_packet_size=4096) as broker:
         bystander = Client(broker, protocol=V5).connect()
         bystander.subscribe("bad/#")

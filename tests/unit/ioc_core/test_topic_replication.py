@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
-from ioc_core import bus, logbus
+from ioc_core import bus
 from ioc_core.bus import ensure_topics, replication_for
+from ioc_core.bus import memory as memory_bus
 from ioc_core.errors import ConfigurationError
 from ioc_core.settings import load_settings
 
@@ -89,7 +90,7 @@ def _fake_cluster(
     monkeypatch: pytest.MonkeyPatch, brokers: int, existing: list[str] | None = None
 ) -> FakeAdmin:
     admin = FakeAdmin(brokers, existing or [])
-    monkeypatch.setattr(bus, "new_admin", lambda bootstrap, **_: admin)
+    monkeypatch.setattr(bus.kafka, "admin", lambda bootstrap, **_: admin)
     return admin
 
 
@@ -122,4 +123,4 @@ async def test_the_in_process_bus_ignores_replication() -> None:
         # Created already: nothing to ask of a cluster it does not have.
         await ensure_topics(bootstrap, ["t"], partitions=2, replication_factor=3, min_insync_replicas=2)
     finally:
-        logbus.forget(bootstrap)
+        memory_bus.forget(bootstrap)

@@ -19,15 +19,15 @@ from aiokafka import ConsumerRebalanceListener
 from aiokafka.errors import ProducerClosed
 from aiokafka.structs import RecordMetadata, TopicPartition
 
-from ioc_core import logbus
 from ioc_core.bus import BusConsumer, BusProducer, ensure_topics, new_admin
+from ioc_core.bus import memory as memory_bus
 
 
 @pytest.fixture
 def bootstrap(request: pytest.FixtureRequest) -> Any:
     name = f"memory://test-{request.node.name}"
     yield name
-    logbus.forget(name)
+    memory_bus.forget(name)
 
 
 async def test_a_keys_records_stay_in_order_on_one_partition(bootstrap: str) -> None:
@@ -36,7 +36,7 @@ async def test_a_keys_records_stay_in_order_on_one_partition(bootstrap: str) -> 
         for n in range(50):
             for key in ("a", "b", "c"):
                 await producer.send_and_wait("t", f"{key}{n}".encode(), key=key)
-    reader = logbus.MemoryConsumer(bootstrap_servers=bootstrap, auto_offset_reset="earliest")
+    reader = memory_bus.MemoryConsumer(bootstrap_servers=bootstrap, auto_offset_reset="earliest")
     reader.assign([TopicPartition("t", p) for p in range(4)])
     batch = await reader.getmany(timeout_ms=100, max_records=10_000)
     by_key: dict[bytes, list[tuple[int, bytes]]] = {}
@@ -111,7 +111,7 @@ async def test_members_split_partitions_and_take_over_when_one_leaves(bootstrap:
 
 async def test_a_waiting_reader_wakes_when_a_record_arrives(bootstrap: str) -> None:
     await ensure_topics(bootstrap, ["t"], partitions=1)
-    reader = logbus.MemoryConsumer(bootstrap_servers=bootstrap, auto_offset_reset="latest")
+    reader = memory_bus.MemoryConsumer(bootstrap_servers=bootstrap, auto_offset_reset="latest")
     tp = TopicPartition("t", 0)
     reader.assign([tp])
     await reader.seek_to_end(tp)
@@ -133,13 +133,13 @@ async def test_a_waiting_reader_wakes_when_a_record_arrives(bootstrap: str) -> N
 
 
 async def test_retention_drops_the_oldest_and_readers_skip_ahead(bootstrap: str) -> None:
-    log = logbus.log_for(bootstrap)
+    log = memory_bus.log_for(bootstrap)
     log.retained = 5
     log.create("t", 1)
     async with BusProducer(bootstrap) as producer:
         for n in range(8):
             await producer.send_and_wait("t", str(n).encode(), key="k")
-    reader = logbus.MemoryConsumer(bootstrap_servers=bootstrap, auto_offset_reset="earliest")
+    reader = memory_bus.MemoryConsumer(bootstrap_servers=bootstrap, auto_offset_reset="earliest")
     tp = TopicPartition("t", 0)
     reader.assign([tp])
     reader.seek(tp, 0)
@@ -166,7 +166,7 @@ async def test_admin_describes_creates_and_deletes(bootstrap: str) -> None:
 
 async def test_records_and_commits_outlive_the_process(tmp_path: Path) -> None:
     bootstrap = "memory://disk-a"
-    logbus.open_log(bootstrap, tmp_path)
+    memory_bus.open_log(bootstrap, tmp_path)
     await ensure_topics(bootstrap, ["t"], partitions=2)
     async with BusProducer(bootstrap) as producer:
         for n in range(20):
@@ -178,73 +178,75 @@ async def test_records_and_commits_outlive_the_process(tmp_path: Path) -> None:
     async with BusProducer(bootstrap) as producer:
         for n in range(20, 25):
             await producer.send_and_wait("t", str(n).encode(), key=str(n))
-    logbus.forget(bootstrap)
+    memory_bus.forget(bootstrap)
 
-    logbus.open_log(bootstrap, tmp_path)
+    memory_bus.open_log(bootstrap, tmp_path)
     again = BusConsumer(bootstrap, ["t"], group_id="g")
     async with again:
         assert sorted(int(r.value) for r in await again.getmany(timeout_ms=50)) == list(range(20, 25))
-    reader = logbus.MemoryConsumer(bootstrap_servers=bootstrap, auto_offset_reset="earliest")
+    reader = memory_bus.MemoryConsumer(bootstrap_servers=bootstrap, auto_offset_reset="earliest")
     reader.assign([TopicPartition("t", 0), TopicPartition("t", 1)])
     everything = await reader.getmany(timeout_ms=50, max_records=1000)
     assert sorted(int(r.value) for records in everything.values() for r in records) == list(range(25))
-    metadata = await logbus.MemoryProducer(bootstrap_servers=bootstrap).send_and_wait("t", b"next", key=b"0")
+    metadata = await memory_bus.MemoryProducer(bootstrap_servers=bootstrap).send_and_wait(
+        "t", b"next", key=b"0"
+    )
     before = [r for records in everything.values() for r in records if r.partition == metadata.partition]
     assert metadata.offset == len(before)
-    logbus.forget(bootstrap)
+    memory_bus.forget(bootstrap)
 
 
 async def test_a_torn_last_record_is_cut_off(tmp_path: Path) -> None:
     bootstrap = "memory://disk-b"
-    logbus.open_log(bootstrap, tmp_path)
+    memory_bus.open_log(bootstrap, tmp_path)
     await ensure_topics(bootstrap, ["t"], partitions=1)
     async with BusProducer(bootstrap) as producer:
         for n in range(3):
             await producer.send_and_wait("t", str(n).encode(), key="k")
-    logbus.forget(bootstrap)
+    memory_bus.forget(bootstrap)
     [segment] = (tmp_path / "topics" / "t" / "0").glob("*.log")
     with segment.open("ab") as handle:
         handle.write(b"\x00\x00\x00")  # a crash in the middle of the next record
-    logbus.open_log(bootstrap, tmp_path)
-    metadata = await logbus.MemoryProducer(bootstrap_servers=bootstrap).send_and_wait("t", b"3", key=b"k")
+    memory_bus.open_log(bootstrap, tmp_path)
+    metadata = await memory_bus.MemoryProducer(bootstrap_servers=bootstrap).send_and_wait("t", b"3", key=b"k")
     assert metadata.offset == 3
-    logbus.forget(bootstrap)
-    logbus.open_log(bootstrap, tmp_path)
-    reader = logbus.MemoryConsumer(bootstrap_servers=bootstrap, auto_offset_reset="earliest")
+    memory_bus.forget(bootstrap)
+    memory_bus.open_log(bootstrap, tmp_path)
+    reader = memory_bus.MemoryConsumer(bootstrap_servers=bootstrap, auto_offset_reset="earliest")
     reader.assign([TopicPartition("t", 0)])
     batch = await reader.getmany(timeout_ms=10)
     assert [r.value for r in batch[TopicPartition("t", 0)]] == [b"0", b"1", b"2", b"3"]
-    logbus.forget(bootstrap)
+    memory_bus.forget(bootstrap)
 
 
 async def test_retention_deletes_whole_old_segments(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(logbus, "SEGMENT_RECORDS", 10)
+    monkeypatch.setattr(memory_bus, "SEGMENT_RECORDS", 10)
     bootstrap = "memory://disk-c"
-    logbus.open_log(bootstrap, tmp_path, retained=25)
+    memory_bus.open_log(bootstrap, tmp_path, retained=25)
     await ensure_topics(bootstrap, ["t"], partitions=1)
     async with BusProducer(bootstrap) as producer:
         for n in range(100):
             await producer.send_and_wait("t", str(n).encode(), key="k")
     segments = sorted(p.stem for p in (tmp_path / "topics" / "t" / "0").glob("*.log"))
     assert len(segments) <= 4 and int(segments[-1]) == 90
-    logbus.forget(bootstrap)
-    logbus.open_log(bootstrap, tmp_path, retained=25)
-    reader = logbus.MemoryConsumer(bootstrap_servers=bootstrap, auto_offset_reset="earliest")
+    memory_bus.forget(bootstrap)
+    memory_bus.open_log(bootstrap, tmp_path, retained=25)
+    reader = memory_bus.MemoryConsumer(bootstrap_servers=bootstrap, auto_offset_reset="earliest")
     reader.assign([TopicPartition("t", 0)])
     batch = (await reader.getmany(timeout_ms=10, max_records=1000))[TopicPartition("t", 0)]
     assert [r.offset for r in batch] == list(range(75, 100))
-    logbus.forget(bootstrap)
+    memory_bus.forget(bootstrap)
 
 
 _PRODUCE_THEN_DIE = """
 import asyncio, os, signal, sys
 from pathlib import Path
-from ioc_core import logbus
+from ioc_core.bus import memory as memory_bus
 from ioc_core.bus import BusProducer, ensure_topics
 
 async def main() -> None:
     bootstrap = "memory://killed"
-    logbus.open_log(bootstrap, Path(sys.argv[1]))
+    memory_bus.open_log(bootstrap, Path(sys.argv[1]))
     await ensure_topics(bootstrap, ["t"], partitions=3)
     async with BusProducer(bootstrap) as producer:
         futures = [await producer.send("t", str(n).encode(), key=str(n)) for n in range(500)]
@@ -263,12 +265,12 @@ async def test_acknowledged_sends_survive_a_killed_process(tmp_path: Path) -> No
     output, _ = await process.communicate()
     assert output.strip() == b"acknowledged" and process.returncode == -signal.SIGKILL
     bootstrap = "memory://killed"
-    logbus.open_log(bootstrap, tmp_path)
-    reader = logbus.MemoryConsumer(bootstrap_servers=bootstrap, auto_offset_reset="earliest")
+    memory_bus.open_log(bootstrap, tmp_path)
+    reader = memory_bus.MemoryConsumer(bootstrap_servers=bootstrap, auto_offset_reset="earliest")
     reader.assign([TopicPartition("t", p) for p in range(3)])
     batch = await reader.getmany(timeout_ms=10, max_records=10_000)
     assert sorted(int(r.value) for records in batch.values() for r in records) == list(range(500))
-    logbus.forget(bootstrap)
+    memory_bus.forget(bootstrap)
 
 
 # -- retention waits for the groups ------------------------------------------------------------
@@ -279,12 +281,12 @@ def kept_in(request: pytest.FixtureRequest, tmp_path: Path) -> Path | None:
     return tmp_path if request.param == "on disk" else None
 
 
-def _log(bootstrap: str, directory: Path | None, *, retained: int) -> logbus.MemoryLog:
+def _log(bootstrap: str, directory: Path | None, *, retained: int) -> memory_bus.MemoryLog:
     if directory is None:
-        log = logbus.log_for(bootstrap)
+        log = memory_bus.log_for(bootstrap)
         log.retained = retained
         return log
-    return logbus.open_log(bootstrap, directory, retained=retained)
+    return memory_bus.open_log(bootstrap, directory, retained=retained)
 
 
 async def _until(predicate: Callable[[], bool], what: str) -> None:
@@ -296,19 +298,19 @@ async def _until(predicate: Callable[[], bool], what: str) -> None:
     raise AssertionError(f"never happened: {what}")
 
 
-def _withheld(log: logbus.MemoryLog, topic: str = "t", partition: int = 0) -> int:
+def _withheld(log: memory_bus.MemoryLog, topic: str = "t", partition: int = 0) -> int:
     return len(log.partitions(topic)[partition].withheld)
 
 
 async def test_a_producer_outrunning_a_slow_group_waits_and_loses_nothing(
     bootstrap: str, kept_in: Path | None, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="ioc_core.logbus")
+    caplog.set_level(logging.INFO, logger="ioc_core.bus.memory")
     log = _log(bootstrap, kept_in, retained=10)  # room for 11 records (a tenth more)
     log.create("t", 1)
     consumer = BusConsumer(bootstrap, ["t"], group_id="slow", max_records=4)
     await consumer.start()
-    producer = logbus.MemoryProducer(bootstrap_servers=bootstrap)
+    producer = memory_bus.MemoryProducer(bootstrap_servers=bootstrap)
     for n in range(11):
         await producer.send_and_wait("t", b"%d" % n, key=b"k")
     # The group has not committed anything: the next send waits instead of dropping record 0.
@@ -348,7 +350,7 @@ async def test_a_withheld_send_ends_when_cancelled_when_its_producer_stops_and_w
     log.create("t", 1)
     consumer = BusConsumer(bootstrap, ["t"], group_id="g")
     await consumer.start()
-    producer = logbus.MemoryProducer(bootstrap_servers=bootstrap)
+    producer = memory_bus.MemoryProducer(bootstrap_servers=bootstrap)
     await producer.start()
     for n in range(3):
         await producer.send_and_wait("t", b"%d" % n, key=b"k")
@@ -368,12 +370,12 @@ async def test_a_withheld_send_ends_when_cancelled_when_its_producer_stops_and_w
     # Neither was appended: once the group commits, the next record takes offset 3.
     assert [r.value for r in await consumer.getmany(timeout_ms=100)] == [b"0", b"1", b"2"]
     await consumer.commit()
-    other = logbus.MemoryProducer(bootstrap_servers=bootstrap)
+    other = memory_bus.MemoryProducer(bootstrap_servers=bootstrap)
     offsets = [(await other.send_and_wait("t", b"%d" % n, key=b"k")).offset for n in range(3, 6)]
     assert offsets == [3, 4, 5]
     closing = asyncio.create_task(other.send_and_wait("t", b"6", key=b"k"))
     await _until(lambda: _withheld(log) == 1, "the send is withheld")
-    logbus.forget(bootstrap)  # as `ioc up` does last when it stops
+    memory_bus.forget(bootstrap)  # as `ioc up` does last when it stops
     with pytest.raises(ProducerClosed):
         await closing
     await consumer.stop()
@@ -382,13 +384,13 @@ async def test_a_withheld_send_ends_when_cancelled_when_its_producer_stops_and_w
 async def test_a_group_without_members_holds_retention_until_its_hold_runs_out(
     bootstrap: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(logbus, "GROUP_HOLD_S", 1.0)
+    monkeypatch.setattr(memory_bus, "GROUP_HOLD_S", 1.0)
     log = _log(bootstrap, None, retained=2)  # room for 3
     log.create("t", 1)
     async with BusConsumer(bootstrap, ["t"], group_id="gone") as gone:
         assert await gone.getmany(timeout_ms=10) == []
         await gone.commit()  # at offset 0
-    producer = logbus.MemoryProducer(bootstrap_servers=bootstrap)
+    producer = memory_bus.MemoryProducer(bootstrap_servers=bootstrap)
     for n in range(3):
         await producer.send_and_wait("t", b"%d" % n, key=b"k")
     loop = asyncio.get_running_loop()
@@ -414,12 +416,12 @@ def _values(batch: dict[TopicPartition, list[Any]], tp: TopicPartition) -> list[
 
 async def test_readers_see_a_record_and_groups_commit_it_only_once_it_is_durable(tmp_path: Path) -> None:
     bootstrap = "memory://disk-durable"
-    log = logbus.open_log(bootstrap, tmp_path)
+    log = memory_bus.open_log(bootstrap, tmp_path)
     log.create("t", 1)
     tp = TopicPartition("t", 0)
-    reader = logbus.MemoryConsumer(bootstrap_servers=bootstrap, auto_offset_reset="earliest")
+    reader = memory_bus.MemoryConsumer(bootstrap_servers=bootstrap, auto_offset_reset="earliest")
     reader.assign([tp])
-    producer = logbus.MemoryProducer(bootstrap_servers=bootstrap)
+    producer = memory_bus.MemoryProducer(bootstrap_servers=bootstrap)
     durable = await producer.send("t", b"0", key=b"k")
     # Appended, not yet fsynced: a crash could still take it back.
     assert log.bounds(tp) == (0, 0) and await reader.getmany() == {}
@@ -428,20 +430,20 @@ async def test_readers_see_a_record_and_groups_commit_it_only_once_it_is_durable
     metadata: RecordMetadata = await durable
     assert metadata.offset == 0 and log.bounds(tp) == (0, 1)
     assert _values(await reader.getmany(), tp) == [b"0"]
-    logbus.forget(bootstrap)
+    memory_bus.forget(bootstrap)
 
 
 async def test_a_damaged_record_ends_the_log_where_it_lies(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(logbus, "SEGMENT_RECORDS", 5)
+    monkeypatch.setattr(memory_bus, "SEGMENT_RECORDS", 5)
     bootstrap = "memory://disk-damaged"
-    logbus.open_log(bootstrap, tmp_path)
+    memory_bus.open_log(bootstrap, tmp_path)
     await ensure_topics(bootstrap, ["t"], partitions=1)
     async with BusProducer(bootstrap) as producer:
         for n in range(12):
             await producer.send_and_wait("t", b"value-%02d" % n, key="k")
-    logbus.forget(bootstrap)
+    memory_bus.forget(bootstrap)
     folder = tmp_path / "topics" / "t" / "0"
     segments = sorted(folder.glob("*.log"))
     assert [int(p.stem) for p in segments] == [0, 5, 10]
@@ -450,32 +452,34 @@ async def test_a_damaged_record_ends_the_log_where_it_lies(
     data[position + 6] ^= 0x01  # one bit of the record's value, as a failing disk might
     segments[1].write_bytes(bytes(data))
 
-    caplog.set_level(logging.WARNING, logger="ioc_core.logbus")
-    log = logbus.open_log(bootstrap, tmp_path)
+    caplog.set_level(logging.WARNING, logger="ioc_core.bus.memory")
+    log = memory_bus.open_log(bootstrap, tmp_path)
     tp = TopicPartition("t", 0)
     assert log.bounds(tp) == (0, 7)
     [warning] = [r for r in caplog.records if "checksum" in r.getMessage()]
     assert str(segments[1]) in warning.getMessage() and "ends at offset 7" in warning.getMessage()
     assert not segments[2].exists()  # the log ends at the damage: later segments are cut off
-    metadata = await logbus.MemoryProducer(bootstrap_servers=bootstrap).send_and_wait("t", b"new", key=b"k")
+    metadata = await memory_bus.MemoryProducer(bootstrap_servers=bootstrap).send_and_wait(
+        "t", b"new", key=b"k"
+    )
     assert metadata.offset == 7
-    logbus.forget(bootstrap)
+    memory_bus.forget(bootstrap)
 
     caplog.clear()
-    logbus.open_log(bootstrap, tmp_path)
-    reader = logbus.MemoryConsumer(bootstrap_servers=bootstrap, auto_offset_reset="earliest")
+    memory_bus.open_log(bootstrap, tmp_path)
+    reader = memory_bus.MemoryConsumer(bootstrap_servers=bootstrap, auto_offset_reset="earliest")
     reader.assign([tp])
     values = _values(await reader.getmany(max_records=100), tp)
     assert values == [b"value-%02d" % n for n in range(7)] + [b"new"]
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
-    logbus.forget(bootstrap)
+    memory_bus.forget(bootstrap)
 
 
 async def test_a_commit_past_the_end_after_a_cut_is_brought_back_to_the_end(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     bootstrap = "memory://disk-clamped"
-    logbus.open_log(bootstrap, tmp_path)
+    memory_bus.open_log(bootstrap, tmp_path)
     await ensure_topics(bootstrap, ["t"], partitions=1)
     async with BusProducer(bootstrap) as producer:
         for n in range(10):
@@ -483,14 +487,14 @@ async def test_a_commit_past_the_end_after_a_cut_is_brought_back_to_the_end(
     async with BusConsumer(bootstrap, ["t"], group_id="g") as consumer:
         assert len(await consumer.getmany(timeout_ms=100)) == 10
         await consumer.commit()
-    logbus.forget(bootstrap)
+    memory_bus.forget(bootstrap)
     # The disk lost the last records (as a crash may, past what fsync promised): cut mid-record.
     [segment] = (tmp_path / "topics" / "t" / "0").glob("*.log")
     data = segment.read_bytes()
     segment.write_bytes(data[: data.index(b"\x00\x00\x00\x00\x00\x00\x00\x06") + 3])
 
-    caplog.set_level(logging.WARNING, logger="ioc_core.logbus")
-    log = logbus.open_log(bootstrap, tmp_path)
+    caplog.set_level(logging.WARNING, logger="ioc_core.bus.memory")
+    log = memory_bus.open_log(bootstrap, tmp_path)
     tp = TopicPartition("t", 0)
     assert log.bounds(tp) == (0, 6) and log.committed("g", tp) == 6
     assert len([r for r in caplog.records if "past its end" in r.getMessage()]) == 1
@@ -498,33 +502,35 @@ async def test_a_commit_past_the_end_after_a_cut_is_brought_back_to_the_end(
     assert stored["offsets"] == [{"topic": "t", "partition": 0, "offset": 6}]
     assert not list((tmp_path / "groups").glob("*.tmp"))
     # The next record takes offset 6 again, and the group reads it instead of skipping it.
-    await logbus.MemoryProducer(bootstrap_servers=bootstrap).send_and_wait("t", b"after", key=b"k")
-    logbus.forget(bootstrap)
+    await memory_bus.MemoryProducer(bootstrap_servers=bootstrap).send_and_wait("t", b"after", key=b"k")
+    memory_bus.forget(bootstrap)
 
     caplog.clear()
-    logbus.open_log(bootstrap, tmp_path)
+    memory_bus.open_log(bootstrap, tmp_path)
     async with BusConsumer(bootstrap, ["t"], group_id="g") as consumer:
         assert [r.value for r in await consumer.getmany(timeout_ms=100)] == [b"after"]
     assert not [r for r in caplog.records if "past its end" in r.getMessage()]  # logged once
-    logbus.forget(bootstrap)
+    memory_bus.forget(bootstrap)
 
 
 async def test_segments_of_the_first_format_are_converted(tmp_path: Path) -> None:
     folder = tmp_path / "topics" / "t" / "0"
     folder.mkdir(parents=True)
     # Format 1: no segment header, no checksum; a torn record at the end.
-    old = b"".join(logbus._FIELDS.pack(n, 1_700_000_000_000 + n, 1, 1) + b"k" + b"%d" % n for n in range(3))
+    old = b"".join(
+        memory_bus._FIELDS.pack(n, 1_700_000_000_000 + n, 1, 1) + b"k" + b"%d" % n for n in range(3)
+    )
     (folder / f"{0:020d}.log").write_bytes(old + b"\x00\x00")
     bootstrap = "memory://disk-converted"
-    logbus.open_log(bootstrap, tmp_path)
+    memory_bus.open_log(bootstrap, tmp_path)
     segment = folder / f"{0:020d}.log"
-    assert segment.read_bytes().startswith(logbus._SEGMENT_HEADER)
-    metadata = await logbus.MemoryProducer(bootstrap_servers=bootstrap).send_and_wait("t", b"3", key=b"k")
+    assert segment.read_bytes().startswith(memory_bus._SEGMENT_HEADER)
+    metadata = await memory_bus.MemoryProducer(bootstrap_servers=bootstrap).send_and_wait("t", b"3", key=b"k")
     assert metadata.offset == 3
-    logbus.forget(bootstrap)
-    logbus.open_log(bootstrap, tmp_path)
-    reader = logbus.MemoryConsumer(bootstrap_servers=bootstrap, auto_offset_reset="earliest")
+    memory_bus.forget(bootstrap)
+    memory_bus.open_log(bootstrap, tmp_path)
+    reader = memory_bus.MemoryConsumer(bootstrap_servers=bootstrap, auto_offset_reset="earliest")
     tp = TopicPartition("t", 0)
     reader.assign([tp])
     assert _values(await reader.getmany(max_records=100), tp) == [b"0", b"1", b"2", b"3"]
-    logbus.forget(bootstrap)
+    memory_bus.forget(bootstrap)

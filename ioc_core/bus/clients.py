@@ -1,138 +1,21 @@
-"""The message bus: Kafka topics, an idempotent producer and a commit-after-write consumer."""
+"""The producer and consumer every component uses, over whichever driver the bootstrap names."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import IllegalStateError, KafkaConnectionError, KafkaError
+from aiokafka import ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import IllegalStateError, KafkaConnectionError
 
-from ioc_core import logbus
+from ioc_core.bus.drivers import new_consumer, new_producer
 from ioc_core.component import Component
-from ioc_core.domains import DOMAINS
-from ioc_core.errors import ConfigurationError, IocError, ServiceUnavailableError
+from ioc_core.errors import ServiceUnavailableError
 
 log = logging.getLogger(__name__)
-
-_TOPIC_EXISTS = 36
-
-
-@dataclass(frozen=True, slots=True)
-class Topics:
-    """The bus's topic names. The prefix (empty by default, so the names are the contract's)
-    lets several deployments, or test runs, share one Kafka cluster without seeing each other."""
-
-    prefix: str = ""
-
-    def telemetry(self, domain: str) -> str:
-        return f"{self.prefix}ioc.telemetry.{domain}"
-
-    @property
-    def deadletter(self) -> str:
-        return f"{self.prefix}ioc.deadletter"
-
-    @property
-    def events(self) -> str:
-        return f"{self.prefix}ioc.events"
-
-    def telemetry_topics(self) -> list[str]:
-        return [self.telemetry(name) for name in DOMAINS]
-
-    def all(self) -> list[str]:
-        return [*self.telemetry_topics(), self.deadletter, self.events]
-
-    def domain_of(self, topic: str) -> str | None:
-        """The domain whose telemetry travels on `topic`, or None for the other topics."""
-        base = f"{self.prefix}ioc.telemetry."
-        name = topic[len(base) :] if topic.startswith(base) else None
-        return name if name in DOMAINS else None
-
-
-def new_consumer(bootstrap: str, **options: Any) -> AIOKafkaConsumer:
-    """A Kafka consumer, or the in-process log bus's for a `memory://` bootstrap."""
-    if logbus.is_memory(bootstrap):
-        return logbus.MemoryConsumer(bootstrap_servers=bootstrap, **options)
-    return AIOKafkaConsumer(bootstrap_servers=bootstrap, **options)
-
-
-def new_producer(bootstrap: str, **options: Any) -> AIOKafkaProducer:
-    if logbus.is_memory(bootstrap):
-        return logbus.MemoryProducer(bootstrap_servers=bootstrap, **options)
-    return AIOKafkaProducer(bootstrap_servers=bootstrap, **options)
-
-
-def new_admin(bootstrap: str, **options: Any) -> AIOKafkaAdminClient:
-    if logbus.is_memory(bootstrap):
-        return logbus.MemoryAdmin(bootstrap_servers=bootstrap, **options)
-    return AIOKafkaAdminClient(bootstrap_servers=bootstrap, **options)
-
-
-def replication_for(
-    brokers: int, replication_factor: int | None = None, min_insync_replicas: int | None = None
-) -> tuple[int, int]:
-    """Copies of each partition and the copies a write must reach (`min.insync.replicas`): as
-    given, or from the cluster's size. Three copies with two in sync survive one broker lost
-    without refusing writes, and a second without losing an acknowledged one."""
-    copies = replication_factor if replication_factor is not None else max(1, min(3, brokers))
-    in_sync = min_insync_replicas if min_insync_replicas is not None else (2 if copies >= 3 else 1)
-    if in_sync > copies:
-        raise ConfigurationError(
-            f"min.insync.replicas {in_sync} exceeds the replication factor {copies}: no write could succeed"
-        )
-    return copies, in_sync
-
-
-async def ensure_topics(
-    bootstrap: str,
-    topics: Iterable[str],
-    *,
-    partitions: int,
-    replication_factor: int | None = None,
-    min_insync_replicas: int | None = None,
-) -> None:
-    """Create missing topics (idempotent); the broker may also auto-create, but with its defaults.
-
-    Unset, `replication_factor` and `min_insync_replicas` follow the number of live brokers (see
-    `replication_for`). The in-process bus (`memory://`) has nothing to replicate."""
-    admin = new_admin(bootstrap, request_timeout_ms=15_000)
-    try:
-        await admin.start()
-    except KafkaError as exc:
-        raise ServiceUnavailableError(f"Kafka at {bootstrap} is unreachable: {exc}") from exc
-    try:
-        existing = set(await admin.list_topics())
-        missing = [t for t in topics if t not in existing]
-        if not missing:
-            return
-        if logbus.is_memory(bootstrap):
-            copies, in_sync = 1, 1
-        else:
-            brokers = len((await admin.describe_cluster())["brokers"])
-            copies, in_sync = replication_for(brokers, replication_factor, min_insync_replicas)
-        response = await admin.create_topics(
-            [
-                NewTopic(
-                    name=t,
-                    num_partitions=partitions,
-                    replication_factor=copies,
-                    topic_configs={"min.insync.replicas": str(in_sync)},
-                )
-                for t in missing
-            ]
-        )
-        for topic, code, message in response.topic_errors:
-            if code not in (0, _TOPIC_EXISTS):
-                raise IocError(f"creating Kafka topic {topic} failed: error {code} {message}", retriable=True)
-        log.info(
-            "created Kafka topics %s (%d copies, %d in sync for a write)", ", ".join(missing), copies, in_sync
-        )
-    finally:
-        await admin.close()
 
 
 class BusProducer(Component):

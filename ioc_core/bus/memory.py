@@ -55,7 +55,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from aiokafka import ConsumerRebalanceListener
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import ProducerClosed, UnknownTopicOrPartitionError
 from aiokafka.structs import ConsumerRecord, RecordMetadata, TopicPartition
 
@@ -1167,3 +1168,23 @@ class MemoryAdmin:
                     {"topic": topic, "error_code": 0, "partitions": [{"partition": i} for i in range(count)]}
                 )
         return described
+
+
+# The driver interface (`ioc_core.bus.drivers.BusDriver`): clients shaped like aiokafka's.
+def consumer(bootstrap: str, **options: Any) -> AIOKafkaConsumer:
+    return MemoryConsumer(bootstrap_servers=bootstrap, **options)
+
+
+def producer(bootstrap: str, **options: Any) -> AIOKafkaProducer:
+    return MemoryProducer(bootstrap_servers=bootstrap, **options)
+
+
+def admin(bootstrap: str, **options: Any) -> AIOKafkaAdminClient:
+    return MemoryAdmin(bootstrap_servers=bootstrap, **options)
+
+
+async def replication(
+    client: AIOKafkaAdminClient, replication_factor: int | None, min_insync_replicas: int | None
+) -> tuple[int, int]:
+    """One process holds one copy: there is nothing to replicate."""
+    return 1, 1

@@ -1,0 +1,1 @@
+"""Webhook delivery: the worker that sends the outbox's routed events to agencies, signed and retried."""
