@@ -22,6 +22,11 @@ namespaces are not permitted, as `nobody`.
 TCP connections need the generated password (the unix socket, reachable by the owner of the data
 directory only, does not): a superuser can run programs as the server's user, so a loopback port
 open to every local account without one would hand that user to all of them.
+
+This module owns the data directory, the choice of port, the order of start and stop and the
+`EmbeddedPostgres` Component; finding and running the binaries and handling the server's processes
+and files is `postgres_cluster`'s, and creating the `ioc` database is the storage layer's
+`ensure_database`.
 """
 
 from __future__ import annotations
@@ -30,12 +35,9 @@ import asyncio
 import atexit
 import contextlib
 import fcntl
-import functools
-import importlib.util
 import json
 import logging
 import os
-import pwd
 import secrets
 import shlex
 import shutil
@@ -44,15 +46,31 @@ import socket
 import subprocess
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
 import asyncpg
-import psutil  # type: ignore[import-untyped]
 
+from ioc.embedded.postgres_cluster import (
+    START_TIMEOUT_S,
+    STOP_TIMEOUT_S,
+    Runner,
+    binaries_dir,
+    bundled_version,
+    choose_runner,
+    chown_tree,
+    clear_stale_files,
+    fsync_dir,
+    live_postmaster,
+    run_binary,
+    server_environment,
+    server_problem,
+    shut_down,
+    write_marker,
+)
 from ioc_core.component import Component
 from ioc_core.errors import ConfigurationError, ServiceUnavailableError
+from ioc_core.storage import ensure_database
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +83,6 @@ _CLUSTER = "pgdata"
 _LOG = "server.log"
 # A previous log larger than this is moved to server.log.1 at start, so the log stays bounded.
 _LOG_KEEP_BYTES = 10 * 1024 * 1024
-_START_TIMEOUT_S = 60
-_STOP_TIMEOUT_S = 30
 # The longest unix socket path (sun_path is 104 bytes on macOS, 108 on Linux, with the NUL).
 _SOCKET_PATH_MAX = 103
 
@@ -81,20 +97,6 @@ _CLUSTER_SETTINGS = {
     "timezone": "UTC",
     "log_timezone": "UTC",
 }
-
-
-@dataclass(frozen=True)
-class _Runner:
-    """How the PostgreSQL binaries are run: directly, or, for root, under another user id."""
-
-    prefix: tuple[str, ...] = ()
-    # (uid, gid) the cluster's files must belong to; None when they belong to whoever we are.
-    owner: tuple[int, int] | None = None
-    how: str = ""
-
-    @property
-    def switches_user(self) -> bool:
-        return self.owner is not None and self.owner[0] != os.geteuid()
 
 
 class EmbeddedPostgres(Component):
@@ -186,7 +188,7 @@ class EmbeddedPostgres(Component):
         with self._mutex:
             if self._lock_file is not None:
                 return
-            runner = _runner()
+            runner = choose_runner()
             marker = self._claim_data_dir()
             launched = False
             try:
@@ -197,14 +199,14 @@ class EmbeddedPostgres(Component):
                 self._port = self._choose_port(marker)
                 if marker.get("port") != self._port:
                     marker["port"] = self._port
-                    _write_marker(self.data_dir / _MARKER, marker)
+                    write_marker(self.data_dir / _MARKER, marker)
                 launched = True
                 self._launch(runner)
             except BaseException:
                 # pg_ctl may give up waiting on a server that comes up after all.
-                pid = _live_postmaster(self.cluster_dir) if launched else None
+                pid = live_postmaster(self.cluster_dir) if launched else None
                 if pid is not None:
-                    self._shut_down(runner, pid)
+                    shut_down(runner, self.cluster_dir, pid)
                 self._release()
                 raise
             self._owner_pid = os.getpid()
@@ -247,7 +249,7 @@ class EmbeddedPostgres(Component):
         try:
             if not marker_path.exists():
                 marker: dict[str, object] = {"format": 1, "password": secrets.token_urlsafe(24)}
-                _write_marker(marker_path, marker)
+                write_marker(marker_path, marker)
                 return marker
             loaded = json.loads(marker_path.read_text())
             if not isinstance(loaded, dict) or not isinstance(loaded.get("password"), str):
@@ -257,12 +259,12 @@ class EmbeddedPostgres(Component):
             self._release()
             raise ConfigurationError(f"cannot use {marker_path}: {exc}") from exc
 
-    def _check_runner(self, runner: _Runner) -> None:
+    def _check_runner(self, runner: Runner) -> None:
         if not runner.switches_user:
             return
         # Running as another user, the server must be able to reach the binaries and the data.
         for what, command in (
-            (f"the PostgreSQL binaries in {_bin_dir()}", [str(_bin_dir() / "postgres"), "--version"]),
+            (f"the PostgreSQL binaries in {binaries_dir()}", [str(binaries_dir() / "postgres"), "--version"]),
             (str(self.data_dir), ["test", "-x", str(self.data_dir)]),
         ):
             if subprocess.run([*runner.prefix, *command], capture_output=True, check=False).returncode:
@@ -271,7 +273,7 @@ class EmbeddedPostgres(Component):
                     " run as an ordinary user or allow user namespaces (unshare --user)"
                 )
 
-    def _create_cluster(self, runner: _Runner) -> None:
+    def _create_cluster(self, runner: Runner) -> None:
         cluster = self.cluster_dir
         version_file = cluster / "PG_VERSION"
         if version_file.exists():
@@ -304,7 +306,7 @@ class EmbeddedPostgres(Component):
                 file.write(f"{self._password}\n")
             if runner.owner is not None:
                 os.chown(password_file, *runner.owner)
-            self._run(
+            run_binary(
                 runner,
                 "initdb",
                 ["-D", str(draft), "-U", SUPERUSER, "--encoding=UTF8", "--locale=C", "--no-instructions"],
@@ -317,33 +319,33 @@ class EmbeddedPostgres(Component):
         finally:
             password_file.unlink(missing_ok=True)
         draft.rename(cluster)
-        _fsync_dir(self.data_dir)
+        fsync_dir(self.data_dir)
         log.info("embedded PostgreSQL cluster created in %.2f s", time.perf_counter() - began)
         # The new cluster's files reach the disk while the server starts; only a power cut in
         # those moments could lose them, and the server has nothing in it yet.
         self._syncing = subprocess.Popen(
-            [*runner.prefix, str(_bin_dir() / "initdb"), "--sync-only", "-D", str(cluster)],
+            [*runner.prefix, str(binaries_dir() / "initdb"), "--sync-only", "-D", str(cluster)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            env=_server_environment(),
+            env=server_environment(),
         )
 
-    def _take_over_cluster(self, runner: _Runner) -> None:
+    def _take_over_cluster(self, runner: Runner) -> None:
         """Clear what a killed run left behind: stop its server, or remove its stale lock files."""
         if runner.owner is not None:
-            _chown_tree(self.cluster_dir, runner.owner)
-        pid = _live_postmaster(self.cluster_dir)
+            chown_tree(self.cluster_dir, runner.owner)
+        pid = live_postmaster(self.cluster_dir)
         if pid is None:
-            _clear_stale_files(self.cluster_dir)
+            clear_stale_files(self.cluster_dir)
             return
         log.warning(
             "stopping the embedded PostgreSQL (pid %d) that an earlier run left running in %s",
             pid,
             self.data_dir,
         )
-        self._shut_down(runner, pid)
-        _clear_stale_files(self.cluster_dir)
+        shut_down(runner, self.cluster_dir, pid)
+        clear_stale_files(self.cluster_dir)
 
     def _choose_port(self, marker: dict[str, object]) -> int:
         if self._requested_port:
@@ -361,7 +363,7 @@ class EmbeddedPostgres(Component):
             f"cannot start the embedded PostgreSQL: {self.host}:{port} is already in use; {fix} (0 picks one)"
         )
 
-    def _launch(self, runner: _Runner) -> None:
+    def _launch(self, runner: Runner) -> None:
         log_path = self.log_path
         with contextlib.suppress(OSError):
             if log_path.stat().st_size > _LOG_KEEP_BYTES:
@@ -384,14 +386,14 @@ class EmbeddedPostgres(Component):
         except OSError:
             log_offset = 0
         try:
-            self._run(
+            run_binary(
                 runner,
                 "pg_ctl",
-                ["-D", str(self.cluster_dir), "-l", str(log_path), "-w", "-t", str(_START_TIMEOUT_S)],
+                ["-D", str(self.cluster_dir), "-l", str(log_path), "-w", "-t", str(START_TIMEOUT_S)],
                 ["-o", shlex.join(options), "start"],
             )
         except subprocess.CalledProcessError:
-            problem = _server_problem(log_path, log_offset)
+            problem = server_problem(log_path, log_offset)
             if "could not bind" in problem or "Address already in use" in problem:
                 raise self._port_taken(self.port) from None
             raise ServiceUnavailableError(
@@ -400,24 +402,21 @@ class EmbeddedPostgres(Component):
 
     async def _ensure_database(self) -> str:
         """Create the `ioc` database when missing; return the server's version."""
-        admin_url = self.url.rsplit("/", 1)[0] + "/postgres"
         try:
-            connection = await asyncpg.connect(admin_url, timeout=10)
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            await ensure_database(self.url)
+            connection = await asyncpg.connect(self.url, timeout=10)
+        except (ServiceUnavailableError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            # ensure_database reports an unreachable server in its own words, with the cause
+            # attached; the embedded server's message also says where its log is.
+            cause = exc.__cause__ if isinstance(exc, ServiceUnavailableError) and exc.__cause__ else exc
             raise ServiceUnavailableError(
-                f"the embedded PostgreSQL on {self.host}:{self.port} does not answer: {exc}"
+                f"the embedded PostgreSQL on {self.host}:{self.port} does not answer: {cause}"
                 f" (log: {self.log_path})"
-            ) from exc
+            ) from cause
         try:
-            exists = await connection.fetchval("SELECT true FROM pg_database WHERE datname = $1", DATABASE)
-            if not exists:
-                with contextlib.suppress(asyncpg.DuplicateDatabaseError):
-                    await connection.execute(f'CREATE DATABASE "{DATABASE}"')
-                log.info("created database %s in the embedded PostgreSQL", DATABASE)
-            version = str(connection.get_settings().server_version)
+            return str(connection.get_settings().server_version)
         finally:
             await connection.close()
-        return version
 
     # -- stop ----------------------------------------------------------------------------------
 
@@ -426,9 +425,9 @@ class EmbeddedPostgres(Component):
             if self._lock_file is None:
                 return
             try:
-                pid = _live_postmaster(self.cluster_dir)
+                pid = live_postmaster(self.cluster_dir)
                 if pid is not None:
-                    self._shut_down(_runner(), pid)
+                    shut_down(choose_runner(), self.cluster_dir, pid)
                     log.info("embedded PostgreSQL stopped")
                 else:
                     # Crashed or killed: the next start clears what it left.
@@ -437,29 +436,10 @@ class EmbeddedPostgres(Component):
                 self._release()
                 _untrack(self)
 
-    def _shut_down(self, runner: _Runner, pid: int) -> None:
-        """Stop the server: fast (rolls back open transactions), then immediate, then SIGKILL.
-        Each keeps committed data: the next start recovers from the WAL."""
-        for mode in ("fast", "immediate"):
-            try:
-                self._run(
-                    runner,
-                    "pg_ctl",
-                    ["-D", str(self.cluster_dir), "-m", mode, "-w", "-t", str(_STOP_TIMEOUT_S), "stop"],
-                )
-            except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
-                log.warning("pg_ctl stop -m %s failed: %s", mode, _one_line(exc))
-            if not _is_our_postmaster(pid, self.cluster_dir):
-                return
-        log.warning("killing the embedded PostgreSQL (pid %d)", pid)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        _kill_leftovers(self.cluster_dir)
-
     def _release(self) -> None:
         if self._syncing is not None:
             try:
-                self._syncing.wait(timeout=_STOP_TIMEOUT_S)
+                self._syncing.wait(timeout=STOP_TIMEOUT_S)
             except subprocess.TimeoutExpired:
                 log.warning("the embedded PostgreSQL cluster is still being synced to disk")
             self._syncing = None
@@ -467,206 +447,6 @@ class EmbeddedPostgres(Component):
             os.close(self._lock_file)
             self._lock_file = None
         self._owner_pid = None
-
-    # -- helpers -------------------------------------------------------------------------------
-
-    def _run(
-        self,
-        runner: _Runner,
-        program: str,
-        *args: list[str],
-        failure: str | None = None,
-    ) -> None:
-        command = [*runner.prefix, str(_bin_dir() / program), *(a for part in args for a in part)]
-        try:
-            subprocess.run(
-                command,
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                text=True,
-                check=True,
-                env=_server_environment(),
-                timeout=_START_TIMEOUT_S + 30,
-            )
-        except subprocess.CalledProcessError as exc:
-            if failure is None:
-                raise
-            raise ServiceUnavailableError(f"{failure}: {_one_line(exc)}") from None
-        except subprocess.TimeoutExpired as exc:
-            if failure is None:
-                raise
-            raise ServiceUnavailableError(f"{failure}: {program} took over {exc.timeout:.0f} s") from None
-        except OSError as exc:
-            raise ConfigurationError(f"cannot run {command[0]}: {exc}") from exc
-
-
-# -- the PostgreSQL binaries --------------------------------------------------------------------
-
-
-@functools.cache
-def _bin_dir() -> Path:
-    # Found without importing pgserver: importing it runs its own server management code.
-    spec = importlib.util.find_spec("pgserver")
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigurationError("the embedded PostgreSQL needs the pgserver package: pip install pgserver")
-    bin_dir = Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
-    if not (bin_dir / "postgres").exists():
-        raise ConfigurationError(f"the pgserver package has no PostgreSQL binaries in {bin_dir}")
-    return bin_dir
-
-
-@functools.cache
-def bundled_version() -> str:
-    """The version of the bundled PostgreSQL, e.g. "16.2"."""
-    try:
-        command = [str(_bin_dir() / "postgres"), "--version"]
-        out = subprocess.run(command, capture_output=True, text=True, check=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise ConfigurationError(f"cannot run the bundled PostgreSQL: {exc}") from exc
-    return out.split()[-1]
-
-
-def _server_environment() -> dict[str, str]:
-    # PG* variables of the user's shell (PGDATA, PGPORT, ...) must not steer our server, and
-    # messages stay in English so that failures can be recognised in the log.
-    env = {name: value for name, value in os.environ.items() if not name.startswith("PG")}
-    env["LC_ALL"] = "C"
-    return env
-
-
-@functools.cache
-def _runner() -> _Runner:
-    if os.geteuid() != 0:
-        return _Runner()
-    user_namespace = ("unshare", "--user", "--map-user=1", "--map-group=1", "--")
-    if shutil.which("unshare") and _succeeds([*user_namespace, "true"]):
-        return _Runner(user_namespace, (0, 0), "in a user namespace")
-    try:
-        nobody = pwd.getpwnam("nobody")
-    except KeyError:
-        nobody = None
-    if nobody is not None:
-        uid, gid = nobody.pw_uid, nobody.pw_gid
-        if shutil.which("setpriv"):
-            prefix: tuple[str, ...] = ("setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--")
-            return _Runner(prefix, (uid, gid), "as user nobody")
-        if shutil.which("runuser"):
-            return _Runner(("runuser", "-u", "nobody", "--"), (uid, gid), "as user nobody")
-    raise ConfigurationError(
-        "PostgreSQL refuses to run as root, and neither user namespaces (unshare --user) nor"
-        " setpriv/runuser with a `nobody` user are available; run as an ordinary user"
-    )
-
-
-def _succeeds(command: list[str]) -> bool:
-    try:
-        return subprocess.run(command, capture_output=True, check=False, timeout=30).returncode == 0
-    except (OSError, subprocess.SubprocessError):
-        return False
-
-
-# -- processes and files of a cluster -----------------------------------------------------------
-
-
-def _is_our_postmaster(pid: int, cluster: Path) -> bool:
-    """Whether `pid` is a live (not zombie) postgres working in `cluster`: a pid in a stale
-    postmaster.pid may since belong to any process, or to an unreaped corpse."""
-    try:
-        process = psutil.Process(pid)
-        if process.status() == psutil.STATUS_ZOMBIE or process.name() != "postgres":
-            return False
-        return Path(process.cwd()).resolve() == cluster.resolve()
-    except (psutil.NoSuchProcess, psutil.AccessDenied, OSError):
-        return False
-
-
-def _live_postmaster(cluster: Path) -> int | None:
-    try:
-        first_line = (cluster / "postmaster.pid").read_text().split("\n", 1)[0]
-        pid = int(first_line.strip())
-    except (OSError, ValueError):
-        return None
-    return pid if _is_our_postmaster(pid, cluster) else None
-
-
-def _clear_stale_files(cluster: Path) -> None:
-    """Remove the lock files of a server that is not running: PostgreSQL itself refuses to start
-    when their pid is alive, which a reused pid or a zombie is."""
-    if not (cluster / "postmaster.pid").exists():
-        return
-    _kill_leftovers(cluster)
-    (cluster / "postmaster.pid").unlink(missing_ok=True)
-    for lock in cluster.glob(".s.PGSQL.*.lock"):
-        lock.unlink(missing_ok=True)
-    log.info("removed the lock files of an embedded PostgreSQL that was killed")
-
-
-def _kill_leftovers(cluster: Path) -> None:
-    """Backends of a killed postmaster exit by themselves within moments; one still attached to
-    the shared memory would stop a new server from starting."""
-    leftovers = []
-    for process in psutil.process_iter(["name"]):
-        if process.info["name"] != "postgres":
-            continue
-        with contextlib.suppress(psutil.Error, OSError):
-            alive = process.status() != psutil.STATUS_ZOMBIE
-            if alive and Path(process.cwd()).resolve() == cluster.resolve():
-                leftovers.append(process)
-    for process in leftovers:
-        with contextlib.suppress(psutil.Error):
-            process.kill()
-    psutil.wait_procs(leftovers, timeout=5)
-
-
-def _chown_tree(root: Path, owner: tuple[int, int]) -> None:
-    """Give the cluster to the user the server runs as (it may have been created as another)."""
-    if not root.exists() or (root.stat().st_uid, root.stat().st_gid) == owner:
-        return
-    for directory, _, files in os.walk(root):
-        os.chown(directory, *owner)
-        for name in files:
-            os.chown(os.path.join(directory, name), *owner, follow_symlinks=False)
-
-
-def _fsync_dir(directory: Path) -> None:
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def _write_marker(path: Path, marker: dict[str, object]) -> None:
-    draft = path.with_name(path.name + ".new")
-    descriptor = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "w") as file:
-        json.dump(marker, file)
-        file.flush()
-        os.fsync(file.fileno())
-    draft.replace(path)
-
-
-def _server_problem(log_path: Path, offset: int) -> str:
-    """The most telling line the server logged since `offset`."""
-    try:
-        with log_path.open("rb") as file:
-            file.seek(offset)
-            lines = file.read().decode(errors="replace").splitlines()
-    except OSError:
-        return ""
-    for marker in ("Address already in use", "FATAL:", "PANIC:", "ERROR:"):
-        for line in lines:
-            if marker in line:
-                return line.split(":  ", 1)[-1].strip()
-    return lines[-1].strip() if lines else ""
-
-
-def _one_line(exc: subprocess.CalledProcessError | subprocess.TimeoutExpired) -> str:
-    output = exc.stderr or exc.stdout or ""
-    if isinstance(output, bytes):
-        output = output.decode(errors="replace")
-    lines = [line.strip() for line in output.splitlines() if line.strip()]
-    return lines[-1] if lines else str(exc)
 
 
 # -- ports --------------------------------------------------------------------------------------
