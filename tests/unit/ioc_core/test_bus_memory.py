@@ -21,6 +21,9 @@ from aiokafka.structs import RecordMetadata, TopicPartition
 
 from ioc_core.bus import BusConsumer, BusProducer, ensure_topics, new_admin
 from ioc_core.bus import memory as memory_bus
+from ioc_core.bus.memory import groups as memory_groups
+from ioc_core.bus.memory import log as memory_log
+from ioc_core.bus.memory import segments as memory_segments
 
 
 @pytest.fixture
@@ -220,7 +223,7 @@ async def test_a_torn_last_record_is_cut_off(tmp_path: Path) -> None:
 
 
 async def test_retention_deletes_whole_old_segments(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(memory_bus, "SEGMENT_RECORDS", 10)
+    monkeypatch.setattr(memory_log, "SEGMENT_RECORDS", 10)
     bootstrap = "memory://disk-c"
     memory_bus.open_log(bootstrap, tmp_path, retained=25)
     await ensure_topics(bootstrap, ["t"], partitions=1)
@@ -384,7 +387,7 @@ async def test_a_withheld_send_ends_when_cancelled_when_its_producer_stops_and_w
 async def test_a_group_without_members_holds_retention_until_its_hold_runs_out(
     bootstrap: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(memory_bus, "GROUP_HOLD_S", 1.0)
+    monkeypatch.setattr(memory_groups, "GROUP_HOLD_S", 1.0)
     log = _log(bootstrap, None, retained=2)  # room for 3
     log.create("t", 1)
     async with BusConsumer(bootstrap, ["t"], group_id="gone") as gone:
@@ -436,7 +439,7 @@ async def test_readers_see_a_record_and_groups_commit_it_only_once_it_is_durable
 async def test_a_damaged_record_ends_the_log_where_it_lies(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(memory_bus, "SEGMENT_RECORDS", 5)
+    monkeypatch.setattr(memory_log, "SEGMENT_RECORDS", 5)
     bootstrap = "memory://disk-damaged"
     memory_bus.open_log(bootstrap, tmp_path)
     await ensure_topics(bootstrap, ["t"], partitions=1)
@@ -518,13 +521,13 @@ async def test_segments_of_the_first_format_are_converted(tmp_path: Path) -> Non
     folder.mkdir(parents=True)
     # Format 1: no segment header, no checksum; a torn record at the end.
     old = b"".join(
-        memory_bus._FIELDS.pack(n, 1_700_000_000_000 + n, 1, 1) + b"k" + b"%d" % n for n in range(3)
+        memory_segments.FIELDS.pack(n, 1_700_000_000_000 + n, 1, 1) + b"k" + b"%d" % n for n in range(3)
     )
     (folder / f"{0:020d}.log").write_bytes(old + b"\x00\x00")
     bootstrap = "memory://disk-converted"
     memory_bus.open_log(bootstrap, tmp_path)
     segment = folder / f"{0:020d}.log"
-    assert segment.read_bytes().startswith(memory_bus._SEGMENT_HEADER)
+    assert segment.read_bytes().startswith(memory_segments.SEGMENT_HEADER)
     metadata = await memory_bus.MemoryProducer(bootstrap_servers=bootstrap).send_and_wait("t", b"3", key=b"k")
     assert metadata.offset == 3
     memory_bus.forget(bootstrap)
