@@ -29,28 +29,13 @@ from paho.mqtt.reasoncodes import ReasonCode
 from ingest.registry import DeviceRegistry
 from ioc_core.bus import BusProducer, ensure_topics
 from ioc_core.component import Component
-from ioc_core.domains import DOMAINS
 from ioc_core.errors import RejectedMessage, ServiceUnavailableError
 from ioc_core.metrics import Metric
 from ioc_core.models import DeviceRoute
 from ioc_core.settings import Settings
 from ioc_core.storage import Database
 from ioc_core.supervision import Supervisor, describe
-from ioc_core.telemetry import (
-    REASON_DEVICE_MISMATCH,
-    REASON_UNKNOWN_DEVICE,
-    REASON_UNPROCESSABLE,
-    TOPIC_ROOT,
-    BusTelemetry,
-    DeadLetter,
-    Reading,
-    StatusReport,
-    TopicAddress,
-    parse_payload,
-    parse_status,
-    parse_topic,
-    utcnow,
-)
+from ioc_core.telemetry import TOPIC_ROOT, DeadLetter, accept_message, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -90,41 +75,6 @@ class GatewayStats:
 def _readings_in(records: list[tuple[str, bytes, str | None]]) -> int:
     # Telemetry records are keyed by device; dead letters have no key.
     return sum(1 for _, _, key in records if key is not None)
-
-
-def validate(message: InboundMessage, address: TopicAddress, route: DeviceRoute | None) -> list[BusTelemetry]:
-    """Turn one message into bus records (readings, or a status report), given its parsed topic
-    and the registry's view of its device."""
-    if route is None:
-        raise RejectedMessage(REASON_UNKNOWN_DEVICE, f"device {address.device_id!r} is not registered")
-    if (route.city, route.domain) != (address.city, address.domain):
-        raise RejectedMessage(
-            REASON_DEVICE_MISMATCH,
-            f"device {address.device_id!r} is registered as {route.city}/{route.domain}, "
-            f"topic says {address.city}/{address.domain}",
-        )
-    if address.kind == "status":
-        if not message.payload:
-            return []  # an empty retained message only clears the broker's copy
-        status = parse_status(message.payload)
-        return [StatusReport(address.device_id, address.city, address.domain, status, message.received_at)]
-    measurements = parse_payload(message.payload, DOMAINS[address.domain], received_at=message.received_at)
-    return [
-        Reading(
-            device_id=address.device_id,
-            city=address.city,
-            domain=address.domain,
-            ts=m.ts,
-            seq=m.seq,
-            metrics=m.metrics,
-            received_at=message.received_at,
-            device_time=m.device_time,
-            # What storage tells a redelivered copy by, when the reading's time is the receipt's.
-            redelivered=message.dup,
-            packet_id=message.mid if message.qos else None,
-        )
-        for m in measurements
-    ]
 
 
 class Gateway(Component):
@@ -468,18 +418,13 @@ class Gateway(Component):
 
     async def _records_for(self, message: InboundMessage) -> list[tuple[str, bytes, str | None]]:
         """What to put on the bus for one message: its readings, or one dead letter."""
-        try:
-            address = parse_topic(message.topic)
-        except Exception as exc:
-            return [self._dead_letter(message, _rejection(exc, message))]
-        # Outside the guard: a registry that cannot answer is retried, not the message's fault.
-        route = await self._lookup(address.device_id)
-        try:
-            records = validate(message, address, route)
-        except Exception as exc:
-            return [self._dead_letter(message, _rejection(exc, message))]
+        outcome = await accept_message(message, self._lookup)
+        if isinstance(outcome, RejectedMessage):
+            return [self._dead_letter(message, outcome)]
         self.stats.accepted += 1
-        return [(self._settings.topics.telemetry(r.domain), r.to_bytes(), r.device_id) for r in records]
+        return [
+            (self._settings.topics.telemetry(r.domain), r.to_bytes(), r.device_id) for r in outcome.records
+        ]
 
     def _dead_letter(
         self, message: InboundMessage, rejection: RejectedMessage
@@ -511,13 +456,3 @@ class Gateway(Component):
 
         await self._supervisor.retry("Kafka", send)
         self.stats.produce_error = None
-
-
-def _rejection(exc: Exception, message: InboundMessage) -> RejectedMessage:
-    """The dead-letter reason for a message that validation refused or failed on."""
-    if isinstance(exc, RejectedMessage):
-        return exc
-    # Validation met something it does not foresee: a defect to fix, but the message is the
-    # stranger's, so it becomes a dead letter and the gateway goes on.
-    log.error("validating a message on %s failed unexpectedly", message.topic[:200], exc_info=exc)
-    return RejectedMessage(REASON_UNPROCESSABLE, describe(exc))
