@@ -6,6 +6,10 @@ acknowledged what it became (readings, or a dead letter). Killed at any point, t
 holds every unacknowledged message and hands it out again. A bounded queue sits between paho's
 network thread and the asyncio producer: when it is full paho's thread waits, stops reading the
 socket, and the backlog stays in the broker instead of in our memory.
+
+This module holds the worker and its acknowledgement bookkeeping; the paho client is
+`ingest.mqtt_source`, the bounded hand-off `ingest.inbox`, and validation is the wire format's
+(`ioc_core.telemetry.accept_message`).
 """
 
 from __future__ import annotations
@@ -14,64 +18,48 @@ import asyncio
 import collections
 import contextlib
 import logging
-import threading
 import time
-from dataclasses import dataclass
-from datetime import datetime
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, Protocol
 
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
-
+from ingest.inbox import InboundMessage, Inbox
+from ingest.mqtt_source import MqttSource, SourceFactory, subscriptions
 from ingest.registry import DeviceRegistry
 from ioc_core.bus import BusProducer, ensure_topics
 from ioc_core.component import Component
-from ioc_core.domains import DOMAINS
-from ioc_core.errors import RejectedMessage, ServiceUnavailableError
+from ioc_core.errors import RejectedMessage
 from ioc_core.metrics import Metric
 from ioc_core.models import DeviceRoute
 from ioc_core.settings import Settings
 from ioc_core.storage import Database
 from ioc_core.supervision import Supervisor, describe
-from ioc_core.telemetry import (
-    REASON_DEVICE_MISMATCH,
-    REASON_UNKNOWN_DEVICE,
-    REASON_UNPROCESSABLE,
-    TOPIC_ROOT,
-    BusTelemetry,
-    DeadLetter,
-    Reading,
-    StatusReport,
-    TopicAddress,
-    parse_payload,
-    parse_status,
-    parse_topic,
-    utcnow,
-)
+from ioc_core.telemetry import DeadLetter, accept_message
 
 log = logging.getLogger(__name__)
 
-_CONNECT_TIMEOUT_S = 15.0
 # Kafka that has acknowledged nothing for this long is not taking telemetry: the idempotent
 # producer retries in-sync-replica and leader errors forever without failing a send, so a cluster
 # with too few brokers shows up only as silence.
 _KAFKA_STALL_S = 10.0
 
+__all__ = ["Gateway", "GatewayStats", "InboundMessage", "RecordProducer", "RouteRegistry"]
 
-@dataclass(frozen=True, slots=True)
-class InboundMessage:
-    topic: str
-    payload: bytes
-    mid: int
-    qos: int
-    received_at: datetime
-    # Which MQTT connection delivered it: a packet id means something only on its own connection.
-    connection: int = 0
-    # The broker's DUP flag: it may have delivered this message before (under the same packet id).
-    dup: bool = False
+
+class RecordProducer(Protocol):
+    """What the gateway needs of the bus (`BusProducer`)."""
+
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    async def send(self, topic: str, value: bytes, *, key: str | None = None) -> asyncio.Future[Any]: ...
+    async def send_and_wait(self, topic: str, value: bytes, *, key: str | None = None) -> None: ...
+
+
+class RouteRegistry(Protocol):
+    """What the gateway needs of the device registry (`DeviceRegistry`)."""
+
+    async def start(self) -> None: ...
+    def lookup(self, device_id: str) -> Awaitable[DeviceRoute | None]: ...
+    def __len__(self) -> int: ...
 
 
 class GatewayStats:
@@ -92,85 +80,51 @@ def _readings_in(records: list[tuple[str, bytes, str | None]]) -> int:
     return sum(1 for _, _, key in records if key is not None)
 
 
-def validate(message: InboundMessage, address: TopicAddress, route: DeviceRoute | None) -> list[BusTelemetry]:
-    """Turn one message into bus records (readings, or a status report), given its parsed topic
-    and the registry's view of its device."""
-    if route is None:
-        raise RejectedMessage(REASON_UNKNOWN_DEVICE, f"device {address.device_id!r} is not registered")
-    if (route.city, route.domain) != (address.city, address.domain):
-        raise RejectedMessage(
-            REASON_DEVICE_MISMATCH,
-            f"device {address.device_id!r} is registered as {route.city}/{route.domain}, "
-            f"topic says {address.city}/{address.domain}",
-        )
-    if address.kind == "status":
-        if not message.payload:
-            return []  # an empty retained message only clears the broker's copy
-        status = parse_status(message.payload)
-        return [StatusReport(address.device_id, address.city, address.domain, status, message.received_at)]
-    measurements = parse_payload(message.payload, DOMAINS[address.domain], received_at=message.received_at)
-    return [
-        Reading(
-            device_id=address.device_id,
-            city=address.city,
-            domain=address.domain,
-            ts=m.ts,
-            seq=m.seq,
-            metrics=m.metrics,
-            received_at=message.received_at,
-            device_time=m.device_time,
-            # What storage tells a redelivered copy by, when the reading's time is the receipt's.
-            redelivered=message.dup,
-            packet_id=message.mid if message.qos else None,
-        )
-        for m in measurements
-    ]
-
-
 class Gateway(Component):
-    """MQTT → Kafka. Use with `async with`; several gateways share the load through `$share`."""
+    """MQTT → Kafka. Use with `async with`; several gateways share the load through `$share`.
 
-    def __init__(self, settings: Settings) -> None:
+    The bus producer, the device registry and the MQTT source are made from the settings unless
+    given (tests give in-memory ones)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        producer: RecordProducer | None = None,
+        registry: RouteRegistry | None = None,
+        source_factory: SourceFactory = MqttSource,
+    ) -> None:
         self._settings = settings
         self.stats = GatewayStats()
-        self._database = Database(
-            settings.database_url.get_secret_value(),
-            min_size=1,
-            max_size=4,
-            timeout_s=settings.database_timeout_s,
-        )
-        self._producer = BusProducer(settings.kafka_bootstrap, client_id=settings.gateway_client_id)
         self._supervisor = Supervisor("gateway")
-        self._registry = DeviceRegistry(
-            self._database, self._supervisor, refresh_s=settings.registry_refresh_s
+        self._producer = producer or BusProducer(
+            settings.kafka_bootstrap, client_id=settings.gateway_client_id
         )
+        # The database serves the registry only: none when the registry is given.
+        self._database: Database | None = None
+        if registry is None:
+            self._database = Database(
+                settings.database_url.get_secret_value(),
+                min_size=1,
+                max_size=4,
+                timeout_s=settings.database_timeout_s,
+            )
+            registry = DeviceRegistry(self._database, self._supervisor, refresh_s=settings.registry_refresh_s)
+        self._registry = registry
         # Slots bound what we hold: taken in paho's thread per message, given back on its ack.
-        self._slots = threading.BoundedSemaphore(settings.gateway_queue_size)
-        self._inbox: collections.deque[InboundMessage] = collections.deque()
-        self._inbox_signal = asyncio.Event()
-        self._inbox_signalled = False
+        self._inbox = Inbox(settings.gateway_queue_size)
+        self._source = source_factory(settings, self._inbox, self._fail_from_thread)
         self._in_process = 0
         self._drained = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._client: mqtt.Client | None = None
-        self._connected = threading.Event()
-        self._stopping = threading.Event()
         self._worker_started = False
-        # Counts connections; paho's thread bumps it on each CONNACK.
-        self._connection = 0
         self.stale_acks_skipped = 0
         # Since when the oldest message now in hand has waited for Kafka (None: nothing waits).
         self._kafka_waiting_since: float | None = None
 
     @property
     def subscriptions(self) -> list[str]:
-        group = self._settings.gateway_share_group
-        cities = self._settings.gateway_cities or ["+"]
-        return [
-            f"$share/{group}/{TOPIC_ROOT}/{city}/+/+/{kind}"
-            for city in cities
-            for kind in ("telemetry", "status")
-        ]
+        return subscriptions(self._settings)
 
     @property
     def backlog(self) -> int:
@@ -179,7 +133,7 @@ class Gateway(Component):
 
     @property
     def connected(self) -> bool:
-        return self._connected.is_set()
+        return self._source.connected
 
     def readiness(self) -> dict[str, str]:
         """Each dependency's state; all "ok" means the gateway is taking telemetry."""
@@ -242,8 +196,10 @@ class Gateway(Component):
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        await self._database.start()
+        self._inbox.bind(self._loop)
         try:
+            if self._database is not None:
+                await self._database.start()
             await ensure_topics(
                 self._settings.kafka_bootstrap,
                 self._settings.topics.all(),
@@ -255,7 +211,7 @@ class Gateway(Component):
             await self._registry.start()
             self._supervisor.spawn("worker", self._work, restart=False)
             self._worker_started = True
-            await self._connect_mqtt()
+            await self._source.connect()
         except BaseException:
             await self.stop()
             raise
@@ -266,69 +222,23 @@ class Gateway(Component):
             len(self._registry),
         )
 
-    async def _connect_mqtt(self) -> None:
-        endpoint = self._settings.mqtt
-        client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=self._settings.gateway_client_id,
-            protocol=mqtt.MQTTv5,
-            manual_ack=True,
-        )
-        if endpoint.username:
-            client.username_pw_set(
-                endpoint.username, endpoint.password.get_secret_value() if endpoint.password else None
-            )
-        if endpoint.tls:
-            client.tls_set()
-        client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
-        client.on_message = self._on_message
-        # Mosquitto (2.0) does not keep shared subscriptions across its own restart: until we are
-        # back and subscribed again, what devices publish has no subscriber and is dropped. Coming
-        # back within two seconds keeps that window short; a handful of gateways retrying that
-        # often costs a broker nothing.
-        client.reconnect_delay_set(min_delay=1, max_delay=2)
-        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        properties.SessionExpiryInterval = self._settings.mqtt_session_expiry_s
-        # The broker may have this many unacknowledged messages out to us at once.
-        properties.ReceiveMaximum = min(65535, self._settings.gateway_queue_size)
-        self._client = client
-        try:
-            await asyncio.to_thread(
-                client.connect, endpoint.host, endpoint.port, 30, clean_start=False, properties=properties
-            )
-        except OSError as exc:
-            raise ServiceUnavailableError(
-                f"MQTT broker at {endpoint.host}:{endpoint.port} is unreachable: {exc}"
-            ) from exc
-        client.loop_start()
-        if not await asyncio.to_thread(self._connected.wait, _CONNECT_TIMEOUT_S):
-            raise ServiceUnavailableError(
-                f"MQTT broker at {endpoint.host}:{endpoint.port} did not accept the connection"
-            )
-
     async def stop(self) -> None:
-        self._stopping.set()
+        self._source.begin_stop()
         # Let Kafka acknowledge what is already sent, so those messages are not redelivered.
         if self._in_process and self._worker_started:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._drained.wait(), timeout=10)
-        if self._client is not None:
-            self._client.disconnect()
-            self._client.loop_stop()
-            self._client = None
+        self._source.close()
         await self._supervisor.stop()
         self._worker_started = False
         await self._producer.stop()
-        await self._database.stop()
-        self._connected.clear()
+        if self._database is not None:
+            await self._database.stop()
 
     async def wait(self) -> None:
         """Until the gateway fails for good (raises `ComponentFailed`); cancelling this wait does
         not stop it."""
         await self._supervisor.wait()
-
-    # -- paho's network thread ----------------------------------------------------------------
 
     def _fail_from_thread(self, what: str, error: BaseException) -> None:
         """An error in paho's thread would end that thread silently; end the gateway instead."""
@@ -336,68 +246,12 @@ class Gateway(Component):
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._supervisor.fail, what, error)
 
-    def _on_connect(
-        self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: ReasonCode, properties: Any
-    ) -> None:
-        if reason_code.is_failure:
-            log.error("MQTT broker refused the connection: %s", reason_code)
-            return
-        # Messages taken on an earlier connection are acknowledged no more: their packet ids may
-        # name other messages now. The broker sends them again, and storage drops the copies.
-        self._connection += 1
-        client.subscribe([(topic, 1) for topic in self.subscriptions])
-        log.info("connected to MQTT broker (session present: %s)", flags.session_present)
-        self._connected.set()
-
-    def _on_disconnect(
-        self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: ReasonCode, properties: Any
-    ) -> None:
-        self._connected.clear()
-        if not self._stopping.is_set():
-            log.warning("MQTT connection lost (%s); reconnecting, the broker keeps our session", reason_code)
-
-    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
-        try:
-            self._take(message)
-        except Exception as exc:
-            self._fail_from_thread("taking a message", exc)
-            raise
-
-    def _take(self, message: mqtt.MQTTMessage) -> None:
-        try:
-            topic = message.topic
-        except UnicodeDecodeError:
-            # MQTT requires UTF-8 topic names; a broker that lets one through still gets a dead letter.
-            topic = bytes(message._topic).decode("utf-8", errors="replace")
-        inbound = InboundMessage(
-            topic=topic,
-            payload=bytes(message.payload),
-            mid=message.mid,
-            qos=message.qos,
-            received_at=utcnow(),
-            connection=self._connection,
-            dup=bool(message.dup),
-        )
-        # Waiting for a slot is the back-pressure: paho stops reading and the broker keeps the rest.
-        while not self._slots.acquire(timeout=0.5):
-            if self._stopping.is_set():
-                return
-        self._inbox.append(inbound)
-        # One wake-up per burst, not per message; the worker clears the flag before it drains.
-        if not self._inbox_signalled:
-            self._inbox_signalled = True
-            assert self._loop is not None
-            self._loop.call_soon_threadsafe(self._inbox_signal.set)
-
     # -- asyncio side -------------------------------------------------------------------------
 
     async def _work(self) -> None:
         while True:
-            await self._inbox_signal.wait()
-            self._inbox_signal.clear()
-            self._inbox_signalled = False
-            while self._inbox:
-                message = self._inbox.popleft()
+            await self._inbox.wait()
+            while (message := self._inbox.pop()) is not None:
                 self._in_process += 1
                 self._drained.clear()
                 self.stats.received += 1
@@ -448,11 +302,8 @@ class Gateway(Component):
         self._supervisor.spawn(f"resend of message {message.mid}", resend, restart=False)
 
     def _complete(self, message: InboundMessage, *, produced: int) -> None:
-        if message.qos > 0 and self._client is not None:
-            if message.connection == self._connection and self.connected:
-                self._client.ack(message.mid, message.qos)
-            else:
-                self.stale_acks_skipped += 1
+        if not self._source.acknowledge(message):
+            self.stale_acks_skipped += 1
         self.stats.acked += 1
         self.stats.readings_produced += produced
         self._in_process -= 1
@@ -460,7 +311,7 @@ class Gateway(Component):
         self._kafka_waiting_since = time.monotonic() if self._in_process else None
         if not self._in_process:
             self._drained.set()
-        self._slots.release()
+        self._inbox.release()
 
     def _note_produce_failure(self, exc: BaseException) -> None:
         self.stats.produce_retries += 1
@@ -468,18 +319,13 @@ class Gateway(Component):
 
     async def _records_for(self, message: InboundMessage) -> list[tuple[str, bytes, str | None]]:
         """What to put on the bus for one message: its readings, or one dead letter."""
-        try:
-            address = parse_topic(message.topic)
-        except Exception as exc:
-            return [self._dead_letter(message, _rejection(exc, message))]
-        # Outside the guard: a registry that cannot answer is retried, not the message's fault.
-        route = await self._lookup(address.device_id)
-        try:
-            records = validate(message, address, route)
-        except Exception as exc:
-            return [self._dead_letter(message, _rejection(exc, message))]
+        outcome = await accept_message(message, self._lookup)
+        if isinstance(outcome, RejectedMessage):
+            return [self._dead_letter(message, outcome)]
         self.stats.accepted += 1
-        return [(self._settings.topics.telemetry(r.domain), r.to_bytes(), r.device_id) for r in records]
+        return [
+            (self._settings.topics.telemetry(r.domain), r.to_bytes(), r.device_id) for r in outcome.records
+        ]
 
     def _dead_letter(
         self, message: InboundMessage, rejection: RejectedMessage
@@ -511,13 +357,3 @@ class Gateway(Component):
 
         await self._supervisor.retry("Kafka", send)
         self.stats.produce_error = None
-
-
-def _rejection(exc: Exception, message: InboundMessage) -> RejectedMessage:
-    """The dead-letter reason for a message that validation refused or failed on."""
-    if isinstance(exc, RejectedMessage):
-        return exc
-    # Validation met something it does not foresee: a defect to fix, but the message is the
-    # stranger's, so it becomes a dead letter and the gateway goes on.
-    log.error("validating a message on %s failed unexpectedly", message.topic[:200], exc_info=exc)
-    return RejectedMessage(REASON_UNPROCESSABLE, describe(exc))

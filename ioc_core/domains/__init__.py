@@ -13,10 +13,14 @@ from ioc_core.rules import MetricRules
 __all__ = ["BATTERY", "DOMAINS", "Domain", "Metric", "MetricRules", "get_domain"]
 
 
+# Modules of this package that say what a domain is, rather than being one.
+_NOT_DOMAINS = frozenset({"base", "units"})
+
+
 def _discover() -> dict[str, Domain]:
     found: dict[str, Domain] = {}
     for module_info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-        if module_info.name == "base":
+        if module_info.name in _NOT_DOMAINS:
             continue
         module = importlib.import_module(f"{__name__}.{module_info.name}")
         domain = getattr(module, "DOMAIN", None)

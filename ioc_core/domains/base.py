@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Literal
 
+from ioc_core.domains import units
 from ioc_core.kpis import Kpi
 from ioc_core.rules import DistrictCorrelation, MetricRules
 
@@ -40,6 +41,16 @@ class Metric:
 
     def accepts(self, value: float) -> bool:
         return math.isfinite(value) and self.minimum <= value <= self.maximum
+
+    def in_own_unit(self, value: float, unit: str) -> float | None:
+        """`value`, given in `unit`, in the unit the metric is stored in; None when the unit is
+        unknown or measures something else (see `ioc_core.domains.units`)."""
+        conversion = units.conversion(self, unit)
+        return None if conversion is None else conversion.apply(value)
+
+    def accepted_units(self) -> list[str]:
+        """The unit symbols a value of this metric may be given in."""
+        return units.accepted_units(self)
 
 
 # A simulated device's next metrics, from its own random stream, the wall-clock time

@@ -8,6 +8,7 @@ from typing import Any
 
 from ingest.gateway import Gateway, InboundMessage
 from ioc_core.settings import Settings
+from tests.unit.ingest.fakes import FakeProducer, FakeRegistry
 
 
 class FakeClient:
@@ -19,10 +20,10 @@ class FakeClient:
 
 
 def _gateway() -> tuple[Gateway, FakeClient]:
-    gateway = Gateway(Settings())
+    gateway = Gateway(Settings(), producer=FakeProducer(), registry=FakeRegistry())
     client = FakeClient()
-    gateway._client = client  # type: ignore[assignment]
-    gateway._connected.set()
+    gateway._source._client = client  # type: ignore[attr-defined]
+    gateway._source._connected.set()  # type: ignore[attr-defined]
     return gateway, client
 
 
@@ -39,13 +40,13 @@ def _message(mid: int, connection: int) -> InboundMessage:
 
 def _take(gateway: Gateway, message: InboundMessage) -> None:
     # What `_on_message` and the worker do before a message completes.
-    gateway._slots.acquire()
+    gateway._inbox._slots.acquire()
     gateway._in_process += 1
 
 
 async def test_a_message_is_acknowledged_on_its_own_connection() -> None:
     gateway, client = _gateway()
-    gateway._connection = 3
+    gateway._source._connection = 3
     message = _message(7, connection=3)
     _take(gateway, message)
     gateway._complete(message, produced=1)
@@ -55,7 +56,7 @@ async def test_a_message_is_acknowledged_on_its_own_connection() -> None:
 
 async def test_a_message_of_an_earlier_connection_is_not_acknowledged() -> None:
     gateway, client = _gateway()
-    gateway._connection = 4  # reconnected after taking the message
+    gateway._source._connection = 4  # reconnected after taking the message
     message = _message(7, connection=3)
     _take(gateway, message)
     gateway._complete(message, produced=1)
@@ -67,8 +68,8 @@ async def test_a_message_of_an_earlier_connection_is_not_acknowledged() -> None:
 
 async def test_nothing_is_acknowledged_while_disconnected() -> None:
     gateway, client = _gateway()
-    gateway._connection = 3
-    gateway._connected.clear()
+    gateway._source._connection = 3
+    gateway._source._connected.clear()
     message = _message(9, connection=3)
     _take(gateway, message)
     gateway._complete(message, produced=1)

@@ -15,7 +15,7 @@ from typing import Any
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from ingest.gateway import InboundMessage, validate
+from ingest.gateway import InboundMessage
 from ioc_core.domains import DOMAINS
 from ioc_core.errors import RejectedMessage
 from ioc_core.models import DeviceRoute
@@ -25,6 +25,7 @@ from ioc_core.telemetry import (
     StoredDeadLetter,
     decode_record,
     parse_topic,
+    validate,
 )
 
 EXAMPLES = 1500

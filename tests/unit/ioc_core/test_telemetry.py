@@ -7,9 +7,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from ingest.gateway import InboundMessage, validate
-from ioc_core import units
-from ioc_core.domains import DOMAINS
+from ingest.gateway import InboundMessage
+from ioc_core.domains import DOMAINS, units
 from ioc_core.errors import RejectedMessage
 from ioc_core.models import DeviceRoute
 from ioc_core.telemetry import (
@@ -23,6 +22,7 @@ from ioc_core.telemetry import (
     parse_status,
     parse_timestamp,
     parse_topic,
+    validate,
 )
 
 NOW = datetime(2026, 11, 20, 8, 0, tzinfo=UTC)

@@ -11,8 +11,10 @@ is not guessed at: the caller rejects the value, since a wrong guess would store
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from ioc_core.domains import Metric
+if TYPE_CHECKING:
+    from ioc_core.domains.base import Metric
 
 # Converted values are rounded to this many significant digits: far below any sensor's precision,
 # and enough to drop the binary noise of the arithmetic (300 K is 26.85 °C, not 26.850000000000023).

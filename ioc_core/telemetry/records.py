@@ -1,0 +1,220 @@
+"""Telemetry as it travels on the bus: the validated `Reading` and `StatusReport` that the
+gateway produces and the processors store, the `DeadLetter` of a rejected message, and their
+encoding and decoding."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from ioc_core.errors import RejectedMessage
+from ioc_core.telemetry.reasons import REASON_MALFORMED
+from ioc_core.telemetry.values import excerpt
+
+DEADLETTER_PAYLOAD_LIMIT = 4096
+
+DEVICE_STATUSES = ("online", "offline")
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """One validated measurement set of one device at one instant.
+
+    `device_time` says whether `ts` came from the device. When it did not (no `ts` in the payload,
+    or a SenML time relative to the receipt), `ts` is the receive time (plus the relative offset),
+    which differs on every redelivery, so such readings are de-duplicated by what they carry
+    instead (see `content_digest` and `BatchTransaction.write`): by `seq` and content, or, without
+    a `seq`, by the MQTT delivery (`redelivered`, the DUP flag, and `packet_id`) and content.
+    """
+
+    device_id: str
+    city: str
+    domain: str
+    ts: datetime
+    seq: int | None
+    metrics: dict[str, float]
+    received_at: datetime
+    device_time: bool = True
+    # The broker's word that it may have delivered this message before (MQTT DUP flag), and the
+    # packet identifier it delivered it under (None at QoS 0, which is never redelivered).
+    redelivered: bool = False
+    packet_id: int | None = None
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(
+            {
+                "kind": "reading",
+                "device_id": self.device_id,
+                "city": self.city,
+                "domain": self.domain,
+                "ts": self.ts.isoformat(),
+                "device_time": self.device_time,
+                "seq": self.seq,
+                "metrics": self.metrics,
+                "received_at": self.received_at.isoformat(),
+                "redelivered": self.redelivered,
+                "packet_id": self.packet_id,
+            },
+            separators=(",", ":"),
+        ).encode()
+
+    def content_digest(self) -> int:
+        """A 63-bit digest of what the reading says: its metrics and, when its time is the receive
+        time, its offset from that time (two records of one SenML pack, a minute apart, may carry
+        the same values). Copies of one message have the same digest; a device that restarts its
+        `seq` sends different values under an old `seq` and so a different digest. Never 0: the
+        de-duplication tables keep 0 for entries remembered before digests were."""
+        offset_us = (self.ts - self.received_at) // timedelta(microseconds=1)
+        canonical = json.dumps([offset_us, sorted(self.metrics.items())], separators=(",", ":"))
+        digest = int.from_bytes(hashlib.blake2b(canonical.encode(), digest_size=8).digest(), "big") >> 1
+        return digest or 1
+
+
+@dataclass(frozen=True, slots=True)
+class StatusReport:
+    """A device's own word on its status: `online` when it connects, `offline` as its last will."""
+
+    device_id: str
+    city: str
+    domain: str
+    status: str
+    received_at: datetime
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(
+            {
+                "kind": "status",
+                "device_id": self.device_id,
+                "city": self.city,
+                "domain": self.domain,
+                "status": self.status,
+                "received_at": self.received_at.isoformat(),
+            },
+            separators=(",", ":"),
+        ).encode()
+
+
+BusTelemetry = Reading | StatusReport
+
+
+def decode_record(raw: bytes) -> BusTelemetry:
+    """Decode a telemetry-topic record; raises `RejectedMessage` if it is not one of ours."""
+    try:
+        body = json.loads(raw)
+        kind = body.get("kind", "reading")
+        if kind == "status":
+            status = str(body["status"])
+            if status not in DEVICE_STATUSES:
+                raise ValueError(f"status {status!r}")
+            return StatusReport(
+                device_id=str(body["device_id"]),
+                city=str(body["city"]),
+                domain=str(body["domain"]),
+                status=status,
+                received_at=datetime.fromisoformat(body["received_at"]),
+            )
+        if kind != "reading":
+            raise ValueError(f"unknown record kind {kind!r}")
+        return Reading(
+            device_id=str(body["device_id"]),
+            city=str(body["city"]),
+            domain=str(body["domain"]),
+            ts=datetime.fromisoformat(body["ts"]),
+            seq=None if body.get("seq") is None else int(body["seq"]),
+            metrics={str(k): float(v) for k, v in body["metrics"].items()},  # OverflowError: caught
+            received_at=datetime.fromisoformat(body["received_at"]),
+            device_time=bool(body.get("device_time", True)),
+            redelivered=bool(body.get("redelivered", False)),
+            packet_id=_packet_id(body.get("packet_id")),
+        )
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError) as exc:
+        raise RejectedMessage(REASON_MALFORMED, f"not a telemetry record: {str(exc)[:200]}") from exc
+
+
+def _packet_id(value: Any) -> int | None:
+    """An MQTT packet identifier (1 to 65535) from a bus record; a record that carries anything
+    else is not one of ours, and storing it would fail every batch it is in."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 2**16:
+        raise ValueError(f"packet_id {excerpt(value)} is not an MQTT packet identifier")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A message that could not be accepted, kept with why and where it came from."""
+
+    reason: str
+    detail: str
+    topic: str
+    received_at: datetime
+    payload: bytes
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(
+            {
+                "reason": self.reason,
+                "detail": self.detail,
+                "topic": self.topic,
+                "received_at": self.received_at.isoformat(),
+                "payload_size": len(self.payload),
+                "payload": self.payload[:DEADLETTER_PAYLOAD_LIMIT].decode("utf-8", errors="replace"),
+            },
+            separators=(",", ":"),
+            ensure_ascii=False,
+        ).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class StoredDeadLetter:
+    """A dead letter as read back from the bus, ready to be stored once (`source` is unique)."""
+
+    source: str
+    reason: str
+    detail: str
+    topic: str
+    received_at: datetime
+    payload: str
+    payload_size: int
+
+    @classmethod
+    def from_bytes(cls, raw: bytes, *, source: str) -> StoredDeadLetter:
+        try:
+            body = json.loads(raw)
+            return cls(
+                source=source,
+                reason=str(body["reason"])[:64],
+                detail=str(body.get("detail", ""))[:1000],
+                topic=str(body["topic"])[:512],
+                received_at=datetime.fromisoformat(body["received_at"]),
+                payload=str(body.get("payload", ""))[:DEADLETTER_PAYLOAD_LIMIT],
+                payload_size=int(body.get("payload_size", 0)),
+            )
+        except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError):
+            # Not written by a gateway; keep it anyway, as the bytes it is.
+            return cls.of_rejection(
+                RejectedMessage(REASON_MALFORMED, "record on the dead-letter topic is not a dead letter"),
+                raw,
+                source=source,
+            )
+
+    @classmethod
+    def of_rejection(cls, rejection: RejectedMessage, raw: bytes, *, source: str) -> StoredDeadLetter:
+        """A bus record that the processor itself cannot accept, stored under its bus position."""
+        return cls(
+            source=source,
+            reason=rejection.reason,
+            detail=rejection.detail,
+            topic=source,
+            received_at=utcnow(),
+            payload=raw[:DEADLETTER_PAYLOAD_LIMIT].decode("utf-8", errors="replace"),
+            payload_size=len(raw),
+        )
+
+
+def utcnow() -> datetime:
+    return datetime.now(tz=UTC)
