@@ -697,14 +697,14 @@ async def test_the_processor_sends_the_latest_state_per_place_in_chunks() -> Non
         ]
         for readings in (first, second):
             batch = TelemetryBatch(records=[(r, 0) for r in readings])
-            processor._remember_states(batch, readings, [], profiles)
+            processor._state_events.remember(batch, readings, [], profiles)
         offline = StatusTransition(
             "w-1", "can-tho", "water", None, None, "offline", "online", "status_message", now
         )
-        processor._note_status([offline])
+        processor._state_events.note_status([offline])
         await processor._producer.start()
-        await processor._flush_states()
-        await processor._flush_states()  # nothing new: nothing sent
+        await processor._state_events.run_once()
+        await processor._state_events.run_once()  # nothing new: nothing sent
 
         await consumer.start()
         events: list[dict[str, Any]] = []
