@@ -23,7 +23,7 @@ from typing import Any
 
 import httpx
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaProducer
 from fastapi import FastAPI
 
 from api import problems
@@ -33,11 +33,6 @@ from ioc_core.bus import Topics, ensure_topics
 from ioc_core.events import Event, device_status_event, state_changed_event
 from ioc_core.http import HttpServer
 from ioc_core.settings import Settings
-from ioc_core.storage import TelemetryBatch
-from ioc_core.storage.database import StatusTransition
-from ioc_core.telemetry import Reading
-from processors.detection import DeviceProfile
-from processors.telemetry import TelemetryProcessor
 from tests.integration.conftest import ADMIN_KEY, SESSION_CITY, System, free_port
 from tests.integration.harness import ComponentProcess, Publisher, delete_topics, publish, unique, wait_until
 
@@ -664,78 +659,3 @@ async def test_stopping_the_api_ends_open_streams(system: System, log_dir: Path)
         if stopping is not None:
             await asyncio.wait([stopping])
         api.stop()
-
-
-async def test_the_processor_sends_the_latest_state_per_place_in_chunks() -> None:
-    """The processor's side, on a bus of its own: what a committed batch leaves for the next
-    `state.changed` flush, and how the flush cuts it."""
-    topics = Topics(f"{unique('state')}.")
-    await ensure_topics(BOOTSTRAP, [topics.events], partitions=PARTITIONS)
-    processor = TelemetryProcessor(Settings(kafka_bootstrap=BOOTSTRAP, topic_prefix=topics.prefix))
-    consumer = AIOKafkaConsumer(topics.events, bootstrap_servers=BOOTSTRAP, auto_offset_reset="earliest")
-    try:
-        now = datetime.now(tz=UTC).replace(microsecond=0)
-
-        def reading(device_id: str, city: str, domain: str, ts: datetime, **metrics: float) -> Reading:
-            return Reading(device_id, city, domain, ts, None, metrics, now)
-
-        profiles = {
-            f"g-{i}": DeviceProfile.of(
-                id=f"g-{i}", city="ha-noi", domain="grid", name=None, district=None, thresholds={}
-            )
-            for i in range(1200)
-        }
-        profiles["w-1"] = DeviceProfile.of(
-            id="w-1", city="can-tho", domain="water", name=None, district=None, thresholds={}
-        )
-        first = [reading(f"g-{i}", "ha-noi", "grid", now, voltage=220.0) for i in range(1200)]
-        first += [reading("w-1", "can-tho", "water", now, pressure=2.0, flow=10.0)]
-        second = [
-            reading("w-1", "can-tho", "water", now + timedelta(seconds=5), pressure=2.5),
-            reading("w-1", "can-tho", "water", now - timedelta(seconds=60), pressure=9.9),  # late
-            reading("not-registered", "can-tho", "water", now, pressure=1.0),
-        ]
-        for readings in (first, second):
-            batch = TelemetryBatch(records=[(r, 0) for r in readings])
-            processor._remember_states(batch, readings, [], profiles)
-        offline = StatusTransition(
-            "w-1", "can-tho", "water", None, None, "offline", "online", "status_message", now
-        )
-        processor._note_status([offline])
-        await processor._producer.start()
-        await processor._flush_states()
-        await processor._flush_states()  # nothing new: nothing sent
-
-        await consumer.start()
-        events: list[dict[str, Any]] = []
-
-        async def four_events() -> list[dict[str, Any]] | None:
-            for records in (await consumer.getmany(timeout_ms=200)).values():
-                events.extend(json.loads(r.value) for r in records)
-            return events if len(events) >= 4 else None
-
-        await wait_until(four_events, timeout=20, what="state.changed events")
-        await asyncio.sleep(1)
-        for records in (await consumer.getmany(timeout_ms=500)).values():
-            events.extend(json.loads(r.value) for r in records)
-    finally:
-        await consumer.stop()
-        await processor.stop()  # only its producer was started
-        await delete_topics(topics.prefix)
-
-    assert len(events) == 4 and processor.state_events_sent == 4
-    assert {e["type"] for e in events} == {"state.changed"}
-    grid = [e for e in events if e["subject"] == "ha-noi/grid"]
-    assert sorted(len(e["data"]["items"]) for e in grid) == [200, 500, 500]
-    assert len({i["device_id"] for e in grid for i in e["data"]["items"]}) == 1200
-    [water] = [e for e in events if e["subject"] == "can-tho/water"]
-    assert water["data"]["city"] == "can-tho" and water["data"]["domain"] == "water"
-    # Latest wins, metrics merge, the late reading changes nothing, the status is the newest.
-    assert water["data"]["items"] == [
-        {
-            "device_id": "w-1",
-            "status": "offline",
-            "ts": (now + timedelta(seconds=5)).isoformat(),
-            "metrics": {"pressure": 2.5, "flow": 10.0},
-        }
-    ]

@@ -28,7 +28,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from delivery.worker import send_once, webhook_client
+from delivery.sending import send_once, webhook_client
 from ioc_core.http import HttpServer
 from ioc_core.settings import load_settings
 from ioc_core.storage.webhooks import DeliveryJob

@@ -1,0 +1,221 @@
+"""One batch from the bus into the database: decoding the records, and writing them with what
+detection makes of them in one transaction.
+
+`BatchWriter` owns the caches detection reads from (device profiles, detector state as last
+committed) and the detectors themselves. It neither commits offsets nor sends anything: the runner
+does that once `write` has returned.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from ioc_core.alarms import Finding
+from ioc_core.bus import BusRecord
+from ioc_core.errors import RejectedMessage
+from ioc_core.storage import Database, TelemetryBatch
+from ioc_core.storage.database import BatchTransaction, DeviceProfileRow, StatusTransition
+from ioc_core.supervision import Supervisor
+from ioc_core.telemetry import Reading, StoredDeadLetter, decode_record
+from processors.detection import (
+    DeviceDetection,
+    DeviceDetectorState,
+    DeviceProfile,
+    DistrictFloodCorrelator,
+    StationSignal,
+    offline_finding,
+)
+
+log = logging.getLogger(__name__)
+
+# The supervisor's name for the work of storing a batch; readiness reports it as "database".
+WRITING_A_BATCH = "writing a batch"
+
+
+def decode_batch(records: Sequence[BusRecord], *, deadletter_topic: str) -> TelemetryBatch:
+    """The records of one poll as a batch: telemetry decoded, anything undecodable (and whatever
+    came from the dead-letter topic) as dead letters named by their bus position."""
+    batch = TelemetryBatch()
+    for record in records:
+        source = f"{record.topic}/{record.partition}@{record.offset}"
+        if record.topic == deadletter_topic:
+            batch.dead_letters.append(StoredDeadLetter.from_bytes(record.value, source=source))
+            continue
+        try:
+            batch.records.append((decode_record(record.value), record.partition))
+        except RejectedMessage as rejection:
+            batch.dead_letters.append(StoredDeadLetter.of_rejection(rejection, record.value, source=source))
+    return batch
+
+
+@dataclass(slots=True)
+class BatchOutcome:
+    """What one committed batch changed, for the runner's counters and the state events."""
+
+    kept: list[Reading]
+    transitions: list[StatusTransition]
+    profiles: dict[str, DeviceProfile]
+    stored: int
+    duplicates: int
+    findings: int
+    events_recorded: bool = field(default=False)
+
+
+class BatchWriter:
+    """Writes batches, one transaction each: readings, status, detector state, alarms, events."""
+
+    def __init__(self, database: Database, supervisor: Supervisor, *, registry_refresh_s: float) -> None:
+        self._database = database
+        self._supervisor = supervisor
+        self._registry_refresh_s = registry_refresh_s
+        self._detection = DeviceDetection()
+        self._correlator = DistrictFloodCorrelator()
+        # Detector state as last committed, per device; the database has the same. Dropped when
+        # the partition assignment changes, since another processor may have moved it on.
+        self._detector_states: dict[str, dict[str, object]] = {}
+        self._profiles: dict[str, DeviceProfile] = {}
+        self._profiles_loaded_at = 0.0
+
+    def forget_detector_states(self) -> None:
+        self._detector_states.clear()
+
+    async def write(self, batch: TelemetryBatch) -> BatchOutcome:
+        """Store `batch` and what detection finds in it; nothing is kept in memory unless the
+        transaction commits, so a failed write can simply be tried again."""
+        device_ids = {record.device_id for record, _ in batch.records}
+        profiles = await self._device_profiles(device_ids)
+        async with self._database.transaction() as transaction:
+            result = await transaction.write(batch)
+            by_device: dict[str, list[Reading]] = {}
+            for reading in result.kept:
+                by_device.setdefault(reading.device_id, []).append(reading)
+            states = await self._working_states(transaction, [d for d in by_device if d in profiles])
+            findings, districts = self._detect(profiles, by_device, states)
+            new_states = {device_id: state.to_json() for device_id, state in states.items()}
+            await transaction.save_detector_states(new_states, self._station_signals(profiles, states))
+            findings.extend(await self._correlate(transaction, districts))
+            findings.extend(offline_findings(result.transitions))
+            alarm_events = await transaction.apply_findings(findings)
+        self._detector_states.update(new_states)
+        return BatchOutcome(
+            kept=result.kept,
+            transitions=result.transitions,
+            profiles=profiles,
+            stored=result.stored,
+            duplicates=result.duplicates,
+            findings=len(findings),
+            events_recorded=bool(result.events or alarm_events),
+        )
+
+    def _detect(
+        self,
+        profiles: dict[str, DeviceProfile],
+        by_device: dict[str, list[Reading]],
+        states: dict[str, DeviceDetectorState],
+    ) -> tuple[list[Finding], dict[tuple[str, str], datetime]]:
+        """Each device's findings, and per flooded district the newest reading that touched it."""
+        findings: list[Finding] = []
+        districts: dict[tuple[str, str], datetime] = {}
+        for device_id, state in states.items():
+            profile = profiles[device_id]
+            readings = by_device[device_id]
+            findings.extend(self._detection.evaluate(profile, readings, state))
+            if profile.domain == "flood" and profile.district:
+                newest = max(r.ts for r in readings)
+                key = (profile.city, profile.district)
+                districts[key] = max(newest, districts.get(key, newest))
+        return findings, districts
+
+    def _station_signals(
+        self, profiles: dict[str, DeviceProfile], states: dict[str, DeviceDetectorState]
+    ) -> dict[str, dict[str, object] | None]:
+        # Computed after detection has moved the states on, as the correlation reads them.
+        signals: dict[str, dict[str, object] | None] = {}
+        for device_id, state in states.items():
+            profile = profiles[device_id]
+            if profile.domain == "flood":
+                signal = self._correlator.station_signal(profile, state)
+                signals[device_id] = signal.to_json() if signal is not None else None
+        return signals
+
+    async def _correlate(
+        self, transaction: BatchTransaction, districts: dict[tuple[str, str], datetime]
+    ) -> list[Finding]:
+        findings = []
+        for (city, district), newest in sorted(districts.items()):
+            stored, active = await transaction.district_flood_signals(city, district)
+            finding = self._correlator.evaluate(
+                city=city, district=district, signals=_readable_signals(stored), active=active, now=newest
+            )
+            if finding is not None:
+                findings.append(finding)
+        return findings
+
+    async def _working_states(
+        self, transaction: BatchTransaction, device_ids: list[str]
+    ) -> dict[str, DeviceDetectorState]:
+        """Fresh copies of the devices' committed detector state, loading what is not cached."""
+        missing = [d for d in device_ids if d not in self._detector_states]
+        loaded = await transaction.detector_states(missing) if missing else {}
+        return {
+            device_id: DeviceDetectorState.from_json(
+                self._detector_states.get(device_id) or loaded.get(device_id) or {}
+            )
+            for device_id in device_ids
+        }
+
+    async def _device_profiles(self, device_ids: set[str]) -> dict[str, DeviceProfile]:
+        """What detection needs to know of each device; re-read now and then so that changed
+        thresholds take effect. Devices no longer registered are left out."""
+        if time.monotonic() - self._profiles_loaded_at > self._registry_refresh_s:
+            self._profiles.clear()
+            self._profiles_loaded_at = time.monotonic()
+        missing = [d for d in device_ids if d not in self._profiles]
+        if missing:
+            rows = await self._supervisor.retry(
+                WRITING_A_BATCH, functools.partial(self._database.device_profiles, missing)
+            )
+            self._profiles.update((row.id, _profile_of(row)) for row in rows)
+        return {d: self._profiles[d] for d in device_ids if d in self._profiles}
+
+
+def _profile_of(row: DeviceProfileRow) -> DeviceProfile:
+    return DeviceProfile.of(
+        id=row.id,
+        city=row.city,
+        domain=row.domain,
+        name=row.name,
+        district=row.district,
+        thresholds=row.thresholds,
+    )
+
+
+def offline_findings(transitions: list[StatusTransition]) -> list[Finding]:
+    """A device going offline raises its `offline` alarm; coming back resolves it."""
+    return [
+        offline_finding(
+            DeviceProfile.of(
+                id=t.device_id, city=t.city, domain=t.domain, name=t.name, district=t.district, thresholds={}
+            ),
+            at=t.at,
+            active=t.status == "offline",
+        )
+        for t in transitions
+    ]
+
+
+def _readable_signals(stored: list[dict[str, object]]) -> list[StationSignal]:
+    """Stored station signals; one that cannot be read (written by another version) is left out
+    rather than stopping the district's correlation."""
+    signals = []
+    for item in stored:
+        try:
+            signals.append(StationSignal.from_json(item))
+        except ValueError as exc:
+            log.warning("ignoring an unreadable flood station signal %r: %s", item, exc)
+    return signals

@@ -1,0 +1,193 @@
+"""In-memory stand-ins for what the processor works with: the bus consumer and producer and the
+database, each recording what it was asked to do in one shared journal, so that a test can check
+the order of writes and commits."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from datetime import timedelta
+from typing import Any
+
+from ioc_core.alarms import Finding
+from ioc_core.bus import BusRecord
+from ioc_core.errors import ServiceUnavailableError
+from ioc_core.events import Event
+from ioc_core.storage import OutboxEvent, TelemetryBatch, WriteResult
+from ioc_core.storage.database import DeviceProfileRow, StatusTransition
+from ioc_core.telemetry import Reading
+
+
+class FakeTransaction:
+    """Stages its changes; the database takes them only when the transaction ends without error."""
+
+    def __init__(self, database: FakeDatabase) -> None:
+        self._database = database
+        self.readings: list[Reading] = []
+        self.detector_states_saved: dict[str, dict[str, Any]] = {}
+        self.findings: list[Finding] = []
+
+    async def write(self, batch: TelemetryBatch) -> WriteResult:
+        database = self._database
+        if database.write_failures > 0:
+            database.write_failures -= 1
+            database.journal.append("write failed")
+            raise ServiceUnavailableError("the database is away")
+        seen = set(database.readings)
+        kept = []
+        for record, _ in batch.records:
+            if isinstance(record, Reading) and (record.device_id, record.ts) not in seen:
+                seen.add((record.device_id, record.ts))
+                kept.append(record)
+        self.readings = kept
+        return WriteResult(stored=len(kept), duplicates=len(batch.records) - len(kept), kept=kept)
+
+    async def detector_states(self, device_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        return {
+            d: self._database.detector_states[d] for d in device_ids if d in self._database.detector_states
+        }
+
+    async def save_detector_states(
+        self, states: dict[str, dict[str, Any]], signals: dict[str, dict[str, Any] | None]
+    ) -> None:
+        self.detector_states_saved.update(states)
+
+    async def district_flood_signals(self, city: str, district: str) -> tuple[list[dict[str, Any]], bool]:
+        return [], False
+
+    async def apply_findings(self, findings: Sequence[Finding]) -> list[Event]:
+        self.findings.extend(findings)
+        return list(self._database.events_per_finding) if findings else []
+
+    async def sweep_silent(
+        self, owned: list[tuple[str, int]], offline_after: dict[str, float]
+    ) -> list[StatusTransition]:
+        self._database.swept.append(owned)
+        return list(self._database.silent)
+
+    async def escalate_alarms(self, after_s: dict[str, float]) -> list[Event]:
+        self._database.journal.append("escalate")
+        return list(self._database.escalated)
+
+    def commit(self) -> None:
+        database = self._database
+        database.readings.update((r.device_id, r.ts) for r in self.readings)
+        database.detector_states.update(self.detector_states_saved)
+        database.findings.extend(self.findings)
+        database.journal.append(f"stored {len(self.readings)}")
+
+
+class FakeClaim:
+    def __init__(self, database: FakeDatabase, events: list[OutboxEvent]) -> None:
+        self._database = database
+        self.events = events
+
+    async def mark_published(self) -> None:
+        published = {e.id for e in self.events}
+        self._database.outbox = [e for e in self._database.outbox if e.id not in published]
+
+
+class FakeDatabase:
+    tier = "fake"
+
+    def __init__(self, journal: list[str], profiles: Sequence[DeviceProfileRow] = ()) -> None:
+        self.journal = journal
+        self.profiles = {p.id: p for p in profiles}
+        self.readings: set[tuple[str, Any]] = set()
+        self.detector_states: dict[str, dict[str, Any]] = {}
+        self.findings: list[Finding] = []
+        self.write_failures = 0
+        self.events_per_finding: list[Event] = []
+        self.silent: list[StatusTransition] = []
+        self.swept: list[list[tuple[str, int]]] = []
+        self.escalated: list[Event] = []
+        self.outbox: list[OutboxEvent] = []
+        self.retention: list[timedelta] = []
+        self.housekept = 0
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[FakeTransaction]:
+        transaction = FakeTransaction(self)
+        yield transaction
+        transaction.commit()
+
+    async def device_profiles(self, device_ids: Sequence[str]) -> list[DeviceProfileRow]:
+        return [self.profiles[d] for d in device_ids if d in self.profiles]
+
+    @contextlib.asynccontextmanager
+    async def unpublished_events(self, limit: int) -> AsyncIterator[FakeClaim]:
+        yield FakeClaim(self, self.outbox[:limit])
+
+    async def apply_retention(self, older_than: timedelta) -> int:
+        self.retention.append(older_than)
+        return 0
+
+    async def housekeeping(self) -> None:
+        self.housekept += 1
+
+
+class FakeConsumer:
+    """Hands out the batches put in `polls`, one per poll; remembers the rebalance listener."""
+
+    def __init__(self, journal: list[str], listener: Any) -> None:
+        self.journal = journal
+        self.listener = listener
+        self.polls: asyncio.Queue[list[BusRecord]] = asyncio.Queue()
+        self.commits = 0
+        self.caught_up_partitions: list[tuple[str, int]] = []
+        self.partition_lag: dict[tuple[str, int], int] = {}
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    async def getmany(self, timeout_ms: int = 1_000) -> list[BusRecord]:
+        try:
+            return await asyncio.wait_for(self.polls.get(), timeout_ms / 1000)
+        except TimeoutError:
+            return []
+
+    async def commit(self) -> None:
+        self.commits += 1
+        self.journal.append("offsets committed")
+
+    def forget_commits(self) -> None:
+        self.journal.append("commits forgotten")
+
+    async def lag(self) -> dict[tuple[str, int], int]:
+        return dict(self.partition_lag)
+
+    async def uncommitted(self) -> int:
+        return self.polls.qsize()
+
+    async def caught_up(self, *, max_lag: int) -> list[tuple[str, int]]:
+        return list(self.caught_up_partitions)
+
+
+class FakeProducer:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes, str | None]] = []
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    async def send(self, topic: str, value: bytes, *, key: str | None = None) -> asyncio.Future[Any]:
+        self.sent.append((topic, value, key))
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        future.set_result(None)
+        return future
+
+    async def send_and_wait(self, topic: str, value: bytes, *, key: str | None = None) -> None:
+        await (await self.send(topic, value, key=key))
