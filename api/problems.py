@@ -28,6 +28,10 @@ class Problem(BaseModel):
     errors: list[dict[str, Any]] | None = None
 
 
+# An error answer as routes document it in `responses`.
+PROBLEM: dict[str, Any] = {"model": Problem, "content": {PROBLEM_MEDIA_TYPE: {}}}
+
+
 def problem_response(
     status: int,
     detail: str | None = None,

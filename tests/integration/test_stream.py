@@ -28,7 +28,9 @@ from fastapi import FastAPI
 
 from api import problems
 from api.auth import Principal, current_principal
-from api.stream import EventHub, add_stream_route, decode_position, encode_position
+from api.routes import stream as stream_routes
+from api.stream.hub import EventHub
+from api.stream.positions import decode_position, encode_position
 from ioc_core.bus import Topics, ensure_topics
 from ioc_core.events import Event, device_status_event, state_changed_event
 from ioc_core.http import HttpServer
@@ -426,7 +428,7 @@ async def local_api(
     app.state.event_hub = hub
     if principal is not None:
         app.dependency_overrides[current_principal] = lambda: principal
-    add_stream_route(app)
+    app.include_router(stream_routes.router)
     port = free_port()
     async with (
         hub,

@@ -9,7 +9,9 @@ import pytest
 from fastapi import HTTPException
 
 from api.auth import Principal
-from api.stream import StreamFilter, _kinds, _parse, decode_position, encode_position, kind_of
+from api.routes.stream import stream_kinds
+from api.stream.hub import StreamFilter, kind_of, parse_event
+from api.stream.positions import decode_position, encode_position
 
 TOPIC = "ioc.events"
 
@@ -105,13 +107,13 @@ def test_records_become_one_line_events() -> None:
     value = (
         b'{\n "type": "alarm.raised",\n "data": {"city": "ha-noi", "domain": "flood", "message": "a\\nb"}\n}'
     )
-    parsed = _parse(value)
+    parsed = parse_event(value)
     assert parsed is not None
     assert (parsed.kind, parsed.city, parsed.domain) == ("alarm", "ha-noi", "flood")
     assert "\n" not in parsed.data and "\r" not in parsed.data
     for value in [b"", b"not json", b"[1, 2]", b'{"type": "alarm.raised"}', b'{"type": "x.y", "data": {}}']:
-        assert _parse(value) is None
-    assert _parse(b'{"type": "alarm.raised", "data": {"city": "ha-noi"}}') is None
+        assert parse_event(value) is None
+    assert parse_event(b'{"type": "alarm.raised", "data": {"city": "ha-noi"}}') is None
 
 
 def test_filters_keep_to_the_callers_scope() -> None:
@@ -131,9 +133,9 @@ def test_filters_keep_to_the_callers_scope() -> None:
 
 
 def test_types_parameter() -> None:
-    assert _kinds(None) == {"alarm", "status", "state"}
-    assert _kinds("alarm, state") == {"alarm", "state"}
+    assert stream_kinds(None) == {"alarm", "status", "state"}
+    assert stream_kinds("alarm, state") == {"alarm", "state"}
     for bad in ["", ",", "alarms", "alarm,telemetry"]:
         with pytest.raises(HTTPException) as raised:
-            _kinds(bad)
+            stream_kinds(bad)
         assert raised.value.status_code == 400

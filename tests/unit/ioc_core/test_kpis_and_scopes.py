@@ -9,14 +9,9 @@ import pytest
 from fastapi import HTTPException
 
 from api.auth import Principal
-from api.common import (
-    ViewCache,
-    decode_int_cursor,
-    decode_text_cursor,
-    encode_cursor,
-    etag_matches,
-    parse_bbox,
-)
+from api.pagination import decode_int_cursor, decode_text_cursor, encode_cursor
+from api.params import parse_bbox
+from api.view_cache import ViewCache, etag_matches
 from ioc_core.domains import DOMAINS
 from ioc_core.kpis import DeviceSnapshot, past_limit
 from ioc_core.rules import rules_for

@@ -8,13 +8,16 @@ import secrets
 from datetime import datetime
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, HTTPException, Path, Query, Request
+from fastapi import APIRouter, HTTPException, Path, Query
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.auth import Admin, Principal
-from api.common import PROBLEM, Cursor, comma_list, db, decode_int_cursor, decode_text_cursor, encode_cursor
+from api.deps import AppSettings, Db
+from api.pagination import Page, decode_int_cursor, decode_text_cursor, paginate
+from api.params import Cursor, comma_list
+from api.problems import PROBLEM
 from ioc_core.errors import ConflictError, NotFoundError
-from ioc_core.settings import Settings
+from ioc_core.storage import Database
 from ioc_core.storage.webhooks import DeliveryRow, EndpointRow
 from ioc_core.webhooks import WebhookError, WebhookFilter, allowed_addresses, new_secret, parse_url
 
@@ -72,11 +75,6 @@ class NewWebhook(Webhook):
     secret: str = Field(description="the signing secret (`whsec_…`), shown this once only")
 
 
-class WebhookList(BaseModel):
-    items: list[Webhook]
-    next: str | None = Field(description="cursor of the next page, or null on the last")
-
-
 class Attempt(BaseModel):
     attempted_at: datetime
     status_code: int | None = Field(description="the endpoint's answer; null when there was none")
@@ -101,11 +99,6 @@ class Delivery(BaseModel):
     failed_at: datetime | None
     failure_reason: str | None
     attempts: list[Attempt]
-
-
-class DeliveryList(BaseModel):
-    items: list[Delivery]
-    next: str | None = Field(description="cursor of the next (older) page, or null on the last")
 
 
 def _webhook(row: EndpointRow) -> Webhook:
@@ -141,9 +134,8 @@ def _delivery(row: DeliveryRow) -> Delivery:
     )
 
 
-async def _checked_url(request: Request, url: str) -> str:
+async def _checked_url(settings: AppSettings, url: str) -> str:
     """The URL, once its shape and every address its host resolves to are acceptable."""
-    settings: Settings = request.app.state.settings
     try:
         target = parse_url(url)
         await allowed_addresses(target.host, target.port, allow_private=settings.webhook_allow_private)
@@ -169,8 +161,8 @@ def _within_scope(principal: Principal, webhook_filter: WebhookFilter) -> Webhoo
     return scoped
 
 
-async def _scoped_endpoint(request: Request, principal: Principal, webhook_id: str) -> EndpointRow:
-    row = await db(request).webhooks.get_endpoint(webhook_id)
+async def _scoped_endpoint(database: Database, principal: Principal, webhook_id: str) -> EndpointRow:
+    row = await database.webhooks.get_endpoint(webhook_id)
     if not principal.covers(row.cities, row.domains):
         raise NotFoundError(f"webhook {webhook_id!r} not found")
     return row
@@ -186,11 +178,13 @@ async def _scoped_endpoint(request: Request, principal: Principal, webhook_id: s
     " link-local or multicast addresses are refused unless `IOC_WEBHOOK_ALLOW_PRIVATE` is set.",
     responses={400: PROBLEM, 403: PROBLEM},
 )
-async def create_webhook(request: Request, principal: Admin, body: WebhookIn) -> NewWebhook:
+async def create_webhook(
+    database: Db, settings: AppSettings, principal: Admin, body: WebhookIn
+) -> NewWebhook:
     webhook_filter = _within_scope(principal, body.filter)
-    url = await _checked_url(request, body.url)
+    url = await _checked_url(settings, body.url)
     secret = new_secret()
-    row = await db(request).webhooks.create_endpoint(
+    row = await database.webhooks.create_endpoint(
         endpoint_id="wh_" + secrets.token_hex(8),
         url=url,
         description=body.description,
@@ -203,25 +197,23 @@ async def create_webhook(request: Request, principal: Admin, body: WebhookIn) ->
 
 @router.get(
     "/v1/webhooks",
-    response_model=WebhookList,
+    response_model=Page[Webhook],
     summary="Agency endpoints within the caller's scope, without their secrets (admin).",
     responses={400: PROBLEM},
 )
 async def list_webhooks(
-    request: Request,
+    database: Db,
     principal: Admin,
     limit: Annotated[int, Query(ge=1, le=1000, description="page size")] = 100,
     cursor: Cursor = None,
-) -> WebhookList:
-    rows = await db(request).webhooks.list_endpoints(
-        principal.city_filter(None),
-        principal.domain_filter(None),
-        after=decode_text_cursor(cursor),
-        limit=limit + 1,
-    )
-    page = rows[:limit]
-    return WebhookList(
-        items=[_webhook(r) for r in page], next=encode_cursor(page[-1].id) if len(rows) > limit else None
+) -> Page[Webhook]:
+    cities, domains = principal.city_filter(None), principal.domain_filter(None)
+    after = decode_text_cursor(cursor)
+    return await paginate(
+        lambda n: database.webhooks.list_endpoints(cities, domains, after=after, limit=n),
+        limit,
+        cursor_of=lambda row: row.id,
+        item=_webhook,
     )
 
 
@@ -231,8 +223,8 @@ async def list_webhooks(
     summary="One agency endpoint (admin).",
     responses={404: PROBLEM},
 )
-async def get_webhook(request: Request, principal: Admin, webhook_id: WebhookId) -> Webhook:
-    return _webhook(await _scoped_endpoint(request, principal, webhook_id))
+async def get_webhook(database: Db, principal: Admin, webhook_id: WebhookId) -> Webhook:
+    return _webhook(await _scoped_endpoint(database, principal, webhook_id))
 
 
 @router.patch(
@@ -242,12 +234,12 @@ async def get_webhook(request: Request, principal: Admin, webhook_id: WebhookId)
     responses={400: PROBLEM, 403: PROBLEM, 404: PROBLEM},
 )
 async def update_webhook(
-    request: Request, principal: Admin, webhook_id: WebhookId, body: WebhookPatch
+    database: Db, settings: AppSettings, principal: Admin, webhook_id: WebhookId, body: WebhookPatch
 ) -> Webhook:
-    await _scoped_endpoint(request, principal, webhook_id)
+    await _scoped_endpoint(database, principal, webhook_id)
     webhook_filter = _within_scope(principal, body.filter) if body.filter is not None else None
-    url = await _checked_url(request, body.url) if body.url is not None else None
-    row = await db(request).webhooks.update_endpoint(
+    url = await _checked_url(settings, body.url) if body.url is not None else None
+    row = await database.webhooks.update_endpoint(
         webhook_id, url=url, description=body.description, webhook_filter=webhook_filter, enabled=body.enabled
     )
     return _webhook(row)
@@ -259,19 +251,19 @@ async def update_webhook(
     summary="Remove an agency endpoint and its delivery log (admin).",
     responses={404: PROBLEM},
 )
-async def delete_webhook(request: Request, principal: Admin, webhook_id: WebhookId) -> None:
-    await _scoped_endpoint(request, principal, webhook_id)
-    await db(request).webhooks.delete_endpoint(webhook_id)
+async def delete_webhook(database: Db, principal: Admin, webhook_id: WebhookId) -> None:
+    await _scoped_endpoint(database, principal, webhook_id)
+    await database.webhooks.delete_endpoint(webhook_id)
 
 
 @router.get(
     "/v1/webhooks/{webhook_id}/deliveries",
-    response_model=DeliveryList,
+    response_model=Page[Delivery],
     summary="The endpoint's deliveries, newest first, each with every attempt (admin).",
     responses={400: PROBLEM, 404: PROBLEM},
 )
 async def list_deliveries(
-    request: Request,
+    database: Db,
     principal: Admin,
     webhook_id: WebhookId,
     state: Annotated[
@@ -279,17 +271,15 @@ async def list_deliveries(
     ] = None,
     limit: Annotated[int, Query(ge=1, le=500, description="page size")] = 50,
     cursor: Cursor = None,
-) -> DeliveryList:
-    await _scoped_endpoint(request, principal, webhook_id)
-    rows = await db(request).webhooks.list_deliveries(
-        webhook_id,
-        states=comma_list(state, DELIVERY_STATES, "state"),
-        before=decode_int_cursor(cursor),
-        limit=limit + 1,
-    )
-    page = rows[:limit]
-    return DeliveryList(
-        items=[_delivery(r) for r in page], next=encode_cursor(page[-1].id) if len(rows) > limit else None
+) -> Page[Delivery]:
+    await _scoped_endpoint(database, principal, webhook_id)
+    states = comma_list(state, DELIVERY_STATES, "state")
+    before = decode_int_cursor(cursor)
+    return await paginate(
+        lambda n: database.webhooks.list_deliveries(webhook_id, states=states, before=before, limit=n),
+        limit,
+        cursor_of=lambda row: row.id,
+        item=_delivery,
     )
 
 
@@ -300,10 +290,10 @@ async def list_deliveries(
     responses={404: PROBLEM},
 )
 async def get_delivery(
-    request: Request, principal: Admin, webhook_id: WebhookId, delivery_id: DeliveryId
+    database: Db, principal: Admin, webhook_id: WebhookId, delivery_id: DeliveryId
 ) -> Delivery:
-    await _scoped_endpoint(request, principal, webhook_id)
-    return _delivery(await db(request).webhooks.get_delivery(webhook_id, delivery_id))
+    await _scoped_endpoint(database, principal, webhook_id)
+    return _delivery(await database.webhooks.get_delivery(webhook_id, delivery_id))
 
 
 @router.post(
@@ -316,10 +306,10 @@ async def get_delivery(
     responses={404: PROBLEM, 409: PROBLEM},
 )
 async def retry_delivery(
-    request: Request, principal: Admin, webhook_id: WebhookId, delivery_id: DeliveryId
+    database: Db, principal: Admin, webhook_id: WebhookId, delivery_id: DeliveryId
 ) -> Delivery:
-    endpoint = await _scoped_endpoint(request, principal, webhook_id)
-    store = db(request).webhooks
+    endpoint = await _scoped_endpoint(database, principal, webhook_id)
+    store = database.webhooks
     current = await store.get_delivery(webhook_id, delivery_id)
     if current.state == "delivered":
         raise ConflictError(f"delivery {delivery_id} was delivered already")

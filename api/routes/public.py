@@ -13,8 +13,10 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, Request, Response
 
 from api import cap
-from api.common import AlarmId, CityFilter, db, etag_matches
+from api.deps import AppSettings, Db
+from api.params import AlarmId, CityFilter
 from api.problems import PROBLEM_MEDIA_TYPE
+from api.view_cache import etag_matches
 from ioc_core.domains import DOMAINS
 from ioc_core.places import city_name, place_label
 from ioc_core.settings import Settings
@@ -67,8 +69,7 @@ _PUBLIC_RULES = sorted(
 )
 
 
-def _sender(request: Request) -> cap.Sender:
-    settings: Settings = request.app.state.settings
+def _sender(request: Request, settings: Settings) -> cap.Sender:
     return cap.Sender(
         address=settings.cap_sender or cap.sender_address(request.url.hostname),
         name_vi="Trung tâm Điều hành thông minh",
@@ -137,9 +138,11 @@ def _answer(
         **{k: v for k, v in _PROBLEMS.items() if k != 404},
     },
 )
-async def cap_feed(request: Request, city: CityFilter = None) -> Response:
-    rows = await db(request).public_alarms(_PUBLIC_RULES, cap.PUBLIC_SEVERITIES, city=city, limit=_FEED_LIMIT)
-    sender = _sender(request)
+async def cap_feed(
+    request: Request, database: Db, settings: AppSettings, city: CityFilter = None
+) -> Response:
+    rows = await database.public_alarms(_PUBLIC_RULES, cap.PUBLIC_SEVERITIES, city=city, limit=_FEED_LIMIT)
+    sender = _sender(request, settings)
     entries = [cap.FeedEntry(alarm, alarm.web or "") for alarm in (_public_alarm(request, r) for r in rows)]
     self_link = str(request.url)
 
@@ -170,12 +173,12 @@ async def cap_feed(request: Request, city: CityFilter = None) -> Response:
         **_PROBLEMS,
     },
 )
-async def cap_alert(request: Request, alarm_id: AlarmId) -> Response:
-    rows = await db(request).public_alarms(_PUBLIC_RULES, cap.PUBLIC_SEVERITIES, alarm_id=alarm_id, limit=1)
+async def cap_alert(request: Request, database: Db, settings: AppSettings, alarm_id: AlarmId) -> Response:
+    rows = await database.public_alarms(_PUBLIC_RULES, cap.PUBLIC_SEVERITIES, alarm_id=alarm_id, limit=1)
     if not rows:
         raise HTTPException(404, f"public warning {alarm_id} not found")
     alarm = _public_alarm(request, rows[0])
-    sender = _sender(request)
+    sender = _sender(request, settings)
     return _answer(
         request, (alarm, sender), lambda: cap.alert(alarm, sender), CapResponse, cap.CAP_MEDIA_TYPE
     )

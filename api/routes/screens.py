@@ -12,25 +12,23 @@ from fastapi import APIRouter, HTTPException, Query, Request, Response
 from pydantic import BaseModel, Field
 
 from api.auth import Viewer
-from api.common import (
-    PROBLEM,
+from api.deps import AppSettings, Db, Views, scoped_device
+from api.pagination import Page, decode_text_cursor, encode_cursor
+from api.params import (
     BboxFilter,
     CityFilter,
     Cursor,
     DeviceId,
     DomainFilter,
     DomainName,
-    cached_view,
-    db,
-    decode_text_cursor,
-    encode_cursor,
     parse_bbox,
-    scoped_device,
     sees_nothing,
 )
+from api.problems import PROBLEM
+from api.view_cache import cached_view
 from ioc_core.domains import DOMAINS
 from ioc_core.kpis import DeviceSnapshot
-from ioc_core.models import Device, Location, StateItem
+from ioc_core.models import Location, StateItem
 from ioc_core.places import city_name
 from ioc_core.rules import SEVERITIES, rules_for
 from ioc_core.storage import SummaryDevice
@@ -43,19 +41,6 @@ _BUCKET_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 _GEOJSON = "application/geo+json"
 
 Aggregate = Literal["avg", "min", "max", "count", "last"]
-StatusFilter = Annotated[
-    Literal["online", "offline", "unknown"] | None, Query(description="only devices with this status")
-]
-
-
-class StateList(BaseModel):
-    items: list[StateItem]
-    next: str | None = Field(description="cursor of the next page, or null on the last")
-
-
-class DeviceList(BaseModel):
-    items: list[Device]
-    next: str | None = Field(description="cursor of the next page, or null on the last")
 
 
 class PointGeometry(BaseModel):
@@ -140,11 +125,6 @@ class City(BaseModel):
     bbox: list[float] = Field(min_length=4, max_length=4, description="[minLon, minLat, maxLon, maxLat]")
 
 
-class CityList(BaseModel):
-    items: list[City]
-    next: str | None = None
-
-
 class SeriesPoint(BaseModel):
     t: datetime = Field(description="start of the bucket")
     value: float | None
@@ -168,7 +148,7 @@ def _scope(
 
 @router.get(
     "/v1/state",
-    response_model=StateList,
+    response_model=Page[StateItem],
     summary="The latest reading of every device in scope (ETag, 304, gzip).",
     description="Answered from the latest-state table, never the readings. Send the `ETag` back as"
     " `If-None-Match` to get 304 while nothing in scope changed. Devices in id order.",
@@ -177,6 +157,8 @@ def _scope(
 )
 async def state(
     request: Request,
+    database: Db,
+    cache: Views,
     principal: Viewer,
     city: CityFilter = None,
     domain: DomainFilter = None,
@@ -189,11 +171,13 @@ async def state(
     async def render() -> bytes:
         if sees_nothing(cities, domains):
             return b'{"items":[],"next":null}'
-        page = await db(request).state_page(cities, domains, after=after, limit=limit)
+        page = await database.state_page(cities, domains, after=after, limit=limit)
         next_ = json.dumps(encode_cursor(page.last_id)) if page.more and page.last_id else "null"
         return f'{{"items":{page.items_json},"next":{next_}}}'.encode()
 
-    return await cached_view(request, principal, cities=cities, domains=domains, render=render)
+    return await cached_view(
+        request, principal, database=database, cache=cache, cities=cities, domains=domains, render=render
+    )
 
 
 @router.get(
@@ -210,7 +194,13 @@ async def state(
     },
 )
 async def layer(
-    request: Request, principal: Viewer, domain: DomainName, city: CityFilter = None, bbox: BboxFilter = None
+    request: Request,
+    database: Db,
+    cache: Views,
+    principal: Viewer,
+    domain: DomainName,
+    city: CityFilter = None,
+    bbox: BboxFilter = None,
 ) -> Response:
     box = parse_bbox(bbox)
     cities, domains = _scope(principal, city, domain)
@@ -218,11 +208,18 @@ async def layer(
     async def render() -> bytes:
         if sees_nothing(cities, domains):
             return b'{"type":"FeatureCollection","features":[]}'
-        _, features = await db(request).layer_features(cities, domains, box)
+        _, features = await database.layer_features(cities, domains, box)
         return f'{{"type":"FeatureCollection","features":{features}}}'.encode()
 
     return await cached_view(
-        request, principal, cities=cities, domains=domains, render=render, media_type=_GEOJSON
+        request,
+        principal,
+        database=database,
+        cache=cache,
+        cities=cities,
+        domains=domains,
+        render=render,
+        media_type=_GEOJSON,
     )
 
 
@@ -237,21 +234,25 @@ async def layer(
     tags=["state"],
     responses={304: {"description": "nothing changed"}, 400: PROBLEM},
 )
-async def summary(request: Request, principal: Viewer, city: CityFilter = None) -> Response:
+async def summary(
+    request: Request, database: Db, cache: Views, principal: Viewer, city: CityFilter = None
+) -> Response:
     cities, domains = _scope(principal, city, None)
 
     async def render() -> bytes:
         devices: list[SummaryDevice] = []
         alarms: list[tuple[str, str, str, int]] = []
         if not sees_nothing(cities, domains):
-            devices, alarms = await db(request).summary_inputs(cities, domains, None)
+            devices, alarms = await database.summary_inputs(cities, domains, None)
         visible = [d for d in DOMAINS if domains is None or d in domains]
         body = Summary(
             city=city, generated_at=datetime.now(UTC), domains=_summaries(visible, devices, alarms)
         )
         return body.model_dump_json().encode()
 
-    return await cached_view(request, principal, cities=cities, domains=domains, render=render)
+    return await cached_view(
+        request, principal, database=database, cache=cache, cities=cities, domains=domains, render=render
+    )
 
 
 def _summaries(
@@ -309,13 +310,13 @@ def _summaries(
 
 @router.get(
     "/v1/cities",
-    response_model=CityList,
+    response_model=Page[City],
     summary="Cities with devices in scope, with their centre and bounding box.",
     tags=["state"],
 )
-async def cities(request: Request, principal: Viewer) -> CityList:
-    rows = await db(request).cities(principal.city_filter(None), principal.domain_filter(None))
-    return CityList(
+async def cities(database: Db, principal: Viewer) -> Page[City]:
+    rows = await database.cities(principal.city_filter(None), principal.domain_filter(None))
+    return Page[City](
         items=[
             City(
                 city=r.city,
@@ -325,37 +326,9 @@ async def cities(request: Request, principal: Viewer) -> CityList:
                 bbox=list(r.bbox),
             )
             for r in rows
-        ]
+        ],
+        next=None,
     )
-
-
-@router.get(
-    "/v1/devices",
-    response_model=DeviceList,
-    summary="Registered devices with their status and latest reading, in id order.",
-    tags=["devices"],
-    responses={400: PROBLEM},
-)
-async def devices(
-    request: Request,
-    principal: Viewer,
-    city: CityFilter = None,
-    domain: DomainFilter = None,
-    status: StatusFilter = None,
-    bbox: BboxFilter = None,
-    limit: Annotated[int, Query(ge=1, le=1000, description="page size")] = 100,
-    cursor: Cursor = None,
-) -> DeviceList:
-    box = parse_bbox(bbox)
-    after = decode_text_cursor(cursor)
-    cities, domains = _scope(principal, city, domain)
-    if sees_nothing(cities, domains):
-        return DeviceList(items=[], next=None)
-    rows = await db(request).list_devices(
-        cities, domains, status=status, bbox=box, after=after, limit=limit + 1
-    )
-    page = rows[:limit]
-    return DeviceList(items=page, next=encode_cursor(page[-1].id) if len(rows) > limit else None)
 
 
 def _parse_bucket(bucket: str) -> timedelta:
@@ -384,7 +357,8 @@ def _aware(value: datetime, name: str) -> datetime:
     responses={400: PROBLEM, 404: PROBLEM},
 )
 async def series(
-    request: Request,
+    database: Db,
+    settings: AppSettings,
     principal: Viewer,
     device_id: DeviceId,
     metric: Annotated[str, Query(max_length=64, description="metric name, e.g. currentLevel")],
@@ -393,8 +367,7 @@ async def series(
     bucket: Annotated[str, Query(max_length=16, description="bucket width: 30s, 5m, 1h, 1d")] = "1m",
     agg: Annotated[Aggregate, Query(description="aggregate per bucket")] = "avg",
 ) -> Series:
-    database = db(request)
-    device = await scoped_device(request, principal, device_id)
+    device = await scoped_device(database, principal, device_id)
     domain = DOMAINS[device.domain]
     metric_def = domain.metric(metric)
     if metric_def is None:
@@ -405,7 +378,7 @@ async def series(
     start = _aware(from_, "from") if from_ is not None else end - timedelta(hours=1)
     if start >= end:
         raise HTTPException(400, "`from` must be before `to`")
-    limit = request.app.state.settings.api_max_series_points
+    limit = settings.api_max_series_points
     points = (end - start) / width
     if points > limit:
         raise HTTPException(

@@ -7,11 +7,14 @@ import secrets
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Path, Query, Request
+from fastapi import APIRouter, HTTPException, Path, Query
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.auth import Admin, KeyCache, Role, hash_key
-from api.common import PROBLEM, Cursor, db, decode_text_cursor, encode_cursor
+from api.auth import Admin, Role, hash_key
+from api.deps import Db, Keys
+from api.pagination import Page, decode_text_cursor, paginate
+from api.params import Cursor
+from api.problems import PROBLEM
 from ioc_core.models import CityList, DomainList
 from ioc_core.storage import ApiKeyRow
 
@@ -53,11 +56,6 @@ class NewApiKey(ApiKey):
     key: str = Field(description="the key itself, shown this once only")
 
 
-class ApiKeyList(BaseModel):
-    items: list[ApiKey]
-    next: str | None = Field(description="cursor of the next page, or null on the last")
-
-
 def _api_key(row: ApiKeyRow) -> ApiKey:
     return ApiKey(
         id=row.id,
@@ -81,11 +79,11 @@ def _api_key(row: ApiKeyRow) -> ApiKey:
     tags=["api keys"],
     responses={400: PROBLEM, 403: PROBLEM},
 )
-async def create_key(request: Request, principal: Admin, body: ApiKeyIn) -> NewApiKey:
+async def create_key(database: Db, principal: Admin, body: ApiKeyIn) -> NewApiKey:
     if not principal.covers(body.cities, body.domains):
         raise HTTPException(403, "a key cannot be given a wider scope than the key that makes it")
     key = "ioc_" + secrets.token_urlsafe(32)
-    row = await db(request).create_api_key(
+    row = await database.create_api_key(
         key_id="key_" + secrets.token_hex(8),
         name=body.name,
         role=body.role,
@@ -99,24 +97,24 @@ async def create_key(request: Request, principal: Admin, body: ApiKeyIn) -> NewA
 
 @router.get(
     "/v1/api-keys",
-    response_model=ApiKeyList,
+    response_model=Page[ApiKey],
     summary="API keys within the caller's scope, without the keys themselves (admin).",
     tags=["api keys"],
     responses={400: PROBLEM},
 )
 async def list_keys(
-    request: Request,
+    database: Db,
     principal: Admin,
     limit: Annotated[int, Query(ge=1, le=1000, description="page size")] = 100,
     cursor: Cursor = None,
-) -> ApiKeyList:
+) -> Page[ApiKey]:
     after = decode_text_cursor(cursor)
-    rows = await db(request).list_api_keys(
-        principal.city_filter(None), principal.domain_filter(None), after=after, limit=limit + 1
-    )
-    page = rows[:limit]
-    return ApiKeyList(
-        items=[_api_key(r) for r in page], next=encode_cursor(page[-1].id) if len(rows) > limit else None
+    cities, domains = principal.city_filter(None), principal.domain_filter(None)
+    return await paginate(
+        lambda n: database.list_api_keys(cities, domains, after=after, limit=n),
+        limit,
+        cursor_of=lambda row: row.id,
+        item=_api_key,
     )
 
 
@@ -127,11 +125,9 @@ async def list_keys(
     tags=["api keys"],
     responses={404: PROBLEM},
 )
-async def revoke_key(request: Request, principal: Admin, key_id: KeyId) -> None:
-    database = db(request)
+async def revoke_key(database: Db, keys: Keys, principal: Admin, key_id: KeyId) -> None:
     row = await database.get_api_key(key_id)
     if not principal.covers(row.cities, row.domains):
         raise HTTPException(404, f"API key {key_id!r} not found")
     await database.revoke_api_key(key_id)
-    cache: KeyCache = request.app.state.key_cache
-    cache.clear()
+    keys.clear()

@@ -1,0 +1,100 @@
+"""What routes take from the running app, as `Annotated` dependencies: settings, the database,
+device accounts, the live events hub, the view and key caches; and devices and alarms looked up
+within the caller's scope."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request
+
+from api.auth import KeyCache, Principal, Viewer
+from api.device_accounts import DeviceAccounts
+from api.params import AlarmId, DeviceId
+from api.stream.hub import EventHub
+from api.view_cache import ViewCache
+from ioc_core.alarms import Alarm
+from ioc_core.models import Device
+from ioc_core.settings import Settings
+from ioc_core.storage import Database
+
+
+def _settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def _database(request: Request) -> Database:
+    database: Database = request.app.state.database
+    return database
+
+
+def _device_accounts(request: Request) -> DeviceAccounts | None:
+    accounts: DeviceAccounts | None = request.app.state.accounts
+    return accounts
+
+
+def _event_hub(request: Request) -> EventHub:
+    hub: EventHub = request.app.state.event_hub
+    return hub
+
+
+def _view_cache(request: Request) -> ViewCache:
+    cache: ViewCache = request.app.state.view_cache
+    return cache
+
+
+def _key_cache(request: Request) -> KeyCache:
+    cache: KeyCache = request.app.state.key_cache
+    return cache
+
+
+AppSettings = Annotated[Settings, Depends(_settings)]
+Db = Annotated[Database, Depends(_database)]
+# None where this deployment does not manage device credentials (IOC_MQTT_ADMIN_URL unset).
+Accounts = Annotated[DeviceAccounts | None, Depends(_device_accounts)]
+Hub = Annotated[EventHub, Depends(_event_hub)]
+Views = Annotated[ViewCache, Depends(_view_cache)]
+Keys = Annotated[KeyCache, Depends(_key_cache)]
+
+
+def managed(accounts: DeviceAccounts | None) -> DeviceAccounts:
+    """The device accounts, for routes that exist only where the broker enforces credentials.
+    Called in the route rather than as a dependency, so that a malformed request is still a 422
+    first."""
+    if accounts is None:
+        raise HTTPException(
+            404, "this deployment does not manage device credentials (IOC_MQTT_ADMIN_URL is unset)"
+        )
+    return accounts
+
+
+def _outside_scope(principal: Principal, city: str, domain: str, what: str) -> None:
+    """Objects outside the key's scope answer exactly as missing ones do."""
+    if not principal.allows(city, domain):
+        raise HTTPException(404, f"{what} not found")
+
+
+async def scoped_device(database: Database, principal: Principal, device_id: str) -> Device:
+    device = await database.get_device(device_id)
+    _outside_scope(principal, device.city, device.domain, f"device {device_id!r}")
+    return device
+
+
+async def scoped_alarm(database: Database, principal: Principal, alarm_id: int) -> Alarm:
+    alarm = await database.get_alarm(alarm_id)
+    _outside_scope(principal, alarm.city, alarm.domain, f"alarm {alarm_id}")
+    return alarm
+
+
+async def _viewed_device(database: Db, principal: Viewer, device_id: DeviceId) -> Device:
+    return await scoped_device(database, principal, device_id)
+
+
+async def _viewed_alarm(database: Db, principal: Viewer, alarm_id: AlarmId) -> Alarm:
+    return await scoped_alarm(database, principal, alarm_id)
+
+
+# For routes that only read the one object: a viewer's device or alarm, 404 outside its scope.
+ViewedDevice = Annotated[Device, Depends(_viewed_device)]
+ViewedAlarm = Annotated[Alarm, Depends(_viewed_alarm)]

@@ -1,0 +1,88 @@
+"""Request parameters the routes share: path and query types, parsing of comma lists and bounding
+boxes, and the rule that an unknown query parameter is refused."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Annotated
+
+from fastapi import HTTPException, Path, Query, Request
+from fastapi.dependencies.models import Dependant
+from fastapi.routing import APIRoute
+
+from ioc_core.domains import DOMAINS
+from ioc_core.telemetry import CITY_PATTERN, DEVICE_ID_PATTERN
+
+AlarmId = Annotated[int, Path(ge=1, le=2**63 - 1, description="alarm id")]
+DeviceId = Annotated[str, Path(pattern=f"^{DEVICE_ID_PATTERN.pattern}$", description="device id")]
+DomainName = Annotated[str, Path(pattern="^(" + "|".join(DOMAINS) + ")$", description="domain")]
+CityFilter = Annotated[str | None, Query(pattern=f"^{CITY_PATTERN.pattern}$", description="city slug")]
+DomainFilter = Annotated[str | None, Query(pattern="^(" + "|".join(DOMAINS) + ")$", description="domain")]
+Cursor = Annotated[str | None, Query(max_length=200, description="`next` of the previous page")]
+BboxFilter = Annotated[
+    str | None,
+    Query(
+        max_length=200,
+        description="bounding box `minLon,minLat,maxLon,maxLat` (WGS 84 degrees)",
+        examples=["105.75,20.95,105.90,21.10"],
+    ),
+]
+
+
+def comma_list(value: str | None, allowed: Sequence[str], name: str) -> list[str] | None:
+    if value is None:
+        return None
+    items = [item.strip() for item in value.split(",") if item.strip()]
+    unknown = [item for item in items if item not in allowed]
+    if unknown or not items:
+        raise HTTPException(400, f"{name} must be a comma-separated list of {', '.join(allowed)}")
+    return items
+
+
+def parse_bbox(value: str | None) -> tuple[float, float, float, float] | None:
+    if value is None:
+        return None
+    parts = value.split(",")
+    try:
+        numbers = [float(p) for p in parts]
+    except ValueError:
+        numbers = []
+    if len(numbers) != 4 or not all(math.isfinite(n) for n in numbers):
+        raise HTTPException(400, "bbox must be four numbers: minLon,minLat,maxLon,maxLat")
+    min_lon, min_lat, max_lon, max_lat = numbers
+    if not (-180 <= min_lon <= max_lon <= 180 and -90 <= min_lat <= max_lat <= 90):
+        raise HTTPException(
+            400, "bbox must have -180 <= minLon <= maxLon <= 180 and -90 <= minLat <= maxLat <= 90"
+        )
+    return min_lon, min_lat, max_lon, max_lat
+
+
+def sees_nothing(cities: Sequence[str] | None, domains: Sequence[str] | None) -> bool:
+    """Filters narrowed to the key's scope that no object can match (see `Principal.narrow`)."""
+    return cities == [] or domains == []
+
+
+_ALLOWED_QUERY: dict[int, frozenset[str]] = {}
+
+
+def _query_names(dependant: Dependant) -> set[str]:
+    names = {field.alias for field in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return names
+
+
+async def reject_unknown_query_parameters(request: Request) -> None:
+    """A misspelt filter must not silently widen a query: unknown parameters are a 400."""
+    route = request.scope.get("route")
+    if not isinstance(route, APIRoute):
+        return
+    allowed = _ALLOWED_QUERY.get(id(route))
+    if allowed is None:
+        allowed = frozenset(_query_names(route.dependant))
+        _ALLOWED_QUERY[id(route)] = allowed
+    unknown = sorted(set(request.query_params) - allowed)
+    if unknown:
+        known = ", ".join(sorted(allowed)) or "none"
+        raise HTTPException(400, f"unknown query parameter {', '.join(unknown)}; this endpoint takes {known}")

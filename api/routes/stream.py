@@ -1,0 +1,103 @@
+"""`GET /v1/stream`: live alarms, device status and state changes as Server-Sent Events, from the
+process's `EventHub` (`api.stream`)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, HTTPException, Query
+
+from api import problems
+from api.auth import Principal, require
+from api.deps import Hub
+from api.params import CityFilter, DomainFilter, comma_list
+from api.stream.framing import EVENT_STREAM_MEDIA_TYPE, RETRY_MS
+from api.stream.hub import KINDS, StreamFilter
+from api.stream.positions import decode_position
+from api.stream.response import ClientStream, EventStreamResponse
+
+router = APIRouter()
+
+_RETRY_AFTER_S = 5
+
+
+def _problem(description: str) -> dict[str, Any]:
+    """An error answer in the schema. Spelt out rather than with `model`, which would document it
+    under the route's own media type (`text/event-stream`) as well."""
+    schema = {"$ref": "#/components/schemas/Problem"}
+    return {"description": description, "content": {problems.PROBLEM_MEDIA_TYPE: {"schema": schema}}}
+
+
+_DESCRIPTION = f"""Server-Sent Events (`{EVENT_STREAM_MEDIA_TYPE}`) of what happens in the caller's scope:
+
+* `event: alarm`: alarm lifecycle (`alarm.raised`, `alarm.updated`, `alarm.acknowledged`,
+  `alarm.resolved`); the CloudEvent's `data` is the alarm.
+* `event: status`: a device went online or offline (`device.online`, `device.offline`).
+* `event: state`: `state.changed`, the latest state of devices of one city and domain that changed
+  lately, sent every few seconds at most: `data.items` is a list of
+  `{{device_id, status, ts, metrics}}`. `metrics` are those of the readings since the previous
+  state event: merge them into what you have; the newest `ts` wins.
+
+Every `data:` is the CloudEvent 1.0 as one line of JSON. Every event has an `id`; a client that
+reconnects with `Last-Event-ID` (browsers' EventSource does so by itself) gets every event it
+missed that Kafka still retains, then the live ones, none twice. An id that is not one of this
+stream's starts from now. The stream starts with `retry: {RETRY_MS}` and, for a new stream, an `id:`
+without data that gives the starting position. Comment lines (`: heartbeat`) keep idle
+connections open. `types` is a comma-separated list of `alarm`, `status`, `state` (default all);
+`city` and `domain` narrow the stream further. One API process serves a limited number of streams:
+beyond it, and while the process is not connected to Kafka, the answer is 503 with `Retry-After`."""
+
+
+def stream_kinds(types: str | None) -> frozenset[str]:
+    return frozenset(comma_list(types, KINDS, "types") or KINDS)
+
+
+@router.get(
+    "/v1/stream",
+    tags=["live"],
+    summary="Live alarms, device status and state changes as Server-Sent Events.",
+    description=_DESCRIPTION,
+    response_class=EventStreamResponse,
+    status_code=200,
+    responses={
+        200: {
+            "description": "an endless stream of events",
+            "content": {EVENT_STREAM_MEDIA_TYPE: {"schema": {"type": "string"}}},
+        },
+        400: _problem("`types` names an unknown kind"),
+        401: _problem("no API key, or not a valid one"),
+        403: _problem("the key lacks the viewer role"),
+        422: _problem("`city` or `domain` is not valid"),
+        500: _problem("internal error"),
+        503: {
+            **_problem("not connected to Kafka yet, or too many open streams"),
+            "headers": {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}},
+        },
+    },
+)
+async def stream(
+    hub: Hub,
+    principal: Annotated[Principal, require("viewer")],
+    city: CityFilter = None,
+    domain: DomainFilter = None,
+    types: Annotated[
+        str | None, Query(description="comma-separated: alarm, status, state (default all)")
+    ] = None,
+    last_event_id: Annotated[
+        str | None, Query(description="where to resume, for clients that cannot send the header")
+    ] = None,
+    last_event_id_header: Annotated[
+        str | None, Header(alias="Last-Event-ID", description="the id of the last event received")
+    ] = None,
+) -> EventStreamResponse:
+    kinds = stream_kinds(types)
+    retry_after = {"Retry-After": str(_RETRY_AFTER_S)}
+    if not hub.connected:
+        raise HTTPException(503, "the live event stream is not connected to Kafka yet", headers=retry_after)
+    if hub.open_streams >= hub.max_streams:
+        raise HTTPException(
+            503, f"this API process already serves {hub.max_streams} streams", headers=retry_after
+        )
+    resume = decode_position(last_event_id_header or last_event_id, topic=hub.topic)
+    subscription, live_from = hub.subscribe(StreamFilter(kinds, city, domain, principal))
+    return EventStreamResponse(ClientStream(hub, subscription, live_from, resume))
