@@ -88,7 +88,7 @@ class DeadLetterList(BaseModel):
 
 async def _unregister(database: Database, device_id: str) -> None:
     try:
-        await database.delete_device(device_id)
+        await database.devices.delete(device_id)
     except IocError as exc:
         log.error(
             "device %s is registered without a broker account and could not be removed: %s", device_id, exc
@@ -220,7 +220,7 @@ def create_app(
         if not principal.allows(device.city, device.domain):
             raise HTTPException(403, f"this key may not register {device.domain} devices in {device.city}")
         database_ = db(request)
-        created = await database_.insert_device(device)
+        created = await database_.devices.insert(device)
         accounts_: DeviceAccounts | None = request.app.state.accounts
         registered = RegisteredDevice(**created.model_dump())
         if accounts_ is not None:
@@ -263,7 +263,7 @@ def create_app(
             raise RequestValidationError(
                 [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
             ) from exc
-        return await database_.update_device(changed)
+        return await database_.devices.update(changed)
 
     @app.delete(
         "/v1/devices/{device_id}",
@@ -281,7 +281,7 @@ def create_app(
             # again, one gone from the registry with a working account could not.
             with _broker_step(f"device {device_id!r} was not removed"):
                 await accounts_.delete(device_id)
-        await database_.delete_device(device_id)
+        await database_.devices.delete(device_id)
 
     @app.post(
         "/v1/devices/{device_id}/credentials",
@@ -351,7 +351,7 @@ def create_app(
             # A rejected message may name no device, so it cannot be placed in a scope.
             raise HTTPException(403, "dead letters need an admin key without a city or domain limit")
         before = decode_int_cursor(cursor)
-        rows = await db(request).list_dead_letters(limit=limit + 1, before_id=before, reason=reason)
+        rows = await db(request).dead_letters.page(limit=limit + 1, before_id=before, reason=reason)
         page = rows[:limit]
         return DeadLetterList(
             items=[DeadLetterItem(**{**row.model_dump(), "id": str(row.id)}) for row in page],
@@ -388,7 +388,7 @@ def create_app(
         cities, domains = principal.city_filter(city), principal.domain_filter(domain)
         if sees_nothing(cities, domains):
             return AlarmList(items=[], next=None)
-        rows = await db(request).list_alarms(
+        rows = await db(request).alarms.page(
             limit=limit + 1,
             before_id=before,
             states=comma_list(state, ALARM_STATES, "state"),
@@ -425,7 +425,7 @@ def create_app(
     ) -> Alarm:
         note = action.note if action else None
         await scoped_alarm(request, principal, alarm_id)
-        return await db(request).acknowledge_alarm(alarm_id, actor=principal.name, note=note)
+        return await db(request).alarms.acknowledge(alarm_id, actor=principal.name, note=note)
 
     @app.post(
         "/v1/alarms/{alarm_id}/resolve",
@@ -442,7 +442,7 @@ def create_app(
     ) -> Alarm:
         note = action.note if action else None
         await scoped_alarm(request, principal, alarm_id)
-        return await db(request).resolve_alarm(alarm_id, actor=principal.name, note=note)
+        return await db(request).alarms.resolve(alarm_id, actor=principal.name, note=note)
 
     @app.get(
         "/metrics",
@@ -454,10 +454,10 @@ def create_app(
     async def metrics(request: Request) -> Response:
         database_ = db(request)
         dead = Metric("ioc_dead_letters_total", "counter", "rejected messages stored, by reason")
-        for reason, count in sorted((await database_.dead_letter_counts()).items()):
+        for reason, count in sorted((await database_.dead_letters.counts()).items()):
             dead.add(count, reason=reason)
         devices = Metric("ioc_devices", "gauge", "registered devices, by status")
-        for status, count in sorted((await database_.device_status_counts()).items()):
+        for status, count in sorted((await database_.status.counts()).items()):
             devices.add(count, status=status)
         deliveries = Metric("ioc_webhook_deliveries", "gauge", "webhook deliveries kept, by state")
         for state, count in sorted((await database_.webhooks.delivery_counts()).items()):

@@ -124,13 +124,13 @@ def _outside_scope(principal: Principal, city: str, domain: str, what: str) -> N
 
 
 async def scoped_device(request: Request, principal: Principal, device_id: str) -> Device:
-    device = await db(request).get_device(device_id)
+    device = await db(request).devices.get(device_id)
     _outside_scope(principal, device.city, device.domain, f"device {device_id!r}")
     return device
 
 
 async def scoped_alarm(request: Request, principal: Principal, alarm_id: int) -> Alarm:
-    alarm = await db(request).get_alarm(alarm_id)
+    alarm = await db(request).alarms.get(alarm_id)
     _outside_scope(principal, alarm.city, alarm.domain, f"alarm {alarm_id}")
     return alarm
 
@@ -250,7 +250,7 @@ async def cached_view(
     """Answer a polled view: 304 when the client has this version, else the (cached) body,
     gzipped when the client takes it. The tag covers the path, query, key scope and the state
     versions of the (city, domain) pairs in scope, read before the body so it is never newer."""
-    version = await db(request).state_version(cities, domains)
+    version = await db(request).status.version(cities, domains)
     query = "&".join(f"{k}={v}" for k, v in sorted(request.query_params.multi_items()))
     digest = hashlib.blake2b(
         f"{request.url.path}?{query}|{principal.scope_key}|{version}".encode(), digest_size=16

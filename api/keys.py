@@ -85,7 +85,7 @@ async def create_key(request: Request, principal: Admin, body: ApiKeyIn) -> NewA
     if not principal.covers(body.cities, body.domains):
         raise HTTPException(403, "a key cannot be given a wider scope than the key that makes it")
     key = "ioc_" + secrets.token_urlsafe(32)
-    row = await db(request).create_api_key(
+    row = await db(request).api_keys.create(
         key_id="key_" + secrets.token_hex(8),
         name=body.name,
         role=body.role,
@@ -111,7 +111,7 @@ async def list_keys(
     cursor: Cursor = None,
 ) -> ApiKeyList:
     after = decode_text_cursor(cursor)
-    rows = await db(request).list_api_keys(
+    rows = await db(request).api_keys.page(
         principal.city_filter(None), principal.domain_filter(None), after=after, limit=limit + 1
     )
     page = rows[:limit]
@@ -129,9 +129,9 @@ async def list_keys(
 )
 async def revoke_key(request: Request, principal: Admin, key_id: KeyId) -> None:
     database = db(request)
-    row = await database.get_api_key(key_id)
+    row = await database.api_keys.get(key_id)
     if not principal.covers(row.cities, row.domains):
         raise HTTPException(404, f"API key {key_id!r} not found")
-    await database.revoke_api_key(key_id)
+    await database.api_keys.revoke(key_id)
     cache: KeyCache = request.app.state.key_cache
     cache.clear()

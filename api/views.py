@@ -189,7 +189,7 @@ async def state(
     async def render() -> bytes:
         if sees_nothing(cities, domains):
             return b'{"items":[],"next":null}'
-        page = await db(request).state_page(cities, domains, after=after, limit=limit)
+        page = await db(request).status.page(cities, domains, after=after, limit=limit)
         next_ = json.dumps(encode_cursor(page.last_id)) if page.more and page.last_id else "null"
         return f'{{"items":{page.items_json},"next":{next_}}}'.encode()
 
@@ -218,7 +218,7 @@ async def layer(
     async def render() -> bytes:
         if sees_nothing(cities, domains):
             return b'{"type":"FeatureCollection","features":[]}'
-        _, features = await db(request).layer_features(cities, domains, box)
+        _, features = await db(request).status.layer_features(cities, domains, box)
         return f'{{"type":"FeatureCollection","features":{features}}}'.encode()
 
     return await cached_view(
@@ -244,7 +244,7 @@ async def summary(request: Request, principal: Viewer, city: CityFilter = None) 
         devices: list[SummaryDevice] = []
         alarms: list[tuple[str, str, str, int]] = []
         if not sees_nothing(cities, domains):
-            devices, alarms = await db(request).summary_inputs(cities, domains, None)
+            devices, alarms = await db(request).status.summary_inputs(cities, domains, None)
         visible = [d for d in DOMAINS if domains is None or d in domains]
         body = Summary(
             city=city, generated_at=datetime.now(UTC), domains=_summaries(visible, devices, alarms)
@@ -314,7 +314,7 @@ def _summaries(
     tags=["state"],
 )
 async def cities(request: Request, principal: Viewer) -> CityList:
-    rows = await db(request).cities(principal.city_filter(None), principal.domain_filter(None))
+    rows = await db(request).devices.cities(principal.city_filter(None), principal.domain_filter(None))
     return CityList(
         items=[
             City(
@@ -351,7 +351,7 @@ async def devices(
     cities, domains = _scope(principal, city, domain)
     if sees_nothing(cities, domains):
         return DeviceList(items=[], next=None)
-    rows = await db(request).list_devices(
+    rows = await db(request).devices.page(
         cities, domains, status=status, bbox=box, after=after, limit=limit + 1
     )
     page = rows[:limit]
@@ -414,7 +414,7 @@ async def series(
             " or a shorter range",
         )
     assert agg in AGGREGATES
-    rows = await database.series(device.id, device.domain, metric, start, end, width, agg)
+    rows = await database.readings.series(device.id, device.domain, metric, start, end, width, agg)
     return Series(
         device_id=device.id,
         metric=metric,

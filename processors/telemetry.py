@@ -34,8 +34,7 @@ from ioc_core.errors import RejectedMessage
 from ioc_core.events import ChangedDevice, state_changed_event
 from ioc_core.metrics import Metric
 from ioc_core.settings import Settings
-from ioc_core.storage import Database, TelemetryBatch
-from ioc_core.storage.database import BatchTransaction, DeviceProfileRow, StatusTransition
+from ioc_core.storage import BatchTransaction, Database, DeviceProfileRow, StatusTransition, TelemetryBatch
 from ioc_core.supervision import Supervisor
 from ioc_core.telemetry import Reading, StoredDeadLetter, decode_record
 from processors.detection import (
@@ -340,7 +339,7 @@ class TelemetryProcessor(Component):
         missing = [d for d in device_ids if d not in self._profiles]
         if missing:
             rows = await self._supervisor.retry(
-                "writing a batch", functools.partial(self._database.device_profiles, missing)
+                "writing a batch", functools.partial(self._database.devices.profiles, missing)
             )
             self._profiles.update((row.id, _profile_of(row)) for row in rows)
         return {d: self._profiles[d] for d in device_ids if d in self._profiles}
@@ -373,7 +372,7 @@ class TelemetryProcessor(Component):
             self._events_pending.set()
 
     async def _apply_retention(self) -> None:
-        removed = await self._database.apply_retention(timedelta(days=self._settings.retention_days))
+        removed = await self._database.readings.apply_retention(timedelta(days=self._settings.retention_days))
         if removed:
             log.info(
                 "retention removed %d chunks or rows older than %d days",
@@ -394,7 +393,7 @@ class TelemetryProcessor(Component):
             pass
 
     async def _relay_once(self, limit: int) -> int:
-        async with self._database.unpublished_events(limit) as claim:
+        async with self._database.outbox.unpublished(limit) as claim:
             if not claim.events:
                 return 0
             futures = [
