@@ -163,41 +163,7 @@ async def main() -> None:
             else:
                 raise RuntimeError(f"gateway did not become ready; log: {log.name}")
 
-            messages = payloads(city, args.devices, args.messages)
-            publisher = multiprocessing.Process(target=publish, args=(messages, None))
-            started = time.monotonic()
-            publisher.start()
-            samples: list[tuple[float, float]] = []
-            peak_rss = 0
-            while True:
-                acked = await metric(client, health, "ioc_gateway_acked_total")
-                samples.append((time.monotonic() - started, acked))
-                peak_rss = max(peak_rss, rss_kib(gateway.pid))
-                if acked >= args.messages:
-                    break
-                if time.monotonic() - started > 600:
-                    raise RuntimeError(f"only {acked} of {args.messages} acknowledged in 600 s")
-                await asyncio.sleep(0.5)
-            elapsed = samples[-1][0]
-            publisher.join()
-            # The steady part: between 10 % and 90 % of the messages.
-            low = next(s for s in samples if s[1] >= 0.1 * args.messages)
-            high = next(s for s in samples if s[1] >= 0.9 * args.messages)
-            steady = (high[1] - low[1]) / max(high[0] - low[0], 1e-9)
-            print(
-                json.dumps(
-                    {
-                        "benchmark": "gateway throughput (one process, one core)",
-                        "messages": args.messages,
-                        "devices": args.devices,
-                        "seconds": round(elapsed, 2),
-                        "mean_rate_msgs_per_s": round(args.messages / elapsed, 1),
-                        "steady_rate_msgs_per_s": round(steady, 1),
-                        "peak_rss_mib": round(peak_rss / 1024, 1),
-                    }
-                ),
-                flush=True,
-            )
+            await throughput(client, health, gateway.pid, city, args)
 
             if args.outage_s > 0:
                 await outage(client, health, gateway.pid, city, args)
@@ -205,6 +171,48 @@ async def main() -> None:
         gateway.terminate()
         gateway.wait(30)
         await drop_database(url)
+
+
+async def throughput(
+    client: httpx.AsyncClient, health: str, pid: int, city: str, args: argparse.Namespace
+) -> None:
+    """Publish `args.messages` as fast as one publisher can and print the rates the gateway
+    acknowledged them at."""
+    messages = payloads(city, args.devices, args.messages)
+    publisher = multiprocessing.Process(target=publish, args=(messages, None))
+    started = time.monotonic()
+    publisher.start()
+    samples: list[tuple[float, float]] = []
+    peak_rss = 0
+    while True:
+        acked = await metric(client, health, "ioc_gateway_acked_total")
+        samples.append((time.monotonic() - started, acked))
+        peak_rss = max(peak_rss, rss_kib(pid))
+        if acked >= args.messages:
+            break
+        if time.monotonic() - started > 600:
+            raise RuntimeError(f"only {acked} of {args.messages} acknowledged in 600 s")
+        await asyncio.sleep(0.5)
+    elapsed = samples[-1][0]
+    publisher.join()
+    # The steady part: between 10 % and 90 % of the messages.
+    low = next(s for s in samples if s[1] >= 0.1 * args.messages)
+    high = next(s for s in samples if s[1] >= 0.9 * args.messages)
+    steady = (high[1] - low[1]) / max(high[0] - low[0], 1e-9)
+    print(
+        json.dumps(
+            {
+                "benchmark": "gateway throughput (one process, one core)",
+                "messages": args.messages,
+                "devices": args.devices,
+                "seconds": round(elapsed, 2),
+                "mean_rate_msgs_per_s": round(args.messages / elapsed, 1),
+                "steady_rate_msgs_per_s": round(steady, 1),
+                "peak_rss_mib": round(peak_rss / 1024, 1),
+            }
+        ),
+        flush=True,
+    )
 
 
 async def outage(
