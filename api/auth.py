@@ -128,7 +128,7 @@ async def principal_for_key(request: Request, key: str) -> Principal | None:
     if hit:
         return principal
     database: Database = request.app.state.database
-    row = await database.api_key_by_hash(digest)
+    row = await database.api_keys.by_hash(digest)
     principal = principal_of(row) if row is not None else None
     cache.put(digest, principal)
     return principal

@@ -76,13 +76,13 @@ def _outside_scope(principal: Principal, city: str, domain: str, what: str) -> N
 
 
 async def scoped_device(database: Database, principal: Principal, device_id: str) -> Device:
-    device = await database.get_device(device_id)
+    device = await database.devices.get(device_id)
     _outside_scope(principal, device.city, device.domain, f"device {device_id!r}")
     return device
 
 
 async def scoped_alarm(database: Database, principal: Principal, alarm_id: int) -> Alarm:
-    alarm = await database.get_alarm(alarm_id)
+    alarm = await database.alarms.get(alarm_id)
     _outside_scope(principal, alarm.city, alarm.domain, f"alarm {alarm_id}")
     return alarm
 

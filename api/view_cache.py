@@ -110,7 +110,7 @@ async def cached_view(
     """Answer a polled view: 304 when the client has this version, else the (cached) body,
     gzipped when the client takes it. The tag covers the path, query, key scope and the state
     versions of the (city, domain) pairs in scope, read before the body so it is never newer."""
-    version = await database.state_version(cities, domains)
+    version = await database.status.version(cities, domains)
     query = "&".join(f"{k}={v}" for k, v in sorted(request.query_params.multi_items()))
     digest = hashlib.blake2b(
         f"{request.url.path}?{query}|{principal.scope_key}|{version}".encode(), digest_size=16

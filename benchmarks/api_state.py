@@ -29,8 +29,7 @@ from typing import Any
 import httpx
 
 from benchmarks.gateway import free_port
-from ioc_core.storage import ensure_database
-from ioc_core.storage.database import drop_database
+from ioc_core.storage import drop_database, ensure_database
 
 POSTGRES = os.environ.get("IOC_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432")
 ADMIN_KEY = "bench-admin-" + uuid.uuid4().hex

@@ -27,10 +27,12 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import asyncpg
 import httpx
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+
+from ioc_core.models import DeviceIn, Location
+from ioc_core.storage import Database, drop_database, ensure_database
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVICES = ROOT / "services" / "services.sh"
@@ -101,6 +103,16 @@ async def metric(client: httpx.AsyncClient, url: str, name: str) -> float:
     raise RuntimeError(f"{name} missing")
 
 
+async def register(url: str, city: str, devices: int) -> None:
+    """Register the benchmark's traffic devices in `city`."""
+    location = Location(lat=21.03, lon=105.85)
+    async with Database(url, max_size=8) as db:
+        ids = [f"bench-{i:05d}" for i in range(devices)]
+        await asyncio.gather(
+            *(db.devices.insert(DeviceIn(id=i, city=city, domain="traffic", location=location)) for i in ids)
+        )
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -116,10 +128,8 @@ async def main() -> None:
 
     city = f"bench-{uuid.uuid4().hex[:6]}"
     database = f"ioc_bench_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(f"{POSTGRES}/postgres")
-    await admin.execute(f"CREATE DATABASE {database}")
-    await admin.close()
     url = f"{POSTGRES}/{database}"
+    await ensure_database(url)
     port = free_port()
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("IOC_")},
@@ -133,12 +143,7 @@ async def main() -> None:
         "IOC_LOG_LEVEL": "WARNING",
     }
     subprocess.run([sys.executable, "-m", "ioc.cli", "migrate"], env=env, check=True, capture_output=True)
-    connection = await asyncpg.connect(url)
-    await connection.executemany(
-        "INSERT INTO devices (id, city, domain, lat, lon) VALUES ($1, $2, 'traffic', 21.03, 105.85)",
-        [(f"bench-{i:05d}", city) for i in range(args.devices)],
-    )
-    await connection.close()
+    await register(url, city, args.devices)
 
     log = tempfile.NamedTemporaryFile(prefix="bench-gateway-", suffix=".log", delete=False)  # noqa: SIM115
     command = [sys.executable, "-m", "ioc.cli", "gateway"]
@@ -158,50 +163,56 @@ async def main() -> None:
             else:
                 raise RuntimeError(f"gateway did not become ready; log: {log.name}")
 
-            messages = payloads(city, args.devices, args.messages)
-            publisher = multiprocessing.Process(target=publish, args=(messages, None))
-            started = time.monotonic()
-            publisher.start()
-            samples: list[tuple[float, float]] = []
-            peak_rss = 0
-            while True:
-                acked = await metric(client, health, "ioc_gateway_acked_total")
-                samples.append((time.monotonic() - started, acked))
-                peak_rss = max(peak_rss, rss_kib(gateway.pid))
-                if acked >= args.messages:
-                    break
-                if time.monotonic() - started > 600:
-                    raise RuntimeError(f"only {acked} of {args.messages} acknowledged in 600 s")
-                await asyncio.sleep(0.5)
-            elapsed = samples[-1][0]
-            publisher.join()
-            # The steady part: between 10 % and 90 % of the messages.
-            low = next(s for s in samples if s[1] >= 0.1 * args.messages)
-            high = next(s for s in samples if s[1] >= 0.9 * args.messages)
-            steady = (high[1] - low[1]) / max(high[0] - low[0], 1e-9)
-            print(
-                json.dumps(
-                    {
-                        "benchmark": "gateway throughput (one process, one core)",
-                        "messages": args.messages,
-                        "devices": args.devices,
-                        "seconds": round(elapsed, 2),
-                        "mean_rate_msgs_per_s": round(args.messages / elapsed, 1),
-                        "steady_rate_msgs_per_s": round(steady, 1),
-                        "peak_rss_mib": round(peak_rss / 1024, 1),
-                    }
-                ),
-                flush=True,
-            )
+            await throughput(client, health, gateway.pid, city, args)
 
             if args.outage_s > 0:
                 await outage(client, health, gateway.pid, city, args)
     finally:
         gateway.terminate()
         gateway.wait(30)
-        admin = await asyncpg.connect(f"{POSTGRES}/postgres")
-        await admin.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
-        await admin.close()
+        await drop_database(url)
+
+
+async def throughput(
+    client: httpx.AsyncClient, health: str, pid: int, city: str, args: argparse.Namespace
+) -> None:
+    """Publish `args.messages` as fast as one publisher can and print the rates the gateway
+    acknowledged them at."""
+    messages = payloads(city, args.devices, args.messages)
+    publisher = multiprocessing.Process(target=publish, args=(messages, None))
+    started = time.monotonic()
+    publisher.start()
+    samples: list[tuple[float, float]] = []
+    peak_rss = 0
+    while True:
+        acked = await metric(client, health, "ioc_gateway_acked_total")
+        samples.append((time.monotonic() - started, acked))
+        peak_rss = max(peak_rss, rss_kib(pid))
+        if acked >= args.messages:
+            break
+        if time.monotonic() - started > 600:
+            raise RuntimeError(f"only {acked} of {args.messages} acknowledged in 600 s")
+        await asyncio.sleep(0.5)
+    elapsed = samples[-1][0]
+    publisher.join()
+    # The steady part: between 10 % and 90 % of the messages.
+    low = next(s for s in samples if s[1] >= 0.1 * args.messages)
+    high = next(s for s in samples if s[1] >= 0.9 * args.messages)
+    steady = (high[1] - low[1]) / max(high[0] - low[0], 1e-9)
+    print(
+        json.dumps(
+            {
+                "benchmark": "gateway throughput (one process, one core)",
+                "messages": args.messages,
+                "devices": args.devices,
+                "seconds": round(elapsed, 2),
+                "mean_rate_msgs_per_s": round(args.messages / elapsed, 1),
+                "steady_rate_msgs_per_s": round(steady, 1),
+                "peak_rss_mib": round(peak_rss / 1024, 1),
+            }
+        ),
+        flush=True,
+    )
 
 
 async def outage(

@@ -31,8 +31,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from ioc_core.bus import BusProducer, Topics, ensure_topics
 from ioc_core.domains import DOMAINS
 from ioc_core.models import DeviceIn, Location
-from ioc_core.storage import Database, ensure_database
-from ioc_core.storage.database import drop_database
+from ioc_core.storage import Database, drop_database, ensure_database
 from ioc_core.telemetry import Reading
 
 POSTGRES = os.environ.get("IOC_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432")
@@ -83,7 +82,7 @@ async def register(url: str, devices: list[tuple[str, str]], city: str) -> None:
         for first in range(0, len(devices), 200):
             await asyncio.gather(
                 *(
-                    db.insert_device(DeviceIn(id=device_id, city=city, domain=domain, location=location))
+                    db.devices.insert(DeviceIn(id=device_id, city=city, domain=domain, location=location))
                     for device_id, domain in devices[first : first + 200]
                 )
             )
@@ -141,7 +140,7 @@ async def measure(url: str, env: dict[str, str], expected: int, core: int | None
     try:
         async with Database(url, max_size=1) as db:
             while True:
-                stored = await db.count_readings()
+                stored = await db.readings.count()
                 now = time.monotonic()
                 peak_rss = max(peak_rss, rss_kib(processor.pid))
                 if stored:

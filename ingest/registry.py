@@ -33,7 +33,7 @@ class DeviceRegistry:
         self._supervisor.every("registry refresh", self._refresh_s, self.refresh, blocking=False)
 
     async def refresh(self) -> None:
-        routes = await self._database.device_routes()
+        routes = await self._database.devices.routes()
         self._routes = {route.id: route for route in routes}
         self._misses.clear()
         log.debug("device registry holds %d devices", len(self._routes))
@@ -46,7 +46,7 @@ class DeviceRegistry:
         now = time.monotonic()
         if missed_at is not None and now - missed_at < self._miss_ttl_s:
             return None
-        route = await self._database.device_route(device_id)
+        route = await self._database.devices.route(device_id)
         if route is None:
             if len(self._misses) > 100_000:
                 self._misses.clear()

@@ -158,7 +158,7 @@ async def import_devices(settings: Settings, path: Path) -> int:
     async with Database(settings.database_url.get_secret_value(), max_size=2) as database:
         for device in devices:
             try:
-                await database.insert_device(device)
+                await database.devices.insert(device)
                 created += 1
             except ConflictError:
                 existing += 1

@@ -16,8 +16,8 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from ioc_core.events import Event
+from ioc_core.rules import Severity as Severity
 
-Severity = Literal["low", "medium", "high", "critical"]
 AlarmState = Literal["active", "acknowledged", "resolved"]
 ALARM_STATES: tuple[AlarmState, ...] = ("active", "acknowledged", "resolved")
 

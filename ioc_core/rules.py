@@ -9,12 +9,15 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, get_args
 
 if TYPE_CHECKING:
     from ioc_core.domains.base import Domain
 
-SEVERITIES: tuple[str, ...] = ("low", "medium", "high", "critical")
+# The one place the severity order is written, mildest first: `SEVERITIES`, `severity_rank`, the
+# alarm and webhook models and the SQL that compares severities are all derived from it.
+Severity = Literal["low", "medium", "high", "critical"]
+SEVERITIES: tuple[str, ...] = get_args(Severity)
 _SEVERITY_RANK = {name: rank for rank, name in enumerate(SEVERITIES)}
 
 

@@ -29,7 +29,7 @@ from ioc_core.alarms import ALARM_ACKNOWLEDGED, ALARM_RAISED, ALARM_RESOLVED, AL
 from ioc_core.errors import IocError
 from ioc_core.events import DEVICE_OFFLINE, DEVICE_ONLINE, Event
 from ioc_core.models import CityList, DomainList
-from ioc_core.rules import SEVERITIES, severity_rank
+from ioc_core.rules import SEVERITIES, Severity, severity_rank
 
 WebhookEventType = Literal[
     "alarm.raised", "alarm.updated", "alarm.acknowledged", "alarm.resolved", "device.offline", "device.online"
@@ -43,7 +43,7 @@ WEBHOOK_EVENT_TYPES: tuple[str, ...] = (
     DEVICE_OFFLINE,
     DEVICE_ONLINE,
 )
-SeverityName = Literal["low", "medium", "high", "critical"]
+SeverityName = Severity
 
 SECRET_PREFIX = "whsec_"
 _SECRET_BYTES = 32

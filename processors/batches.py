@@ -18,8 +18,7 @@ from datetime import datetime
 from ioc_core.alarms import Finding
 from ioc_core.bus import BusRecord
 from ioc_core.errors import RejectedMessage
-from ioc_core.storage import Database, TelemetryBatch
-from ioc_core.storage.database import BatchTransaction, DeviceProfileRow, StatusTransition
+from ioc_core.storage import BatchTransaction, Database, DeviceProfileRow, StatusTransition, TelemetryBatch
 from ioc_core.supervision import Supervisor
 from ioc_core.telemetry import Reading, StoredDeadLetter, decode_record
 from processors.detection import (
@@ -178,7 +177,7 @@ class BatchWriter:
         missing = [d for d in device_ids if d not in self._profiles]
         if missing:
             rows = await self._supervisor.retry(
-                WRITING_A_BATCH, functools.partial(self._database.device_profiles, missing)
+                WRITING_A_BATCH, functools.partial(self._database.devices.profiles, missing)
             )
             self._profiles.update((row.id, _profile_of(row)) for row in rows)
         return {d: self._profiles[d] for d in device_ids if d in self._profiles}

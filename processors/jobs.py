@@ -12,8 +12,7 @@ from typing import Protocol
 
 from ioc_core.bus import BusConsumer
 from ioc_core.settings import Settings
-from ioc_core.storage import Database
-from ioc_core.storage.database import StatusTransition
+from ioc_core.storage import Database, StatusTransition
 from processors.batches import offline_findings
 
 log = logging.getLogger(__name__)
@@ -101,7 +100,7 @@ class Retention:
         self.period_s = settings.retention_check_s
 
     async def run_once(self) -> None:
-        removed = await self._database.apply_retention(timedelta(days=self._days))
+        removed = await self._database.readings.apply_retention(timedelta(days=self._days))
         if removed:
             log.info("retention removed %d chunks or rows older than %d days", removed, self._days)
 

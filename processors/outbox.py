@@ -58,7 +58,7 @@ class OutboxRelay:
             pass
 
     async def _relay_some(self, limit: int) -> int:
-        async with self._database.unpublished_events(limit) as claim:
+        async with self._database.outbox.unpublished(limit) as claim:
             if not claim.events:
                 return 0
             futures = [

@@ -17,8 +17,7 @@ from aiokafka.errors import KafkaError
 
 from ioc_core.bus import BusProducer
 from ioc_core.events import ChangedDevice, state_changed_event
-from ioc_core.storage import TelemetryBatch
-from ioc_core.storage.database import StatusTransition
+from ioc_core.storage import StatusTransition, TelemetryBatch
 from ioc_core.telemetry import Reading
 from processors.detection import DeviceProfile
 

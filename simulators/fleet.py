@@ -199,10 +199,10 @@ async def _register_in_database(settings: Settings, devices: list[DeviceIn]) -> 
         async def one(device: DeviceIn) -> None:
             async with gate:
                 try:
-                    await database.insert_device(device)
+                    await database.devices.insert(device)
                     result.created += 1
                 except ConflictError:
-                    await database.update_device(device)
+                    await database.devices.update(device)
                     result.updated += 1
 
         await asyncio.gather(*(one(device) for device in devices))

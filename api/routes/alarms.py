@@ -57,7 +57,7 @@ async def alarms(
     states = comma_list(state, ALARM_STATES, "state")
     severities = comma_list(severity, SEVERITIES, "severity")
     return await paginate(
-        lambda n: database.list_alarms(
+        lambda n: database.alarms.page(
             limit=n,
             before_id=before,
             states=states,
@@ -93,7 +93,7 @@ async def acknowledge_alarm(
 ) -> Alarm:
     note = action.note if action else None
     await scoped_alarm(database, principal, alarm_id)
-    return await database.acknowledge_alarm(alarm_id, actor=principal.name, note=note)
+    return await database.alarms.acknowledge(alarm_id, actor=principal.name, note=note)
 
 
 @router.post(
@@ -107,4 +107,4 @@ async def resolve_alarm(
 ) -> Alarm:
     note = action.note if action else None
     await scoped_alarm(database, principal, alarm_id)
-    return await database.resolve_alarm(alarm_id, actor=principal.name, note=note)
+    return await database.alarms.resolve(alarm_id, actor=principal.name, note=note)

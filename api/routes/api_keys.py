@@ -83,7 +83,7 @@ async def create_key(database: Db, principal: Admin, body: ApiKeyIn) -> NewApiKe
     if not principal.covers(body.cities, body.domains):
         raise HTTPException(403, "a key cannot be given a wider scope than the key that makes it")
     key = "ioc_" + secrets.token_urlsafe(32)
-    row = await database.create_api_key(
+    row = await database.api_keys.create(
         key_id="key_" + secrets.token_hex(8),
         name=body.name,
         role=body.role,
@@ -111,7 +111,7 @@ async def list_keys(
     after = decode_text_cursor(cursor)
     cities, domains = principal.city_filter(None), principal.domain_filter(None)
     return await paginate(
-        lambda n: database.list_api_keys(cities, domains, after=after, limit=n),
+        lambda n: database.api_keys.page(cities, domains, after=after, limit=n),
         limit,
         cursor_of=lambda row: row.id,
         item=_api_key,
@@ -126,8 +126,8 @@ async def list_keys(
     responses={404: PROBLEM},
 )
 async def revoke_key(database: Db, keys: Keys, principal: Admin, key_id: KeyId) -> None:
-    row = await database.get_api_key(key_id)
+    row = await database.api_keys.get(key_id)
     if not principal.covers(row.cities, row.domains):
         raise HTTPException(404, f"API key {key_id!r} not found")
-    await database.revoke_api_key(key_id)
+    await database.api_keys.revoke(key_id)
     keys.clear()

@@ -46,7 +46,7 @@ async def dead_letters(
         raise HTTPException(403, "dead letters need an admin key without a city or domain limit")
     before = decode_int_cursor(cursor)
     return await paginate(
-        lambda n: database.list_dead_letters(limit=n, before_id=before, reason=reason),
+        lambda n: database.dead_letters.page(limit=n, before_id=before, reason=reason),
         limit,
         cursor_of=lambda row: row.id,
         item=lambda row: DeadLetterItem(**{**row.model_dump(), "id": str(row.id)}),

@@ -32,7 +32,7 @@ StatusFilter = Annotated[
 
 async def _unregister(database: Database, device_id: str) -> None:
     try:
-        await database.delete_device(device_id)
+        await database.devices.delete(device_id)
     except IocError as exc:
         log.error(
             "device %s is registered without a broker account and could not be removed: %s", device_id, exc
@@ -73,7 +73,7 @@ async def devices(
     if sees_nothing(cities, domains):
         return Page[Device].empty()
     return await paginate(
-        lambda n: database.list_devices(cities, domains, status=status, bbox=box, after=after, limit=n),
+        lambda n: database.devices.page(cities, domains, status=status, bbox=box, after=after, limit=n),
         limit,
         cursor_of=lambda row: row.id,
         item=lambda row: row,
@@ -98,7 +98,7 @@ async def register_device(
 ) -> RegisteredDevice:
     if not principal.allows(device.city, device.domain):
         raise HTTPException(403, f"this key may not register {device.domain} devices in {device.city}")
-    created = await database.insert_device(device)
+    created = await database.devices.insert(device)
     registered = RegisteredDevice(**created.model_dump())
     if accounts is not None:
         try:
@@ -135,7 +135,7 @@ async def update_device(database: Db, principal: Admin, device_id: DeviceId, pat
         raise RequestValidationError(
             [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
         ) from exc
-    return await database.update_device(changed)
+    return await database.devices.update(changed)
 
 
 @router.delete(
@@ -151,7 +151,7 @@ async def delete_device(database: Db, accounts: Accounts, principal: Admin, devi
         # again, one gone from the registry with a working account could not.
         with _broker_step(f"device {device_id!r} was not removed"):
             await accounts.delete(device_id)
-    await database.delete_device(device_id)
+    await database.devices.delete(device_id)
 
 
 @router.post(

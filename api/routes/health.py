@@ -61,10 +61,10 @@ async def ready(database: Db, accounts: Accounts) -> Any:
 )
 async def metrics(database: Db) -> Response:
     dead = Metric("ioc_dead_letters_total", "counter", "rejected messages stored, by reason")
-    for reason, count in sorted((await database.dead_letter_counts()).items()):
+    for reason, count in sorted((await database.dead_letters.counts()).items()):
         dead.add(count, reason=reason)
     devices = Metric("ioc_devices", "gauge", "registered devices, by status")
-    for status, count in sorted((await database.device_status_counts()).items()):
+    for status, count in sorted((await database.status.counts()).items()):
         devices.add(count, status=status)
     deliveries = Metric("ioc_webhook_deliveries", "gauge", "webhook deliveries kept, by state")
     for state, count in sorted((await database.webhooks.delivery_counts()).items()):

@@ -141,7 +141,7 @@ def _answer(
 async def cap_feed(
     request: Request, database: Db, settings: AppSettings, city: CityFilter = None
 ) -> Response:
-    rows = await database.public_alarms(_PUBLIC_RULES, cap.PUBLIC_SEVERITIES, city=city, limit=_FEED_LIMIT)
+    rows = await database.alarms.public(_PUBLIC_RULES, cap.PUBLIC_SEVERITIES, city=city, limit=_FEED_LIMIT)
     sender = _sender(request, settings)
     entries = [cap.FeedEntry(alarm, alarm.web or "") for alarm in (_public_alarm(request, r) for r in rows)]
     self_link = str(request.url)
@@ -174,7 +174,7 @@ async def cap_feed(
     },
 )
 async def cap_alert(request: Request, database: Db, settings: AppSettings, alarm_id: AlarmId) -> Response:
-    rows = await database.public_alarms(_PUBLIC_RULES, cap.PUBLIC_SEVERITIES, alarm_id=alarm_id, limit=1)
+    rows = await database.alarms.public(_PUBLIC_RULES, cap.PUBLIC_SEVERITIES, alarm_id=alarm_id, limit=1)
     if not rows:
         raise HTTPException(404, f"public warning {alarm_id} not found")
     alarm = _public_alarm(request, rows[0])

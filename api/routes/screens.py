@@ -171,7 +171,7 @@ async def state(
     async def render() -> bytes:
         if sees_nothing(cities, domains):
             return b'{"items":[],"next":null}'
-        page = await database.state_page(cities, domains, after=after, limit=limit)
+        page = await database.status.page(cities, domains, after=after, limit=limit)
         next_ = json.dumps(encode_cursor(page.last_id)) if page.more and page.last_id else "null"
         return f'{{"items":{page.items_json},"next":{next_}}}'.encode()
 
@@ -208,7 +208,7 @@ async def layer(
     async def render() -> bytes:
         if sees_nothing(cities, domains):
             return b'{"type":"FeatureCollection","features":[]}'
-        _, features = await database.layer_features(cities, domains, box)
+        _, features = await database.status.layer_features(cities, domains, box)
         return f'{{"type":"FeatureCollection","features":{features}}}'.encode()
 
     return await cached_view(
@@ -243,7 +243,7 @@ async def summary(
         devices: list[SummaryDevice] = []
         alarms: list[tuple[str, str, str, int]] = []
         if not sees_nothing(cities, domains):
-            devices, alarms = await database.summary_inputs(cities, domains, None)
+            devices, alarms = await database.status.summary_inputs(cities, domains, None)
         visible = [d for d in DOMAINS if domains is None or d in domains]
         body = Summary(
             city=city, generated_at=datetime.now(UTC), domains=_summaries(visible, devices, alarms)
@@ -315,7 +315,7 @@ def _summaries(
     tags=["state"],
 )
 async def cities(database: Db, principal: Viewer) -> Page[City]:
-    rows = await database.cities(principal.city_filter(None), principal.domain_filter(None))
+    rows = await database.devices.cities(principal.city_filter(None), principal.domain_filter(None))
     return Page[City](
         items=[
             City(
@@ -387,7 +387,7 @@ async def series(
             " or a shorter range",
         )
     assert agg in AGGREGATES
-    rows = await database.series(device.id, device.domain, metric, start, end, width, agg)
+    rows = await database.readings.series(device.id, device.domain, metric, start, end, width, agg)
     return Series(
         device_id=device.id,
         metric=metric,

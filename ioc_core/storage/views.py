@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from ioc_core.alarms import Alarm
+from ioc_core.storage.severity import severity_rank_sql
 
 # Filters shared by the queries below: $1 cities (NULL = every), $2 domains (NULL = every).
 _SCOPE = "($1::text[] IS NULL OR d.city = ANY($1)) AND ($2::text[] IS NULL OR d.domain = ANY($2))"
@@ -52,7 +53,7 @@ SELECT count(*) FILTER (WHERE n <= $4) AS n, max(id) FILTER (WHERE n <= $4) AS l
 FROM page
 """
 
-_SEVERITY_RANK = "CASE a.severity WHEN 'critical' THEN 4 WHEN 'high' THEN 3 WHEN 'medium' THEN 2 ELSE 1 END"
+_SEVERITY_RANK = severity_rank_sql("a.severity")
 
 # Worst open alarm per device, and the open district alarm of each district.
 _OPEN_ALARMS = f"""

@@ -21,6 +21,7 @@ import asyncpg
 from ioc_core.errors import NotFoundError, StorageError
 from ioc_core.rules import severity_rank
 from ioc_core.storage.connections import CONNECTION_ERRORS, unavailable
+from ioc_core.storage.pool import text_list
 from ioc_core.webhooks import RoutedEvent, WebhookFilter
 
 # Workers LISTEN here; a transaction that makes deliveries notifies at its commit.
@@ -235,10 +236,6 @@ def _delivery(row: asyncpg.Record) -> DeliveryRow:
     return DeliveryRow(**values, attempt_log=attempts)
 
 
-def _text_list(values: Sequence[str] | None) -> list[str] | None:
-    return list(values) if values is not None else None
-
-
 class WebhookStore:
     """Every query about webhooks, over a started `Database`'s pool."""
 
@@ -297,8 +294,8 @@ class WebhookStore:
                 f"SELECT {_ENDPOINT_COLUMNS} FROM webhook_endpoints e"
                 " WHERE ($1::text[] IS NULL OR e.cities <@ $1) AND ($2::text[] IS NULL OR e.domains <@ $2)"
                 " AND ($3::text IS NULL OR e.id > $3) ORDER BY e.id LIMIT $4",
-                _text_list(cities),
-                _text_list(domains),
+                text_list(cities),
+                text_list(domains),
                 after,
                 limit,
             )
@@ -376,7 +373,7 @@ class WebhookStore:
                 " WHERE d.endpoint_id = $1 AND ($2::text[] IS NULL OR d.state = ANY($2))"
                 " AND ($3::bigint IS NULL OR d.id < $3) ORDER BY d.id DESC LIMIT $4",
                 endpoint_id,
-                _text_list(states),
+                text_list(states),
                 before,
                 limit,
             )

@@ -17,8 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ioc_core.storage import ensure_database
-from ioc_core.storage.database import drop_database
+from ioc_core.storage import drop_database, ensure_database
 from tests.integration.conftest import POSTGRES_URL, System, free_port
 from tests.integration.harness import ComponentProcess
 

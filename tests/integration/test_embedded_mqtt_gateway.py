@@ -73,7 +73,7 @@ async def run(migrated: str) -> AsyncIterator[Run]:
         devices = [f"{city}-flood-{i:02d}" for i in range(DEVICES)]
         async with Database(migrated, max_size=2) as database:
             for device in devices:
-                await database.insert_device(
+                await database.devices.insert(
                     DeviceIn(id=device, city=city, domain="flood", location=LOCATION)
                 )
         try:

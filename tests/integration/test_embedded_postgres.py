@@ -107,7 +107,7 @@ async def test_first_start_migrates_and_a_restart_keeps_the_data(tmp_path: Path,
         port = server.port
         async with Database(server.url, max_size=2) as database:
             assert await database.migrate() is StorageTier.POSTGRES
-            await database.insert_device(DEVICE)
+            await database.devices.insert(DEVICE)
         # One server per directory: a second one would corrupt the cluster.
         with pytest.raises(ConfigurationError, match="another process is running"):
             await EmbeddedPostgres(data_dir).start()
@@ -118,7 +118,7 @@ async def test_first_start_migrates_and_a_restart_keeps_the_data(tmp_path: Path,
         assert server.port == port, "the remembered port is reused while free"
         async with Database(server.url, max_size=2) as database:
             assert database.tier is StorageTier.POSTGRES
-            assert (await database.get_device(DEVICE.id)).name == DEVICE.name
+            assert (await database.devices.get(DEVICE.id)).name == DEVICE.name
     figures.lines.append(
         f"embedded PostgreSQL {server.version}: first start {first_start_s:.2f} s (cluster created),"
         f" restart {restart_s:.2f} s"
@@ -130,7 +130,7 @@ async def test_the_next_start_recovers_from_a_killed_server(template: Path, tmp_
     server = EmbeddedPostgres(data_dir)
     await server.start()
     async with Database(server.url, max_size=2) as database:
-        await database.insert_device(DEVICE)
+        await database.devices.insert(DEVICE)
     pid = int((server.cluster_dir / "postmaster.pid").read_text().split()[0])
     os.kill(pid, signal.SIGKILL)
     # Nobody reaps it here when the process manager of the machine does not: a zombie.
@@ -139,21 +139,21 @@ async def test_the_next_start_recovers_from_a_killed_server(template: Path, tmp_
     assert (server.cluster_dir / "postmaster.pid").exists(), "stale, as after a crash"
 
     async with EmbeddedPostgres(data_dir) as server, Database(server.url, max_size=2) as database:
-        assert (await database.get_device(DEVICE.id)).id == DEVICE.id, "committed before the crash"
+        assert (await database.devices.get(DEVICE.id)).id == DEVICE.id, "committed before the crash"
 
 
 async def test_the_next_start_takes_over_from_a_killed_process(template: Path, tmp_path: Path) -> None:
     data_dir = copy_of(template, tmp_path)
     child, url, pid = await run_child(data_dir, "wait")
     async with Database(url, max_size=2) as database:
-        await database.insert_device(DEVICE)
+        await database.devices.insert(DEVICE)
     child.kill()
     await child.wait()
     assert is_running(pid), "pg_ctl detaches the server, so it outlives a killed process"
 
     async with EmbeddedPostgres(data_dir) as server, Database(server.url, max_size=2) as database:
         assert not is_running(pid), "the orphan was stopped and a server of our own started"
-        assert (await database.get_device(DEVICE.id)).id == DEVICE.id
+        assert (await database.devices.get(DEVICE.id)).id == DEVICE.id
 
 
 @pytest.mark.parametrize("ending", ["exit", "sigterm"])

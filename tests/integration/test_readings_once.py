@@ -30,7 +30,7 @@ from ingest.gateway import InboundMessage, validate
 from ioc_core.domains import DOMAINS
 from ioc_core.models import DeviceIn, DeviceRoute, Location
 from ioc_core.storage import Database, StorageTier, TelemetryBatch, WriteResult
-from ioc_core.storage import database as database_module
+from ioc_core.storage import migrations as migrations_module
 from ioc_core.storage.schema import MIGRATIONS
 from ioc_core.telemetry import Reading, parse_payload, parse_topic
 from tests.integration.conftest import POSTGRES_URL
@@ -89,7 +89,7 @@ async def tier_database(request: pytest.FixtureRequest) -> AsyncIterator[TierDat
 
 async def _device(db: Database, domain: str) -> str:
     device_id = unique(f"once-{domain}")
-    await db.insert_device(
+    await db.devices.insert(
         DeviceIn(id=device_id, city=CITY, domain=domain, location=Location(lat=21.0, lon=105.8))
     )
     return device_id
@@ -180,7 +180,7 @@ async def test_seqs_remembered_before_the_upgrade_stand_for_any_values(
     name = await _create_database(server)
     try:
         async with Database(f"{server}/{name}", seq_window_s=60) as db:
-            monkeypatch.setattr(database_module, "MIGRATIONS", MIGRATIONS[:5])
+            monkeypatch.setattr(migrations_module, "MIGRATIONS", MIGRATIONS[:5])
             await db.migrate()
             device = await _device(db, "water")
             now = datetime.now(UTC)
@@ -192,7 +192,7 @@ async def test_seqs_remembered_before_the_upgrade_stand_for_any_values(
                     now - timedelta(seconds=10),
                     now - timedelta(minutes=5),
                 )
-                monkeypatch.setattr(database_module, "MIGRATIONS", MIGRATIONS)
+                monkeypatch.setattr(migrations_module, "MIGRATIONS", MIGRATIONS)
                 await db.migrate()
                 await db.migrate()  # safe to repeat
                 kept = await connection.fetch("SELECT seq, digest FROM reading_seqs ORDER BY seq")
@@ -288,7 +288,7 @@ async def test_readings_at_one_time_merge_into_one_row(tier_database: TierDataba
     repeats = await _write(db, at(pressure=3.0), at(flow=120), at(pressure=9.9, turbidity=0.7))
     assert (repeats.stored, repeats.duplicates, repeats.kept) == (0, 3, [])
     assert await _rows(url, "water", device, "pressure, flow, turbidity, ph") == [(3.0, 120.0, 0.7, None)]
-    device_state = await db.get_device(device)
+    device_state = await db.devices.get(device)
     assert device_state.latest is not None
     assert device_state.latest.metrics == {"pressure": 3.0, "flow": 120.0, "turbidity": 0.7}
     # Within one batch, in order of arrival: the first value of a metric is the one kept.

@@ -12,8 +12,7 @@ from aiokafka import AIOKafkaConsumer
 
 from ioc_core.bus import Topics, ensure_topics
 from ioc_core.settings import Settings
-from ioc_core.storage import TelemetryBatch
-from ioc_core.storage.database import StatusTransition
+from ioc_core.storage import StatusTransition, TelemetryBatch
 from ioc_core.telemetry import Reading
 from processors.detection import DeviceProfile
 from processors.telemetry import TelemetryProcessor

@@ -135,7 +135,7 @@ async def tier_database(request: pytest.FixtureRequest) -> AsyncIterator[TierDat
         async with Database(url) as db:
             await db.migrate()
             for device_id in DEVICES:
-                await db.insert_device(
+                await db.devices.insert(
                     DeviceIn(
                         id=device_id, city=CITY, domain=DOMAIN.name, location=Location(lat=21.0, lon=105.8)
                     )
@@ -197,7 +197,7 @@ async def test_series_matches_the_readings(tier_database: TierDatabase, agg: Agg
     start, end = base + timedelta(minutes=13, seconds=7), base + timedelta(hours=2, minutes=41, seconds=3)
     for metric in ("pressure", "turbidity"):
         for bucket in BUCKETS:
-            series = await db.series(DEVICES[0], DOMAIN.name, metric, start, end, bucket, agg)
+            series = await db.readings.series(DEVICES[0], DOMAIN.name, metric, start, end, bucket, agg)
             expected = _expected(readings, DEVICES[0], metric, start, end, bucket, agg)
             assert [t for t, _ in series] == [t for t, _ in expected], (metric, bucket)
             assert [v for _, v in series] == pytest.approx([v for _, v in expected], rel=1e-9), (
@@ -210,27 +210,32 @@ async def test_series_of_the_whole_data_and_of_nothing(tier_database: TierDataba
     db, base = tier_database.db, tier_database.base
     day, minute = timedelta(days=1), timedelta(minutes=1)
     midnight = floor_to(base, day)
-    counts = await db.series(DEVICES[1], DOMAIN.name, "flow", midnight, midnight + day, day, "count")
+    counts = await db.readings.series(DEVICES[1], DOMAIN.name, "flow", midnight, midnight + day, day, "count")
     assert counts == [(midnight, float(READINGS_PER_DEVICE))]
     # Naive datetimes count as UTC.
     naive = midnight.replace(tzinfo=None)
-    assert await db.series(DEVICES[1], DOMAIN.name, "flow", naive, naive + day, day, "count") == counts
-    assert await db.series(DEVICES[0], DOMAIN.name, "flow", base + day, base, minute, "avg") == []
-    assert await db.series(DEVICES[0], DOMAIN.name, "flow", base, base, minute, "avg") == []
+    assert (
+        await db.readings.series(DEVICES[1], DOMAIN.name, "flow", naive, naive + day, day, "count") == counts
+    )
+    assert await db.readings.series(DEVICES[0], DOMAIN.name, "flow", base + day, base, minute, "avg") == []
+    assert await db.readings.series(DEVICES[0], DOMAIN.name, "flow", base, base, minute, "avg") == []
     quiet = base - timedelta(days=150)
-    assert await db.series(DEVICES[0], DOMAIN.name, "flow", quiet, quiet + day, minute, "max") == []
-    assert await db.series("no-such-device", DOMAIN.name, "flow", midnight, midnight + day, day, "max") == []
+    assert await db.readings.series(DEVICES[0], DOMAIN.name, "flow", quiet, quiet + day, minute, "max") == []
+    assert (
+        await db.readings.series("no-such-device", DOMAIN.name, "flow", midnight, midnight + day, day, "max")
+        == []
+    )
 
 
 async def test_series_rejects_what_the_domain_does_not_measure(tier_database: TierDatabase) -> None:
     db, base = tier_database.db, tier_database.base
     hour = timedelta(hours=1)
     with pytest.raises(ValidationError, match="not a metric of the water domain"):
-        await db.series(DEVICES[0], DOMAIN.name, "voltage", base, base + hour, hour, "avg")
+        await db.readings.series(DEVICES[0], DOMAIN.name, "voltage", base, base + hour, hour, "avg")
     with pytest.raises(ValidationError, match="not a domain"):
-        await db.series(DEVICES[0], "weather", "pressure", base, base + hour, hour, "avg")
+        await db.readings.series(DEVICES[0], "weather", "pressure", base, base + hour, hour, "avg")
     with pytest.raises(ValidationError, match="bucket must be positive"):
-        await db.series(DEVICES[0], DOMAIN.name, "pressure", base, base + hour, timedelta(0), "avg")
+        await db.readings.series(DEVICES[0], DOMAIN.name, "pressure", base, base + hour, timedelta(0), "avg")
 
 
 async def test_retention_removes_old_readings_only(tier_database: TierDatabase) -> None:
@@ -243,12 +248,12 @@ async def test_retention_removes_old_readings_only(tier_database: TierDatabase) 
         kept = await connection.fetchval(kept_sql)
         assert kept >= len(tier_database.recent)
         # Two processors at once: one removes, the other finds the work taken.
-        removed = await asyncio.gather(*(db.apply_retention(timedelta(days=90)) for _ in range(2)))
+        removed = await asyncio.gather(*(db.readings.apply_retention(timedelta(days=90)) for _ in range(2)))
         expected = 1 if tier_database.tier.has_hypertables else OLD_READINGS  # one daily chunk, or rows
         assert sum(removed) == expected, removed
         assert await connection.fetchval(count_sql) == 0
         assert await connection.fetchval(kept_sql) == kept
-        assert await db.apply_retention(timedelta(days=90)) == 0
+        assert await db.readings.apply_retention(timedelta(days=90)) == 0
     finally:
         await connection.close()
 
@@ -313,7 +318,9 @@ async def test_community_series_over_the_aggregates(tier_database: TierDatabase)
             used.add(span.rollup.suffix if span else None)
             for agg in AGGREGATES:
                 for metric in ("pressure", "turbidity"):
-                    series = await db.series(DEVICES[0], DOMAIN.name, metric, start, end, bucket, agg)
+                    series = await db.readings.series(
+                        DEVICES[0], DOMAIN.name, metric, start, end, bucket, agg
+                    )
                     expected = _expected(readings, DEVICES[0], metric, start, end, bucket, agg)
                     assert [t for t, _ in series] == [t for t, _ in expected], (metric, bucket, agg)
                     assert [v for _, v in series] == pytest.approx([v for _, v in expected], rel=1e-9), (

@@ -11,7 +11,7 @@ from ioc_core.domains import DOMAINS, Domain
 from ioc_core.errors import IocError, ValidationError
 from ioc_core.settings import Settings
 from ioc_core.storage import StorageTier
-from ioc_core.storage.database import _STAGING, _stored_readings
+from ioc_core.storage.readings import _STAGING, stored_readings
 from ioc_core.storage.schema import MIGRATIONS
 from ioc_core.storage.tiers import (
     AGGREGATES,
@@ -290,7 +290,7 @@ def test_stored_readings_are_one_per_instant_with_what_was_stored() -> None:
         reading("a", 0, pressure=1.0),
         reading("b", 5, pressure=3.0),
     )
-    stored = _stored_readings(
+    stored = stored_readings(
         [(first, 1), (second, 1), (repeat, 1), (other, 4)],
         [first.metrics, {"flow": 2.0}, {}, other.metrics],
     )

@@ -14,8 +14,7 @@ from ioc_core.alarms import Finding
 from ioc_core.bus import BusRecord
 from ioc_core.errors import ServiceUnavailableError
 from ioc_core.events import Event
-from ioc_core.storage import OutboxEvent, TelemetryBatch, WriteResult
-from ioc_core.storage.database import DeviceProfileRow, StatusTransition
+from ioc_core.storage import DeviceProfileRow, OutboxEvent, StatusTransition, TelemetryBatch, WriteResult
 from ioc_core.telemetry import Reading
 
 
@@ -34,7 +33,7 @@ class FakeTransaction:
             database.write_failures -= 1
             database.journal.append("write failed")
             raise ServiceUnavailableError("the database is away")
-        seen = set(database.readings)
+        seen = set(database.stored)
         kept = []
         for record, _ in batch.records:
             if isinstance(record, Reading) and (record.device_id, record.ts) not in seen:
@@ -72,7 +71,7 @@ class FakeTransaction:
 
     def commit(self) -> None:
         database = self._database
-        database.readings.update((r.device_id, r.ts) for r in self.readings)
+        database.stored.update((r.device_id, r.ts) for r in self.readings)
         database.detector_states.update(self.detector_states_saved)
         database.findings.extend(self.findings)
         database.journal.append(f"stored {len(self.readings)}")
@@ -85,7 +84,7 @@ class FakeClaim:
 
     async def mark_published(self) -> None:
         published = {e.id for e in self.events}
-        self._database.outbox = [e for e in self._database.outbox if e.id not in published]
+        self._database.pending = [e for e in self._database.pending if e.id not in published]
 
 
 class FakeDatabase:
@@ -94,7 +93,7 @@ class FakeDatabase:
     def __init__(self, journal: list[str], profiles: Sequence[DeviceProfileRow] = ()) -> None:
         self.journal = journal
         self.profiles = {p.id: p for p in profiles}
-        self.readings: set[tuple[str, Any]] = set()
+        self.stored: set[tuple[str, Any]] = set()
         self.detector_states: dict[str, dict[str, Any]] = {}
         self.findings: list[Finding] = []
         self.write_failures = 0
@@ -102,9 +101,12 @@ class FakeDatabase:
         self.silent: list[StatusTransition] = []
         self.swept: list[list[tuple[str, int]]] = []
         self.escalated: list[Event] = []
-        self.outbox: list[OutboxEvent] = []
+        self.pending: list[OutboxEvent] = []
         self.retention: list[timedelta] = []
         self.housekept = 0
+        self.devices = _FakeDevices(self)
+        self.readings = _FakeReadings(self)
+        self.outbox = _FakeOutbox(self)
 
     async def start(self) -> None:
         pass
@@ -118,19 +120,34 @@ class FakeDatabase:
         yield transaction
         transaction.commit()
 
-    async def device_profiles(self, device_ids: Sequence[str]) -> list[DeviceProfileRow]:
-        return [self.profiles[d] for d in device_ids if d in self.profiles]
-
-    @contextlib.asynccontextmanager
-    async def unpublished_events(self, limit: int) -> AsyncIterator[FakeClaim]:
-        yield FakeClaim(self, self.outbox[:limit])
-
-    async def apply_retention(self, older_than: timedelta) -> int:
-        self.retention.append(older_than)
-        return 0
-
     async def housekeeping(self) -> None:
         self.housekept += 1
+
+
+class _FakeDevices:
+    def __init__(self, database: FakeDatabase) -> None:
+        self._database = database
+
+    async def profiles(self, device_ids: Sequence[str]) -> list[DeviceProfileRow]:
+        return [self._database.profiles[d] for d in device_ids if d in self._database.profiles]
+
+
+class _FakeReadings:
+    def __init__(self, database: FakeDatabase) -> None:
+        self._database = database
+
+    async def apply_retention(self, older_than: timedelta) -> int:
+        self._database.retention.append(older_than)
+        return 0
+
+
+class _FakeOutbox:
+    def __init__(self, database: FakeDatabase) -> None:
+        self._database = database
+
+    @contextlib.asynccontextmanager
+    async def unpublished(self, limit: int) -> AsyncIterator[FakeClaim]:
+        yield FakeClaim(self._database, self._database.pending[:limit])
 
 
 class FakeConsumer:

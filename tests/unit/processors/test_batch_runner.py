@@ -13,8 +13,7 @@ from typing import Any
 
 from ioc_core.bus import BusRecord
 from ioc_core.settings import Settings
-from ioc_core.storage import OutboxEvent
-from ioc_core.storage.database import DeviceProfileRow, StatusTransition
+from ioc_core.storage import DeviceProfileRow, OutboxEvent, StatusTransition
 from ioc_core.supervision import RetryPolicy
 from ioc_core.telemetry import Reading
 from processors.batches import decode_batch
@@ -228,7 +227,7 @@ async def test_the_silence_sweep_judges_caught_up_partitions_and_wakes_the_relay
     topics = r.settings.topics
     r.consumer.caught_up_partitions = [(topics.telemetry("flood"), 3), (topics.deadletter, 0)]
     r.database.silent = [offline(START)]
-    r.database.outbox = [OutboxEvent(1, topics.events, "k", '{"type": "device.offline"}')]
+    r.database.pending = [OutboxEvent(1, topics.events, "k", '{"type": "device.offline"}')]
     async with r.processor:
         await until(lambda: bool(r.producer.sent))
     assert r.database.swept[0] == [("flood", 3)]
@@ -239,7 +238,7 @@ async def test_the_silence_sweep_judges_caught_up_partitions_and_wakes_the_relay
 async def test_escalation_wakes_the_relay_for_the_events_it_records() -> None:
     r = rig(silence_check_s=0.005, outbox_poll_s=60)
     r.database.escalated = [object()]
-    r.database.outbox = [OutboxEvent(1, r.settings.topics.events, None, "{}")]
+    r.database.pending = [OutboxEvent(1, r.settings.topics.events, None, "{}")]
     async with r.processor:
         await until(lambda: bool(r.producer.sent))
     assert "escalate" in r.journal
@@ -280,11 +279,11 @@ async def test_the_relay_sends_recorded_events_in_order_and_marks_them_published
     r = rig(outbox_poll_s=60)
     topic = r.settings.topics.events
     r.database.events_per_finding = [object()]
-    r.database.outbox = [OutboxEvent(i, topic, f"k{i}", f'{{"n": {i}}}') for i in range(3)]
+    r.database.pending = [OutboxEvent(i, topic, f"k{i}", f'{{"n": {i}}}') for i in range(3)]
     async with r.processor:
         await r.consumer.polls.put(records(r.settings, readings(1.2, 4.7)))  # an alarm: events recorded
         await until(lambda: len(r.producer.sent) == 3)
     # Then, on stopping, the batch's state.changed snapshot.
     assert [key for _, _, key in r.producer.sent] == ["k0", "k1", "k2", "ha-noi/flood"]
-    assert r.database.outbox == []
+    assert r.database.pending == []
     assert r.processor.events_relayed == 3

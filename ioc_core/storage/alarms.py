@@ -1,0 +1,396 @@
+"""Alarms and the detectors' state: raising, repeating, escalating and resolving alarms from
+findings (with their lifecycle events), operators acknowledging or resolving them, the public
+alarm feed, and the per-device detector state (with flood stations' district signals)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+
+from ioc_core.alarms import (
+    ALARM_ACKNOWLEDGED,
+    ALARM_RAISED,
+    ALARM_RESOLVED,
+    ALARM_UPDATED,
+    DISTRICT_FLOOD_RULE,
+    Alarm,
+    AlarmMessages,
+    AuditEntry,
+    Finding,
+    alarm_event,
+    bilingual,
+    district_subject,
+)
+from ioc_core.errors import ConflictError, NotFoundError
+from ioc_core.events import Event
+from ioc_core.rules import severity_rank
+from ioc_core.storage import views
+from ioc_core.storage.outbox import insert_events
+from ioc_core.storage.pool import Connection, Pool, text_list
+from ioc_core.storage.severity import SEVERITY_ORDER_SQL
+
+_ALARM_COLUMNS = """
+    a.id, a.subject, a.device_id, a.city, a.domain, a.district, a.rule, a.metric, a.severity,
+    a.state, a.started_at, a.last_seen_at, a.acknowledged_at, a.resolved_at, a.value, a.threshold,
+    a.count, a.message_vi, a.message_en, a.escalated, a.escalated_at
+"""
+
+# A repeat bumps the open alarm; a worse severity replaces the stored one (with its limit), a
+# milder one does not lower it: an alarm stays as serious as the worst it has been until resolved.
+_UPSERT_ALARMS_SQL = f"""
+INSERT INTO alarms AS a (subject, device_id, city, domain, district, rule, metric, severity,
+                         started_at, last_seen_at, value, threshold, count, message_vi, message_en,
+                         serious_since)
+SELECT u.subject, u.device_id, u.city, u.domain, u.district, u.rule, u.metric, u.severity,
+       u.at, u.at, u.value, u.threshold, u.repeats, u.message_vi, u.message_en,
+       CASE WHEN u.severity IN ('high', 'critical') THEN u.at END
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+            $8::text[], $9::timestamptz[], $10::float8[], $11::float8[], $12::integer[], $13::text[],
+            $14::text[])
+     AS u (subject, device_id, city, domain, district, rule, metric, severity, at, value, threshold,
+           repeats, message_vi, message_en)
+ON CONFLICT (subject, rule) WHERE state <> 'resolved' DO UPDATE SET
+    count = a.count + excluded.count,
+    last_seen_at = GREATEST(a.last_seen_at, excluded.last_seen_at),
+    value = excluded.value,
+    previous_severity = a.severity,
+    severity = CASE WHEN array_position({SEVERITY_ORDER_SQL}, excluded.severity)
+                         > array_position({SEVERITY_ORDER_SQL}, a.severity)
+                    THEN excluded.severity ELSE a.severity END,
+    threshold = CASE WHEN array_position({SEVERITY_ORDER_SQL}, excluded.severity)
+                          > array_position({SEVERITY_ORDER_SQL}, a.severity)
+                     THEN excluded.threshold ELSE a.threshold END,
+    message_vi = excluded.message_vi,
+    message_en = excluded.message_en,
+    serious_since = coalesce(a.serious_since, excluded.serious_since),
+    updated_at = now()
+RETURNING {_ALARM_COLUMNS}, a.previous_severity, (a.xmax = 0) AS inserted
+"""
+
+# Active (nobody acknowledged) high or critical alarms older than their domain's limit. Each is
+# escalated once, whichever processors run this at the same time: the row lock decides.
+_ESCALATE_ALARMS_SQL = f"""
+UPDATE alarms AS a SET escalated = true, escalated_at = now(), updated_at = now()
+FROM unnest($1::text[], $2::float8[]) AS u (domain, after_s)
+WHERE a.domain = u.domain AND a.state = 'active' AND NOT a.escalated AND a.serious_since IS NOT NULL
+  AND a.serious_since < now() - make_interval(secs => u.after_s)
+RETURNING {_ALARM_COLUMNS}
+"""
+
+_RESOLVE_ALARMS_SQL = f"""
+UPDATE alarms AS a SET state = 'resolved', resolved_at = u.at, updated_at = now()
+FROM unnest($1::text[], $2::text[], $3::timestamptz[]) AS u (subject, rule, at)
+WHERE a.subject = u.subject AND a.rule = u.rule AND a.state <> 'resolved'
+RETURNING {_ALARM_COLUMNS}
+"""
+
+_SAVE_DETECTOR_STATES_SQL = """
+INSERT INTO detector_state AS d (device_id, state, flood_signal)
+SELECT u.device_id, u.state::jsonb, u.flood_signal::jsonb
+FROM unnest($1::text[], $2::text[], $3::text[]) AS u (device_id, state, flood_signal)
+JOIN devices ON devices.id = u.device_id
+ON CONFLICT (device_id) DO UPDATE SET
+    state = excluded.state,
+    flood_signal = coalesce(excluded.flood_signal, d.flood_signal),
+    updated_at = now()
+"""
+
+
+def _alarm_of(row: asyncpg.Record) -> Alarm:
+    return Alarm(
+        id=row["id"],
+        subject=row["subject"],
+        device_id=row["device_id"],
+        city=row["city"],
+        domain=row["domain"],
+        district=row["district"],
+        rule=row["rule"],
+        metric=row["metric"],
+        severity=row["severity"],
+        state=row["state"],
+        started_at=row["started_at"],
+        last_seen_at=row["last_seen_at"],
+        acknowledged_at=row["acknowledged_at"],
+        resolved_at=row["resolved_at"],
+        value=row["value"],
+        threshold=row["threshold"],
+        count=row["count"],
+        message=bilingual(row["message_vi"], row["message_en"]),
+        messages=AlarmMessages(vi=row["message_vi"], en=row["message_en"]),
+        escalated=row["escalated"],
+        escalated_at=row["escalated_at"],
+    )
+
+
+def _in_rounds(findings: Sequence[Finding]) -> list[list[Finding]]:
+    """Split findings so that no round names a (subject, rule) twice, keeping each key's order:
+    one statement may not touch a row twice, and a recovery must follow the raise before it."""
+    rounds: list[list[Finding]] = []
+    seen: dict[tuple[str, str], int] = {}
+    for finding in findings:
+        index = seen.get(finding.key, -1) + 1
+        seen[finding.key] = index
+        if index == len(rounds):
+            rounds.append([])
+        rounds[index].append(finding)
+    return rounds
+
+
+# -- in the caller's transaction ----------------------------------------------------------------
+
+
+async def apply_findings(connection: Connection, findings: Sequence[Finding]) -> list[Event]:
+    """Raise, repeat, escalate or resolve alarms; returns their lifecycle events (not yet
+    recorded in the outbox)."""
+    events: list[Event] = []
+    for round_ in _in_rounds(findings):
+        # In key order, so that processors racing on the same alarms lock them in one order.
+        raised = sorted((f for f in round_ if f.active), key=lambda f: f.key)
+        recovered = sorted((f for f in round_ if not f.active), key=lambda f: f.key)
+        if raised:
+            events.extend(await _raise(connection, raised))
+        if recovered:
+            events.extend(await _resolve(connection, recovered))
+    return events
+
+
+async def _raise(connection: Connection, raised: Sequence[Finding]) -> list[Event]:
+    """Open or bump the alarms of active findings: `alarm.raised` for a new alarm,
+    `alarm.updated` for one whose severity rose."""
+    rows = await connection.fetch(
+        _UPSERT_ALARMS_SQL,
+        [f.subject for f in raised],
+        [f.device_id for f in raised],
+        [f.city for f in raised],
+        [f.domain for f in raised],
+        [f.district for f in raised],
+        [f.rule for f in raised],
+        [f.metric for f in raised],
+        [f.severity or "medium" for f in raised],
+        [f.at for f in raised],
+        [f.value for f in raised],
+        [f.threshold for f in raised],
+        [max(f.repeats, 1) for f in raised],
+        [f.message_vi for f in raised],
+        [f.message_en for f in raised],
+    )
+    events: list[Event] = []
+    for row in rows:
+        alarm = _alarm_of(row)
+        if row["inserted"]:
+            events.append(alarm_event(ALARM_RAISED, alarm, alarm.last_seen_at))
+        elif severity_rank(alarm.severity) > severity_rank(row["previous_severity"]):
+            events.append(alarm_event(ALARM_UPDATED, alarm, alarm.last_seen_at))
+    return events
+
+
+async def _resolve(connection: Connection, recovered: Sequence[Finding]) -> list[Event]:
+    rows = await connection.fetch(
+        _RESOLVE_ALARMS_SQL,
+        [f.subject for f in recovered],
+        [f.rule for f in recovered],
+        [f.at for f in recovered],
+    )
+    return [alarm_event(ALARM_RESOLVED, a, a.resolved_at or a.last_seen_at) for a in map(_alarm_of, rows)]
+
+
+async def escalate(connection: Connection, after_s: dict[str, float]) -> list[Event]:
+    """Escalate the alarms nobody acknowledged in time; returns their `alarm.updated` events
+    with `escalated: true` (not yet recorded in the outbox)."""
+    rows = await connection.fetch(_ESCALATE_ALARMS_SQL, list(after_s), list(after_s.values()))
+    now = datetime.now(UTC)
+    return [alarm_event(ALARM_UPDATED, _alarm_of(row), now) for row in rows]
+
+
+async def detector_states(connection: Connection, device_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+    rows = await connection.fetch(
+        "SELECT device_id, state FROM detector_state WHERE device_id = ANY($1::text[])", list(device_ids)
+    )
+    return {row["device_id"]: row["state"] for row in rows}
+
+
+async def save_detector_states(
+    connection: Connection,
+    states: dict[str, dict[str, Any]],
+    flood_signals: dict[str, dict[str, Any] | None],
+) -> None:
+    """Store detector state (and, for flood stations, their signal) of registered devices."""
+    if not states:
+        return
+    ids = sorted(states)  # one lock order for processors racing on the same devices
+    await connection.execute(
+        _SAVE_DETECTOR_STATES_SQL,
+        ids,
+        [json.dumps(states[i], separators=(",", ":")) for i in ids],
+        [json.dumps(flood_signals[i]) if flood_signals.get(i) is not None else None for i in ids],
+    )
+
+
+async def district_flood_signals(
+    connection: Connection, city: str, district: str
+) -> tuple[list[dict[str, Any]], bool]:
+    """The stored signals of a district's flood stations, and whether its district alarm is open."""
+    rows = await connection.fetch(
+        "SELECT s.flood_signal FROM detector_state s JOIN devices d ON d.id = s.device_id"
+        " WHERE d.city = $1 AND d.district = $2 AND d.domain = 'flood' AND s.flood_signal IS NOT NULL",
+        city,
+        district,
+    )
+    open_alarm = await connection.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM alarms WHERE subject = $1 AND rule = $2 AND state <> 'resolved')",
+        district_subject(city, district),
+        DISTRICT_FLOOD_RULE,
+    )
+    return [row["flood_signal"] for row in rows], bool(open_alarm)
+
+
+# -- over the pool ---------------------------------------------------------------------------
+
+
+class AlarmStore:
+    """What operators and the public feed read and do with alarms, over a started pool."""
+
+    def __init__(self, pool: Pool) -> None:
+        self._pool = pool
+
+    async def page(
+        self,
+        *,
+        limit: int,
+        before_id: int | None = None,
+        states: Sequence[str] | None = None,
+        cities: Sequence[str] | None = None,
+        domains: Sequence[str] | None = None,
+        severities: Sequence[str] | None = None,
+        device_id: str | None = None,
+    ) -> list[Alarm]:
+        """Alarms matching every filter given, newest first; `cities`/`domains` None = every one."""
+        rows = await self._pool.fetch(
+            f"SELECT {_ALARM_COLUMNS} FROM alarms a"
+            " WHERE ($1::bigint IS NULL OR a.id < $1)"
+            " AND ($2::text[] IS NULL OR a.state = ANY($2))"
+            " AND ($3::text[] IS NULL OR a.city = ANY($3))"
+            " AND ($4::text[] IS NULL OR a.domain = ANY($4))"
+            " AND ($5::text[] IS NULL OR a.severity = ANY($5))"
+            " AND ($6::text IS NULL OR a.device_id = $6)"
+            " ORDER BY a.id DESC LIMIT $7",
+            before_id,
+            list(states) if states else None,
+            text_list(cities),
+            text_list(domains),
+            list(severities) if severities else None,
+            device_id,
+            limit,
+        )
+        return [_alarm_of(r) for r in rows]
+
+    async def get(self, alarm_id: int) -> Alarm:
+        """One alarm with its audit trail."""
+        row = await self._pool.fetchrow(f"SELECT {_ALARM_COLUMNS} FROM alarms a WHERE a.id = $1", alarm_id)
+        if row is None:
+            raise NotFoundError(f"alarm {alarm_id} not found")
+        alarm = _alarm_of(row)
+        audit = await self._pool.fetch(
+            "SELECT action, actor, note, at FROM alarm_audit WHERE alarm_id = $1 ORDER BY id", alarm_id
+        )
+        alarm.audit = [AuditEntry(**dict(r)) for r in audit]
+        return alarm
+
+    async def acknowledge(self, alarm_id: int, *, actor: str, note: str | None) -> Alarm:
+        """Acknowledge an active alarm (again: no change). A resolved alarm cannot be acknowledged."""
+        return await self._operator_action(
+            alarm_id,
+            actor=actor,
+            note=note,
+            action="acknowledged",
+            sql="UPDATE alarms SET state = 'acknowledged', acknowledged_at = now(), updated_at = now()"
+            " WHERE id = $1 AND state = 'active' RETURNING id",
+            event_type=ALARM_ACKNOWLEDGED,
+            unchanged_state="acknowledged",
+        )
+
+    async def resolve(self, alarm_id: int, *, actor: str, note: str | None) -> Alarm:
+        """Resolve an open alarm by hand; the detectors raise a new one if the condition persists."""
+        return await self._operator_action(
+            alarm_id,
+            actor=actor,
+            note=note,
+            action="resolved",
+            sql="UPDATE alarms SET state = 'resolved', resolved_at = now(), updated_at = now()"
+            " WHERE id = $1 AND state <> 'resolved' RETURNING id",
+            event_type=ALARM_RESOLVED,
+            unchanged_state=None,
+        )
+
+    async def _operator_action(
+        self,
+        alarm_id: int,
+        *,
+        actor: str,
+        note: str | None,
+        action: str,
+        sql: str,
+        event_type: str,
+        unchanged_state: str | None,
+    ) -> Alarm:
+        async with self._pool.transaction() as transaction:
+            connection = transaction.connection
+            changed = await connection.fetchval(sql, alarm_id)
+            if changed is None:
+                state = await connection.fetchval("SELECT state FROM alarms WHERE id = $1", alarm_id)
+                if state is None:
+                    raise NotFoundError(f"alarm {alarm_id} not found")
+                if state != unchanged_state:
+                    raise ConflictError(f"alarm {alarm_id} is {state}; it cannot be {action}")
+            else:
+                await connection.execute(
+                    "INSERT INTO alarm_audit (alarm_id, action, actor, note) VALUES ($1, $2, $3, $4)",
+                    alarm_id,
+                    action,
+                    actor,
+                    note,
+                )
+                rows = await connection.fetch(
+                    f"SELECT {_ALARM_COLUMNS} FROM alarms a WHERE a.id = $1", alarm_id
+                )
+                alarm = _alarm_of(rows[0])
+                transaction.touch(alarm.city, alarm.domain)
+                event = alarm_event(event_type, alarm, datetime.now(UTC))
+                event.data["by"] = actor
+                event.data["note"] = note
+                await insert_events(connection, [event])
+        return await self.get(alarm_id)
+
+    async def public(
+        self,
+        rules: Sequence[tuple[str, str]],
+        severities: Sequence[str],
+        *,
+        city: str | None = None,
+        alarm_id: int | None = None,
+        limit: int = 1000,
+    ) -> list[views.PublicAlarmRow]:
+        """Open alarms of the given `(domain, rule)` pairs and severities, worst and newest first,
+        with their place (see `views.PUBLIC_ALARMS_SQL`)."""
+        rows = await self._pool.fetch(
+            views.PUBLIC_ALARMS_SQL.format(alarm_columns=_ALARM_COLUMNS),
+            [domain for domain, _ in rules],
+            [rule for _, rule in rules],
+            list(severities),
+            city,
+            alarm_id,
+            limit,
+        )
+        return [
+            views.PublicAlarmRow(
+                alarm=_alarm_of(r),
+                device_name=r["device_name"],
+                location=(r["lat"], r["lon"]) if r["lat"] is not None else None,
+                district_points=list(zip(r["district_lats"] or (), r["district_lons"] or (), strict=True)),
+            )
+            for r in rows
+        ]

@@ -1,0 +1,167 @@
+"""The device registry: registering, changing and removing devices, reading them with their
+latest state, and what routing (ingest), detection (processors) and city lists need of them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import asyncpg
+
+from ioc_core.errors import ConflictError, NotFoundError, StorageError
+from ioc_core.models import Device, DeviceIn, DeviceRoute, LatestReading, Location
+from ioc_core.storage import views
+from ioc_core.storage.pool import Pool, text_list
+
+_DEVICE_COLUMNS = """
+    d.id, d.city, d.domain, d.name, d.district, d.lat, d.lon, d.thresholds, d.created_at,
+    coalesce(s.status, 'unknown') AS status, s.last_seen, s.ts, s.metrics
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceProfileRow:
+    id: str
+    city: str
+    domain: str
+    name: str | None
+    district: str | None
+    thresholds: dict[str, dict[str, float | None]]
+
+
+def _device_of(row: asyncpg.Record) -> Device:
+    return Device(
+        id=row["id"],
+        city=row["city"],
+        domain=row["domain"],
+        name=row["name"],
+        district=row["district"],
+        location=Location(lat=row["lat"], lon=row["lon"]),
+        thresholds=row["thresholds"],
+        status=row["status"],
+        last_seen=row["last_seen"],
+        latest=LatestReading(ts=row["ts"], metrics=row["metrics"]) if row["ts"] is not None else None,
+        created_at=row["created_at"],
+    )
+
+
+class DeviceStore:
+    """Every query about the device registry, over a started pool."""
+
+    def __init__(self, pool: Pool) -> None:
+        self._pool = pool
+
+    async def insert(self, device: DeviceIn) -> Device:
+        try:
+            async with self._pool.transaction() as transaction:
+                await transaction.connection.execute(
+                    "INSERT INTO devices (id, city, domain, name, district, lat, lon, thresholds)"
+                    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                    device.id,
+                    device.city,
+                    device.domain,
+                    device.name,
+                    device.district,
+                    device.location.lat,
+                    device.location.lon,
+                    device.thresholds,
+                )
+                transaction.touch(device.city, device.domain)
+        except StorageError as exc:
+            if isinstance(exc.__cause__, asyncpg.UniqueViolationError):
+                raise ConflictError(f"device {device.id!r} already exists") from exc
+            raise
+        return await self.get(device.id)
+
+    async def get(self, device_id: str) -> Device:
+        row = await self._pool.fetchrow(
+            f"SELECT {_DEVICE_COLUMNS} FROM devices d LEFT JOIN device_state s ON s.device_id = d.id"
+            " WHERE d.id = $1",
+            device_id,
+        )
+        if row is None:
+            raise NotFoundError(f"device {device_id!r} not found")
+        return _device_of(row)
+
+    async def update(self, device: DeviceIn) -> Device:
+        """Store a device's name, district, location and thresholds; its id, city and domain stay."""
+        async with self._pool.transaction() as transaction:
+            row = await transaction.connection.fetchrow(
+                "UPDATE devices SET name = $2, district = $3, lat = $4, lon = $5, thresholds = $6,"
+                " updated_at = now() WHERE id = $1 RETURNING city, domain",
+                device.id,
+                device.name,
+                device.district,
+                device.location.lat,
+                device.location.lon,
+                device.thresholds,
+            )
+            if row is None:
+                raise NotFoundError(f"device {device.id!r} not found")
+            transaction.touch(row["city"], row["domain"])
+        return await self.get(device.id)
+
+    async def delete(self, device_id: str) -> None:
+        """Remove a device from the registry (its state goes with it; stored readings stay)."""
+        async with self._pool.transaction() as transaction:
+            row = await transaction.connection.fetchrow(
+                "DELETE FROM devices WHERE id = $1 RETURNING city, domain", device_id
+            )
+            if row is None:
+                raise NotFoundError(f"device {device_id!r} not found")
+            transaction.touch(row["city"], row["domain"])
+
+    async def page(
+        self,
+        cities: Sequence[str] | None,
+        domains: Sequence[str] | None,
+        *,
+        status: str | None,
+        bbox: tuple[float, float, float, float] | None,
+        after: str | None,
+        limit: int,
+    ) -> list[Device]:
+        rows = await self._pool.fetch(
+            views.DEVICE_PAGE_SQL,
+            text_list(cities),
+            text_list(domains),
+            status,
+            list(bbox) if bbox else None,
+            after,
+            limit,
+        )
+        return [_device_of(row) for row in rows]
+
+    async def routes(self) -> list[DeviceRoute]:
+        rows = await self._pool.fetch("SELECT id, city, domain FROM devices")
+        return [DeviceRoute(id=r["id"], city=r["city"], domain=r["domain"]) for r in rows]
+
+    async def route(self, device_id: str) -> DeviceRoute | None:
+        row = await self._pool.fetchrow("SELECT id, city, domain FROM devices WHERE id = $1", device_id)
+        return None if row is None else DeviceRoute(id=row["id"], city=row["city"], domain=row["domain"])
+
+    async def profiles(self, device_ids: Sequence[str]) -> list[DeviceProfileRow]:
+        """What detection needs of each registered device among `device_ids`."""
+        rows = await self._pool.fetch(
+            "SELECT id, city, domain, name, district, thresholds FROM devices WHERE id = ANY($1::text[])",
+            list(device_ids),
+        )
+        return [
+            DeviceProfileRow(r["id"], r["city"], r["domain"], r["name"], r["district"], r["thresholds"])
+            for r in rows
+        ]
+
+    async def cities(
+        self, cities: Sequence[str] | None, domains: Sequence[str] | None
+    ) -> list[views.CityRow]:
+        rows = await self._pool.fetch(views.CITIES_SQL, text_list(cities), text_list(domains))
+        return [
+            views.CityRow(
+                city=r["city"],
+                devices=r["devices"],
+                lat=r["lat"],
+                lon=r["lon"],
+                bbox=(r["min_lon"], r["min_lat"], r["max_lon"], r["max_lat"]),
+            )
+            for r in rows
+        ]
