@@ -114,7 +114,7 @@ async def wait_for_state(url: str, devices: int, within_s: float) -> int:
     return seen
 
 
-async def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -122,14 +122,12 @@ async def main() -> None:
     parser.add_argument("--rate", type=float, default=1_000.0, help="messages per second published")
     parser.add_argument("--duration", type=int, default=20, help="seconds per wrk run")
     parser.add_argument("--connections", type=int, default=32)
-    args = parser.parse_args()
-    if shutil.which("wrk") is None:
-        sys.exit("wrk is not installed (Debian: apt-get install wrk)")
+    return parser.parse_args()
 
-    database_url = f"{POSTGRES}/ioc_bench_api_{int(time.time())}"
-    await ensure_database(database_url)
+
+def bench_env(database_url: str, port: int) -> dict[str, str]:
+    """The environment of every `ioc` process of the run: its own database, topics and group."""
     run = uuid.uuid4().hex[:8]
-    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("IOC_")}
     env.update(
         IOC_DATABASE_URL=database_url,
@@ -142,75 +140,78 @@ async def main() -> None:
         IOC_GATEWAY_HEALTH_PORT=str(free_port()),
         IOC_LOG_LEVEL="WARNING",
     )
+    return env
+
+
+def simulate_args(devices: int, rate: float, duration_s: int) -> list[str]:
+    return [
+        "simulate",
+        "--city",
+        CITY,
+        "--devices",
+        str(devices),
+        "--rate",
+        str(rate),
+        "--duration",
+        str(duration_s),
+    ]
+
+
+def register_fleet(ioc: list[str], env: dict[str, str], devices: int) -> None:
+    started = time.monotonic()
+    subprocess.run(
+        [*ioc, *simulate_args(devices, 1, 1), "--register"], env=env, check=True, capture_output=True
+    )
+    print(json.dumps({"registered": devices, "seconds": round(time.monotonic() - started, 1)}))
+
+
+def measure(url: str, args: argparse.Namespace) -> None:
+    """One wrk run per way a screen asks: gzip, identity, and conditional (304) with gzip."""
+    auth = {"X-API-Key": ADMIN_KEY}
+    for name, headers, lua in (
+        ("gzip", {**auth, "Accept-Encoding": "gzip"}, None),
+        ("identity", auth, None),
+        ("conditional-gzip", {**auth, "Accept-Encoding": "gzip"}, _LUA_304),
+    ):
+        result = run_wrk(url, headers=headers, connections=args.connections, duration=args.duration, lua=lua)
+        print(json.dumps({"run": name, "devices": args.devices, "ingest_msgs_per_s": args.rate, **result}))
+
+
+def stop_all(processes: list[subprocess.Popen[bytes]]) -> None:
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+async def main() -> None:
+    args = parse_args()
+    if shutil.which("wrk") is None:
+        sys.exit("wrk is not installed (Debian: apt-get install wrk)")
+    database_url = f"{POSTGRES}/ioc_bench_api_{int(time.time())}"
+    await ensure_database(database_url)
+    port = free_port()
+    env = bench_env(database_url, port)
     ioc = [sys.executable, "-m", "ioc.cli"]
     logs = Path(tempfile.mkdtemp(prefix="ioc-bench-api-"))
     processes: list[subprocess.Popen[bytes]] = []
     try:
         subprocess.run([*ioc, "migrate"], env=env, check=True, capture_output=True)
-        started = time.monotonic()
-        subprocess.run(
-            [
-                *ioc,
-                "simulate",
-                "--city",
-                CITY,
-                "--devices",
-                str(args.devices),
-                "--rate",
-                "1",
-                "--duration",
-                "1",
-                "--register",
-            ],
-            env=env,
-            check=True,
-            capture_output=True,
-        )
-        print(json.dumps({"registered": args.devices, "seconds": round(time.monotonic() - started, 1)}))
+        register_fleet(ioc, env, args.devices)
         for name in ("gateway", "processor", "api"):
             processes.append(spawn([*ioc, name], env, logs / f"{name}.log"))
         total_s = args.duration * 3 + 120
-        processes.append(
-            spawn(
-                [
-                    *ioc,
-                    "simulate",
-                    "--city",
-                    CITY,
-                    "--devices",
-                    str(args.devices),
-                    "--rate",
-                    str(args.rate),
-                    "--duration",
-                    str(total_s),
-                ],
-                env,
-                logs / "simulate.log",
-            )
-        )
+        simulate = [*ioc, *simulate_args(args.devices, args.rate, total_s)]
+        processes.append(spawn(simulate, env, logs / "simulate.log"))
         url = f"http://127.0.0.1:{port}/v1/state?city={CITY}"
         seen = await wait_for_state(url, args.devices, within_s=180)
         print(json.dumps({"devices_with_state": seen}))
-        auth = {"X-API-Key": ADMIN_KEY}
-        for name, headers, lua in (
-            ("gzip", {**auth, "Accept-Encoding": "gzip"}, None),
-            ("identity", auth, None),
-            ("conditional-gzip", {**auth, "Accept-Encoding": "gzip"}, _LUA_304),
-        ):
-            result = run_wrk(
-                url, headers=headers, connections=args.connections, duration=args.duration, lua=lua
-            )
-            print(
-                json.dumps({"run": name, "devices": args.devices, "ingest_msgs_per_s": args.rate, **result})
-            )
+        measure(url, args)
     finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop_all(processes)
         await drop_database(database_url)
         print(json.dumps({"logs": str(logs)}))
 

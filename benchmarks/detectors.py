@@ -78,75 +78,102 @@ def build_fleet(count: int, interval_s: float, seed: int) -> list[SimulatedDevic
     return fleet
 
 
+class Tally:
+    """Alarms opened, repeated and resolved per rule, as the processor's alarm store would see them."""
+
+    def __init__(self) -> None:
+        self.open: set[tuple[str, str]] = set()
+        self.raised: Counter[str] = Counter()
+        self.repeated: Counter[str] = Counter()
+        self.resolved: Counter[str] = Counter()
+
+    def record(self, finding: Finding) -> None:
+        key = (finding.subject, finding.rule)
+        if finding.active:
+            (self.repeated if key in self.open else self.raised)[finding.rule] += 1
+            self.open.add(key)
+        elif key in self.open:
+            self.open.discard(key)
+            self.resolved[finding.rule] += 1
+
+
+def readings_for(
+    fleet: list[SimulatedDevice], steps: range, start: datetime, interval_s: float
+) -> list[tuple[SimulatedDevice, list[Reading]]]:
+    batch: list[tuple[SimulatedDevice, list[Reading]]] = []
+    for device in fleet:
+        readings = []
+        for step in steps:
+            ts = start + timedelta(seconds=step * interval_s) + device.offset
+            device.seq += 1
+            readings.append(
+                Reading(
+                    device_id=device.profile.id,
+                    city=device.profile.city,
+                    domain=device.domain.name,
+                    ts=ts,
+                    seq=device.seq,
+                    metrics=device.domain.sampler(device.rng, ts, device.phase),
+                    received_at=ts,
+                )
+            )
+        batch.append((device, readings))
+    return batch
+
+
+class Detection:
+    """The processor's detection over one batch: per-device detectors, then the district flood
+    correlation over the stations the batch touched."""
+
+    def __init__(self, tally: Tally) -> None:
+        self.tally = tally
+        self.devices = DeviceDetection()
+        self.correlator = DistrictFloodCorrelator()
+        self.signals: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+
+    def evaluate(self, batch: list[tuple[SimulatedDevice, list[Reading]]], now: datetime) -> int:
+        touched: set[tuple[str, str]] = set()
+        evaluated = 0
+        for device, readings in batch:
+            state = DeviceDetectorState.from_json(device.state)
+            for finding in self.devices.evaluate(device.profile, readings, state):
+                self.tally.record(finding)
+            device.state = state.to_json()
+            signal = self.correlator.station_signal(device.profile, state)
+            if signal is not None and device.profile.district is not None:
+                place = (device.profile.city, device.profile.district)
+                self.signals.setdefault(place, {})[device.profile.id] = signal.to_json()
+                touched.add(place)
+            evaluated += len(readings)
+        for city, district in sorted(touched):
+            district_finding = self.correlator.evaluate(
+                city=city,
+                district=district,
+                signals=[StationSignal.from_json(body) for body in self.signals[(city, district)].values()],
+                active=(f"district:{city}:{district}", "flood.district") in self.tally.open,
+                now=now,
+            )
+            if district_finding is not None:
+                self.tally.record(district_finding)
+        return evaluated
+
+
 def run(
     devices: int, hours: float, interval_s: float, batch_s: float, start: datetime, seed: int
 ) -> dict[str, Any]:
     fleet = build_fleet(devices, interval_s, seed)
-    detection = DeviceDetection()
-    correlator = DistrictFloodCorrelator()
-    signals: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
-    open_alarms: set[tuple[str, str]] = set()
-    raised: Counter[str] = Counter()
-    repeated: Counter[str] = Counter()
-    resolved: Counter[str] = Counter()
+    tally = Tally()
+    detection = Detection(tally)
     readings_evaluated = 0
     detection_s = 0.0
     steps_per_batch = max(1, round(batch_s / interval_s))
     total_steps = round(hours * 3600 / interval_s)
-
-    def record(finding: Finding) -> None:
-        key = (finding.subject, finding.rule)
-        if finding.active:
-            (repeated if key in open_alarms else raised)[finding.rule] += 1
-            open_alarms.add(key)
-        elif key in open_alarms:
-            open_alarms.discard(key)
-            resolved[finding.rule] += 1
-
     for first_step in range(0, total_steps, steps_per_batch):
         steps = range(first_step, min(first_step + steps_per_batch, total_steps))
-        batch: list[tuple[SimulatedDevice, list[Reading]]] = []
-        for device in fleet:
-            readings = []
-            for step in steps:
-                ts = start + timedelta(seconds=step * interval_s) + device.offset
-                device.seq += 1
-                readings.append(
-                    Reading(
-                        device_id=device.profile.id,
-                        city=device.profile.city,
-                        domain=device.domain.name,
-                        ts=ts,
-                        seq=device.seq,
-                        metrics=device.domain.sampler(device.rng, ts, device.phase),
-                        received_at=ts,
-                    )
-                )
-            batch.append((device, readings))
+        batch = readings_for(fleet, steps, start, interval_s)
         newest = start + timedelta(seconds=steps[-1] * interval_s + interval_s)
         started = time.perf_counter()
-        touched: set[tuple[str, str]] = set()
-        for device, readings in batch:
-            state = DeviceDetectorState.from_json(device.state)
-            for finding in detection.evaluate(device.profile, readings, state):
-                record(finding)
-            device.state = state.to_json()
-            signal = correlator.station_signal(device.profile, state)
-            if signal is not None and device.profile.district is not None:
-                place = (device.profile.city, device.profile.district)
-                signals.setdefault(place, {})[device.profile.id] = signal.to_json()
-                touched.add(place)
-            readings_evaluated += len(readings)
-        for city, district in sorted(touched):
-            district_finding = correlator.evaluate(
-                city=city,
-                district=district,
-                signals=[StationSignal.from_json(body) for body in signals[(city, district)].values()],
-                active=(f"district:{city}:{district}", "flood.district") in open_alarms,
-                now=newest,
-            )
-            if district_finding is not None:
-                record(district_finding)
+        readings_evaluated += detection.evaluate(batch, newest)
         detection_s += time.perf_counter() - started
 
     sizes = sorted(len(json.dumps(device.state, separators=(",", ":"))) for device in fleet)
@@ -158,10 +185,10 @@ def run(
         "start": start.isoformat(),
         "seed": seed,
         "readings_evaluated": readings_evaluated,
-        "raised_by_rule": dict(sorted(raised.items())),
-        "repeats_by_rule": dict(sorted(repeated.items())),
-        "resolved_by_rule": dict(sorted(resolved.items())),
-        "false_alarms": sum(raised.values()),
+        "raised_by_rule": dict(sorted(tally.raised.items())),
+        "repeats_by_rule": dict(sorted(tally.repeated.items())),
+        "resolved_by_rule": dict(sorted(tally.resolved.items())),
+        "false_alarms": sum(tally.raised.values()),
         "readings_per_s": round(readings_evaluated / detection_s) if detection_s else None,
         "state_json_bytes": {"median": sizes[len(sizes) // 2], "max": sizes[-1]} if sizes else None,
     }

@@ -26,13 +26,13 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from ingest.gateway import InboundMessage, validate
+from ingest.inbox import InboundMessage
 from ioc_core.domains import DOMAINS
 from ioc_core.models import DeviceIn, DeviceRoute, Location
 from ioc_core.storage import Database, StorageTier, TelemetryBatch, WriteResult
 from ioc_core.storage import migrations as migrations_module
 from ioc_core.storage.schema import MIGRATIONS
-from ioc_core.telemetry import Reading, parse_payload, parse_topic
+from ioc_core.telemetry import Reading, parse_payload, parse_topic, validate
 from tests.integration.conftest import POSTGRES_URL
 from tests.integration.harness import MQTT_HOST, MQTT_PORT, publish, unique
 
