@@ -186,12 +186,20 @@ class EventHub(Component):
         self._subscriptions: set[Subscription] = set()
         self._supervisor = Supervisor("API event hub")
         self._following = Outage(f"live events: following {self.topic}", log)
-        self._connected = False
+        self._connected_event = asyncio.Event()
         self._closing = False
 
     @property
     def connected(self) -> bool:
-        return self._connected and not self._closing
+        return self._connected_event.is_set() and not self._closing
+
+    async def until_connected(self, timeout_s: float) -> bool:
+        """Wait until the hub follows the events (True), or `timeout_s` passed (False)."""
+        try:
+            await asyncio.wait_for(self._connected_event.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return not self._closing
 
     @property
     def open_streams(self) -> int:
@@ -215,7 +223,7 @@ class EventHub(Component):
         if self._consumer is not None:
             await self._consumer.stop()
             self._consumer = None
-        self._connected = False
+        self._connected_event.clear()
 
     def close_streams(self) -> None:
         """End every open stream and refuse new ones: the first step of shutting down."""
@@ -269,7 +277,7 @@ class EventHub(Component):
                     raise
                 self._following.failed(exc)
             # The open streams end; their clients come back with their Last-Event-ID.
-            self._connected = False
+            self._connected_event.clear()
             for subscription in list(self._subscriptions):
                 subscription.end("the event hub starts over")
             if self._consumer is not None:
@@ -310,7 +318,7 @@ class EventHub(Component):
             await consumer.stop()
             raise
         self._consumer, self._partitions, self._positions = consumer, partitions, positions
-        self._connected = True
+        self._connected_event.set()
 
     async def _follow(self) -> None:
         assert self._consumer is not None
