@@ -13,6 +13,7 @@ from api.deps import Accounts, Db
 from api.problems import PROBLEM
 from ioc_core.errors import IocError
 from ioc_core.metrics import CONTENT_TYPE, Metric, render
+from ioc_core.supervision import public_description
 
 router = APIRouter(tags=["health"])
 
@@ -43,7 +44,7 @@ async def ready(database: Db, accounts: Accounts) -> Any:
         await database.ping()
     except IocError as exc:
         # Which dependency, never where it is: /ready needs no key.
-        body = Readiness(status="unavailable", checks={"database": f"unavailable: {type(exc).__name__}"})
+        body = Readiness(status="unavailable", checks={"database": public_description(exc)})
         return JSONResponse(body.model_dump(), status_code=503)
     checks = {"database": "ok"}
     if accounts is not None:
