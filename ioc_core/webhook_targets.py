@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
+import httpx
+
 from ioc_core.webhooks import WebhookError
 
 if TYPE_CHECKING:
@@ -171,7 +173,19 @@ def parse_url(url: str) -> WebhookUrl:
         raise WebhookError("credentials in the URL are not supported; requests are signed instead")
     if parts.fragment:
         raise WebhookError("the URL must not have a #fragment")
-    return WebhookUrl(url=url, host=parts.hostname, port=port or (443 if parts.scheme == "https" else 80))
+    # The host checked is the one the delivery worker's client (httpx) will connect to, in the
+    # form it resolves (IDNA 2008): two parsers that read one URL differently would otherwise let
+    # a URL pass the check for one host and be sent to another.
+    try:
+        sent_to = httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        raise WebhookError(f"the URL is malformed: {exc}") from exc
+    if sent_to.userinfo:
+        raise WebhookError("credentials in the URL are not supported; requests are signed instead")
+    host = sent_to.raw_host.decode("ascii")
+    return WebhookUrl(
+        url=url, host=host, port=sent_to.port or port or (443 if parts.scheme == "https" else 80)
+    )
 
 
 async def resolve(host: str, port: int) -> list[str]:

@@ -223,6 +223,29 @@ def test_bad_urls_are_refused_with_a_reason(url: str, message: str) -> None:
         parse_url(url)
 
 
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        # one parser reads a user name and another a host: refused, whichever is right
+        ("http://8.8.8.8\\@127.0.0.1/", "credentials"),
+        ("http://127.0.0.1\\@8.8.8.8/", "credentials"),
+        ("http://127.0.0.1%2f@8.8.8.8/", "credentials"),
+        # a name the sending client cannot encode
+        ("http://ⓛⓞⓒⓐⓛⓗⓞⓢⓣ/", "malformed"),
+    ],
+)
+def test_urls_two_parsers_could_read_differently_are_refused(url: str, message: str) -> None:
+    with pytest.raises(WebhookError, match=message):
+        parse_url(url)
+
+
+def test_the_host_checked_is_the_one_the_sending_client_resolves() -> None:
+    # IDNA 2008, as httpx encodes it; Python's own codec (IDNA 2003) would look up strasse.example.
+    assert parse_url("http://straße.example/hook").host == "xn--strae-oqa.example"
+    assert parse_url("https://Example.ORG/hook").host == "example.org"
+    assert parse_url("http://[::ffff:127.0.0.1]/").host == "::ffff:127.0.0.1"
+
+
 def test_url_ports_default_by_scheme() -> None:
     assert parse_url("https://example.org/hook").port == 443
     assert parse_url("http://example.org/hook").port == 80
