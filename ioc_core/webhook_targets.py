@@ -56,10 +56,20 @@ _NEVER: tuple[IPNetwork, ...] = tuple(
 )
 
 # Ranges that `is_global` calls global in some Python versions and are not reachable on the
-# Internet: local-use NAT64 (RFC 8215), the deprecated IPv4-compatible IPv6 addresses, the IETF
-# protocol assignments and the retired 6to4 relay anycast.
+# Internet: local-use NAT64 (RFC 8215), the deprecated IPv4-compatible IPv6 addresses, SIIT's
+# IPv4-translated addresses (RFC 2765), IPv6 documentation (RFC 9637) and SRv6 SIDs (RFC 9602),
+# the IETF protocol assignments and the retired 6to4 relay anycast.
 _NOT_GLOBAL: tuple[IPNetwork, ...] = tuple(
-    ipaddress.ip_network(n) for n in ("64:ff9b:1::/48", "::/96", "192.0.0.0/24", "192.88.99.0/24")
+    ipaddress.ip_network(n)
+    for n in (
+        "64:ff9b:1::/48",
+        "::/96",
+        "::ffff:0:0:0/96",
+        "3fff::/20",
+        "5f00::/16",
+        "192.0.0.0/24",
+        "192.88.99.0/24",
+    )
 )
 
 # Where other addresses are carried inside an IPv6 one: NAT64's well-known prefix (RFC 6052)
@@ -67,6 +77,7 @@ _NOT_GLOBAL: tuple[IPNetwork, ...] = tuple(
 # its client.
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
+_IPV4_TRANSLATED = ipaddress.ip_network("::ffff:0:0:0/96")
 
 # The networks `IOC_WEBHOOK_ALLOW_PRIVATE=true` stood for: RFC 1918 and loopback.
 LEGACY_PRIVATE_NETWORKS: tuple[IPNetwork, ...] = tuple(
@@ -92,14 +103,14 @@ def _is_global(ip: IPAddress) -> bool:
 
 def carried(ip: IPAddress) -> list[IPAddress]:
     """The address a packet to `ip` really reaches, and every address embedded in it: an
-    IPv4-mapped address is its IPv4 address; NAT64, 6to4, Teredo and IPv4-compatible addresses
-    carry one or two IPv4 addresses that the translator or relay forwards to."""
+    IPv4-mapped address is its IPv4 address; NAT64, SIIT, 6to4, Teredo and IPv4-compatible
+    addresses carry one or two IPv4 addresses that the translator or relay forwards to."""
     if isinstance(ip, ipaddress.IPv4Address):
         return [ip]
     if ip.ipv4_mapped is not None:
         return [ip.ipv4_mapped]
     inside: list[IPAddress] = []
-    if ip in _NAT64 or (ip in _IPV4_COMPATIBLE and int(ip) > 1):
+    if ip in _NAT64 or ip in _IPV4_TRANSLATED or (ip in _IPV4_COMPATIBLE and int(ip) > 1):
         inside.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
     if ip.sixtofour is not None:
         inside.append(ip.sixtofour)

@@ -65,6 +65,11 @@ REFUSED = [
     ("::ffff:10.0.0.1", "private"),
     ("::ffff:100.100.100.1", "shared (carrier-grade NAT)"),
     ("::ffff:7f00:1", "loopback"),
+    # SIIT's IPv4-translated addresses, IPv6 documentation (2024) and SRv6 SIDs
+    ("::ffff:0:7f00:1", ""),
+    ("::ffff:0:808:808", ""),
+    ("3fff::1", ""),
+    ("5f00::1", ""),
     # IPv4-compatible IPv6 (deprecated)
     ("::127.0.0.1", ""),
     ("::8.8.8.8", ""),
@@ -96,6 +101,7 @@ REFUSED = [
     ("64:ff9b::a9fe:a9fe", "cloud metadata"),
     ("2002:a9fe:a9fe::1", "cloud metadata"),
     ("2002:6464:64c8::", "cloud metadata"),
+    ("::ffff:0:a9fe:a9fe", "cloud metadata"),
 ]
 
 ACCEPTED = [
