@@ -1,14 +1,13 @@
 """API-key authentication and scopes. Keys come as `Authorization: Bearer KEY` or `X-API-Key: KEY`.
 
-A key has a role (viewer < operator < admin) and may be limited to some cities and domains.
+A key has a role (viewer < operator < admin) and may be limited to some cities and domains; a
+`metrics` key reads `/metrics` and nothing else (as may an admin without a scope limit).
 Objects outside a key's scope do not exist for it: they answer 404, never 403, so a key cannot
 even learn that another city's device or alarm exists.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -18,11 +17,13 @@ from fastapi import Depends, HTTPException, Request
 from fastapi.params import Depends as DependsMarker
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
+from ioc_core.access import KEY_MAX_LENGTH, hash_key, is_admin_key, may_read_metrics
 from ioc_core.storage import ApiKeyRow, Database
 
-Role = Literal["viewer", "operator", "admin"]
-ROLES: tuple[Role, ...] = ("viewer", "operator", "admin")
-_RANK: dict[Role, int] = {"viewer": 0, "operator": 1, "admin": 2}
+Role = Literal["viewer", "operator", "admin", "metrics"]
+ROLES: tuple[Role, ...] = ("viewer", "operator", "admin", "metrics")
+# A metrics key is below every other role: it reads /metrics and nothing else.
+_RANK: dict[Role, int] = {"metrics": -1, "viewer": 0, "operator": 1, "admin": 2}
 _CACHE_MAX = 10_000
 
 _bearer = HTTPBearer(auto_error=False, description="API key as a bearer token")
@@ -73,11 +74,6 @@ class Principal:
         return f"{cities}|{domains}"
 
 
-def hash_key(key: str) -> bytes:
-    """Keys are 32 random bytes, so a plain SHA-256 is enough to keep them unusable at rest."""
-    return hashlib.sha256(key.encode()).digest()
-
-
 def principal_of(row: ApiKeyRow) -> Principal:
     return Principal(
         name=row.name or row.id,
@@ -117,10 +113,9 @@ def _presented_key(bearer: HTTPAuthorizationCredentials | None, header: str | No
 
 
 async def principal_for_key(request: Request, key: str) -> Principal | None:
-    admin_key = request.app.state.settings.admin_api_key
-    if admin_key is not None and hmac.compare_digest(key.encode(), admin_key.get_secret_value().encode()):
+    if is_admin_key(key, request.app.state.settings.admin_api_key):
         return Principal(name="admin", role="admin")
-    if len(key) > 200:
+    if len(key) > KEY_MAX_LENGTH:
         return None
     digest = hash_key(key)
     cache: KeyCache = request.app.state.key_cache
@@ -161,6 +156,13 @@ def require(role: Role) -> DependsMarker:
     return marker
 
 
+async def _metrics_reader(principal: Annotated[Principal, Depends(current_principal)]) -> Principal:
+    if not may_read_metrics(principal.role, principal.cities, principal.domains):
+        raise HTTPException(403, "this needs the metrics role (or an admin key without a scope limit)")
+    return principal
+
+
 Viewer = Annotated[Principal, require("viewer")]
 Operator = Annotated[Principal, require("operator")]
 Admin = Annotated[Principal, require("admin")]
+MetricsReader = Annotated[Principal, Depends(_metrics_reader)]

@@ -71,10 +71,13 @@ def install(app: FastAPI) -> None:
         for error_type, status in _STATUS_OF_ERROR:
             if isinstance(exc, error_type):
                 if status == 503:
-                    return unavailable_response(str(exc))
+                    # The message may say where the dependency is; the answer says which one.
+                    assert isinstance(exc, ServiceUnavailableError)
+                    return unavailable_response(exc.public)
                 return problem_response(status, str(exc))
         if exc.retriable:
-            return unavailable_response(str(exc))
+            log.warning("request %s %s met an outage: %s", request.method, request.url.path, describe(exc))
+            return unavailable_response("a service this request needs is unavailable; try again shortly")
         log.error("request %s %s failed: %s", request.method, request.url.path, exc)
         return problem_response(500, "internal error")
 

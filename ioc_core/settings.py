@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import ipaddress
+import json
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import unquote, urlsplit
 
-from pydantic import BaseModel, Field, SecretStr, ValidationInfo, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, Field, IPvAnyNetwork, SecretStr, ValidationInfo, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from ioc_core.bus import Topics
 from ioc_core.domains import DOMAINS
@@ -55,10 +57,16 @@ class Settings(BaseSettings):
         description="the broker's dynamic-security admin as mqtt://user:password@host:port; when set,"
         " registering a device creates its own MQTT account",
     )
+    webhook_allowed_networks: Annotated[list[IPvAnyNetwork], NoDecode] = Field(
+        default_factory=list,
+        description="networks (CIDRs, comma-separated or a JSON list) that webhook URLs may reach"
+        " besides globally routable addresses: on-premise agencies, tests; cloud metadata addresses"
+        " stay refused",
+    )
     webhook_allow_private: bool = Field(
         default=False,
-        description="let webhook URLs point at loopback, private or link-local addresses (tests,"
-        " on-premise agencies)",
+        description="deprecated (one release): true adds RFC 1918 and loopback to"
+        " IOC_WEBHOOK_ALLOWED_NETWORKS",
     )
     webhook_worker: bool = Field(
         default=True,
@@ -238,6 +246,23 @@ class Settings(BaseSettings):
             raise ValueError("IOC_MQTT_ADMIN_URL must look like mqtt://user:password@host[:port]")
         return value
 
+    @field_validator("webhook_allowed_networks", mode="before")
+    @classmethod
+    def _parse_networks(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            value = json.loads(text) if text.startswith("[") else text.replace(",", " ").split()
+        if not isinstance(value, list):
+            return value
+        networks = []
+        for item in value:
+            try:
+                networks.append(ipaddress.ip_network(item) if isinstance(item, str) else item)
+            except ValueError as exc:
+                # Strict: 10.20.0.1/16 is a typo for a host or for a network, not a guess to make.
+                raise ValueError(f"IOC_WEBHOOK_ALLOWED_NETWORKS: {exc}") from exc
+        return networks
+
     @field_validator("kafka_min_insync_replicas")
     @classmethod
     def _check_min_insync(cls, value: int | None, info: ValidationInfo) -> int | None:
@@ -305,6 +330,12 @@ class Settings(BaseSettings):
                 shown[name] = _mask_url(value.get_secret_value()) if name.endswith("_url") else "**********"
             elif isinstance(value, Path):
                 shown[name] = str(value)
+            elif (
+                isinstance(value, list)
+                and value
+                and isinstance(value[0], (ipaddress.IPv4Network, ipaddress.IPv6Network))
+            ):
+                shown[name] = [str(network) for network in value]
             else:
                 shown[name] = value
         return shown

@@ -1,5 +1,5 @@
-"""Webhooks to agencies (contract §8): Standard Webhooks v1 signing, endpoint filters, which
-addresses a webhook may reach, and when a failed delivery is tried again.
+"""Webhooks to agencies (contract §8): Standard Webhooks v1 signing, endpoint filters, and when a
+failed delivery is tried again (which addresses a webhook may reach: `ioc_core.webhook_targets`).
 
 Everything here is pure; the delivery worker (`delivery.worker`) does the I/O and the
 storage layer (`ioc_core.storage.webhooks`) keeps endpoints, deliveries and attempts.
@@ -7,21 +7,17 @@ storage layer (`ioc_core.storage.webhooks`) keeps endpoints, deliveries and atte
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import hmac
-import ipaddress
 import json
 import random
 import secrets
-import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Literal
-from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -56,10 +52,6 @@ RETRY_AFTER_MAX_S = 3600.0
 
 class WebhookError(IocError):
     """A webhook URL or answer that cannot be used."""
-
-
-class ForbiddenAddress(WebhookError):
-    """The URL's host is or resolves to an address webhooks may not reach."""
 
 
 # -- signing -------------------------------------------------------------------------------------
@@ -175,83 +167,6 @@ def routed(events: Iterable[Event]) -> list[RoutedEvent]:
             )
         )
     return out
-
-
-# -- addresses -----------------------------------------------------------------------------------
-
-
-def forbidden_reason(address: str) -> str | None:
-    """Why webhooks may not reach this IP address, or None when they may."""
-    ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    checks = (
-        ("loopback", ip.is_loopback),
-        ("link-local", ip.is_link_local),
-        ("multicast", ip.is_multicast),
-        ("unspecified", ip.is_unspecified),
-        ("private", ip.is_private),
-        ("reserved", ip.is_reserved),
-    )
-    for name, hit in checks:
-        if hit:
-            return f"{address} is a {name} address"
-    return None
-
-
-@dataclass(frozen=True, slots=True)
-class WebhookUrl:
-    url: str
-    host: str
-    port: int
-
-
-def parse_url(url: str) -> WebhookUrl:
-    """Check a URL's shape: http(s), a host, no credentials, no fragment."""
-    if len(url) > 2048:
-        raise WebhookError("the URL is longer than 2048 characters")
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as exc:
-        raise WebhookError(f"the URL is malformed: {exc}") from exc
-    if parts.scheme not in ("http", "https"):
-        raise WebhookError("the URL must start with http:// or https://")
-    if not parts.hostname:
-        raise WebhookError("the URL has no host")
-    if parts.username is not None or parts.password is not None:
-        raise WebhookError("credentials in the URL are not supported; requests are signed instead")
-    if parts.fragment:
-        raise WebhookError("the URL must not have a #fragment")
-    return WebhookUrl(url=url, host=parts.hostname, port=port or (443 if parts.scheme == "https" else 80))
-
-
-async def resolve(host: str, port: int) -> list[str]:
-    """Every address `host` resolves to (an IP literal resolves to itself)."""
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        pass
-    else:
-        return [host]
-    loop = asyncio.get_running_loop()
-    try:
-        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        raise WebhookError(f"{host} does not resolve: {exc.strerror}", retriable=True) from exc
-    return sorted({str(info[4][0]) for info in infos})
-
-
-async def allowed_addresses(host: str, port: int, *, allow_private: bool) -> list[str]:
-    """The addresses to connect to. With private addresses forbidden, a host with any forbidden
-    address is refused whole: a name that mixes public and private answers is an attack."""
-    addresses = await resolve(host, port)
-    if not allow_private:
-        for address in addresses:
-            reason = forbidden_reason(address)
-            if reason is not None:
-                raise ForbiddenAddress(f"{host} resolves to a forbidden address: {reason}")
-    return addresses
 
 
 # -- retries -------------------------------------------------------------------------------------

@@ -10,11 +10,12 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Path, Query
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.auth import Admin, Role, hash_key
+from api.auth import Admin, Role
 from api.deps import Db, Keys
 from api.pagination import Page, decode_text_cursor, paginate
 from api.params import Cursor
 from api.problems import PROBLEM
+from ioc_core.access import METRICS_ROLE, hash_key
 from ioc_core.models import CityList, DomainList
 from ioc_core.storage import ApiKeyRow
 
@@ -27,11 +28,17 @@ class ApiKeyIn(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={
-            "examples": [{"role": "operator", "cities": ["hai-phong"], "name": "Hải Phòng flood desk"}]
+            "examples": [
+                {"role": "operator", "cities": ["hai-phong"], "name": "Hải Phòng flood desk"},
+                {"role": "metrics", "name": "Prometheus"},
+            ]
         },
     )
 
-    role: Role
+    role: Role = Field(
+        description="viewer (read), operator (read, acknowledge, resolve), admin (everything), or"
+        " metrics (`/metrics` of the API, gateways and processors, and nothing else)"
+    )
     cities: CityList = Field(
         default=None, min_length=1, max_length=100, description="only these cities; omitted = every city"
     )
@@ -75,11 +82,16 @@ def _api_key(row: ApiKeyRow) -> ApiKey:
     status_code=201,
     summary="Make an API key (admin); the key is in this answer only.",
     description="A key limited to some cities or domains sees nothing else: other objects answer 404."
-    " An admin limited to a scope can only make keys within it.",
+    " An admin limited to a scope can only make keys within it. A `metrics` key has no scope (metrics"
+    " count across the whole system), so only an admin without a scope limit makes one.",
     tags=["api keys"],
     responses={400: PROBLEM, 403: PROBLEM},
 )
 async def create_key(database: Db, principal: Admin, body: ApiKeyIn) -> NewApiKey:
+    if body.role == METRICS_ROLE and (body.cities is not None or body.domains is not None):
+        raise HTTPException(
+            400, "a metrics key cannot be limited to cities or domains: metrics are system-wide"
+        )
     if not principal.covers(body.cities, body.domains):
         raise HTTPException(403, "a key cannot be given a wider scope than the key that makes it")
     key = "ioc_" + secrets.token_urlsafe(32)

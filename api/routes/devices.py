@@ -48,7 +48,12 @@ def _broker_step(what: str) -> Iterator[None]:
     except (NotFoundError, ConflictError, ServiceUnavailableError):
         raise
     except IocError as exc:
-        raise ServiceUnavailableError(f"{what}: {exc}") from exc
+        raise ServiceUnavailableError(f"{what}: {exc}", public=f"{what}: {_public(exc)}") from exc
+
+
+def _public(exc: IocError) -> str:
+    """What may be said of a broker failure in an answer: never where the broker is."""
+    return exc.public if isinstance(exc, ServiceUnavailableError) else str(exc)
 
 
 @router.get(
@@ -109,7 +114,9 @@ async def register_device(
             if isinstance(exc, IocError) and not isinstance(exc, ConflictError):
                 raise ServiceUnavailableError(
                     f"device {device.id!r} was not registered: the MQTT broker could not create its"
-                    f" account ({exc})"
+                    f" account ({exc})",
+                    public=f"device {device.id!r} was not registered: the MQTT broker could not create"
+                    f" its account ({_public(exc)})",
                 ) from exc
             raise
     response.headers["Location"] = f"/v1/devices/{created.id}"

@@ -19,7 +19,8 @@ from api.problems import PROBLEM
 from ioc_core.errors import ConflictError, NotFoundError
 from ioc_core.storage import Database
 from ioc_core.storage.webhooks import DeliveryRow, EndpointRow
-from ioc_core.webhooks import WebhookError, WebhookFilter, allowed_addresses, new_secret, parse_url
+from ioc_core.webhook_targets import allowed_addresses, parse_url, policy_of
+from ioc_core.webhooks import WebhookError, WebhookFilter, new_secret
 
 router = APIRouter(tags=["webhooks"])
 
@@ -80,7 +81,10 @@ class Attempt(BaseModel):
     status_code: int | None = Field(description="the endpoint's answer; null when there was none")
     latency_ms: float
     error: str | None
-    response: str | None = Field(description="the start of the endpoint's answer")
+    response: str | None = Field(
+        description="the start of the endpoint's answer; never shown to an admin limited to some"
+        " cities or domains, for whom it would be a way to read what an internal service answers"
+    )
     next_attempt_at: datetime | None = Field(description="when it was to be tried again, if it was")
 
 
@@ -115,7 +119,10 @@ def _webhook(row: EndpointRow) -> Webhook:
     )
 
 
-def _delivery(row: DeliveryRow) -> Delivery:
+def _delivery(row: DeliveryRow, principal: Principal) -> Delivery:
+    # What an endpoint answered is shown only to admins of the whole system: the others could
+    # register an internal address (one the allow-list opens) and read its answers back here.
+    with_answers = principal.cities is None and principal.domains is None
     return Delivery(
         id=row.id,
         webhook_id=row.endpoint_id,
@@ -130,7 +137,12 @@ def _delivery(row: DeliveryRow) -> Delivery:
         delivered_at=row.delivered_at,
         failed_at=row.failed_at,
         failure_reason=row.failure_reason,
-        attempts=[Attempt.model_validate(a, from_attributes=True) for a in row.attempt_log],
+        attempts=[
+            Attempt.model_validate(a, from_attributes=True).model_copy(
+                update={} if with_answers else {"response": None}
+            )
+            for a in row.attempt_log
+        ],
     )
 
 
@@ -138,7 +150,7 @@ async def _checked_url(settings: AppSettings, url: str) -> str:
     """The URL, once its shape and every address its host resolves to are acceptable."""
     try:
         target = parse_url(url)
-        await allowed_addresses(target.host, target.port, allow_private=settings.webhook_allow_private)
+        await allowed_addresses(target.host, target.port, policy_of(settings))
     except WebhookError as exc:
         raise HTTPException(400, f"webhook URL refused: {exc}") from exc
     return target.url
@@ -174,8 +186,10 @@ async def _scoped_endpoint(database: Database, principal: Principal, webhook_id:
     status_code=201,
     summary="Register an agency endpoint (admin); the signing secret is in this answer only.",
     description="Events matching the filter are POSTed as Standard Webhooks v1 (signed, retried"
-    " with backoff under the same `webhook-id`). URLs that are or resolve to loopback, private,"
-    " link-local or multicast addresses are refused unless `IOC_WEBHOOK_ALLOW_PRIVATE` is set.",
+    " with backoff under the same `webhook-id`). A URL whose host is or resolves to an address that"
+    " is not globally routable (loopback, private, link-local, carrier-grade NAT, an IPv6 address"
+    " carrying one of those) is refused (400) unless `IOC_WEBHOOK_ALLOWED_NETWORKS` lists it;"
+    " cloud metadata addresses are refused always.",
     responses={400: PROBLEM, 403: PROBLEM},
 )
 async def create_webhook(
@@ -279,7 +293,7 @@ async def list_deliveries(
         lambda n: database.webhooks.list_deliveries(webhook_id, states=states, before=before, limit=n),
         limit,
         cursor_of=lambda row: row.id,
-        item=_delivery,
+        item=lambda row: _delivery(row, principal),
     )
 
 
@@ -293,7 +307,7 @@ async def get_delivery(
     database: Db, principal: Admin, webhook_id: WebhookId, delivery_id: DeliveryId
 ) -> Delivery:
     await _scoped_endpoint(database, principal, webhook_id)
-    return _delivery(await database.webhooks.get_delivery(webhook_id, delivery_id))
+    return _delivery(await database.webhooks.get_delivery(webhook_id, delivery_id), principal)
 
 
 @router.post(
@@ -317,4 +331,4 @@ async def retry_delivery(
         raise ConflictError(
             f"webhook {webhook_id!r} is disabled ({endpoint.disabled_reason}); enable it first"
         )
-    return _delivery(await store.retry_delivery(webhook_id, delivery_id))
+    return _delivery(await store.retry_delivery(webhook_id, delivery_id), principal)

@@ -260,7 +260,9 @@ class EventHub(Component):
 
     async def end_offsets(self) -> Position:
         if self._consumer is None:
-            raise ServiceUnavailableError("the event hub is not connected to Kafka")
+            raise ServiceUnavailableError(
+                "the event hub is not connected to Kafka", public="the live event stream is not connected yet"
+            )
         ends = await self._consumer.end_offsets(self._partitions)
         return tuple(ends[tp] for tp in self._partitions)
 
@@ -366,4 +368,6 @@ async def _partition_count(bootstrap: str, topic: str) -> int:
             if ids != list(range(len(ids))):
                 raise IocError(f"{topic} has unexpected partition ids {ids}")
             return len(ids)
-    raise ServiceUnavailableError(f"{topic} has no partitions yet")
+    raise ServiceUnavailableError(
+        f"{topic} has no partitions yet", public="the event topic has no partitions yet"
+    )

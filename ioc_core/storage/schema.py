@@ -293,6 +293,15 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         CREATE INDEX reading_deliveries_received_at ON reading_deliveries (received_at);
         """,
     ),
+    (
+        7,
+        """
+        -- Keys for scrapers: a metrics key reads /metrics of every component and nothing else.
+        ALTER TABLE api_keys DROP CONSTRAINT IF EXISTS api_keys_role_check;
+        ALTER TABLE api_keys ADD CONSTRAINT api_keys_role_check
+            CHECK (role IN ('viewer', 'operator', 'admin', 'metrics'));
+        """,
+    ),
 )
 
 
