@@ -11,7 +11,7 @@ import math
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 # Refilled buckets dropped per new bucket at most, so that one request after a long quiet spell
 # never pays for sweeping the whole table (the size cap holds meanwhile).
@@ -45,11 +45,11 @@ class Policy:
         return f"Policy({self.name!r}, rate={self.rate:g}/s, burst={self.burst})"
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(NamedTuple):
     """`allowed`, and what the client may know: `available` whole requests left now; `window_s`
     seconds until the bucket is full again (allowed) or until the next request may pass (refused,
-    equal to `retry_after_s`); `newly_limited` on the first refusal after a request passed."""
+    equal to `retry_after_s`); `newly_limited` on the first refusal after a request passed.
+    (A named tuple: one is made per request, and it is the cheapest immutable record.)"""
 
     allowed: bool
     available: int
