@@ -98,13 +98,18 @@ class RateLimitMiddleware:
             return self._anonymous, self._take_address(scope)
         known, principal = cached_principal(self._state, key)
         if not known:
-            # A key not seen lately costs a query. A key that turns out not to be valid is a
-            # request without one, and an address that has spent that limit gets no more queries:
-            # a stream of made-up keys is held to the limit of requests without a key.
-            refusal = self._limiter.check(address_bucket(_host(scope)), self._anonymous)
+            # A key not seen lately costs a query. Keys that turn out not to be valid spend a bucket
+            # of their own per address, under the anonymous limit, and once it is empty that
+            # address gets no more queries: a stream of made-up keys costs the database a burst,
+            # not a query per request. Requests without a key do not spend it, so a busy address
+            # never keeps valid keys from being looked up.
+            failed_lookups = ("failed key lookups", address_bucket(_host(scope))[1])
+            refusal = self._limiter.check(failed_lookups, self._anonymous)
             if not refusal.allowed:
                 return self._anonymous, refusal
-            principal = await self._look_up(scope, key)
+            answered, principal = await self._look_up(scope, key)
+            if answered and principal is None:
+                self._limiter.take(failed_lookups, self._anonymous)
         if principal is None:
             return self._anonymous, self._take_address(scope)
         policy = self._policies[principal.role]
@@ -121,16 +126,17 @@ class RateLimitMiddleware:
             log.info("client %s is over the rate limit of requests without a key", bucket[1])
         return decision
 
-    async def _look_up(self, scope: Scope, key: str) -> Principal | None:
+    async def _look_up(self, scope: Scope, key: str) -> tuple[bool, Principal | None]:
+        """Whether the database answered, and who the key is (None: not a valid key)."""
         try:
             principal = await principal_for_key(self._state, key)
         except Exception:
             # The database is away (or worse): the route's own authentication meets the same
             # failure and answers it as problem+json (503 for an outage); until then this request
             # counts as one without a key.
-            return None
+            return False, None
         scope[RESOLVED_PRINCIPAL] = principal
-        return principal
+        return True, principal
 
 
 async def _refuse(policy: Policy, decision: Decision, send: Send) -> None:

@@ -236,8 +236,16 @@ async def test_made_up_keys_are_limited_by_address_and_stop_costing_queries(
     ]
     assert statuses == [401] * 4 + [429] * 6
     assert database.api_keys.lookups == 4
-    # The address is spent for anonymous requests too.
+    # They count as requests without a key.
     assert (await client.get("/health")).status_code == 429
+
+
+async def test_a_busy_address_does_not_keep_valid_keys_from_being_looked_up(
+    client: httpx.AsyncClient,
+) -> None:
+    assert [(await client.get("/health")).status_code for _ in range(5)] == [200] * 4 + [429]
+    answer = await client.get("/whoami", headers={"X-API-Key": VIEWER_KEY})
+    assert answer.status_code == 200 and answer.headers["RateLimit"].startswith('"viewer";')
 
 
 async def test_the_route_reuses_the_principal_the_limiter_looked_up(client: httpx.AsyncClient) -> None:
@@ -257,6 +265,9 @@ async def test_a_database_outage_during_the_lookup_is_the_routes_503(client: htt
     # Public routes do not need the key: they answer, counted against the address.
     health = await client.get("/health", headers={"X-API-Key": VIEWER_KEY})
     assert health.status_code == 200 and health.headers["RateLimit"].startswith('"anonymous";')
+    # An outage is not taken for made-up keys: past the anonymous burst it is still the 503.
+    answers = [await client.get("/whoami", headers={"X-API-Key": VIEWER_KEY}) for _ in range(8)]
+    assert {a.status_code for a in answers[:2]} == {503}
 
 
 async def test_a_cached_key_is_counted_without_a_query(client: httpx.AsyncClient) -> None:
