@@ -14,7 +14,7 @@ import pytest
 from fastapi import FastAPI
 
 from api.app import create_app
-from api.auth import KeyCache, Principal, Viewer, hash_key
+from api.auth import KeyCache, Principal, Viewer, hash_key, presented_key
 from api.rate_limits import Policy, RateLimiter, address_bucket
 from ioc_core.errors import ServiceUnavailableError
 from ioc_core.settings import RateLimit, Settings
@@ -147,6 +147,33 @@ def test_a_busy_client_keeps_its_bucket_while_others_churn() -> None:
 )
 def test_client_addresses(host: str, bucket: str) -> None:
     assert address_bucket(host) == ("address", bucket)
+
+
+@pytest.mark.parametrize(
+    ("headers", "key"),
+    [
+        ([], None),
+        ([(b"authorization", b"Bearer abc")], "abc"),
+        ([(b"authorization", b"bEaReR abc")], "abc"),
+        ([(b"authorization", b"Bearer abc"), (b"x-api-key", b"xyz")], "abc"),
+        ([(b"authorization", b"Basic dXNlcjpwdw=="), (b"x-api-key", b"xyz")], "xyz"),
+        ([(b"authorization", b"Bearer "), (b"x-api-key", b"xyz")], "xyz"),
+        ([(b"x-api-key", b"")], None),
+    ],
+)
+async def test_the_limiter_reads_the_key_as_authentication_does(
+    headers: list[tuple[bytes, bytes]], key: str | None
+) -> None:
+    assert presented_key(headers) == key
+    # The route, reading the same headers through FastAPI's security schemes, agrees.
+    app = _app()
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+        answer = await client.get("/whoami", headers=[(k.decode(), v.decode()) for k, v in headers])
+    if key is None:
+        assert answer.json()["detail"] == "an API key is required"
+    else:
+        assert answer.json()["detail"] == "the API key is not valid"
 
 
 class FakeApiKeys:
