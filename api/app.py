@@ -15,7 +15,8 @@ from api.auth import KeyCache
 from api.device_accounts import DeviceAccounts
 from api.page import add_page_routes
 from api.params import reject_unknown_query_parameters
-from api.problems import PROBLEM
+from api.problems import PROBLEM, TOO_MANY_REQUESTS
+from api.rate_limits import RateLimiter, RateLimitMiddleware, policies_of
 from api.routes import alarms, api_keys, dead_letters, devices, health, public, screens, stream, webhooks
 from api.stream.hub import EventHub
 from api.view_cache import ViewCache
@@ -85,7 +86,10 @@ def create_app(
         version="0.1.0",
         description=_DESCRIPTION,
         lifespan=_lifespan(settings, database, accounts),
-        responses={400: PROBLEM, 401: PROBLEM, 403: PROBLEM, 422: PROBLEM, 500: PROBLEM},
+        responses={
+            **{status: PROBLEM for status in (400, 401, 403, 422, 500)},
+            429: TOO_MANY_REQUESTS,
+        },
         dependencies=[Depends(reject_unknown_query_parameters)],
     )
     app.state.settings = settings
@@ -94,6 +98,14 @@ def create_app(
     problems.install(app)
     # Views that screens poll compress themselves once per version; this covers the rest.
     app.add_middleware(GZipMiddleware, minimum_size=1024, compresslevel=6)
+    # Outermost (added last): a request over its limit costs no routing, no key query, no work.
+    app.state.rate_limiter = RateLimiter(settings.api_rate_limit_buckets)
+    app.add_middleware(
+        RateLimitMiddleware,
+        state=app.state,
+        limiter=app.state.rate_limiter,
+        policies=policies_of(settings),
+    )
     for module in (screens, devices, api_keys, public, webhooks, stream, health, alarms, dead_letters):
         app.include_router(module.router)
     add_page_routes(app, settings)

@@ -16,6 +16,7 @@ from typing import Annotated, Literal
 from fastapi import Depends, HTTPException, Request
 from fastapi.params import Depends as DependsMarker
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from starlette.datastructures import State
 
 from ioc_core.access import KEY_MAX_LENGTH, hash_key, is_admin_key, may_read_metrics
 from ioc_core.storage import ApiKeyRow, Database
@@ -74,6 +75,9 @@ class Principal:
         return f"{cities}|{domains}"
 
 
+_SETTINGS_ADMIN = Principal(name="admin", role="admin")
+
+
 def principal_of(row: ApiKeyRow) -> Principal:
     return Principal(
         name=row.name or row.id,
@@ -112,21 +116,47 @@ def _presented_key(bearer: HTTPAuthorizationCredentials | None, header: str | No
     return header or None
 
 
-async def principal_for_key(request: Request, key: str) -> Principal | None:
-    if is_admin_key(key, request.app.state.settings.admin_api_key):
-        return Principal(name="admin", role="admin")
+def presented_key(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    """The key in raw ASGI request headers, read as `current_principal` reads it (a bearer token
+    first, then `X-API-Key`), for code that runs before the route (the rate limiter)."""
+    bearer: str | None = None
+    header: str | None = None
+    for name, value in headers:
+        if name == b"authorization":
+            scheme, _, credentials = value.decode("latin-1").partition(" ")
+            if scheme.lower() == "bearer" and credentials:
+                bearer = credentials
+        elif name == b"x-api-key":
+            header = value.decode("latin-1")
+    return bearer or header or None
+
+
+def cached_principal(state: State, key: str) -> tuple[bool, Principal | None]:
+    """Who `key` is, when that is known without a query: (known, principal or None if invalid)."""
+    if is_admin_key(key, state.settings.admin_api_key):
+        return True, _SETTINGS_ADMIN
     if len(key) > KEY_MAX_LENGTH:
-        return None
-    digest = hash_key(key)
-    cache: KeyCache = request.app.state.key_cache
-    hit, principal = cache.get(digest)
-    if hit:
+        return True, None
+    cache: KeyCache = state.key_cache
+    return cache.get(hash_key(key))
+
+
+async def principal_for_key(state: State, key: str) -> Principal | None:
+    known, principal = cached_principal(state, key)
+    if known:
         return principal
-    database: Database = request.app.state.database
+    database: Database = state.database
+    digest = hash_key(key)
     row = await database.api_keys.by_hash(digest)
     principal = principal_of(row) if row is not None else None
+    cache: KeyCache = state.key_cache
     cache.put(digest, principal)
     return principal
+
+
+# Where the rate limiter leaves the principal it looked up for a request, so the route does not
+# look it up again (with IOC_API_KEY_CACHE_S=0 that would be a second query).
+RESOLVED_PRINCIPAL = "ioc.resolved_principal"
 
 
 async def current_principal(
@@ -137,7 +167,10 @@ async def current_principal(
     key = _presented_key(bearer, header)
     if key is None:
         raise HTTPException(401, "an API key is required", headers={"WWW-Authenticate": "Bearer"})
-    principal = await principal_for_key(request, key)
+    if RESOLVED_PRINCIPAL in request.scope:
+        principal: Principal | None = request.scope[RESOLVED_PRINCIPAL]
+    else:
+        principal = await principal_for_key(request.app.state, key)
     if principal is None:
         raise HTTPException(401, "the API key is not valid", headers={"WWW-Authenticate": "Bearer"})
     request.state.principal = principal

@@ -1,6 +1,6 @@
 """What routes take from the running app, as `Annotated` dependencies: settings, the database,
-device accounts, the live events hub, the view and key caches; and devices and alarms looked up
-within the caller's scope."""
+device accounts, the live events hub, the view and key caches, the rate limiter; and devices and
+alarms looked up within the caller's scope."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from fastapi import Depends, HTTPException, Request
 from api.auth import KeyCache, Principal, Viewer
 from api.device_accounts import DeviceAccounts
 from api.params import AlarmId, DeviceId
+from api.rate_limits import RateLimiter
 from api.stream.hub import EventHub
 from api.view_cache import ViewCache
 from ioc_core.alarms import Alarm
@@ -49,6 +50,11 @@ def _key_cache(request: Request) -> KeyCache:
     return cache
 
 
+def _rate_limiter(request: Request) -> RateLimiter:
+    limiter: RateLimiter = request.app.state.rate_limiter
+    return limiter
+
+
 AppSettings = Annotated[Settings, Depends(_settings)]
 Db = Annotated[Database, Depends(_database)]
 # None where this deployment does not manage device credentials (IOC_MQTT_ADMIN_URL unset).
@@ -56,6 +62,7 @@ Accounts = Annotated[DeviceAccounts | None, Depends(_device_accounts)]
 Hub = Annotated[EventHub, Depends(_event_hub)]
 Views = Annotated[ViewCache, Depends(_view_cache)]
 Keys = Annotated[KeyCache, Depends(_key_cache)]
+Limiter = Annotated[RateLimiter, Depends(_rate_limiter)]
 
 
 def managed(accounts: DeviceAccounts | None) -> DeviceAccounts:

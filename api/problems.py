@@ -31,6 +31,25 @@ class Problem(BaseModel):
 # An error answer as routes document it in `responses`.
 PROBLEM: dict[str, Any] = {"model": Problem, "content": {PROBLEM_MEDIA_TYPE: {}}}
 
+# The headers of a 429 (any route may answer one: see `api.rate_limits`).
+RATE_LIMIT_HEADERS: dict[str, Any] = {
+    "Retry-After": {"description": "seconds to wait before the next request", "schema": {"type": "integer"}},
+    "RateLimit-Policy": {
+        "description": 'the limit that applies, e.g. `"viewer";q=100;w=5`'
+        " (draft-ietf-httpapi-ratelimit-headers-12)",
+        "schema": {"type": "string"},
+    },
+    "RateLimit": {
+        "description": 'what is left of it, e.g. `"viewer";a=0;w=1`',
+        "schema": {"type": "string"},
+    },
+}
+TOO_MANY_REQUESTS: dict[str, Any] = {
+    **PROBLEM,
+    "description": "Too Many Requests",
+    "headers": RATE_LIMIT_HEADERS,
+}
+
 
 def problem_response(
     status: int,

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import unquote, urlsplit
 
-from pydantic import BaseModel, Field, IPvAnyNetwork, SecretStr, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, IPvAnyNetwork, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from ioc_core.bus import Topics
@@ -24,6 +24,15 @@ class MqttEndpoint(BaseModel):
     tls: bool
     username: str | None
     password: SecretStr | None
+
+
+class RateLimit(BaseModel):
+    """A token bucket: `burst` requests at once, refilled at `rate` requests a second."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    rate: float = Field(gt=0, le=1_000_000, description="requests a second, sustained")
+    burst: int = Field(ge=1, le=1_000_000, description="requests at once, after a quiet spell")
 
 
 class Settings(BaseSettings):
@@ -220,6 +229,29 @@ class Settings(BaseSettings):
     )
     api_key_cache_s: float = Field(
         default=5.0, ge=0, description="how long the API trusts a looked-up API key (revocation delay)"
+    )
+    api_rate_limit_viewer: RateLimit = Field(
+        default=RateLimit(rate=20, burst=100),
+        description="requests a viewer key may make, per API process (JSON {rate, burst})",
+    )
+    api_rate_limit_operator: RateLimit = Field(
+        default=RateLimit(rate=20, burst=100),
+        description="requests an operator key may make, per API process (JSON {rate, burst})",
+    )
+    api_rate_limit_admin: RateLimit = Field(
+        default=RateLimit(rate=50, burst=200),
+        description="requests an admin key may make, per API process (JSON {rate, burst})",
+    )
+    api_rate_limit_anonymous: RateLimit = Field(
+        default=RateLimit(rate=10, burst=100),
+        description="requests without a valid key (health, public feed, the page), per client address"
+        " (IPv6: per /64) and API process (JSON {rate, burst})",
+    )
+    api_rate_limit_buckets: int = Field(
+        default=100_000,
+        ge=100,
+        description="rate-limit buckets (keys and client addresses) one API process keeps; past it the"
+        " least recently seen are dropped",
     )
     map_tiles_url: str | None = Field(
         default=None,
