@@ -16,7 +16,18 @@ from api.device_accounts import DeviceAccounts
 from api.page import add_page_routes
 from api.params import reject_unknown_query_parameters
 from api.problems import PROBLEM
-from api.routes import alarms, api_keys, dead_letters, devices, health, public, screens, stream, webhooks
+from api.routes import (
+    alarms,
+    api_keys,
+    audit,
+    dead_letters,
+    devices,
+    health,
+    public,
+    screens,
+    stream,
+    webhooks,
+)
 from api.stream.hub import EventHub
 from api.view_cache import ViewCache
 from ioc_core.settings import Settings
@@ -94,7 +105,7 @@ def create_app(
     problems.install(app)
     # Views that screens poll compress themselves once per version; this covers the rest.
     app.add_middleware(GZipMiddleware, minimum_size=1024, compresslevel=6)
-    for module in (screens, devices, api_keys, public, webhooks, stream, health, alarms, dead_letters):
+    for module in (screens, devices, api_keys, public, webhooks, stream, health, alarms, dead_letters, audit):
         app.include_router(module.router)
     add_page_routes(app, settings)
     return app
