@@ -64,10 +64,22 @@ def _item(entry: AuditEntry) -> AuditItem:
     )
 
 
-def _aware(value: datetime | None, name: str) -> datetime | None:
-    if value is not None and value.tzinfo is None:
+def _instant(value: str | None, name: str) -> datetime | None:
+    """An RFC 3339 time with an offset. Parsed here: as a `datetime` parameter, a bare number would
+    pass as seconds since 1970."""
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        parsed = None
+    if parsed is None or parsed.tzinfo is None:
         raise HTTPException(400, f"`{name}` must be RFC 3339 with an offset, like 2026-11-21T08:00:00+07:00")
-    return value
+    return parsed
+
+
+Instant = {"format": "date-time", "examples": ["2026-11-21T08:00:00+07:00"]}
+RFC3339 = r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$"
 
 
 @router.get(
@@ -98,13 +110,19 @@ async def audit_log(
         str | None, Query(min_length=1, max_length=200, description="the object's id")
     ] = None,
     outcome: Annotated[Outcome | None, Query(description="done or refused")] = None,
-    from_: Annotated[datetime | None, Query(alias="from", description="at or after, RFC 3339")] = None,
-    to: Annotated[datetime | None, Query(description="before (exclusive), RFC 3339")] = None,
+    from_: Annotated[
+        str | None,
+        Query(alias="from", pattern=RFC3339, description="at or after, RFC 3339", json_schema_extra=Instant),
+    ] = None,
+    to: Annotated[
+        str | None,
+        Query(pattern=RFC3339, description="before (exclusive), RFC 3339", json_schema_extra=Instant),
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=1000, description="page size")] = 100,
     cursor: Cursor = None,
 ) -> Page[AuditItem]:
     before = decode_int_cursor(cursor)
-    since, until = _aware(from_, "from"), _aware(to, "to")
+    since, until = _instant(from_, "from"), _instant(to, "to")
     if since is not None and until is not None and since >= until:
         raise HTTPException(400, "`from` must be before `to`")
     query = AuditQuery(

@@ -276,12 +276,16 @@ async def test_filters_and_the_cursor_page_through_the_entries(
     assert await entries(admin, actor_key_id=desk_key["id"], object_type="webhook") == []
     assert await entries(admin, actor_key_id=desk_key["id"], action="api_key.revoke") == []
     assert len(await entries(admin, actor_key_id=desk_key["id"], object_type="api_key")) == 5
+    # Filters are parameters, never SQL.
+    assert await entries(admin, object_id="' OR '1'='1") == []
 
 
 @pytest.mark.parametrize(
     ("params", "status"),
     [
-        ({"from": "2026-11-21T08:00:00"}, 400),
+        ({"from": "2026-11-21T08:00:00"}, 422),
+        ({"to": "0.5"}, 422),
+        ({"from": "2026-13-21T08:00:00Z"}, 400),
         ({"from": "2026-11-21T09:00:00Z", "to": "2026-11-21T08:00:00Z"}, 400),
         ({"action": "device.explode"}, 400),
         ({"cursor": "not-a-cursor"}, 400),
