@@ -17,7 +17,18 @@ from api.page import add_page_routes
 from api.params import reject_unknown_query_parameters
 from api.problems import PROBLEM, TOO_MANY_REQUESTS
 from api.rate_limits import RateLimiter, RateLimitMiddleware, policies_of
-from api.routes import alarms, api_keys, dead_letters, devices, health, public, screens, stream, webhooks
+from api.routes import (
+    alarms,
+    api_keys,
+    audit,
+    dead_letters,
+    devices,
+    health,
+    public,
+    screens,
+    stream,
+    webhooks,
+)
 from api.stream.hub import EventHub
 from api.view_cache import ViewCache
 from ioc_core.settings import Settings
@@ -106,7 +117,7 @@ def create_app(
         limiter=app.state.rate_limiter,
         policies=policies_of(settings),
     )
-    for module in (screens, devices, api_keys, public, webhooks, stream, health, alarms, dead_letters):
+    for module in (screens, devices, api_keys, public, webhooks, stream, health, alarms, dead_letters, audit):
         app.include_router(module.router)
     add_page_routes(app, settings)
     return app

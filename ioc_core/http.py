@@ -17,7 +17,18 @@ log = logging.getLogger(__name__)
 
 class HttpServer(Component):
     def __init__(self, app: Any, *, host: str, port: int, name: str) -> None:
-        config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, lifespan="on")
+        # No proxy headers: uvicorn would otherwise take X-Forwarded-For from loopback peers for the
+        # client's address, which any local client can write. No trusted-proxy setting exists, so
+        # the address (in the audit log, say) is always the connection's peer.
+        config = uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_config=None,
+            access_log=False,
+            lifespan="on",
+            proxy_headers=False,
+        )
         self._server = uvicorn.Server(config)
         self._host, self._port, self._name = host, port, name
         self._task: asyncio.Task[None] | None = None

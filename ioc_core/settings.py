@@ -212,6 +212,9 @@ class Settings(BaseSettings):
     retention_check_s: float = Field(
         default=3600, gt=0, description="how often a processor drops readings older than the retention"
     )
+    audit_retention_days: float = Field(
+        default=365, gt=0, description="days entries stay in the audit log of admin and operator actions"
+    )
 
     api_max_streams: int = Field(
         default=100, ge=1, description="concurrent /v1/stream connections one API process serves"

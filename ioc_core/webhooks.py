@@ -22,13 +22,20 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ioc_core.alarms import ALARM_ACKNOWLEDGED, ALARM_RAISED, ALARM_RESOLVED, ALARM_UPDATED
+from ioc_core.audit import AUDIT_RECORDED
 from ioc_core.errors import IocError
 from ioc_core.events import DEVICE_OFFLINE, DEVICE_ONLINE, Event
 from ioc_core.models import CityList, DomainList
 from ioc_core.rules import SEVERITIES, Severity, severity_rank
 
 WebhookEventType = Literal[
-    "alarm.raised", "alarm.updated", "alarm.acknowledged", "alarm.resolved", "device.offline", "device.online"
+    "alarm.raised",
+    "alarm.updated",
+    "alarm.acknowledged",
+    "alarm.resolved",
+    "device.offline",
+    "device.online",
+    "audit.recorded",
 ]
 # What agencies can subscribe to; `state.changed` snapshots are for screens only.
 WEBHOOK_EVENT_TYPES: tuple[str, ...] = (
@@ -38,7 +45,11 @@ WEBHOOK_EVENT_TYPES: tuple[str, ...] = (
     ALARM_RESOLVED,
     DEVICE_OFFLINE,
     DEVICE_ONLINE,
+    AUDIT_RECORDED,
 )
+# Sent only to endpoints whose `types` name them: an endpoint registered for alarms must not start
+# receiving who changed what (and from which address) because a new type of event was added.
+OPT_IN_EVENT_TYPES: frozenset[str] = frozenset({AUDIT_RECORDED})
 SeverityName = Severity
 
 SECRET_PREFIX = "whsec_"
@@ -120,7 +131,13 @@ class WebhookFilter(BaseModel):
         description="alarm events at least this severe; device events, which have no severity, then"
         " come only when `types` names them",
     )
-    types: list[WebhookEventType] | None = Field(default=None, min_length=1, max_length=6)
+    types: list[WebhookEventType] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=len(WEBHOOK_EVENT_TYPES),
+        description="the event types to send; left out, every type but `audit.recorded`, which is sent"
+        " only where named",
+    )
     escalated_only: bool = Field(
         default=False,
         description="only events of escalated alarms: the escalation (`alarm.updated` with"
@@ -145,6 +162,8 @@ class RoutedEvent:
     severity_rank: int | None
     escalated: bool
     body: str
+    # Only for endpoints whose `types` name it (see OPT_IN_EVENT_TYPES).
+    opt_in: bool = False
 
 
 def routed(events: Iterable[Event]) -> list[RoutedEvent]:
@@ -164,6 +183,7 @@ def routed(events: Iterable[Event]) -> list[RoutedEvent]:
                 severity_rank=severity_rank(severity) if severity in SEVERITIES else None,
                 escalated=bool(event.data.get("escalated", False)),
                 body=message_body(event),
+                opt_in=event.type in OPT_IN_EVENT_TYPES,
             )
         )
     return out

@@ -12,7 +12,7 @@ from api.auth import Principal, require
 from api.deps import Hub
 from api.params import CityFilter, DomainFilter, comma_list
 from api.stream.framing import EVENT_STREAM_MEDIA_TYPE, RETRY_MS
-from api.stream.hub import KINDS, StreamFilter
+from api.stream.hub import AUDIT_KIND, KINDS, STREAM_KINDS, StreamFilter
 from api.stream.positions import decode_position
 from api.stream.response import ClientStream, EventStreamResponse
 
@@ -37,19 +37,23 @@ _DESCRIPTION = f"""Server-Sent Events (`{EVENT_STREAM_MEDIA_TYPE}`) of what happ
   lately, sent every few seconds at most: `data.items` is a list of
   `{{device_id, status, ts, metrics}}`. `metrics` are those of the readings since the previous
   state event: merge them into what you have; the newest `ts` wins.
+* `event: audit`: `audit.recorded`, an entry of the audit log (as `GET /v1/audit` lists it); only
+  when `types` names `audit`, for admin keys, and only entries whose object lies within the key's
+  scope (with `city` or `domain`, only those naming it).
 
 Every `data:` is the CloudEvent 1.0 as one line of JSON. Every event has an `id`; a client that
 reconnects with `Last-Event-ID` (browsers' EventSource does so by itself) gets every event it
 missed that Kafka still retains, then the live ones, none twice. An id that is not one of this
 stream's starts from now. The stream starts with `retry: {RETRY_MS}` and, for a new stream, an `id:`
 without data that gives the starting position. Comment lines (`: heartbeat`) keep idle
-connections open. `types` is a comma-separated list of `alarm`, `status`, `state` (default all);
+connections open. `types` is a comma-separated list of `alarm`, `status`, `state`, `audit` (default
+`alarm,status,state`);
 `city` and `domain` narrow the stream further. One API process serves a limited number of streams:
 beyond it, and while the process is not connected to Kafka, the answer is 503 with `Retry-After`."""
 
 
 def stream_kinds(types: str | None) -> frozenset[str]:
-    return frozenset(comma_list(types, KINDS, "types") or KINDS)
+    return frozenset(comma_list(types, STREAM_KINDS, "types") or KINDS)
 
 
 @router.get(
@@ -66,7 +70,7 @@ def stream_kinds(types: str | None) -> frozenset[str]:
         },
         400: _problem("`types` names an unknown kind"),
         401: _problem("no API key, or not a valid one"),
-        403: _problem("the key lacks the viewer role"),
+        403: _problem("the key lacks the viewer role, or asks for `audit` without the admin role"),
         422: _problem("`city` or `domain` is not valid"),
         500: _problem("internal error"),
         503: {
@@ -81,7 +85,8 @@ async def stream(
     city: CityFilter = None,
     domain: DomainFilter = None,
     types: Annotated[
-        str | None, Query(description="comma-separated: alarm, status, state (default all)")
+        str | None,
+        Query(description="comma-separated: alarm, status, state, audit (default alarm,status,state)"),
     ] = None,
     last_event_id: Annotated[
         str | None, Query(description="where to resume, for clients that cannot send the header")
@@ -91,6 +96,8 @@ async def stream(
     ] = None,
 ) -> EventStreamResponse:
     kinds = stream_kinds(types)
+    if AUDIT_KIND in kinds and not principal.has_role("admin"):
+        raise HTTPException(403, "audit events need the admin role")
     retry_after = {"Retry-After": str(_RETRY_AFTER_S)}
     if not hub.connected:
         raise HTTPException(503, "the live event stream is not connected to Kafka yet", headers=retry_after)

@@ -18,6 +18,7 @@ from aiokafka.errors import KafkaError
 from api.auth import Principal
 from api.stream.framing import event_frame
 from api.stream.positions import Position, encode_position
+from ioc_core.audit import AUDIT_RECORDED
 from ioc_core.bus import ensure_topics, new_admin, new_consumer
 from ioc_core.component import Component
 from ioc_core.errors import IocError, ServiceUnavailableError
@@ -26,7 +27,11 @@ from ioc_core.supervision import Outage, RetryPolicy, Supervisor, is_retriable, 
 
 log = logging.getLogger(__name__)
 
+# What a stream sends unless `types` says otherwise.
 KINDS: tuple[str, ...] = ("alarm", "status", "state")
+# Audit entries (`audit.recorded`) go only to admins' streams that ask for them, within their scope.
+AUDIT_KIND = "audit"
+STREAM_KINDS: tuple[str, ...] = (*KINDS, AUDIT_KIND)
 # Events waiting for one client, at most; a client that falls this far behind is disconnected
 # and comes back with its Last-Event-ID, which Kafka serves instead of this process's memory.
 QUEUE_LIMIT = 5000
@@ -49,6 +54,8 @@ def kind_of(event_type: object) -> str | None:
         return "status"
     if event_type == "state.changed":
         return "state"
+    if event_type == AUDIT_RECORDED:
+        return AUDIT_KIND
     return None
 
 
@@ -58,6 +65,16 @@ class ParsedEvent:
     city: str
     domain: str
     data: str  # the CloudEvent as one line of JSON
+    # An audit entry's object's cities and domains (None: every one), instead of one place.
+    cities: frozenset[str] | None = None
+    domains: frozenset[str] | None = None
+
+
+def _scope(value: object) -> frozenset[str] | None:
+    """An audit entry's scope list; anything but a list of strings is no scope at all (every one)."""
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return frozenset(value)
+    return None
 
 
 def parse_event(value: bytes | None) -> ParsedEvent | None:
@@ -74,11 +91,14 @@ def parse_event(value: bytes | None) -> ParsedEvent | None:
     data = event.get("data")
     if kind is None or not isinstance(data, dict):
         return None
+    # Re-serialised compactly: one line whatever the producer wrote, as an SSE `data:` needs.
+    line = json.dumps(event, separators=(",", ":"), ensure_ascii=False)
+    if kind == AUDIT_KIND:
+        return ParsedEvent(kind, "", "", line, _scope(data.get("cities")), _scope(data.get("domains")))
     city, domain = data.get("city"), data.get("domain")
     if not isinstance(city, str) or not isinstance(domain, str):
         return None
-    # Re-serialised compactly: one line whatever the producer wrote, as an SSE `data:` needs.
-    return ParsedEvent(kind, city, domain, json.dumps(event, separators=(",", ":"), ensure_ascii=False))
+    return ParsedEvent(kind, city, domain, line)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +116,19 @@ class StreamFilter:
             and (self.city is None or city == self.city)
             and (self.domain is None or domain == self.domain)
             and self.principal.allows(city, domain)
+        )
+
+    def admits(self, event: ParsedEvent) -> bool:
+        if event.kind != AUDIT_KIND:
+            return self.matches(event.kind, event.city, event.domain)
+        # An audit entry: for admins whose scope holds its object's, as `GET /v1/audit` shows it;
+        # `city` and `domain` keep the entries that name them.
+        return (
+            AUDIT_KIND in self.kinds
+            and self.principal.has_role("admin")
+            and self.principal.covers(event.cities, event.domains)
+            and (self.city is None or (event.cities is not None and self.city in event.cities))
+            and (self.domain is None or (event.domains is not None and self.domain in event.domains))
         )
 
 
@@ -127,11 +160,7 @@ class Subscription:
         self.overflowed = False
 
     def offer(self, event: HubEvent) -> None:
-        if (
-            self.ended.is_set()
-            or self.overflowed
-            or not self.filter.matches(event.parsed.kind, event.parsed.city, event.parsed.domain)
-        ):
+        if self.ended.is_set() or self.overflowed or not self.filter.admits(event.parsed):
             return
         if len(self._items) >= self._limit:
             self.overflowed = True
