@@ -59,8 +59,8 @@ def address_bucket(host: str) -> tuple[str, str]:
 
 
 def _host(scope: Scope) -> str:
-    # uvicorn puts the client here: the peer, or for a peer in FORWARDED_ALLOW_IPS (default
-    # loopback) the address its X-Forwarded-For names.
+    # The connection's peer: the servers run without uvicorn's proxy headers, so a forged
+    # X-Forwarded-For cannot pick another client's bucket.
     client = scope.get("client")
     return str(client[0]) if client else ""
 
