@@ -28,6 +28,8 @@ class InboundMessage:
     connection: int = 0
     # The broker's DUP flag: it may have delivered this message before (under the same packet id).
     dup: bool = False
+    # The publisher's retain flag: the gateway subscribes with "retain as published".
+    retain: bool = False
 
 
 class Inbox:

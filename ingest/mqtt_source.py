@@ -16,6 +16,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from ingest.inbox import InboundMessage, Inbox
 from ioc_core.errors import ServiceUnavailableError
@@ -61,6 +62,12 @@ def subscriptions(settings: Settings) -> list[str]:
         for city in cities
         for kind in ("telemetry", "status")
     ]
+
+
+def subscription_options() -> SubscribeOptions:
+    """QoS 1, and the publisher's retain flag kept on what is forwarded: without it the broker
+    clears the flag on live messages, and retained telemetry would pass for ordinary readings."""
+    return SubscribeOptions(qos=1, retainAsPublished=True)  # type: ignore[no-untyped-call]
 
 
 class MqttSource:
@@ -158,7 +165,7 @@ class MqttSource:
         # Messages taken on an earlier connection are acknowledged no more: their packet ids may
         # name other messages now. The broker sends them again, and storage drops the copies.
         self._connection += 1
-        client.subscribe([(topic, 1) for topic in subscriptions(self._settings)])
+        client.subscribe([(topic, subscription_options()) for topic in subscriptions(self._settings)])
         log.info("connected to MQTT broker (session present: %s)", flags.session_present)
         self._connected.set()
 
@@ -190,5 +197,6 @@ class MqttSource:
             received_at=utcnow(),
             connection=self._connection,
             dup=bool(message.dup),
+            retain=bool(message.retain),
         )
         self._inbox.put(inbound, self._stopping)

@@ -16,7 +16,12 @@ from ioc_core.domains import DOMAINS
 from ioc_core.errors import RejectedMessage
 from ioc_core.supervision import describe
 from ioc_core.telemetry.payload import parse_payload, parse_status
-from ioc_core.telemetry.reasons import REASON_DEVICE_MISMATCH, REASON_UNKNOWN_DEVICE, REASON_UNPROCESSABLE
+from ioc_core.telemetry.reasons import (
+    REASON_DEVICE_MISMATCH,
+    REASON_RETAINED,
+    REASON_UNKNOWN_DEVICE,
+    REASON_UNPROCESSABLE,
+)
 from ioc_core.telemetry.records import BusTelemetry, Reading, StatusReport
 from ioc_core.telemetry.topics import TopicAddress, parse_topic
 
@@ -46,6 +51,11 @@ class DeviceMessage(Protocol):
     def received_at(self) -> datetime: ...
     @property
     def dup(self) -> bool: ...
+    @property
+    def retain(self) -> bool:
+        """Whether it was published retained (seen when the subscription keeps the flag as
+        published: the gateway's does)."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +83,9 @@ async def accept_message(message: DeviceMessage, lookup: RouteLookup) -> Accepte
 def validate(message: DeviceMessage, address: TopicAddress, route: DeviceRoute | None) -> list[BusTelemetry]:
     """Turn one message into bus records (readings, or a status report), given its parsed topic
     and the registry's view of its device; raises `RejectedMessage`."""
+    if address.kind == "telemetry" and message.retain:
+        # Kept by the broker, the reading would reach every later subscriber again as if new.
+        raise RejectedMessage(REASON_RETAINED, "telemetry may not be retained; only status may")
     if route is None:
         raise RejectedMessage(REASON_UNKNOWN_DEVICE, f"device {address.device_id!r} is not registered")
     if (route.city, route.domain) != (address.city, address.domain):

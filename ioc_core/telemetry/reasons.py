@@ -17,5 +17,8 @@ REASON_BAD_TIMESTAMP = "bad_timestamp"
 REASON_FUTURE_TIMESTAMP = "future_timestamp"
 REASON_NO_METRICS = "no_metrics"
 REASON_BAD_STATUS = "bad_status"
+# Telemetry published with the retain flag: the broker would hand the reading again to every new
+# subscriber, so only the status topic may be retained.
+REASON_RETAINED = "retained_telemetry"
 # A message that made validation fail in a way it does not foresee: kept, never fatal to the gateway.
 REASON_UNPROCESSABLE = "unprocessable"

@@ -9,6 +9,8 @@ import asyncio
 from types import SimpleNamespace
 from typing import Any
 
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
 from ingest.mqtt_source import MqttSource
 from ioc_core.errors import ServiceUnavailableError
 from ioc_core.models import DeviceRoute
@@ -19,12 +21,12 @@ class FakeClient:
 
     def __init__(self) -> None:
         self.acks: list[tuple[int, int]] = []
-        self.subscribed: list[tuple[str, int]] = []
+        self.subscribed: list[tuple[str, SubscribeOptions]] = []
 
     def ack(self, mid: int, qos: int) -> None:
         self.acks.append((mid, qos))
 
-    def subscribe(self, topics: list[tuple[str, int]]) -> None:
+    def subscribe(self, topics: list[tuple[str, SubscribeOptions]]) -> None:
         self.subscribed.extend(topics)
 
     def disconnect(self) -> None:
@@ -52,8 +54,10 @@ class FakeMqtt(MqttSource):
     def drop(self) -> None:
         self._on_disconnect(self.client, None, None, "connection lost", None)  # type: ignore[arg-type]
 
-    def publish(self, topic: str, payload: bytes, *, mid: int, qos: int = 1, dup: bool = False) -> None:
-        message = SimpleNamespace(topic=topic, payload=payload, mid=mid, qos=qos, dup=dup)
+    def publish(
+        self, topic: str, payload: bytes, *, mid: int, qos: int = 1, dup: bool = False, retain: bool = False
+    ) -> None:
+        message = SimpleNamespace(topic=topic, payload=payload, mid=mid, qos=qos, dup=dup, retain=retain)
         self._on_message(self.client, None, message)  # type: ignore[arg-type]
 
     @property

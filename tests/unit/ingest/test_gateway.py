@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import pytest
 
 from ingest.gateway import Gateway
+from ioc_core.metrics import render
 from ioc_core.models import DeviceRoute
 from ioc_core.settings import Settings
 from ioc_core.telemetry import Reading, decode_record
@@ -99,6 +100,26 @@ async def test_a_bad_message_becomes_a_dead_letter_and_is_acknowledged(
     await until(lambda: rig.mqtt.acks == [(12, 1)])
     stats = rig.gateway.stats
     assert (stats.accepted, dict(stats.rejected), stats.readings_produced) == (0, {reason: 1}, 0)
+
+
+async def test_retained_telemetry_is_a_dead_letter_and_a_retained_status_is_not(rig: Rig) -> None:
+    # The gateway asks the broker to keep the publisher's retain flag, or it would never see it.
+    assert {
+        str(topic): (options.QoS, options.retainAsPublished) for topic, options in rig.mqtt.client.subscribed
+    } == {topic: (1, True) for topic in rig.gateway.subscriptions}
+    rig.mqtt.publish(TOPIC, GOOD, mid=21, retain=True)
+    rig.mqtt.publish(TOPIC.replace("/telemetry", "/status"), b"online", mid=22, retain=True)
+    await until(lambda: len(rig.producer.sent) == 2)
+    (letter_topic, letter, _), (status_topic, _, device) = rig.producer.sent
+    assert letter_topic == rig.settings.topics.deadletter
+    assert json.loads(letter)["reason"] == "retained_telemetry"
+    assert (status_topic, device) == (rig.settings.topics.telemetry("flood"), "hn-flood-001")
+    rig.producer.acknowledge_all()
+    await until(lambda: sorted(rig.mqtt.acks) == [(21, 1), (22, 1)])
+    assert dict(rig.gateway.stats.rejected) == {"retained_telemetry": 1}
+    assert (
+        'ioc_gateway_rejected_total{reason="retained_telemetry"} 1' in render(rig.gateway.metrics()).decode()
+    )
 
 
 async def test_a_bus_failure_withholds_the_acknowledgement_and_sends_again(rig: Rig) -> None:

@@ -13,6 +13,7 @@ from ioc_core.errors import RejectedMessage
 from ioc_core.models import DeviceRoute
 from ioc_core.telemetry import (
     MAX_PAYLOAD_BYTES,
+    REASON_RETAINED,
     REASON_UNIT_MISMATCH,
     Measurement,
     Reading,
@@ -371,6 +372,23 @@ def test_gateway_readings_carry_the_mqtt_delivery(qos: int, dup: bool, packet_id
     assert isinstance(reading, Reading)
     assert (reading.redelivered, reading.packet_id) == (dup, packet_id)
     assert reading.metrics == {"currentLevel": 0.45} and not reading.device_time
+
+
+@pytest.mark.parametrize(("kind", "retain"), [("telemetry", True), ("telemetry", False), ("status", True)])
+def test_only_status_may_be_retained(kind: str, retain: bool) -> None:
+    topic = f"ioc/v1/ha-noi/flood/d1/{kind}"
+    payload = b"online" if kind == "status" else b'{"currentLevel": 1.5}'
+    message = InboundMessage(topic=topic, payload=payload, mid=3, qos=1, received_at=NOW, retain=retain)
+    route = DeviceRoute(id="d1", city="ha-noi", domain="flood")
+    if kind == "telemetry" and retain:
+        with pytest.raises(RejectedMessage) as rejected:
+            validate(message, parse_topic(topic), route)
+        assert rejected.value.reason == REASON_RETAINED
+        # Judged before the registry: a stranger's retained reading is refused for what it is.
+        with pytest.raises(RejectedMessage, match=REASON_RETAINED):
+            validate(message, parse_topic(topic), None)
+    else:
+        assert len(validate(message, parse_topic(topic), route)) == 1
 
 
 @pytest.mark.parametrize("packet_id", [0, 65536, -1, 1.5, "7", True, 10**30])
