@@ -1,10 +1,11 @@
 """Per-device MQTT accounts, kept by Mosquitto's dynamic-security plugin.
 
 Every registered device gets a broker account of its own: the username is the device id, the
-password is random and shown only in the answer that created it, and the account's one role lets
-it publish under `ioc/v1/{city}/{domain}/{id}/` and nowhere else, because the broker denies every
-publish that no role grants. The gateway's account may subscribe to and receive `ioc/v1/`
-(shared subscriptions included) and may publish nothing.
+password is random and shown only in the answer that created it, the account is bound to the
+client id equal to the device id, and its one role lets it publish to its telemetry and status
+topics and nowhere else, because the broker denies every publish that no role grants. The
+gateway's account may subscribe to and receive `ioc/v1/` (shared subscriptions included) and may
+publish nothing. The grants themselves, and why, are `api.broker_grants`.
 
 The plugin is driven over its control topic by an MQTT client holding the plugin admin's
 credentials. The plugin answers every admin client on one response topic, so each command
@@ -36,8 +37,16 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
+from api.broker_grants import (
+    DEFAULT_ACL_ACCESS,
+    GATEWAY_ACLS,
+    GATEWAY_ROLE,
+    check_device_id_free,
+    device_acls,
+    device_role,
+    narrowed_grants,
+)
 from ioc_core.component import Component
-from ioc_core.domains import DOMAINS
 from ioc_core.errors import (
     ConfigurationError,
     ConflictError,
@@ -47,34 +56,15 @@ from ioc_core.errors import (
 )
 from ioc_core.models import DeviceCredentials
 from ioc_core.settings import mqtt_endpoint
-from ioc_core.telemetry import CITY_PATTERN, DEVICE_ID_PATTERN, TOPIC_ROOT
+from ioc_core.telemetry import TOPIC_ROOT
 
 log = logging.getLogger(__name__)
 
 CONTROL_TOPIC = "$CONTROL/dynamic-security/v1"
 RESPONSE_TOPIC = f"{CONTROL_TOPIC}/response"
-DEVICE_ROLE_PREFIX = "ioc-device-"
-GATEWAY_ROLE = "ioc-gateway"
 
 Command = dict[str, Any]
 Answer = dict[str, Any]
-
-# What no role grants: nobody publishes or subscribes. Receiving and unsubscribing stay open so
-# that whatever a role lets a client subscribe to is also delivered to it.
-DEFAULT_ACL_ACCESS: tuple[dict[str, Any], ...] = (
-    {"acltype": "publishClientSend", "allow": False},
-    {"acltype": "publishClientReceive", "allow": True},
-    {"acltype": "subscribe", "allow": False},
-    {"acltype": "unsubscribe", "allow": True},
-)
-
-GATEWAY_ACLS: tuple[dict[str, Any], ...] = (
-    {"acltype": "subscribePattern", "topic": f"{TOPIC_ROOT}/#", "priority": 0, "allow": True},
-    {"acltype": "subscribePattern", "topic": f"$share/+/{TOPIC_ROOT}/#", "priority": 0, "allow": True},
-    {"acltype": "publishClientReceive", "topic": f"{TOPIC_ROOT}/#", "priority": 0, "allow": True},
-    # Explicit, so that no change of the default access can ever let the gateway publish.
-    {"acltype": "publishClientSend", "topic": "#", "priority": 0, "allow": False},
-)
 
 _CLIENT_NOT_FOUND = "Client not found"
 _CLIENT_EXISTS = "Client already exists"
@@ -89,37 +79,6 @@ class BrokerCommandError(IocError):
         super().__init__(f"the broker's dynamic-security plugin refused {command}: {error}", retriable=False)
         self.command = command
         self.error = error
-
-
-def device_role(device_id: str) -> str:
-    return f"{DEVICE_ROLE_PREFIX}{device_id}"
-
-
-def device_topic_filter(device_id: str, city: str, domain: str) -> str:
-    """Everything a device may publish to: its telemetry and status topics, and nothing of others."""
-    _check_device(device_id, city, domain)
-    return f"{TOPIC_ROOT}/{city}/{domain}/{device_id}/#"
-
-
-def device_acls(device_id: str, city: str, domain: str) -> list[dict[str, Any]]:
-    return [
-        {
-            "acltype": "publishClientSend",
-            "topic": device_topic_filter(device_id, city, domain),
-            "priority": 0,
-            "allow": True,
-        }
-    ]
-
-
-def _check_device(device_id: str, city: str, domain: str) -> None:
-    # These become part of a topic filter: a wildcard or a separator in them would widen the grant.
-    if not DEVICE_ID_PATTERN.fullmatch(device_id):
-        raise IocError(f"{device_id!r} is not a device id")
-    if not CITY_PATTERN.fullmatch(city):
-        raise IocError(f"{city!r} is not a city slug")
-    if domain not in DOMAINS:
-        raise IocError(f"{domain!r} is not a domain")
 
 
 def _new_password() -> str:
@@ -171,6 +130,8 @@ class DeviceAccounts(Component):
         self._requests: dict[str, _Request] = {}
         self._in_flight: dict[int, str] = {}  # MQTT message id -> request id
         self._defaults_applied = False
+        self._grants_narrowed = False
+        self._narrowing: asyncio.Task[None] | None = None
 
     @property
     def where(self) -> str:
@@ -222,6 +183,10 @@ class DeviceAccounts(Component):
 
     async def stop(self) -> None:
         self._stopping = True
+        if self._narrowing is not None:
+            self._narrowing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._narrowing
         client, self._client = self._client, None
         if client is not None:
             client.disconnect()
@@ -235,9 +200,10 @@ class DeviceAccounts(Component):
 
         An account that already exists and carries only this device's role is taken over with a
         new password: it is left by an earlier attempt whose answer was lost, or by a removal
-        whose broker step failed. Any other account of that name is a ConflictError and is left
-        untouched.
+        whose broker step failed. Any other account of that name, or an id with the reserved
+        prefix, is a ConflictError and nothing is changed.
         """
+        check_device_id_free(device_id)
         acls = device_acls(device_id, city, domain)
         role = device_role(device_id)
         password = _new_password()
@@ -248,6 +214,8 @@ class DeviceAccounts(Component):
                 "command": "createClient",
                 "username": device_id,
                 "password": password,
+                # The plugin refuses this account on any other client id (see api.broker_grants).
+                "clientid": device_id,
                 "textname": f"{city}/{domain} device",
                 "roles": [{"rolename": role}],
             },
@@ -258,45 +226,49 @@ class DeviceAccounts(Component):
             self._defaults_applied = True
         role_existed = _error_of(answers[-2], tolerated=(_ROLE_EXISTS,)) is not None
         client_existed = _error_of(answers[-1], tolerated=(_CLIENT_EXISTS,)) is not None
-        if role_existed:
-            # Left by an earlier attempt: make its grant exactly this device's topics again.
-            _error_of((await self._execute([{"command": "modifyRole", "rolename": role, "acls": acls}]))[0])
-        if client_existed:
-            if await self._account_state(device_id) != "device":
-                if not role_existed:
-                    await self._execute([{"command": "deleteRole", "rolename": role}])
-                raise ConflictError(_not_a_device_account(device_id))
-            for answer in await self._execute(
-                [
-                    {"command": "setClientPassword", "username": device_id, "password": password},
-                    {"command": "enableClient", "username": device_id},
-                ]
-            ):
-                _error_of(answer)
-            log.info("took over the existing broker account of device %s with a new password", device_id)
-        else:
+        if not client_existed:
+            if role_existed:
+                # Left by an earlier attempt: make its grant exactly this device's topics again.
+                _error_of(
+                    (await self._execute([{"command": "modifyRole", "rolename": role, "acls": acls}]))[0]
+                )
             log.info("created the broker account of device %s", device_id)
-        return DeviceCredentials(username=device_id, password=password)
+        elif await self._account_state(device_id) != "device":
+            if not role_existed:
+                await self._execute([{"command": "deleteRole", "rolename": role}])
+            raise ConflictError(_not_a_device_account(device_id))
+        else:
+            await self._reissue(device_id, password, acls)
+            log.info("took over the existing broker account of device %s with a new password", device_id)
+        return _credentials(device_id, password)
 
-    async def rotate(self, device_id: str) -> DeviceCredentials:
+    async def rotate(self, device_id: str, city: str, domain: str) -> DeviceCredentials:
         """Give the device a new password (and re-enable a revoked account). The broker
         disconnects connections made with the old one at once; NotFoundError when there is no
-        account."""
+        account. An account made by an earlier release gets the present rules with it: bound to
+        the device id as client id, publishing to its telemetry and status topics only."""
+        check_device_id_free(device_id)
         state = await self._account_state(device_id)
         if state == "absent":
             raise NotFoundError(f"device {device_id!r} has no broker account")
         if state == "foreign":
             raise ConflictError(_not_a_device_account(device_id))
         password = _new_password()
+        await self._reissue(device_id, password, device_acls(device_id, city, domain))
+        log.info("rotated the broker credentials of device %s", device_id)
+        return _credentials(device_id, password)
+
+    async def _reissue(self, device_id: str, password: str, acls: list[dict[str, Any]]) -> None:
+        """An existing device account with this password, its grant, its client id, enabled."""
         for answer in await self._execute(
             [
+                {"command": "modifyRole", "rolename": device_role(device_id), "acls": acls},
+                {"command": "setClientId", "username": device_id, "clientid": device_id},
                 {"command": "setClientPassword", "username": device_id, "password": password},
                 {"command": "enableClient", "username": device_id},
             ]
         ):
             _error_of(answer)
-        log.info("rotated the broker credentials of device %s", device_id)
-        return DeviceCredentials(username=device_id, password=password)
 
     async def revoke(self, device_id: str) -> bool:
         """Disable the device's account; the broker disconnects it and refuses it from now on.
@@ -357,6 +329,43 @@ class DeviceAccounts(Component):
             ):
                 _error_of(answer)
         log.info("gateway account %s is read-only on %s/#", username, TOPIC_ROOT)
+
+    async def narrow_grants(self, page: int = 100) -> int:
+        """Give every device role made by an earlier release, which let the device publish under
+        `…/{id}/#`, today's grant of its telemetry and status topics; returns how many changed.
+        Pages stay small: a request is one MQTT packet, under the broker's packet size limit."""
+        changed, offset = 0, 0
+        while True:
+            listing = (
+                await self._execute(
+                    [{"command": "listRoles", "verbose": True, "count": page, "offset": offset}]
+                )
+            )[0]
+            _error_of(listing)
+            roles = listing.get("data", {}).get("roles") or []
+            commands = [
+                {"command": "modifyRole", "rolename": role["rolename"], "acls": grants}
+                for role in roles
+                if (grants := narrowed_grants(role)) is not None
+            ]
+            if commands:
+                for answer in await self._execute(commands):
+                    _error_of(answer)
+                changed += len(commands)
+            if len(roles) < page:
+                return changed
+            offset += page
+
+    async def _narrow_once(self) -> None:
+        try:
+            changed = await self.narrow_grants()
+        except IocError as exc:
+            # Tried again after the next reconnection; meanwhile old grants stay as they were.
+            log.warning("could not narrow the grants of older device accounts yet: %s", exc)
+            return
+        self._grants_narrowed = True
+        if changed:
+            log.info("narrowed %d older device accounts to their telemetry and status topics", changed)
 
     async def get_client(self, username: str) -> dict[str, Any] | None:
         """The plugin's record of an account (roles, `disabled`), or None when there is none."""
@@ -427,6 +436,8 @@ class DeviceAccounts(Component):
             log.info("MQTT broker at %s is available for device accounts again", self.where)
         self._problem = None
         self._ready.set()
+        if not self._grants_narrowed and (self._narrowing is None or self._narrowing.done()):
+            self._narrowing = asyncio.create_task(self._narrow_once(), name="narrow device grants")
 
     def _lost(self, problem: str) -> None:
         self._ready.clear()
@@ -521,6 +532,10 @@ class DeviceAccounts(Component):
         self, client: mqtt.Client, userdata: Any, mid: int, reason_code: ReasonCode, properties: Any
     ) -> None:
         self._call(self._publish_done, mid, str(reason_code) if reason_code.is_failure else None)
+
+
+def _credentials(device_id: str, password: str) -> DeviceCredentials:
+    return DeviceCredentials(username=device_id, password=password, client_id=device_id)
 
 
 def _not_a_device_account(device_id: str) -> str:

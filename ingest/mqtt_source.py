@@ -67,7 +67,7 @@ def subscriptions(settings: Settings) -> list[str]:
 def subscription_options() -> SubscribeOptions:
     """QoS 1, and the publisher's retain flag kept on what is forwarded: without it the broker
     clears the flag on live messages, and retained telemetry would pass for ordinary readings."""
-    return SubscribeOptions(qos=1, retainAsPublished=True)  # type: ignore[no-untyped-call]
+    return SubscribeOptions(qos=1, retainAsPublished=True)
 
 
 class MqttSource:

@@ -131,10 +131,16 @@ class DeviceRoute(BaseModel):
 
 
 class DeviceCredentials(BaseModel):
-    """A device's MQTT username and password. The password is shown once and never stored by us."""
+    """A device's MQTT username and password, and the client id its account is bound to. The
+    password is shown once and never stored by us."""
 
     username: str = Field(examples=["hn-flood-001"])
     password: str = Field(description="keep it now: it cannot be read back, only replaced")
+    client_id: str = Field(
+        examples=["hn-flood-001"],
+        description="the MQTT client id the device must connect with (its id); the broker refuses"
+        " these credentials under any other",
+    )
 
 
 class RegisteredDevice(Device):

@@ -192,7 +192,8 @@ async def delete_device(
     summary="Give a device new MQTT credentials (admin).",
     description="The new password is in this answer only. Connections made with the old one are"
     " closed by the broker at once, and a revoked device may connect again. A device registered"
-    " before the broker enforced credentials gets its first ones here.",
+    " before the broker enforced credentials gets its first ones here; one registered before"
+    " accounts were bound to a client id is bound to its id from now on.",
     responses={404: PROBLEM, 409: PROBLEM, 503: PROBLEM},
 )
 async def rotate_credentials(
@@ -202,7 +203,7 @@ async def rotate_credentials(
     device = await scoped_device(audit, device_id, DEVICE_CREDENTIALS_ROTATE)
     with _broker_step(f"the credentials of device {device_id!r} were not changed"):
         try:
-            credentials, first = await accounts_.rotate(device_id), False
+            credentials, first = await accounts_.rotate(device.id, device.city, device.domain), False
         except NotFoundError:
             credentials, first = await accounts_.create(device.id, device.city, device.domain), True
     # The broker holds the change; the entry follows it (never with the password).

@@ -9,33 +9,58 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from api.device_accounts import (
+from api.broker_grants import (
     GATEWAY_ACLS,
-    BrokerCommandError,
-    DeviceAccounts,
-    _error_of,
+    check_device_id_free,
     device_acls,
     device_role,
-    device_topic_filter,
+    device_topics,
+    narrowed_grants,
 )
-from ioc_core.errors import ConfigurationError, IocError
+from api.device_accounts import BrokerCommandError, DeviceAccounts, _error_of
+from ioc_core.errors import ConfigurationError, ConflictError, IocError
 from ioc_core.models import DevicePatch, RegisteredDevice
 from ioc_core.settings import load_settings
 
 ROOT = Path(__file__).resolve().parents[3]
 
 
-def test_a_device_may_publish_under_its_own_topics_only() -> None:
-    assert device_topic_filter("hn-flood-001", "ha-noi", "flood") == "ioc/v1/ha-noi/flood/hn-flood-001/#"
+def test_a_device_may_publish_to_its_telemetry_and_status_only() -> None:
+    topics = ["ioc/v1/ha-noi/flood/hn-flood-001/telemetry", "ioc/v1/ha-noi/flood/hn-flood-001/status"]
+    assert device_topics("hn-flood-001", "ha-noi", "flood") == topics
     assert device_acls("hn-flood-001", "ha-noi", "flood") == [
-        {
-            "acltype": "publishClientSend",
-            "topic": "ioc/v1/ha-noi/flood/hn-flood-001/#",
-            "priority": 0,
-            "allow": True,
-        }
+        {"acltype": "publishClientSend", "topic": topic, "priority": 0, "allow": True} for topic in topics
     ]
     assert device_role("hn-flood-001") == "ioc-device-hn-flood-001"
+
+
+def test_ids_of_the_systems_own_clients_are_reserved() -> None:
+    for taken in ("ioc-gateway", "ioc-gateway-2", "ioc-accounts-1f2e", "ioc-sim-hn-flood-001"):
+        with pytest.raises(ConflictError, match="reserved"):
+            check_device_id_free(taken)
+    for free in ("hn-flood-001", "IOC-flood-1", "gw-ioc-1", "iocflood"):
+        check_device_id_free(free)
+
+
+def test_grants_of_an_earlier_release_are_narrowed() -> None:
+    def role(name: str, *topics: str, acltype: str = "publishClientSend") -> dict[str, object]:
+        return {
+            "rolename": name,
+            "acls": [{"acltype": acltype, "topic": t, "priority": 0, "allow": True} for t in topics],
+        }
+
+    old = role("ioc-device-hn-1", "ioc/v1/ha-noi/flood/hn-1/#")
+    assert narrowed_grants(old) == device_acls("hn-1", "ha-noi", "flood")
+    for left in (
+        role("ioc-device-hn-1", *device_topics("hn-1", "ha-noi", "flood")),  # narrowed already
+        role("ioc-gateway", "ioc/v1/#"),
+        role("ioc-device-hn-1", "ioc/v1/ha-noi/flood/hn-2/#"),  # someone else's topics: not ours
+        role("ioc-device-hn-1", "ioc/v1/ha-noi/weather/hn-1/#"),
+        role("ioc-device-hn-1", "ioc/v1/ha-noi/flood/hn-1/#", acltype="subscribePattern"),
+        {"rolename": "ioc-device-hn-1"},
+        {"acls": []},
+    ):
+        assert narrowed_grants(left) is None, left
 
 
 @pytest.mark.parametrize(
