@@ -28,6 +28,7 @@ from ioc.embedded.mqtt_broker import EmbeddedBroker
 from ioc_core.bus import memory as memory_bus
 from ioc_core.errors import ConfigurationError
 from ioc_core.settings import Settings
+from ioc_core.telemetry import MAX_PAYLOAD_BYTES, TOPIC_ROOT
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +83,19 @@ async def _embed(
         changes["database_url"] = SecretStr(database.url)
         embedded.append(f"PostgreSQL at {database.display_url}")
     if "mqtt_url" not in given:
-        broker = await stack.enter_async_context(EmbeddedBroker("127.0.0.1", settings.embedded_mqtt_port))
-        changes["mqtt_url"] = SecretStr(broker.url)
+        # The broker takes anonymous clients, but the gateway's client id only with this run's
+        # password: a client connecting with it would otherwise take the gateway's session over.
+        password = secrets.token_urlsafe(24)
+        broker = await stack.enter_async_context(
+            EmbeddedBroker(
+                "127.0.0.1",
+                settings.embedded_mqtt_port,
+                max_payload_size=MAX_PAYLOAD_BYTES,
+                protected_clients={settings.gateway_client_id: password},
+                unretained=[f"{TOPIC_ROOT}/+/+/+/telemetry"],
+            )
+        )
+        changes["mqtt_url"] = SecretStr(f"mqtt://ioc:{password}@127.0.0.1:{broker.port}")
         embedded.append(f"MQTT broker at {broker.url}")
     if "kafka_bootstrap" not in given:
         bootstrap = f"{memory_bus.SCHEME}ioc"

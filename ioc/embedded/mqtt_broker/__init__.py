@@ -37,10 +37,14 @@ stays with the member's session, to be resent (DUP) when the member returns, or 
 group when that session ends. Such a message may be delivered twice; one that a member
 acknowledged never is. Which member takes a new message: the next one, in turn, that has room.
 
-Limits. Packets over `max_packet_size` (1 MiB by default, well above the telemetry limit),
-malformed packets, topics with wildcards, invalid UTF-8 or NUL, and protocol violations close that
-connection with a warning in the log (and a DISCONNECT with a reason code for MQTT 5 clients);
-nothing a client sends stops the broker.
+Limits. A payload over `max_payload_size` (64 KiB by default, the telemetry limit) is dropped and
+counted, and the connection stays, as Mosquitto's `message_size_limit` does: an MQTT 5 publisher
+gets PUBACK (or PUBREC) "implementation specific error" (0x83), an MQTT 3.1.1 one a plain
+acknowledgement.
+Packets over `max_packet_size` (1 MiB by default), malformed packets, topics with wildcards,
+invalid UTF-8 or NUL, and protocol violations close that connection with a warning in the log (and
+a DISCONNECT with a reason code for MQTT 5 clients); nothing a client sends stops the broker.
+Messages on topics matching an `unretained` filter are routed but never kept as retained.
 
 State lives in memory only: sessions, queues and retained messages do not outlive the process.
 `stop()` first stops accepting connections and publications and gives connected subscribers up to
@@ -49,7 +53,10 @@ messages still undelivered.
 
 There is no authentication and no TLS: this is a development broker for one machine. It binds
 127.0.0.1 by default and must not be exposed to a network; it warns when asked to bind anything
-else.
+else. The one exception: a client id in `protected_clients` (the gateway's, in `ioc up`) can only
+be taken with its password; any other connection claiming it is refused ("not authorized") before
+it touches that id's session, so nobody can take the gateway's session over or close its
+connection by connecting with its id.
 
 Modules: `protocol` (the wire format: packets, properties, reason codes, topic rules), `session`
 (sessions, their queues and in-flight windows, subscriptions, shared groups, the topic tree),
@@ -60,6 +67,7 @@ Modules: `protocol` (the wire format: packets, properties, reason codes, topic r
 from ioc.embedded.mqtt_broker.server import (
     DEFAULT_MAX_INFLIGHT_V311,
     DEFAULT_MAX_PACKET_SIZE,
+    DEFAULT_MAX_PAYLOAD_SIZE,
     DEFAULT_MAX_QUEUED_PER_SESSION,
     DEFAULT_MAX_SESSION_EXPIRY_S,
     BrokerStats,
@@ -69,6 +77,7 @@ from ioc.embedded.mqtt_broker.server import (
 __all__ = [
     "DEFAULT_MAX_INFLIGHT_V311",
     "DEFAULT_MAX_PACKET_SIZE",
+    "DEFAULT_MAX_PAYLOAD_SIZE",
     "DEFAULT_MAX_QUEUED_PER_SESSION",
     "DEFAULT_MAX_SESSION_EXPIRY_S",
     "BrokerStats",

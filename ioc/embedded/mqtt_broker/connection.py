@@ -23,11 +23,13 @@ from ioc.embedded.mqtt_broker.protocol import (
     FILTER_INVALID,
     FLAGS,
     FORWARDED_PROPERTIES,
+    IMPLEMENTATION_SPECIFIC,
     MALFORMED,
     MAX_PACKET_SIZE,
     MESSAGE_EXPIRY,
     NEVER_EXPIRES,
     NO_SUBSCRIPTION_EXISTED,
+    NOT_AUTHORIZED,
     PACKET_ID_NOT_FOUND,
     PACKET_TOO_LARGE,
     PINGREQ,
@@ -332,6 +334,9 @@ class Connection(asyncio.Protocol):
         self.will_delay_s = request.will_delay_s
         self.will_expiry_s = request.will_expiry_s
         client_id, assigned = self._client_id(request)
+        if not self.broker.may_take(client_id, request.password):
+            self._refuse_client_id(client_id)
+            return
         expiry_s = self._take_limits(request)
         self.client_id = client_id
         session, present = self.broker.attach(self, client_id, clean=request.clean, expiry_s=expiry_s)
@@ -356,6 +361,19 @@ class Connection(asyncio.Protocol):
             self.write(bytes((CONNACK << 4, 2, 0, 2)))
             raise ProtocolError(CLIENT_ID_INVALID, "empty client id with clean_session=0")
         return f"auto-{uuid.uuid4().hex}", True
+
+    def _refuse_client_id(self, client_id: str) -> None:
+        """Refuse a connection that claims a protected client id without its password, before it
+        touches the session of that id (and the connection holding it now)."""
+        self.broker.stats.connections_refused["client_id_protected"] += 1
+        log.warning(
+            "refused an MQTT connection from %s claiming the protected client id %s", self.peer, client_id
+        )
+        # 3.1.1 return code 5 and MQTT 5 reason 0x87 both say "not authorized".
+        self.write(
+            bytes((CONNACK << 4, 3, 0, NOT_AUTHORIZED, 0)) if self.v5 else bytes((CONNACK << 4, 2, 0, 5))
+        )
+        self.terminate(will=False)
 
     def _take_limits(self, request: ConnectRequest) -> float:
         """Adopt the MQTT 5 limits the client declared; returns how long its session outlives the
@@ -397,21 +415,16 @@ class Connection(asyncio.Protocol):
             packet_id = reader.u16()
             if packet_id == 0:
                 raise ProtocolError(MALFORMED, "packet id 0")
-        forwarded = b""
-        expires_at: float | None = None
-        if self.v5:
-            properties, forwarded = reader.properties(PUBLISH_PROPERTIES, FORWARDED_PROPERTIES)
-            if TOPIC_ALIAS in properties:
-                raise ProtocolError(ALIAS_INVALID, "topic aliases are not supported (Topic Alias Maximum 0)")
-            if SUBSCRIPTION_ID in properties:
-                raise ProtocolError(PROTOCOL_ERROR, "subscription identifier in a client's PUBLISH")
-            if MESSAGE_EXPIRY in properties:
-                expires_at = time.monotonic() + properties[MESSAGE_EXPIRY]
+        forwarded, expires_at = self._publish_properties(reader)
         check_topic_name(topic)
         if self.broker.draining:
             # Not acknowledged, so the publisher keeps it and sends it again to the next broker.
             self.offset = start
             self.hold(None, set())
+            return
+        payload = reader.rest()
+        if len(payload) > self.broker.max_payload_size:
+            self._refuse_too_large(topic, qos, packet_id, len(payload))
             return
         ack = b""
         if qos == 1:
@@ -425,7 +438,7 @@ class Connection(asyncio.Protocol):
         self.broker.stats.messages_received += 1
         message = Message(
             topic,
-            reader.rest(),
+            payload,
             qos,
             bool(flags & 0x01),
             properties=forwarded,
@@ -437,6 +450,33 @@ class Connection(asyncio.Protocol):
             self.hold(ack or None, full)
         elif ack:
             self.write(ack)
+
+    def _publish_properties(self, reader: Reader) -> tuple[bytes, float | None]:
+        """A PUBLISH's properties to pass on, and when the message expires (None: never)."""
+        if not self.v5:
+            return b"", None
+        properties, forwarded = reader.properties(PUBLISH_PROPERTIES, FORWARDED_PROPERTIES)
+        if TOPIC_ALIAS in properties:
+            raise ProtocolError(ALIAS_INVALID, "topic aliases are not supported (Topic Alias Maximum 0)")
+        if SUBSCRIPTION_ID in properties:
+            raise ProtocolError(PROTOCOL_ERROR, "subscription identifier in a client's PUBLISH")
+        if MESSAGE_EXPIRY in properties:
+            return forwarded, time.monotonic() + properties[MESSAGE_EXPIRY]
+        return forwarded, None
+
+    def _refuse_too_large(self, topic: str, qos: int, packet_id: int, size: int) -> None:
+        """Drop a payload over the limit as Mosquitto's `message_size_limit` does: the connection
+        stays, an MQTT 5 publisher is told "implementation specific error" (0x83), an MQTT 3.1.1
+        one cannot be told and gets a plain acknowledgement. (Mosquitto 2.0 answers 0x95, which
+        MQTT 5 does not allow in a PUBACK: paho takes it for a protocol error and disconnects.)"""
+        self.broker.stats.count_drop("payload_too_large")
+        log.debug(
+            "MQTT client %s published %d bytes on %s, over the limit; dropped", self.client_id, size, topic
+        )
+        if qos:
+            kind = PUBACK if qos == 1 else PUBREC
+            reason = bytes((IMPLEMENTATION_SPECIFIC,)) if self.v5 else b""
+            self.write(encode_packet(kind << 4, U16_PACK(packet_id) + reason))
 
     def on_puback(self, body: bytes) -> None:
         session = self.session

@@ -25,6 +25,8 @@ NO_SUBSCRIPTION_EXISTED = 0x11
 UNSPECIFIED_ERROR = 0x80
 MALFORMED = 0x81
 PROTOCOL_ERROR = 0x82
+IMPLEMENTATION_SPECIFIC = 0x83
+NOT_AUTHORIZED = 0x87
 UNSUPPORTED_VERSION = 0x84
 CLIENT_ID_INVALID = 0x85
 BAD_AUTH_METHOD = 0x8C
@@ -335,6 +337,7 @@ class ConnectRequest:
     will: Message | None = None
     will_delay_s: int = 0
     will_expiry_s: int | None = None
+    password: bytes | None = None
 
     @property
     def clean(self) -> bool:
@@ -361,7 +364,7 @@ def read_connect(reader: Reader, *, v5: bool) -> ConnectRequest:
     elif flags & 0x40 and not v5:
         raise ProtocolError(MALFORMED, "password without a user name")
     if flags & 0x40:
-        reader.binary()
+        request.password = reader.binary()
     if not reader.at_end():
         raise ProtocolError(MALFORMED, "bytes after the CONNECT payload")
     if AUTH_METHOD in properties:

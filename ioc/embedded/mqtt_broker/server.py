@@ -8,10 +8,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import hmac
 import ipaddress
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ioc.embedded.mqtt_broker.connection import Connection
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_QUEUED_PER_SESSION = 1_000_000
 DEFAULT_MAX_PACKET_SIZE = 1024 * 1024
+# The contract's limit: a bigger payload is refused like Mosquitto's `message_size_limit` does.
+DEFAULT_MAX_PAYLOAD_SIZE = 64 * 1024
 DEFAULT_MAX_INFLIGHT_V311 = 100
 # Persistent sessions (an MQTT 3.1.1 one, or an MQTT 5 one asking for "never") end after a day
 # without their client.
@@ -49,6 +52,7 @@ class BrokerStats:
         self.messages_acked = 0
         self.publishers_held = 0
         self.dropped: collections.Counter[str] = collections.Counter()
+        self.connections_refused: collections.Counter[str] = collections.Counter()
 
     def count_drop(self, reason: str) -> None:
         self.dropped[reason] += 1
@@ -64,19 +68,31 @@ class EmbeddedBroker(Component):
         *,
         max_queued_per_session: int = DEFAULT_MAX_QUEUED_PER_SESSION,
         max_packet_size: int = DEFAULT_MAX_PACKET_SIZE,
+        max_payload_size: int = DEFAULT_MAX_PAYLOAD_SIZE,
         max_inflight_v311: int = DEFAULT_MAX_INFLIGHT_V311,
         drain_timeout_s: float = 5.0,
         max_session_expiry_s: float = DEFAULT_MAX_SESSION_EXPIRY_S,
+        protected_clients: Mapping[str, str] | None = None,
+        unretained: Iterable[str] = (),
     ) -> None:
         if max_session_expiry_s <= 0:
             raise ValueError("the longest session expiry must be positive")
         if max_queued_per_session < 1 or max_inflight_v311 < 1 or not 2 <= max_packet_size <= 268_435_460:
             raise ValueError("queue and in-flight limits must be positive; packet size 2 B to 256 MiB")
+        if max_payload_size < 0:
+            raise ValueError("the payload size limit may not be negative")
         self.host = host
         self._requested_port = port
         self._port: int | None = None
         self.max_queued_per_session = max_queued_per_session
         self.max_packet_size = max_packet_size
+        self.max_payload_size = max_payload_size
+        # Client id -> the password a connection must give to take it; every other id is open.
+        self._protected = {
+            client: password.encode() for client, password in (protected_clients or {}).items()
+        }
+        # Topic filters whose messages are routed but never kept as retained.
+        self._unretained = [text.split("/") for text in unretained]
         self.max_inflight_v311 = max_inflight_v311
         self.drain_timeout_s = drain_timeout_s
         self.max_session_expiry_s = max_session_expiry_s
@@ -175,6 +191,11 @@ class EmbeddedBroker(Component):
         dropped = Metric("ioc_mqtt_broker_dropped_total", "counter", "messages not delivered, by reason")
         for reason, count in sorted(stats.dropped.items()):
             dropped.add(count, reason=reason)
+        refused = Metric(
+            "ioc_mqtt_broker_connections_refused_total", "counter", "CONNECTs refused, by reason"
+        )
+        for reason, count in sorted(stats.connections_refused.items()):
+            refused.add(count, reason=reason)
         queued = sum(len(s.queue) for s in self.sessions.values()) + sum(
             len(g.pending) for g in self._groups()
         )
@@ -196,9 +217,16 @@ class EmbeddedBroker(Component):
                 stats.publishers_held
             ),
             dropped,
+            refused,
         ]
 
     # -- sessions ----------------------------------------------------------------------------
+
+    def may_take(self, client_id: str, password: bytes | None) -> bool:
+        """Whether a connection may take this client id: a protected one only with its password,
+        so that nobody connecting with the gateway's id takes its session over."""
+        expected = self._protected.get(client_id)
+        return expected is None or (password is not None and hmac.compare_digest(password, expected))
 
     def attach(
         self, connection: Connection, client_id: str, *, clean: bool, expiry_s: float
@@ -403,7 +431,7 @@ class EmbeddedBroker(Component):
     def publish(self, message: Message, *, publisher: Session | None) -> set[Queue[Any]]:
         """Route a message to every matching subscription; returns the queues that are full and
         on which the publisher should wait."""
-        if message.retain:
+        if message.retain and not any(filter_matches(levels, message.topic) for levels in self._unretained):
             if message.payload:
                 self.retained[message.topic] = message
             else:

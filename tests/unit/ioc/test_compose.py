@@ -7,6 +7,8 @@ from typing import Any
 
 import yaml
 
+from ioc_core.telemetry import MAX_PAYLOAD_BYTES
+
 ROOT = Path(__file__).resolve().parents[3]
 KAFKA_BROKERS = ("kafka-1", "kafka-2", "kafka-3")
 
@@ -101,7 +103,11 @@ def test_broker_enforces_device_credentials() -> None:
     assert config["plugin"].endswith("/mosquitto_dynamic_security.so")
     # On the data volume: the plugin rewrites its file on every account change.
     assert config["plugin_opt_config_file"].startswith("/mosquitto/data/")
-    assert config["max_queued_messages"] == "0" and config["max_queued_bytes"] == "0"
+    # The contract's size and QoS are enforced by the broker itself.
+    assert config["message_size_limit"] == str(MAX_PAYLOAD_BYTES) and config["max_qos"] == "1"
+    assert MAX_PAYLOAD_BYTES < int(config["max_packet_size"]) <= 256 * 1024
+    # Bounded per client, far above Mosquitto's default of 1000 that drops a gateway's backlog.
+    assert int(config["max_queued_messages"]) >= 1_000_000 and int(config["max_queued_bytes"]) >= 2**30
     mosquitto = load()["services"]["mosquitto"]
     entrypoint = "/mosquitto/config/entrypoint.sh"
     assert mosquitto["command"][-1] == entrypoint
