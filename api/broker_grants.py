@@ -22,12 +22,11 @@ from typing import Any
 
 from ioc_core.domains import DOMAINS
 from ioc_core.errors import ConflictError, IocError
-from ioc_core.telemetry import CITY_PATTERN, DEVICE_ID_PATTERN, TOPIC_ROOT
+from ioc_core.telemetry import CITY_PATTERN, DEVICE_ID_PATTERN, SYSTEM_CLIENT_PREFIX, TOPIC_ROOT
 
 DEVICE_ROLE_PREFIX = "ioc-device-"
 GATEWAY_ROLE = "ioc-gateway"
-# The system's own MQTT clients have client ids beginning so; no device id may.
-RESERVED_PREFIX = "ioc-"
+RESERVED_PREFIX = SYSTEM_CLIENT_PREFIX
 DEVICE_TOPIC_KINDS = ("telemetry", "status")
 
 # What no role grants: nobody publishes or subscribes. Receiving and unsubscribing stay open so

@@ -65,9 +65,16 @@ def subscriptions(settings: Settings) -> list[str]:
 
 
 def subscription_options() -> SubscribeOptions:
-    """QoS 1, and the publisher's retain flag kept on what is forwarded: without it the broker
-    clears the flag on live messages, and retained telemetry would pass for ordinary readings."""
-    return SubscribeOptions(qos=1, retainAsPublished=True)
+    """QoS 1; the publisher's retain flag kept on what is forwarded (without it the broker clears
+    the flag on live messages, and retained telemetry would pass for ordinary readings); retained
+    messages sent only when the subscription is new. Mosquitto 2.0 sends retained messages to
+    shared subscriptions too (MQTT 5 says it should not): with the default it would replay every
+    retained status and reading on each reconnection; this way only a subscription the broker lost
+    (a broker restart forgets shared subscriptions) gets the retained statuses once, the ones
+    published while nobody was subscribed among them."""
+    return SubscribeOptions(
+        qos=1, retainAsPublished=True, retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB
+    )
 
 
 class MqttSource:

@@ -14,11 +14,12 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ioc_core.errors import ConflictError, IocError
+from ioc_core.errors import ConfigurationError, ConflictError, IocError
 from ioc_core.http import HttpServer
 from ioc_core.settings import Settings, load_settings
 from ioc_core.storage import Database, ensure_database
 from ioc_core.supervision import describe
+from ioc_core.telemetry import SYSTEM_CLIENT_PREFIX
 from ioc_core.webhook_targets import setting_warnings
 
 if TYPE_CHECKING:
@@ -113,6 +114,7 @@ async def _health_server(
 async def run_gateway(settings: Settings) -> None:
     from ingest.gateway import Gateway
 
+    _check_gateway_client_id(settings)
     async with Gateway(settings) as gateway:
         if settings.gateway_health_port == 0:
             await _until_signalled(gateway.wait)
@@ -121,6 +123,16 @@ async def run_gateway(settings: Settings) -> None:
             settings, settings.gateway_health_port, "gateway health", gateway.readiness, gateway.metrics
         ):
             await _until_signalled(gateway.wait)
+
+
+def _check_gateway_client_id(settings: Settings) -> None:
+    """A broker that takes the gateway's credentials binds each device account to its device id as
+    client id; only the prefix no device id may have keeps a device from being bound to this one."""
+    if settings.mqtt.username and not settings.gateway_client_id.startswith(SYSTEM_CLIENT_PREFIX):
+        raise ConfigurationError(
+            f"IOC_GATEWAY_CLIENT_ID must begin with {SYSTEM_CLIENT_PREFIX!r} when the gateway logs in to"
+            f" the broker: a device registered as {settings.gateway_client_id!r} could take its session"
+        )
 
 
 async def run_processor(settings: Settings) -> None:

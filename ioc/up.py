@@ -60,6 +60,18 @@ def _data_dir(settings: Settings) -> Path:
     return data_dir
 
 
+def embedded_broker(port: int, gateway_client_id: str, password: str) -> EmbeddedBroker:
+    """The MQTT broker `ioc up` embeds, on loopback: payloads over the contract's 64 KiB refused,
+    telemetry never kept as retained, and the gateway's client id taken only with `password`."""
+    return EmbeddedBroker(
+        "127.0.0.1",
+        port,
+        max_payload_size=MAX_PAYLOAD_BYTES,
+        protected_clients={gateway_client_id: password},
+        unretained=[f"{TOPIC_ROOT}/+/+/+/telemetry"],
+    )
+
+
 async def _embed(
     stack: contextlib.AsyncExitStack, settings: Settings
 ) -> tuple[Settings, EmbeddedBroker | None]:
@@ -87,13 +99,7 @@ async def _embed(
         # password: a client connecting with it would otherwise take the gateway's session over.
         password = secrets.token_urlsafe(24)
         broker = await stack.enter_async_context(
-            EmbeddedBroker(
-                "127.0.0.1",
-                settings.embedded_mqtt_port,
-                max_payload_size=MAX_PAYLOAD_BYTES,
-                protected_clients={settings.gateway_client_id: password},
-                unretained=[f"{TOPIC_ROOT}/+/+/+/telemetry"],
-            )
+            embedded_broker(settings.embedded_mqtt_port, settings.gateway_client_id, password)
         )
         changes["mqtt_url"] = SecretStr(f"mqtt://ioc:{password}@127.0.0.1:{broker.port}")
         embedded.append(f"MQTT broker at {broker.url}")

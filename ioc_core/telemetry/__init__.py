@@ -48,6 +48,7 @@ from ioc_core.telemetry.timestamps import MAX_FUTURE_SKEW, check_time, parse_tim
 from ioc_core.telemetry.topics import (
     CITY_PATTERN,
     DEVICE_ID_PATTERN,
+    SYSTEM_CLIENT_PREFIX,
     TOPIC_ROOT,
     TopicAddress,
     parse_topic,
@@ -75,6 +76,7 @@ __all__ = [
     "REASON_UNKNOWN_DEVICE",
     "REASON_UNKNOWN_METRIC",
     "REASON_UNPROCESSABLE",
+    "SYSTEM_CLIENT_PREFIX",
     "TOPIC_ROOT",
     "Accepted",
     "BusTelemetry",

@@ -11,6 +11,10 @@ from ioc_core.errors import RejectedMessage
 from ioc_core.telemetry.reasons import REASON_BAD_TOPIC
 
 TOPIC_ROOT = "ioc/v1"
+# MQTT client ids of the system's own clients (gateways, the API's admin client, the simulator's
+# devices) begin so. Where the broker binds device accounts to their device ids as client ids,
+# device ids may not, so that no device can be given a system client's id.
+SYSTEM_CLIENT_PREFIX = "ioc-"
 
 CITY_PATTERN = re.compile(r"[a-z0-9-]{1,32}")
 DEVICE_ID_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")

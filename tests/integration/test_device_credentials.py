@@ -1,222 +1,47 @@
 """Per-device MQTT credentials against a real Mosquitto with the dynamic-security plugin.
 
-The module runs a broker of its own (anonymous clients refused, the plugin loaded, its file in a
-temporary directory) and an `ioc api` whose IOC_MQTT_ADMIN_URL points at it; devices, the gateway
-and the simulator connect to that broker as the compose deployment has them connect.
+The module runs a broker of its own, configured as the compose deployment's (anonymous clients
+refused, the plugin loaded, its file in a temporary directory), and an `ioc api` whose
+IOC_MQTT_ADMIN_URL points at it; devices, the gateway and the simulator connect to that broker as
+the compose deployment has them connect.
 """
 
 from __future__ import annotations
 
 import asyncio
-import getpass
-import glob
 import json
 import os
-import queue
 import secrets
-import shutil
-import socket
 import subprocess
-import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.reasoncodes import ReasonCode
 
 from api.device_accounts import DeviceAccounts
 from tests.integration.conftest import ADMIN_KEY, System, free_port
+from tests.integration.dynsec import (
+    ACCEPTED,
+    ADMINISTRATIVE_ACTION,
+    NOT_AUTHORIZED,
+    REFUSED_AT_CONNECT,
+    ROOT,
+    Broker,
+    connack,
+    connected,
+    shipped_config,
+    wait_for_port,
+)
 from tests.integration.harness import ComponentProcess, unique, wait_until
 
-ROOT = Path(__file__).resolve().parents[2]
 PROBLEM = "application/problem+json"
-NOT_AUTHORIZED = 135
-# PUBACK reason codes of an accepted message: "success", "no matching subscribers".
-ACCEPTED = {0, 16}
-# Refusals of a CONNECT for bad credentials: "bad user name or password" or "not authorized".
-REFUSED_AT_CONNECT = {134, 135}
-ADMINISTRATIVE_ACTION = 152
 GATEWAY_USER = "ioc-gateway"
 GATEWAY_PASSWORD = secrets.token_urlsafe(18)
 CITY = unique("cred")[:32]
 OTHER_CITY = unique("other")[:32]
-
-
-def _plugin() -> str:
-    candidates = [*sorted(glob.glob("/usr/lib/*/mosquitto_dynamic_security.so"))]
-    candidates.append("/usr/lib/mosquitto_dynamic_security.so")
-    for candidate in candidates:
-        if os.path.exists(candidate):
-            return candidate
-    pytest.fail("Mosquitto's dynamic-security plugin is not installed (`make services` installs it)")
-
-
-def _program(name: str) -> str:
-    found = shutil.which(name) or (f"/usr/sbin/{name}" if os.path.exists(f"/usr/sbin/{name}") else None)
-    if found is None:
-        pytest.fail(f"{name} is not installed (`make services` installs it)")
-    return found
-
-
-def _wait_for_port(port: int, process: subprocess.Popen[bytes], log: Path, timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"the broker exited with {process.returncode}:\n{log.read_text()}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise AssertionError(f"the broker did not listen on {port} within {timeout}s:\n{log.read_text()}")
-
-
-def _broker_config(port: int, dynsec: Path) -> str:
-    # `user`: run as whoever runs the tests; as root the broker would otherwise switch to the
-    # mosquitto user, which may not rewrite the plugin's file (the plugin only logs that).
-    return "\n".join(
-        [
-            f"listener {port} 127.0.0.1",
-            "allow_anonymous false",
-            f"plugin {_plugin()}",
-            f"plugin_opt_config_file {dynsec}",
-            f"user {getpass.getuser()}",
-            "log_dest stdout",
-            "log_type error",
-            "log_type warning",
-            "log_type notice",
-            "log_type information",
-            "",
-        ]
-    )
-
-
-class Broker:
-    """A Mosquitto of our own with the dynamic-security plugin; restartable, state kept."""
-
-    def __init__(self, directory: Path) -> None:
-        self.port = free_port()
-        self.admin_password = secrets.token_urlsafe(18)
-        self.directory = directory
-        self.log = directory / "broker.log"
-        self._config = directory / "mosquitto.conf"
-        dynsec = directory / "dynamic-security.json"
-        initialised = subprocess.run(
-            [_program("mosquitto_ctrl"), "dynsec", "init", str(dynsec), "admin", self.admin_password],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-        output = initialised.stdout + initialised.stderr
-        assert dynsec.exists(), f"mosquitto_ctrl dynsec init failed:\n{output}"
-        self._config.write_text(_broker_config(self.port, dynsec))
-        self._process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def admin_url(self) -> str:
-        return f"mqtt://admin:{self.admin_password}@127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        with self.log.open("ab") as log:
-            self._process = subprocess.Popen(
-                [_program("mosquitto"), "-c", str(self._config)], stdout=log, stderr=subprocess.STDOUT
-            )
-        _wait_for_port(self.port, self._process, self.log)
-
-    def stop(self) -> None:
-        if self._process is not None:
-            self._process.terminate()
-            self._process.wait(timeout=20)
-            self._process = None
-
-
-class Session:
-    """One MQTT v5 connection: its CONNACK, the broker's PUBACK reason codes, what it receives."""
-
-    def __init__(
-        self, port: int, username: str | None, password: str | None, *, will: str | None = None
-    ) -> None:
-        self.port = port
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=unique("cred"), protocol=mqtt.MQTTv5)
-        if username is not None:
-            self.client.username_pw_set(username, password)
-        if will is not None:
-            self.client.will_set(will, b"offline", qos=1, retain=True)
-        self.connacks: queue.Queue[ReasonCode] = queue.Queue()
-        self.disconnects: queue.Queue[ReasonCode] = queue.Queue()
-        self.messages: queue.Queue[tuple[str, bytes]] = queue.Queue()
-        self._subacks: queue.Queue[list[ReasonCode]] = queue.Queue()
-        self._pubacks: dict[int, ReasonCode] = {}
-        self._acked = threading.Condition()
-        self.client.on_connect = lambda c, u, f, code, p: self.connacks.put(code)
-        self.client.on_disconnect = lambda c, u, f, code, p: self.disconnects.put(code)
-        self.client.on_subscribe = lambda c, u, mid, codes, p: self._subacks.put(list(codes))
-        self.client.on_message = lambda c, u, m: self.messages.put((m.topic, bytes(m.payload)))
-        self.client.on_publish = self._on_publish
-
-    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, code: ReasonCode, props: Any) -> None:
-        with self._acked:
-            self._pubacks[mid] = code
-            self._acked.notify_all()
-
-    def open(self) -> ReasonCode:
-        self.client.connect("127.0.0.1", self.port, keepalive=30)
-        self.client.loop_start()
-        code = self.connacks.get(timeout=10)
-        if code.is_failure:
-            self.close()
-        return code
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> int:
-        """The broker's PUBACK reason code for one QoS-1 message."""
-        info = self.client.publish(topic, payload, qos=1, retain=retain)
-        with self._acked:
-            acked = self._acked.wait_for(lambda: info.mid in self._pubacks, timeout=10)
-            assert acked, f"no PUBACK on {topic}"
-            return int(self._pubacks.pop(info.mid).value)
-
-    def subscribe(self, *filters: str) -> list[int]:
-        self.client.subscribe([(f, 1) for f in filters])
-        return [int(code.value) for code in self._subacks.get(timeout=10)]
-
-    def receive_until(self, topic: str, payload: bytes, timeout: float = 10) -> list[tuple[str, bytes]]:
-        """Everything received up to and including `payload` on `topic`."""
-        received = []
-        deadline = time.monotonic() + timeout
-        while True:
-            item = self.messages.get(timeout=max(0.01, deadline - time.monotonic()))
-            received.append(item)
-            if item == (topic, payload):
-                return received
-
-
-@contextmanager
-def connected(port: int, username: str | None, password: str | None, **kwargs: Any) -> Iterator[Session]:
-    session = Session(port, username, password, **kwargs)
-    code = session.open()
-    assert not code.is_failure, f"{username} could not connect: {code}"
-    try:
-        yield session
-    finally:
-        session.close()
-
-
-def connack(port: int, username: str | None, password: str | None) -> int:
-    session = Session(port, username, password)
-    code = session.open()
-    if not code.is_failure:
-        session.close()
-    return int(code.value)
 
 
 def telemetry(device_id: str, city: str = CITY, domain: str = "flood") -> str:
@@ -300,7 +125,8 @@ async def test_registration_returns_credentials_once(api: httpx.AsyncClient, bro
     created = await api.post("/v1/devices", json=body)
     assert created.status_code == 201, created.text
     credentials = created.json()["credentials"]
-    assert credentials["username"] == body["id"] and len(credentials["password"]) >= 32
+    assert credentials["username"] == credentials["client_id"] == body["id"]
+    assert len(credentials["password"]) >= 32
     shown = await api.get(f"/v1/devices/{body['id']}")
     assert shown.status_code == 200
     assert "credentials" not in shown.json() and credentials["password"] not in shown.text
@@ -334,6 +160,10 @@ async def test_a_device_publishes_under_its_own_topics_only(api: httpx.AsyncClie
                 telemetry(device, city=OTHER_CITY),
                 telemetry(device, domain="water"),
                 f"ioc/v1/{CITY}/flood/{device}x/telemetry",
+                # Under its own id, only its telemetry and status topics.
+                f"ioc/v1/{CITY}/flood/{device}/anything-else",
+                f"ioc/v1/{CITY}/flood/{device}/telemetry/more",
+                f"ioc/v1/{CITY}/flood/{device}",
                 "$CONTROL/dynamic-security/v1",
                 "elsewhere",
             ]
@@ -366,7 +196,7 @@ async def test_rotation_disconnects_the_old_password_at_once(api: httpx.AsyncCli
         rotated = await api.post(f"/v1/devices/{device}/credentials")
         assert rotated.status_code == 200, rotated.text
         new = rotated.json()
-        assert new["username"] == device and new["password"] != old
+        assert new["username"] == new["client_id"] == device and new["password"] != old
         assert session.disconnects.get(timeout=10).value == ADMINISTRATIVE_ACTION
     assert connack(broker.port, device, old) in REFUSED_AT_CONNECT
     with connected(broker.port, device, new["password"]) as session:
@@ -426,7 +256,8 @@ async def test_the_gateway_account_reads_and_cannot_publish(broker: Broker, acco
 async def test_a_device_id_cannot_take_over_another_account(
     api: httpx.AsyncClient, broker: Broker, accounts: DeviceAccounts
 ) -> None:
-    for taken in (GATEWAY_USER, "admin"):
+    # Another account's name, or the prefix of the system's own client ids (see test_mqtt_abuse).
+    for taken in (GATEWAY_USER, "admin", unique("ioc-gateway")):
         response = await api.post("/v1/devices", json=device_body(id=taken))
         assert response.status_code == 409, response.text
         assert response.headers["content-type"] == PROBLEM
@@ -515,7 +346,8 @@ async def test_the_compose_broker_entrypoint(tmp_path: Path) -> None:
     port, provision_port = free_port(), free_port()
     dynsec = tmp_path / "dynamic-security.json"
     config = tmp_path / "mosquitto.conf"
-    config.write_text(_broker_config(port, dynsec))
+    (tmp_path / "data").mkdir()
+    config.write_text(shipped_config(port, dynsec, tmp_path / "data"))
     log = tmp_path / "entrypoint.log"
     env = {
         **os.environ,
@@ -535,7 +367,7 @@ async def test_the_compose_broker_entrypoint(tmp_path: Path) -> None:
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
-        _wait_for_port(port, process, log, timeout=40)
+        wait_for_port(port, process, log, timeout=40)
         return process
 
     def stop(process: subprocess.Popen[bytes]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import secrets
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -21,9 +22,11 @@ import paho.mqtt.client as mqtt
 import pytest
 from aiokafka import AIOKafkaConsumer
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.reasoncodes import ReasonCode
 
 from ingest.gateway import Gateway
 from ioc.embedded.mqtt_broker import EmbeddedBroker
+from ioc.up import embedded_broker
 from ioc_core.models import DeviceIn, Location
 from ioc_core.settings import Settings, load_settings
 from ioc_core.storage import Database, ensure_database
@@ -55,11 +58,13 @@ async def migrated(database_url: str) -> str:
 async def run(migrated: str) -> AsyncIterator[Run]:
     """An embedded broker on a free port, settings pointing the gateway at it, a city of this test's
     own with registered flood devices, and Kafka topics of its own."""
-    async with EmbeddedBroker("127.0.0.1", 0) as broker:
-        tag = unique("emb")
+    tag = unique("emb")
+    password = secrets.token_urlsafe(12)
+    # As `ioc up` embeds it, the gateway's client id protected by a password.
+    async with embedded_broker(0, f"gw-{tag}", password) as broker:
         city = unique("embcity")[:32]
         settings = load_settings(
-            mqtt_url=broker.url,
+            mqtt_url=f"mqtt://ioc:{password}@127.0.0.1:{broker.port}",
             kafka_bootstrap="127.0.0.1:9092",
             database_url=migrated,
             topic_prefix=f"{tag}.",
@@ -218,3 +223,74 @@ async def test_a_gateway_restart_loses_nothing(run: Run, figures: Figures) -> No
         f"embedded MQTT broker, gateway restart: {total} messages, {held} waited in the broker,"
         f" {copies} repeated to Kafka (at-least-once), all stored once"
     )
+
+
+async def test_hostile_clients_on_the_broker_of_ioc_up(run: Run) -> None:
+    """Retained telemetry is a dead letter, a payload over 64 KiB is refused at the broker, and a
+    client claiming the gateway's client id is refused while the gateway keeps its session."""
+    device = run.devices[0]
+    topic = f"ioc/v1/{run.city}/flood/{device}/telemetry"
+    async with Gateway(run.settings) as gateway:
+        codes = await asyncio.to_thread(
+            publish_answers,
+            run.broker.port,
+            [
+                (topic, b'{"currentLevel": 7.5, "seq": 1}', True),
+                (topic, b'{"currentLevel": 1, "pad": "' + b"x" * 100_000 + b'"}', False),
+                (topic, b'{"currentLevel": 1.5, "seq": 2}', False),
+            ],
+        )
+        # Taken, refused ("implementation specific error", as Mosquitto's size limit), taken.
+        assert codes == [0, 0x83, 0]
+
+        async def judged() -> bool | None:
+            return gateway.stats.acked >= 2 or None
+
+        await wait_until(judged, timeout=30, what="the gateway to judge both")
+        assert dict(gateway.stats.rejected) == {"retained_telemetry": 1} and gateway.stats.accepted == 1
+        assert gateway.stats.received == 2, "the oversized message reached the gateway"
+        assert topic not in run.broker.retained
+        assert run.broker.stats.dropped["payload_too_large"] == 1
+        refusal = await asyncio.to_thread(connect_answer, run.broker.port, run.settings.gateway_client_id)
+        assert refusal == 0x87  # not authorized
+        session = run.broker.sessions[run.settings.gateway_client_id]
+        assert gateway.connected and session.connection is not None and not session.connection.closed
+        assert run.broker.stats.connections_refused == {"client_id_protected": 1}
+
+
+def publish_answers(port: int, messages: list[tuple[str, bytes, bool]]) -> list[int]:
+    """Publish QoS 1 messages (topic, payload, retain) as a device; the broker's PUBACK codes."""
+    codes: dict[int, int] = {}
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=unique("emb-dev"), protocol=mqtt.MQTTv5)
+    client.on_publish = lambda c, u, mid, reason, p: codes.__setitem__(mid, reason.value)
+    client.connect("127.0.0.1", port, 30)
+    client.loop_start()
+    try:
+        infos = [client.publish(topic, payload, qos=1, retain=retain) for topic, payload, retain in messages]
+        for info in infos:
+            info.wait_for_publish(10)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return [codes[info.mid] for info in infos]
+
+
+def connect_answer(port: int, client_id: str) -> int:
+    """The CONNACK reason code for an MQTT 5 client connecting with `client_id` and no password."""
+    answers: list[int] = []
+    done = threading.Event()
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+
+    def on_connect(c: mqtt.Client, u: object, flags: object, reason: ReasonCode, p: object) -> None:
+        answers.append(reason.value)
+        done.set()
+
+    client.on_connect = on_connect
+    client.connect("127.0.0.1", port, 30, clean_start=False)
+    client.loop_start()
+    try:
+        assert done.wait(10), "no CONNACK"
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return answers[0]

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import pytest
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from ingest.gateway import Gateway
 from ioc_core.metrics import render
@@ -105,8 +106,9 @@ async def test_a_bad_message_becomes_a_dead_letter_and_is_acknowledged(
 async def test_retained_telemetry_is_a_dead_letter_and_a_retained_status_is_not(rig: Rig) -> None:
     # The gateway asks the broker to keep the publisher's retain flag, or it would never see it.
     assert {
-        str(topic): (options.QoS, options.retainAsPublished) for topic, options in rig.mqtt.client.subscribed
-    } == {topic: (1, True) for topic in rig.gateway.subscriptions}
+        str(topic): (options.QoS, options.retainAsPublished, options.retainHandling)
+        for topic, options in rig.mqtt.client.subscribed
+    } == {topic: (1, True, SubscribeOptions.RETAIN_SEND_IF_NEW_SUB) for topic in rig.gateway.subscriptions}
     rig.mqtt.publish(TOPIC, GOOD, mid=21, retain=True)
     rig.mqtt.publish(TOPIC.replace("/telemetry", "/status"), b"online", mid=22, retain=True)
     await until(lambda: len(rig.producer.sent) == 2)
