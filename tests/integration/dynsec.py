@@ -284,12 +284,14 @@ class RawMqtt:
         assert kind == SUBACK, f"expected a SUBACK, got packet type {kind}"
         return answer[-1]
 
-    def publish(self, topic: str, payload: bytes, *, retain: bool = False, send: int | None = None) -> bytes:
-        """A QoS 1 PUBLISH; only its first `send` bytes go out when given (the rest never)."""
+    def publish(
+        self, topic: str, payload: bytes, *, retain: bool = False, qos: int = 1, send: int | None = None
+    ) -> bytes:
+        """A PUBLISH (QoS 1 or 2); only its first `send` bytes go out when given (the rest never)."""
         self._next_id += 1
         body = _field(topic.encode()) + self._next_id.to_bytes(2, "big")
         body += (b"\x00" if self.level == 5 else b"") + payload
-        packet = _packet(0x32 | int(retain), body)
+        packet = _packet(0x30 | qos << 1 | int(retain), body)
         self.sock.sendall(packet if send is None else packet[:send])
         return packet
 

@@ -41,6 +41,7 @@ CITY = unique("abuse")[:32]
 LOCATION = {"lat": 21.0285, "lon": 105.8542}
 PACKET_TOO_LARGE = 0x95
 SESSION_TAKEN_OVER = 0x8E
+QOS_NOT_SUPPORTED = 0x9B
 # MQTT 3.1.1 CONNACK return code 5: not authorized.
 REFUSED_V311 = 5
 
@@ -153,7 +154,7 @@ async def test_retained_telemetry_is_a_dead_letter_and_is_counted(
     await wait_until(online, timeout=30, what="the retained status")
 
 
-async def test_oversized_messages_are_refused_by_the_broker(
+async def test_oversized_and_qos_2_messages_are_refused_by_the_broker(
     admin: httpx.AsyncClient, accounts: DeviceAccounts, broker: Broker, gateway: ComponentProcess
 ) -> None:
     device, password = await register(admin, accounts)
@@ -176,6 +177,15 @@ async def test_oversized_messages_are_refused_by_the_broker(
         assert client.answer() == ("puback", 0)
         client.publish(topic(device), b"x" * 1_048_576, send=1024)
         assert client.answer() == ("closed", None)
+
+    for level in (5, 4):
+        with raw(broker, level=level) as client:
+            # QoS 2 would have the broker hold each message until its publisher releases it.
+            assert client.connect(device, device, password) == 0
+            client.publish(topic(device), b'{"currentLevel": 9.5}', qos=2)
+            refusal = ("disconnect", QOS_NOT_SUPPORTED) if level == 5 else ("closed", None)
+            assert client.answer() == refusal
+            assert client.answer() == ("closed", None)
 
     async def stored() -> bool | None:
         reading = await latest(admin, device)
@@ -206,6 +216,10 @@ async def test_a_device_cannot_take_the_gateways_client_id(
                 with raw(broker, level=level) as client:
                     code = client.connect(client_id, device, password, clean=clean, session_expiry_s=3600)
                     assert code == (NOT_AUTHORIZED if level == 5 else REFUSED_V311), (level, whose, clean)
+    # An empty client id, for the broker to assign one: not the device's either.
+    for level in (5, 4):
+        with raw(broker, level=level) as client:
+            assert client.connect("", device, password) == (NOT_AUTHORIZED if level == 5 else REFUSED_V311)
     # The gateway kept its one connection and its session, and the admin its own.
     log = gateway.log_text()
     assert log.count("connected to MQTT broker") == 1 and "MQTT connection lost" not in log, log
