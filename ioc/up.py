@@ -33,6 +33,9 @@ from ioc_core.telemetry import MAX_PAYLOAD_BYTES, TOPIC_ROOT
 log = logging.getLogger(__name__)
 
 _ADMIN_KEY_FILE = "admin-api-key"
+# Room for the contract's largest payload with its topic and properties, and then as much again,
+# so that a payload somewhat over the limit still reaches the gateway and its dead letter.
+MAX_PACKET_BYTES = 2 * MAX_PAYLOAD_BYTES
 _DRAIN_TIMEOUT_S = 15.0
 # How long `ioc up` waits for the API's live event stream before printing its link anyway.
 _LIVE_EVENTS_WAIT_S = 30.0
@@ -61,12 +64,14 @@ def _data_dir(settings: Settings) -> Path:
 
 
 def embedded_broker(port: int, gateway_client_id: str, password: str) -> EmbeddedBroker:
-    """The MQTT broker `ioc up` embeds, on loopback: payloads over the contract's 64 KiB refused,
-    telemetry never kept as retained, and the gateway's client id taken only with `password`."""
+    """The MQTT broker `ioc up` embeds, on loopback: packets over 128 KiB refused as the compose
+    broker refuses them (a payload between 64 and 128 KiB reaches the gateway, which dead-letters
+    it as the contract says), telemetry never kept as retained, and the gateway's client id taken
+    only with `password`."""
     return EmbeddedBroker(
         "127.0.0.1",
         port,
-        max_payload_size=MAX_PAYLOAD_BYTES,
+        max_packet_size=MAX_PACKET_BYTES,
         protected_clients={gateway_client_id: password},
         unretained=[f"{TOPIC_ROOT}/+/+/+/telemetry"],
     )

@@ -226,8 +226,9 @@ async def test_a_gateway_restart_loses_nothing(run: Run, figures: Figures) -> No
 
 
 async def test_hostile_clients_on_the_broker_of_ioc_up(run: Run) -> None:
-    """Retained telemetry is a dead letter, a payload over 64 KiB is refused at the broker, and a
-    client claiming the gateway's client id is refused while the gateway keeps its session."""
+    """Retained telemetry is a dead letter and kept by nobody, a payload over 64 KiB is a dead
+    letter, a megabyte closes its connection at the broker, and a client claiming the gateway's
+    client id is refused while the gateway keeps its session."""
     device = run.devices[0]
     topic = f"ioc/v1/{run.city}/flood/{device}/telemetry"
     async with Gateway(run.settings) as gateway:
@@ -240,22 +241,44 @@ async def test_hostile_clients_on_the_broker_of_ioc_up(run: Run) -> None:
                 (topic, b'{"currentLevel": 1.5, "seq": 2}', False),
             ],
         )
-        # Taken, refused ("implementation specific error", as Mosquitto's size limit), taken.
-        assert codes == [0, 0x83, 0]
+        assert codes == [0, 0, 0]
 
         async def judged() -> bool | None:
-            return gateway.stats.acked >= 2 or None
+            return gateway.stats.acked >= 3 or None
 
-        await wait_until(judged, timeout=30, what="the gateway to judge both")
-        assert dict(gateway.stats.rejected) == {"retained_telemetry": 1} and gateway.stats.accepted == 1
-        assert gateway.stats.received == 2, "the oversized message reached the gateway"
+        await wait_until(judged, timeout=30, what="the gateway to judge all three")
+        rejected = {"retained_telemetry": 1, "payload_too_large": 1}
+        assert dict(gateway.stats.rejected) == rejected and gateway.stats.accepted == 1
         assert topic not in run.broker.retained
-        assert run.broker.stats.dropped["payload_too_large"] == 1
+        huge = await asyncio.to_thread(disconnect_answer, run.broker.port, topic, 1_048_576)
+        assert huge == 0x95  # packet too large
         refusal = await asyncio.to_thread(connect_answer, run.broker.port, run.settings.gateway_client_id)
         assert refusal == 0x87  # not authorized
         session = run.broker.sessions[run.settings.gateway_client_id]
         assert gateway.connected and session.connection is not None and not session.connection.closed
         assert run.broker.stats.connections_refused == {"client_id_protected": 1}
+        assert gateway.stats.received == 3, "the megabyte reached the gateway"
+
+
+def disconnect_answer(port: int, topic: str, size: int) -> int:
+    """Publish `size` bytes as an MQTT 5 device; the reason of the DISCONNECT that answers it."""
+    reasons: list[int] = []
+    done = threading.Event()
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=unique("emb-dev"), protocol=mqtt.MQTTv5)
+
+    def on_disconnect(c: mqtt.Client, u: object, flags: object, reason: ReasonCode, p: object) -> None:
+        reasons.append(reason.value)
+        done.set()
+
+    client.on_disconnect = on_disconnect
+    client.connect("127.0.0.1", port, 30)
+    client.loop_start()
+    try:
+        client.publish(topic, b"x" * size, qos=1)
+        assert done.wait(10), "the connection stayed open"
+    finally:
+        client.loop_stop()
+    return reasons[0]
 
 
 def publish_answers(port: int, messages: list[tuple[str, bytes, bool]]) -> list[int]:

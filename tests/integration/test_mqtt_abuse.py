@@ -154,31 +154,24 @@ async def test_retained_telemetry_is_a_dead_letter_and_is_counted(
     await wait_until(online, timeout=30, what="the retained status")
 
 
-async def test_oversized_and_qos_2_messages_are_refused_by_the_broker(
+async def test_oversized_payloads_are_dead_letters_and_huge_or_qos_2_packets_are_refused(
     admin: httpx.AsyncClient, accounts: DeviceAccounts, broker: Broker, gateway: ComponentProcess
 ) -> None:
     device, password = await register(admin, accounts)
-    received = (await gateway_metrics(gateway))["ioc_gateway_received_total"]
-    with raw(broker) as client:
-        assert client.connect(device, device, password) == 0
-        client.publish(topic(device), b'{"currentLevel": 1, "pad": "' + b"x" * 100_000 + b'"}')
-        assert client.answer() == ("puback", PACKET_TOO_LARGE)
-        # The connection stays: the next message is taken.
-        client.publish(topic(device), b'{"currentLevel": 2.5, "seq": 1}')
-        assert client.answer() == ("puback", 0)
-        # A megabyte: refused as soon as the broker has read the packet's length, before the rest.
-        client.publish(topic(device), b"x" * 1_048_576, send=1024)
-        assert client.answer() == ("disconnect", PACKET_TOO_LARGE)
-        assert client.answer() == ("closed", None)
-    with raw(broker, level=4) as client:
-        # MQTT 3.1.1 has no reason codes: acknowledged and dropped, or the connection closed.
-        assert client.connect(device, device, password) == 0
-        client.publish(topic(device), b"x" * 100_000)
-        assert client.answer() == ("puback", 0)
-        client.publish(topic(device), b"x" * 1_048_576, send=1024)
-        assert client.answer() == ("closed", None)
-
+    before = await gateway_metrics(gateway)
+    over_64k = b'{"currentLevel": 1, "pad": "' + b"x" * 100_000 + b'"}'
     for level in (5, 4):
+        with raw(broker, level=level) as client:
+            assert client.connect(device, device, password) == 0
+            # Over the contract's 64 KiB but within the packet limit: on to the gateway's dead letter.
+            client.publish(topic(device), over_64k)
+            assert client.answer() == ("puback", 0)
+            # A megabyte: refused as soon as the broker has read the packet's length, before the
+            # rest (MQTT 3.1.1 has no reason codes: the connection just closes).
+            client.publish(topic(device), b"x" * 1_048_576, send=1024)
+            refusal = ("disconnect", PACKET_TOO_LARGE) if level == 5 else ("closed", None)
+            assert client.answer() == refusal
+            assert client.answer() == ("closed", None)
         with raw(broker, level=level) as client:
             # QoS 2 would have the broker hold each message until its publisher releases it.
             assert client.connect(device, device, password) == 0
@@ -187,15 +180,19 @@ async def test_oversized_and_qos_2_messages_are_refused_by_the_broker(
             assert client.answer() == refusal
             assert client.answer() == ("closed", None)
 
-    async def stored() -> bool | None:
-        reading = await latest(admin, device)
-        return (reading is not None and reading["metrics"] == {"currentLevel": 2.5}) or None
+    async def dead_lettered() -> list[dict[str, Any]] | None:
+        page = (await admin.get("/v1/dead-letters", params={"reason": "payload_too_large"})).json()
+        letters = [item for item in page["items"] if item["topic"] == topic(device)]
+        return letters if len(letters) == 2 else None
 
-    await wait_until(stored, timeout=30, what="the reading sent between the refused ones")
-    metrics = await gateway_metrics(gateway)
-    # Only that reading reached the gateway: nothing oversized to dead-letter.
-    assert metrics["ioc_gateway_received_total"] - received == 1
-    assert 'ioc_gateway_rejected_total{reason="payload_too_large"}' not in metrics
+    letters = await wait_until(dead_lettered, timeout=30, what="both oversized payloads' dead letters")
+    assert all(letter["payload_size"] == len(over_64k) for letter in letters)
+    after = await gateway_metrics(gateway)
+    counted = 'ioc_gateway_rejected_total{reason="payload_too_large"}'
+    assert after[counted] - before.get(counted, 0) == 2
+    # Only those two reached the gateway: not the megabytes, not the QoS 2 messages.
+    assert after["ioc_gateway_received_total"] - before["ioc_gateway_received_total"] == 2
+    assert await latest(admin, device) is None
 
 
 async def test_a_device_cannot_take_the_gateways_client_id(

@@ -37,13 +37,11 @@ stays with the member's session, to be resent (DUP) when the member returns, or 
 group when that session ends. Such a message may be delivered twice; one that a member
 acknowledged never is. Which member takes a new message: the next one, in turn, that has room.
 
-Limits. A payload over `max_payload_size` (64 KiB by default, the telemetry limit) is dropped and
-counted, and the connection stays, as Mosquitto's `message_size_limit` does: an MQTT 5 publisher
-gets PUBACK (or PUBREC) "implementation specific error" (0x83), an MQTT 3.1.1 one a plain
-acknowledgement.
-Packets over `max_packet_size` (1 MiB by default), malformed packets, topics with wildcards,
-invalid UTF-8 or NUL, and protocol violations close that connection with a warning in the log (and
-a DISCONNECT with a reason code for MQTT 5 clients); nothing a client sends stops the broker.
+Limits. Packets over `max_packet_size` (1 MiB by default; `ioc up` sets 128 KiB, as the compose
+broker's `max_packet_size`), malformed packets, topics with wildcards, invalid UTF-8 or NUL, and
+protocol violations close that connection with a warning in the log (and a DISCONNECT with a
+reason code for MQTT 5 clients); nothing a client sends stops the broker. A packet is judged by
+its length before its body is read, so no client makes the broker buffer more than the limit.
 Messages on topics matching an `unretained` filter are routed but never kept as retained.
 
 State lives in memory only: sessions, queues and retained messages do not outlive the process.
@@ -67,7 +65,6 @@ Modules: `protocol` (the wire format: packets, properties, reason codes, topic r
 from ioc.embedded.mqtt_broker.server import (
     DEFAULT_MAX_INFLIGHT_V311,
     DEFAULT_MAX_PACKET_SIZE,
-    DEFAULT_MAX_PAYLOAD_SIZE,
     DEFAULT_MAX_QUEUED_PER_SESSION,
     DEFAULT_MAX_SESSION_EXPIRY_S,
     BrokerStats,
@@ -77,7 +74,6 @@ from ioc.embedded.mqtt_broker.server import (
 __all__ = [
     "DEFAULT_MAX_INFLIGHT_V311",
     "DEFAULT_MAX_PACKET_SIZE",
-    "DEFAULT_MAX_PAYLOAD_SIZE",
     "DEFAULT_MAX_QUEUED_PER_SESSION",
     "DEFAULT_MAX_SESSION_EXPIRY_S",
     "BrokerStats",

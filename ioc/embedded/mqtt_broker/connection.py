@@ -23,7 +23,6 @@ from ioc.embedded.mqtt_broker.protocol import (
     FILTER_INVALID,
     FLAGS,
     FORWARDED_PROPERTIES,
-    IMPLEMENTATION_SPECIFIC,
     MALFORMED,
     MAX_PACKET_SIZE,
     MESSAGE_EXPIRY,
@@ -422,10 +421,6 @@ class Connection(asyncio.Protocol):
             self.offset = start
             self.hold(None, set())
             return
-        payload = reader.rest()
-        if len(payload) > self.broker.max_payload_size:
-            self._refuse_too_large(topic, qos, packet_id, len(payload))
-            return
         ack = b""
         if qos == 1:
             ack = bytes((PUBACK << 4, 2)) + U16_PACK(packet_id)
@@ -438,7 +433,7 @@ class Connection(asyncio.Protocol):
         self.broker.stats.messages_received += 1
         message = Message(
             topic,
-            payload,
+            reader.rest(),
             qos,
             bool(flags & 0x01),
             properties=forwarded,
@@ -463,20 +458,6 @@ class Connection(asyncio.Protocol):
         if MESSAGE_EXPIRY in properties:
             return forwarded, time.monotonic() + properties[MESSAGE_EXPIRY]
         return forwarded, None
-
-    def _refuse_too_large(self, topic: str, qos: int, packet_id: int, size: int) -> None:
-        """Drop a payload over the limit as Mosquitto's `message_size_limit` does: the connection
-        stays, an MQTT 5 publisher is told "implementation specific error" (0x83), an MQTT 3.1.1
-        one cannot be told and gets a plain acknowledgement. (Mosquitto 2.0 answers 0x95, which
-        MQTT 5 does not allow in a PUBACK: paho takes it for a protocol error and disconnects.)"""
-        self.broker.stats.count_drop("payload_too_large")
-        log.debug(
-            "MQTT client %s published %d bytes on %s, over the limit; dropped", self.client_id, size, topic
-        )
-        if qos:
-            kind = PUBACK if qos == 1 else PUBREC
-            reason = bytes((IMPLEMENTATION_SPECIFIC,)) if self.v5 else b""
-            self.write(encode_packet(kind << 4, U16_PACK(packet_id) + reason))
 
     def on_puback(self, body: bytes) -> None:
         session = self.session

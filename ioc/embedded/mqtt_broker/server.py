@@ -32,8 +32,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_QUEUED_PER_SESSION = 1_000_000
 DEFAULT_MAX_PACKET_SIZE = 1024 * 1024
-# The contract's limit: a bigger payload is refused like Mosquitto's `message_size_limit` does.
-DEFAULT_MAX_PAYLOAD_SIZE = 64 * 1024
 DEFAULT_MAX_INFLIGHT_V311 = 100
 # Persistent sessions (an MQTT 3.1.1 one, or an MQTT 5 one asking for "never") end after a day
 # without their client.
@@ -68,7 +66,6 @@ class EmbeddedBroker(Component):
         *,
         max_queued_per_session: int = DEFAULT_MAX_QUEUED_PER_SESSION,
         max_packet_size: int = DEFAULT_MAX_PACKET_SIZE,
-        max_payload_size: int = DEFAULT_MAX_PAYLOAD_SIZE,
         max_inflight_v311: int = DEFAULT_MAX_INFLIGHT_V311,
         drain_timeout_s: float = 5.0,
         max_session_expiry_s: float = DEFAULT_MAX_SESSION_EXPIRY_S,
@@ -79,14 +76,11 @@ class EmbeddedBroker(Component):
             raise ValueError("the longest session expiry must be positive")
         if max_queued_per_session < 1 or max_inflight_v311 < 1 or not 2 <= max_packet_size <= 268_435_460:
             raise ValueError("queue and in-flight limits must be positive; packet size 2 B to 256 MiB")
-        if max_payload_size < 0:
-            raise ValueError("the payload size limit may not be negative")
         self.host = host
         self._requested_port = port
         self._port: int | None = None
         self.max_queued_per_session = max_queued_per_session
         self.max_packet_size = max_packet_size
-        self.max_payload_size = max_payload_size
         # Client id -> the password a connection must give to take it; every other id is open.
         self._protected = {
             client: password.encode() for client, password in (protected_clients or {}).items()

@@ -1,62 +1,38 @@
-"""The embedded broker's answers to hostile clients: a payload over the limit is refused and the
-connection stays, a protected client id cannot be taken without its password (nor its holder
+"""The embedded broker's answers to hostile clients, as `ioc up` sets it up: a packet over 128 KiB
+closes its connection, a protected client id cannot be taken without its password (nor its holder
 disconnected), and telemetry is never kept as retained."""
 
 from __future__ import annotations
 
-import threading
-from typing import Any
-
-import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import MQTTProtocolVersion
-from paho.mqtt.reasoncodes import ReasonCode
 
+from ioc.up import MAX_PACKET_BYTES
 from tests.unit.ioc.test_embedded_mqtt import PROTOCOLS, V5, V311, Client, RunningBroker
 
-IMPLEMENTATION_SPECIFIC = 0x83
+PACKET_TOO_LARGE = 0x95
 NOT_AUTHORIZED = 0x87
 GATEWAY_ID, GATEWAY_PASSWORD = "ioc-gateway-test", "gateway-secret"
 
 
-def publish_codes(client: Client, messages: list[tuple[str, bytes, int]]) -> list[int | None]:
-    """Publish and wait for each acknowledgement; the PUBACK reason code of each (MQTT 5), None
-    for QoS 0 and for MQTT 3.1.1, whose acknowledgements carry none."""
-    codes: dict[int, int] = {}
-    done = threading.Condition()
-
-    def on_publish(paho: mqtt.Client, userdata: Any, mid: int, reason: ReasonCode, props: Any) -> None:
-        with done:
-            codes[mid] = reason.value
-            done.notify_all()
-
-    client.paho.on_publish = on_publish
-    infos = [client.paho.publish(topic, payload, qos=qos) for topic, payload, qos in messages]
-    with done:
-        assert done.wait_for(lambda: all(info.mid in codes for info in infos), timeout=5)
-    return [
-        codes[info.mid] if qos and client.protocol == V5 else None
-        for info, (_, _, qos) in zip(infos, messages, strict=True)
-    ]
-
-
 @PROTOCOLS
-def test_a_payload_over_the_limit_is_refused_and_the_connection_stays(protocol: MQTTProtocolVersion) -> None:
-    with RunningBroker(max_payload_size=1024) as running:
+def test_the_packet_limit_of_ioc_up_passes_a_payload_a_little_over_64_kib(
+    protocol: MQTTProtocolVersion,
+) -> None:
+    """Up to 128 KiB a packet reaches the subscriber (the gateway, which dead-letters a payload over
+    64 KiB); a megabyte closes the publisher's connection as soon as its length is read."""
+    with RunningBroker(max_packet_size=MAX_PACKET_BYTES) as running:
         subscriber = Client(running, protocol=V5).connect()
         assert subscriber.subscribe("size/#") == [1]
         publisher = Client(running, protocol=protocol).connect()
-        codes = publish_codes(
-            publisher,
-            [("size/big", b"x" * 1025, 1), ("size/big0", b"x" * 5000, 0), ("size/fits", b"x" * 1024, 1)],
-        )
-        expected_big = IMPLEMENTATION_SPECIFIC if protocol == V5 else None
-        assert codes == [expected_big, None, 0 if protocol == V5 else None]
+        publisher.publish("size/over-64k", b"x" * 100_000)
         [received] = subscriber.wait_for_messages(1)
-        assert (received.topic, len(received.payload)) == ("size/fits", 1024)
-        assert not publisher.disconnected.is_set()
-        assert running.call(lambda: running.broker.stats.dropped["payload_too_large"]) == 2
-        publisher.disconnect()
+        assert (received.topic, len(received.payload)) == ("size/over-64k", 100_000)
+        publisher.paho.publish("size/huge", b"x" * 1_048_576, qos=1)
+        assert publisher.disconnected.wait(5), "the connection stayed open"
+        if protocol == V5:
+            assert publisher.disconnect_reason is not None
+            assert publisher.disconnect_reason.value == PACKET_TOO_LARGE
         subscriber.disconnect()
 
 
