@@ -30,7 +30,7 @@ from paho.mqtt.properties import Properties
 
 from api.broker_grants import device_acls, device_role
 from api.device_accounts import DeviceAccounts
-from tests.integration.conftest import System, free_port
+from tests.integration.conftest import ADMIN_HEADERS, System, free_port
 from tests.integration.dynsec import ACCEPTED, NOT_AUTHORIZED, Broker, RawMqtt, connected
 from tests.integration.harness import ComponentProcess, unique, wait_until
 
@@ -103,7 +103,7 @@ async def register(admin: httpx.AsyncClient, accounts: DeviceAccounts) -> tuple[
 
 
 async def gateway_metrics(gateway: ComponentProcess) -> dict[str, float]:
-    async with httpx.AsyncClient(base_url=gateway.health_url, timeout=5) as client:
+    async with httpx.AsyncClient(base_url=gateway.health_url, headers=ADMIN_HEADERS, timeout=5) as client:
         text = (await client.get("/metrics")).text
     return {
         match[1]: float(match[2])
