@@ -13,8 +13,9 @@ from fastapi.middleware.gzip import GZipMiddleware
 from api import problems
 from api.auth import KeyCache
 from api.device_accounts import DeviceAccounts
+from api.limits import RequestLimits
 from api.page import add_page_routes
-from api.params import reject_unknown_query_parameters
+from api.params import check_time_query_parameters, reject_unknown_query_parameters
 from api.problems import PROBLEM
 from api.routes import alarms, api_keys, dead_letters, devices, health, public, screens, stream, webhooks
 from api.stream.hub import EventHub
@@ -36,9 +37,7 @@ async def _storage(app: FastAPI, settings: Settings, database: Database | None) 
         app.state.database = database
         yield
         return
-    async with Database(
-        settings.database_url.get_secret_value(), timeout_s=settings.database_timeout_s
-    ) as owned:
+    async with Database(settings.database_url.get_secret_value(), timeout_s=settings.api_timeout_s) as owned:
         app.state.database = owned
         log.info("API ready on storage tier %s", owned.tier)
         yield
@@ -85,8 +84,14 @@ def create_app(
         version="0.1.0",
         description=_DESCRIPTION,
         lifespan=_lifespan(settings, database, accounts),
-        responses={400: PROBLEM, 401: PROBLEM, 403: PROBLEM, 422: PROBLEM, 500: PROBLEM},
-        dependencies=[Depends(reject_unknown_query_parameters)],
+        responses={
+            **{status: PROBLEM for status in (400, 401, 403, 408, 413, 422, 500)},
+            503: {
+                **PROBLEM,
+                "headers": {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}},
+            },
+        },
+        dependencies=[Depends(reject_unknown_query_parameters), Depends(check_time_query_parameters)],
     )
     app.state.settings = settings
     app.state.key_cache = KeyCache(settings.api_key_cache_s)
@@ -94,6 +99,8 @@ def create_app(
     problems.install(app)
     # Views that screens poll compress themselves once per version; this covers the rest.
     app.add_middleware(GZipMiddleware, minimum_size=1024, compresslevel=6)
+    # Outermost: a refused request costs neither compression nor a route.
+    app.add_middleware(RequestLimits, settings=settings)
     for module in (screens, devices, api_keys, public, webhooks, stream, health, alarms, dead_letters):
         app.include_router(module.router)
     add_page_routes(app, settings)

@@ -17,6 +17,8 @@ from typing import Annotated, Literal
 from fastapi import Depends, HTTPException, Request
 from fastapi.params import Depends as DependsMarker
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security.utils import get_authorization_scheme_param
+from starlette.datastructures import Headers
 
 from ioc_core.storage import ApiKeyRow, Database
 
@@ -114,6 +116,15 @@ def _presented_key(bearer: HTTPAuthorizationCredentials | None, header: str | No
     if bearer is not None and bearer.credentials:
         return bearer.credentials
     return header or None
+
+
+def key_from_headers(headers: Headers) -> str | None:
+    """The key a request presents, read as `current_principal`'s security schemes read it: a
+    bearer token first, else `X-API-Key`."""
+    scheme, credentials = get_authorization_scheme_param(headers.get("authorization"))
+    if scheme.lower() == "bearer" and credentials:
+        return credentials
+    return headers.get("x-api-key") or None
 
 
 async def principal_for_key(request: Request, key: str) -> Principal | None:

@@ -4,20 +4,127 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
-from typing import Any
+from http import HTTPStatus
+from typing import Any, ClassVar
 
+import h11
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ioc_core.component import Component
 from ioc_core.errors import ServiceUnavailableError
 
 log = logging.getLogger(__name__)
 
+_H11_DEFAULT_HEAD_BYTES = 16 * 1024  # h11's own limit when none is configured
+
+
+class ProblemH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol, answering a request it cannot parse in RFC 9457 problem+json like
+    every other error: 431 when the request line and headers outgrow the limit
+    (`h11_max_incomplete_event_size`), 400 for anything else malformed. uvicorn's own answer is a
+    plain-text 400 for both."""
+
+    def send_400_response(self, msg: str) -> None:
+        limit = self.config.h11_max_incomplete_event_size or _H11_DEFAULT_HEAD_BYTES
+        # h11 gives up with its buffer past the limit only when no complete head fits in it.
+        too_long = len(self.conn.trailing_data[0]) > limit
+        status = HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE if too_long else HTTPStatus.BAD_REQUEST
+        detail = (
+            f"the request line and headers exceed {limit} bytes"
+            if too_long
+            else "not a valid HTTP/1.1 request"
+        )
+        body = json.dumps(
+            {"type": "about:blank", "title": status.phrase, "status": status, "detail": detail},
+            separators=(",", ":"),
+        )
+        headers = [
+            (b"content-type", b"application/problem+json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+        ]
+        for event in (
+            h11.Response(status_code=status, headers=headers, reason=status.phrase.encode()),
+            h11.Data(data=body.encode()),
+            h11.EndOfMessage(),
+        ):
+            self.transport.write(self.conn.send(event) or b"")
+        self.transport.close()
+
+
+class HeadTimeoutH11Protocol(ProblemH11Protocol):
+    """`ProblemH11Protocol` that gives a client `head_timeout_s` to send a request's line and
+    headers, on a new connection and after each response; past it the connection closes. uvicorn
+    has no such limit: a client sending a byte every few seconds (slowloris) would hold its
+    connection for ever, and enough of them would fill `limit_concurrency`. The body has its own
+    deadline in the app; a response may take as long as it takes (event streams)."""
+
+    head_timeout_s: ClassVar[float] = 15.0
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._head_deadline: asyncio.TimerHandle | None = None
+        self._await_head()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.conn.their_state is not h11.IDLE:
+            self._stop_waiting()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
+            self._await_head()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_waiting()
+        super().connection_lost(exc)
+
+    def _await_head(self) -> None:
+        self._stop_waiting()
+        self._head_deadline = self.loop.call_later(self.head_timeout_s, self._head_too_late)
+
+    def _stop_waiting(self) -> None:
+        if self._head_deadline is not None:
+            self._head_deadline.cancel()
+            self._head_deadline = None
+
+    def _head_too_late(self) -> None:
+        self._head_deadline = None
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            self.conn.send(h11.ConnectionClosed())
+            self.transport.close()
+
 
 class HttpServer(Component):
-    def __init__(self, app: Any, *, host: str, port: int, name: str) -> None:
-        config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, lifespan="on")
+    """`max_header_bytes` bounds the request line and headers (431 beyond, with h11 as the
+    parser), `head_timeout_s` the time to send them; `max_connections` the open connections
+    (uvicorn's `limit_concurrency`: past it uvicorn answers a plain 503 itself, so an app with its
+    own in-flight limit sets this higher)."""
+
+    def __init__(
+        self,
+        app: Any,
+        *,
+        host: str,
+        port: int,
+        name: str,
+        max_header_bytes: int | None = None,
+        head_timeout_s: float | None = None,
+        max_connections: int | None = None,
+    ) -> None:
+        limits: dict[str, Any] = {"limit_concurrency": max_connections}
+        if max_header_bytes is not None or head_timeout_s is not None:
+            protocol: type[ProblemH11Protocol] = ProblemH11Protocol
+            if head_timeout_s is not None:
+                protocol = type("HeadTimeout", (HeadTimeoutH11Protocol,), {"head_timeout_s": head_timeout_s})
+            limits.update(http=protocol, h11_max_incomplete_event_size=max_header_bytes)
+        config = uvicorn.Config(
+            app, host=host, port=port, log_config=None, access_log=False, lifespan="on", **limits
+        )
         self._server = uvicorn.Server(config)
         self._host, self._port, self._name = host, port, name
         self._task: asyncio.Task[None] | None = None

@@ -35,3 +35,14 @@ def unavailable(url: str, exc: BaseException) -> ServiceUnavailableError:
     parts = urlsplit(url)
     where = f"{parts.hostname}:{parts.port or 5432}{parts.path}"
     return ServiceUnavailableError(f"database at {where} is unreachable: {exc}")
+
+
+def is_statement_timeout(exc: BaseException) -> bool:
+    """Whether `exc`, or an error it was raised from, is the server cancelling a statement that
+    ran past `statement_timeout` (rather than the server being unreachable)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, asyncpg.QueryCanceledError):
+            return True
+        seen = seen.__cause__
+    return False
