@@ -6,8 +6,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import sys
 from http import HTTPStatus
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import h11
 import uvicorn
@@ -29,8 +30,11 @@ class ProblemH11Protocol(H11Protocol):
 
     def send_400_response(self, msg: str) -> None:
         limit = self.config.h11_max_incomplete_event_size or _H11_DEFAULT_HEAD_BYTES
-        # h11 gives up with its buffer past the limit only when no complete head fits in it.
-        too_long = len(self.conn.trailing_data[0]) > limit
+        # uvicorn calls this while handling h11's error, whose hint tells a head that outgrew
+        # the buffer (431) from anything else malformed (400).
+        error = sys.exception()
+        hint = error.error_status_hint if isinstance(error, h11.RemoteProtocolError) else 400
+        too_long = hint == HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE
         status = HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE if too_long else HTTPStatus.BAD_REQUEST
         detail = (
             f"the request line and headers exceed {limit} bytes"
@@ -55,21 +59,63 @@ class ProblemH11Protocol(H11Protocol):
         self.transport.close()
 
 
-class HeadTimeoutH11Protocol(ProblemH11Protocol):
-    """`ProblemH11Protocol` that gives a client `head_timeout_s` to send a request's line and
-    headers, on a new connection and after each response; past it the connection closes. uvicorn
-    has no such limit: a client sending a byte every few seconds (slowloris) would hold its
-    connection for ever, and enough of them would fill `limit_concurrency`. The body has its own
-    deadline in the app; a response may take as long as it takes (event streams)."""
+# A connection closed while the client still sends a body lingers this long, reading and
+# dropping what arrives, so that the client reads the answer before the close: a close with
+# unread data sends a reset, and a reset can destroy the answer in the client's buffer before it
+# is read (nginx's lingering close, for the same reason). Dropping costs next to nothing.
+LINGER_S = 2.0
+
+
+class _LingeringTransport:
+    """The connection's transport as uvicorn uses it, with a `close` that lingers (see
+    `LINGER_S`) while the client may still be sending; anything else is the transport's."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: ClientTimeoutH11Protocol) -> None:
+        self._transport = transport
+        self._protocol = protocol
+        self.lingering = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+    def is_closing(self) -> bool:
+        return self.lingering or self._transport.is_closing()
+
+    def close(self) -> None:
+        if self.lingering or self._transport.is_closing():
+            return
+        # Still sending: a body, or whatever made h11 give up (a head too long, say).
+        if self._protocol.conn.their_state not in (h11.SEND_BODY, h11.ERROR):
+            self._transport.close()
+            return
+        self.lingering = True
+        if self._transport.can_write_eof():
+            self._transport.write_eof()  # the answer is complete: the client reads it to the end
+        self._transport.resume_reading()
+        self._protocol.loop.call_later(LINGER_S, self._transport.close)
+
+
+class ClientTimeoutH11Protocol(ProblemH11Protocol):
+    """`ProblemH11Protocol` for clients that may be hostile: it gives a client `head_timeout_s` to
+    send a request's line and headers, on a new connection and after each response, and closes
+    the connection past it; and it lingers on a close while the client still sends a body (an
+    answer refusing that body), rather than resetting the connection.
+
+    uvicorn has no head timeout: a client sending a byte every few seconds (slowloris) would hold
+    its connection for ever, and enough of them would fill `limit_concurrency`. The body has its
+    own deadline in the app; a response may take as long as it takes (event streams)."""
 
     head_timeout_s: ClassVar[float] = 15.0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        self._lingering = _LingeringTransport(transport, self)
+        super().connection_made(cast(asyncio.Transport, self._lingering))
         self._head_deadline: asyncio.TimerHandle | None = None
         self._await_head()
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering.lingering:
+            return  # the rest of a refused body
         super().data_received(data)
         if self.conn.their_state is not h11.IDLE:
             self._stop_waiting()
@@ -120,7 +166,9 @@ class HttpServer(Component):
         if max_header_bytes is not None or head_timeout_s is not None:
             protocol: type[ProblemH11Protocol] = ProblemH11Protocol
             if head_timeout_s is not None:
-                protocol = type("HeadTimeout", (HeadTimeoutH11Protocol,), {"head_timeout_s": head_timeout_s})
+                protocol = type(
+                    "ClientTimeout", (ClientTimeoutH11Protocol,), {"head_timeout_s": head_timeout_s}
+                )
             limits.update(http=protocol, h11_max_incomplete_event_size=max_header_bytes)
         config = uvicorn.Config(
             app, host=host, port=port, log_config=None, access_log=False, lifespan="on", **limits
