@@ -55,13 +55,13 @@ class RequestLimits:
     """Counts requests in flight and refuses past `api_max_in_flight` (503 with Retry-After),
     refuses a head over `api_max_header_bytes` (431), a declared body over `api_max_body_bytes`
     (413), a body without a valid key (401), and, as it arrives, a streamed body over the size
-    limit (413) or one that takes longer than `api_request_timeout_s` (408)."""
+    limit (413) or one that takes longer than `api_client_timeout_s` (408)."""
 
     def __init__(self, app: ASGIApp, settings: Settings) -> None:
         self.app = app
         self._max_in_flight = settings.api_max_in_flight
         self._max_body = settings.api_max_body_bytes
-        self._body_timeout_s = settings.api_request_timeout_s
+        self._body_timeout_s = settings.api_client_timeout_s
         self._max_head = settings.api_max_header_bytes
         self.in_flight = 0
 

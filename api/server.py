@@ -19,7 +19,7 @@ class ApiServer(HttpServer):
             port=settings.api_port,
             name="API",
             max_header_bytes=settings.api_max_header_bytes,
-            head_timeout_s=settings.api_request_timeout_s,
+            client_timeout_s=settings.api_client_timeout_s,
             max_connections=settings.api_max_connections,
         )
 

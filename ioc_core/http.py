@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
+import struct
 import sys
 from http import HTTPStatus
 from typing import Any, ClassVar, cast
@@ -81,6 +83,9 @@ class _LingeringTransport:
     def is_closing(self) -> bool:
         return self.lingering or self._transport.is_closing()
 
+    def abort(self) -> None:
+        self._transport.abort()
+
     def close(self) -> None:
         if self.lingering or self._transport.is_closing():
             return
@@ -96,21 +101,25 @@ class _LingeringTransport:
 
 
 class ClientTimeoutH11Protocol(ProblemH11Protocol):
-    """`ProblemH11Protocol` for clients that may be hostile: it gives a client `head_timeout_s` to
-    send a request's line and headers, on a new connection and after each response, and closes
-    the connection past it; and it lingers on a close while the client still sends a body (an
-    answer refusing that body), rather than resetting the connection.
+    """`ProblemH11Protocol` for clients that may be hostile. A client has `client_timeout_s` to
+    send a request's line and headers, on a new connection and after each answer, or the
+    connection closes; an answer it stops taking in (the transport's buffer full) for as long is
+    dropped with the connection; and a close while it still sends a body (an answer refusing that
+    body) lingers rather than resetting the connection (see `LINGER_S`).
 
-    uvicorn has no head timeout: a client sending a byte every few seconds (slowloris) would hold
-    its connection for ever, and enough of them would fill `limit_concurrency`. The body has its
-    own deadline in the app; a response may take as long as it takes (event streams)."""
+    uvicorn has none of these: a client sending a byte every few seconds (slowloris), or asking
+    for a large answer and never reading it, would hold its connection (and the request's slot)
+    for ever, and enough of them would fill `limit_concurrency`. The body has its own deadline in
+    the app; an answer may take as long as it takes while the client keeps reading (event
+    streams)."""
 
-    head_timeout_s: ClassVar[float] = 15.0
+    client_timeout_s: ClassVar[float] = 15.0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._lingering = _LingeringTransport(transport, self)
         super().connection_made(cast(asyncio.Transport, self._lingering))
         self._head_deadline: asyncio.TimerHandle | None = None
+        self._read_deadline: asyncio.TimerHandle | None = None
         self._await_head()
 
     def data_received(self, data: bytes) -> None:
@@ -118,36 +127,62 @@ class ClientTimeoutH11Protocol(ProblemH11Protocol):
             return  # the rest of a refused body
         super().data_received(data)
         if self.conn.their_state is not h11.IDLE:
-            self._stop_waiting()
+            self._head_deadline = _cancelled(self._head_deadline)
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
         if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
             self._await_head()
 
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._read_deadline is None:
+            self._read_deadline = self.loop.call_later(self.client_timeout_s, self._drop, "stopped reading")
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._read_deadline = _cancelled(self._read_deadline)
+
     def connection_lost(self, exc: Exception | None) -> None:
-        self._stop_waiting()
+        self._head_deadline = _cancelled(self._head_deadline)
+        self._read_deadline = _cancelled(self._read_deadline)
         super().connection_lost(exc)
 
     def _await_head(self) -> None:
-        self._stop_waiting()
-        self._head_deadline = self.loop.call_later(self.head_timeout_s, self._head_too_late)
-
-    def _stop_waiting(self) -> None:
-        if self._head_deadline is not None:
-            self._head_deadline.cancel()
-            self._head_deadline = None
+        _cancelled(self._head_deadline)
+        self._head_deadline = self.loop.call_later(self.client_timeout_s, self._head_too_late)
 
     def _head_too_late(self) -> None:
         self._head_deadline = None
-        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
-            self.conn.send(h11.ConnectionClosed())
-            self.transport.close()
+        if self.conn.their_state is not h11.IDLE or self.transport.is_closing():
+            return
+        if self._lingering.get_write_buffer_size():
+            # Part of the last answer is still waiting for the client: a close would wait on it.
+            self._drop("sent no request and did not take in the last answer")
+            return
+        self.conn.send(h11.ConnectionClosed())
+        self.transport.close()
+
+    def _drop(self, why: str) -> None:
+        self._read_deadline = None
+        log.info("dropped a client that %s for %g s", why, self.client_timeout_s)
+        sock = self._lingering.get_extra_info("socket")
+        if sock is not None:
+            # A reset, so that what the kernel still holds for the client goes too.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self._lingering.abort()
+
+
+def _cancelled(timer: asyncio.TimerHandle | None) -> asyncio.TimerHandle | None:
+    """Cancel `timer` if there is one; None, to put in its place."""
+    if timer is not None:
+        timer.cancel()
+    return None
 
 
 class HttpServer(Component):
     """`max_header_bytes` bounds the request line and headers (431 beyond, with h11 as the
-    parser), `head_timeout_s` the time to send them; `max_connections` the open connections
+    parser), `client_timeout_s` the time to send them; `max_connections` the open connections
     (uvicorn's `limit_concurrency`: past it uvicorn answers a plain 503 itself, so an app with its
     own in-flight limit sets this higher)."""
 
@@ -159,15 +194,15 @@ class HttpServer(Component):
         port: int,
         name: str,
         max_header_bytes: int | None = None,
-        head_timeout_s: float | None = None,
+        client_timeout_s: float | None = None,
         max_connections: int | None = None,
     ) -> None:
         limits: dict[str, Any] = {"limit_concurrency": max_connections}
-        if max_header_bytes is not None or head_timeout_s is not None:
+        if max_header_bytes is not None or client_timeout_s is not None:
             protocol: type[ProblemH11Protocol] = ProblemH11Protocol
-            if head_timeout_s is not None:
+            if client_timeout_s is not None:
                 protocol = type(
-                    "ClientTimeout", (ClientTimeoutH11Protocol,), {"head_timeout_s": head_timeout_s}
+                    "ClientTimeout", (ClientTimeoutH11Protocol,), {"client_timeout_s": client_timeout_s}
                 )
             limits.update(http=protocol, h11_max_incomplete_event_size=max_header_bytes)
         config = uvicorn.Config(

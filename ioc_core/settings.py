@@ -222,11 +222,12 @@ class Settings(BaseSettings):
     api_max_body_bytes: int = Field(
         default=1_048_576, ge=1024, description="the largest request body the API takes (413 beyond)"
     )
-    api_request_timeout_s: float = Field(
+    api_client_timeout_s: float = Field(
         default=15.0,
         gt=0,
-        description="time a client has to send a request's head (the connection closes beyond), and"
-        " then its body (408 beyond)",
+        description="how long the API waits on a client: to send a request's head (the connection"
+        " closes beyond), then its body (408 beyond), and to take in an answer it stopped reading"
+        " (the connection is dropped beyond)",
     )
     api_max_header_bytes: int = Field(
         default=16_384,

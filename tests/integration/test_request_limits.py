@@ -30,7 +30,7 @@ from tests.integration.harness import ComponentProcess, unique, wait_until
 PROBLEM = "application/problem+json"
 MAX_HEAD = 8192
 IN_FLIGHT = 3
-REQUEST_TIMEOUT_S = 2.0
+CLIENT_TIMEOUT_S = 2.0
 STATEMENT_TIMEOUT_S = 0.5
 MAX_SERIES_ROWS = 1000
 AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -51,7 +51,7 @@ async def limited(system: System, log_dir: Path) -> AsyncIterator[LimitedApi]:
         "IOC_API_PORT": str(port),
         "IOC_API_MAX_HEADER_BYTES": str(MAX_HEAD),
         "IOC_API_MAX_IN_FLIGHT": str(IN_FLIGHT),
-        "IOC_API_REQUEST_TIMEOUT_S": str(REQUEST_TIMEOUT_S),
+        "IOC_API_CLIENT_TIMEOUT_S": str(CLIENT_TIMEOUT_S),
         "IOC_API_STATEMENT_TIMEOUT_S": str(STATEMENT_TIMEOUT_S),
         "IOC_API_MAX_SERIES_ROWS": str(MAX_SERIES_ROWS),
     }
@@ -239,7 +239,7 @@ def seconds_until_closed(port: int, sent: bytes) -> float:
     with socket.create_connection(("127.0.0.1", port)) as sock:
         started = time.monotonic()
         sock.sendall(sent)
-        sock.settimeout(REQUEST_TIMEOUT_S * 5)
+        sock.settimeout(CLIENT_TIMEOUT_S * 5)
         with contextlib.suppress(ConnectionResetError):
             while sock.recv(4096):
                 pass
@@ -259,8 +259,45 @@ async def test_clients_too_slow_to_send_their_request_are_cut_off(
         f" a body that stalls: 408 after {slow_body.seconds:.2f} s"
     )
     for waited in (idle, half_head, slow_body.seconds):
-        assert REQUEST_TIMEOUT_S - 0.2 < waited < REQUEST_TIMEOUT_S * 3
+        assert CLIENT_TIMEOUT_S - 0.2 < waited < CLIENT_TIMEOUT_S * 3
     assert "did not arrive" in slow_body.problem(408)["detail"]
+
+
+def read_to_the_end(sock: socket.socket) -> int:
+    sock.settimeout(CLIENT_TIMEOUT_S * 5)
+    total = 0
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := sock.recv(65536):
+            total += len(chunk)
+    return total
+
+
+async def test_a_client_that_stops_reading_its_answers_is_dropped(
+    limited: LimitedApi, figures: Figures
+) -> None:
+    answer_bytes = len(
+        (
+            await asyncio.to_thread(
+                send_raw, limited.port, [b"GET /openapi.json HTTP/1.1\r\nHost: api\r\n\r\n"]
+            )
+        ).body
+    )
+    asked = 80  # answers pipelined on one connection, far more than the socket buffers hold
+    with socket.create_connection(("127.0.0.1", limited.port)) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        started = time.monotonic()
+        sock.sendall(b"GET /openapi.json HTTP/1.1\r\nHost: api\r\n\r\n" * asked)
+        await limited.process.wait_for_log(
+            "dropped a client that stopped reading", timeout=CLIENT_TIMEOUT_S * 5
+        )
+        dropped_after = time.monotonic() - started
+        taken = await asyncio.to_thread(read_to_the_end, sock)
+    figures.lines.append(
+        f"a client that stopped reading: dropped after {dropped_after:.2f} s,"
+        f" having taken {taken} of {answer_bytes * asked} bytes asked for"
+    )
+    assert taken < answer_bytes * asked
+    assert dropped_after >= CLIENT_TIMEOUT_S
 
 
 async def test_requests_past_the_in_flight_limit_answer_503_with_retry_after(
@@ -276,7 +313,7 @@ async def test_requests_past_the_in_flight_limit_answer_503_with_retry_after(
             response = await client.get("/v1/state", headers=AUTH)
             return response if response.status_code == 503 else None
 
-        response = await wait_until(refused, timeout=REQUEST_TIMEOUT_S, what="a 503 while the slots are held")
+        response = await wait_until(refused, timeout=CLIENT_TIMEOUT_S, what="a 503 while the slots are held")
         started = time.monotonic()
         response = await client.get("/v1/devices", headers=AUTH)
         figures.lines.append(
@@ -288,7 +325,7 @@ async def test_requests_past_the_in_flight_limit_answer_503_with_retry_after(
     finally:
         for sock in held:
             sock.close()
-    ok = await wait_until(lambda: _ok(client, "/v1/state"), timeout=REQUEST_TIMEOUT_S * 2, what="slots freed")
+    ok = await wait_until(lambda: _ok(client, "/v1/state"), timeout=CLIENT_TIMEOUT_S * 2, what="slots freed")
     assert ok.status_code == 200
 
 

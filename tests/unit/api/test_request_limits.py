@@ -21,7 +21,8 @@ from api.auth import KeyCache, key_from_headers
 from api.limits import RequestLimits, carries_body, declared_length, head_bytes
 from api.params import EARLIEST_TIME, LATEST_TIME, within_time_bounds
 from api.problems import install as install_problems
-from ioc_core.http import ProblemH11Protocol
+from ioc_core import http as http_server
+from ioc_core.http import ClientTimeoutH11Protocol, ProblemH11Protocol, _LingeringTransport
 from ioc_core.settings import Settings
 
 KEY = "unit-admin-key-0123456789"
@@ -33,7 +34,7 @@ def _settings(**overrides: Any) -> Settings:
         "api_max_body_bytes": 2048,
         "api_max_header_bytes": 4096,
         "api_max_in_flight": 2,
-        "api_request_timeout_s": 0.3,
+        "api_client_timeout_s": 0.3,
         **overrides,
     }
     return Settings(**values)
@@ -284,3 +285,91 @@ def test_the_http_server_answers_what_it_cannot_parse_in_problem_json(sent: byte
     assert head.startswith(f"HTTP/1.1 {status} ".encode())
     assert b"content-type: application/problem+json" in head.lower()
     assert json.loads(body)["status"] == status and transport.closed
+
+
+class _FakeSocketTransport:
+    """The part of an asyncio transport the protocol's limits use, recording what is done."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.buffered = 0
+        self.closing = False
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.calls.append("close")
+        self.closing = True
+
+    def abort(self) -> None:
+        self.calls.append("abort")
+        self.closing = True
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        self.calls.append("write_eof")
+
+    def resume_reading(self) -> None:
+        self.calls.append("resume_reading")
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+
+def _client_timeout_protocol(timeout_s: float) -> tuple[Any, _FakeSocketTransport]:
+    protocol_class = type("Limited", (ClientTimeoutH11Protocol,), {"client_timeout_s": timeout_s})
+    protocol = protocol_class.__new__(protocol_class)
+    protocol.conn = h11.Connection(h11.SERVER)
+    protocol.loop = asyncio.get_running_loop()
+    transport = _FakeSocketTransport()
+    protocol._lingering = _LingeringTransport(transport, protocol)  # type: ignore[arg-type]
+    protocol.transport = protocol._lingering
+    protocol._head_deadline = protocol._read_deadline = None
+    return protocol, transport
+
+
+async def test_a_close_while_the_client_still_sends_lingers_then_closes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(http_server, "LINGER_S", 0.05)
+    protocol, transport = _client_timeout_protocol(15)
+    protocol.conn.receive_data(b"POST /v1/devices HTTP/1.1\r\nHost: api\r\nContent-Length: 100\r\n\r\n{")
+    assert isinstance(protocol.conn.next_event(), h11.Request)
+    protocol._lingering.close()
+    assert transport.calls == ["write_eof", "resume_reading"] and protocol.transport.is_closing()
+    protocol.data_received(b"x" * 4096)  # dropped, not parsed
+    await asyncio.sleep(0.2)
+    assert transport.calls[-1] == "close"
+
+
+async def test_a_close_after_a_whole_request_is_immediate() -> None:
+    protocol, transport = _client_timeout_protocol(15)
+    protocol.conn.receive_data(b"GET / HTTP/1.1\r\nHost: api\r\n\r\n")
+    assert isinstance(protocol.conn.next_event(), h11.Request)
+    assert protocol.conn.next_event() == h11.EndOfMessage()
+    protocol._lingering.close()
+    assert transport.calls == ["close"]
+
+
+async def test_a_client_that_sends_no_head_or_stops_reading_is_cut_off() -> None:
+    protocol, transport = _client_timeout_protocol(0.05)
+    protocol._await_head()
+    await asyncio.sleep(0.2)
+    assert transport.calls == ["close"]
+    protocol, transport = _client_timeout_protocol(0.05)
+    protocol.flow = type(
+        "Flow", (), {"pause_writing": lambda self: None, "resume_writing": lambda self: None}
+    )()
+    protocol.pause_writing()
+    protocol.resume_writing()  # it read on in time
+    await asyncio.sleep(0.2)
+    assert transport.calls == []
+    protocol.pause_writing()
+    await asyncio.sleep(0.2)
+    assert transport.calls == ["abort"]
