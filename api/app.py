@@ -16,8 +16,20 @@ from api.device_accounts import DeviceAccounts
 from api.limits import RequestLimits
 from api.page import add_page_routes
 from api.params import check_time_query_parameters, reject_unknown_query_parameters
-from api.problems import PROBLEM
-from api.routes import alarms, api_keys, dead_letters, devices, health, public, screens, stream, webhooks
+from api.problems import PROBLEM, TOO_MANY_REQUESTS
+from api.rate_limits import RateLimiter, RateLimitMiddleware, policies_of
+from api.routes import (
+    alarms,
+    api_keys,
+    audit,
+    dead_letters,
+    devices,
+    health,
+    public,
+    screens,
+    stream,
+    webhooks,
+)
 from api.stream.hub import EventHub
 from api.view_cache import ViewCache
 from ioc_core.settings import Settings
@@ -86,6 +98,7 @@ def create_app(
         lifespan=_lifespan(settings, database, accounts),
         responses={
             **{status: PROBLEM for status in (400, 401, 403, 408, 413, 422, 500)},
+            429: TOO_MANY_REQUESTS,
             503: {
                 **PROBLEM,
                 "headers": {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}},
@@ -99,9 +112,17 @@ def create_app(
     problems.install(app)
     # Views that screens poll compress themselves once per version; this covers the rest.
     app.add_middleware(GZipMiddleware, minimum_size=1024, compresslevel=6)
-    # Outermost: a refused request costs neither compression nor a route.
+    # Within the rate limits: the request limits count what the rate limits let through.
     app.add_middleware(RequestLimits, settings=settings)
-    for module in (screens, devices, api_keys, public, webhooks, stream, health, alarms, dead_letters):
+    # Outermost (added last): a request over its limit costs no routing, no key query, no work.
+    app.state.rate_limiter = RateLimiter(settings.api_rate_limit_buckets)
+    app.add_middleware(
+        RateLimitMiddleware,
+        state=app.state,
+        limiter=app.state.rate_limiter,
+        policies=policies_of(settings),
+    )
+    for module in (screens, devices, api_keys, public, webhooks, stream, health, alarms, dead_letters, audit):
         app.include_router(module.router)
     add_page_routes(app, settings)
     return app

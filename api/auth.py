@@ -1,14 +1,13 @@
 """API-key authentication and scopes. Keys come as `Authorization: Bearer KEY` or `X-API-Key: KEY`.
 
-A key has a role (viewer < operator < admin) and may be limited to some cities and domains.
+A key has a role (viewer < operator < admin) and may be limited to some cities and domains; a
+`metrics` key reads `/metrics` and nothing else (as may an admin without a scope limit).
 Objects outside a key's scope do not exist for it: they answer 404, never 403, so a key cannot
 even learn that another city's device or alarm exists.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -17,14 +16,15 @@ from typing import Annotated, Literal
 from fastapi import Depends, HTTPException, Request
 from fastapi.params import Depends as DependsMarker
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
-from fastapi.security.utils import get_authorization_scheme_param
-from starlette.datastructures import Headers
+from starlette.datastructures import State
 
+from ioc_core.access import KEY_MAX_LENGTH, hash_key, is_admin_key, may_read_metrics
 from ioc_core.storage import ApiKeyRow, Database
 
-Role = Literal["viewer", "operator", "admin"]
-ROLES: tuple[Role, ...] = ("viewer", "operator", "admin")
-_RANK: dict[Role, int] = {"viewer": 0, "operator": 1, "admin": 2}
+Role = Literal["viewer", "operator", "admin", "metrics"]
+ROLES: tuple[Role, ...] = ("viewer", "operator", "admin", "metrics")
+# A metrics key is below every other role: it reads /metrics and nothing else.
+_RANK: dict[Role, int] = {"metrics": -1, "viewer": 0, "operator": 1, "admin": 2}
 _CACHE_MAX = 10_000
 
 _bearer = HTTPBearer(auto_error=False, description="API key as a bearer token")
@@ -75,9 +75,7 @@ class Principal:
         return f"{cities}|{domains}"
 
 
-def hash_key(key: str) -> bytes:
-    """Keys are 32 random bytes, so a plain SHA-256 is enough to keep them unusable at rest."""
-    return hashlib.sha256(key.encode()).digest()
+_SETTINGS_ADMIN = Principal(name="admin", role="admin")
 
 
 def principal_of(row: ApiKeyRow) -> Principal:
@@ -118,31 +116,47 @@ def _presented_key(bearer: HTTPAuthorizationCredentials | None, header: str | No
     return header or None
 
 
-def key_from_headers(headers: Headers) -> str | None:
-    """The key a request presents, read as `current_principal`'s security schemes read it: a
-    bearer token first, else `X-API-Key`."""
-    scheme, credentials = get_authorization_scheme_param(headers.get("authorization"))
-    if scheme.lower() == "bearer" and credentials:
-        return credentials
-    return headers.get("x-api-key") or None
+def presented_key(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    """The key in raw ASGI request headers, read as `current_principal` reads it (a bearer token
+    first, then `X-API-Key`), for code that runs before the route (the rate limiter)."""
+    bearer: str | None = None
+    header: str | None = None
+    for name, value in headers:
+        if name == b"authorization":
+            scheme, _, credentials = value.decode("latin-1").partition(" ")
+            if scheme.lower() == "bearer" and credentials:
+                bearer = credentials
+        elif name == b"x-api-key":
+            header = value.decode("latin-1")
+    return bearer or header or None
 
 
-async def principal_for_key(request: Request, key: str) -> Principal | None:
-    admin_key = request.app.state.settings.admin_api_key
-    if admin_key is not None and hmac.compare_digest(key.encode(), admin_key.get_secret_value().encode()):
-        return Principal(name="admin", role="admin")
-    if len(key) > 200:
-        return None
-    digest = hash_key(key)
-    cache: KeyCache = request.app.state.key_cache
-    hit, principal = cache.get(digest)
-    if hit:
+def cached_principal(state: State, key: str) -> tuple[bool, Principal | None]:
+    """Who `key` is, when that is known without a query: (known, principal or None if invalid)."""
+    if is_admin_key(key, state.settings.admin_api_key):
+        return True, _SETTINGS_ADMIN
+    if len(key) > KEY_MAX_LENGTH:
+        return True, None
+    cache: KeyCache = state.key_cache
+    return cache.get(hash_key(key))
+
+
+async def principal_for_key(state: State, key: str) -> Principal | None:
+    known, principal = cached_principal(state, key)
+    if known:
         return principal
-    database: Database = request.app.state.database
+    database: Database = state.database
+    digest = hash_key(key)
     row = await database.api_keys.by_hash(digest)
     principal = principal_of(row) if row is not None else None
+    cache: KeyCache = state.key_cache
     cache.put(digest, principal)
     return principal
+
+
+# Where the rate limiter leaves the principal it looked up for a request, so the route does not
+# look it up again (with IOC_API_KEY_CACHE_S=0 that would be a second query).
+RESOLVED_PRINCIPAL = "ioc.resolved_principal"
 
 
 async def current_principal(
@@ -153,7 +167,10 @@ async def current_principal(
     key = _presented_key(bearer, header)
     if key is None:
         raise HTTPException(401, "an API key is required", headers={"WWW-Authenticate": "Bearer"})
-    principal = await principal_for_key(request, key)
+    if RESOLVED_PRINCIPAL in request.scope:
+        principal: Principal | None = request.scope[RESOLVED_PRINCIPAL]
+    else:
+        principal = await principal_for_key(request.app.state, key)
     if principal is None:
         raise HTTPException(401, "the API key is not valid", headers={"WWW-Authenticate": "Bearer"})
     request.state.principal = principal
@@ -172,6 +189,13 @@ def require(role: Role) -> DependsMarker:
     return marker
 
 
+async def _metrics_reader(principal: Annotated[Principal, Depends(current_principal)]) -> Principal:
+    if not may_read_metrics(principal.role, principal.cities, principal.domains):
+        raise HTTPException(403, "this needs the metrics role (or an admin key without a scope limit)")
+    return principal
+
+
 Viewer = Annotated[Principal, require("viewer")]
 Operator = Annotated[Principal, require("operator")]
 Admin = Annotated[Principal, require("admin")]
+MetricsReader = Annotated[Principal, Depends(_metrics_reader)]

@@ -1,6 +1,6 @@
 """What routes take from the running app, as `Annotated` dependencies: settings, the database,
-device accounts, the live events hub, the view and key caches; and devices and alarms looked up
-within the caller's scope."""
+device accounts, the live events hub, the view and key caches, the rate limiter; and devices and
+alarms looked up within the caller's scope (a refused look-up goes to the audit log)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,15 @@ from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
 
-from api.auth import KeyCache, Principal, Viewer
+from api.audit_trail import Audit, AuditTrail, Subject
+from api.auth import KeyCache, Viewer
 from api.device_accounts import DeviceAccounts
 from api.params import AlarmId, DeviceId
+from api.rate_limits import RateLimiter
 from api.stream.hub import EventHub
 from api.view_cache import ViewCache
 from ioc_core.alarms import Alarm
+from ioc_core.audit import ALARM, ALARM_READ, DEVICE, DEVICE_READ
 from ioc_core.models import Device
 from ioc_core.settings import Settings
 from ioc_core.storage import Database
@@ -49,6 +52,11 @@ def _key_cache(request: Request) -> KeyCache:
     return cache
 
 
+def _rate_limiter(request: Request) -> RateLimiter:
+    limiter: RateLimiter = request.app.state.rate_limiter
+    return limiter
+
+
 AppSettings = Annotated[Settings, Depends(_settings)]
 Db = Annotated[Database, Depends(_database)]
 # None where this deployment does not manage device credentials (IOC_MQTT_ADMIN_URL unset).
@@ -56,6 +64,7 @@ Accounts = Annotated[DeviceAccounts | None, Depends(_device_accounts)]
 Hub = Annotated[EventHub, Depends(_event_hub)]
 Views = Annotated[ViewCache, Depends(_view_cache)]
 Keys = Annotated[KeyCache, Depends(_key_cache)]
+Limiter = Annotated[RateLimiter, Depends(_rate_limiter)]
 
 
 def managed(accounts: DeviceAccounts | None) -> DeviceAccounts:
@@ -69,30 +78,29 @@ def managed(accounts: DeviceAccounts | None) -> DeviceAccounts:
     return accounts
 
 
-def _outside_scope(principal: Principal, city: str, domain: str, what: str) -> None:
-    """Objects outside the key's scope answer exactly as missing ones do."""
-    if not principal.allows(city, domain):
-        raise HTTPException(404, f"{what} not found")
-
-
-async def scoped_device(database: Database, principal: Principal, device_id: str) -> Device:
-    device = await database.devices.get(device_id)
-    _outside_scope(principal, device.city, device.domain, f"device {device_id!r}")
+async def scoped_device(audit: AuditTrail, device_id: str, action: str) -> Device:
+    """The device, when it lies within the caller's scope; else 404, as a missing one, and the
+    attempt (`action`) is recorded in the audit log."""
+    device = await audit.database.devices.get(device_id)
+    subject = Subject(action, DEVICE, device_id, [device.city], [device.domain])
+    await audit.require_scope(subject, what=f"device {device_id!r}")
     return device
 
 
-async def scoped_alarm(database: Database, principal: Principal, alarm_id: int) -> Alarm:
-    alarm = await database.alarms.get(alarm_id)
-    _outside_scope(principal, alarm.city, alarm.domain, f"alarm {alarm_id}")
+async def scoped_alarm(audit: AuditTrail, alarm_id: int, action: str) -> Alarm:
+    """The alarm, when it lies within the caller's scope (see `scoped_device`)."""
+    alarm = await audit.database.alarms.get(alarm_id)
+    subject = Subject(action, ALARM, str(alarm_id), [alarm.city], [alarm.domain])
+    await audit.require_scope(subject, what=f"alarm {alarm_id}")
     return alarm
 
 
-async def _viewed_device(database: Db, principal: Viewer, device_id: DeviceId) -> Device:
-    return await scoped_device(database, principal, device_id)
+async def _viewed_device(audit: Audit, principal: Viewer, device_id: DeviceId) -> Device:
+    return await scoped_device(audit, device_id, DEVICE_READ)
 
 
-async def _viewed_alarm(database: Db, principal: Viewer, alarm_id: AlarmId) -> Alarm:
-    return await scoped_alarm(database, principal, alarm_id)
+async def _viewed_alarm(audit: Audit, principal: Viewer, alarm_id: AlarmId) -> Alarm:
+    return await scoped_alarm(audit, alarm_id, ALARM_READ)
 
 
 # For routes that only read the one object: a viewer's device or alarm, 404 outside its scope.

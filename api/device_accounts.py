@@ -382,13 +382,16 @@ class DeviceAccounts(Component):
         """Send commands in one request; their answers, in order."""
         client = self._client
         if client is None or self._loop is None:
-            raise ServiceUnavailableError("device accounts are not started")
+            raise ServiceUnavailableError(
+                "device accounts are not started", public="device accounts are not started"
+            )
         if not self._ready.is_set():
             try:
                 await asyncio.wait_for(self._ready.wait(), self._timeout_s)
             except TimeoutError:
                 raise ServiceUnavailableError(
-                    f"MQTT broker at {self.where} is unavailable for device accounts: {self._problem}"
+                    f"MQTT broker at {self.where} is unavailable for device accounts: {self._problem}",
+                    public=f"the MQTT broker is unavailable for device accounts: {self._problem}",
                 ) from None
         request_id = uuid.uuid4().hex
         payload = json.dumps(
@@ -401,14 +404,17 @@ class DeviceAccounts(Component):
             info = client.publish(CONTROL_TOPIC, payload, qos=1)
             if info.rc != mqtt.MQTT_ERR_SUCCESS:
                 raise ServiceUnavailableError(
-                    f"could not send {names} to the MQTT broker at {self.where}: {mqtt.error_string(info.rc)}"
+                    f"could not send {names} to the MQTT broker at {self.where}:"
+                    f" {mqtt.error_string(info.rc)}",
+                    public=f"could not send {names} to the MQTT broker",
                 )
             self._in_flight[info.mid] = request_id
             try:
                 return await asyncio.wait_for(request.future, self._timeout_s)
             except TimeoutError:
                 raise ServiceUnavailableError(
-                    f"MQTT broker at {self.where} did not answer {names} within {self._timeout_s:g}s"
+                    f"MQTT broker at {self.where} did not answer {names} within {self._timeout_s:g}s",
+                    public=f"the MQTT broker did not answer {names} within {self._timeout_s:g}s",
                 ) from None
         finally:
             self._requests.pop(request_id, None)
@@ -431,7 +437,9 @@ class DeviceAccounts(Component):
                 request.future.set_exception(
                     ServiceUnavailableError(
                         f"MQTT broker at {self.where}: {problem} before it answered; the change may or"
-                        " may not have been made"
+                        " may not have been made",
+                        public=f"the MQTT broker: {problem} before it answered; the change may or may"
+                        " not have been made",
                     )
                 )
 

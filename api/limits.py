@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.auth import key_from_headers, principal_for_key
+from api.auth import RESOLVED_PRINCIPAL, Principal, presented_key, principal_for_key
 from api.problems import outage_response, problem_response
 from ioc_core.settings import Settings
 
@@ -111,17 +111,21 @@ class RequestLimits:
         path: str = scope["path"]
         if not carries_body(headers) or not path.startswith(_KEYED_PREFIX) or path.startswith(_PUBLIC_PREFIX):
             return None
-        key = key_from_headers(headers)
+        key = presented_key(scope["headers"])
         if key is None:
             return _unauthorized("an API key is required")
-        request = Request(scope)
-        try:
-            principal = await principal_for_key(request, key)
-        except Exception as exc:
-            passing = outage_response(request, exc)
-            if passing is None:
-                raise
-            return passing
+        if RESOLVED_PRINCIPAL in scope:  # the rate limiter looked it up already
+            principal: Principal | None = scope[RESOLVED_PRINCIPAL]
+        else:
+            request = Request(scope)
+            try:
+                principal = await principal_for_key(request.app.state, key)
+            except Exception as exc:
+                passing = outage_response(request, exc)
+                if passing is None:
+                    raise
+                return passing
+            scope[RESOLVED_PRINCIPAL] = principal
         return _unauthorized("the API key is not valid") if principal is None else None
 
 

@@ -32,6 +32,25 @@ class Problem(BaseModel):
 # An error answer as routes document it in `responses`.
 PROBLEM: dict[str, Any] = {"model": Problem, "content": {PROBLEM_MEDIA_TYPE: {}}}
 
+# The headers of a 429 (any route may answer one: see `api.rate_limits`).
+RATE_LIMIT_HEADERS: dict[str, Any] = {
+    "Retry-After": {"description": "seconds to wait before the next request", "schema": {"type": "integer"}},
+    "RateLimit-Policy": {
+        "description": 'the limit that applies, e.g. `"viewer";q=100;w=5`'
+        " (draft-ietf-httpapi-ratelimit-headers-12)",
+        "schema": {"type": "string"},
+    },
+    "RateLimit": {
+        "description": 'what is left of it, e.g. `"viewer";a=0;w=1`',
+        "schema": {"type": "string"},
+    },
+}
+TOO_MANY_REQUESTS: dict[str, Any] = {
+    **PROBLEM,
+    "description": "Too Many Requests",
+    "headers": RATE_LIMIT_HEADERS,
+}
+
 
 def problem_response(
     status: int,
@@ -91,10 +110,13 @@ def install(app: FastAPI) -> None:
         for error_type, status in _STATUS_OF_ERROR:
             if isinstance(exc, error_type):
                 if status == 503:
-                    return unavailable_response(str(exc))
+                    # The message may say where the dependency is; the answer says which one.
+                    assert isinstance(exc, ServiceUnavailableError)
+                    return unavailable_response(exc.public)
                 return problem_response(status, str(exc))
         if exc.retriable:
-            return unavailable_response(str(exc))
+            log.warning("request %s %s met an outage: %s", request.method, request.url.path, describe(exc))
+            return unavailable_response("a service this request needs is unavailable; try again shortly")
         log.error("request %s %s failed: %s", request.method, request.url.path, exc)
         return problem_response(500, "internal error")
 

@@ -38,6 +38,11 @@ class ApiServer(HttpServer):
             for task in waits:
                 task.cancel()
 
+    async def live_events_connected(self, timeout_s: float) -> bool:
+        """Wait until `/v1/stream` can serve (the hub follows the events), at most `timeout_s`."""
+        hub = getattr(self._app.state, "event_hub", None)
+        return hub is not None and await hub.until_connected(timeout_s)
+
     async def stop(self) -> None:
         # uvicorn waits for open responses to finish before the app's shutdown runs, and event
         # streams never finish by themselves: end them first.

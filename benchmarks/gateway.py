@@ -17,6 +17,7 @@ import collections
 import json
 import multiprocessing
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -37,6 +38,8 @@ from ioc_core.storage import Database, drop_database, ensure_database
 ROOT = Path(__file__).resolve().parents[1]
 SERVICES = ROOT / "services" / "services.sh"
 POSTGRES = os.environ.get("IOC_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432")
+# The gateway's /metrics takes the admin key of its settings without asking the database.
+METRICS_KEY = secrets.token_urlsafe(24)
 
 
 def free_port() -> int:
@@ -96,7 +99,9 @@ def rss_kib(pid: int) -> int:
 
 
 async def metric(client: httpx.AsyncClient, url: str, name: str) -> float:
-    text = (await client.get(f"{url}/metrics", timeout=5)).text
+    text = (
+        await client.get(f"{url}/metrics", timeout=5, headers={"Authorization": f"Bearer {METRICS_KEY}"})
+    ).text
     for line in text.splitlines():
         if line.startswith(f"{name} "):
             return float(line.split()[1])
@@ -139,6 +144,7 @@ async def main() -> None:
         "IOC_GATEWAY_SHARE_GROUP": f"bench-{city}",
         "IOC_TOPIC_PREFIX": f"bench-{city}.",
         "IOC_GATEWAY_HEALTH_PORT": str(port),
+        "IOC_ADMIN_API_KEY": METRICS_KEY,
         "IOC_MQTT_SESSION_EXPIRY_S": "600",
         "IOC_LOG_LEVEL": "WARNING",
     }

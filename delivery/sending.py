@@ -17,24 +17,26 @@ import httpx
 
 from ioc_core.settings import Settings
 from ioc_core.storage.webhooks import DeliveryJob
+from ioc_core.webhook_targets import AddressPolicy, Resolver, allowed_addresses, policy_of, resolve
 from ioc_core.webhooks import (
     RESPONSE_KEEP_MAX,
     RESPONSE_READ_MAX,
     AttemptResult,
     WebhookError,
-    allowed_addresses,
     retry_after,
     signed_headers,
 )
 
 
 class _GuardedBackend(httpcore.AsyncNetworkBackend):
-    """Connects only to addresses that `allowed_addresses` lets through; TLS still checks the
-    certificate against the URL's host name."""
+    """Resolves each host itself, checks every address against the policy and connects only to
+    the addresses it has just checked (pinned: no second lookup that DNS could answer otherwise);
+    TLS still checks the certificate against the URL's host name."""
 
-    def __init__(self, *, allow_private: bool) -> None:
+    def __init__(self, policy: AddressPolicy, resolver: Resolver) -> None:
         self._inner = httpcore.AnyIOBackend()
-        self._allow_private = allow_private
+        self._policy = policy
+        self._resolver = resolver
 
     async def connect_tcp(
         self,
@@ -44,7 +46,7 @@ class _GuardedBackend(httpcore.AsyncNetworkBackend):
         local_address: str | None = None,
         socket_options: Any = None,
     ) -> httpcore.AsyncNetworkStream:
-        addresses = await allowed_addresses(host, port, allow_private=self._allow_private)
+        addresses = await allowed_addresses(host, port, self._policy, resolver=self._resolver)
         failure: Exception | None = None
         for address in addresses:
             try:
@@ -71,7 +73,9 @@ class GuardedTransport(httpx.AsyncHTTPTransport):
     """httpx's transport with the address guard in place of its network backend, and no proxy
     or certificate settings taken from the environment."""
 
-    def __init__(self, *, allow_private: bool, max_connections: int = 100) -> None:
+    def __init__(
+        self, policy: AddressPolicy, *, resolver: Resolver = resolve, max_connections: int = 100
+    ) -> None:
         super().__init__(trust_env=False)
         # httpx offers no public way to choose the network backend; the pool it built is replaced.
         self._pool = httpcore.AsyncConnectionPool(
@@ -79,13 +83,13 @@ class GuardedTransport(httpx.AsyncHTTPTransport):
             max_connections=max_connections,
             max_keepalive_connections=20,
             keepalive_expiry=30.0,
-            network_backend=_GuardedBackend(allow_private=allow_private),
+            network_backend=_GuardedBackend(policy, resolver),
         )
 
 
-def webhook_client(settings: Settings) -> httpx.AsyncClient:
+def webhook_client(settings: Settings, *, resolver: Resolver = resolve) -> httpx.AsyncClient:
     return httpx.AsyncClient(
-        transport=GuardedTransport(allow_private=settings.webhook_allow_private),
+        transport=GuardedTransport(policy_of(settings), resolver=resolver),
         timeout=httpx.Timeout(settings.webhook_timeout_s),
         follow_redirects=False,
         trust_env=False,
@@ -112,8 +116,9 @@ async def send_once(client: httpx.AsyncClient, job: DeliveryJob, *, timeout_s: f
                 text = bytes(received[:RESPONSE_KEEP_MAX]).decode("utf-8", errors="replace")
                 error = None
                 if 300 <= response.status_code < 400:
-                    location = response.headers.get("location", "")[:200]
-                    error = f"redirects are not followed (Location: {location})"
+                    # Where it points is part of the answer, shown only with the answer.
+                    error = "redirects are not followed"
+                    text = f"Location: {response.headers.get('location', '')[:200]}\n\n{text}"
                 elif not 200 <= response.status_code < 300:
                     error = f"HTTP {response.status_code}"
                 return AttemptResult(
@@ -129,5 +134,14 @@ async def send_once(client: httpx.AsyncClient, job: DeliveryJob, *, timeout_s: f
         return AttemptResult(None, elapsed(), f"timed out: {type(exc).__name__}")
     except WebhookError as exc:
         return AttemptResult(None, elapsed(), str(exc))
+    except httpx.ProtocolError as exc:
+        # The parser's complaint quotes what the other end sent (an SSH banner, a database's
+        # greeting): that is the answer, kept apart from the error.
+        return AttemptResult(
+            None,
+            elapsed(),
+            f"{type(exc).__name__}: the answer broke the HTTP protocol",
+            response=str(exc)[:500],
+        )
     except httpx.HTTPError as exc:
         return AttemptResult(None, elapsed(), f"{type(exc).__name__}: {exc}"[:500])

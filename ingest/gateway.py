@@ -32,7 +32,7 @@ from ioc_core.metrics import Metric
 from ioc_core.models import DeviceRoute
 from ioc_core.settings import Settings
 from ioc_core.storage import Database
-from ioc_core.supervision import Supervisor, describe
+from ioc_core.supervision import Supervisor, describe, public_description
 from ioc_core.telemetry import DeadLetter, accept_message
 
 log = logging.getLogger(__name__)
@@ -315,7 +315,8 @@ class Gateway(Component):
 
     def _note_produce_failure(self, exc: BaseException) -> None:
         self.stats.produce_retries += 1
-        self.stats.produce_error = f"{type(exc).__name__}: {exc}"[:200]
+        # Shown by /ready, which needs no key: the kind of error, not the message naming brokers.
+        self.stats.produce_error = public_description(exc)
 
     async def _records_for(self, message: InboundMessage) -> list[tuple[str, bytes, str | None]]:
         """What to put on the bus for one message: its readings, or one dead letter."""

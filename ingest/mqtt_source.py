@@ -94,12 +94,14 @@ class MqttSource:
             )
         except OSError as exc:
             raise ServiceUnavailableError(
-                f"MQTT broker at {endpoint.host}:{endpoint.port} is unreachable: {exc}"
+                f"MQTT broker at {endpoint.host}:{endpoint.port} is unreachable: {exc}",
+                public="the MQTT broker is unavailable",
             ) from exc
         client.loop_start()
         if not await asyncio.to_thread(self._connected.wait, _CONNECT_TIMEOUT_S):
             raise ServiceUnavailableError(
-                f"MQTT broker at {endpoint.host}:{endpoint.port} did not accept the connection"
+                f"MQTT broker at {endpoint.host}:{endpoint.port} did not accept the connection",
+                public="the MQTT broker did not accept the connection",
             )
 
     def _new_client(self) -> mqtt.Client:

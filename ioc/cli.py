@@ -9,7 +9,7 @@ import json
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,9 +19,11 @@ from ioc_core.http import HttpServer
 from ioc_core.settings import Settings, load_settings
 from ioc_core.storage import Database, ensure_database
 from ioc_core.supervision import describe
+from ioc_core.webhook_targets import setting_warnings
 
 if TYPE_CHECKING:
     from delivery.worker import WebhookDispatcher
+    from ioc_core.metrics import Metric
 
 log = logging.getLogger("ioc")
 
@@ -74,23 +76,54 @@ def _log_tasks() -> None:
         log.warning("task %s waits in %s", task.get_name(), " -> ".join(places) or "(not started)")
 
 
+@contextlib.asynccontextmanager
+async def _health_server(
+    settings: Settings,
+    port: int,
+    name: str,
+    readiness: Callable[[], dict[str, str]],
+    metrics: Callable[[], list[Metric]],
+) -> AsyncIterator[None]:
+    """A component's /health, /ready and /metrics; /metrics checks keys in the database through
+    a pool of its own that connects only when a key is to be looked up."""
+    from ioc_core.access import MetricsKeys
+    from ioc_core.health import health_app
+    from ioc_core.storage.api_keys import ApiKeyStore
+    from ioc_core.storage.pool import Pool
+
+    pool = Pool(
+        settings.database_url.get_secret_value(),
+        min_size=0,
+        max_size=1,
+        timeout_s=settings.database_timeout_s,
+    )
+    await pool.start()
+    try:
+        keys = MetricsKeys(
+            settings.admin_api_key, ApiKeyStore(pool).by_hash, cache_s=settings.api_key_cache_s
+        )
+        async with HttpServer(
+            health_app(readiness, metrics, keys), host=settings.api_host, port=port, name=name
+        ):
+            yield
+    finally:
+        await pool.stop()
+
+
 async def run_gateway(settings: Settings) -> None:
     from ingest.gateway import Gateway
-    from ioc_core.health import health_app
 
     async with Gateway(settings) as gateway:
         if settings.gateway_health_port == 0:
             await _until_signalled(gateway.wait)
             return
-        app = health_app(gateway.readiness, gateway.metrics)
-        async with HttpServer(
-            app, host=settings.api_host, port=settings.gateway_health_port, name="gateway health"
+        async with _health_server(
+            settings, settings.gateway_health_port, "gateway health", gateway.readiness, gateway.metrics
         ):
             await _until_signalled(gateway.wait)
 
 
 async def run_processor(settings: Settings) -> None:
-    from ioc_core.health import health_app
     from processors.telemetry import TelemetryProcessor
 
     async with contextlib.AsyncExitStack() as stack:
@@ -102,12 +135,13 @@ async def run_processor(settings: Settings) -> None:
             waits.append(dispatcher.wait)
             readiness.append(dispatcher.readiness)
         if settings.processor_health_port:
-            app = health_app(
-                lambda: {k: v for ready in readiness for k, v in ready().items()}, processor.metrics
-            )
             await stack.enter_async_context(
-                HttpServer(
-                    app, host=settings.api_host, port=settings.processor_health_port, name="processor health"
+                _health_server(
+                    settings,
+                    settings.processor_health_port,
+                    "processor health",
+                    lambda: {k: v for ready in readiness for k, v in ready().items()},
+                    processor.metrics,
                 )
             )
         await _until_signalled(*waits)
@@ -256,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings()
         _configure_logging(settings.log_level)
+        for warning in setting_warnings(settings):
+            log.warning("%s", warning)
         command = args.command
         if command == "settings":
             print(json.dumps(settings.masked(), indent=2))

@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 _ADMIN_KEY_FILE = "admin-api-key"
 _DRAIN_TIMEOUT_S = 15.0
+# How long `ioc up` waits for the API's live event stream before printing its link anyway.
+_LIVE_EVENTS_WAIT_S = 30.0
 
 
 def _admin_key(data_dir: Path) -> str:
@@ -126,6 +128,10 @@ async def run_up(
             stack.push_async_callback(broker.stop)
         if settings.simulator_devices > 0:
             waits.append(await _start_simulator(stack, settings))
+        # The link is printed once the page works end to end, its live stream included; a bus
+        # that is slow to answer delays it, a bus that does not answer only logs.
+        if not await server.live_events_connected(_LIVE_EVENTS_WAIT_S):
+            log.warning("the live event stream is not connected yet; the page will show it once it is")
         announce(_announcement(settings))
         await until_signalled(*waits)
 

@@ -23,9 +23,17 @@ class ConfigurationError(IocError):
 
 
 class ServiceUnavailableError(IocError):
-    """A dependency (broker, Kafka, database) cannot be reached right now."""
+    """A dependency (broker, Kafka, database) cannot be reached right now.
+
+    The message is for the operator's log and may say where the dependency is (host, port,
+    database); `public` says only which dependency, for what leaves the system: API answers and
+    `/ready`, which anyone who reaches the port can read."""
 
     retriable = True
+
+    def __init__(self, message: str, *, public: str | None = None, retriable: bool | None = None) -> None:
+        super().__init__(message, retriable=retriable)
+        self.public = public or "a service this depends on is unavailable"
 
 
 class StorageError(IocError):

@@ -44,6 +44,7 @@ class Event:
     subject: str
     time: datetime
     data: dict[str, Any]
+    source: str = SOURCE
 
     @property
     def key(self) -> str:
@@ -54,7 +55,7 @@ class Event:
         return {
             "specversion": "1.0",
             "id": self.id,
-            "source": SOURCE,
+            "source": self.source,
             "type": self.type,
             "subject": self.subject,
             "time": self.time.isoformat(),

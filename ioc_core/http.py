@@ -205,8 +205,18 @@ class HttpServer(Component):
                     "ClientTimeout", (ClientTimeoutH11Protocol,), {"client_timeout_s": client_timeout_s}
                 )
             limits.update(http=protocol, h11_max_incomplete_event_size=max_header_bytes)
+        # No proxy headers: uvicorn would otherwise take X-Forwarded-For from loopback peers for the
+        # client's address, which any local client can write. No trusted-proxy setting exists, so
+        # the address (in the audit log, say) is always the connection's peer.
         config = uvicorn.Config(
-            app, host=host, port=port, log_config=None, access_log=False, lifespan="on", **limits
+            app,
+            host=host,
+            port=port,
+            log_config=None,
+            access_log=False,
+            lifespan="on",
+            proxy_headers=False,
+            **limits,
         )
         self._server = uvicorn.Server(config)
         self._host, self._port, self._name = host, port, name

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import ipaddress
+import json
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import unquote, urlsplit
 
-from pydantic import BaseModel, Field, SecretStr, ValidationInfo, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, IPvAnyNetwork, SecretStr, ValidationInfo, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from ioc_core.bus import Topics
 from ioc_core.domains import DOMAINS
@@ -22,6 +24,15 @@ class MqttEndpoint(BaseModel):
     tls: bool
     username: str | None
     password: SecretStr | None
+
+
+class RateLimit(BaseModel):
+    """A token bucket: `burst` requests at once, refilled at `rate` requests a second."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    rate: float = Field(gt=0, le=1_000_000, description="requests a second, sustained")
+    burst: int = Field(ge=1, le=1_000_000, description="requests at once, after a quiet spell")
 
 
 class Settings(BaseSettings):
@@ -55,10 +66,16 @@ class Settings(BaseSettings):
         description="the broker's dynamic-security admin as mqtt://user:password@host:port; when set,"
         " registering a device creates its own MQTT account",
     )
+    webhook_allowed_networks: Annotated[list[IPvAnyNetwork], NoDecode] = Field(
+        default_factory=list,
+        description="networks (CIDRs, comma-separated or a JSON list) that webhook URLs may reach"
+        " besides globally routable addresses: on-premise agencies, tests; cloud metadata addresses"
+        " stay refused",
+    )
     webhook_allow_private: bool = Field(
         default=False,
-        description="let webhook URLs point at loopback, private or link-local addresses (tests,"
-        " on-premise agencies)",
+        description="deprecated (one release): true adds RFC 1918 and loopback to"
+        " IOC_WEBHOOK_ALLOWED_NETWORKS",
     )
     webhook_worker: bool = Field(
         default=True,
@@ -195,6 +212,9 @@ class Settings(BaseSettings):
     retention_check_s: float = Field(
         default=3600, gt=0, description="how often a processor drops readings older than the retention"
     )
+    audit_retention_days: float = Field(
+        default=365, gt=0, description="days entries stay in the audit log of admin and operator actions"
+    )
 
     api_max_streams: int = Field(
         default=100, ge=1, description="concurrent /v1/stream connections one API process serves"
@@ -257,6 +277,29 @@ class Settings(BaseSettings):
         gt=0,
         description="how far back a Last-Event-ID may resume the event stream; older ones answer 409",
     )
+    api_rate_limit_viewer: RateLimit = Field(
+        default=RateLimit(rate=20, burst=100),
+        description="requests a viewer key may make, per API process (JSON {rate, burst})",
+    )
+    api_rate_limit_operator: RateLimit = Field(
+        default=RateLimit(rate=20, burst=100),
+        description="requests an operator key may make, per API process (JSON {rate, burst})",
+    )
+    api_rate_limit_admin: RateLimit = Field(
+        default=RateLimit(rate=50, burst=200),
+        description="requests an admin key may make, per API process (JSON {rate, burst})",
+    )
+    api_rate_limit_anonymous: RateLimit = Field(
+        default=RateLimit(rate=10, burst=100),
+        description="requests without a valid key (health, public feed, the page), per client address"
+        " (IPv6: per /64) and API process (JSON {rate, burst})",
+    )
+    api_rate_limit_buckets: int = Field(
+        default=100_000,
+        ge=100,
+        description="rate-limit buckets (keys and client addresses) one API process keeps; past it the"
+        " least recently seen are dropped",
+    )
     map_tiles_url: str | None = Field(
         default=None,
         description="XYZ tile URL template for the operations page's map (e.g. a city's own tile"
@@ -281,6 +324,23 @@ class Settings(BaseSettings):
         if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl") or not parts.hostname or not parts.username:
             raise ValueError("IOC_MQTT_ADMIN_URL must look like mqtt://user:password@host[:port]")
         return value
+
+    @field_validator("webhook_allowed_networks", mode="before")
+    @classmethod
+    def _parse_networks(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            value = json.loads(text) if text.startswith("[") else text.replace(",", " ").split()
+        if not isinstance(value, list):
+            return value
+        networks = []
+        for item in value:
+            try:
+                networks.append(ipaddress.ip_network(item) if isinstance(item, str) else item)
+            except ValueError as exc:
+                # Strict: 10.20.0.1/16 is a typo for a host or for a network, not a guess to make.
+                raise ValueError(f"IOC_WEBHOOK_ALLOWED_NETWORKS: {exc}") from exc
+        return networks
 
     @field_validator("kafka_min_insync_replicas")
     @classmethod
@@ -368,6 +428,12 @@ class Settings(BaseSettings):
                 shown[name] = _mask_url(value.get_secret_value()) if name.endswith("_url") else "**********"
             elif isinstance(value, Path):
                 shown[name] = str(value)
+            elif (
+                isinstance(value, list)
+                and value
+                and isinstance(value[0], (ipaddress.IPv4Network, ipaddress.IPv6Network))
+            ):
+                shown[name] = [str(network) for network in value]
             else:
                 shown[name] = value
         return shown

@@ -26,7 +26,7 @@ import asyncpg
 from aiokafka import errors as kafka_errors
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exponential_jitter
 
-from ioc_core.errors import IocError
+from ioc_core.errors import IocError, ServiceUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,13 @@ def describe(exc: BaseException) -> str:
     return f"{name}: {text[:200]}" if text else name
 
 
+def public_description(exc: BaseException) -> str:
+    """The error as readiness shows it (no key needed to read it): its type and, for an
+    unreachable dependency, which one; never the message, which may say where it is."""
+    name = type(exc).__name__
+    return f"{name}: {exc.public}" if isinstance(exc, ServiceUnavailableError) else name
+
+
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
     """Capped exponential backoff with jitter, shared by every retry in the system."""
@@ -128,6 +135,8 @@ class Outage:
         self.since: float | None = None
         self.attempts = 0
         self.last_error = ""
+        self.public_error = ""
+        self.public_error = ""
 
     @property
     def active(self) -> bool:
@@ -136,6 +145,7 @@ class Outage:
     def failed(self, exc: BaseException) -> None:
         self.attempts += 1
         self.last_error = describe(exc)
+        self.public_error = public_description(exc)
         if self.since is None:
             self.since = time.monotonic()
             self._log.warning("%s failed; retrying with backoff until it recovers: %s", self.what, exc)
@@ -154,6 +164,7 @@ class Outage:
         self.since = None
         self.attempts = 0
         self.last_error = ""
+        self.public_error = ""
 
 
 class ComponentFailed(IocError):
@@ -187,6 +198,7 @@ class Supervisor:
         self._tasks: set[asyncio.Task[None]] = set()
         self._outages: dict[str, Outage] = {}
         self._failure: ComponentFailed | None = None
+        self._failure_what = ""
         self._failed = asyncio.Event()
 
     def outage(self, what: str, *, blocking: bool = True) -> Outage:
@@ -196,10 +208,11 @@ class Supervisor:
         return self._outages[what]
 
     def failing(self) -> dict[str, str]:
-        """What cannot make progress right now, with its last error; empty when all is well."""
-        failing = {what: o.last_error for what, o in self._outages.items() if o.active and o.blocking}
-        if self._failure is not None:
-            failing["failed"] = str(self._failure)
+        """What cannot make progress right now, with the kind of its last error (as readiness
+        shows it: `public_description`); empty when all is well."""
+        failing = {what: o.public_error for what, o in self._outages.items() if o.active and o.blocking}
+        if self._failure is not None and self._failure.__cause__ is not None:
+            failing["failed"] = f"{self._failure_what} stopped: {public_description(self._failure.__cause__)}"
         return failing
 
     async def retry(self, what: str, operation: Callable[[], Awaitable[T]]) -> T:
@@ -258,6 +271,7 @@ class Supervisor:
         if self._failure is not None:
             return
         self._failure = ComponentFailed(f"{what} stopped: {describe(error)}")
+        self._failure_what = what
         self._failure.__cause__ = error
         log.critical("%s", self._failure)
         log.debug("%s failed with", what, exc_info=error)

@@ -1,5 +1,5 @@
-"""Webhooks to agencies (contract §8): Standard Webhooks v1 signing, endpoint filters, which
-addresses a webhook may reach, and when a failed delivery is tried again.
+"""Webhooks to agencies (contract §8): Standard Webhooks v1 signing, endpoint filters, and when a
+failed delivery is tried again (which addresses a webhook may reach: `ioc_core.webhook_targets`).
 
 Everything here is pure; the delivery worker (`delivery.worker`) does the I/O and the
 storage layer (`ioc_core.storage.webhooks`) keeps endpoints, deliveries and attempts.
@@ -7,32 +7,35 @@ storage layer (`ioc_core.storage.webhooks`) keeps endpoints, deliveries and atte
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import hmac
-import ipaddress
 import json
 import random
 import secrets
-import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Literal
-from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ioc_core.alarms import ALARM_ACKNOWLEDGED, ALARM_RAISED, ALARM_RESOLVED, ALARM_UPDATED
+from ioc_core.audit import AUDIT_RECORDED
 from ioc_core.errors import IocError
 from ioc_core.events import DEVICE_OFFLINE, DEVICE_ONLINE, Event
 from ioc_core.models import CityList, DomainList
 from ioc_core.rules import SEVERITIES, Severity, severity_rank
 
 WebhookEventType = Literal[
-    "alarm.raised", "alarm.updated", "alarm.acknowledged", "alarm.resolved", "device.offline", "device.online"
+    "alarm.raised",
+    "alarm.updated",
+    "alarm.acknowledged",
+    "alarm.resolved",
+    "device.offline",
+    "device.online",
+    "audit.recorded",
 ]
 # What agencies can subscribe to; `state.changed` snapshots are for screens only.
 WEBHOOK_EVENT_TYPES: tuple[str, ...] = (
@@ -42,7 +45,11 @@ WEBHOOK_EVENT_TYPES: tuple[str, ...] = (
     ALARM_RESOLVED,
     DEVICE_OFFLINE,
     DEVICE_ONLINE,
+    AUDIT_RECORDED,
 )
+# Sent only to endpoints whose `types` name them: an endpoint registered for alarms must not start
+# receiving who changed what (and from which address) because a new type of event was added.
+OPT_IN_EVENT_TYPES: frozenset[str] = frozenset({AUDIT_RECORDED})
 SeverityName = Severity
 
 SECRET_PREFIX = "whsec_"
@@ -56,10 +63,6 @@ RETRY_AFTER_MAX_S = 3600.0
 
 class WebhookError(IocError):
     """A webhook URL or answer that cannot be used."""
-
-
-class ForbiddenAddress(WebhookError):
-    """The URL's host is or resolves to an address webhooks may not reach."""
 
 
 # -- signing -------------------------------------------------------------------------------------
@@ -128,7 +131,13 @@ class WebhookFilter(BaseModel):
         description="alarm events at least this severe; device events, which have no severity, then"
         " come only when `types` names them",
     )
-    types: list[WebhookEventType] | None = Field(default=None, min_length=1, max_length=6)
+    types: list[WebhookEventType] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=len(WEBHOOK_EVENT_TYPES),
+        description="the event types to send; left out, every type but `audit.recorded`, which is sent"
+        " only where named",
+    )
     escalated_only: bool = Field(
         default=False,
         description="only events of escalated alarms: the escalation (`alarm.updated` with"
@@ -153,6 +162,8 @@ class RoutedEvent:
     severity_rank: int | None
     escalated: bool
     body: str
+    # Only for endpoints whose `types` name it (see OPT_IN_EVENT_TYPES).
+    opt_in: bool = False
 
 
 def routed(events: Iterable[Event]) -> list[RoutedEvent]:
@@ -172,86 +183,10 @@ def routed(events: Iterable[Event]) -> list[RoutedEvent]:
                 severity_rank=severity_rank(severity) if severity in SEVERITIES else None,
                 escalated=bool(event.data.get("escalated", False)),
                 body=message_body(event),
+                opt_in=event.type in OPT_IN_EVENT_TYPES,
             )
         )
     return out
-
-
-# -- addresses -----------------------------------------------------------------------------------
-
-
-def forbidden_reason(address: str) -> str | None:
-    """Why webhooks may not reach this IP address, or None when they may."""
-    ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    checks = (
-        ("loopback", ip.is_loopback),
-        ("link-local", ip.is_link_local),
-        ("multicast", ip.is_multicast),
-        ("unspecified", ip.is_unspecified),
-        ("private", ip.is_private),
-        ("reserved", ip.is_reserved),
-    )
-    for name, hit in checks:
-        if hit:
-            return f"{address} is a {name} address"
-    return None
-
-
-@dataclass(frozen=True, slots=True)
-class WebhookUrl:
-    url: str
-    host: str
-    port: int
-
-
-def parse_url(url: str) -> WebhookUrl:
-    """Check a URL's shape: http(s), a host, no credentials, no fragment."""
-    if len(url) > 2048:
-        raise WebhookError("the URL is longer than 2048 characters")
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as exc:
-        raise WebhookError(f"the URL is malformed: {exc}") from exc
-    if parts.scheme not in ("http", "https"):
-        raise WebhookError("the URL must start with http:// or https://")
-    if not parts.hostname:
-        raise WebhookError("the URL has no host")
-    if parts.username is not None or parts.password is not None:
-        raise WebhookError("credentials in the URL are not supported; requests are signed instead")
-    if parts.fragment:
-        raise WebhookError("the URL must not have a #fragment")
-    return WebhookUrl(url=url, host=parts.hostname, port=port or (443 if parts.scheme == "https" else 80))
-
-
-async def resolve(host: str, port: int) -> list[str]:
-    """Every address `host` resolves to (an IP literal resolves to itself)."""
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        pass
-    else:
-        return [host]
-    loop = asyncio.get_running_loop()
-    try:
-        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        raise WebhookError(f"{host} does not resolve: {exc.strerror}", retriable=True) from exc
-    return sorted({str(info[4][0]) for info in infos})
-
-
-async def allowed_addresses(host: str, port: int, *, allow_private: bool) -> list[str]:
-    """The addresses to connect to. With private addresses forbidden, a host with any forbidden
-    address is refused whole: a name that mixes public and private answers is an attack."""
-    addresses = await resolve(host, port)
-    if not allow_private:
-        for address in addresses:
-            reason = forbidden_reason(address)
-            if reason is not None:
-                raise ForbiddenAddress(f"{host} resolves to a forbidden address: {reason}")
-    return addresses
 
 
 # -- retries -------------------------------------------------------------------------------------

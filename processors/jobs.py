@@ -106,16 +106,18 @@ class Retention:
 
 
 class Housekeeping:
-    """The database's own tidying (published outbox events and the like)."""
+    """The database's own tidying (published outbox events, audit entries past
+    `IOC_AUDIT_RETENTION_DAYS`, and the like)."""
 
     name = "housekeeping"
     period_s = HOUSEKEEPING_S
 
-    def __init__(self, database: Database) -> None:
+    def __init__(self, database: Database, settings: Settings) -> None:
         self._database = database
+        self._audit_days = settings.audit_retention_days
 
     async def run_once(self) -> None:
-        await self._database.housekeeping()
+        await self._database.housekeeping(audit_keep_days=self._audit_days)
 
 
 class LagRefresh:

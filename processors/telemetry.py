@@ -143,7 +143,7 @@ class TelemetryProcessor(Component):
             ),
             Escalation(self._database, settings, on_events=self._relay.wake),
             self._state_events,
-            Housekeeping(self._database),
+            Housekeeping(self._database, settings),
             Retention(self._database, settings),
             self._lag,
         ]

@@ -189,6 +189,8 @@ async def register_fleet(
 
 
 _CONCURRENT_REGISTRATIONS = 8
+# How often, and how long at most each time, a registration waits out the API's rate limit.
+_RATE_LIMITED_TRIES, _RATE_LIMIT_WAIT_MAX_S = 60, 10
 
 
 async def _register_in_database(settings: Settings, devices: list[DeviceIn]) -> Registration:
@@ -220,10 +222,10 @@ async def _register_through_api(settings: Settings, devices: list[DeviceIn], api
         async def one(device: DeviceIn) -> None:
             async with gate:
                 body = device.model_dump(mode="json")
-                response = await client.post("/v1/devices", json=body)
+                response = await _within_rate_limit(client, "POST", "/v1/devices", body)
                 if response.status_code == 409:
                     change = {k: body[k] for k in ("name", "district", "location", "thresholds")}
-                    response = await client.patch(f"/v1/devices/{device.id}", json=change)
+                    response = await _within_rate_limit(client, "PATCH", f"/v1/devices/{device.id}", change)
                     _check(response, device.id)
                     result.updated += 1
                 else:
@@ -235,6 +237,21 @@ async def _register_through_api(settings: Settings, devices: list[DeviceIn], api
         except httpx.HTTPError as exc:
             raise ServiceUnavailableError(f"the API at {api_url} is unreachable: {exc}") from exc
     return result
+
+
+async def _within_rate_limit(
+    client: httpx.AsyncClient, method: str, path: str, body: dict[str, Any]
+) -> httpx.Response:
+    """One request, waiting as the API asks (429 with `Retry-After`) while a large fleet registers
+    faster than the admin key's rate limit allows."""
+    response = await client.request(method, path, json=body)
+    for _ in range(_RATE_LIMITED_TRIES):
+        if response.status_code != 429:
+            break
+        retry_after = response.headers.get("Retry-After", "1")
+        await asyncio.sleep(min(int(retry_after) if retry_after.isdigit() else 1, _RATE_LIMIT_WAIT_MAX_S))
+        response = await client.request(method, path, json=body)
+    return response
 
 
 def _check(response: httpx.Response, device: str) -> None:

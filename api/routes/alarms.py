@@ -1,18 +1,21 @@
-"""Alarms: list and read them within the caller's scope, acknowledge and resolve them (operator)."""
+"""Alarms: list and read them within the caller's scope, acknowledge and resolve them (operator;
+each action also goes to the audit log)."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field
 
+from api.audit_trail import Audit, Subject
 from api.auth import Operator, Viewer
 from api.deps import Db, ViewedAlarm, scoped_alarm
 from api.pagination import Page, decode_int_cursor, paginate
 from api.params import AlarmId, CityFilter, DomainFilter, comma_list, sees_nothing
 from api.problems import PROBLEM
 from ioc_core.alarms import ALARM_STATES, Alarm
+from ioc_core.audit import ALARM, ALARM_ACKNOWLEDGE, ALARM_RESOLVE
 from ioc_core.rules import SEVERITIES
 from ioc_core.telemetry import DEVICE_ID_PATTERN
 
@@ -25,6 +28,14 @@ class AlarmAction(BaseModel):
     )
 
     note: str | None = Field(default=None, max_length=2000, description="why, for the audit trail")
+
+
+def _subject(action: str, alarm: Alarm) -> Subject:
+    return Subject(action, ALARM, str(alarm.id), [alarm.city], [alarm.domain])
+
+
+def _detail(alarm: Alarm, note: str | None) -> dict[str, Any]:
+    return {"device_id": alarm.device_id, "rule": alarm.rule, "severity": alarm.severity, "note": note}
 
 
 @router.get(
@@ -89,11 +100,14 @@ async def alarm(found: ViewedAlarm) -> Alarm:
     responses={404: PROBLEM, 409: PROBLEM},
 )
 async def acknowledge_alarm(
-    database: Db, alarm_id: AlarmId, principal: Operator, action: AlarmAction | None = None
+    database: Db, audit: Audit, alarm_id: AlarmId, principal: Operator, action: AlarmAction | None = None
 ) -> Alarm:
     note = action.note if action else None
-    await scoped_alarm(database, principal, alarm_id)
-    return await database.alarms.acknowledge(alarm_id, actor=principal.name, note=note)
+    alarm = await scoped_alarm(audit, alarm_id, ALARM_ACKNOWLEDGE)
+    async with audit.change(_subject(ALARM_ACKNOWLEDGE, alarm), **_detail(alarm, note)) as change:
+        return await database.alarms.acknowledge(
+            alarm_id, actor=principal.name, note=note, within=change.transaction
+        )
 
 
 @router.post(
@@ -103,8 +117,11 @@ async def acknowledge_alarm(
     responses={404: PROBLEM, 409: PROBLEM},
 )
 async def resolve_alarm(
-    database: Db, alarm_id: AlarmId, principal: Operator, action: AlarmAction | None = None
+    database: Db, audit: Audit, alarm_id: AlarmId, principal: Operator, action: AlarmAction | None = None
 ) -> Alarm:
     note = action.note if action else None
-    await scoped_alarm(database, principal, alarm_id)
-    return await database.alarms.resolve(alarm_id, actor=principal.name, note=note)
+    alarm = await scoped_alarm(audit, alarm_id, ALARM_RESOLVE)
+    async with audit.change(_subject(ALARM_RESOLVE, alarm), **_detail(alarm, note)) as change:
+        return await database.alarms.resolve(
+            alarm_id, actor=principal.name, note=note, within=change.transaction
+        )

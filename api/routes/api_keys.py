@@ -10,11 +10,14 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Path, Query
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.auth import Admin, Role, hash_key
+from api.audit_trail import Audit, Subject
+from api.auth import Admin, Role
 from api.deps import Db, Keys
 from api.pagination import Page, decode_text_cursor, paginate
 from api.params import Cursor
 from api.problems import PROBLEM
+from ioc_core.access import METRICS_ROLE, hash_key
+from ioc_core.audit import API_KEY, API_KEY_CREATE, API_KEY_REVOKE
 from ioc_core.models import CityList, DomainList
 from ioc_core.storage import ApiKeyRow
 
@@ -27,11 +30,17 @@ class ApiKeyIn(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={
-            "examples": [{"role": "operator", "cities": ["hai-phong"], "name": "Hải Phòng flood desk"}]
+            "examples": [
+                {"role": "operator", "cities": ["hai-phong"], "name": "Hải Phòng flood desk"},
+                {"role": "metrics", "name": "Prometheus"},
+            ]
         },
     )
 
-    role: Role
+    role: Role = Field(
+        description="viewer (read), operator (read, acknowledge, resolve), admin (everything), or"
+        " metrics (`/metrics` of the API, gateways and processors, and nothing else)"
+    )
     cities: CityList = Field(
         default=None, min_length=1, max_length=100, description="only these cities; omitted = every city"
     )
@@ -75,23 +84,34 @@ def _api_key(row: ApiKeyRow) -> ApiKey:
     status_code=201,
     summary="Make an API key (admin); the key is in this answer only.",
     description="A key limited to some cities or domains sees nothing else: other objects answer 404."
-    " An admin limited to a scope can only make keys within it.",
+    " An admin limited to a scope can only make keys within it. A `metrics` key has no scope (metrics"
+    " count across the whole system), so only an admin without a scope limit makes one.",
     tags=["api keys"],
     responses={400: PROBLEM, 403: PROBLEM},
 )
-async def create_key(database: Db, principal: Admin, body: ApiKeyIn) -> NewApiKey:
+async def create_key(database: Db, audit: Audit, principal: Admin, body: ApiKeyIn) -> NewApiKey:
+    if body.role == METRICS_ROLE and (body.cities is not None or body.domains is not None):
+        raise HTTPException(
+            400, "a metrics key cannot be limited to cities or domains: metrics are system-wide"
+        )
+    key_id = "key_" + secrets.token_hex(8)
+    subject = Subject(API_KEY_CREATE, API_KEY, key_id, body.cities, body.domains)
     if not principal.covers(body.cities, body.domains):
-        raise HTTPException(403, "a key cannot be given a wider scope than the key that makes it")
+        raise await audit.refuse(
+            subject, 403, "a key cannot be given a wider scope than the key that makes it", role=body.role
+        )
     key = "ioc_" + secrets.token_urlsafe(32)
-    row = await database.api_keys.create(
-        key_id="key_" + secrets.token_hex(8),
-        name=body.name,
-        role=body.role,
-        cities=body.cities,
-        domains=body.domains,
-        key_hash=hash_key(key),
-        created_by=principal.name,
-    )
+    async with audit.change(subject, role=body.role, name=body.name) as change:
+        row = await database.api_keys.create(
+            key_id=key_id,
+            name=body.name,
+            role=body.role,
+            cities=body.cities,
+            domains=body.domains,
+            key_hash=hash_key(key),
+            created_by=principal.name,
+            within=change.transaction,
+        )
     return NewApiKey(**_api_key(row).model_dump(), key=key)
 
 
@@ -125,9 +145,10 @@ async def list_keys(
     tags=["api keys"],
     responses={404: PROBLEM},
 )
-async def revoke_key(database: Db, keys: Keys, principal: Admin, key_id: KeyId) -> None:
+async def revoke_key(database: Db, audit: Audit, keys: Keys, principal: Admin, key_id: KeyId) -> None:
     row = await database.api_keys.get(key_id)
-    if not principal.covers(row.cities, row.domains):
-        raise HTTPException(404, f"API key {key_id!r} not found")
-    await database.api_keys.revoke(key_id)
+    subject = Subject(API_KEY_REVOKE, API_KEY, key_id, row.cities, row.domains)
+    await audit.require_scope(subject, what=f"API key {key_id!r}")
+    async with audit.change(subject, role=row.role, name=row.name) as change:
+        await database.api_keys.revoke(key_id, within=change.transaction)
     keys.clear()

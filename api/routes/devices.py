@@ -8,18 +8,26 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, HTTPException, Query, Response
+from fastapi import APIRouter, Query, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
+from api.audit_trail import Audit, AuditTrail, Subject
 from api.auth import Admin, Viewer
 from api.deps import Accounts, Db, ViewedDevice, managed, scoped_device
 from api.pagination import Page, decode_text_cursor, paginate
 from api.params import BboxFilter, CityFilter, Cursor, DeviceId, DomainFilter, parse_bbox, sees_nothing
 from api.problems import PROBLEM
+from ioc_core.audit import (
+    DEVICE,
+    DEVICE_CREATE,
+    DEVICE_CREDENTIALS_REVOKE,
+    DEVICE_CREDENTIALS_ROTATE,
+    DEVICE_DELETE,
+    DEVICE_UPDATE,
+)
 from ioc_core.errors import ConflictError, IocError, NotFoundError, ServiceUnavailableError
 from ioc_core.models import Device, DeviceCredentials, DeviceIn, DevicePatch, RegisteredDevice
-from ioc_core.storage import Database
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +38,18 @@ StatusFilter = Annotated[
 ]
 
 
-async def _unregister(database: Database, device_id: str) -> None:
+def _subject(action: str, device: DeviceIn | Device) -> Subject:
+    return Subject(action, DEVICE, device.id, [device.city], [device.domain])
+
+
+async def _unregister(audit: AuditTrail, device: DeviceIn, reason: str) -> None:
+    """Take back a registration whose broker account could not be made; the log says why."""
     try:
-        await database.devices.delete(device_id)
+        async with audit.change(_subject(DEVICE_DELETE, device), reason=reason) as change:
+            await audit.database.devices.delete(device.id, within=change.transaction)
     except IocError as exc:
         log.error(
-            "device %s is registered without a broker account and could not be removed: %s", device_id, exc
+            "device %s is registered without a broker account and could not be removed: %s", device.id, exc
         )
 
 
@@ -48,7 +62,12 @@ def _broker_step(what: str) -> Iterator[None]:
     except (NotFoundError, ConflictError, ServiceUnavailableError):
         raise
     except IocError as exc:
-        raise ServiceUnavailableError(f"{what}: {exc}") from exc
+        raise ServiceUnavailableError(f"{what}: {exc}", public=f"{what}: {_public(exc)}") from exc
+
+
+def _public(exc: IocError) -> str:
+    """What may be said of a broker failure in an answer: never where the broker is."""
+    return exc.public if isinstance(exc, ServiceUnavailableError) else str(exc)
 
 
 @router.get(
@@ -94,22 +113,28 @@ async def devices(
     responses={409: PROBLEM, 503: PROBLEM},
 )
 async def register_device(
-    database: Db, accounts: Accounts, principal: Admin, device: DeviceIn, response: Response
+    database: Db, audit: Audit, accounts: Accounts, principal: Admin, device: DeviceIn, response: Response
 ) -> RegisteredDevice:
+    subject = _subject(DEVICE_CREATE, device)
     if not principal.allows(device.city, device.domain):
-        raise HTTPException(403, f"this key may not register {device.domain} devices in {device.city}")
-    created = await database.devices.insert(device)
+        raise await audit.refuse(
+            subject, 403, f"this key may not register {device.domain} devices in {device.city}"
+        )
+    async with audit.change(subject, name=device.name, district=device.district) as change:
+        created = await database.devices.insert(device, within=change.transaction)
     registered = RegisteredDevice(**created.model_dump())
     if accounts is not None:
         try:
             registered.credentials = await accounts.create(device.id, device.city, device.domain)
         except BaseException as exc:
             # A device that cannot connect must not look registered: take the row back.
-            await _unregister(database, device.id)
+            await _unregister(audit, device, "the MQTT broker could not create its account")
             if isinstance(exc, IocError) and not isinstance(exc, ConflictError):
                 raise ServiceUnavailableError(
                     f"device {device.id!r} was not registered: the MQTT broker could not create its"
-                    f" account ({exc})"
+                    f" account ({exc})",
+                    public=f"device {device.id!r} was not registered: the MQTT broker could not create"
+                    f" its account ({_public(exc)})",
                 ) from exc
             raise
     response.headers["Location"] = f"/v1/devices/{created.id}"
@@ -122,8 +147,10 @@ async def register_device(
     summary="Change a device's name, district, location or thresholds (admin).",
     responses={404: PROBLEM},
 )
-async def update_device(database: Db, principal: Admin, device_id: DeviceId, patch: DevicePatch) -> Device:
-    current = await scoped_device(database, principal, device_id)
+async def update_device(
+    database: Db, audit: Audit, principal: Admin, device_id: DeviceId, patch: DevicePatch
+) -> Device:
+    current = await scoped_device(audit, device_id, DEVICE_UPDATE)
     merged = {
         **current.model_dump(include={"id", "city", "domain", "name", "district", "location", "thresholds"}),
         **patch.model_dump(exclude_unset=True),
@@ -135,7 +162,9 @@ async def update_device(database: Db, principal: Admin, device_id: DeviceId, pat
         raise RequestValidationError(
             [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
         ) from exc
-    return await database.devices.update(changed)
+    changes = patch.model_dump(exclude_unset=True, mode="json")
+    async with audit.change(_subject(DEVICE_UPDATE, current), changes=changes) as change:
+        return await database.devices.update(changed, within=change.transaction)
 
 
 @router.delete(
@@ -144,14 +173,17 @@ async def update_device(database: Db, principal: Admin, device_id: DeviceId, pat
     summary="Remove a device and its MQTT account (admin).",
     responses={404: PROBLEM, 503: PROBLEM},
 )
-async def delete_device(database: Db, accounts: Accounts, principal: Admin, device_id: DeviceId) -> None:
-    await scoped_device(database, principal, device_id)
+async def delete_device(
+    database: Db, audit: Audit, accounts: Accounts, principal: Admin, device_id: DeviceId
+) -> None:
+    device = await scoped_device(audit, device_id, DEVICE_DELETE)
     if accounts is not None:
         # The account goes first: a device still registered after a failure can be removed
         # again, one gone from the registry with a working account could not.
         with _broker_step(f"device {device_id!r} was not removed"):
             await accounts.delete(device_id)
-    await database.devices.delete(device_id)
+    async with audit.change(_subject(DEVICE_DELETE, device), name=device.name) as change:
+        await database.devices.delete(device_id, within=change.transaction)
 
 
 @router.post(
@@ -164,15 +196,18 @@ async def delete_device(database: Db, accounts: Accounts, principal: Admin, devi
     responses={404: PROBLEM, 409: PROBLEM, 503: PROBLEM},
 )
 async def rotate_credentials(
-    database: Db, accounts: Accounts, principal: Admin, device_id: DeviceId
+    audit: Audit, accounts: Accounts, principal: Admin, device_id: DeviceId
 ) -> DeviceCredentials:
     accounts_ = managed(accounts)
-    device = await scoped_device(database, principal, device_id)
+    device = await scoped_device(audit, device_id, DEVICE_CREDENTIALS_ROTATE)
     with _broker_step(f"the credentials of device {device_id!r} were not changed"):
         try:
-            return await accounts_.rotate(device_id)
+            credentials, first = await accounts_.rotate(device_id), False
         except NotFoundError:
-            return await accounts_.create(device.id, device.city, device.domain)
+            credentials, first = await accounts_.create(device.id, device.city, device.domain), True
+    # The broker holds the change; the entry follows it (never with the password).
+    await audit.done(_subject(DEVICE_CREDENTIALS_ROTATE, device), first=first)
+    return credentials
 
 
 @router.delete(
@@ -183,11 +218,12 @@ async def rotate_credentials(
     " (`POST /v1/devices/{id}/credentials`). The device stays registered.",
     responses={404: PROBLEM, 409: PROBLEM, 503: PROBLEM},
 )
-async def revoke_credentials(database: Db, accounts: Accounts, principal: Admin, device_id: DeviceId) -> None:
+async def revoke_credentials(audit: Audit, accounts: Accounts, principal: Admin, device_id: DeviceId) -> None:
     accounts_ = managed(accounts)
-    await scoped_device(database, principal, device_id)
+    device = await scoped_device(audit, device_id, DEVICE_CREDENTIALS_REVOKE)
     with _broker_step(f"the credentials of device {device_id!r} were not revoked"):
         await accounts_.revoke(device_id)
+    await audit.done(_subject(DEVICE_CREDENTIALS_REVOKE, device))
 
 
 @router.get(

@@ -8,9 +8,12 @@ from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel
 
-from api.deps import Accounts, Db
+from api.auth import MetricsReader
+from api.deps import Accounts, Db, Limiter
+from api.problems import PROBLEM
 from ioc_core.errors import IocError
 from ioc_core.metrics import CONTENT_TYPE, Metric, render
+from ioc_core.supervision import public_description
 
 router = APIRouter(tags=["health"])
 
@@ -40,7 +43,8 @@ async def ready(database: Db, accounts: Accounts) -> Any:
     try:
         await database.ping()
     except IocError as exc:
-        body = Readiness(status="unavailable", checks={"database": str(exc)})
+        # Which dependency, never where it is: /ready needs no key.
+        body = Readiness(status="unavailable", checks={"database": public_description(exc)})
         return JSONResponse(body.model_dump(), status_code=503)
     checks = {"database": "ok"}
     if accounts is not None:
@@ -55,11 +59,11 @@ async def ready(database: Db, accounts: Accounts) -> Any:
 
 @router.get(
     "/metrics",
-    summary="Prometheus metrics.",
+    summary="Prometheus metrics (a metrics key, or an admin key without a scope limit).",
     response_class=PlainTextResponse,
-    responses={200: {"content": {CONTENT_TYPE: {}}}},
+    responses={200: {"content": {CONTENT_TYPE: {}}}, 401: PROBLEM, 403: PROBLEM},
 )
-async def metrics(database: Db) -> Response:
+async def metrics(database: Db, limiter: Limiter, principal: MetricsReader) -> Response:
     dead = Metric("ioc_dead_letters_total", "counter", "rejected messages stored, by reason")
     for reason, count in sorted((await database.dead_letters.counts()).items()):
         dead.add(count, reason=reason)
@@ -69,4 +73,9 @@ async def metrics(database: Db) -> Response:
     deliveries = Metric("ioc_webhook_deliveries", "gauge", "webhook deliveries kept, by state")
     for state, count in sorted((await database.webhooks.delivery_counts()).items()):
         deliveries.add(count, state=state)
-    return Response(render([dead, devices, deliveries]), media_type=CONTENT_TYPE)
+    refused = Metric("ioc_api_rate_limited_total", "counter", "requests this API process refused with 429")
+    for policy, count in sorted(limiter.refused.items()):
+        refused.add(count, policy=policy)
+    buckets = Metric("ioc_api_rate_limit_buckets", "gauge", "rate-limit buckets this API process keeps")
+    buckets.add(len(limiter))
+    return Response(render([dead, devices, deliveries, refused, buckets]), media_type=CONTENT_TYPE)

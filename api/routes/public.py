@@ -15,7 +15,7 @@ from fastapi import APIRouter, HTTPException, Request, Response
 from api import cap
 from api.deps import AppSettings, Db
 from api.params import AlarmId, CityFilter
-from api.problems import PROBLEM_MEDIA_TYPE
+from api.problems import PROBLEM_MEDIA_TYPE, RATE_LIMIT_HEADERS
 from api.view_cache import etag_matches
 from ioc_core.domains import DOMAINS
 from ioc_core.places import city_name, place_label
@@ -37,8 +37,9 @@ _PROBLEMS: dict[int | str, dict[str, Any]] = {
     status: {
         "description": HTTPStatus(status).phrase,
         "content": {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}},
+        **({"headers": RATE_LIMIT_HEADERS} if status == 429 else {}),
     }
-    for status in (400, 401, 403, 404, 422, 500)
+    for status in (400, 401, 403, 404, 422, 429, 500)
 }
 
 

@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 from pydantic import BaseModel, Field
 
+from api.audit_trail import Audit
 from api.auth import Viewer
 from api.deps import AppSettings, Db, Views, scoped_device
 from api.pagination import Page, decode_text_cursor, encode_cursor
@@ -26,6 +27,7 @@ from api.params import (
 )
 from api.problems import PROBLEM
 from api.view_cache import cached_view
+from ioc_core.audit import DEVICE_READ
 from ioc_core.domains import DOMAINS
 from ioc_core.kpis import DeviceSnapshot
 from ioc_core.models import Location, StateItem
@@ -360,6 +362,7 @@ def _aware(value: datetime, name: str) -> datetime:
 )
 async def series(
     database: Db,
+    audit: Audit,
     settings: AppSettings,
     principal: Viewer,
     device_id: DeviceId,
@@ -369,7 +372,7 @@ async def series(
     bucket: Annotated[str, Query(max_length=16, description="bucket width: 30s, 5m, 1h, 1d")] = "1m",
     agg: Annotated[Aggregate, Query(description="aggregate per bucket")] = "avg",
 ) -> Series:
-    device = await scoped_device(database, principal, device_id)
+    device = await scoped_device(audit, device_id, DEVICE_READ)
     domain = DOMAINS[device.domain]
     metric_def = domain.metric(metric)
     if metric_def is None:

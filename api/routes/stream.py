@@ -16,7 +16,7 @@ from api.deps import Hub
 from api.params import CityFilter, DomainFilter, comma_list
 from api.problems import Problem, ProblemError
 from api.stream.framing import EVENT_STREAM_MEDIA_TYPE, RETRY_MS
-from api.stream.hub import KINDS, EventHub, StreamFilter
+from api.stream.hub import AUDIT_KIND, KINDS, STREAM_KINDS, EventHub, StreamFilter
 from api.stream.positions import Position, decode_position, encode_position
 from api.stream.response import ClientStream, EventStreamResponse
 from ioc_core.errors import IocError
@@ -51,6 +51,9 @@ _DESCRIPTION = f"""Server-Sent Events (`{EVENT_STREAM_MEDIA_TYPE}`) of what happ
   lately, sent every few seconds at most: `data.items` is a list of
   `{{device_id, status, ts, metrics}}`. `metrics` are those of the readings since the previous
   state event: merge them into what you have; the newest `ts` wins.
+* `event: audit`: `audit.recorded`, an entry of the audit log (as `GET /v1/audit` lists it); only
+  when `types` names `audit`, for admin keys, and only entries whose object lies within the key's
+  scope (with `city` or `domain`, only those naming it).
 
 Every `data:` is the CloudEvent 1.0 as one line of JSON. Every event has an `id`; a client that
 reconnects with `Last-Event-ID` (browsers' EventSource does so by itself) gets every event it
@@ -60,13 +63,13 @@ the nearest position still served (resume from it, or start without an id and re
 An id that is not one of this stream's starts from now. The stream starts with
 `retry: {RETRY_MS}` and, for a new stream, an `id:` without data that gives the starting position.
 Comment lines (`: heartbeat`) keep idle connections open. `types` is a comma-separated list of
-`alarm`, `status`, `state` (default all); `city` and `domain` narrow the stream further. One API
-process serves a limited number of streams: beyond it, and while the process is not connected to
-Kafka, the answer is 503 with `Retry-After`."""
+`alarm`, `status`, `state`, `audit` (default `alarm,status,state`); `city` and `domain` narrow the
+stream further. One API process serves a limited number of streams: beyond it, and while the
+process is not connected to Kafka, the answer is 503 with `Retry-After`."""
 
 
 def stream_kinds(types: str | None) -> frozenset[str]:
-    return frozenset(comma_list(types, KINDS, "types") or KINDS)
+    return frozenset(comma_list(types, STREAM_KINDS, "types") or KINDS)
 
 
 @router.get(
@@ -83,7 +86,7 @@ def stream_kinds(types: str | None) -> frozenset[str]:
         },
         400: _problem("`types` names an unknown kind"),
         401: _problem("no API key, or not a valid one"),
-        403: _problem("the key lacks the viewer role"),
+        403: _problem("the key lacks the viewer role, or asks for `audit` without the admin role"),
         409: {
             "description": "the Last-Event-ID is older than the resume window",
             "content": {problems.PROBLEM_MEDIA_TYPE: {"schema": StaleResumeProblem.model_json_schema()}},
@@ -102,7 +105,8 @@ async def stream(
     city: CityFilter = None,
     domain: DomainFilter = None,
     types: Annotated[
-        str | None, Query(description="comma-separated: alarm, status, state (default all)")
+        str | None,
+        Query(description="comma-separated: alarm, status, state, audit (default alarm,status,state)"),
     ] = None,
     last_event_id: Annotated[
         str | None, Query(description="where to resume, for clients that cannot send the header")
@@ -112,6 +116,8 @@ async def stream(
     ] = None,
 ) -> EventStreamResponse:
     kinds = stream_kinds(types)
+    if AUDIT_KIND in kinds and not principal.has_role("admin"):
+        raise HTTPException(403, "audit events need the admin role")
     retry_after = {"Retry-After": str(_RETRY_AFTER_S)}
     if not hub.connected:
         raise HTTPException(503, "the live event stream is not connected to Kafka yet", headers=retry_after)

@@ -6,20 +6,30 @@ from __future__ import annotations
 
 import secrets
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Path, Query
 from pydantic import BaseModel, ConfigDict, Field
 
+from api.audit_trail import Audit, AuditTrail, Subject
 from api.auth import Admin, Principal
 from api.deps import AppSettings, Db
 from api.pagination import Page, decode_int_cursor, decode_text_cursor, paginate
 from api.params import Cursor, comma_list
 from api.problems import PROBLEM
-from ioc_core.errors import ConflictError, NotFoundError
-from ioc_core.storage import Database
+from ioc_core.audit import (
+    WEBHOOK,
+    WEBHOOK_CREATE,
+    WEBHOOK_DELETE,
+    WEBHOOK_DELIVERY_RETRY,
+    WEBHOOK_READ,
+    WEBHOOK_UPDATE,
+    redacted_url,
+)
+from ioc_core.errors import ConflictError
 from ioc_core.storage.webhooks import DeliveryRow, EndpointRow
-from ioc_core.webhooks import WebhookError, WebhookFilter, allowed_addresses, new_secret, parse_url
+from ioc_core.webhook_targets import allowed_addresses, parse_url, policy_of
+from ioc_core.webhooks import WebhookError, WebhookFilter, new_secret
 
 router = APIRouter(tags=["webhooks"])
 
@@ -80,7 +90,10 @@ class Attempt(BaseModel):
     status_code: int | None = Field(description="the endpoint's answer; null when there was none")
     latency_ms: float
     error: str | None
-    response: str | None = Field(description="the start of the endpoint's answer")
+    response: str | None = Field(
+        description="the start of the endpoint's answer; never shown to an admin limited to some"
+        " cities or domains, for whom it would be a way to read what an internal service answers"
+    )
     next_attempt_at: datetime | None = Field(description="when it was to be tried again, if it was")
 
 
@@ -115,7 +128,14 @@ def _webhook(row: EndpointRow) -> Webhook:
     )
 
 
-def _delivery(row: DeliveryRow) -> Delivery:
+def _filter_detail(webhook_filter: WebhookFilter) -> dict[str, Any]:
+    return webhook_filter.model_dump(mode="json", exclude_none=True)
+
+
+def _delivery(row: DeliveryRow, principal: Principal) -> Delivery:
+    # What an endpoint answered is shown only to admins of the whole system: the others could
+    # register an internal address (one the allow-list opens) and read its answers back here.
+    with_answers = principal.cities is None and principal.domains is None
     return Delivery(
         id=row.id,
         webhook_id=row.endpoint_id,
@@ -130,7 +150,12 @@ def _delivery(row: DeliveryRow) -> Delivery:
         delivered_at=row.delivered_at,
         failed_at=row.failed_at,
         failure_reason=row.failure_reason,
-        attempts=[Attempt.model_validate(a, from_attributes=True) for a in row.attempt_log],
+        attempts=[
+            Attempt.model_validate(a, from_attributes=True).model_copy(
+                update={} if with_answers else {"response": None}
+            )
+            for a in row.attempt_log
+        ],
     )
 
 
@@ -138,15 +163,15 @@ async def _checked_url(settings: AppSettings, url: str) -> str:
     """The URL, once its shape and every address its host resolves to are acceptable."""
     try:
         target = parse_url(url)
-        await allowed_addresses(target.host, target.port, allow_private=settings.webhook_allow_private)
+        await allowed_addresses(target.host, target.port, policy_of(settings))
     except WebhookError as exc:
         raise HTTPException(400, f"webhook URL refused: {exc}") from exc
     return target.url
 
 
-def _within_scope(principal: Principal, webhook_filter: WebhookFilter) -> WebhookFilter:
-    """A scoped admin's endpoints default to its scope and may not reach beyond it."""
-    scoped = webhook_filter.model_copy(
+def _scoped_filter(principal: Principal, webhook_filter: WebhookFilter) -> WebhookFilter:
+    """A scoped admin's endpoints default to its scope (checked by `_within_scope`)."""
+    return webhook_filter.model_copy(
         update={
             "cities": webhook_filter.cities
             if webhook_filter.cities is not None or principal.cities is None
@@ -156,16 +181,34 @@ def _within_scope(principal: Principal, webhook_filter: WebhookFilter) -> Webhoo
             else sorted(principal.domains),
         }
     )
-    if not principal.covers(scoped.cities, scoped.domains):
-        raise HTTPException(403, "a webhook cannot receive events beyond the scope of the key that makes it")
+
+
+async def _within_scope(audit: AuditTrail, subject: Subject, webhook_filter: WebhookFilter) -> WebhookFilter:
+    """The filter within the caller's scope; one reaching beyond it is refused (and recorded)."""
+    scoped = _scoped_filter(audit.principal, webhook_filter)
+    if not audit.principal.covers(scoped.cities, scoped.domains):
+        raise await audit.refuse(
+            Subject(subject.action, WEBHOOK, subject.object_id, scoped.cities, scoped.domains),
+            403,
+            "a webhook cannot receive events beyond the scope of the key that makes it",
+        )
     return scoped
 
 
-async def _scoped_endpoint(database: Database, principal: Principal, webhook_id: str) -> EndpointRow:
-    row = await database.webhooks.get_endpoint(webhook_id)
-    if not principal.covers(row.cities, row.domains):
-        raise NotFoundError(f"webhook {webhook_id!r} not found")
+async def _scoped_endpoint(audit: AuditTrail, webhook_id: str, action: str) -> EndpointRow:
+    row = await audit.database.webhooks.get_endpoint(webhook_id)
+    await audit.require_scope(_subject(action, row), what=f"webhook {webhook_id!r}")
     return row
+
+
+def _subject(action: str, row: EndpointRow, changed: WebhookFilter | None = None) -> Subject:
+    """An endpoint as an audit entry's object. A changed filter widens the entry's scope to both
+    the old and the new, so an admin limited to either sees nothing of the other."""
+    cities, domains = row.cities, row.domains
+    if changed is not None:
+        cities = None if cities is None or changed.cities is None else [*cities, *changed.cities]
+        domains = None if domains is None or changed.domains is None else [*domains, *changed.domains]
+    return Subject(action, WEBHOOK, row.id, cities, domains)
 
 
 @router.post(
@@ -174,24 +217,37 @@ async def _scoped_endpoint(database: Database, principal: Principal, webhook_id:
     status_code=201,
     summary="Register an agency endpoint (admin); the signing secret is in this answer only.",
     description="Events matching the filter are POSTed as Standard Webhooks v1 (signed, retried"
-    " with backoff under the same `webhook-id`). URLs that are or resolve to loopback, private,"
-    " link-local or multicast addresses are refused unless `IOC_WEBHOOK_ALLOW_PRIVATE` is set.",
+    " with backoff under the same `webhook-id`). A URL whose host is or resolves to an address that"
+    " is not globally routable (loopback, private, link-local, carrier-grade NAT, an IPv6 address"
+    " carrying one of those) is refused (400) unless `IOC_WEBHOOK_ALLOWED_NETWORKS` lists it;"
+    " cloud metadata addresses are refused always.",
     responses={400: PROBLEM, 403: PROBLEM},
 )
 async def create_webhook(
-    database: Db, settings: AppSettings, principal: Admin, body: WebhookIn
+    database: Db, audit: Audit, settings: AppSettings, principal: Admin, body: WebhookIn
 ) -> NewWebhook:
-    webhook_filter = _within_scope(principal, body.filter)
+    webhook_id = "wh_" + secrets.token_hex(8)
+    webhook_filter = await _within_scope(
+        audit, Subject(WEBHOOK_CREATE, WEBHOOK, webhook_id, None, None), body.filter
+    )
     url = await _checked_url(settings, body.url)
     secret = new_secret()
-    row = await database.webhooks.create_endpoint(
-        endpoint_id="wh_" + secrets.token_hex(8),
-        url=url,
-        description=body.description,
-        secret=secret,
-        webhook_filter=webhook_filter,
-        created_by=principal.name,
-    )
+    subject = Subject(WEBHOOK_CREATE, WEBHOOK, webhook_id, webhook_filter.cities, webhook_filter.domains)
+    detail = {
+        "url": redacted_url(url),
+        "description": body.description,
+        "filter": _filter_detail(webhook_filter),
+    }
+    async with audit.change(subject, **detail) as change:
+        row = await database.webhooks.create_endpoint(
+            endpoint_id=webhook_id,
+            url=url,
+            description=body.description,
+            secret=secret,
+            webhook_filter=webhook_filter,
+            created_by=principal.name,
+            within=change.transaction,
+        )
     return NewWebhook(**_webhook(row).model_dump(), secret=secret)
 
 
@@ -223,8 +279,8 @@ async def list_webhooks(
     summary="One agency endpoint (admin).",
     responses={404: PROBLEM},
 )
-async def get_webhook(database: Db, principal: Admin, webhook_id: WebhookId) -> Webhook:
-    return _webhook(await _scoped_endpoint(database, principal, webhook_id))
+async def get_webhook(audit: Audit, principal: Admin, webhook_id: WebhookId) -> Webhook:
+    return _webhook(await _scoped_endpoint(audit, webhook_id, WEBHOOK_READ))
 
 
 @router.patch(
@@ -234,14 +290,34 @@ async def get_webhook(database: Db, principal: Admin, webhook_id: WebhookId) -> 
     responses={400: PROBLEM, 403: PROBLEM, 404: PROBLEM},
 )
 async def update_webhook(
-    database: Db, settings: AppSettings, principal: Admin, webhook_id: WebhookId, body: WebhookPatch
+    database: Db,
+    audit: Audit,
+    settings: AppSettings,
+    principal: Admin,
+    webhook_id: WebhookId,
+    body: WebhookPatch,
 ) -> Webhook:
-    await _scoped_endpoint(database, principal, webhook_id)
-    webhook_filter = _within_scope(principal, body.filter) if body.filter is not None else None
-    url = await _checked_url(settings, body.url) if body.url is not None else None
-    row = await database.webhooks.update_endpoint(
-        webhook_id, url=url, description=body.description, webhook_filter=webhook_filter, enabled=body.enabled
+    current = await _scoped_endpoint(audit, webhook_id, WEBHOOK_UPDATE)
+    webhook_filter = (
+        await _within_scope(audit, _subject(WEBHOOK_UPDATE, current), body.filter)
+        if body.filter is not None
+        else None
     )
+    url = await _checked_url(settings, body.url) if body.url is not None else None
+    changes = body.model_dump(exclude_unset=True, mode="json")
+    if url is not None:
+        changes["url"] = redacted_url(url)
+    if webhook_filter is not None:
+        changes["filter"] = _filter_detail(webhook_filter)
+    async with audit.change(_subject(WEBHOOK_UPDATE, current, webhook_filter), changes=changes) as change:
+        row = await database.webhooks.update_endpoint(
+            webhook_id,
+            url=url,
+            description=body.description,
+            webhook_filter=webhook_filter,
+            enabled=body.enabled,
+            within=change.transaction,
+        )
     return _webhook(row)
 
 
@@ -251,9 +327,10 @@ async def update_webhook(
     summary="Remove an agency endpoint and its delivery log (admin).",
     responses={404: PROBLEM},
 )
-async def delete_webhook(database: Db, principal: Admin, webhook_id: WebhookId) -> None:
-    await _scoped_endpoint(database, principal, webhook_id)
-    await database.webhooks.delete_endpoint(webhook_id)
+async def delete_webhook(database: Db, audit: Audit, principal: Admin, webhook_id: WebhookId) -> None:
+    current = await _scoped_endpoint(audit, webhook_id, WEBHOOK_DELETE)
+    async with audit.change(_subject(WEBHOOK_DELETE, current), url=redacted_url(current.url)) as change:
+        await database.webhooks.delete_endpoint(webhook_id, within=change.transaction)
 
 
 @router.get(
@@ -264,6 +341,7 @@ async def delete_webhook(database: Db, principal: Admin, webhook_id: WebhookId) 
 )
 async def list_deliveries(
     database: Db,
+    audit: Audit,
     principal: Admin,
     webhook_id: WebhookId,
     state: Annotated[
@@ -272,14 +350,14 @@ async def list_deliveries(
     limit: Annotated[int, Query(ge=1, le=500, description="page size")] = 50,
     cursor: Cursor = None,
 ) -> Page[Delivery]:
-    await _scoped_endpoint(database, principal, webhook_id)
+    await _scoped_endpoint(audit, webhook_id, WEBHOOK_READ)
     states = comma_list(state, DELIVERY_STATES, "state")
     before = decode_int_cursor(cursor)
     return await paginate(
         lambda n: database.webhooks.list_deliveries(webhook_id, states=states, before=before, limit=n),
         limit,
         cursor_of=lambda row: row.id,
-        item=_delivery,
+        item=lambda row: _delivery(row, principal),
     )
 
 
@@ -290,10 +368,10 @@ async def list_deliveries(
     responses={404: PROBLEM},
 )
 async def get_delivery(
-    database: Db, principal: Admin, webhook_id: WebhookId, delivery_id: DeliveryId
+    database: Db, audit: Audit, principal: Admin, webhook_id: WebhookId, delivery_id: DeliveryId
 ) -> Delivery:
-    await _scoped_endpoint(database, principal, webhook_id)
-    return _delivery(await database.webhooks.get_delivery(webhook_id, delivery_id))
+    await _scoped_endpoint(audit, webhook_id, WEBHOOK_READ)
+    return _delivery(await database.webhooks.get_delivery(webhook_id, delivery_id), principal)
 
 
 @router.post(
@@ -306,9 +384,9 @@ async def get_delivery(
     responses={404: PROBLEM, 409: PROBLEM},
 )
 async def retry_delivery(
-    database: Db, principal: Admin, webhook_id: WebhookId, delivery_id: DeliveryId
+    database: Db, audit: Audit, principal: Admin, webhook_id: WebhookId, delivery_id: DeliveryId
 ) -> Delivery:
-    endpoint = await _scoped_endpoint(database, principal, webhook_id)
+    endpoint = await _scoped_endpoint(audit, webhook_id, WEBHOOK_DELIVERY_RETRY)
     store = database.webhooks
     current = await store.get_delivery(webhook_id, delivery_id)
     if current.state == "delivered":
@@ -317,4 +395,7 @@ async def retry_delivery(
         raise ConflictError(
             f"webhook {webhook_id!r} is disabled ({endpoint.disabled_reason}); enable it first"
         )
-    return _delivery(await store.retry_delivery(webhook_id, delivery_id))
+    async with audit.change(_subject(WEBHOOK_DELIVERY_RETRY, endpoint), delivery_id=delivery_id) as change:
+        return _delivery(
+            await store.retry_delivery(webhook_id, delivery_id, within=change.transaction), principal
+        )

@@ -19,6 +19,7 @@ from aiokafka.errors import KafkaError
 from api.auth import Principal
 from api.stream.framing import event_frame
 from api.stream.positions import Position, encode_position
+from ioc_core.audit import AUDIT_RECORDED
 from ioc_core.bus import ensure_topics, new_admin, new_consumer
 from ioc_core.component import Component
 from ioc_core.errors import IocError, ServiceUnavailableError
@@ -27,7 +28,11 @@ from ioc_core.supervision import Outage, RetryPolicy, Supervisor, is_retriable, 
 
 log = logging.getLogger(__name__)
 
+# What a stream sends unless `types` says otherwise.
 KINDS: tuple[str, ...] = ("alarm", "status", "state")
+# Audit entries (`audit.recorded`) go only to admins' streams that ask for them, within their scope.
+AUDIT_KIND = "audit"
+STREAM_KINDS: tuple[str, ...] = (*KINDS, AUDIT_KIND)
 # Events waiting for one client, at most; a client that falls this far behind is disconnected
 # and comes back with its Last-Event-ID, which Kafka serves instead of this process's memory.
 QUEUE_LIMIT = 5000
@@ -52,6 +57,8 @@ def kind_of(event_type: object) -> str | None:
         return "status"
     if event_type == "state.changed":
         return "state"
+    if event_type == AUDIT_RECORDED:
+        return AUDIT_KIND
     return None
 
 
@@ -61,6 +68,16 @@ class ParsedEvent:
     city: str
     domain: str
     data: str  # the CloudEvent as one line of JSON
+    # An audit entry's object's cities and domains (None: every one), instead of one place.
+    cities: frozenset[str] | None = None
+    domains: frozenset[str] | None = None
+
+
+def _scope(value: object) -> frozenset[str] | None:
+    """An audit entry's scope list; anything but a list of strings is no scope at all (every one)."""
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return frozenset(value)
+    return None
 
 
 def parse_event(value: bytes | None) -> ParsedEvent | None:
@@ -77,11 +94,14 @@ def parse_event(value: bytes | None) -> ParsedEvent | None:
     data = event.get("data")
     if kind is None or not isinstance(data, dict):
         return None
+    # Re-serialised compactly: one line whatever the producer wrote, as an SSE `data:` needs.
+    line = json.dumps(event, separators=(",", ":"), ensure_ascii=False)
+    if kind == AUDIT_KIND:
+        return ParsedEvent(kind, "", "", line, _scope(data.get("cities")), _scope(data.get("domains")))
     city, domain = data.get("city"), data.get("domain")
     if not isinstance(city, str) or not isinstance(domain, str):
         return None
-    # Re-serialised compactly: one line whatever the producer wrote, as an SSE `data:` needs.
-    return ParsedEvent(kind, city, domain, json.dumps(event, separators=(",", ":"), ensure_ascii=False))
+    return ParsedEvent(kind, city, domain, line)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +119,19 @@ class StreamFilter:
             and (self.city is None or city == self.city)
             and (self.domain is None or domain == self.domain)
             and self.principal.allows(city, domain)
+        )
+
+    def admits(self, event: ParsedEvent) -> bool:
+        if event.kind != AUDIT_KIND:
+            return self.matches(event.kind, event.city, event.domain)
+        # An audit entry: for admins whose scope holds its object's, as `GET /v1/audit` shows it;
+        # `city` and `domain` keep the entries that name them.
+        return (
+            AUDIT_KIND in self.kinds
+            and self.principal.has_role("admin")
+            and self.principal.covers(event.cities, event.domains)
+            and (self.city is None or (event.cities is not None and self.city in event.cities))
+            and (self.domain is None or (event.domains is not None and self.domain in event.domains))
         )
 
 
@@ -130,11 +163,7 @@ class Subscription:
         self.overflowed = False
 
     def offer(self, event: HubEvent) -> None:
-        if (
-            self.ended.is_set()
-            or self.overflowed
-            or not self.filter.matches(event.parsed.kind, event.parsed.city, event.parsed.domain)
-        ):
+        if self.ended.is_set() or self.overflowed or not self.filter.admits(event.parsed):
             return
         if len(self._items) >= self._limit:
             self.overflowed = True
@@ -190,12 +219,20 @@ class EventHub(Component):
         self._subscriptions: set[Subscription] = set()
         self._supervisor = Supervisor("API event hub")
         self._following = Outage(f"live events: following {self.topic}", log)
-        self._connected = False
+        self._connected_event = asyncio.Event()
         self._closing = False
 
     @property
     def connected(self) -> bool:
-        return self._connected and not self._closing
+        return self._connected_event.is_set() and not self._closing
+
+    async def until_connected(self, timeout_s: float) -> bool:
+        """Wait until the hub follows the events (True), or `timeout_s` passed (False)."""
+        try:
+            await asyncio.wait_for(self._connected_event.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return not self._closing
 
     @property
     def open_streams(self) -> int:
@@ -219,7 +256,7 @@ class EventHub(Component):
         if self._consumer is not None:
             await self._consumer.stop()
             self._consumer = None
-        self._connected = False
+        self._connected_event.clear()
 
     def close_streams(self) -> None:
         """End every open stream and refuse new ones: the first step of shutting down."""
@@ -256,7 +293,9 @@ class EventHub(Component):
 
     async def end_offsets(self) -> Position:
         if self._consumer is None:
-            raise ServiceUnavailableError("the event hub is not connected to Kafka")
+            raise ServiceUnavailableError(
+                "the event hub is not connected to Kafka", public="the live event stream is not connected yet"
+            )
         ends = await self._consumer.end_offsets(self._partitions)
         return tuple(ends[tp] for tp in self._partitions)
 
@@ -292,7 +331,7 @@ class EventHub(Component):
                     raise
                 self._following.failed(exc)
             # The open streams end; their clients come back with their Last-Event-ID.
-            self._connected = False
+            self._connected_event.clear()
             for subscription in list(self._subscriptions):
                 subscription.end("the event hub starts over")
             if self._consumer is not None:
@@ -333,7 +372,7 @@ class EventHub(Component):
             await consumer.stop()
             raise
         self._consumer, self._partitions, self._positions = consumer, partitions, positions
-        self._connected = True
+        self._connected_event.set()
 
     async def _follow(self) -> None:
         assert self._consumer is not None
@@ -381,4 +420,6 @@ async def _partition_count(bootstrap: str, topic: str) -> int:
             if ids != list(range(len(ids))):
                 raise IocError(f"{topic} has unexpected partition ids {ids}")
             return len(ids)
-    raise ServiceUnavailableError(f"{topic} has no partitions yet")
+    raise ServiceUnavailableError(
+        f"{topic} has no partitions yet", public="the event topic has no partitions yet"
+    )

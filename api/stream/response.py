@@ -133,7 +133,7 @@ class ClientStream:
                         break  # from here on the live queue has it
                     position[tp.partition] = record.offset + 1
                     parsed = parse_event(record.value)
-                    if parsed is not None and stream_filter.matches(parsed.kind, parsed.city, parsed.domain):
+                    if parsed is not None and stream_filter.admits(parsed):
                         self._wrote()
                         yield event_frame(encode_position(position, topic=topic), parsed.kind, parsed.data)
             for partition, tp in list(behind.items()):

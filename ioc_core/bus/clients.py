@@ -38,7 +38,9 @@ class BusProducer(Component):
             await self._producer.start()
         except KafkaConnectionError as exc:
             await self._producer.stop()
-            raise ServiceUnavailableError(f"Kafka at {self._bootstrap} is unreachable: {exc}") from exc
+            raise ServiceUnavailableError(
+                f"Kafka at {self._bootstrap} is unreachable: {exc}", public="Kafka is unavailable"
+            ) from exc
 
     async def stop(self) -> None:
         await self._producer.stop()
@@ -96,7 +98,9 @@ class BusConsumer(Component):
             await self._consumer.start()
         except KafkaConnectionError as exc:
             await self._consumer.stop()
-            raise ServiceUnavailableError(f"Kafka at {self._bootstrap} is unreachable: {exc}") from exc
+            raise ServiceUnavailableError(
+                f"Kafka at {self._bootstrap} is unreachable: {exc}", public="Kafka is unavailable"
+            ) from exc
 
     async def stop(self) -> None:
         await self._consumer.stop()

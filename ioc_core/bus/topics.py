@@ -65,7 +65,9 @@ async def ensure_topics(
     try:
         await admin.start()
     except KafkaError as exc:
-        raise ServiceUnavailableError(f"Kafka at {bootstrap} is unreachable: {exc}") from exc
+        raise ServiceUnavailableError(
+            f"Kafka at {bootstrap} is unreachable: {exc}", public="Kafka is unavailable"
+        ) from exc
     try:
         existing = set(await admin.list_topics())
         missing = [t for t in topics if t not in existing]

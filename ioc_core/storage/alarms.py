@@ -30,7 +30,7 @@ from ioc_core.events import Event
 from ioc_core.rules import severity_rank
 from ioc_core.storage import views
 from ioc_core.storage.outbox import insert_events
-from ioc_core.storage.pool import Connection, Pool, text_list
+from ioc_core.storage.pool import Connection, Pool, Transaction, text_list
 from ioc_core.storage.severity import SEVERITY_ORDER_SQL
 
 _ALARM_COLUMNS = """
@@ -251,6 +251,19 @@ async def district_flood_signals(
 # -- over the pool ---------------------------------------------------------------------------
 
 
+async def _read(connection: Connection, alarm_id: int) -> Alarm:
+    """One alarm with its audit trail."""
+    row = await connection.fetchrow(f"SELECT {_ALARM_COLUMNS} FROM alarms a WHERE a.id = $1", alarm_id)
+    if row is None:
+        raise NotFoundError(f"alarm {alarm_id} not found")
+    alarm = _alarm_of(row)
+    audit = await connection.fetch(
+        "SELECT action, actor, note, at FROM alarm_audit WHERE alarm_id = $1 ORDER BY id", alarm_id
+    )
+    alarm.audit = [AuditEntry(**dict(r)) for r in audit]
+    return alarm
+
+
 class AlarmStore:
     """What operators and the public feed read and do with alarms, over a started pool."""
 
@@ -290,17 +303,12 @@ class AlarmStore:
 
     async def get(self, alarm_id: int) -> Alarm:
         """One alarm with its audit trail."""
-        row = await self._pool.fetchrow(f"SELECT {_ALARM_COLUMNS} FROM alarms a WHERE a.id = $1", alarm_id)
-        if row is None:
-            raise NotFoundError(f"alarm {alarm_id} not found")
-        alarm = _alarm_of(row)
-        audit = await self._pool.fetch(
-            "SELECT action, actor, note, at FROM alarm_audit WHERE alarm_id = $1 ORDER BY id", alarm_id
-        )
-        alarm.audit = [AuditEntry(**dict(r)) for r in audit]
-        return alarm
+        async with self._pool.guard(), self._pool.pool.acquire() as connection:
+            return await _read(connection, alarm_id)
 
-    async def acknowledge(self, alarm_id: int, *, actor: str, note: str | None) -> Alarm:
+    async def acknowledge(
+        self, alarm_id: int, *, actor: str, note: str | None, within: Transaction | None = None
+    ) -> Alarm:
         """Acknowledge an active alarm (again: no change). A resolved alarm cannot be acknowledged."""
         return await self._operator_action(
             alarm_id,
@@ -311,9 +319,12 @@ class AlarmStore:
             " WHERE id = $1 AND state = 'active' RETURNING id",
             event_type=ALARM_ACKNOWLEDGED,
             unchanged_state="acknowledged",
+            within=within,
         )
 
-    async def resolve(self, alarm_id: int, *, actor: str, note: str | None) -> Alarm:
+    async def resolve(
+        self, alarm_id: int, *, actor: str, note: str | None, within: Transaction | None = None
+    ) -> Alarm:
         """Resolve an open alarm by hand; the detectors raise a new one if the condition persists."""
         return await self._operator_action(
             alarm_id,
@@ -324,6 +335,7 @@ class AlarmStore:
             " WHERE id = $1 AND state <> 'resolved' RETURNING id",
             event_type=ALARM_RESOLVED,
             unchanged_state=None,
+            within=within,
         )
 
     async def _operator_action(
@@ -336,8 +348,9 @@ class AlarmStore:
         sql: str,
         event_type: str,
         unchanged_state: str | None,
+        within: Transaction | None,
     ) -> Alarm:
-        async with self._pool.transaction() as transaction:
+        async with self._pool.joined(within) as transaction:
             connection = transaction.connection
             changed = await connection.fetchval(sql, alarm_id)
             if changed is None:
@@ -363,7 +376,7 @@ class AlarmStore:
                 event.data["by"] = actor
                 event.data["note"] = note
                 await insert_events(connection, [event])
-        return await self.get(alarm_id)
+            return await _read(connection, alarm_id)
 
     async def public(
         self,

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from ioc_core.errors import NotFoundError
 from ioc_core.storage import views
-from ioc_core.storage.pool import Pool, text_list
+from ioc_core.storage.pool import Pool, Transaction, text_list
 
 
 class ApiKeyStore:
@@ -25,18 +25,21 @@ class ApiKeyStore:
         domains: Sequence[str] | None,
         key_hash: bytes,
         created_by: str,
+        within: Transaction | None = None,
     ) -> views.ApiKeyRow:
-        row = await self._pool.fetchrow(
-            "INSERT INTO api_keys (id, name, role, cities, domains, key_hash, created_by)"
-            f" VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {views.API_KEY_COLUMNS}",
-            key_id,
-            name,
-            role,
-            text_list(cities),
-            text_list(domains),
-            key_hash,
-            created_by,
-        )
+        """Store a new key; in `within` when given (see `Pool.joined`)."""
+        async with self._pool.joined(within) as transaction:
+            row = await transaction.connection.fetchrow(
+                "INSERT INTO api_keys (id, name, role, cities, domains, key_hash, created_by)"
+                f" VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {views.API_KEY_COLUMNS}",
+                key_id,
+                name,
+                role,
+                text_list(cities),
+                text_list(domains),
+                key_hash,
+                created_by,
+            )
         assert row is not None
         return views.ApiKeyRow(**dict(row))
 
@@ -69,13 +72,14 @@ class ApiKeyStore:
             raise NotFoundError(f"API key {key_id!r} not found")
         return views.ApiKeyRow(**dict(row))
 
-    async def revoke(self, key_id: str) -> views.ApiKeyRow:
+    async def revoke(self, key_id: str, *, within: Transaction | None = None) -> views.ApiKeyRow:
         """Revoke a key (again: no change); it stops working within the API's key cache time."""
-        row = await self._pool.fetchrow(
-            "UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE id = $1"
-            f" RETURNING {views.API_KEY_COLUMNS}",
-            key_id,
-        )
+        async with self._pool.joined(within) as transaction:
+            row = await transaction.connection.fetchrow(
+                "UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE id = $1"
+                f" RETURNING {views.API_KEY_COLUMNS}",
+                key_id,
+            )
         if row is None:
             raise NotFoundError(f"API key {key_id!r} not found")
         return views.ApiKeyRow(**dict(row))

@@ -34,7 +34,9 @@ CONNECTION_ERRORS = (
 def unavailable(url: str, exc: BaseException) -> ServiceUnavailableError:
     parts = urlsplit(url)
     where = f"{parts.hostname}:{parts.port or 5432}{parts.path}"
-    return ServiceUnavailableError(f"database at {where} is unreachable: {exc}")
+    return ServiceUnavailableError(
+        f"database at {where} is unreachable: {exc}", public="the database is unavailable"
+    )
 
 
 def is_statement_timeout(exc: BaseException) -> bool:

@@ -1,7 +1,8 @@
 """The database as the rest of the system sees it: a connection pool started and stopped as a
 component, with one store per aggregate over it (`devices`, `readings`, `status`, `alarms`,
-`outbox`, `api_keys`, `dead_letters`, `webhooks`), migrations, and the processor's unit of work
-(`transaction`, see `batch`)."""
+`outbox`, `api_keys`, `dead_letters`, `webhooks`, `audit`), migrations, the processor's unit of
+work (`transaction`, see `batch`), and a plain unit of work that a change and its audit entry
+share (`unit_of_work`)."""
 
 from __future__ import annotations
 
@@ -14,11 +15,12 @@ from ioc_core.component import Component
 from ioc_core.storage import migrations
 from ioc_core.storage.alarms import AlarmStore
 from ioc_core.storage.api_keys import ApiKeyStore
+from ioc_core.storage.audit import AuditStore
 from ioc_core.storage.batch import BatchTransaction, TelemetryBatch, WriteResult
 from ioc_core.storage.dead_letters import DeadLetterStore
 from ioc_core.storage.devices import DeviceStore
 from ioc_core.storage.outbox import OutboxStore
-from ioc_core.storage.pool import Pool
+from ioc_core.storage.pool import Pool, Transaction
 from ioc_core.storage.readings import ReadingStore
 from ioc_core.storage.schema import StorageTier
 from ioc_core.storage.status import StatusStore
@@ -48,6 +50,7 @@ class Database(Component):
         self.outbox = OutboxStore(self._pool)
         self.api_keys = ApiKeyStore(self._pool)
         self.dead_letters = DeadLetterStore(self._pool)
+        self.audit = AuditStore(self._pool)
         # Webhook endpoints, deliveries and attempts, over this pool.
         self.webhooks = WebhookStore(lambda: self._pool.pool, url)
 
@@ -81,12 +84,19 @@ class Database(Component):
         the block ends, or not at all. Durable when the block has ended."""
         return self._pool.unit_of_work(lambda connection: BatchTransaction(connection, self.seq_window_s))
 
+    def unit_of_work(self) -> contextlib.AbstractAsyncContextManager[Transaction]:
+        """A transaction that stores join with `within=`: their changes and whatever else is done
+        in it (the change's audit entry) commit together when the block ends, or not at all."""
+        return self._pool.transaction()
+
     async def write_batch(self, batch: TelemetryBatch) -> WriteResult:
         """Store one poll of the bus in one transaction (see `BatchTransaction.write`)."""
         async with self.transaction() as transaction:
             return await transaction.write(batch)
 
-    async def housekeeping(self, *, outbox_keep_s: float = 86_400) -> None:
-        """Forget what no longer matters: relayed events and expired de-duplication windows."""
+    async def housekeeping(self, *, outbox_keep_s: float = 86_400, audit_keep_days: float = 365) -> None:
+        """Forget what no longer matters: relayed events, expired de-duplication windows, and
+        audit entries older than `audit_keep_days`."""
         await self.outbox.forget_published(keep_s=outbox_keep_s)
         await self.readings.forget_expired_windows()
+        await self.audit.forget(older_than_days=audit_keep_days)

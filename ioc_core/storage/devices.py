@@ -8,10 +8,10 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from ioc_core.errors import ConflictError, NotFoundError, StorageError
+from ioc_core.errors import ConflictError, NotFoundError
 from ioc_core.models import Device, DeviceIn, DeviceRoute, LatestReading, Location
 from ioc_core.storage import views
-from ioc_core.storage.pool import Pool, text_list
+from ioc_core.storage.pool import Connection, Pool, Transaction, text_list
 
 _DEVICE_COLUMNS = """
     d.id, d.city, d.domain, d.name, d.district, d.lat, d.lon, d.thresholds, d.created_at,
@@ -45,15 +45,27 @@ def _device_of(row: asyncpg.Record) -> Device:
     )
 
 
+async def _read(connection: Connection, device_id: str) -> Device:
+    row = await connection.fetchrow(
+        f"SELECT {_DEVICE_COLUMNS} FROM devices d LEFT JOIN device_state s ON s.device_id = d.id"
+        " WHERE d.id = $1",
+        device_id,
+    )
+    if row is None:
+        raise NotFoundError(f"device {device_id!r} not found")
+    return _device_of(row)
+
+
 class DeviceStore:
     """Every query about the device registry, over a started pool."""
 
     def __init__(self, pool: Pool) -> None:
         self._pool = pool
 
-    async def insert(self, device: DeviceIn) -> Device:
-        try:
-            async with self._pool.transaction() as transaction:
+    async def insert(self, device: DeviceIn, *, within: Transaction | None = None) -> Device:
+        """Register a device; in `within` when given (see `Pool.joined`)."""
+        async with self._pool.joined(within) as transaction:
+            try:
                 await transaction.connection.execute(
                     "INSERT INTO devices (id, city, domain, name, district, lat, lon, thresholds)"
                     " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
@@ -66,26 +78,18 @@ class DeviceStore:
                     device.location.lon,
                     device.thresholds,
                 )
-                transaction.touch(device.city, device.domain)
-        except StorageError as exc:
-            if isinstance(exc.__cause__, asyncpg.UniqueViolationError):
+            except asyncpg.UniqueViolationError as exc:
                 raise ConflictError(f"device {device.id!r} already exists") from exc
-            raise
-        return await self.get(device.id)
+            transaction.touch(device.city, device.domain)
+            return await _read(transaction.connection, device.id)
 
     async def get(self, device_id: str) -> Device:
-        row = await self._pool.fetchrow(
-            f"SELECT {_DEVICE_COLUMNS} FROM devices d LEFT JOIN device_state s ON s.device_id = d.id"
-            " WHERE d.id = $1",
-            device_id,
-        )
-        if row is None:
-            raise NotFoundError(f"device {device_id!r} not found")
-        return _device_of(row)
+        async with self._pool.guard(), self._pool.pool.acquire() as connection:
+            return await _read(connection, device_id)
 
-    async def update(self, device: DeviceIn) -> Device:
+    async def update(self, device: DeviceIn, *, within: Transaction | None = None) -> Device:
         """Store a device's name, district, location and thresholds; its id, city and domain stay."""
-        async with self._pool.transaction() as transaction:
+        async with self._pool.joined(within) as transaction:
             row = await transaction.connection.fetchrow(
                 "UPDATE devices SET name = $2, district = $3, lat = $4, lon = $5, thresholds = $6,"
                 " updated_at = now() WHERE id = $1 RETURNING city, domain",
@@ -99,11 +103,11 @@ class DeviceStore:
             if row is None:
                 raise NotFoundError(f"device {device.id!r} not found")
             transaction.touch(row["city"], row["domain"])
-        return await self.get(device.id)
+            return await _read(transaction.connection, device.id)
 
-    async def delete(self, device_id: str) -> None:
+    async def delete(self, device_id: str, *, within: Transaction | None = None) -> None:
         """Remove a device from the registry (its state goes with it; stored readings stay)."""
-        async with self._pool.transaction() as transaction:
+        async with self._pool.joined(within) as transaction:
             row = await transaction.connection.fetchrow(
                 "DELETE FROM devices WHERE id = $1 RETURNING city, domain", device_id
             )

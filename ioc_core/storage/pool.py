@@ -180,6 +180,17 @@ class Pool:
         return self.unit_of_work(Transaction)
 
     @contextlib.asynccontextmanager
+    async def joined(self, within: Transaction | None) -> AsyncIterator[Transaction]:
+        """`within`, the caller's open transaction, so that a store's change commits (or not)
+        with whatever else the caller does in it (its audit entry, say); without one, a
+        transaction of the store's own."""
+        if within is not None:
+            yield within
+            return
+        async with self.transaction() as transaction:
+            yield transaction
+
+    @contextlib.asynccontextmanager
     async def unit_of_work(self, make: Callable[[Connection], TransactionT]) -> AsyncIterator[TransactionT]:
         """One unit of work: everything done through the yielded object commits together when
         the block ends, or not at all. Durable when the block has ended."""

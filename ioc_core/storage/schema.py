@@ -293,6 +293,42 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         CREATE INDEX reading_deliveries_received_at ON reading_deliveries (received_at);
         """,
     ),
+    (
+        7,
+        """
+        -- Keys for scrapers: a metrics key reads /metrics of every component and nothing else.
+        ALTER TABLE api_keys DROP CONSTRAINT IF EXISTS api_keys_role_check;
+        ALTER TABLE api_keys ADD CONSTRAINT api_keys_role_check
+            CHECK (role IN ('viewer', 'operator', 'admin', 'metrics'));
+        """,
+    ),
+    (
+        8,
+        """
+        -- Admin and operator actions, and refused attempts on objects outside a key's scope;
+        -- written in the transaction of the change they record. `cities`/`domains` are the
+        -- object's (NULL: every one), so admins limited to a scope see only entries within it.
+        CREATE TABLE audit_log (
+            id              bigserial PRIMARY KEY,
+            at              timestamptz NOT NULL DEFAULT now(),
+            event_id        uuid NOT NULL UNIQUE,
+            actor_key_id    text,
+            actor_name      text NOT NULL,
+            client_address  text,
+            action          text NOT NULL,
+            object_type     text NOT NULL,
+            object_id       text NOT NULL,
+            outcome         text NOT NULL CHECK (outcome IN ('done', 'refused')),
+            cities          text[],
+            domains         text[],
+            detail          jsonb NOT NULL DEFAULT '{}'
+        );
+        CREATE INDEX audit_log_at ON audit_log (at);
+        CREATE INDEX audit_log_by_object ON audit_log (object_type, object_id, id);
+        CREATE INDEX audit_log_by_actor ON audit_log (actor_key_id, id);
+        CREATE INDEX audit_log_by_action ON audit_log (action, id);
+        """,
+    ),
 )
 
 

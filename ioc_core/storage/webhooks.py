@@ -21,7 +21,7 @@ import asyncpg
 from ioc_core.errors import NotFoundError, StorageError
 from ioc_core.rules import severity_rank
 from ioc_core.storage.connections import CONNECTION_ERRORS, TRANSIENT_ERRORS, unavailable
-from ioc_core.storage.pool import text_list
+from ioc_core.storage.pool import Connection, Transaction, text_list
 from ioc_core.webhooks import RoutedEvent, WebhookFilter
 
 # Workers LISTEN here; a transaction that makes deliveries notifies at its commit.
@@ -30,15 +30,15 @@ NOTIFY_CHANNEL = "ioc_webhook_deliveries"
 _ROUTE_SQL = """
 WITH ev AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::integer[], $6::boolean[],
-                         $7::text[])
-        AS u (message_id, type, city, domain, severity_rank, escalated, body)
+                         $7::text[], $8::boolean[])
+        AS u (message_id, type, city, domain, severity_rank, escalated, body, opt_in)
 ), made AS (
     INSERT INTO webhook_deliveries (endpoint_id, message_id, event_type, body)
     SELECT e.id, ev.message_id, ev.type, ev.body
     FROM ev JOIN webhook_endpoints e ON e.disabled_at IS NULL
         AND (e.cities IS NULL OR ev.city = ANY(e.cities))
         AND (e.domains IS NULL OR ev.domain = ANY(e.domains))
-        AND (e.types IS NULL OR ev.type = ANY(e.types))
+        AND (ev.type = ANY(e.types) OR (e.types IS NULL AND NOT ev.opt_in))
         AND (NOT e.escalated_only OR ev.escalated)
         AND (e.min_severity_rank IS NULL
              OR (ev.severity_rank IS NULL AND e.types IS NOT NULL)
@@ -207,6 +207,7 @@ async def route_deliveries(connection: Any, events: Sequence[RoutedEvent]) -> in
         [e.severity_rank for e in events],
         [e.escalated for e in events],
         [e.body for e in events],
+        [e.opt_in for e in events],
     )
     if made:
         await connection.execute("SELECT pg_notify($1, '')", NOTIFY_CHANNEL)
@@ -254,6 +255,16 @@ class WebhookStore:
                 f"a webhook query failed: {exc}", retriable=isinstance(exc, TRANSIENT_ERRORS)
             ) from exc
 
+    @contextlib.asynccontextmanager
+    async def _connection(self, within: Transaction | None) -> AsyncIterator[Connection]:
+        """The connection of `within`, the caller's open transaction (see `Pool.joined`), or a
+        pooled one of this store's own."""
+        if within is not None:
+            yield within.connection
+            return
+        async with self._guard(), self._pool().acquire() as connection:
+            yield connection
+
     # -- endpoints --------------------------------------------------------------------------
 
     async def create_endpoint(
@@ -265,10 +276,11 @@ class WebhookStore:
         secret: str,
         webhook_filter: WebhookFilter,
         created_by: str | None,
+        within: Transaction | None = None,
     ) -> EndpointRow:
         f = webhook_filter
-        async with self._guard():
-            row = await self._pool().fetchrow(
+        async with self._connection(within) as connection:
+            row = await connection.fetchrow(
                 "INSERT INTO webhook_endpoints AS e (id, url, description, secret, cities, domains, types,"
                 " min_severity, min_severity_rank, escalated_only, created_by)"
                 f" VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING {_ENDPOINT_COLUMNS}",
@@ -320,11 +332,12 @@ class WebhookStore:
         description: str | None,
         webhook_filter: WebhookFilter | None,
         enabled: bool | None,
+        within: Transaction | None = None,
     ) -> EndpointRow:
         """Change what is given; `enabled=True` clears a disablement (by a 410, say)."""
         f = webhook_filter
-        async with self._guard():
-            row = await self._pool().fetchrow(
+        async with self._connection(within) as connection:
+            row = await connection.fetchrow(
                 "UPDATE webhook_endpoints AS e SET"
                 " url = coalesce($2, e.url),"
                 " description = coalesce($3, e.description),"
@@ -357,9 +370,9 @@ class WebhookStore:
             raise NotFoundError(f"webhook {endpoint_id!r} not found")
         return _endpoint(row)
 
-    async def delete_endpoint(self, endpoint_id: str) -> None:
-        async with self._guard():
-            status = await self._pool().execute("DELETE FROM webhook_endpoints WHERE id = $1", endpoint_id)
+    async def delete_endpoint(self, endpoint_id: str, *, within: Transaction | None = None) -> None:
+        async with self._connection(within) as connection:
+            status = await connection.execute("DELETE FROM webhook_endpoints WHERE id = $1", endpoint_id)
         if status.endswith(" 0"):
             raise NotFoundError(f"webhook {endpoint_id!r} not found")
 
@@ -381,9 +394,11 @@ class WebhookStore:
             )
         return [_delivery(r) for r in rows]
 
-    async def get_delivery(self, endpoint_id: str, delivery_id: int) -> DeliveryRow:
-        async with self._guard():
-            row = await self._pool().fetchrow(
+    async def get_delivery(
+        self, endpoint_id: str, delivery_id: int, *, within: Transaction | None = None
+    ) -> DeliveryRow:
+        async with self._connection(within) as connection:
+            row = await connection.fetchrow(
                 f"SELECT {_DELIVERY_COLUMNS} FROM webhook_deliveries d"
                 " WHERE d.endpoint_id = $1 AND d.id = $2",
                 endpoint_id,
@@ -393,9 +408,11 @@ class WebhookStore:
             raise NotFoundError(f"delivery {delivery_id} of webhook {endpoint_id!r} not found")
         return _delivery(row)
 
-    async def retry_delivery(self, endpoint_id: str, delivery_id: int) -> DeliveryRow:
+    async def retry_delivery(
+        self, endpoint_id: str, delivery_id: int, *, within: Transaction | None = None
+    ) -> DeliveryRow:
         """Send a failed (or still pending) delivery again now, with a fresh retry window."""
-        async with self._guard(), self._pool().acquire() as connection, connection.transaction():
+        async with self._connection(within) as connection, connection.transaction():
             status = await connection.execute(
                 "UPDATE webhook_deliveries SET state = 'pending', next_attempt_at = now(),"
                 " window_started_at = now(), failed_at = NULL, failure_reason = NULL"
@@ -405,7 +422,7 @@ class WebhookStore:
             )
             if status.endswith(" 1"):
                 await connection.execute("SELECT pg_notify($1, '')", NOTIFY_CHANNEL)
-        return await self.get_delivery(endpoint_id, delivery_id)
+        return await self.get_delivery(endpoint_id, delivery_id, within=within)
 
     async def delivery_counts(self) -> dict[str, int]:
         async with self._guard():

@@ -25,6 +25,8 @@ from tests.integration.harness import ComponentProcess, delete_topics, test_env,
 
 SERVICES = {"Mosquitto": ("127.0.0.1", 1883), "Kafka": ("127.0.0.1", 9092)}
 ADMIN_KEY = "test-admin-key-0123456789abcdef"
+# /metrics of every component takes the admin key (or a metrics key).
+ADMIN_HEADERS = {"Authorization": f"Bearer {ADMIN_KEY}"}
 # The session's gateway takes telemetry of this city only; tests that run gateways of their own
 # use cities of their own, so each message has exactly one gateway group.
 SESSION_CITY = unique("city")[:32]

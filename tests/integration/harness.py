@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -100,10 +101,19 @@ def stop_process(process: subprocess.Popen[bytes] | None, sig: int, timeout: flo
     return process.returncode
 
 
+_UNLIMITED = json.dumps({"rate": 1_000_000, "burst": 1_000_000})
+UNLIMITED_API_RATES = {
+    f"IOC_API_RATE_LIMIT_{who}": _UNLIMITED for who in ("VIEWER", "OPERATOR", "ADMIN", "ANONYMOUS")
+}
+
+
 def test_env(**overrides: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("IOC_")}
     # Several processors run side by side in tests; those that read /ready or /metrics set a port.
     env["IOC_PROCESSOR_HEALTH_PORT"] = "0"
+    # Tests of other things fire requests far faster than any screen (schemathesis, page tests,
+    # polling waits, one admin key and one address for everything); test_rate_limits sets its own.
+    env.update(UNLIMITED_API_RATES)
     env.update(overrides)
     return env
 

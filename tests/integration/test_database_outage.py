@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from tests.conftest import Figures
-from tests.integration.conftest import ADMIN_KEY, free_port
+from tests.integration.conftest import ADMIN_HEADERS, ADMIN_KEY, free_port
 from tests.integration.harness import SERVICES_SCRIPT, services, unique, wait_until
 from tests.integration.systems import OwnSystem, own_system
 from tests.integration.test_faults import publish_in_background
@@ -93,7 +93,7 @@ async def processor_probe(system: OwnSystem) -> tuple[int, int]:
     url = f"http://127.0.0.1:{system.env['IOC_PROCESSOR_HEALTH_PORT']}"
     async with httpx.AsyncClient(timeout=5) as client:
         ready = await client.get(f"{url}/ready")
-        metrics = (await client.get(f"{url}/metrics")).text
+        metrics = (await client.get(f"{url}/metrics", headers=ADMIN_HEADERS)).text
     lag = sum(
         int(float(line.rsplit(" ", 1)[1]))
         for line in metrics.splitlines()

@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from tests.integration.conftest import System
+from tests.integration.conftest import ADMIN_HEADERS, System
 from tests.integration.harness import Publisher, services, unique, wait_until
 from tests.integration.test_gateway import _at_least, count_readings, register
 
@@ -52,7 +52,7 @@ def publish_in_background(messages: list[tuple[str, bytes]], rate: float) -> thr
 
 async def gateway_metric(gateway: Any, name: str) -> float:
     async with httpx.AsyncClient() as client:
-        text = (await client.get(f"{gateway.health_url}/metrics", timeout=5)).text
+        text = (await client.get(f"{gateway.health_url}/metrics", timeout=5, headers=ADMIN_HEADERS)).text
     for line in text.splitlines():
         if line.startswith(f"{name} "):
             return float(line.split()[1])

@@ -14,7 +14,13 @@ import asyncpg
 import httpx
 from aiokafka import AIOKafkaConsumer
 
-from tests.integration.conftest import FAST_OFFLINE_DOMAIN, FAST_OFFLINE_S, SESSION_CITY, System
+from tests.integration.conftest import (
+    ADMIN_HEADERS,
+    FAST_OFFLINE_DOMAIN,
+    FAST_OFFLINE_S,
+    SESSION_CITY,
+    System,
+)
 from tests.integration.harness import Publisher, publish, tail_topic, unique, wait_until
 
 LOCATION = {"lat": 20.8631, "lon": 106.6720}
@@ -110,7 +116,9 @@ async def test_every_rejection_reason_is_dead_lettered_and_listed(
     for reason in cases:
         assert f'ioc_dead_letters_total{{reason="{reason}"}}' in metrics
     async with httpx.AsyncClient() as client:
-        gateway_metrics = (await client.get(f"{system.processes['gateway'].health_url}/metrics")).text
+        gateway_metrics = (
+            await client.get(f"{system.processes['gateway'].health_url}/metrics", headers=ADMIN_HEADERS)
+        ).text
     assert 'ioc_gateway_rejected_total{reason="future_timestamp"}' in gateway_metrics
 
 
@@ -312,7 +320,7 @@ async def test_two_gateways_share_the_subscription(
     received = []
     async with httpx.AsyncClient() as client:
         for gateway in (first, second):
-            text = (await client.get(f"{gateway.health_url}/metrics")).text
+            text = (await client.get(f"{gateway.health_url}/metrics", headers=ADMIN_HEADERS)).text
             received.append(_sample(text, "ioc_gateway_received_total"))
     assert sum(received) == 2000, received
     assert min(received) > 0, f"one gateway took everything: {received}"

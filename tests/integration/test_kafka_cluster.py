@@ -29,7 +29,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from ioc_core.bus import Topics
 from tests.conftest import Figures
-from tests.integration.conftest import free_port
+from tests.integration.conftest import ADMIN_HEADERS, free_port
 from tests.integration.harness import Publisher, unique, wait_until
 from tests.integration.kafka_cluster import KafkaCluster
 from tests.integration.systems import OwnSystem, own_system
@@ -154,7 +154,7 @@ async def stored_rows(system: OwnSystem, devices: list[str]) -> collections.Coun
 async def metrics(url: str) -> dict[str, float]:
     """A component's /metrics page, summed per metric name (over labels)."""
     async with httpx.AsyncClient(timeout=5) as client:
-        text = (await client.get(f"{url}/metrics")).text
+        text = (await client.get(f"{url}/metrics", headers=ADMIN_HEADERS)).text
     values: dict[str, float] = collections.defaultdict(float)
     for line in text.splitlines():
         if line and not line.startswith("#"):

@@ -298,10 +298,30 @@ async def test_storm_incidents_are_all_alarmed_in_time(scenarios: ScenarioSystem
 async def test_outage_devices_go_offline_by_their_last_will_and_come_back(scenarios: ScenarioSystem) -> None:
     run = scenarios.runs["outage"]
     _check_summary(run)
-    incidents = _check_alarm_incidents(run)
+    try:
+        incidents = _check_alarm_incidents(run)
+    except AssertionError as failure:
+        diagnosis = await _device_histories(scenarios, run)
+        raise AssertionError(f"{failure}\n{diagnosis}\nsimulator summary: {run.summary}") from None
     assert incidents and all(i.kind == "feeder_outage" and i.ended_at is not None for i in incidents)
     assert {i.domain for i in incidents} == {"grid", "water"}, "the feeder powers meters and water works"
     _check_nothing_else(run)
+
+
+async def _device_histories(system: ScenarioSystem, run: Run) -> str:
+    """What the database knows of the outage's devices: their status and when it changed, when they
+    were last seen, and the readings they sent after power came back."""
+    victims = [i.device_id for i in run.truth if i.kind == "feeder_outage" and i.device_id is not None]
+    connection = await asyncpg.connect(system.database_url)
+    try:
+        rows = await connection.fetch(
+            "SELECT device_id, status, status_changed_at, last_seen, ts FROM device_state"
+            " WHERE device_id = ANY($1::text[]) ORDER BY device_id",
+            victims,
+        )
+    finally:
+        await connection.close()
+    return "device states:\n" + "\n".join(str(dict(row)) for row in rows)
 
 
 async def test_bad_devices_are_dead_lettered_stored_once_or_stored_late(scenarios: ScenarioSystem) -> None:

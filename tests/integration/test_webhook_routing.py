@@ -3,12 +3,14 @@ transaction that records the event (the same statement the processors run)."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
+from ioc_core.audit import AuditEntry, audit_event
 from ioc_core.events import Event
 from ioc_core.storage import Database
 from ioc_core.storage.webhooks import route_deliveries
@@ -38,6 +40,26 @@ def offline() -> Event:
         time=datetime.now(UTC),
         data={"device_id": "d1", "city": CITY, "domain": "flood", "status": "offline"},
     )
+
+
+def audit(cities: list[str] | None) -> Event:
+    """An audit entry's event about a flood device of `cities` (None: an object of every city)."""
+    entry = AuditEntry(
+        id=1,
+        at=datetime.now(UTC),
+        event_id=str(uuid.uuid4()),
+        actor_key_id=None,
+        actor_name="admin",
+        client_address="127.0.0.1",
+        action="device.create",
+        object_type="device",
+        object_id="d1",
+        outcome="done",
+        cities=cities,
+        domains=["flood"],
+        detail={},
+    )
+    return audit_event(entry)
 
 
 @pytest.fixture
@@ -97,6 +119,19 @@ async def routes_to(
         ({"cities": [CITY]}, offline(), True),
         ({"cities": [CITY], "min_severity": "low"}, offline(), False),
         ({"cities": [CITY], "min_severity": "high", "types": ["device.offline"]}, offline(), True),
+        # Audit entries go only where `types` names them, never to an endpoint made for alarms.
+        ({}, audit([CITY]), False),
+        ({"cities": [CITY]}, audit([CITY]), False),
+        ({"types": ["audit.recorded"]}, audit([CITY]), True),
+        ({"types": ["audit.recorded"], "cities": [CITY], "domains": ["flood"]}, audit([CITY]), True),
+        ({"types": ["audit.recorded"], "cities": [OTHER]}, audit([CITY]), False),
+        ({"types": ["audit.recorded"], "domains": ["water"]}, audit([CITY]), False),
+        # An object of several cities (or every one) reaches only endpoints of every city.
+        ({"types": ["audit.recorded"], "cities": [CITY]}, audit([CITY, OTHER]), False),
+        ({"types": ["audit.recorded"], "cities": [CITY]}, audit(None), False),
+        ({"types": ["audit.recorded"]}, audit(None), True),
+        # No severity: named in `types`, an entry passes a severity filter, as device events do.
+        ({"types": ["audit.recorded"], "min_severity": "high"}, audit([CITY]), True),
     ],
 )
 async def test_routing(

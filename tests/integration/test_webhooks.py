@@ -2,8 +2,8 @@
 alarm, and an `ioc webhooks` worker POSTs it to a real HTTP receiver on loopback.
 
 This module runs a system of its own (database, topics, gateway, processor, API and a separate
-webhook worker) so that its retry timings, private-address permission and escalation limit
-are its own, and so that killing the worker touches no other test.
+webhook worker) so that its retry timings, allowed networks and escalation limit are its own,
+and so that killing the worker touches no other test.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 from standardwebhooks import Webhook as ReferenceVerifier
@@ -43,6 +44,9 @@ from tests.integration.harness import (
 from tests.integration.systems import OwnSystem, own_system
 
 CITY = unique("hooks")[:32]
+# Loopback for the receiver; carrier-grade NAT and the link-local block around the metadata
+# address, to show what listing opens and what it never opens.
+ALLOWED_NETWORKS = "127.0.0.0/8, 100.64.0.0/10, 169.254.169.0/24"
 TIMEOUT_S = 2
 RETRY_WINDOW_S = 12
 ESCALATE_AFTER_S = 4
@@ -56,6 +60,7 @@ class Reply:
     status: int = 200
     headers: dict[str, str] = field(default_factory=dict)
     delay_s: float = 0.0
+    body: bytes = b"ok"
     # Held until the test opens it (or for `delay_s` at most).
     gate: asyncio.Event | None = None
 
@@ -95,7 +100,7 @@ class Receiver:
                 await asyncio.wait_for(reply.gate.wait(), reply.delay_s)
         elif reply.delay_s:
             await asyncio.sleep(reply.delay_s)
-        return Response(status_code=reply.status, headers=reply.headers, content=b"ok")
+        return Response(status_code=reply.status, headers=reply.headers, content=reply.body)
 
     def url(self, name: str) -> str:
         return f"http://127.0.0.1:{self.port}/{name}"
@@ -131,7 +136,7 @@ async def hooks(log_dir: Path) -> AsyncIterator[OwnSystem]:
         "hooks",
         [CITY],
         commands=("processor", "gateway", "api", "webhooks"),
-        IOC_WEBHOOK_ALLOW_PRIVATE="true",
+        IOC_WEBHOOK_ALLOWED_NETWORKS=ALLOWED_NETWORKS,
         IOC_WEBHOOK_WORKER="false",
         IOC_WEBHOOK_TIMEOUT_S=str(TIMEOUT_S),
         IOC_WEBHOOK_RETRY_WINDOW_S=str(RETRY_WINDOW_S),
@@ -469,31 +474,157 @@ async def test_unacknowledged_critical_alarm_is_escalated_once(
     await api.delete(f"/v1/webhooks/{everything['id']}")
 
 
-async def test_private_addresses_are_refused_at_registration(
+# URLs the session's API (no IOC_WEBHOOK_ALLOWED_NETWORKS) refuses, with the kind it names.
+REFUSED_BY_DEFAULT = [
+    ("http://127.0.0.1:8080/hook", "loopback"),
+    ("http://localhost/hook", "loopback"),
+    ("http://127.1/hook", "loopback"),
+    ("http://2130706433/hook", "loopback"),
+    ("http://0x7f.0.0.1/hook", "loopback"),
+    ("http://[::1]/hook", "loopback"),
+    ("http://0.0.0.0:8000/hook", "unspecified"),
+    ("http://10.0.0.8/hook", "private"),
+    ("http://192.168.1.20/hook", "private"),
+    ("http://172.20.0.3/hook", "private"),
+    ("http://100.64.0.1/hook", "carrier-grade NAT"),
+    ("http://169.254.169.254/latest/meta-data/", "cloud metadata"),
+    ("http://100.100.100.200/latest/meta-data/", "cloud metadata"),
+    ("http://[fd00:ec2::254]/latest/meta-data/", "cloud metadata"),
+    ("http://168.63.129.16/machine?comp=goalstate", "cloud metadata"),
+    ("http://[::ffff:127.0.0.1]/hook", "loopback"),
+    ("http://[::ffff:a9fe:a9fe]/hook", "cloud metadata"),
+    ("http://[2002:c0a8:101::1]/hook", "private (embedded in IPv6)"),
+    ("http://[64:ff9b::a00:1]/hook", "private (embedded in IPv6)"),
+    ("http://[fe80::1%25lo]/hook", "link-local"),
+    ("http://[fd12:3456::1]/hook", "private"),
+    ("http://224.0.0.251/hook", "multicast"),
+]
+
+
+async def test_addresses_that_are_not_globally_routable_are_refused_at_registration(
     admin: httpx.AsyncClient, system: System
 ) -> None:
-    """The session's API runs with the default: private addresses forbidden."""
-    for url in (
-        "http://127.0.0.1:8080/hook",
-        "http://localhost/hook",
-        "http://[::1]/hook",
-        "http://169.254.169.254/latest/meta-data",
-        "http://10.0.0.8/hook",
-        "http://192.168.1.20/hook",
-        "http://[::ffff:127.0.0.1]/hook",
-    ):
+    """The session's API runs with the default: only globally routable addresses."""
+    for url, kind in REFUSED_BY_DEFAULT:
         response = await admin.post("/v1/webhooks", json={"url": url})
         assert response.status_code == 400, (url, response.text)
         assert response.headers["content-type"] == "application/problem+json"
-        assert "refused" in response.json()["detail"]
+        detail = response.json()["detail"]
+        assert detail.startswith("webhook URL refused") and kind in detail, (url, detail)
     for url, reason in (("ftp://example.org/x", "http"), ("https://nonexistent.invalid/x", "resolve")):
         response = await admin.post("/v1/webhooks", json={"url": url})
         assert response.status_code == 400 and reason in response.json()["detail"], response.text
+    # A name is refused without saying what it resolves to (internal DNS stays internal).
+    named = (await admin.post("/v1/webhooks", json={"url": "http://localhost/hook"})).json()["detail"]
+    assert "127.0.0.1" not in named
+    # A public address is taken (no delivery reaches it: its filter names no city of ours).
+    public = await admin.post(
+        "/v1/webhooks", json={"url": "https://203.113.131.1/hook", "filter": {"cities": ["nowhere"]}}
+    )
+    assert public.status_code == 201, public.text
+    patched = await admin.patch(f"/v1/webhooks/{public.json()['id']}", json={"url": "http://10.1.1.1/"})
+    assert patched.status_code == 400 and "private" in patched.json()["detail"]
+    assert (await admin.delete(f"/v1/webhooks/{public.json()['id']}")).status_code == 204
+
+
+async def test_listed_networks_are_open_and_metadata_addresses_never(
+    hooks: OwnSystem, api: httpx.AsyncClient
+) -> None:
+    accepted = [
+        "http://127.0.0.1:9/hook",
+        "http://localhost:9/hook",
+        "http://[::ffff:127.0.0.1]:9/hook",
+        "http://100.64.1.1/hook",
+        "http://169.254.169.1/hook",
+    ]
+    for url in accepted:
+        response = await api.post("/v1/webhooks", json={"url": url, "filter": {"cities": ["nowhere"]}})
+        assert response.status_code == 201, (url, response.text)
+        await api.delete(f"/v1/webhooks/{response.json()['id']}")
+    refused = [
+        ("http://169.254.169.254/latest/meta-data/", "cloud metadata"),
+        ("http://100.100.100.200/latest/meta-data/", "cloud metadata"),
+        ("http://[::ffff:169.254.169.254]/", "cloud metadata"),
+        ("http://[64:ff9b::a9fe:a9fe]/", "cloud metadata"),
+        ("http://[2002:a9fe:a9fe::1]/", "cloud metadata"),
+        ("http://[fd00:ec2::254]/", "cloud metadata"),
+        ("http://10.0.0.1/", "private"),
+        ("http://[::1]:9/", "loopback"),
+        ("http://[2002:c0a8:101::1]/", "private (embedded in IPv6)"),
+        ("http://0.0.0.0:9/", "unspecified"),
+    ]
+    for url, kind in refused:
+        response = await api.post("/v1/webhooks", json={"url": url})
+        assert response.status_code == 400, (url, response.text)
+        assert response.headers["content-type"] == "application/problem+json"
+        assert kind in response.json()["detail"], (url, response.text)
+
+
+async def test_a_target_that_turns_forbidden_is_refused_at_every_connection_and_retried(
+    hooks: OwnSystem, api: httpx.AsyncClient, receiver: Receiver
+) -> None:
+    """The stored URL's host now points at the metadata service (as a name would after a DNS
+    change): every attempt is refused before connecting and retried under the contract's
+    backoff, until the URL is fixed and the same delivery goes out."""
+    hook = await register_hook(api, receiver.url("turned"), cities=[CITY], types=["alarm.raised"])
+    connection = await asyncpg.connect(hooks.database_url)
+    try:
+        await connection.execute(
+            "UPDATE webhook_endpoints SET url = $2 WHERE id = $1",
+            hook["id"],
+            "http://169.254.169.254/latest/meta-data/iam/security-credentials/",
+        )
+    finally:
+        await connection.close()
+    device_id = await flood_station(api)
+    publish_level(device_id, 4.9)
+
+    async def refused_twice() -> dict[str, Any] | None:
+        items = await deliveries(api, hook["id"], state="pending")
+        return items[0] if items and len(items[0]["attempts"]) >= 2 else None
+
+    pending = await wait_until(refused_twice, timeout=30, what="two refused attempts", interval=0.2)
+    for attempt in pending["attempts"]:
+        assert attempt["status_code"] is None and attempt["response"] is None
+        assert attempt["error"] == (
+            "169.254.169.254 is a cloud metadata address, which webhooks may not reach"
+        )
+    assert pending["next_attempt_at"] is not None and receiver.of("turned") == []
+
+    fixed = await api.patch(f"/v1/webhooks/{hook['id']}", json={"url": receiver.url("turned")})
+    assert fixed.status_code == 200, fixed.text
+    delivered = await wait_for_delivery_state(api, hook["id"], "delivered")
+    assert delivered["id"] == pending["id"] and delivered["attempts"][-1]["status_code"] == 200
+    [request] = receiver.of("turned")
+    assert request.headers["webhook-id"] == pending["message_id"]
+
+
+async def test_admins_limited_to_a_scope_do_not_see_what_endpoints_answer(
+    hooks: OwnSystem, api: httpx.AsyncClient, receiver: Receiver
+) -> None:
+    receiver.plan("answers", Reply(500, body=b"internal: pg password hunter2"))
+    hook = await register_hook(api, receiver.url("answers"), cities=[CITY], types=["alarm.raised"])
+    made = await api.post("/v1/api-keys", json={"role": "admin", "cities": [CITY], "name": "city admin"})
+    assert made.status_code == 201, made.text
+    device_id = await flood_station(api)
+    publish_level(device_id, 4.9)
+    delivered = await wait_for_delivery_state(api, hook["id"], "delivered")
+    assert [a["response"] for a in delivered["attempts"]] == ["internal: pg password hunter2", "ok"]
+
+    async with httpx.AsyncClient(
+        base_url=hooks.api_url, headers={"Authorization": f"Bearer {made.json()['key']}"}, timeout=10
+    ) as city_admin:
+        listed = (await city_admin.get(f"/v1/webhooks/{hook['id']}/deliveries")).json()["items"]
+        one = (await city_admin.get(f"/v1/webhooks/{hook['id']}/deliveries/{delivered['id']}")).json()
+    for seen in (listed[0], one):
+        assert [a["status_code"] for a in seen["attempts"]] == [500, 200]
+        assert all(a["response"] is None for a in seen["attempts"])
+        assert "hunter2" not in json.dumps(seen)
 
 
 async def test_private_address_is_refused_again_at_send_time(receiver: Receiver) -> None:
     """A URL stored while it pointed elsewhere (DNS changes) is not followed to a private address."""
-    settings = load_settings(webhook_allow_private=False, webhook_timeout_s=2)
+    settings = load_settings(webhook_timeout_s=2)
     job = DeliveryJob(
         id=1,
         endpoint_id="wh_0000000000000000",
@@ -507,9 +638,9 @@ async def test_private_address_is_refused_again_at_send_time(receiver: Receiver)
     )
     async with webhook_client(settings) as client:
         result = await send_once(client, job, timeout_s=2)
-    assert result.status_code is None and "forbidden address" in (result.error or "")
+    assert result.status_code is None and "loopback address" in (result.error or "")
     assert receiver.of("never") == []
-    allowed = load_settings(webhook_allow_private=True)
+    allowed = load_settings(webhook_allowed_networks=ALLOWED_NETWORKS)
     async with webhook_client(allowed) as client:
         result = await send_once(client, job, timeout_s=2)
     assert result.status_code == 200
@@ -528,9 +659,10 @@ async def test_redirects_are_not_followed(receiver: Receiver) -> None:
         attempts=0,
         window_started_at=datetime.now(UTC),
     )
-    async with webhook_client(load_settings(webhook_allow_private=True)) as client:
+    async with webhook_client(load_settings(webhook_allowed_networks=ALLOWED_NETWORKS)) as client:
         result = await send_once(client, job, timeout_s=2)
     assert result.status_code == 307 and "not followed" in (result.error or "")
+    assert "169.254.169.254" in (result.response or "") and "169.254" not in (result.error or "")
     assert result.outcome == "retry"
 
 

@@ -17,7 +17,7 @@ from fastapi import FastAPI, Request
 from starlette.datastructures import Headers
 from starlette.types import Receive, Scope, Send
 
-from api.auth import KeyCache, key_from_headers
+from api.auth import KeyCache
 from api.limits import RequestLimits, carries_body, declared_length, head_bytes
 from api.params import EARLIEST_TIME, LATEST_TIME, within_time_bounds
 from api.problems import install as install_problems
@@ -205,21 +205,6 @@ def test_declared_length_and_body() -> None:
     assert declared_length(Headers({})) is None
     assert carries_body(Headers({"transfer-encoding": "chunked"}))
     assert not carries_body(Headers({"content-length": "0"}))
-
-
-@pytest.mark.parametrize(
-    ("headers", "key"),
-    [
-        ({"authorization": "Bearer abc"}, "abc"),
-        ({"authorization": "bearer  abc "}, "abc"),
-        ({"authorization": "Basic abc", "x-api-key": "def"}, "def"),
-        ({"authorization": "Bearer ", "x-api-key": "def"}, "def"),
-        ({"x-api-key": ""}, None),
-        ({}, None),
-    ],
-)
-def test_the_key_is_read_as_the_routes_read_it(headers: dict[str, str], key: str | None) -> None:
-    assert key_from_headers(Headers(headers)) == key
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import random
 
 import pytest
@@ -99,6 +100,7 @@ def test_event_kinds() -> None:
     assert kind_of("alarm.raised") == kind_of("alarm.resolved") == "alarm"
     assert kind_of("device.online") == kind_of("device.offline") == "status"
     assert kind_of("state.changed") == "state"
+    assert kind_of("audit.recorded") == "audit"
     assert kind_of("device.registered") is None
     assert kind_of(None) is None
 
@@ -139,3 +141,33 @@ def test_types_parameter() -> None:
         with pytest.raises(HTTPException) as raised:
             stream_kinds(bad)
         assert raised.value.status_code == 400
+    assert stream_kinds("audit") == {"audit"}
+    assert "audit" not in stream_kinds(None)
+
+
+def _audit_record(cities: list[str] | None, domains: list[str] | None) -> bytes:
+    data = {"action": "device.create", "object": {"type": "device", "id": "d1"}, "cities": cities}
+    return json.dumps({"type": "audit.recorded", "data": {**data, "domains": domains}}).encode()
+
+
+def test_audit_entries_go_to_admins_that_ask_within_their_scope() -> None:
+    parsed = parse_event(_audit_record(["ha-noi"], ["flood"]))
+    assert parsed is not None and parsed.kind == "audit"
+    assert (parsed.cities, parsed.domains) == ({"ha-noi"}, {"flood"})
+    every_city = parse_event(_audit_record(None, None))
+    assert every_city is not None and every_city.cities is None
+    audit = frozenset({"audit"})
+    everyone = Principal(name="admin", role="admin")
+    hanoi_admin = Principal(name="a", role="admin", cities=frozenset({"ha-noi"}))
+    hanoi_viewer = Principal(name="v", role="viewer", cities=frozenset({"ha-noi"}))
+    assert StreamFilter(audit, None, None, everyone).admits(parsed)
+    assert StreamFilter(audit, None, None, everyone).admits(every_city)
+    assert StreamFilter(audit, None, None, hanoi_admin).admits(parsed)
+    # An entry about an object of every city is beyond a scoped admin, as in `GET /v1/audit`.
+    assert not StreamFilter(audit, None, None, hanoi_admin).admits(every_city)
+    assert not StreamFilter(audit, None, None, hanoi_viewer).admits(parsed)
+    assert not StreamFilter(frozenset({"alarm", "status", "state"}), None, None, everyone).admits(parsed)
+    assert StreamFilter(audit, "ha-noi", "flood", everyone).admits(parsed)
+    assert not StreamFilter(audit, "hai-phong", None, everyone).admits(parsed)
+    assert not StreamFilter(audit, None, "water", everyone).admits(parsed)
+    assert not StreamFilter(audit, "ha-noi", None, everyone).admits(every_city)

@@ -27,7 +27,7 @@ def test_defaults_follow_the_contract(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.database_url.get_secret_value() == "postgresql://postgres@127.0.0.1:5432/ioc"
     assert (settings.api_host, settings.api_port) == ("127.0.0.1", 8000)
     assert settings.admin_api_key is None
-    assert settings.webhook_allow_private is False
+    assert settings.webhook_allow_private is False and settings.webhook_allowed_networks == []
 
 
 def test_secrets_are_masked(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -104,12 +104,13 @@ async def test_supervisor_retries_a_task_and_reports_it_while_failing() -> None:
     async def work() -> None:
         if not release.is_set():
             failed.set()
-            raise ServiceUnavailableError("kafka is away")
+            raise ServiceUnavailableError("Kafka at kafka-1.internal:9092 is away", public="Kafka is away")
         done.set()
 
     supervisor.spawn("consume", work)
     await asyncio.wait_for(failed.wait(), 5)
-    assert "kafka is away" in supervisor.failing()["consume"]
+    # Readiness needs no key: which dependency, never where it is.
+    assert supervisor.failing()["consume"] == "ServiceUnavailableError: Kafka is away"
     release.set()
     await asyncio.wait_for(done.wait(), 5)
     assert supervisor.failing() == {}
@@ -125,7 +126,29 @@ async def test_a_lasting_failure_ends_the_supervisor() -> None:
     supervisor.every("silence", 0.01, sweep)
     with pytest.raises(ComponentFailed, match="silence stopped: KeyError"):
         await asyncio.wait_for(supervisor.wait(), 5)
-    assert "failed" in supervisor.failing()
+    assert supervisor.failing()["failed"] == "test: silence stopped: KeyError"
+    await supervisor.stop()
+
+
+async def test_readiness_never_carries_an_error_message() -> None:
+    supervisor = Supervisor("test", policy=FAST)
+    errors = [
+        OSError("Multiple exceptions: [Errno 111] Connect call failed ('10.1.2.3', 5432)"),
+        ConnectionRefusedError(111, "Connect call failed ('db.internal', 5432)"),
+        asyncpg.InternalClientError("postgresql://ioc:secret@db.internal/ioc"),
+        ServiceUnavailableError(
+            "database at db.internal:5432/ioc is unreachable", public="the database is down"
+        ),
+    ]
+    for number, error in enumerate(errors):
+        supervisor.outage(f"part {number}").failed(error)
+    shown = supervisor.failing()
+    assert shown == {
+        "part 0": "OSError",
+        "part 1": "ConnectionRefusedError",
+        "part 2": "InternalClientError",
+        "part 3": "ServiceUnavailableError: the database is down",
+    }
     await supervisor.stop()
 
 

@@ -104,6 +104,7 @@ class FakeDatabase:
         self.pending: list[OutboxEvent] = []
         self.retention: list[timedelta] = []
         self.housekept = 0
+        self.audit_keep_days: float | None = None
         self.devices = _FakeDevices(self)
         self.readings = _FakeReadings(self)
         self.outbox = _FakeOutbox(self)
@@ -120,8 +121,9 @@ class FakeDatabase:
         yield transaction
         transaction.commit()
 
-    async def housekeeping(self) -> None:
+    async def housekeeping(self, *, audit_keep_days: float = 365) -> None:
         self.housekept += 1
+        self.audit_keep_days = audit_keep_days
 
 
 class _FakeDevices:

@@ -245,13 +245,13 @@ async def test_escalation_wakes_the_relay_for_the_events_it_records() -> None:
 
 
 async def test_retention_housekeeping_and_lag_each_call_their_one_thing() -> None:
-    r = rig(retention_days=30)
+    r = rig(retention_days=30, audit_retention_days=400)
     jobs = {job.name: job for job in r.processor.scheduled_jobs()}
     r.consumer.partition_lag = {("unit.ioc.telemetry.flood", 2): 7}
     for name in ("retention", "housekeeping", "lag"):
         await jobs[name].run_once()
     assert r.database.retention == [timedelta(days=30)]
-    assert r.database.housekept == 1
+    assert r.database.housekept == 1 and r.database.audit_keep_days == 400
     lag = next(m for m in r.processor.metrics() if m.name == "ioc_processor_lag")
     assert lag.samples == [({"topic": "unit.ioc.telemetry.flood", "partition": "2"}, 7)]
 
