@@ -13,8 +13,9 @@ from fastapi.middleware.gzip import GZipMiddleware
 from api import problems
 from api.auth import KeyCache
 from api.device_accounts import DeviceAccounts
+from api.limits import RequestLimits
 from api.page import add_page_routes
-from api.params import reject_unknown_query_parameters
+from api.params import check_time_query_parameters, reject_unknown_query_parameters
 from api.problems import PROBLEM, TOO_MANY_REQUESTS
 from api.rate_limits import RateLimiter, RateLimitMiddleware, policies_of
 from api.routes import (
@@ -48,9 +49,7 @@ async def _storage(app: FastAPI, settings: Settings, database: Database | None) 
         app.state.database = database
         yield
         return
-    async with Database(
-        settings.database_url.get_secret_value(), timeout_s=settings.database_timeout_s
-    ) as owned:
+    async with Database(settings.database_url.get_secret_value(), timeout_s=settings.api_timeout_s) as owned:
         app.state.database = owned
         log.info("API ready on storage tier %s", owned.tier)
         yield
@@ -98,10 +97,14 @@ def create_app(
         description=_DESCRIPTION,
         lifespan=_lifespan(settings, database, accounts),
         responses={
-            **{status: PROBLEM for status in (400, 401, 403, 422, 500)},
+            **{status: PROBLEM for status in (400, 401, 403, 408, 413, 422, 500)},
             429: TOO_MANY_REQUESTS,
+            503: {
+                **PROBLEM,
+                "headers": {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}},
+            },
         },
-        dependencies=[Depends(reject_unknown_query_parameters)],
+        dependencies=[Depends(reject_unknown_query_parameters), Depends(check_time_query_parameters)],
     )
     app.state.settings = settings
     app.state.key_cache = KeyCache(settings.api_key_cache_s)
@@ -109,6 +112,8 @@ def create_app(
     problems.install(app)
     # Views that screens poll compress themselves once per version; this covers the rest.
     app.add_middleware(GZipMiddleware, minimum_size=1024, compresslevel=6)
+    # Within the rate limits: the request limits count what the rate limits let through.
+    app.add_middleware(RequestLimits, settings=settings)
     # Outermost (added last): a request over its limit costs no routing, no key query, no work.
     app.state.rate_limiter = RateLimiter(settings.api_rate_limit_buckets)
     app.add_middleware(

@@ -4,12 +4,17 @@ boxes, and the rule that an unknown query parameter is refused."""
 from __future__ import annotations
 
 import math
+import types
+import typing
 from collections.abc import Sequence
-from typing import Annotated
+from datetime import UTC, datetime
+from typing import Annotated, Any
 
 from fastapi import HTTPException, Path, Query, Request
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
+from pydantic import TypeAdapter
+from pydantic import ValidationError as PydanticValidationError
 
 from ioc_core.domains import DOMAINS
 from ioc_core.telemetry import CITY_PATTERN, DEVICE_ID_PATTERN
@@ -86,3 +91,59 @@ async def reject_unknown_query_parameters(request: Request) -> None:
     if unknown:
         known = ", ".join(sorted(allowed)) or "none"
         raise HTTPException(400, f"unknown query parameter {', '.join(unknown)}; this endpoint takes {known}")
+
+
+# Times a request may name: a timestamp outside them is a client's mistake or a probe (year 1,
+# year 9999 with an offset that pushes it past 9999 in UTC), never something stored, and it
+# would overflow date arithmetic before any query ran.
+EARLIEST_TIME = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST_TIME = datetime(2201, 1, 1, tzinfo=UTC)  # exclusive: years 1970 to 2200
+_TIME_ADAPTER = TypeAdapter(datetime)
+_TIME_QUERY: dict[int, frozenset[str]] = {}
+
+
+def within_time_bounds(value: datetime) -> bool:
+    """Whether `value` (naive: UTC) lies in years 1970 to 2200 in UTC."""
+    try:
+        utc = value.astimezone(UTC) if value.tzinfo is not None else value.replace(tzinfo=UTC)
+    except OverflowError:
+        return False
+    return EARLIEST_TIME <= utc < LATEST_TIME
+
+
+def _names_datetime(annotation: Any) -> bool:
+    if annotation is datetime:
+        return True
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType, Annotated):
+        return any(_names_datetime(arg) for arg in typing.get_args(annotation))
+    return False
+
+
+def _time_query_names(dependant: Dependant) -> set[str]:
+    names = {f.alias for f in dependant.query_params if _names_datetime(f.field_info.annotation)}
+    for sub in dependant.dependencies:
+        names |= _time_query_names(sub)
+    return names
+
+
+async def check_time_query_parameters(request: Request) -> None:
+    """Every time a query parameter names lies in years 1970 to 2200, on every route: outside is a
+    400 saying so. A value that is not a time is left to the parameter's own validation (422)."""
+    route = request.scope.get("route")
+    if not isinstance(route, APIRoute):
+        return
+    names = _TIME_QUERY.get(id(route))
+    if names is None:
+        names = _TIME_QUERY[id(route)] = frozenset(_time_query_names(route.dependant))
+    for name in names:
+        for raw in request.query_params.getlist(name):
+            try:
+                value = _TIME_ADAPTER.validate_python(raw)
+            except PydanticValidationError:
+                continue
+            if not within_time_bounds(value):
+                raise HTTPException(
+                    400,
+                    f"`{name}` must lie in the years 1970 to 2200 (from {EARLIEST_TIME:%Y-%m-%dT%H:%M:%SZ},"
+                    f" before {LATEST_TIME:%Y-%m-%dT%H:%M:%SZ}), not {raw[:64]!r}",
+                )

@@ -13,6 +13,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ioc_core.errors import ConflictError, IocError, NotFoundError, ServiceUnavailableError, ValidationError
+from ioc_core.storage import is_statement_timeout
 from ioc_core.supervision import describe, is_retriable
 
 log = logging.getLogger(__name__)
@@ -57,11 +58,24 @@ def problem_response(
     *,
     errors: list[dict[str, Any]] | None = None,
     headers: dict[str, str] | None = None,
+    extensions: dict[str, Any] | None = None,
 ) -> JSONResponse:
+    """`extensions` are members of the problem type beyond RFC 9457's own (RFC 9457 §3.2)."""
     body = Problem(title=HTTPStatus(status).phrase, status=status, detail=detail, errors=errors)
     return JSONResponse(
-        body.model_dump(exclude_none=True), status_code=status, media_type=PROBLEM_MEDIA_TYPE, headers=headers
+        {**body.model_dump(exclude_none=True), **(extensions or {})},
+        status_code=status,
+        media_type=PROBLEM_MEDIA_TYPE,
+        headers=headers,
     )
+
+
+class ProblemError(Exception):
+    """An error answer with extension members, raised from a route (HTTPException has none)."""
+
+    def __init__(self, status: int, detail: str, **extensions: Any) -> None:
+        super().__init__(detail)
+        self.status, self.detail, self.extensions = status, detail, extensions
 
 
 _STATUS_OF_ERROR: tuple[tuple[type[IocError], int], ...] = (
@@ -77,6 +91,10 @@ def install(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return problem_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
 
+    @app.exception_handler(ProblemError)
+    async def _problem(request: Request, exc: ProblemError) -> JSONResponse:
+        return problem_response(exc.status, exc.detail, extensions=exc.extensions)
+
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = [
@@ -87,6 +105,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(IocError)
     async def _ioc(request: Request, exc: IocError) -> JSONResponse:
+        if is_statement_timeout(exc):
+            return _too_slow(request)
         for error_type, status in _STATUS_OF_ERROR:
             if isinstance(exc, error_type):
                 if status == 503:
@@ -102,13 +122,37 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        if is_retriable(exc):
-            # A dependency between states (a pooled connection broken by a database restart, a
-            # timeout): the client's next try will likely succeed.
-            log.warning("request %s %s met an outage: %s", request.method, request.url.path, describe(exc))
-            return unavailable_response("a service this request needs is unavailable; try again shortly")
+        passing = outage_response(request, exc)
+        if passing is not None:
+            return passing
         log.error("request %s %s failed", request.method, request.url.path, exc_info=exc)
         return problem_response(500, "internal error")
+
+
+def outage_response(request: Request, exc: BaseException) -> JSONResponse | None:
+    """The 503 for an error that passes, None for any other."""
+    if is_statement_timeout(exc):
+        return _too_slow(request)
+    if is_retriable(exc):
+        # A dependency between states (a pooled connection broken by a database restart, a
+        # timeout): the client's next try will likely succeed.
+        log.warning("request %s %s met an outage: %s", request.method, request.url.path, describe(exc))
+        return unavailable_response("a service this request needs is unavailable; try again shortly")
+    return None
+
+
+def _too_slow(request: Request) -> JSONResponse:
+    """A statement cancelled by the API's statement timeout: the request asked for more work than
+    one request may cost, or the database is overloaded. Either way 503, like an outage: retrying
+    later may succeed, asking for less will."""
+    timeout_s = request.app.state.settings.api_timeout_s
+    log.warning(
+        "request %s %s ran past the statement timeout (%g s)", request.method, request.url.path, timeout_s
+    )
+    return unavailable_response(
+        f"the database work of this request took longer than the {timeout_s:g} s the API allows;"
+        " ask for less, or try again shortly"
+    )
 
 
 # How long a client should wait before trying again while a dependency is down: long enough not

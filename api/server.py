@@ -13,7 +13,15 @@ from ioc_core.storage import Database
 class ApiServer(HttpServer):
     def __init__(self, settings: Settings, *, database: Database | None = None) -> None:
         self._app = create_app(settings, database=database)
-        super().__init__(self._app, host=settings.api_host, port=settings.api_port, name="API")
+        super().__init__(
+            self._app,
+            host=settings.api_host,
+            port=settings.api_port,
+            name="API",
+            max_header_bytes=settings.api_max_header_bytes,
+            client_timeout_s=settings.api_client_timeout_s,
+            max_connections=settings.api_max_connections,
+        )
 
     async def wait(self) -> None:
         """Until the server ends by itself or the live-event hub fails for good (raised here)."""

@@ -233,6 +233,50 @@ class Settings(BaseSettings):
     api_key_cache_s: float = Field(
         default=5.0, ge=0, description="how long the API trusts a looked-up API key (revocation delay)"
     )
+    api_max_series_rows: int = Field(
+        default=1_000_000,
+        ge=100,
+        description="the most stored rows one series request may read (readings, or rollup rows"
+        " where a continuous aggregate serves it)",
+    )
+    api_max_body_bytes: int = Field(
+        default=1_048_576, ge=1024, description="the largest request body the API takes (413 beyond)"
+    )
+    api_client_timeout_s: float = Field(
+        default=15.0,
+        gt=0,
+        description="how long the API waits on a client: to send a request's head (the connection"
+        " closes beyond), then its body (408 beyond), and to take in an answer it stopped reading"
+        " (the connection is dropped beyond)",
+    )
+    api_max_header_bytes: int = Field(
+        default=16_384,
+        ge=1024,
+        le=1_048_576,
+        description="the largest request line and headers the API reads (431 beyond)",
+    )
+    api_max_in_flight: int = Field(
+        default=100,
+        ge=1,
+        description="requests one API process works on at once, event streams aside (503 beyond)",
+    )
+    api_max_connections: int = Field(
+        default=1000,
+        ge=2,
+        description="open connections one API process serves, idle and streaming ones included; past"
+        " it the HTTP server itself answers a plain 503",
+    )
+    api_statement_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="longest a database statement of the API may take (at most IOC_DATABASE_TIMEOUT_S);"
+        " past it the request answers 503",
+    )
+    stream_resume_window_s: float = Field(
+        default=900.0,
+        gt=0,
+        description="how far back a Last-Event-ID may resume the event stream; older ones answer 409",
+    )
     api_rate_limit_viewer: RateLimit = Field(
         default=RateLimit(rate=20, burst=100),
         description="requests a viewer key may make, per API process (JSON {rate, burst})",
@@ -309,6 +353,19 @@ class Settings(BaseSettings):
             )
         return value
 
+    @field_validator("api_max_connections")
+    @classmethod
+    def _check_max_connections(cls, value: int, info: ValidationInfo) -> int:
+        in_flight = info.data.get("api_max_in_flight")
+        streams = info.data.get("api_max_streams")
+        if in_flight is not None and streams is not None and value <= in_flight + streams:
+            # Below that the HTTP server's own plain 503 would come before the API's answers.
+            raise ValueError(
+                f"IOC_API_MAX_CONNECTIONS ({value}) must exceed IOC_API_MAX_IN_FLIGHT ({in_flight})"
+                f" + IOC_API_MAX_STREAMS ({streams})"
+            )
+        return value
+
     @field_validator("database_url")
     @classmethod
     def _check_database_url(cls, value: SecretStr) -> SecretStr:
@@ -348,6 +405,12 @@ class Settings(BaseSettings):
             name: self.offline_after_s.get(name, d.offline_after.total_seconds())
             for name, d in DOMAINS.items()
         }
+
+    @property
+    def api_timeout_s(self) -> float:
+        """The statement timeout of the API's database connections: the API's own, never longer
+        than any component's."""
+        return min(self.api_statement_timeout_s, self.database_timeout_s)
 
     @cached_property
     def topics(self) -> Topics:

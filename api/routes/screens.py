@@ -353,8 +353,10 @@ def _aware(value: datetime, name: str) -> datetime:
     response_model=Series,
     summary="One metric of one device in time buckets (time_bucket, or the best tier's aggregates).",
     description="Buckets are aligned to the Unix epoch in UTC and left out when they hold no reading."
-    " `from` defaults to an hour before `to`, `to` to now. Asking for more buckets than the server"
-    " allows, a reversed range or a metric the device's domain does not have is a 400.",
+    " `from` defaults to an hour before `to`, `to` to now; both lie in the years 1970 to 2200."
+    " Asking for more buckets than the server allows, a range whose readings (or aggregate rows)"
+    " would exceed the rows one request may read, a reversed range or a metric the device's"
+    " domain does not have is a 400.",
     tags=["devices"],
     responses={400: PROBLEM, 404: PROBLEM},
 )
@@ -390,7 +392,9 @@ async def series(
             " or a shorter range",
         )
     assert agg in AGGREGATES
-    rows = await database.readings.series(device.id, device.domain, metric, start, end, width, agg)
+    rows = await database.readings.series(
+        device.id, device.domain, metric, start, end, width, agg, max_rows=settings.api_max_series_rows
+    )
     return Series(
         device_id=device.id,
         metric=metric,

@@ -3,18 +3,25 @@ process's `EventHub` (`api.stream`)."""
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Any
 
+from aiokafka.errors import KafkaError
 from fastapi import APIRouter, Header, HTTPException, Query
+from pydantic import Field
 
 from api import problems
 from api.auth import Principal, require
 from api.deps import Hub
 from api.params import CityFilter, DomainFilter, comma_list
+from api.problems import Problem, ProblemError
 from api.stream.framing import EVENT_STREAM_MEDIA_TYPE, RETRY_MS
-from api.stream.hub import AUDIT_KIND, KINDS, STREAM_KINDS, StreamFilter
-from api.stream.positions import decode_position
+from api.stream.hub import AUDIT_KIND, KINDS, STREAM_KINDS, EventHub, StreamFilter
+from api.stream.positions import Position, decode_position, encode_position
 from api.stream.response import ClientStream, EventStreamResponse
+from ioc_core.errors import IocError
+
+log = logging.getLogger(__name__)
 
 router = APIRouter()
 
@@ -26,6 +33,13 @@ def _problem(description: str) -> dict[str, Any]:
     under the route's own media type (`text/event-stream`) as well."""
     schema = {"$ref": "#/components/schemas/Problem"}
     return {"description": description, "content": {problems.PROBLEM_MEDIA_TYPE: {"schema": schema}}}
+
+
+class StaleResumeProblem(Problem):
+    oldest_event_id: str = Field(
+        description="where the stream can resume instead: the client's position, moved forward"
+        " wherever it is older than what is still served"
+    )
 
 
 _DESCRIPTION = f"""Server-Sent Events (`{EVENT_STREAM_MEDIA_TYPE}`) of what happens in the caller's scope:
@@ -43,13 +57,15 @@ _DESCRIPTION = f"""Server-Sent Events (`{EVENT_STREAM_MEDIA_TYPE}`) of what happ
 
 Every `data:` is the CloudEvent 1.0 as one line of JSON. Every event has an `id`; a client that
 reconnects with `Last-Event-ID` (browsers' EventSource does so by itself) gets every event it
-missed that Kafka still retains, then the live ones, none twice. An id that is not one of this
-stream's starts from now. The stream starts with `retry: {RETRY_MS}` and, for a new stream, an `id:`
-without data that gives the starting position. Comment lines (`: heartbeat`) keep idle
-connections open. `types` is a comma-separated list of `alarm`, `status`, `state`, `audit` (default
-`alarm,status,state`);
-`city` and `domain` narrow the stream further. One API process serves a limited number of streams:
-beyond it, and while the process is not connected to Kafka, the answer is 503 with `Retry-After`."""
+missed, then the live ones, none twice, as long as what it missed is at most the server's resume
+window old (`IOC_STREAM_RESUME_WINDOW_S`); an older id is refused with 409 and `oldest_event_id`,
+the nearest position still served (resume from it, or start without an id and reload the state).
+An id that is not one of this stream's starts from now. The stream starts with
+`retry: {RETRY_MS}` and, for a new stream, an `id:` without data that gives the starting position.
+Comment lines (`: heartbeat`) keep idle connections open. `types` is a comma-separated list of
+`alarm`, `status`, `state`, `audit` (default `alarm,status,state`); `city` and `domain` narrow the
+stream further. One API process serves a limited number of streams: beyond it, and while the
+process is not connected to Kafka, the answer is 503 with `Retry-After`."""
 
 
 def stream_kinds(types: str | None) -> frozenset[str]:
@@ -71,6 +87,10 @@ def stream_kinds(types: str | None) -> frozenset[str]:
         400: _problem("`types` names an unknown kind"),
         401: _problem("no API key, or not a valid one"),
         403: _problem("the key lacks the viewer role, or asks for `audit` without the admin role"),
+        409: {
+            "description": "the Last-Event-ID is older than the resume window",
+            "content": {problems.PROBLEM_MEDIA_TYPE: {"schema": StaleResumeProblem.model_json_schema()}},
+        },
         422: _problem("`city` or `domain` is not valid"),
         500: _problem("internal error"),
         503: {
@@ -106,5 +126,34 @@ async def stream(
             503, f"this API process already serves {hub.max_streams} streams", headers=retry_after
         )
     resume = decode_position(last_event_id_header or last_event_id, topic=hub.topic)
+    if resume is not None:
+        await refuse_stale_resume(hub, resume)
     subscription, live_from = hub.subscribe(StreamFilter(kinds, city, domain, principal))
     return EventStreamResponse(ClientStream(hub, subscription, live_from, resume))
+
+
+async def refuse_stale_resume(hub: EventHub, resume: Position) -> None:
+    """Refuse (409) a resume from before the resume window: replaying that much of the events
+    topic costs the process more than a fresh start and a state reload cost the client."""
+    live = hub.position
+    if len(resume) != len(live) or all(r >= h for r, h in zip(resume, live, strict=True)):
+        return  # nothing to replay; the stream itself sorts out ids of another layout
+    try:
+        oldest = await hub.oldest_served()
+    except (KafkaError, TimeoutError, IocError) as exc:
+        log.warning("live events: cannot find where the resume window starts: %s", exc)
+        raise HTTPException(
+            503,
+            "the live event stream cannot check this Last-Event-ID now",
+            headers={"Retry-After": str(_RETRY_AFTER_S)},
+        ) from exc
+    if all(r >= o for r, o in zip(resume, oldest, strict=True)):
+        return
+    nearest = tuple(max(r, o) for r, o in zip(resume, oldest, strict=True))
+    raise ProblemError(
+        409,
+        f"this Last-Event-ID is older than the {hub.resume_window_s:g} s a stream may resume from;"
+        " resume from `oldest_event_id` (what lies between is not replayed), or start without an id"
+        " and reload the state",
+        oldest_event_id=encode_position(nearest, topic=hub.topic),
+    )

@@ -1096,7 +1096,12 @@
         }
         if (!response.ok || !response.body || !type.startsWith("text/event-stream")) {
           const retryAfter = Number(response.headers.get("retry-after"));
-          if (response.status === 404 || response.status === 405 || response.status === 501) {
+          if (response.status === 409) {
+            // Away longer than the server replays: start afresh at once; reconnecting reloads
+            // everything the stream could not replay.
+            state.lastEventId = null;
+            wait = 0;
+          } else if (response.status === 404 || response.status === 405 || response.status === 501) {
             wait = STREAM_MISSING_MS;
           } else if (Number.isFinite(retryAfter) && retryAfter > 0) {
             wait = Math.min(retryAfter, 300) * 1000;

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -38,6 +39,8 @@ QUEUE_LIMIT = 5000
 _CONNECT_RETRY_MIN_S, _CONNECT_RETRY_MAX_S = 1.0, 30.0
 _CONNECT_POLICY = RetryPolicy(initial_s=_CONNECT_RETRY_MIN_S, max_s=_CONNECT_RETRY_MAX_S)
 KAFKA_TIMEOUT_S = 30.0
+# A request waits this long at most for Kafka to say where the resume window starts.
+RESUME_CHECK_TIMEOUT_S = 5.0
 _POLL_MS = 1000
 
 
@@ -208,6 +211,7 @@ class EventHub(Component):
         self.topic = settings.topics.events
         self.heartbeat_s = settings.stream_heartbeat_s
         self.max_streams = settings.api_max_streams
+        self.resume_window_s = settings.stream_resume_window_s
         self._queue_limit = queue_limit
         self._consumer: AIOKafkaConsumer | None = None
         self._partitions: list[TopicPartition] = []
@@ -294,6 +298,25 @@ class EventHub(Component):
             )
         ends = await self._consumer.end_offsets(self._partitions)
         return tuple(ends[tp] for tp in self._partitions)
+
+    async def oldest_served(self) -> Position:
+        """The oldest position a stream may resume from: in each partition the first event at
+        most `stream_resume_window_s` old (the end, where all are older or none is left)."""
+        if self._consumer is None:
+            raise ServiceUnavailableError("the event hub is not connected to Kafka")
+        cutoff_ms = max(0, int((time.time() - self.resume_window_s) * 1000))
+        found = await asyncio.wait_for(
+            self._consumer.offsets_for_times({tp: cutoff_ms for tp in self._partitions}),
+            RESUME_CHECK_TIMEOUT_S,
+        )
+        if any(found.get(tp) is None for tp in self._partitions):
+            ends = await asyncio.wait_for(self.end_offsets(), RESUME_CHECK_TIMEOUT_S)
+        else:
+            ends = ()
+        return tuple(
+            at.offset if (at := found.get(tp)) is not None else ends[index]
+            for index, tp in enumerate(self._partitions)
+        )
 
     async def _run(self) -> None:
         while True:

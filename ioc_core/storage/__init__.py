@@ -5,6 +5,7 @@ and the `Database` that composes them."""
 
 from ioc_core.storage.audit import AuditQuery
 from ioc_core.storage.batch import BatchTransaction, TelemetryBatch, WriteResult
+from ioc_core.storage.connections import is_statement_timeout
 from ioc_core.storage.database import Database
 from ioc_core.storage.dead_letters import DeadLetterRow
 from ioc_core.storage.devices import DeviceProfileRow
@@ -33,4 +34,5 @@ __all__ = [
     "WriteResult",
     "drop_database",
     "ensure_database",
+    "is_statement_timeout",
 ]

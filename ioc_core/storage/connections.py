@@ -37,3 +37,14 @@ def unavailable(url: str, exc: BaseException) -> ServiceUnavailableError:
     return ServiceUnavailableError(
         f"database at {where} is unreachable: {exc}", public="the database is unavailable"
     )
+
+
+def is_statement_timeout(exc: BaseException) -> bool:
+    """Whether `exc`, or an error it was raised from, is the server cancelling a statement that
+    ran past `statement_timeout` (rather than the server being unreachable)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, asyncpg.QueryCanceledError):
+            return True
+        seen = seen.__cause__
+    return False

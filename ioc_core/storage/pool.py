@@ -158,11 +158,14 @@ class Pool:
 
     @contextlib.asynccontextmanager
     async def guard(self) -> AsyncIterator[None]:
-        """Turns an unreachable server inside the block into `ServiceUnavailableError`."""
+        """Turns an unreachable server inside the block into `ServiceUnavailableError`, and a
+        statement cancelled by `statement_timeout` into a retriable `StorageError`."""
         try:
             yield
         except CONNECTION_ERRORS as exc:
             raise unavailable(self.url, exc) from exc
+        except asyncpg.QueryCanceledError as exc:
+            raise StorageError(f"a statement was cancelled: {exc}", retriable=True) from exc
 
     async def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
         async with self.guard():

@@ -38,10 +38,14 @@ from ioc_core.storage.tiers import (
     AGGREGATES,
     DELETE_BATCH_ROWS,
     RETENTION_LOCK_ID,
+    SCAN_SAMPLE_ROWS,
     Aggregate,
+    ScanSample,
     retention_sql,
     rollup_series_sql,
     rollup_span,
+    scan_sample_sql,
+    series_scan_estimate,
     series_sql,
 )
 from ioc_core.telemetry import Reading
@@ -317,11 +321,15 @@ class ReadingStore:
         end: datetime,
         bucket: timedelta,
         agg: Aggregate,
+        *,
+        max_rows: int | None = None,
     ) -> list[tuple[datetime, float | None]]:
         """One metric of one device over [start, end) in buckets of `bucket` aligned to the Unix
         epoch in UTC: (bucket start, value) in time order; buckets without the metric are left out.
         Naive datetimes are taken as UTC. The same on every tier; community TimescaleDB reads the
-        continuous aggregates where the bucket is a whole number of their buckets."""
+        continuous aggregates where the bucket is a whole number of their buckets. With `max_rows`,
+        a series estimated to read more stored rows than that is refused (`ValidationError`) before
+        it is read (see `tiers.series_scan_estimate`)."""
         domain_def = DOMAINS.get(domain)
         if domain_def is None:
             raise ValidationError(f"{domain!r} is not a domain; known: {', '.join(DOMAINS)}")
@@ -338,6 +346,8 @@ class ReadingStore:
             return []
         tier = await self._tier()
         try:
+            if max_rows is not None:
+                await self._check_scan(tier, device_id, domain_def, start, end, bucket, max_rows)
             rows = await self._series_rows(tier, device_id, domain_def, metric, start, end, bucket, agg)
         except asyncpg.PostgresError as exc:
             raise StorageError(
@@ -345,6 +355,34 @@ class ReadingStore:
                 retriable=isinstance(exc, TRANSIENT_ERRORS),
             ) from exc
         return [(r["t"], r["value"]) for r in rows]
+
+    async def _check_scan(
+        self,
+        tier: StorageTier,
+        device_id: str,
+        domain: Domain,
+        start: datetime,
+        end: datetime,
+        bucket: timedelta,
+        max_rows: int,
+    ) -> None:
+        """Refuse a series that would read more than `max_rows` stored rows, saying so."""
+        found = await self._pool.fetchrow(scan_sample_sql(domain), device_id, start, end, SCAN_SAMPLE_ROWS)
+        assert found is not None
+        sample = ScanSample(found["rows"], found["newest_span_s"] or 0.0, found["oldest_span_s"] or 0.0)
+        span = rollup_span(bucket, start, end) if tier is StorageTier.COMMUNITY else None
+        estimate = series_scan_estimate(sample, start, end, span, SCAN_SAMPLE_ROWS)
+        if estimate <= max_rows:
+            return
+        rate = (
+            ""
+            if sample.rows < SCAN_SAMPLE_ROWS
+            else f", at up to {sample.readings_per_s() * 60:.3g} a minute"
+        )
+        raise ValidationError(
+            f"this series would read about {estimate} stored rows (the device's readings in that"
+            f" range{rate}); one request may read at most {max_rows}: ask for a shorter range"
+        )
 
     async def _series_rows(
         self,

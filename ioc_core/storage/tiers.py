@@ -13,6 +13,7 @@ goes through `ident()`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Literal, get_args
@@ -251,6 +252,66 @@ def series_sql(tier: StorageTier, domain: Domain, metric: Metric, agg: Aggregate
         f" WHERE device_id = $2 AND ts >= $3 AND ts < $4 AND {column} IS NOT NULL"
         " GROUP BY t ORDER BY t"
     )
+
+
+# Readings sampled at each end of a series' range to estimate what the series would read.
+SCAN_SAMPLE_ROWS = 1000
+
+
+def scan_sample_sql(domain: Domain) -> str:
+    """The readings of one device in a range, sampled at both ends: how many of them there are
+    up to $4 (so all of them when fewer), and the time the newest $4 and the oldest $4 cover.
+    Two short index scans, whatever the range.
+
+    Parameters: $1 device id, $2 start, $3 end (half-open), $4 rows sampled at each end."""
+    table = ident(domain.table)
+    where = "device_id = $1 AND ts >= $2 AND ts < $3"
+    span = "extract(epoch FROM max(ts) - min(ts))::float8"
+    return (
+        f"WITH newest AS (SELECT ts FROM {table} WHERE {where} ORDER BY ts DESC LIMIT $4),"
+        f" oldest AS (SELECT ts FROM {table} WHERE {where} ORDER BY ts LIMIT $4)"
+        " SELECT (SELECT count(*) FROM newest) AS rows,"
+        f" (SELECT {span} FROM newest) AS newest_span_s,"
+        f" (SELECT {span} FROM oldest) AS oldest_span_s"
+    )
+
+
+@dataclass(frozen=True)
+class ScanSample:
+    """What `scan_sample_sql` found: `rows` readings (at most the sample size), the newest of
+    them covering `newest_span_s` seconds and the oldest `oldest_span_s`."""
+
+    rows: int
+    newest_span_s: float
+    oldest_span_s: float
+
+    def readings_per_s(self) -> float:
+        """The denser of both ends' reporting rates."""
+        span_s = max(min(self.newest_span_s, self.oldest_span_s), 1e-3)
+        return max(self.rows - 1, 1) / span_s
+
+
+def series_scan_estimate(
+    sample: ScanSample, start: datetime, end: datetime, span: RollupSpan | None, sample_size: int
+) -> int:
+    """Rows a series over [start, end) reads: the readings in the range, or with an aggregate
+    serving it (`span`), its rows plus the readings of the partial buckets at either end.
+
+    Fewer readings than the sample size means the sample holds all of them: exact. Otherwise the
+    readings are taken to come at the denser of the rates at both ends of the range throughout.
+    That is exact for a device reporting steadily and errs high for one that was silent for part
+    of the range; it errs low only for one that reported faster in the middle of the range than
+    at both its ends, where the statement timeout still bounds the cost."""
+
+    def readings(seconds: float) -> int:
+        if sample.rows < sample_size:
+            return sample.rows  # every reading of the range, wherever in it
+        return math.ceil(sample.readings_per_s() * seconds)
+
+    if span is None:
+        return readings((end - start).total_seconds())
+    edges_s = ((span.inner_start - start) + (end - span.inner_end)).total_seconds()
+    return (span.inner_end - span.inner_start) // span.rollup.width + readings(edges_s)
 
 
 # Per aggregate: what a reading contributes, what an aggregate row contributes, and how the

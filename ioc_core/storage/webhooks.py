@@ -20,7 +20,7 @@ import asyncpg
 
 from ioc_core.errors import NotFoundError, StorageError
 from ioc_core.rules import severity_rank
-from ioc_core.storage.connections import CONNECTION_ERRORS, unavailable
+from ioc_core.storage.connections import CONNECTION_ERRORS, TRANSIENT_ERRORS, unavailable
 from ioc_core.storage.pool import Connection, Transaction, text_list
 from ioc_core.webhooks import RoutedEvent, WebhookFilter
 
@@ -251,7 +251,9 @@ class WebhookStore:
         except CONNECTION_ERRORS as exc:
             raise unavailable(self._url, exc) from exc
         except asyncpg.PostgresError as exc:
-            raise StorageError(f"a webhook query failed: {exc}") from exc
+            raise StorageError(
+                f"a webhook query failed: {exc}", retriable=isinstance(exc, TRANSIENT_ERRORS)
+            ) from exc
 
     @contextlib.asynccontextmanager
     async def _connection(self, within: Transaction | None) -> AsyncIterator[Connection]:

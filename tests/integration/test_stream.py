@@ -380,8 +380,9 @@ class LocalBus:
         await asyncio.gather(*futures)
 
 
-@pytest.fixture(scope="module")
-async def bus() -> AsyncIterator[LocalBus]:
+@asynccontextmanager
+async def own_bus() -> AsyncIterator[LocalBus]:
+    """An events topic of its own, empty, and a producer for it."""
     topics = Topics(f"{unique('sse')}.")
     await ensure_topics(BOOTSTRAP, [topics.events], partitions=PARTITIONS)
     producer = AIOKafkaProducer(bootstrap_servers=BOOTSTRAP, enable_idempotence=True, acks="all")
@@ -391,6 +392,12 @@ async def bus() -> AsyncIterator[LocalBus]:
     finally:
         await producer.stop()
         await delete_topics(topics.prefix)
+
+
+@pytest.fixture(scope="module")
+async def bus() -> AsyncIterator[LocalBus]:
+    async with own_bus() as local:
+        yield local
 
 
 def hub_settings(bus: LocalBus, **overrides: Any) -> Settings:
@@ -535,6 +542,35 @@ async def test_an_id_that_is_not_ours_starts_from_now(bus: LocalBus) -> None:
         async with open_stream(api.client, last_event_id=opening_id) as stream:
             [frame] = await stream.read_until(lambda f: len(f) >= 1, timeout=10, what="the missed event")
             assert frame.data is not None and frame.data["id"] == missed.id
+
+
+async def test_a_resume_older_than_the_window_is_refused_with_where_to_resume() -> None:
+    async with own_bus() as fresh, local_api(hub_settings(fresh, stream_resume_window_s=60)) as api:
+        old, recent = alarm_event(1), alarm_event(2)
+        two_hours_ago_ms = int((time.time() - 7200) * 1000)
+        await (
+            await fresh.producer.send(fresh.topic, old.to_bytes(), partition=0, timestamp_ms=two_hours_ago_ms)
+        )
+        await fresh.produce([(0, recent)])
+        await wait_until(lambda: _true_if(api.hub.position[0] == 2), timeout=10, what="the hub past both")
+        # An id from the topic's very beginning would replay all of it: refused.
+        beginning = encode_position([0] * PARTITIONS, topic=fresh.topic)
+        started = time.monotonic()
+        refused = await api.client.get("/v1/stream", headers={"Last-Event-ID": beginning})
+        took = time.monotonic() - started
+        assert refused.status_code == 409, refused.text
+        assert refused.headers["content-type"] == problems.PROBLEM_MEDIA_TYPE
+        body = refused.json()
+        assert body["status"] == 409 and "60 s" in body["detail"]
+        # Where to resume: past the old event, the recent one still served; nothing else moved.
+        assert decode_position(body["oldest_event_id"], topic=fresh.topic) == (1, 0, 0, 0, 0, 0)
+        assert took < 1, took
+        async with open_stream(api.client, last_event_id=body["oldest_event_id"]) as stream:
+            [frame] = await stream.read_until(lambda f: len(f) >= 1, timeout=10, what="the recent event")
+            assert frame.data is not None and frame.data["id"] == recent.id
+        # Ids within the window resume as before, also as a query parameter.
+        async with open_stream(api.client, {"last_event_id": body["oldest_event_id"]}) as stream:
+            await stream.read_until(lambda f: len(f) >= 1, timeout=10, what="the recent event again")
 
 
 async def test_a_client_too_slow_for_its_queue_is_disconnected_and_resumes(bus: LocalBus) -> None:

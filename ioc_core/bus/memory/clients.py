@@ -13,7 +13,7 @@ from typing import Any
 
 from aiokafka import ConsumerRebalanceListener
 from aiokafka.errors import ProducerClosed
-from aiokafka.structs import ConsumerRecord, RecordMetadata, TopicPartition
+from aiokafka.structs import ConsumerRecord, OffsetAndTimestamp, RecordMetadata, TopicPartition
 
 from ioc_core.bus.memory.registry import log_for
 
@@ -127,6 +127,12 @@ class MemoryConsumer:
 
     async def end_offsets(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
         return {tp: self._log.bounds(tp)[1] for tp in partitions}
+
+    async def offsets_for_times(
+        self, timestamps: dict[TopicPartition, int]
+    ) -> dict[TopicPartition, OffsetAndTimestamp | None]:
+        found = {tp: self._log.offset_for_time(tp, ms) for tp, ms in timestamps.items()}
+        return {tp: OffsetAndTimestamp(*at) if at else None for tp, at in found.items()}
 
     async def beginning_offsets(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
         return {tp: self._log.bounds(tp)[0] for tp in partitions}

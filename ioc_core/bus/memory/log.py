@@ -7,6 +7,7 @@ groups' bookkeeping is `ConsumerGroups`'s, the on-disk format `segments`'."""
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import contextlib
 import logging
@@ -453,6 +454,17 @@ class MemoryLog:
         last = min(first + limit, partition.durable - partition.start)
         records: list[ConsumerRecord[bytes, bytes]] = partition.records[first:last]
         return records
+
+    def offset_for_time(self, tp: TopicPartition, timestamp_ms: int) -> tuple[int, int] | None:
+        """The offset and time of the first record readers see that is no older than
+        `timestamp_ms`, or None when there is none (Kafka's ListOffsets by time)."""
+        partition = self.partitions(tp.topic)[tp.partition]
+        visible = partition.records[: max(partition.durable - partition.start, 0)]
+        # Append times only go back if the clock does; a step back costs this search precision only.
+        index = bisect.bisect_left(visible, timestamp_ms, key=lambda record: record.timestamp)
+        if index == len(visible):
+            return None
+        return visible[index].offset, visible[index].timestamp
 
     def bounds(self, tp: TopicPartition) -> tuple[int, int]:
         """The oldest offset kept and the end readers see (past the last durable record)."""

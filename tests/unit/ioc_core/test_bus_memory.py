@@ -52,6 +52,22 @@ async def test_a_keys_records_stay_in_order_on_one_partition(bootstrap: str) -> 
         assert [value for _, value in seen] == [f"{found.decode()}{n}".encode() for n in range(50)]
 
 
+async def test_offsets_for_times_finds_the_first_record_not_older(bootstrap: str) -> None:
+    await ensure_topics(bootstrap, ["t"], partitions=1)
+    async with BusProducer(bootstrap) as producer:
+        for n in range(5):
+            await producer.send_and_wait("t", str(n).encode(), key="k")
+    reader = memory_bus.MemoryConsumer(bootstrap_servers=bootstrap, auto_offset_reset="earliest")
+    tp = TopicPartition("t", 0)
+    reader.assign([tp])
+    records = (await reader.getmany(timeout_ms=100))[tp]
+    for record in records:
+        found = (await reader.offsets_for_times({tp: record.timestamp}))[tp]
+        assert found is not None and found.offset <= record.offset and found.timestamp == record.timestamp
+    assert (await reader.offsets_for_times({tp: 0}))[tp] == (0, records[0].timestamp)
+    assert (await reader.offsets_for_times({tp: records[-1].timestamp + 1}))[tp] is None
+
+
 async def test_group_resumes_from_the_last_commit_not_from_what_it_read(bootstrap: str) -> None:
     await ensure_topics(bootstrap, ["t"], partitions=2)
     async with BusProducer(bootstrap) as producer:

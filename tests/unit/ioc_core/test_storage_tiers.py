@@ -16,6 +16,8 @@ from ioc_core.storage.schema import MIGRATIONS
 from ioc_core.storage.tiers import (
     AGGREGATES,
     ROLLUPS,
+    SCAN_SAMPLE_ROWS,
+    ScanSample,
     ceil_to,
     community_objects_sql,
     floor_to,
@@ -24,6 +26,8 @@ from ioc_core.storage.tiers import (
     rollup_query_sql,
     rollup_series_sql,
     rollup_span,
+    scan_sample_sql,
+    series_scan_estimate,
     series_sql,
     tier_objects_sql,
 )
@@ -299,3 +303,32 @@ def test_stored_readings_are_one_per_instant_with_what_was_stored() -> None:
         ("b", {"pressure": 3.0}, 4),
     ]
     assert stored[1][0] is other  # stored whole: not copied
+
+
+def test_a_series_scan_is_counted_when_the_sample_holds_every_reading() -> None:
+    sample = ScanSample(rows=400, newest_span_s=3600, oldest_span_s=3600)
+    ten_years = (T0 - timedelta(days=3650), T0)
+    assert series_scan_estimate(sample, *ten_years, None, SCAN_SAMPLE_ROWS) == 400
+
+
+def test_a_series_scan_is_estimated_from_the_denser_end_of_the_range() -> None:
+    # 1000 readings a minute apart at the newest end, ten seconds apart at the oldest.
+    sample = ScanSample(rows=SCAN_SAMPLE_ROWS, newest_span_s=999 * 60, oldest_span_s=999 * 10)
+    day = (T0 - timedelta(days=1), T0)
+    assert series_scan_estimate(sample, *day, None, SCAN_SAMPLE_ROWS) == 8640
+    assert sample.readings_per_s() == pytest.approx(0.1)
+
+
+def test_an_aggregate_serving_a_series_reads_its_rows_and_the_edges() -> None:
+    sample = ScanSample(rows=SCAN_SAMPLE_ROWS, newest_span_s=999.0, oldest_span_s=999.0)  # 1 a second
+    start, end = T0 - timedelta(days=30), T0
+    span = rollup_span(timedelta(hours=1), start, end)
+    assert span is not None and span.rollup.width == timedelta(hours=1)
+    edges_s = ((span.inner_start - start) + (end - span.inner_end)).total_seconds()
+    assert series_scan_estimate(sample, start, end, span, SCAN_SAMPLE_ROWS) == 30 * 24 - 1 + edges_s
+
+
+def test_scan_sample_sql_reads_both_ends_of_the_range() -> None:
+    sql = scan_sample_sql(DOMAINS["flood"])
+    assert "ORDER BY ts DESC LIMIT $4" in sql and "ORDER BY ts LIMIT $4" in sql
+    assert sql.count("device_id = $1 AND ts >= $2 AND ts < $3") == 2
