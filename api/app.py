@@ -49,7 +49,11 @@ async def _storage(app: FastAPI, settings: Settings, database: Database | None) 
         app.state.database = database
         yield
         return
-    async with Database(settings.database_url.get_secret_value(), timeout_s=settings.api_timeout_s) as owned:
+    async with Database(
+        settings.database_url.get_secret_value(),
+        timeout_s=settings.api_timeout_s,
+        sealer=settings.sealer(),
+    ) as owned:
         app.state.database = owned
         log.info("API ready on storage tier %s", owned.tier)
         yield
@@ -90,7 +94,10 @@ def create_app(
     settings: Settings, *, database: Database | None = None, accounts: DeviceAccounts | None = None
 ) -> FastAPI:
     """Build the app. With `database` or `accounts` given, the caller owns their lifetime (tests,
-    `ioc up`); otherwise device accounts are on when IOC_MQTT_ADMIN_URL is set."""
+    `ioc up`); otherwise device accounts are on when IOC_MQTT_ADMIN_URL is set. Without a given
+    database IOC_SECRETS_KEY must be set: webhook signing secrets are stored sealed with it."""
+    if database is None:
+        settings.sealer()
     app = FastAPI(
         title="IOC streaming backend",
         version="0.1.0",

@@ -21,6 +21,7 @@ class ApiServer(HttpServer):
             max_header_bytes=settings.api_max_header_bytes,
             client_timeout_s=settings.api_client_timeout_s,
             max_connections=settings.api_max_connections,
+            tls=settings.api_tls,
         )
 
     async def wait(self) -> None:

@@ -29,6 +29,7 @@ from typing import Any
 import httpx
 
 from benchmarks.gateway import free_port
+from ioc_core.sealing import new_key
 from ioc_core.storage import drop_database, ensure_database
 
 POSTGRES = os.environ.get("IOC_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432")
@@ -132,6 +133,7 @@ def bench_env(database_url: str, port: int) -> dict[str, str]:
     env.update(
         IOC_DATABASE_URL=database_url,
         IOC_ADMIN_API_KEY=ADMIN_KEY,
+        IOC_SECRETS_KEY=new_key(),
         IOC_API_PORT=str(port),
         IOC_TOPIC_PREFIX=f"bench-{run}.",
         IOC_PROCESSOR_GROUP_ID=f"bench-{run}",

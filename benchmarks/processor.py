@@ -200,6 +200,8 @@ async def main() -> None:
         "IOC_TOPIC_PREFIX": topics.prefix,
         "IOC_TOPIC_PARTITIONS": str(PARTITIONS),
         "IOC_PROCESSOR_GROUP_ID": f"bench-processor-{run}",
+        # Measures the telemetry path alone.
+        "IOC_WEBHOOK_WORKER": "false",
         "IOC_LOG_LEVEL": "WARNING",
     }
     devices = device_ids(args.devices)

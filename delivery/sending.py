@@ -98,6 +98,9 @@ def webhook_client(settings: Settings, *, resolver: Resolver = resolve) -> httpx
 
 async def send_once(client: httpx.AsyncClient, job: DeliveryJob, *, timeout_s: float) -> AttemptResult:
     """One signed POST of `job`; never raises for what the endpoint or the network does."""
+    if job.secret is None:
+        # Sealed with a key this worker lacks; tried again later, as a key may yet be added.
+        return AttemptResult(None, 0.0, "the signing secret opens with no configured key (IOC_SECRETS_KEY)")
     body = job.body.encode()
     headers = signed_headers(job.secret, job.message_id, body)
     started = time.monotonic()

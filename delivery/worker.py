@@ -93,6 +93,7 @@ class WebhookDispatcher(Component):
             min_size=1,
             max_size=4,
             timeout_s=settings.database_timeout_s,
+            sealer=settings.sealer(),
         )
         self._client_factory = client_factory
         self._store = self._database.webhooks
@@ -110,6 +111,13 @@ class WebhookDispatcher(Component):
 
     async def start(self) -> None:
         await self._database.start()
+        try:
+            # Secrets that no configured key opens mean a key is missing from this component's
+            # settings: refuse to start, naming the endpoints, rather than fail every delivery.
+            await self._store.check_secrets()
+        except BaseException:
+            await self._database.stop()
+            raise
         self._client = self._client_factory(self._settings)
         await self._listen()
         self._supervisor.spawn("dispatch", self._run, restart=False)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from ioc_core.errors import ConfigurationError, ConflictError, IocError
 from ioc_core.http import HttpServer
+from ioc_core.sealing import new_key
 from ioc_core.settings import Settings, load_settings
 from ioc_core.storage import Database, ensure_database
 from ioc_core.supervision import describe
@@ -191,7 +192,8 @@ async def run_up(settings: Settings) -> None:
 async def migrate(settings: Settings) -> None:
     url = settings.database_url.get_secret_value()
     await ensure_database(url)
-    async with Database(url, max_size=2) as database:
+    # With a key, webhook secrets in plain text (or sealed with an old key) are sealed with it.
+    async with Database(url, max_size=2, sealer=settings.sealer_if_configured()) as database:
         tier = await database.migrate(retention=timedelta(days=settings.retention_days))
     print(f"schema up to date (storage tier: {tier})")
 
@@ -272,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands.add_parser("migrate", help="create or upgrade the database schema (safe to repeat)")
     commands.add_parser("settings", help="print the effective settings, secrets masked")
+    commands.add_parser("secrets-key", help="print a new random key for IOC_SECRETS_KEY")
     devices = commands.add_parser("devices", help="manage the device registry")
     device_commands = devices.add_subparsers(dest="devices_command", required=True, metavar="ACTION")
     importer = device_commands.add_parser("import", help="register devices from a GeoJSON FeatureCollection")
@@ -297,8 +300,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _needs_secrets_key(command: str, settings: Settings) -> bool:
+    """Whether the command stores or opens webhook signing secrets (`ioc up` makes its own key)."""
+    return command in ("api", "webhooks") or (command == "processor" and settings.webhook_worker)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "secrets-key":
+        print(new_key())
+        return 0
     try:
         settings = load_settings()
         _configure_logging(settings.log_level)
@@ -308,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
         if command == "settings":
             print(json.dumps(settings.masked(), indent=2))
             return 0
+        if _needs_secrets_key(command, settings):
+            # Refused before anything starts, rather than once the other parts are running.
+            settings.sealer()
         if command == "devices":
             return asyncio.run(import_devices(settings, args.file))
         runners = {

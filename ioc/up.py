@@ -5,7 +5,9 @@ whose data lives under `IOC_DATA_DIR` (`./.ioc-data/`), `IOC_MQTT_URL` unset an 
 127.0.0.1:1883, `IOC_KAFKA_BOOTSTRAP` unset the in-process log bus (kept on disk there too). Set, the real
 service is used.
 Without `IOC_ADMIN_API_KEY` an admin key is made on the first run, kept in the data directory and
-printed with a link to the operations page that carries it.
+printed with a link to the operations page that carries it; likewise `IOC_SECRETS_KEY`, the key
+webhook signing secrets are sealed with. A viewer key for a wall screen is made too (kept there
+and registered in the database) and printed in a link of its own.
 
 Stopping (Ctrl-C or SIGTERM) goes in the order that leaves nothing half done: the simulator
 stops, the broker hands what it holds to the gateway, the gateway stops taking telemetry, the
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import secrets
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -27,7 +30,9 @@ from pydantic import SecretStr
 from ioc.embedded.mqtt_broker import EmbeddedBroker
 from ioc_core.bus import memory as memory_bus
 from ioc_core.errors import ConfigurationError
+from ioc_core.sealing import new_key
 from ioc_core.settings import Settings
+from ioc_core.storage import Database
 from ioc_core.telemetry import MAX_PAYLOAD_BYTES, TOPIC_ROOT
 
 log = logging.getLogger(__name__)
@@ -36,21 +41,61 @@ _ADMIN_KEY_FILE = "admin-api-key"
 # Room for the contract's largest payload with its topic and properties, and then as much again,
 # so that a payload somewhat over the limit still reaches the gateway and its dead letter.
 MAX_PACKET_BYTES = 2 * MAX_PAYLOAD_BYTES
+_SECRETS_KEY_FILE = "secrets-key"
+_VIEWER_KEY_FILE = "viewer-api-key"
 _DRAIN_TIMEOUT_S = 15.0
 # How long `ioc up` waits for the API's live event stream before printing its link anyway.
 _LIVE_EVENTS_WAIT_S = 30.0
 
 
-def _admin_key(data_dir: Path) -> str:
-    """The key made on the first run, or a new one (kept readable by the owner only)."""
-    path = data_dir / _ADMIN_KEY_FILE
+def _new_api_key() -> str:
+    return "ioc_" + secrets.token_urlsafe(32)
+
+
+def _read_kept(path: Path) -> str | None:
     if path.exists():
-        key = path.read_text().strip()
-        if key:
+        return path.read_text().strip() or None
+    return None
+
+
+def _keep(path: Path, value: str) -> None:
+    """Write a secret readable by the owner only, from its first byte on."""
+    path.unlink(missing_ok=True)
+    with open(path, "x", opener=lambda name, flags: os.open(name, flags, 0o600)) as file:
+        file.write(value + "\n")
+
+
+def _kept(data_dir: Path, name: str, make: Callable[[], str]) -> str:
+    """The value made on the first run, or a new one."""
+    path = data_dir / name
+    value = _read_kept(path)
+    if value is None:
+        value = make()
+        _keep(path, value)
+    return value
+
+
+async def _viewer_key(settings: Settings, data_dir: Path) -> str:
+    """The wall screen's viewer key: the kept one while the database knows it (and it is not
+    revoked), else a new one registered there."""
+    from api.auth import hash_key
+
+    path = data_dir / _VIEWER_KEY_FILE
+    key = _read_kept(path)
+    async with Database(settings.database_url.get_secret_value(), max_size=1) as database:
+        if key is not None and await database.api_keys.by_hash(hash_key(key)) is not None:
             return key
-    key = "ioc_" + secrets.token_urlsafe(32)
-    path.write_text(key + "\n")
-    path.chmod(0o600)
+        key = _new_api_key()
+        await database.api_keys.create(
+            key_id="key_" + secrets.token_hex(8),
+            name="wall screen (ioc up)",
+            role="viewer",
+            cities=None,
+            domains=None,
+            key_hash=hash_key(key),
+            created_by="ioc up",
+        )
+    _keep(path, key)
     return key
 
 
@@ -115,7 +160,9 @@ async def _embed(
         changes["kafka_bootstrap"] = bootstrap
         embedded.append(f"in-process log bus in place of Kafka, kept in {data_dir / 'bus'}")
     if "admin_api_key" not in given:
-        changes["admin_api_key"] = SecretStr(_admin_key(data_dir))
+        changes["admin_api_key"] = SecretStr(_kept(data_dir, _ADMIN_KEY_FILE, _new_api_key))
+    if "secrets_key" not in given:
+        changes["secrets_key"] = SecretStr(_kept(data_dir, _SECRETS_KEY_FILE, new_key))
     if embedded:
         log.info("embedded: %s", "; ".join(embedded))
     return settings.model_copy(update=changes), broker
@@ -136,6 +183,7 @@ async def run_up(
     async with contextlib.AsyncExitStack() as stack:
         settings, broker = await _embed(stack, settings)
         await migrate(settings)
+        viewer_key = await _viewer_key(settings, settings.data_dir.resolve())
         processor = await stack.enter_async_context(TelemetryProcessor(settings))
         # Runs after everything entered below has stopped: what the bus holds is stored first.
         stack.push_async_callback(processor.drain, _DRAIN_TIMEOUT_S)
@@ -155,7 +203,7 @@ async def run_up(
         # that is slow to answer delays it, a bus that does not answer only logs.
         if not await server.live_events_connected(_LIVE_EVENTS_WAIT_S):
             log.warning("the live event stream is not connected yet; the page will show it once it is")
-        announce(_announcement(settings))
+        announce(_announcement(settings, viewer_key))
         await until_signalled(*waits)
 
 
@@ -170,14 +218,18 @@ async def _start_simulator(
     return simulator.wait
 
 
-def _announcement(settings: Settings) -> str:
+def _announcement(settings: Settings, viewer_key: str) -> str:
+    """Printed, never logged: the keys stay out of log files. They travel in the URL fragment,
+    which browsers do not send, so they stay out of access logs and Referer headers too."""
     host = settings.api_host if settings.api_host not in ("0.0.0.0", "::") else "127.0.0.1"
-    base = f"http://{host}:{settings.api_port}"
+    scheme = "https" if settings.api_tls else "http"
+    base = f"{scheme}://{host}:{settings.api_port}"
     key = settings.admin_api_key.get_secret_value() if settings.admin_api_key else ""
     lines = [
         f"IOC running: API on {base}",
-        f"  operations page: {base}/#key={key}",
-        f"  admin API key:   {key}",
+        f"  wall screen (viewer key, read only): {base}/#key={viewer_key}",
+        f"  operations page (admin key):         {base}/#key={key}",
+        f"  admin API key:                       {key}",
     ]
     if settings.simulator_devices > 0:
         lines.append(f"  simulating {settings.simulator_devices} devices in {settings.simulator_city}")

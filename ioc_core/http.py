@@ -7,9 +7,11 @@ import contextlib
 import json
 import logging
 import socket
+import ssl
 import struct
 import sys
 from http import HTTPStatus
+from pathlib import Path
 from typing import Any, ClassVar, cast
 
 import h11
@@ -17,7 +19,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ioc_core.component import Component
-from ioc_core.errors import ServiceUnavailableError
+from ioc_core.errors import ConfigurationError, ServiceUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -180,11 +182,24 @@ def _cancelled(timer: asyncio.TimerHandle | None) -> asyncio.TimerHandle | None:
     return None
 
 
+def check_tls_files(certificate: Path, key: Path) -> None:
+    """Refuse, in one line, a certificate and key that do not load together (a missing file, a key
+    of another certificate, an encrypted key) before the server tries."""
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(certificate, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigurationError(
+            f"IOC_API_TLS_CERT_FILE ({certificate}) and IOC_API_TLS_KEY_FILE ({key}) do not load as a"
+            f" certificate and its unencrypted key: {exc}"
+        ) from exc
+
+
 class HttpServer(Component):
     """`max_header_bytes` bounds the request line and headers (431 beyond, with h11 as the
     parser), `client_timeout_s` the time to send them; `max_connections` the open connections
     (uvicorn's `limit_concurrency`: past it uvicorn answers a plain 503 itself, so an app with its
-    own in-flight limit sets this higher)."""
+    own in-flight limit sets this higher). With `tls`, a PEM certificate (chain) file and its key
+    file, it serves HTTPS only."""
 
     def __init__(
         self,
@@ -196,6 +211,7 @@ class HttpServer(Component):
         max_header_bytes: int | None = None,
         client_timeout_s: float | None = None,
         max_connections: int | None = None,
+        tls: tuple[Path, Path] | None = None,
     ) -> None:
         limits: dict[str, Any] = {"limit_concurrency": max_connections}
         if max_header_bytes is not None or client_timeout_s is not None:
@@ -208,6 +224,9 @@ class HttpServer(Component):
         # No proxy headers: uvicorn would otherwise take X-Forwarded-For from loopback peers for the
         # client's address, which any local client can write. No trusted-proxy setting exists, so
         # the address (in the audit log, say) is always the connection's peer.
+        certificate, key = tls if tls is not None else (None, None)
+        if tls is not None:
+            check_tls_files(*tls)
         config = uvicorn.Config(
             app,
             host=host,
@@ -216,10 +235,13 @@ class HttpServer(Component):
             access_log=False,
             lifespan="on",
             proxy_headers=False,
+            ssl_certfile=certificate,
+            ssl_keyfile=key,
             **limits,
         )
         self._server = uvicorn.Server(config)
         self._host, self._port, self._name = host, port, name
+        self._scheme = "https" if tls is not None else "http"
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -231,7 +253,7 @@ class HttpServer(Component):
                     f"{self._name} could not listen on {self._host}:{self._port} (see the log above)"
                 )
             await asyncio.sleep(0.05)
-        log.info("%s listening on http://%s:%d", self._name, self._host, self._port)
+        log.info("%s listening on %s://%s:%d", self._name, self._scheme, self._host, self._port)
 
     async def _serve(self) -> None:
         # uvicorn exits the process when it cannot bind; here that is a failed start instead.

@@ -4,18 +4,33 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import unquote, urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, IPvAnyNetwork, SecretStr, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    IPvAnyNetwork,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from ioc_core.bus import Topics
 from ioc_core.domains import DOMAINS
 from ioc_core.errors import ConfigurationError
+from ioc_core.sealing import SecretSealer
 from ioc_core.telemetry import CITY_PATTERN
+
+# The placeholders of example files (`change-me`, `changeme`, `CHANGE_ME-admin`, ...): a secret
+# that still holds one was never set, and anyone who read the example knows it.
+PLACEHOLDER = re.compile(r"change[-_ ]?me", re.IGNORECASE)
 
 
 class MqttEndpoint(BaseModel):
@@ -61,6 +76,24 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8000, ge=0, le=65535)
     admin_api_key: SecretStr | None = None
+    secrets_key: SecretStr | None = Field(
+        default=None,
+        description="the key webhook signing secrets are sealed with at rest (Fernet: 32 random bytes in"
+        " URL-safe base64; `ioc secrets-key` makes one). Needed by `ioc api`, `ioc webhooks` and"
+        " `ioc processor` with its webhook worker; `ioc up` makes and keeps its own",
+    )
+    secrets_old_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="earlier values of IOC_SECRETS_KEY, comma-separated: what they sealed still opens,"
+        " and `ioc migrate` re-seals it with the current key",
+    )
+    api_tls_cert_file: Path | None = Field(
+        default=None,
+        description="PEM certificate (chain) of the API; with IOC_API_TLS_KEY_FILE the API serves HTTPS",
+    )
+    api_tls_key_file: Path | None = Field(
+        default=None, description="PEM private key of the API's certificate"
+    )
     mqtt_admin_url: SecretStr | None = Field(
         default=None,
         description="the broker's dynamic-security admin as mqtt://user:password@host:port; when set,"
@@ -307,6 +340,21 @@ class Settings(BaseSettings):
     )
     map_tiles_attribution: str = Field(default="", description="attribution shown under the tiles")
 
+    @field_validator("secrets_old_keys", mode="before")
+    @classmethod
+    def _split_old_keys(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [key.strip() for key in value.split(",") if key.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _check_tls_pair(self) -> Settings:
+        if (self.api_tls_cert_file is None) != (self.api_tls_key_file is None):
+            raise ValueError(
+                "IOC_API_TLS_CERT_FILE and IOC_API_TLS_KEY_FILE go together: set both or neither"
+            )
+        return self
+
     @field_validator("mqtt_url")
     @classmethod
     def _check_mqtt_url(cls, value: SecretStr) -> SecretStr:
@@ -420,12 +468,50 @@ class Settings(BaseSettings):
     def mqtt(self) -> MqttEndpoint:
         return mqtt_endpoint(self.mqtt_url.get_secret_value(), "IOC_MQTT_URL")
 
+    def sealer(self) -> SecretSealer:
+        """What seals and opens webhook signing secrets; refuses when no key is configured."""
+        found = self.sealer_if_configured()
+        if found is None:
+            raise ConfigurationError(
+                "IOC_SECRETS_KEY is not set: webhook signing secrets are kept sealed with it; make one"
+                " with `ioc secrets-key` and give the same to every component"
+            )
+        return found
+
+    def sealer_if_configured(self) -> SecretSealer | None:
+        """The sealer when a key is set; a key that is not one is refused here (after the check for
+        placeholders, so that `change-me` is named as such)."""
+        if self.secrets_key is None:
+            return None
+        return SecretSealer(
+            self.secrets_key.get_secret_value(), [k.get_secret_value() for k in self.secrets_old_keys]
+        )
+
+    @property
+    def api_tls(self) -> tuple[Path, Path] | None:
+        """The API's certificate and key files, when it serves HTTPS."""
+        if self.api_tls_cert_file is None or self.api_tls_key_file is None:
+            return None
+        return self.api_tls_cert_file, self.api_tls_key_file
+
+    def placeholder_secrets(self) -> list[str]:
+        """The secret settings (by variable name) whose value still holds a placeholder."""
+        found = []
+        for name, value in self.model_dump().items():
+            values = value if isinstance(value, list) else [value]
+            secrets = [v.get_secret_value() for v in values if isinstance(v, SecretStr)]
+            if any(PLACEHOLDER.search(secret) for secret in secrets):
+                found.append(f"IOC_{name.upper()}")
+        return found
+
     def masked(self) -> dict[str, Any]:
         """The settings as printed in logs and by the CLI: secrets never appear in clear."""
         shown: dict[str, Any] = {}
         for name, value in self.model_dump().items():
             if isinstance(value, SecretStr):
                 shown[name] = _mask_url(value.get_secret_value()) if name.endswith("_url") else "**********"
+            elif isinstance(value, list) and any(isinstance(v, SecretStr) for v in value):
+                shown[name] = ["**********" for _ in value]
             elif isinstance(value, Path):
                 shown[name] = str(value)
             elif (
@@ -465,8 +551,18 @@ def _mask_url(url: str) -> str:
 
 
 def load_settings(**overrides: Any) -> Settings:
-    """Read the environment, turning a validation failure into one clear configuration error."""
+    """Read the environment, turning a validation failure into one clear configuration error.
+
+    A secret that still holds an example file's placeholder (`change-me…`) is refused here, so
+    that no component of any deployment starts with a password everyone knows."""
     try:
-        return Settings(**overrides)
+        settings = Settings(**overrides)
     except ValueError as exc:
         raise ConfigurationError(f"invalid settings: {exc}".replace("\n", " ")) from exc
+    placeholders = settings.placeholder_secrets()
+    if placeholders:
+        raise ConfigurationError(
+            f"{', '.join(placeholders)} still {'holds' if len(placeholders) == 1 else 'hold'} a placeholder"
+            " secret (change-me…): set a real one before starting"
+        )
+    return settings

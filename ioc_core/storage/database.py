@@ -7,11 +7,13 @@ share (`unit_of_work`)."""
 from __future__ import annotations
 
 import contextlib
+import logging
 from datetime import timedelta
 
 import asyncpg
 
 from ioc_core.component import Component
+from ioc_core.sealing import SecretSealer
 from ioc_core.storage import migrations
 from ioc_core.storage.alarms import AlarmStore
 from ioc_core.storage.api_keys import ApiKeyStore
@@ -27,9 +29,12 @@ from ioc_core.storage.status import StatusStore
 from ioc_core.storage.tiers import DEFAULT_RETENTION
 from ioc_core.storage.webhooks import WebhookStore
 
+log = logging.getLogger(__name__)
+
 
 class Database(Component):
-    """A connection pool and the stores over it. Use with `async with`."""
+    """A connection pool and the stores over it. Use with `async with`. `sealer` seals and opens
+    webhook signing secrets (`Settings.sealer()`); without it no webhook endpoint can be made."""
 
     def __init__(
         self,
@@ -39,6 +44,7 @@ class Database(Component):
         max_size: int = 10,
         seq_window_s: float = 3600,
         timeout_s: float | None = None,
+        sealer: SecretSealer | None = None,
     ) -> None:
         self._pool = Pool(url, min_size=min_size, max_size=max_size, timeout_s=timeout_s)
         self.seq_window_s = seq_window_s
@@ -52,7 +58,8 @@ class Database(Component):
         self.dead_letters = DeadLetterStore(self._pool)
         self.audit = AuditStore(self._pool)
         # Webhook endpoints, deliveries and attempts, over this pool.
-        self.webhooks = WebhookStore(lambda: self._pool.pool, url)
+        self.webhooks = WebhookStore(lambda: self._pool.pool, url, sealer)
+        self._sealer = sealer
 
     async def start(self) -> None:
         await self._pool.start()
@@ -72,8 +79,24 @@ class Database(Component):
         return await migrations.detect_tier(self._pool)
 
     async def migrate(self, *, retention: timedelta = DEFAULT_RETENTION) -> StorageTier:
-        """Create or upgrade the schema (see `migrations.migrate`)."""
+        """Create or upgrade the schema (see `migrations.migrate`), then seal the webhook secrets
+        an earlier version stored in plain text, and those an old key sealed, with the current key."""
         self.tier = await migrations.migrate(self._pool, retention=retention)
+        if self._sealer is not None:
+            report = await self.webhooks.seal_stored_secrets()
+            if report.sealed or report.resealed:
+                log.info(
+                    "webhook signing secrets: %d sealed that were in plain text, %d sealed again with"
+                    " the current key",
+                    report.sealed,
+                    report.resealed,
+                )
+        elif plain := await self.webhooks.plain_secrets():
+            log.warning(
+                "%d webhook signing secrets are stored in plain text: set IOC_SECRETS_KEY and run"
+                " `ioc migrate` to seal them",
+                plain,
+            )
         return self.tier
 
     async def ping(self) -> None:

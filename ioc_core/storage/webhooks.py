@@ -5,6 +5,8 @@ A delivery row is made for each matching endpoint in the transaction that record
 webhooks and one that rolled back sends none. Workers claim due deliveries with a lease: a worker
 that dies mid-request leaves a lease that expires, and the delivery is tried again (at least
 once); a delivery recorded as delivered is never claimed again.
+
+Signing secrets are stored sealed with IOC_SECRETS_KEY (see `webhook_secrets`).
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ import asyncpg
 
 from ioc_core.errors import NotFoundError, StorageError
 from ioc_core.rules import severity_rank
+from ioc_core.sealing import SecretSealer
 from ioc_core.storage.connections import CONNECTION_ERRORS, TRANSIENT_ERRORS, unavailable
 from ioc_core.storage.pool import Connection, Transaction, text_list
-from ioc_core.webhooks import RoutedEvent, WebhookFilter
+from ioc_core.storage.webhook_secrets import SealingReport, StoredSecrets
+from ioc_core.webhooks import SECRET_PREFIX, RoutedEvent, WebhookFilter
 
 # Workers LISTEN here; a transaction that makes deliveries notifies at its commit.
 NOTIFY_CHANNEL = "ioc_webhook_deliveries"
@@ -180,12 +184,13 @@ class DeliveryRow:
 
 @dataclass(frozen=True, slots=True)
 class DeliveryJob:
-    """A claimed delivery: what to send where, and how many attempts came before."""
+    """A claimed delivery: what to send where, and how many attempts came before. `secret` is
+    None when no configured key opens the endpoint's stored secret."""
 
     id: int
     endpoint_id: str
     url: str
-    secret: str
+    secret: str | None
     message_id: str
     event_type: str
     body: str
@@ -238,11 +243,15 @@ def _delivery(row: asyncpg.Record) -> DeliveryRow:
 
 
 class WebhookStore:
-    """Every query about webhooks, over a started `Database`'s pool."""
+    """Every query about webhooks, over a started `Database`'s pool. Without a `sealer` the store
+    can route and log deliveries but not make endpoints nor open sealed secrets."""
 
-    def __init__(self, pool: Callable[[], asyncpg.Pool], url: str) -> None:
+    def __init__(
+        self, pool: Callable[[], asyncpg.Pool], url: str, sealer: SecretSealer | None = None
+    ) -> None:
         self._pool = pool
         self._url = url
+        self._secrets = StoredSecrets(sealer)
 
     @contextlib.asynccontextmanager
     async def _guard(self) -> AsyncIterator[None]:
@@ -287,7 +296,7 @@ class WebhookStore:
                 endpoint_id,
                 url,
                 description,
-                secret,
+                self._secrets.seal(secret),
                 f.cities,
                 f.domains,
                 f.types,
@@ -436,7 +445,7 @@ class WebhookStore:
     async def claim(self, *, owner: str, per_endpoint: int, limit: int, lease_s: float) -> list[DeliveryJob]:
         async with self._guard(), self._pool().acquire() as connection, connection.transaction():
             rows = await connection.fetch(_CLAIM_SQL, per_endpoint, limit, owner, lease_s)
-        return [DeliveryJob(**dict(r)) for r in rows]
+        return [DeliveryJob(**{**dict(r), "secret": self._secrets.open(r["secret"])}) for r in rows]
 
     async def finish_attempt(
         self,
@@ -505,6 +514,27 @@ class WebhookStore:
                 older_than_days,
             )
         return int(status.rsplit(" ", 1)[-1])
+
+    # -- secrets at rest --------------------------------------------------------------------
+
+    async def check_secrets(self) -> None:
+        """Refuse, naming the endpoints, when a stored secret opens with no configured key."""
+        async with self._guard():
+            rows = await self._pool().fetch("SELECT id, secret FROM webhook_endpoints ORDER BY id")
+        self._secrets.refuse_unreadable([(r["id"], r["secret"]) for r in rows])
+
+    async def plain_secrets(self) -> int:
+        """How many endpoints still have their secret in plain text (from an earlier version)."""
+        async with self._guard():
+            count: int = await self._pool().fetchval(
+                "SELECT count(*) FROM webhook_endpoints WHERE starts_with(secret, $1)", SECRET_PREFIX
+            )
+        return count
+
+    async def seal_stored_secrets(self) -> SealingReport:
+        """Seal plain secrets and re-seal old keys' with the current key, all or nothing."""
+        async with self._guard(), self._pool().acquire() as connection, connection.transaction():
+            return await self._secrets.seal_all(connection)
 
     async def listen(self, callback: Callable[[], None]) -> asyncpg.Connection:
         """A connection that calls `callback` whenever deliveries are made; close it to stop."""

@@ -105,6 +105,8 @@ _UNLIMITED = json.dumps({"rate": 1_000_000, "burst": 1_000_000})
 UNLIMITED_API_RATES = {
     f"IOC_API_RATE_LIMIT_{who}": _UNLIMITED for who in ("VIEWER", "OPERATOR", "ADMIN", "ANONYMOUS")
 }
+# The key webhook signing secrets are sealed with in tests.
+SECRETS_KEY = "vt5plXO1nnAf8gkxxHoVhJ7j0KXWn2kl_oA8PubrtSg="
 
 
 def test_env(**overrides: str) -> dict[str, str]:
@@ -114,6 +116,8 @@ def test_env(**overrides: str) -> dict[str, str]:
     # Tests of other things fire requests far faster than any screen (schemathesis, page tests,
     # polling waits, one admin key and one address for everything); test_rate_limits sets its own.
     env.update(UNLIMITED_API_RATES)
+    # The API and the webhook workers refuse to start without it.
+    env["IOC_SECRETS_KEY"] = SECRETS_KEY
     env.update(overrides)
     return env
 

@@ -55,6 +55,8 @@ async def up(
             IOC_STATE_EVENT_INTERVAL_S="0.5",
             **kafka,
         )
+        # `ioc up` makes and keeps the key webhook secrets are sealed with.
+        del env["IOC_SECRETS_KEY"]
         process = harness.ComponentProcess("up", env, data_dir, name="up")
         process.start()
 
@@ -87,8 +89,34 @@ async def up(
 async def test_up_announces_a_page_link_with_a_kept_admin_key(up: dict[str, Any]) -> None:
     text = up["output"]()
     assert f"{up['url']}/#key={up['key']}" in text
-    assert (Path(up["data_dir"]) / "admin-api-key").stat().st_mode & 0o077 == 0
+    for kept in ("admin-api-key", "secrets-key", "viewer-api-key"):
+        assert (Path(up["data_dir"]) / kept).stat().st_mode & 0o077 == 0, kept
     assert ("in-process log bus" in text) is (up["bus"] == "in-process bus")
+
+
+async def test_up_announces_a_wall_screen_link_with_a_viewer_key(up: dict[str, Any]) -> None:
+    """The wall screen gets a key that reads and changes nothing; the admin key is printed apart."""
+    text = up["output"]()
+    viewer = (Path(up["data_dir"]) / "viewer-api-key").read_text().strip()
+    assert viewer != up["key"]
+    [line] = [line for line in text.splitlines() if "wall screen" in line]
+    assert line.endswith(f"{up['url']}/#key={viewer}")
+    [admin_line] = [line for line in text.splitlines() if "admin API key" in line]
+    assert admin_line.split()[-1] == up["key"] and viewer not in admin_line
+    # Printed for the person at the terminal only: no log line carries either key.
+    logged = [line for line in text.splitlines() if " INFO " in line or " WARNING " in line]
+    assert logged and not [line for line in logged if viewer in line or up["key"] in line]
+    async with httpx.AsyncClient(base_url=up["url"], headers={"X-API-Key": viewer}, timeout=10) as api:
+        assert (await api.get("/v1/state", params={"city": CITY})).status_code == 200
+        assert (await api.get("/v1/webhooks")).status_code == 403
+        device = {
+            "id": unique("wall"),
+            "city": CITY,
+            "domain": "flood",
+            "location": {"lat": 21.0, "lon": 105.8},
+        }
+        refused = await api.post("/v1/devices", json=device)
+        assert refused.status_code == 403
 
 
 async def test_telemetry_alarms_and_stream_run_on_either_bus(up: dict[str, Any]) -> None:
@@ -190,8 +218,10 @@ async def test_in_process_bus_loses_and_doubles_nothing_when_the_process_dies(
 
             await wait_until(exited, timeout=60, what="the fault-injected exit")
             assert "fault injection" in first.log_text()
+            viewer = (data_dir / "viewer-api-key").read_text()
             second.start()
             await second.wait_for_log("operations page", timeout=60)
+            assert (data_dir / "viewer-api-key").read_text() == viewer, "the wall screen's link stays valid"
 
             async def stored() -> int | None:
                 connection = await asyncpg.connect(database_url)

@@ -12,11 +12,12 @@ import pytest
 
 from ioc_core.audit import AuditEntry, audit_event
 from ioc_core.events import Event
+from ioc_core.sealing import SecretSealer
 from ioc_core.storage import Database
 from ioc_core.storage.webhooks import route_deliveries
 from ioc_core.webhooks import WebhookFilter, new_secret, routed
 from tests.integration.conftest import System
-from tests.integration.harness import unique
+from tests.integration.harness import SECRETS_KEY, unique
 
 CITY = unique("route")[:32]
 OTHER = unique("route-x")[:32]
@@ -64,7 +65,7 @@ def audit(cities: list[str] | None) -> Event:
 
 @pytest.fixture
 async def database(system: System) -> AsyncIterator[Database]:
-    async with Database(system.database_url, max_size=2) as db:
+    async with Database(system.database_url, max_size=2, sealer=SecretSealer(SECRETS_KEY)) as db:
         yield db
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+from cryptography.fernet import Fernet
 from standardwebhooks import Webhook as ReferenceVerifier
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -36,6 +37,7 @@ from ioc_core.storage.webhooks import DeliveryJob
 from tests.conftest import Figures
 from tests.integration.conftest import ADMIN_KEY, System, free_port
 from tests.integration.harness import (
+    SECRETS_KEY,
     Publisher,
     services,
     unique,
@@ -227,6 +229,14 @@ async def test_alarm_arrives_signed_as_standard_webhooks(
     listed = (await api.get("/v1/webhooks")).json()["items"]
     assert [h["id"] for h in listed if h["id"] == hook["id"]] and all("secret" not in h for h in listed)
     assert "secret" not in (await api.get(f"/v1/webhooks/{hook['id']}")).json()
+    # At rest the secret is sealed with IOC_SECRETS_KEY: the column holds neither it nor its key.
+    connection = await asyncpg.connect(hooks.database_url)
+    try:
+        raw = await connection.fetchval("SELECT secret FROM webhook_endpoints WHERE id = $1", hook["id"])
+    finally:
+        await connection.close()
+    assert hook["secret"] not in raw and hook["secret"].removeprefix("whsec_") not in raw
+    assert Fernet(SECRETS_KEY.encode()).decrypt(raw.encode()).decode() == hook["secret"]
 
     device_id = await flood_station(api)
     publish_level(device_id, 5.0)

@@ -4,14 +4,17 @@ receiver: what each answer makes of a delivery, and what is sent."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
+import pytest
 
 from delivery.worker import WebhookDispatcher
-from ioc_core.errors import ServiceUnavailableError
+from ioc_core.errors import ConfigurationError, ServiceUnavailableError
+from ioc_core.sealing import SecretUnreadable
 from ioc_core.settings import Settings
 from ioc_core.storage.webhooks import DeliveryJob
 from ioc_core.webhooks import new_secret, sign
@@ -40,6 +43,11 @@ class FakeDeliveryStore:
         self.due = list(jobs)
         self.finished: list[dict[str, Any]] = []
         self.claim_failures = 0
+        self.unreadable: list[str] = []
+
+    async def check_secrets(self) -> None:
+        if self.unreadable:
+            raise SecretUnreadable(f"the signing secrets of webhook endpoints {', '.join(self.unreadable)}")
 
     async def claim(self, *, owner: str, per_endpoint: int, limit: int, lease_s: float) -> list[DeliveryJob]:
         if self.claim_failures > 0:
@@ -64,12 +72,13 @@ class FakeDeliveryStore:
 class FakeDatabase:
     def __init__(self, store: FakeDeliveryStore) -> None:
         self.webhooks = store
+        self.running = False
 
     async def start(self) -> None:
-        pass
+        self.running = True
 
     async def stop(self) -> None:
-        pass
+        self.running = False
 
 
 def answer(status: int, headers: dict[str, str] | None = None) -> httpx.Response:
@@ -204,3 +213,31 @@ async def test_a_database_outage_while_claiming_shows_in_readiness_and_passes() 
         await until(lambda: bool(store.finished))
         assert dispatcher.readiness() == {"webhooks": "ok"}
     assert store.finished[0]["state"] == "delivered"
+
+
+async def test_a_secret_no_key_opens_is_not_sent_and_tried_again_later() -> None:
+    """Sealed with a key this worker lacks: nothing unsigned goes out, and the delivery waits for
+    a worker that has the key (or for this one's settings to get it)."""
+    finished, received, dispatcher = await deliver(
+        lambda _: answer(200), dataclasses.replace(job(), secret=None)
+    )
+    assert received == []
+    assert (finished["state"], finished["status_code"]) == ("pending", None)
+    assert "IOC_SECRETS_KEY" in finished["error"]
+    assert 5 - 0.5 <= waited_s(finished) <= 10 + 0.5 and dispatcher.retried == 1
+
+
+async def test_a_worker_whose_keys_open_no_stored_secret_refuses_to_start() -> None:
+    store = FakeDeliveryStore(job())
+    store.unreadable = ["wh_1"]
+    database = FakeDatabase(store)
+    dispatcher = WebhookDispatcher(SETTINGS, database=database)
+    with pytest.raises(SecretUnreadable, match="wh_1"):
+        await dispatcher.start()
+    assert not database.running and store.finished == []
+
+
+def test_a_worker_without_a_secrets_key_refuses_to_be_made() -> None:
+    without_key = SETTINGS.model_copy(update={"secrets_key": None})
+    with pytest.raises(ConfigurationError, match="IOC_SECRETS_KEY is not set"):
+        WebhookDispatcher(without_key)
