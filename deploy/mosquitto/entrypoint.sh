@@ -23,12 +23,16 @@ fail() {
     exit 1
 }
 
-# These end up in IOC_MQTT_URL and in the JSON below, so only URL- and JSON-safe characters.
+# These end up in IOC_MQTT_URL and in the JSON below, so only URL- and JSON-safe characters; and
+# never an example file's placeholder, which the admin account would keep for good.
 safe() {
     case $2 in
         "") fail "$1 is not set" ;;
         *[!A-Za-z0-9._~-]*) fail "$1 may contain only letters, digits and . _ ~ -" ;;
     esac
+    if printf '%s' "$2" | grep -Eiq 'change[-_]?me'; then
+        fail "$1 still holds a placeholder secret (change-me...): set a real one before starting"
+    fi
 }
 safe MQTT_ADMIN_USER "$ADMIN_USER"
 safe MQTT_ADMIN_PASSWORD "${MQTT_ADMIN_PASSWORD:-}"

@@ -1,11 +1,18 @@
-"""The compose file describes the production topology (no Docker engine is needed to check it)."""
+"""The compose file describes the production topology (no Docker engine is needed to check it),
+with its secrets, published ports and TLS, and the deployment's scripts."""
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import yaml
+from cryptography import x509
+
+from ioc_core.settings import PLACEHOLDER
 
 from ioc_core.telemetry import MAX_PAYLOAD_BYTES
 
@@ -128,3 +135,164 @@ def test_each_component_connects_with_its_own_account() -> None:
     assert services["simulator"]["environment"]["IOC_MQTT_URL"].startswith("mqtt://ioc-simulator:")
     for name in ("gateway", "processor", "migrate", "simulator"):
         assert "IOC_MQTT_ADMIN_URL" not in services[name]["environment"], name
+
+
+# -- secrets, published ports and TLS ---------------------------------------------------------
+
+SECRET_VARIABLES = (
+    "POSTGRES_PASSWORD",
+    "MQTT_ADMIN_PASSWORD",
+    "MQTT_GATEWAY_PASSWORD",
+    "MQTT_SIMULATOR_PASSWORD",
+    "IOC_ADMIN_API_KEY",
+    "IOC_SECRETS_KEY",
+)
+_INTERPOLATION = re.compile(r"\$\{([A-Z_]+)(:?[-?])?([^}]*)\}")
+
+
+def _interpolations() -> list[tuple[str, str, str]]:
+    """Every `${NAME...}` of the compose file: (name, operator, default or message)."""
+    return [
+        (m[1], m[2] or "", m[3]) for m in _INTERPOLATION.finditer((ROOT / "docker-compose.yml").read_text())
+    ]
+
+
+def _example_env() -> dict[str, str]:
+    lines = (ROOT / ".env.example").read_text().splitlines()
+    pairs = (line.split("=", 1) for line in lines if line.strip() and not line.startswith("#"))
+    return {name: value for name, value in pairs}
+
+
+def test_secrets_have_no_defaults_and_compose_refuses_to_start_without_them() -> None:
+    used = {name for name, _, _ in _interpolations()}
+    assert set(SECRET_VARIABLES) <= used
+    for name, operator, text in _interpolations():
+        if name in SECRET_VARIABLES:
+            # `:?` stops `docker compose up` with this message when the variable is unset or empty.
+            assert operator == ":?" and name in text, (name, operator, text)
+    assert not PLACEHOLDER.search((ROOT / "docker-compose.yml").read_text())
+
+
+def test_the_example_env_file_names_every_secret_with_a_placeholder_that_is_refused() -> None:
+    example = _example_env()
+    assert set(SECRET_VARIABLES) <= set(example)
+    for name in SECRET_VARIABLES:
+        assert PLACEHOLDER.search(example[name]), name
+    assert example["IOC_SECRETS_OLD_KEYS"] == ""
+    assert ".env" in (ROOT / ".gitignore").read_text().splitlines()
+    assert ".env" in (ROOT / ".dockerignore").read_text().splitlines()
+
+
+def test_only_tls_ports_are_published_on_the_host() -> None:
+    services = load()["services"]
+    published = {name: service.get("ports") for name, service in services.items() if service.get("ports")}
+    assert published == {"mosquitto": ["8883:8883"], "api": ["8443:8443"]}
+    for name in (*KAFKA_BROKERS, "timescaledb"):
+        assert "ports" not in services[name] and "network_mode" not in services[name], name
+
+
+def test_the_api_serves_https_with_mounted_certificate_files() -> None:
+    api = load()["services"]["api"]
+    env = api["environment"]
+    assert env["IOC_API_PORT"] == 8443
+    mounts = {volume.split(":")[1]: volume for volume in api["volumes"]}
+    for setting in ("IOC_API_TLS_CERT_FILE", "IOC_API_TLS_KEY_FILE"):
+        directory = str(Path(env[setting]).parent)
+        assert mounts[directory] == f"./deploy/tls:{directory}:ro", setting
+    assert "https://127.0.0.1:8443/ready" in " ".join(api["healthcheck"]["test"])
+
+
+def _listeners() -> dict[str, dict[str, str]]:
+    """Each `listener` of the broker's configuration with the options that follow it."""
+    listeners: dict[str, dict[str, str]] = {}
+    current: dict[str, str] | None = None
+    for line in (ROOT / "deploy" / "mosquitto" / "mosquitto.conf").read_text().splitlines():
+        if not line.strip() or line.startswith("#"):
+            current = None
+            continue
+        key, _, value = line.partition(" ")
+        if key == "listener":
+            current = listeners.setdefault(value, {})
+        elif current is not None:
+            current[key] = value
+    return listeners
+
+
+def test_the_broker_listens_with_tls_for_devices() -> None:
+    listeners = _listeners()
+    assert set(listeners) == {"1883", "8883"}
+    tls = listeners["8883"]
+    assert tls["certfile"] == "/mosquitto/certs/mqtt.crt" and tls["keyfile"] == "/mosquitto/certs/mqtt.key"
+    assert "certfile" not in listeners["1883"]
+    mosquitto = load()["services"]["mosquitto"]
+    assert "./deploy/tls:/mosquitto/certs:ro" in mosquitto["volumes"]
+    # The devices' port is published; the plain one serves the compose network only.
+    assert mosquitto["ports"] == ["8883:8883"]
+
+
+def test_the_database_image_refuses_a_placeholder_before_it_initialises() -> None:
+    timescaledb = load()["services"]["timescaledb"]
+    entrypoint = timescaledb["entrypoint"]
+    assert entrypoint[:2] == ["sh", "/usr/local/bin/refuse-placeholders.sh"]
+    assert entrypoint[2:] == ["POSTGRES_PASSWORD", "--", "docker-entrypoint.sh"]
+    assert timescaledb["command"] == ["postgres"]
+    assert (
+        "./deploy/refuse-placeholders.sh:/usr/local/bin/refuse-placeholders.sh:ro" in timescaledb["volumes"]
+    )
+
+
+def _sh(script: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("POSTGRES_", "MQTT_"))}
+    return subprocess.run(
+        ["sh", str(script), *args], env={**clean, **env}, capture_output=True, text=True, timeout=30
+    )
+
+
+def test_the_placeholder_guard_runs_the_command_only_with_real_secrets() -> None:
+    guard = ROOT / "deploy" / "refuse-placeholders.sh"
+    ran = _sh(guard, "POSTGRES_PASSWORD", "--", "echo", "started", POSTGRES_PASSWORD="Xq7.r9-k2")
+    assert (ran.returncode, ran.stdout) == (0, "started\n")
+    for value in ("change-me", "CHANGE_ME", "changeme-please"):
+        refused = _sh(guard, "POSTGRES_PASSWORD", "--", "echo", "started", POSTGRES_PASSWORD=value)
+        assert refused.returncode == 1 and refused.stdout == ""
+        assert refused.stderr.splitlines() == [
+            "refuse-placeholders: POSTGRES_PASSWORD still holds a placeholder secret (change-me...):"
+            " set a real one before starting"
+        ]
+    unset = _sh(guard, "POSTGRES_PASSWORD", "--", "echo", "started")
+    assert (
+        unset.returncode == 1 and unset.stderr.strip() == "refuse-placeholders: POSTGRES_PASSWORD is not set"
+    )
+    hostile = _sh(guard, "X;true", "--", "echo")
+    assert hostile.returncode == 1 and "is not a variable name" in hostile.stderr
+
+
+def test_the_broker_entrypoint_refuses_placeholder_passwords_before_anything_else() -> None:
+    refused = _sh(
+        ROOT / "deploy" / "mosquitto" / "entrypoint.sh",
+        MQTT_ADMIN_PASSWORD="real-one-1",
+        MQTT_GATEWAY_PASSWORD="change-me-gateway",
+        MQTT_SIMULATOR_PASSWORD="real-one-2",
+        MOSQUITTO_CONF="/nonexistent",
+    )
+    assert refused.returncode == 1
+    assert refused.stderr.splitlines() == [
+        "mosquitto entrypoint: MQTT_GATEWAY_PASSWORD still holds a placeholder secret (change-me...):"
+        " set a real one before starting"
+    ]
+
+
+def test_the_self_signed_certificates_are_for_the_hosts_and_keys_stay_private(tmp_path: Path) -> None:
+    made = _sh(
+        ROOT / "deploy" / "tls" / "self-signed.sh", "ioc.example.vn", "10.0.0.5", TLS_DIR=str(tmp_path)
+    )
+    assert made.returncode == 0, made.stderr
+    for name in ("mqtt", "api"):
+        certificate = x509.load_pem_x509_certificate((tmp_path / f"{name}.crt").read_bytes())
+        names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert names.get_values_for_type(x509.DNSName) == ["ioc.example.vn"]
+        assert [str(a) for a in names.get_values_for_type(x509.IPAddress)] == ["10.0.0.5"]
+        assert (tmp_path / f"{name}.key").stat().st_mode & 0o077 == 0
+    assert (tmp_path / "ca.key").stat().st_mode & 0o077 == 0
+    ignored = (ROOT / "deploy" / "tls" / ".gitignore").read_text().splitlines()
+    assert "*" in ignored and "!self-signed.sh" in ignored
