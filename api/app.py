@@ -94,10 +94,9 @@ def create_app(
     settings: Settings, *, database: Database | None = None, accounts: DeviceAccounts | None = None
 ) -> FastAPI:
     """Build the app. With `database` or `accounts` given, the caller owns their lifetime (tests,
-    `ioc up`); otherwise device accounts are on when IOC_MQTT_ADMIN_URL is set. Without a given
-    database IOC_SECRETS_KEY must be set: webhook signing secrets are stored sealed with it."""
-    if database is None:
-        settings.sealer()
+    `ioc up`); otherwise device accounts are on when IOC_MQTT_ADMIN_URL is set. The database made
+    here needs IOC_SECRETS_KEY (webhook signing secrets are stored sealed with it): without it the
+    app does not start (`ioc api` refuses before it builds the app)."""
     app = FastAPI(
         title="IOC streaming backend",
         version="0.1.0",

@@ -28,6 +28,7 @@ from pathlib import Path
 from pydantic import SecretStr
 
 from ioc.embedded.mqtt_broker import EmbeddedBroker
+from ioc_core.access import hash_key
 from ioc_core.bus import memory as memory_bus
 from ioc_core.errors import ConfigurationError
 from ioc_core.sealing import new_key
@@ -78,8 +79,6 @@ def _kept(data_dir: Path, name: str, make: Callable[[], str]) -> str:
 async def _viewer_key(settings: Settings, data_dir: Path) -> str:
     """The wall screen's viewer key: the kept one while the database knows it (and it is not
     revoked), else a new one registered there."""
-    from api.auth import hash_key
-
     path = data_dir / _VIEWER_KEY_FILE
     key = _read_kept(path)
     async with Database(settings.database_url.get_secret_value(), max_size=1) as database:
