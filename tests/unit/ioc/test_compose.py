@@ -13,7 +13,6 @@ import yaml
 from cryptography import x509
 
 from ioc_core.settings import PLACEHOLDER
-
 from ioc_core.telemetry import MAX_PAYLOAD_BYTES
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -203,12 +202,12 @@ def test_the_api_serves_https_with_mounted_certificate_files() -> None:
 
 
 def _listeners() -> dict[str, dict[str, str]]:
-    """Each `listener` of the broker's configuration with the options that follow it."""
+    """Each `listener` of the broker's configuration with the options that follow it up to the
+    next one (as Mosquitto reads them: a listener's options are those after its line)."""
     listeners: dict[str, dict[str, str]] = {}
     current: dict[str, str] | None = None
     for line in (ROOT / "deploy" / "mosquitto" / "mosquitto.conf").read_text().splitlines():
         if not line.strip() or line.startswith("#"):
-            current = None
             continue
         key, _, value = line.partition(" ")
         if key == "listener":
@@ -224,6 +223,8 @@ def test_the_broker_listens_with_tls_for_devices() -> None:
     tls = listeners["8883"]
     assert tls["certfile"] == "/mosquitto/certs/mqtt.crt" and tls["keyfile"] == "/mosquitto/certs/mqtt.key"
     assert "certfile" not in listeners["1883"]
+    # Per listener: the devices' port has the contract's QoS limit as well.
+    assert listeners["1883"]["max_qos"] == listeners["8883"]["max_qos"] == "1"
     mosquitto = load()["services"]["mosquitto"]
     assert "./deploy/tls:/mosquitto/certs:ro" in mosquitto["volumes"]
     # The devices' port is published; the plain one serves the compose network only.
