@@ -37,6 +37,8 @@ def policies_of(settings: Settings) -> dict[str, Policy]:
         "viewer": settings.api_rate_limit_viewer,
         "operator": settings.api_rate_limit_operator,
         "admin": settings.api_rate_limit_admin,
+        # A scraper asks every few seconds at most: a viewer's limit is ample.
+        "metrics": settings.api_rate_limit_viewer,
         ANONYMOUS: settings.api_rate_limit_anonymous,
     }
     return {name: Policy(name, rate=limit.rate, burst=limit.burst) for name, limit in limits.items()}

@@ -103,16 +103,17 @@ async def test_threshold_alarm_is_raised_escalated_and_resolved_once(
 
         events: list[dict[str, Any]] = []
 
-        async def three_events() -> list[dict[str, Any]] | None:
+        async def until_resolved() -> list[dict[str, Any]] | None:
             for records in (await consumer.getmany(timeout_ms=200)).values():
                 for record in records:
                     event = json.loads(record.value)
                     data = event["data"]
                     if data.get("device_id") == device_id and data.get("rule") == "threshold.currentLevel":
                         events.append(event)
-            return events if len(events) >= 3 else None
+            resolved = any(e["type"] == "alarm.resolved" for e in events)
+            return events if resolved else None
 
-        await wait_until(three_events, timeout=20, what="raised, updated and resolved on ioc.events")
+        await wait_until(until_resolved, timeout=20, what="raised, updated and resolved on ioc.events")
     finally:
         await consumer.stop()
 
@@ -122,9 +123,14 @@ async def test_threshold_alarm_is_raised_escalated_and_resolved_once(
     assert alarm["city"] == CITY and alarm["domain"] == "flood" and alarm["metric"] == "currentLevel"
     assert "Hoàng Mai" in alarm["messages"]["vi"] and "Hoàng Mai" in alarm["messages"]["en"]
     assert alarm["message"].startswith(alarm["messages"]["vi"])
-    assert [e["type"] for e in events] == ["alarm.raised", "alarm.updated", "alarm.resolved"]
+    # The first three readings may fall in one batch or two: one update or two before the
+    # critical one, each a change of the alarm, never a second alarm.
+    types = [e["type"] for e in events]
+    assert types[0] == "alarm.raised" and types[-1] == "alarm.resolved", types
+    assert set(types[1:-1]) == {"alarm.updated"} and 1 <= len(types) - 2 <= 2, types
     assert {e["data"]["id"] for e in events} == {alarm["id"]}
-    assert [e["data"]["severity"] for e in events] == ["medium", "critical", "critical"]
+    severities = [e["data"]["severity"] for e in events]
+    assert set(severities[:-2]) == {"medium"} and severities[-2:] == ["critical", "critical"], severities
     rules = [a["rule"] for a in await alarms_of(admin, device_id=device_id)]
     assert rules.count("threshold.currentLevel") == 1
 

@@ -14,8 +14,8 @@ import pytest
 from fastapi import FastAPI
 
 from api.app import create_app
-from api.auth import KeyCache, Principal, Viewer, hash_key, presented_key
-from api.rate_limits import Policy, RateLimiter, address_bucket
+from api.auth import ROLES, KeyCache, Principal, Viewer, hash_key, presented_key
+from api.rate_limits import Policy, RateLimiter, address_bucket, policies_of
 from ioc_core.errors import ServiceUnavailableError
 from ioc_core.settings import RateLimit, Settings
 from ioc_core.storage.views import ApiKeyRow
@@ -318,3 +318,7 @@ def test_settings_take_limits_as_json(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("IOC_API_RATE_LIMIT_ANONYMOUS", json.dumps({"rate": 0, "burst": 10}))
     with pytest.raises(ValueError):
         Settings()
+
+
+def test_every_role_has_a_limit() -> None:
+    assert set(policies_of(Settings())) == {*ROLES, "anonymous"}
