@@ -70,8 +70,9 @@ def wait_for_port(port: int, process: subprocess.Popen[bytes], log: Path, timeou
 
 def shipped_config(port: int, dynsec: Path, data_dir: Path) -> str:
     """The compose broker's configuration with this machine's paths, listening on `port` of the
-    loopback interface only. `user`: run as whoever runs the tests; as root the broker would
-    otherwise switch to the mosquitto user, which may not rewrite the plugin's file."""
+    loopback interface only, without the devices' TLS listener. `user`: run as whoever runs the
+    tests; as root the broker would otherwise switch to the mosquitto user, which may not rewrite
+    the plugin's file."""
     replacements = {
         r"^listener 1883$": f"listener {port} 127.0.0.1",
         r"^plugin /\S+$": f"plugin {_plugin()}",
@@ -79,6 +80,11 @@ def shipped_config(port: int, dynsec: Path, data_dir: Path) -> str:
         r"^persistence_location /\S+$": f"persistence_location {data_dir}/",
     }
     config = SHIPPED_CONF.read_text()
+    # The devices' TLS listener needs the deployment's certificates; test_secrets runs it.
+    config, found = re.subn(
+        r"^listener 8883\n(?:(?:certfile|keyfile|tls_version|max_qos) .*\n)*", "", config, flags=re.MULTILINE
+    )
+    assert found == 1, f"{SHIPPED_CONF} no longer has its TLS listener"
     for pattern, line in replacements.items():
         config, found = re.subn(pattern, line, config, flags=re.MULTILINE)
         assert found == 1, f"{SHIPPED_CONF} no longer has one line matching {pattern}"
