@@ -467,11 +467,19 @@ async def test_unacknowledged_critical_alarm_is_escalated_once(
     ack = await api.post(f"/v1/alarms/{handled_alarm['id']}/ack", json={"note": "đội trực đã nhận"})
     assert ack.status_code == 200, ack.text
 
-    [escalation] = await receiver.wait_for("escalations", 1, timeout=ESCALATE_AFTER_S + 20)
+    # Critical alarms of the city that earlier tests left open are escalated too: only these two
+    # stations' count.
+    def ours() -> list[Received]:
+        return of_device(receiver.of("escalations"), ignored) + of_device(receiver.of("escalations"), handled)
+
+    async def escalated() -> list[Received] | None:
+        return ours() or None
+
+    [escalation] = await wait_until(escalated, timeout=ESCALATE_AFTER_S + 20, what="the escalation")
     assert escalation.json["type"] == "alarm.updated"
     assert escalation.json["data"]["device_id"] == ignored and escalation.json["data"]["escalated"] is True
     await asyncio.sleep(ESCALATE_AFTER_S + 2)
-    assert len(receiver.of("escalations")) == 1, "escalated twice, or an acknowledged alarm escalated"
+    assert len(ours()) == 1, "escalated twice, or an acknowledged alarm escalated"
     seen = [
         (r.json["type"], r.json["data"]["escalated"])
         for r in of_device(receiver.of("everything"), ignored)
