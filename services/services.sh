@@ -220,7 +220,17 @@ mqtt_down() {
 # ---------------------------------------------------------------- kafka
 
 kafka_pid() { live_pid "$KAFKA_PID" "$KAFKA_CONF"; }
-kafka_alive() { kafka_pid >/dev/null; }
+
+# During startup the pid just written is our own child, and until it has
+# exec'd java its command line is still this shell's (or empty mid-exec): a
+# command-line check there reads a broker that is starting as one that exited.
+KAFKA_STARTED_PID=
+kafka_starting() {
+    local state=
+    [[ -r /proc/$KAFKA_STARTED_PID/status ]] || return 1
+    state=$(awk '/^State:/ { print $2 }' "/proc/$KAFKA_STARTED_PID/status" 2>/dev/null) || return 1
+    [[ -n $state && $state != Z ]]
+}
 
 KAFKA_LOG_OFFSET=0
 kafka_ready() {
@@ -308,8 +318,9 @@ kafka_up() {
     # Both exec in place, so $! is the JVM's own pid.
     setsid nohup java "${KAFKA_JVM[@]}" kafka.Kafka "$KAFKA_CONF" \
         </dev/null >"$KAFKA_OUT" 2>&1 9>&- &
-    echo $! >"$KAFKA_PID"
-    wait_until "kafka: broker" "$KAFKA_LOG and $KAFKA_OUT" kafka_alive kafka_ready
+    KAFKA_STARTED_PID=$!
+    echo "$KAFKA_STARTED_PID" >"$KAFKA_PID"
+    wait_until "kafka: broker" "$KAFKA_LOG and $KAFKA_OUT" kafka_starting kafka_ready
     say "kafka: ready"
 }
 
