@@ -83,6 +83,31 @@ class DeviceStore:
             transaction.touch(device.city, device.domain)
             return await _read(transaction.connection, device.id)
 
+    async def insert_many(self, devices: Sequence[DeviceIn]) -> int:
+        """Register many devices in one transaction (a fleet of 100,000 in seconds, where one
+        request each takes minutes); those already registered are left as they are. Returns how
+        many were new."""
+        async with self._pool.transaction() as transaction:
+            new = await transaction.connection.fetchval(
+                "WITH added AS ("
+                " INSERT INTO devices (id, city, domain, name, district, lat, lon, thresholds)"
+                " SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],"
+                " $6::float8[], $7::float8[], $8::jsonb[])"
+                " ON CONFLICT (id) DO NOTHING RETURNING 1)"
+                " SELECT count(*) FROM added",
+                [d.id for d in devices],
+                [d.city for d in devices],
+                [d.domain for d in devices],
+                [d.name for d in devices],
+                [d.district for d in devices],
+                [d.location.lat for d in devices],
+                [d.location.lon for d in devices],
+                [d.thresholds for d in devices],
+            )
+            for city, domain in {(d.city, d.domain) for d in devices}:
+                transaction.touch(city, domain)
+            return int(new)
+
     async def get(self, device_id: str) -> Device:
         async with self._pool.guard(), self._pool.pool.acquire() as connection:
             return await _read(connection, device_id)

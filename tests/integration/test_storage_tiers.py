@@ -334,3 +334,32 @@ async def test_community_series_over_the_aggregates(tier_database: TierDatabase)
         for rollup in ROLLUPS:
             await connection.execute(f"DROP VIEW IF EXISTS {rollup.view(DOMAIN)}")
         await connection.close()
+
+
+async def test_insert_many_registers_a_fleet_once(tier_database: TierDatabase) -> None:
+    db = tier_database.db
+    fleet = [
+        DeviceIn(
+            id=f"tier-many-{i}",
+            city=CITY,
+            domain="flood",
+            name=f"Trạm {i}",
+            district="Hoàn Kiếm" if i % 2 else None,
+            location=Location(lat=21.0 + i / 1000, lon=105.8),
+            thresholds={"currentLevel": {"warn_above": 2.0 + i, "crit_above": None}},
+        )
+        for i in range(50)
+    ]
+    assert await db.devices.insert_many(fleet) == 50
+    # Registered ones are left as they are; only the new one counts.
+    changed = fleet[3].model_copy(update={"name": "renamed"})
+    extra = DeviceIn(id="tier-many-new", city=CITY, domain="flood", location=Location(lat=21.0, lon=105.8))
+    assert await db.devices.insert_many([changed, extra]) == 1
+    stored = await db.devices.get("tier-many-7")
+    assert (stored.name, stored.district, stored.thresholds) == (
+        "Trạm 7",
+        "Hoàn Kiếm",
+        {"currentLevel": {"warn_above": 9.0, "crit_above": None}},
+    )
+    assert (await db.devices.get("tier-many-3")).name == "Trạm 3"
+    assert stored.location == Location(lat=21.007, lon=105.8)

@@ -1,0 +1,539 @@
+"""The whole pipeline end to end, against the real services, measured against the broker's own speed.
+
+    .venv/bin/python -m benchmarks.pipeline [--devices 1000,10000,100000] [--messages 200000]
+        [--rate 40000] [--probes 150] [--profile DIR]
+
+For each fleet size, in one run, with a database, topic prefix and consumer group of its own:
+
+1. **bare broker hop**: the load generator (`ioc simulate --load`'s) publishes `--messages` QoS 1
+   messages at `--rate` to Mosquitto, and one `mosquitto_sub -q 1` takes them; the rate at which
+   they arrived is what the broker carries on this machine with nothing else running;
+2. **pipeline**: one `ioc gateway`, one `ioc processor` and one `ioc api` process (the topology of
+   docker-compose.yml), the fleet registered; the same load through them. The sustained stored rate
+   is taken over the steady window (from 10 % to 90 % of the rows stored, not counting warm-up and
+   drain); acknowledged (PUBACKs the load generator received) and stored (rows in the database)
+   must be equal; peak RSS and CPU seconds per 1,000 readings of the gateway and the processor;
+3. **latency**: background load at half the sustained rate, and a probe device publishing one
+   reading at a time (paho, QoS 1); the time from its publish until `GET /v1/devices/{id}` shows
+   it as the latest, p50 and p99.
+
+Prints one JSON object per fleet size. With `--profile DIR`, py-spy samples the gateway and the
+processor during the pipeline phase and the hottest functions are printed too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from benchmarks.processor import delete_topics
+from ioc_core.models import DeviceIn, Location
+from ioc_core.settings import MqttEndpoint, mqtt_endpoint
+from ioc_core.storage import Database, drop_database, ensure_database
+from simulators.fleet import build_fleet
+from simulators.load import run_load
+
+POSTGRES = os.environ.get("IOC_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432")
+KAFKA = os.environ.get("IOC_BENCH_KAFKA_BOOTSTRAP", "127.0.0.1:9092")
+MQTT_URL = os.environ.get("IOC_BENCH_MQTT_URL", "mqtt://127.0.0.1:1883")
+PLACES = "ha-noi"
+ADMIN_KEY = "bench-" + uuid.uuid4().hex
+SECRETS_KEY = "vt5plXO1nnAf8gkxxHoVhJ7j0KXWn2kl_oA8PubrtSg="
+_UNLIMITED = json.dumps({"rate": 1_000_000, "burst": 1_000_000})
+SAMPLE_S = 0.25
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def endpoint() -> MqttEndpoint:
+    return mqtt_endpoint(MQTT_URL, "IOC_BENCH_MQTT_URL")
+
+
+# -- processes ---------------------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+@dataclass
+class Component:
+    name: str
+    process: subprocess.Popen[bytes]
+    log: str
+    health: str
+
+    def alive(self) -> None:
+        if self.process.poll() is not None:
+            raise RuntimeError(f"ioc {self.name} exited with {self.process.returncode}; log: {self.log}")
+
+
+@dataclass
+class Deployment:
+    """One run's own database, topics, group and processes."""
+
+    city: str
+    env: dict[str, str]
+    url: str
+    components: dict[str, Component] = field(default_factory=dict)
+
+    @classmethod
+    def new(cls) -> Deployment:
+        run = uuid.uuid4().hex[:8]
+        city = f"bench-{run}"
+        url = f"{POSTGRES}/ioc_bench_{run}"
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("IOC_")},
+            "IOC_DATABASE_URL": url,
+            "IOC_KAFKA_BOOTSTRAP": KAFKA,
+            "IOC_MQTT_URL": MQTT_URL,
+            "IOC_TOPIC_PREFIX": f"bench-{run}.",
+            "IOC_PROCESSOR_GROUP_ID": f"bench-processor-{run}",
+            "IOC_GATEWAY_CITIES": json.dumps([city]),
+            "IOC_GATEWAY_CLIENT_ID": f"ioc-bench-gw-{run}",
+            "IOC_GATEWAY_SHARE_GROUP": f"bench-{run}",
+            "IOC_GATEWAY_HEALTH_PORT": str(free_port()),
+            "IOC_PROCESSOR_HEALTH_PORT": str(free_port()),
+            "IOC_API_PORT": str(free_port()),
+            "IOC_ADMIN_API_KEY": ADMIN_KEY,
+            "IOC_SECRETS_KEY": SECRETS_KEY,
+            "IOC_MQTT_SESSION_EXPIRY_S": "600",
+            # Measures the telemetry path; the webhook worker has nothing to send here.
+            "IOC_WEBHOOK_WORKER": "false",
+            "IOC_LOG_LEVEL": "WARNING",
+            **{f"IOC_API_RATE_LIMIT_{who}": _UNLIMITED for who in ("ADMIN", "ANONYMOUS")},
+        }
+        return cls(city=city, env=env, url=url)
+
+    def start(self, name: str, health_port_setting: str, ready_path: str = "/ready") -> None:
+        log = tempfile.NamedTemporaryFile(prefix=f"bench-{name}-", suffix=".log", delete=False)  # noqa: SIM115
+        process = subprocess.Popen(
+            [sys.executable, "-m", "ioc.cli", name], env=self.env, stdout=log, stderr=subprocess.STDOUT
+        )
+        health = f"http://127.0.0.1:{self.env[health_port_setting]}"
+        self.components[name] = Component(name, process, log.name, health + ready_path)
+
+    async def until_ready(self) -> None:
+        async with httpx.AsyncClient() as client:
+            for component in self.components.values():
+                deadline = time.monotonic() + 120
+                while True:
+                    component.alive()
+                    with contextlib.suppress(httpx.HTTPError):
+                        if (await client.get(component.health, timeout=2)).status_code == 200:
+                            break
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"ioc {component.name} not ready; log: {component.log}")
+                    await asyncio.sleep(0.2)
+
+    def stop(self) -> None:
+        for component in self.components.values():
+            component.process.terminate()
+        for component in self.components.values():
+            try:
+                component.process.wait(30)
+            except subprocess.TimeoutExpired:
+                component.process.kill()
+                component.process.wait()
+
+    def pid(self, name: str) -> int:
+        return self.components[name].process.pid
+
+
+# -- the fleet ---------------------------------------------------------------------------------
+
+
+async def register(deployment: Deployment, devices: int) -> float:
+    """Migrate the run's database and register its fleet and the latency probe; seconds taken."""
+    started = time.monotonic()
+    await ensure_database(deployment.url)
+    subprocess.run(
+        [sys.executable, "-m", "ioc.cli", "migrate"], env=deployment.env, check=True, capture_output=True
+    )
+    fleet = [device.registration() for device in build_fleet(deployment.city, devices, places=PLACES)]
+    probe = DeviceIn(
+        id=probe_id(deployment),
+        city=deployment.city,
+        domain="flood",
+        location=Location(lat=21.03, lon=105.85),
+    )
+    async with Database(deployment.url, max_size=2) as database:
+        for first in range(0, len(fleet), 20_000):
+            await database.devices.insert_many(fleet[first : first + 20_000])
+        await database.devices.insert_many([probe])
+    return time.monotonic() - started
+
+
+def probe_id(deployment: Deployment) -> str:
+    return f"probe-{deployment.city}"
+
+
+# -- 1. the bare broker hop --------------------------------------------------------------------
+
+
+def bare_hop(devices: int, messages: int, rate: float) -> dict[str, Any]:
+    """The load generator → Mosquitto → one `mosquitto_sub -q 1`: messages a second it carried."""
+    binary = shutil.which("mosquitto_sub") or "/usr/bin/mosquitto_sub"
+    city = f"hop-{uuid.uuid4().hex[:8]}"
+    mqtt_at = endpoint()
+    subscriber = subprocess.Popen(
+        [
+            binary,
+            "-h",
+            mqtt_at.host,
+            "-p",
+            str(mqtt_at.port),
+            "-q",
+            "1",
+            "-C",
+            str(messages),
+            "-t",
+            f"ioc/v1/{city}/#",
+            "-F",
+            "%t",
+        ],
+        stdout=subprocess.PIPE,
+    )
+    arrivals: list[float] = []
+
+    def read() -> None:
+        assert subscriber.stdout is not None
+        for _ in subscriber.stdout:
+            arrivals.append(time.monotonic())
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    time.sleep(1.0)  # the subscription is in place before anything is published
+    summary = run_load(
+        mqtt_at, city=city, devices=devices, rate=rate, duration=messages / rate, places=PLACES
+    )
+    reader.join(timeout=120)
+    subscriber.kill()
+    subscriber.wait()
+    steady = steady_rate([(t, n + 1) for n, t in enumerate(arrivals)], len(arrivals))
+    return {
+        "published": summary.sent,
+        "received": len(arrivals),
+        "publish_rate": round(summary.rate),
+        "bare_hop_per_s": round(steady),
+    }
+
+
+def steady_rate(samples: list[tuple[float, int]], total: int) -> float:
+    """Rate between the samples where the count first reached 10 % and 90 % of `total`."""
+    if total == 0 or not samples:
+        return 0.0
+    low = next(s for s in samples if s[1] >= 0.1 * total)
+    high = next(s for s in samples if s[1] >= 0.9 * total)
+    return (high[1] - low[1]) / max(high[0] - low[0], 1e-9)
+
+
+# -- 2. throughput -----------------------------------------------------------------------------
+
+
+async def metric(client: httpx.AsyncClient, health: str, name: str) -> float:
+    response = await client.get(
+        health.replace("/ready", "/metrics"), timeout=5, headers={"Authorization": f"Bearer {ADMIN_KEY}"}
+    )
+    for line in response.text.splitlines():
+        if line.startswith(f"{name} "):
+            return float(line.split()[1])
+    raise RuntimeError(f"{name} missing from {health}")
+
+
+@dataclass
+class Usage:
+    """CPU seconds of each component from a start mark."""
+
+    marks: dict[str, float] = field(default_factory=dict)
+
+    def mark(self, deployment: Deployment) -> None:
+        self.marks = {name: cpu_seconds(deployment.pid(name)) for name in deployment.components}
+
+    def since(self, deployment: Deployment) -> dict[str, float]:
+        return {name: cpu_seconds(deployment.pid(name)) - self.marks[name] for name in self.marks}
+
+
+async def throughput(deployment: Deployment, devices: int, messages: int, rate: float) -> dict[str, Any]:
+    """The load through the pipeline; the steady stored rate and what it cost each component."""
+    usage = Usage()
+    usage.mark(deployment)
+    load = asyncio.create_task(
+        asyncio.to_thread(
+            run_load,
+            endpoint(),
+            city=deployment.city,
+            devices=devices,
+            rate=rate,
+            duration=messages / rate,
+            places=PLACES,
+        )
+    )
+    processor = deployment.components["processor"]
+    samples: list[tuple[float, int]] = []
+    async with httpx.AsyncClient() as client:
+        while True:
+            for component in deployment.components.values():
+                component.alive()
+            stored = int(await metric(client, processor.health, "ioc_processor_rows_written_total"))
+            samples.append((time.monotonic(), stored))
+            if load.done() and stored >= load.result().acknowledged:
+                break
+            if load.done() and len(samples) > 1 and time.monotonic() - _last_change(samples) > 60:
+                break
+            await asyncio.sleep(SAMPLE_S)
+    summary = load.result()
+    cpu = usage.since(deployment)
+    async with Database(deployment.url, max_size=1) as database:
+        rows = await database.readings.count()
+    return {
+        "offered_rate": rate,
+        "published": summary.sent,
+        "acknowledged": summary.acknowledged,
+        "stored": rows,
+        "lost": summary.acknowledged - rows,
+        "stored_per_s": round(steady_rate(samples, rows)),
+        "cpu_s_per_1000": {name: round(1000 * seconds / max(rows, 1), 3) for name, seconds in cpu.items()},
+    }
+
+
+def _last_change(samples: list[tuple[float, int]]) -> float:
+    last = samples[-1][1]
+    for at, count in reversed(samples):
+        if count != last:
+            return at
+    return samples[0][0]
+
+
+# -- 3. latency --------------------------------------------------------------------------------
+
+
+async def latency(deployment: Deployment, devices: int, rate: float, probes: int) -> dict[str, Any]:
+    """Probe readings' publish → latest-in-the-API times under background load at `rate`."""
+    halt = threading.Event()
+    duration = 30 + probes * 0.3
+    background = asyncio.create_task(
+        asyncio.to_thread(
+            run_load,
+            endpoint(),
+            city=deployment.city,
+            devices=devices,
+            rate=rate,
+            duration=duration,
+            places=PLACES,
+            stop=halt,
+        )
+    )
+    try:
+        await asyncio.sleep(5)  # the background load is steady before the first probe
+        times = await _probe(deployment, probes)
+    finally:
+        halt.set()
+        await background
+    times.sort()
+    return {
+        "background_rate": round(rate),
+        "probes": len(times),
+        "p50_ms": round(1000 * statistics.median(times), 1),
+        "p99_ms": round(1000 * times[min(len(times) - 1, int(0.99 * len(times)))], 1),
+        "max_ms": round(1000 * times[-1], 1),
+    }
+
+
+async def _probe(deployment: Deployment, probes: int) -> list[float]:
+    api = f"http://127.0.0.1:{deployment.env['IOC_API_PORT']}"
+    device = probe_id(deployment)
+    topic = f"ioc/v1/{deployment.city}/flood/{device}/telemetry"
+    times: list[float] = []
+    with _paho() as client:
+        async with httpx.AsyncClient(base_url=api, headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as http:
+            for seq in range(1, probes + 1):
+                ts = datetime.now(UTC)
+                payload = json.dumps({"ts": ts.isoformat(), "seq": seq, "currentLevel": 1.0 + seq / 1000})
+                sent = time.monotonic()
+                client.publish(topic, payload, qos=1).wait_for_publish(10)
+                while True:
+                    body = (await http.get(f"/v1/devices/{device}", timeout=10)).json()
+                    latest = body.get("latest") or {}
+                    if latest.get("ts") and datetime.fromisoformat(latest["ts"]) >= ts:
+                        times.append(time.monotonic() - sent)
+                        break
+                    if time.monotonic() - sent > 30:
+                        raise RuntimeError(f"probe reading {seq} not visible after 30 s")
+                    await asyncio.sleep(0.002)
+                await asyncio.sleep(0.2)
+    return times
+
+
+@contextlib.contextmanager
+def _paho() -> Iterator[mqtt.Client]:
+    mqtt_at = endpoint()
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-probe-{uuid.uuid4().hex[:8]}")
+    client.connect(mqtt_at.host, mqtt_at.port, 60)
+    client.loop_start()
+    try:
+        yield client
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+# -- profiles ----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def profiled(deployment: Deployment, directory: Path | None) -> Iterator[None]:
+    """py-spy sampling the gateway and the processor while the block runs (when asked for)."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if directory is None or not Path(spy).exists():
+        yield
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    samplers = {
+        name: subprocess.Popen(
+            [
+                spy,
+                "record",
+                "--pid",
+                str(deployment.pid(name)),
+                "--format",
+                "raw",
+                "--rate",
+                "200",
+                "--output",
+                str(directory / f"{name}.txt"),
+                "--nonblocking",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for name in ("gateway", "processor")
+    }
+    try:
+        yield
+    finally:
+        for sampler in samplers.values():
+            sampler.send_signal(2)
+        for sampler in samplers.values():
+            sampler.wait(60)
+
+
+def hottest(path: Path, top: int = 12) -> dict[str, list[tuple[str, float]]]:
+    """From py-spy's collapsed stacks: the functions with the most samples on the CPU (self) and
+    under them (total), as shares of all samples."""
+    own: collections.Counter[str] = collections.Counter()
+    under: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = [_short(frame) for frame in stack.split(";")]
+        total += count
+        own[frames[-1]] += count
+        for frame in set(frames):
+            under[frame] += count
+
+    def share(counter: collections.Counter[str]) -> list[tuple[str, float]]:
+        return [(name, round(n / max(total, 1), 3)) for name, n in counter.most_common(top)]
+
+    return {"self": share(own), "total": share(under)}
+
+
+def _short(frame: str) -> str:
+    # "function (path/to/module.py:123)" -> "function (module.py)"
+    name, _, where = frame.partition(" (")
+    return f"{name} ({Path(where.rstrip(')').rsplit(':', 1)[0]).name})" if where else name
+
+
+# -- the run -----------------------------------------------------------------------------------
+
+
+async def one_size(devices: int, args: argparse.Namespace) -> dict[str, Any]:
+    hop = await asyncio.to_thread(bare_hop, devices, args.messages, args.rate)
+    deployment = Deployment.new()
+    figures: dict[str, Any] = {"devices": devices, **hop}
+    try:
+        figures["register_s"] = round(await register(deployment, devices), 1)
+        deployment.start("gateway", "IOC_GATEWAY_HEALTH_PORT")
+        deployment.start("processor", "IOC_PROCESSOR_HEALTH_PORT")
+        deployment.start("api", "IOC_API_PORT")
+        await deployment.until_ready()
+        profile_dir = args.profile / f"{devices}" if args.profile else None
+        with profiled(deployment, profile_dir):
+            figures.update(await throughput(deployment, devices, args.messages, args.rate))
+        figures["ratio_to_bare_hop"] = round(figures["stored_per_s"] / max(hop["bare_hop_per_s"], 1), 2)
+        figures["peak_rss_mib"] = {
+            name: round(peak_rss_mib(deployment.pid(name)), 1) for name in ("gateway", "processor")
+        }
+        half = figures["stored_per_s"] / 2
+        figures["latency"] = await latency(deployment, devices, half, args.probes)
+        if profile_dir is not None:
+            figures["profile"] = {
+                name: hottest(profile_dir / f"{name}.txt")
+                for name in ("gateway", "processor")
+                if (profile_dir / f"{name}.txt").exists()
+            }
+    finally:
+        deployment.stop()
+        await drop_database(deployment.url)
+        await delete_topics(deployment.env["IOC_TOPIC_PREFIX"])
+    return figures
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--devices", default="1000", help="fleet sizes, comma-separated")
+    parser.add_argument("--messages", type=int, default=200_000, help="messages offered per phase")
+    parser.add_argument("--rate", type=float, default=40_000, help="messages a second offered")
+    parser.add_argument("--probes", type=int, default=150, help="latency probes")
+    parser.add_argument("--profile", type=Path, default=None, help="write py-spy profiles here")
+    args = parser.parse_args()
+    sizes = [int(size) for size in args.devices.split(",")]
+    if args.messages < 1000 or args.rate <= 0 or any(size < 5 for size in sizes):
+        parser.error("--messages at least 1000, --rate positive, fleets of at least 5 devices")
+    for devices in sizes:
+        print(json.dumps(await one_size(devices, args)), flush=True)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
