@@ -12,7 +12,8 @@ For each fleet size, in one run, with a database, topic prefix and consumer grou
    docker-compose.yml), the fleet registered; the same load through them. The sustained stored rate
    is taken over the steady window (from 10 % to 90 % of the rows stored, not counting warm-up and
    drain); acknowledged (PUBACKs the load generator received) and stored (rows in the database)
-   must be equal; peak RSS and CPU seconds per 1,000 readings of the gateway and the processor;
+   must be equal; peak RSS and CPU seconds per 1,000 readings of the gateway and the processor,
+   and of the services and the load generator, with how busy the whole machine was;
 3. **latency**: background load at half the sustained rate, and a probe device publishing one
    reading at a time (paho, QoS 1); the time from its publish until `GET /v1/devices/{id}` shows
    it as the latest, p50 and p99.
@@ -83,6 +84,38 @@ def endpoint() -> MqttEndpoint:
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+# The services' processes by their command name, for the CPU each takes of the same run.
+_SERVICES = {"mosquitto": "mqtt broker", "java": "kafka", "postgres": "timescaledb"}
+
+
+def service_cpu_seconds() -> dict[str, float]:
+    """CPU seconds of the services' processes (all of a kind together), counting what exited
+    children of theirs used (PostgreSQL's backends of closed connections), and of this process:
+    the load generator, with the sampling and probing of the benchmark."""
+    totals = dict.fromkeys(_SERVICES.values(), 0.0)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        name = text[text.index("(") + 1 : text.rindex(")")]
+        if name not in _SERVICES:
+            continue
+        fields = text.rsplit(")", 1)[1].split()
+        totals[_SERVICES[name]] += sum(int(f) for f in fields[11:15]) / CLK_TCK
+    times = os.times()
+    # The load generator's publishers are child processes, counted once they have ended.
+    totals["load generator"] = times.user + times.system + times.children_user + times.children_system
+    return totals
+
+
+def machine_busy_s() -> tuple[float, float]:
+    """(busy, all) CPU seconds of the whole machine since boot, from /proc/stat."""
+    fields = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]
+    return (sum(fields) - idle) / CLK_TCK, sum(fields) / CLK_TCK
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -284,10 +317,21 @@ class Usage:
     marks: dict[str, float] = field(default_factory=dict)
 
     def mark(self, deployment: Deployment) -> None:
-        self.marks = {name: cpu_seconds(deployment.pid(name)) for name in deployment.components}
+        self.marks = self._now(deployment)
 
     def since(self, deployment: Deployment) -> dict[str, float]:
-        return {name: cpu_seconds(deployment.pid(name)) - self.marks[name] for name in self.marks}
+        now = self._now(deployment)
+        return {name: now[name] - self.marks[name] for name in self.marks}
+
+    @staticmethod
+    def _now(deployment: Deployment) -> dict[str, float]:
+        busy, everything = machine_busy_s()
+        return {
+            **{name: cpu_seconds(deployment.pid(name)) for name in deployment.components},
+            **service_cpu_seconds(),
+            "machine busy": busy,
+            "machine": everything,
+        }
 
 
 async def throughput(deployment: Deployment, devices: int, messages: int, rate: float) -> dict[str, Any]:
@@ -320,6 +364,7 @@ async def throughput(deployment: Deployment, devices: int, messages: int, rate: 
             await asyncio.sleep(SAMPLE_S)
     summary = load.result()
     cpu = usage.since(deployment)
+    machine = cpu.pop("machine")
     async with Database(deployment.url, max_size=1) as database:
         rows = await database.readings.count()
     return {
@@ -330,6 +375,8 @@ async def throughput(deployment: Deployment, devices: int, messages: int, rate: 
         "lost": summary.acknowledged - rows,
         "stored_per_s": round(steady_rate(samples, rows)),
         "cpu_s_per_1000": {name: round(1000 * seconds / max(rows, 1), 3) for name, seconds in cpu.items()},
+        # How much of the machine the whole run kept busy: near 1, the cores are the limit.
+        "machine_busy": round(cpu["machine busy"] / max(machine, 1e-9), 2),
     }
 
 
@@ -360,20 +407,33 @@ async def latency(deployment: Deployment, devices: int, rate: float, probes: int
             stop=halt,
         )
     )
+    processor = deployment.components["processor"]
     try:
         await asyncio.sleep(5)  # the background load is steady before the first probe
-        times = await _probe(deployment, probes)
+        async with httpx.AsyncClient() as client:
+            before = [await metric(client, processor.health, name) for name in _BATCH_METRICS]
+            started = time.monotonic()
+            times = await _probe(deployment, probes)
+            after = [await metric(client, processor.health, name) for name in _BATCH_METRICS]
+            elapsed = time.monotonic() - started
     finally:
         halt.set()
         await background
     times.sort()
+    rows, batches = (b - a for a, b in zip(before, after, strict=True))
     return {
+        # The processor's batches while probing: a reading waits for the batch in hand, then its own.
+        "batches_per_s": round(batches / elapsed, 1),
+        "mean_batch": round(rows / max(batches, 1)),
         "background_rate": round(rate),
         "probes": len(times),
         "p50_ms": round(1000 * statistics.median(times), 1),
         "p99_ms": round(1000 * times[min(len(times) - 1, int(0.99 * len(times)))], 1),
         "max_ms": round(1000 * times[-1], 1),
     }
+
+
+_BATCH_METRICS = ("ioc_processor_rows_written_total", "ioc_processor_batches_total")
 
 
 async def _probe(deployment: Deployment, probes: int) -> list[float]:

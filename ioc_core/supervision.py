@@ -176,6 +176,16 @@ async def retrying(
 ) -> T:
     """Run `operation` until it succeeds, retrying retriable errors under `policy` and reporting
     them to `outage`; a non-retriable error is raised at once."""
+    if not outage.active:
+        # The common case, a first attempt that succeeds, costs one await: tenacity's machinery
+        # (its attempt objects and state) is set up only once something has failed. This runs per
+        # message on the gateway's hot path.
+        try:
+            return await operation()
+        except Exception as exc:
+            if not is_retriable(exc):
+                raise
+            outage.failed(exc)
     async for attempt in policy.retrying(lambda state: outage.failed(_outcome_error(state))):
         with attempt:
             result = await operation()

@@ -74,9 +74,12 @@ class BatchWriter:
         self._registry_refresh_s = registry_refresh_s
         self._detection = DeviceDetection()
         self._correlator = DistrictFloodCorrelator()
-        # Detector state as last committed, per device; the database has the same. Dropped when
-        # the partition assignment changes, since another processor may have moved it on.
-        self._detector_states: dict[str, dict[str, object]] = {}
+        # Detector state as last committed, per device, kept as the detectors' own objects (the
+        # database has the same as JSON): reading it back from JSON on every batch was a tenth of
+        # the processor's time. Dropped when the partition assignment changes, since another
+        # processor may have moved it on, and per device when a write fails, since detection has
+        # moved it on in a transaction that did not commit.
+        self._detector_states: dict[str, DeviceDetectorState] = {}
         self._profiles: dict[str, DeviceProfile] = {}
         self._profiles_loaded_at = 0.0
 
@@ -88,19 +91,26 @@ class BatchWriter:
         transaction commits, so a failed write can simply be tried again."""
         device_ids = {record.device_id for record, _ in batch.records}
         profiles = await self._device_profiles(device_ids)
-        async with self._database.transaction() as transaction:
-            result = await transaction.write(batch)
-            by_device: dict[str, list[Reading]] = {}
-            for reading in result.kept:
-                by_device.setdefault(reading.device_id, []).append(reading)
-            states = await self._working_states(transaction, [d for d in by_device if d in profiles])
-            findings, districts = self._detect(profiles, by_device, states)
-            new_states = {device_id: state.to_json() for device_id, state in states.items()}
-            await transaction.save_detector_states(new_states, self._station_signals(profiles, states))
-            findings.extend(await self._correlate(transaction, districts))
-            findings.extend(offline_findings(result.transitions))
-            alarm_events = await transaction.apply_findings(findings)
-        self._detector_states.update(new_states)
+        states: dict[str, DeviceDetectorState] = {}
+        try:
+            async with self._database.transaction() as transaction:
+                result = await transaction.write(batch)
+                by_device: dict[str, list[Reading]] = {}
+                for reading in result.kept:
+                    by_device.setdefault(reading.device_id, []).append(reading)
+                states = await self._working_states(transaction, [d for d in by_device if d in profiles])
+                findings, districts = self._detect(profiles, by_device, states)
+                new_states = {device_id: state.to_json() for device_id, state in states.items()}
+                await transaction.save_detector_states(new_states, self._station_signals(profiles, states))
+                findings.extend(await self._correlate(transaction, districts))
+                findings.extend(offline_findings(result.transitions))
+                alarm_events = await transaction.apply_findings(findings)
+        except BaseException:
+            # Detection moved these states on in memory; what is committed is the database's.
+            for device_id in states:
+                self._detector_states.pop(device_id, None)
+            raise
+        self._detector_states.update(states)
         return BatchOutcome(
             kept=result.kept,
             transitions=result.transitions,
@@ -158,13 +168,13 @@ class BatchWriter:
     async def _working_states(
         self, transaction: BatchTransaction, device_ids: list[str]
     ) -> dict[str, DeviceDetectorState]:
-        """Fresh copies of the devices' committed detector state, loading what is not cached."""
-        missing = [d for d in device_ids if d not in self._detector_states]
+        """The devices' committed detector state, loading what is not cached. Detection moves
+        these objects on in place; `write` forgets them if the transaction does not commit."""
+        cached = self._detector_states
+        missing = [d for d in device_ids if d not in cached]
         loaded = await transaction.detector_states(missing) if missing else {}
         return {
-            device_id: DeviceDetectorState.from_json(
-                self._detector_states.get(device_id) or loaded.get(device_id) or {}
-            )
+            device_id: cached.get(device_id) or DeviceDetectorState.from_json(loaded.get(device_id) or {})
             for device_id in device_ids
         }
 

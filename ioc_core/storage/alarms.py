@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
+import orjson
 
 from ioc_core.alarms import (
     ALARM_ACKNOWLEDGED,
@@ -225,7 +226,7 @@ async def save_detector_states(
     await connection.execute(
         _SAVE_DETECTOR_STATES_SQL,
         ids,
-        [json.dumps(states[i], separators=(",", ":")) for i in ids],
+        [orjson.dumps(states[i]).decode() for i in ids],
         [json.dumps(flood_signals[i]) if flood_signals.get(i) is not None else None for i in ids],
     )
 

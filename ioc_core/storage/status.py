@@ -4,12 +4,12 @@ and the read side screens poll (state lists and pages, their versions, GIS layer
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
 import asyncpg
+import orjson
 
 from ioc_core.events import (
     CAUSE_INACTIVITY,
@@ -184,7 +184,7 @@ async def save_latest(connection: Connection, stored: Sequence[tuple[Reading, in
         list(latest),
         [s.ts for s in latest.values()],
         [s.seq for s in latest.values()],
-        [json.dumps(s.metrics) for s in latest.values()],
+        [orjson.dumps(s.metrics).decode() for s in latest.values()],
         [s.received_at for s in latest.values()],
         [s.bus_partition for s in latest.values()],
     )

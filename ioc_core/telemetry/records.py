@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import orjson
+
 from ioc_core.errors import RejectedMessage
 from ioc_core.telemetry.reasons import REASON_MALFORMED
 from ioc_core.telemetry.values import excerpt
@@ -44,7 +46,7 @@ class Reading:
     packet_id: int | None = None
 
     def to_bytes(self) -> bytes:
-        return json.dumps(
+        return _encode(
             {
                 "kind": "reading",
                 "device_id": self.device_id,
@@ -57,9 +59,8 @@ class Reading:
                 "received_at": self.received_at.isoformat(),
                 "redelivered": self.redelivered,
                 "packet_id": self.packet_id,
-            },
-            separators=(",", ":"),
-        ).encode()
+            }
+        )
 
     def content_digest(self) -> int:
         """A 63-bit digest of what the reading says: its metrics and, when its time is the receive
@@ -84,7 +85,7 @@ class StatusReport:
     received_at: datetime
 
     def to_bytes(self) -> bytes:
-        return json.dumps(
+        return _encode(
             {
                 "kind": "status",
                 "device_id": self.device_id,
@@ -92,18 +93,35 @@ class StatusReport:
                 "domain": self.domain,
                 "status": self.status,
                 "received_at": self.received_at.isoformat(),
-            },
-            separators=(",", ":"),
-        ).encode()
+            }
+        )
 
 
 BusTelemetry = Reading | StatusReport
 
 
+# The bus format is JSON, written and read by orjson: the standard library's codec was a tenth of
+# the processor's time and a twentieth of the gateway's. The standard library stays the fallback
+# for what orjson refuses and JSON allows (integers beyond 64 bits, lone surrogates in a string
+# that validation passed on), so the bytes on the bus mean what they meant before.
+def _encode(body: dict[str, Any]) -> bytes:
+    try:
+        return orjson.dumps(body)
+    except TypeError:
+        return json.dumps(body, separators=(",", ":")).encode()
+
+
+def _decode(raw: bytes) -> Any:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return json.loads(raw)
+
+
 def decode_record(raw: bytes) -> BusTelemetry:
     """Decode a telemetry-topic record; raises `RejectedMessage` if it is not one of ours."""
     try:
-        body = json.loads(raw)
+        body = _decode(raw)
         kind = body.get("kind", "reading")
         if kind == "status":
             status = str(body["status"])

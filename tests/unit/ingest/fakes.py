@@ -26,6 +26,9 @@ class FakeClient:
     def ack(self, mid: int, qos: int) -> None:
         self.acks.append((mid, qos))
 
+    def ack_many(self, mids: list[int]) -> None:
+        self.acks.extend((mid, 1) for mid in mids)
+
     def subscribe(self, topics: list[tuple[str, SubscribeOptions]]) -> None:
         self.subscribed.extend(topics)
 

@@ -553,3 +553,19 @@ async def test_segments_of_the_first_format_are_converted(tmp_path: Path) -> Non
     reader.assign([tp])
     assert _values(await reader.getmany(max_records=100), tp) == [b"0", b"1", b"2", b"3"]
     memory_bus.forget(bootstrap)
+
+
+def test_the_keyed_partitioner_places_keys_as_kafkas_default_does() -> None:
+    from aiokafka.partitioner import DefaultPartitioner
+
+    from ioc_core.bus.clients import KeyedPartitioner
+
+    partitioner = KeyedPartitioner(limit=50)
+    for count in (1, 3, 12):
+        partitions = list(range(count))
+        for n in range(200):
+            key = f"hn-flood-{n:05d}".encode()
+            assert partitioner(key, partitions, partitions) == DefaultPartitioner()(
+                key, partitions, partitions
+            )
+    assert partitioner(None, [0, 1], [1]) == 1

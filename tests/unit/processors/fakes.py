@@ -56,6 +56,12 @@ class FakeTransaction:
         return [], False
 
     async def apply_findings(self, findings: Sequence[Finding]) -> list[Event]:
+        database = self._database
+        if database.findings_failures > 0:
+            # Fails after detection has run: what it moved on in memory is not committed.
+            database.findings_failures -= 1
+            database.journal.append("findings failed")
+            raise ServiceUnavailableError("the database went away mid-transaction")
         self.findings.extend(findings)
         return list(self._database.events_per_finding) if findings else []
 
@@ -97,6 +103,7 @@ class FakeDatabase:
         self.detector_states: dict[str, dict[str, Any]] = {}
         self.findings: list[Finding] = []
         self.write_failures = 0
+        self.findings_failures = 0
         self.events_per_finding: list[Event] = []
         self.silent: list[StatusTransition] = []
         self.swept: list[list[tuple[str, int]]] = []

@@ -159,6 +159,32 @@ async def test_after_a_rebalance_detection_goes_on_from_the_stored_state() -> No
     assert r.database.findings == expected
 
 
+async def test_a_transaction_that_fails_after_detection_is_retried_from_the_committed_state() -> None:
+    r = rig()
+    async with r.processor:
+        await r.consumer.polls.put(records(r.settings, readings(1.2, 4.7)))
+        await until(lambda: r.consumer.commits == 1)
+        r.database.findings_failures = 1
+        await r.consumer.polls.put(records(r.settings, readings(4.8, 1.0, 1.0, 1.0, first=2)))
+        await until(lambda: r.consumer.commits == 2)
+    assert "findings failed" in r.journal
+    # Detection's state is kept in memory between batches; the failed attempt's changes to it
+    # are dropped, so the retry finds what one uninterrupted run finds.
+    profile = DeviceProfile.of(
+        id=STATION.id,
+        city=STATION.city,
+        domain=STATION.domain,
+        name=STATION.name,
+        district=STATION.district,
+        thresholds=STATION.thresholds,
+    )
+    state = DeviceDetectorState()
+    detection = DeviceDetection()
+    expected = detection.evaluate(profile, readings(1.2, 4.7), state)
+    expected += detection.evaluate(profile, readings(4.8, 1.0, 1.0, 1.0, first=2), state)
+    assert r.database.findings == expected and len(expected) >= 2
+
+
 def test_undecodable_records_and_dead_letters_become_the_batch_s_dead_letters() -> None:
     topics = Settings(topic_prefix="unit.").topics
     dead = json.dumps(
