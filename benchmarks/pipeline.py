@@ -1,7 +1,7 @@
 """The whole pipeline end to end, against the real services, measured against the broker's own speed.
 
     .venv/bin/python -m benchmarks.pipeline [--devices 1000,10000,100000] [--messages 200000]
-        [--rate 40000] [--probes 150] [--profile DIR]
+        [--rate 40000] [--probes 150] [--profile DIR] [--set IOC_NAME=VALUE ...]
 
 For each fleet size, in one run, with a database, topic prefix and consumer group of its own:
 
@@ -147,7 +147,7 @@ class Deployment:
     components: dict[str, Component] = field(default_factory=dict)
 
     @classmethod
-    def new(cls) -> Deployment:
+    def new(cls, settings: dict[str, str] | None = None) -> Deployment:
         run = uuid.uuid4().hex[:8]
         city = f"bench-{run}"
         url = f"{POSTGRES}/ioc_bench_{run}"
@@ -172,6 +172,7 @@ class Deployment:
             "IOC_LOG_LEVEL": "WARNING",
             **{f"IOC_API_RATE_LIMIT_{who}": _UNLIMITED for who in ("ADMIN", "ANONYMOUS")},
         }
+        env.update(settings or {})
         return cls(city=city, env=env, url=url)
 
     def start(self, name: str, health_port_setting: str, ready_path: str = "/ready") -> None:
@@ -548,7 +549,7 @@ def _short(frame: str) -> str:
 
 async def one_size(devices: int, args: argparse.Namespace) -> dict[str, Any]:
     hop = await asyncio.to_thread(bare_hop, devices, args.messages, args.rate)
-    deployment = Deployment.new()
+    deployment = Deployment.new(dict(setting.split("=", 1) for setting in args.set))
     figures: dict[str, Any] = {"devices": devices, **hop}
     try:
         figures["register_s"] = round(await register(deployment, devices), 1)
@@ -587,8 +588,17 @@ async def main() -> None:
     parser.add_argument("--rate", type=float, default=40_000, help="messages a second offered")
     parser.add_argument("--probes", type=int, default=150, help="latency probes")
     parser.add_argument("--profile", type=Path, default=None, help="write py-spy profiles here")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="IOC_NAME=VALUE",
+        help="a setting for the components (e.g. IOC_KAFKA_LINGER_MS=0), to measure its effect",
+    )
     args = parser.parse_args()
     sizes = [int(size) for size in args.devices.split(",")]
+    if any(not setting.startswith("IOC_") or "=" not in setting for setting in args.set):
+        parser.error("--set takes IOC_NAME=VALUE")
     if args.messages < 1000 or args.rate <= 0 or any(size < 5 for size in sizes):
         parser.error("--messages at least 1000, --rate positive, fleets of at least 5 devices")
     for devices in sizes:

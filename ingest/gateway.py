@@ -98,7 +98,10 @@ class Gateway(Component):
         self.stats = GatewayStats()
         self._supervisor = Supervisor("gateway")
         self._producer = producer or BusProducer(
-            settings.kafka_bootstrap, client_id=settings.gateway_client_id
+            settings.kafka_bootstrap,
+            linger_ms=settings.kafka_linger_ms,
+            compression=settings.kafka_compression,
+            client_id=settings.gateway_client_id,
         )
         # The database serves the registry only: none when the registry is given.
         self._database: Database | None = None

@@ -7,7 +7,7 @@ import json
 import re
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import unquote, urlsplit
 
 from pydantic import (
@@ -71,6 +71,17 @@ class Settings(BaseSettings):
         ge=1,
         description="copies a write must reach before Kafka acknowledges it (the topics'"
         " min.insync.replicas); unset, 2 when there are three copies or more, else 1",
+    )
+    kafka_linger_ms: int = Field(
+        default=5,
+        ge=0,
+        le=1000,
+        description="how long a producer waits to fill a batch before sending it",
+    )
+    kafka_compression: Literal["none", "gzip", "lz4", "zstd"] = Field(
+        default="none",
+        description="compression of the batches producers send (none on one machine; lz4 or zstd"
+        " across a network)",
     )
     database_url: SecretStr = SecretStr("postgresql://postgres@127.0.0.1:5432/ioc")
     api_host: str = "127.0.0.1"

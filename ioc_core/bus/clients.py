@@ -43,7 +43,9 @@ class KeyedPartitioner:
 class BusProducer(Component):
     """Idempotent producer (`acks=all`) that batches; `send` does not wait for the broker."""
 
-    def __init__(self, bootstrap: str, *, linger_ms: int = 5, client_id: str = "ioc") -> None:
+    def __init__(
+        self, bootstrap: str, *, linger_ms: int = 5, compression: str = "none", client_id: str = "ioc"
+    ) -> None:
         self._bootstrap = bootstrap
         self._producer = new_producer(
             bootstrap,
@@ -51,6 +53,7 @@ class BusProducer(Component):
             enable_idempotence=True,
             acks="all",
             linger_ms=linger_ms,
+            compression_type=None if compression == "none" else compression,
             max_batch_size=256 * 1024,
             request_timeout_ms=30_000,
             partitioner=KeyedPartitioner(),

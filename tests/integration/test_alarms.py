@@ -44,6 +44,21 @@ def send(domain: str, device_id: str, readings: Sequence[tuple[datetime, dict[st
         )
 
 
+def _without_escalation(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    kept: list[dict[str, Any]] = []
+    for event in events:
+        data = event["data"]
+        escalation = (
+            event["type"] == "alarm.updated"
+            and data.get("escalated")
+            and bool(kept)
+            and kept[-1]["data"]["severity"] == data["severity"]
+        )
+        if not escalation:
+            kept.append(event)
+    return kept
+
+
 def recent(minutes: float = 50) -> datetime:
     return datetime.now(tz=UTC).replace(microsecond=0) - timedelta(minutes=minutes)
 
@@ -117,6 +132,10 @@ async def test_threshold_alarm_is_raised_escalated_and_resolved_once(
     finally:
         await consumer.stop()
 
+    # The readings are 50 minutes old, past flood's escalation limit: the escalation job may
+    # escalate the critical alarm before the calm readings resolve it, an `alarm.updated` of its
+    # own (tested with the webhooks), not detection's doing. A cold first run was slow enough.
+    events = _without_escalation(events)
     assert alarm["severity"] == "critical"
     assert alarm["count"] == 3
     assert alarm["value"] is not None and alarm["threshold"] == 4.5

@@ -1,14 +1,20 @@
 """The gateway's paho client reads the socket in large chunks and serves paho's small reads from
-them; what paho reads must be the byte stream the socket delivered, whatever the chunking."""
+them, and parses QoS 0/1 publishes itself: what it reads must be what paho would have read."""
 
 from __future__ import annotations
 
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from paho.mqtt import _packet
 from paho.mqtt.client import PUBACK
+from paho.mqtt.enums import MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
-from ingest.mqtt_source import ReadAheadSocket
+from ingest.mqtt_source import ReadAheadSocket, _parse_publish
 
 
 class ChunkedSocket:
@@ -86,3 +92,48 @@ def test_many_acknowledgements_are_one_write_of_mqtt_pubacks() -> None:
     client._packet_queue = lambda command, packet, mid, qos, info=None: queued.append((command, packet))  # type: ignore[method-assign]
     client.ack_many([1, 300, 65535])
     assert queued == [(PUBACK, b"\x40\x02\x00\x01" + b"\x40\x02\x01\x2c" + b"\x40\x02\xff\xff")]
+
+
+# What MQTT allows in a string: UTF-8 without surrogates or NUL.
+_MQTT_TEXT = st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\x00"), max_size=200)
+
+
+@given(
+    topic=st.binary(min_size=1, max_size=80),
+    qos=st.sampled_from([0, 1]),
+    mid=st.integers(1, 65535),
+    expiry=st.none() | st.integers(0, 2**32 - 1),
+    user=st.lists(st.tuples(_MQTT_TEXT, _MQTT_TEXT), max_size=5),
+    payload=st.binary(max_size=3000),
+)
+@settings(max_examples=300, deadline=None)
+def test_the_fast_publish_parser_reads_what_paho_reads(
+    topic: bytes, qos: int, mid: int, expiry: int | None, user: list[tuple[str, str]], payload: bytes
+) -> None:
+    properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    if expiry is not None:
+        properties.MessageExpiryInterval = expiry
+    if user:
+        properties.UserProperty = user
+    packet = (
+        len(topic).to_bytes(2, "big")
+        + topic
+        + (mid.to_bytes(2, "big") if qos else b"")
+        + properties.pack()  # type: ignore[no-untyped-call]
+        + payload
+    )
+    header = 0x30 | (qos << 1)
+    expected = _packet.decode_publish(header, packet, MQTTProtocolVersion.MQTTv5)
+    assert _parse_publish(packet, qos) == (expected.topic, expected.mid, expected.payload)
+    # Cut anywhere inside its header, the packet is refused (and paho then words the error).
+    header_length = len(packet) - len(payload)
+    for cut in range(header_length):
+        try:
+            parsed = _parse_publish(packet[:cut], qos)
+        except (IndexError, ValueError):
+            continue
+        assert parsed is None or cut >= header_length
+
+
+def test_a_publish_without_a_topic_is_left_to_paho() -> None:
+    assert _parse_publish(b"\x00\x00\x00\x01\x00payload", 1) is None
