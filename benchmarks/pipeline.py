@@ -409,12 +409,25 @@ async def latency(deployment: Deployment, devices: int, rate: float, probes: int
         )
     )
     processor = deployment.components["processor"]
+    gateway = deployment.components["gateway"]
+    backlog: list[float] = []
     try:
         await asyncio.sleep(5)  # the background load is steady before the first probe
         async with httpx.AsyncClient() as client:
+
+            async def sample_backlog() -> None:
+                # Messages the gateway holds unacknowledged: what a new reading queues behind there.
+                while True:
+                    backlog.append(await metric(client, gateway.health, "ioc_gateway_backlog"))
+                    await asyncio.sleep(0.1)
+
             before = [await metric(client, processor.health, name) for name in _BATCH_METRICS]
             started = time.monotonic()
-            times = await _probe(deployment, probes)
+            sampler = asyncio.create_task(sample_backlog())
+            try:
+                times = await _probe(deployment, probes)
+            finally:
+                sampler.cancel()
             after = [await metric(client, processor.health, name) for name in _BATCH_METRICS]
             elapsed = time.monotonic() - started
     finally:
@@ -426,6 +439,8 @@ async def latency(deployment: Deployment, devices: int, rate: float, probes: int
         # The processor's batches while probing: a reading waits for the batch in hand, then its own.
         "batches_per_s": round(batches / elapsed, 1),
         "mean_batch": round(rows / max(batches, 1)),
+        "gateway_backlog_mean": round(statistics.fmean(backlog), 1) if backlog else None,
+        "gateway_backlog_max": max(backlog, default=None),
         "background_rate": round(rate),
         "probes": len(times),
         "p50_ms": round(1000 * statistics.median(times), 1),
@@ -448,7 +463,8 @@ async def _probe(deployment: Deployment, probes: int) -> list[float]:
                 ts = datetime.now(UTC)
                 payload = json.dumps({"ts": ts.isoformat(), "seq": seq, "currentLevel": 1.0 + seq / 1000})
                 sent = time.monotonic()
-                client.publish(topic, payload, qos=1).wait_for_publish(10)
+                # Off the event loop: the backlog sampler runs beside the probe.
+                await asyncio.to_thread(client.publish(topic, payload, qos=1).wait_for_publish, 10)
                 while True:
                     body = (await http.get(f"/v1/devices/{device}", timeout=10)).json()
                     latest = body.get("latest") or {}
