@@ -49,6 +49,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from benchmarks.processor import delete_topics
+from benchmarks.usage import Usage, peak_rss_mib
 from ioc_core.models import DeviceIn, Location
 from ioc_core.settings import MqttEndpoint, mqtt_endpoint
 from ioc_core.storage import Database, drop_database, ensure_database
@@ -63,7 +64,6 @@ ADMIN_KEY = "bench-" + uuid.uuid4().hex
 SECRETS_KEY = "vt5plXO1nnAf8gkxxHoVhJ7j0KXWn2kl_oA8PubrtSg="
 _UNLIMITED = json.dumps({"rate": 1_000_000, "burst": 1_000_000})
 SAMPLE_S = 0.25
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
@@ -79,50 +79,6 @@ def endpoint() -> MqttEndpoint:
 
 
 # -- processes ---------------------------------------------------------------------------------
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-# The services' processes by their command name, for the CPU each takes of the same run.
-_SERVICES = {"mosquitto": "mqtt broker", "java": "kafka", "postgres": "timescaledb"}
-
-
-def service_cpu_seconds() -> dict[str, float]:
-    """CPU seconds of the services' processes (all of a kind together), counting what exited
-    children of theirs used (PostgreSQL's backends of closed connections), and of this process:
-    the load generator, with the sampling and probing of the benchmark."""
-    totals = dict.fromkeys(_SERVICES.values(), 0.0)
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue
-        name = text[text.index("(") + 1 : text.rindex(")")]
-        if name not in _SERVICES:
-            continue
-        fields = text.rsplit(")", 1)[1].split()
-        totals[_SERVICES[name]] += sum(int(f) for f in fields[11:15]) / CLK_TCK
-    times = os.times()
-    # The load generator's publishers are child processes, counted once they have ended.
-    totals["load generator"] = times.user + times.system + times.children_user + times.children_system
-    return totals
-
-
-def machine_busy_s() -> tuple[float, float]:
-    """(busy, all) CPU seconds of the whole machine since boot, from /proc/stat."""
-    fields = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = fields[3] + fields[4]
-    return (sum(fields) - idle) / CLK_TCK, sum(fields) / CLK_TCK
-
-
-def peak_rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 @dataclass
@@ -311,34 +267,11 @@ async def metric(client: httpx.AsyncClient, health: str, name: str) -> float:
     raise RuntimeError(f"{name} missing from {health}")
 
 
-@dataclass
-class Usage:
-    """CPU seconds of each component from a start mark."""
-
-    marks: dict[str, float] = field(default_factory=dict)
-
-    def mark(self, deployment: Deployment) -> None:
-        self.marks = self._now(deployment)
-
-    def since(self, deployment: Deployment) -> dict[str, float]:
-        now = self._now(deployment)
-        return {name: now[name] - self.marks[name] for name in self.marks}
-
-    @staticmethod
-    def _now(deployment: Deployment) -> dict[str, float]:
-        busy, everything = machine_busy_s()
-        return {
-            **{name: cpu_seconds(deployment.pid(name)) for name in deployment.components},
-            **service_cpu_seconds(),
-            "machine busy": busy,
-            "machine": everything,
-        }
-
-
 async def throughput(deployment: Deployment, devices: int, messages: int, rate: float) -> dict[str, Any]:
     """The load through the pipeline; the steady stored rate and what it cost each component."""
     usage = Usage()
-    usage.mark(deployment)
+    pids = {name: deployment.pid(name) for name in deployment.components}
+    usage.mark(pids)
     load = asyncio.create_task(
         asyncio.to_thread(
             run_load,
@@ -364,7 +297,7 @@ async def throughput(deployment: Deployment, devices: int, messages: int, rate: 
                 break
             await asyncio.sleep(SAMPLE_S)
     summary = load.result()
-    cpu = usage.since(deployment)
+    cpu = usage.since(pids)
     machine = cpu.pop("machine")
     async with Database(deployment.url, max_size=1) as database:
         rows = await database.readings.count()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Literal, Self
 
@@ -120,10 +121,10 @@ class StateItem(BaseModel):
     location: Location
 
 
-class DeviceRoute(BaseModel):
-    """What the gateway needs to know to accept a device's telemetry."""
-
-    model_config = ConfigDict(frozen=True)
+@dataclass(frozen=True, slots=True)
+class DeviceRoute:
+    """What the gateway needs to know to accept a device's telemetry. The gateway holds one per
+    registered device: a slotted dataclass is a tenth of a pydantic model's size."""
 
     id: str
     city: str

@@ -3,6 +3,7 @@ latest state, and what routing (ingest), detection (processors) and city lists n
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -163,7 +164,10 @@ class DeviceStore:
 
     async def routes(self) -> list[DeviceRoute]:
         rows = await self._pool.fetch("SELECT id, city, domain FROM devices")
-        return [DeviceRoute(id=r["id"], city=r["city"], domain=r["domain"]) for r in rows]
+        # A city's and a domain's name shared by all their devices, not one string per row.
+        return [
+            DeviceRoute(id=r["id"], city=sys.intern(r["city"]), domain=sys.intern(r["domain"])) for r in rows
+        ]
 
     async def route(self, device_id: str) -> DeviceRoute | None:
         row = await self._pool.fetchrow("SELECT id, city, domain FROM devices WHERE id = $1", device_id)
