@@ -211,7 +211,11 @@ def steady(system: OwnSystem) -> Iterator[None]:
 async def test_topics_are_replicated_by_the_cluster_size(cluster: KafkaCluster, system: OwnSystem) -> None:
     # No replication settings given: three brokers mean three copies, two of them in sync.
     names = Topics(system.env["IOC_TOPIC_PREFIX"]).all()
-    for state in await cluster.partitions(names):
+    # Once every node says the same: run after another test, a change may still be spreading.
+    states = await wait_until(
+        partial(cluster.partitions, names), timeout=30, what="the nodes agreeing on the topics"
+    )
+    for state in states:
         assert state.replicas == (1, 2, 3), state
     for name in names:
         assert await topic_config(cluster, name, "min.insync.replicas") == "2"
