@@ -97,12 +97,7 @@ class Gateway(Component):
         self._settings = settings
         self.stats = GatewayStats()
         self._supervisor = Supervisor("gateway")
-        self._producer = producer or BusProducer(
-            settings.kafka_bootstrap,
-            linger_ms=settings.kafka_linger_ms,
-            compression=settings.kafka_compression,
-            client_id=settings.gateway_client_id,
-        )
+        self._producer = producer or BusProducer.of_settings(settings, client_id=settings.gateway_client_id)
         # The database serves the registry only: none when the registry is given.
         self._database: Database | None = None
         if registry is None:

@@ -361,17 +361,23 @@ class MqttSource:
             log.warning("MQTT connection lost (%s); reconnecting, the broker keeps our session", reason_code)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
-        try:
-            self._take(message)
-        except Exception as exc:
-            self._on_failure("taking a message", exc)
-            raise
+        # What the fast path leaves to paho (QoS 2, a topic alias) arrives here.
+        self._on_publish(
+            bytes(message._topic),
+            bytes(message.payload),
+            message.mid,
+            message.qos,
+            bool(message.dup),
+            bool(message.retain),
+        )
 
     def _on_publish(self, topic: bytes, payload: bytes, mid: int, qos: int, dup: bool, retain: bool) -> None:
         try:
             try:
                 topic_name = topic.decode()
             except UnicodeDecodeError:
+                # MQTT requires UTF-8 topic names; a broker that lets one through still gets a
+                # dead letter.
                 topic_name = topic.decode("utf-8", errors="replace")
             inbound = InboundMessage(
                 topic=topic_name,
@@ -387,21 +393,3 @@ class MqttSource:
         except Exception as exc:
             self._on_failure("taking a message", exc)
             raise
-
-    def _take(self, message: mqtt.MQTTMessage) -> None:
-        try:
-            topic = message.topic
-        except UnicodeDecodeError:
-            # MQTT requires UTF-8 topic names; a broker that lets one through still gets a dead letter.
-            topic = bytes(message._topic).decode("utf-8", errors="replace")
-        inbound = InboundMessage(
-            topic=topic,
-            payload=bytes(message.payload),
-            mid=message.mid,
-            qos=message.qos,
-            received_at=utcnow(),
-            connection=self._connection,
-            dup=bool(message.dup),
-            retain=bool(message.retain),
-        )
-        self._inbox.put(inbound, self._stopping)

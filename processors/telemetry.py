@@ -98,12 +98,7 @@ class TelemetryProcessor(Component):
         self._topics = settings.topics
         self._database = database or _database_of(settings)
         self._consumer = (consumer or _consumer_factory(settings))(_Rebalance(self))
-        self._producer = producer or BusProducer(
-            settings.kafka_bootstrap,
-            linger_ms=settings.kafka_linger_ms,
-            compression=settings.kafka_compression,
-            client_id="ioc-processor",
-        )
+        self._producer = producer or BusProducer.of_settings(settings, client_id="ioc-processor")
         self._supervisor = Supervisor("processor", policy=retry_policy)
         # Held while a batch is written and committed; a rebalance waits for it, so the
         # partitions' next owner starts after our last commit.

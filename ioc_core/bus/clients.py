@@ -6,7 +6,7 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import IllegalStateError, KafkaConnectionError
@@ -15,6 +15,9 @@ from aiokafka.partitioner import DefaultPartitioner, murmur2
 from ioc_core.bus.drivers import new_consumer, new_producer
 from ioc_core.component import Component
 from ioc_core.errors import ServiceUnavailableError
+
+if TYPE_CHECKING:
+    from ioc_core.settings import Settings  # the settings import the bus
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,16 @@ class BusProducer(Component):
             max_batch_size=256 * 1024,
             request_timeout_ms=30_000,
             partitioner=KeyedPartitioner(),
+        )
+
+    @classmethod
+    def of_settings(cls, settings: Settings, *, client_id: str) -> BusProducer:
+        """The producer a component runs, with the settings' Kafka client options."""
+        return cls(
+            settings.kafka_bootstrap,
+            linger_ms=settings.kafka_linger_ms,
+            compression=settings.kafka_compression,
+            client_id=client_id,
         )
 
     async def start(self) -> None:

@@ -60,8 +60,8 @@ class FakeMqtt(MqttSource):
     def publish(
         self, topic: str, payload: bytes, *, mid: int, qos: int = 1, dup: bool = False, retain: bool = False
     ) -> None:
-        message = SimpleNamespace(topic=topic, payload=payload, mid=mid, qos=qos, dup=dup, retain=retain)
-        self._on_message(self.client, None, message)  # type: ignore[arg-type]
+        # As the gateway's client hands over a publish it parsed.
+        self._on_publish(topic.encode(), payload, mid, qos, dup, retain)
 
     @property
     def acks(self) -> list[tuple[int, int]]:

@@ -51,12 +51,18 @@ def _take(gateway: Gateway, message: InboundMessage) -> None:
     gateway._in_process += 1
 
 
-async def test_a_message_is_acknowledged_on_its_own_connection() -> None:
+def _gateway_that_completed(*, mid: int, connection: int) -> tuple[Gateway, FakeClient]:
+    """A gateway on `connection` that has just completed message `mid` taken on it."""
     gateway, client = _gateway()
-    gateway._source._connection = 3
-    message = _message(7, connection=3)
+    gateway._source._connection = connection  # type: ignore[attr-defined]
+    message = _message(mid, connection=connection)
     _take(gateway, message)
     gateway._complete(message, produced=1)
+    return gateway, client
+
+
+async def test_a_message_is_acknowledged_on_its_own_connection() -> None:
+    gateway, client = _gateway_that_completed(mid=7, connection=3)
     await asyncio.sleep(0)  # acknowledgements are written at the end of the loop's turn
     assert client.acks == [(7, 1)]
     assert gateway.stale_acks_skipped == 0
@@ -75,11 +81,7 @@ async def test_acknowledgements_of_one_turn_are_written_together() -> None:
 
 
 async def test_a_reconnection_before_the_write_drops_the_acknowledgement() -> None:
-    gateway, client = _gateway()
-    gateway._source._connection = 3
-    message = _message(7, connection=3)
-    _take(gateway, message)
-    gateway._complete(message, produced=1)
+    gateway, client = _gateway_that_completed(mid=7, connection=3)
     gateway._source._connection = 4  # paho's thread reconnected before the loop's turn ended
     await asyncio.sleep(0)
     assert client.acks == []

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from ioc_core.alarms import Finding
 from ioc_core.bus import BusRecord
 from ioc_core.settings import Settings
 from ioc_core.storage import DeviceProfileRow, OutboxEvent, StatusTransition
@@ -134,16 +135,8 @@ async def test_a_redelivered_batch_is_harmless() -> None:
     assert (r.processor.rows_written, r.processor.duplicates_dropped) == (2, 2)
 
 
-async def test_after_a_rebalance_detection_goes_on_from_the_stored_state() -> None:
-    r = rig()
-    async with r.processor:
-        await r.consumer.polls.put(records(r.settings, readings(1.2, 4.7)))
-        await until(lambda: r.consumer.commits == 1)
-        await r.consumer.listener.on_partitions_assigned(set())
-        await r.consumer.polls.put(records(r.settings, readings(4.8, 1.0, 1.0, 1.0, first=2)))
-        await until(lambda: r.consumer.commits == 2)
-    assert "commits forgotten" in r.journal
-    # The same findings as one uninterrupted run over all the readings.
+def _uninterrupted_findings(*batches: list[Reading]) -> list[Finding]:
+    """What one detection run over `batches`, never interrupted, finds for the station."""
     profile = DeviceProfile.of(
         id=STATION.id,
         city=STATION.city,
@@ -154,8 +147,20 @@ async def test_after_a_rebalance_detection_goes_on_from_the_stored_state() -> No
     )
     state = DeviceDetectorState()
     detection = DeviceDetection()
-    expected = detection.evaluate(profile, readings(1.2, 4.7), state)
-    expected += detection.evaluate(profile, readings(4.8, 1.0, 1.0, 1.0, first=2), state)
+    return [finding for batch in batches for finding in detection.evaluate(profile, batch, state)]
+
+
+async def test_after_a_rebalance_detection_goes_on_from_the_stored_state() -> None:
+    r = rig()
+    async with r.processor:
+        await r.consumer.polls.put(records(r.settings, readings(1.2, 4.7)))
+        await until(lambda: r.consumer.commits == 1)
+        await r.consumer.listener.on_partitions_assigned(set())
+        await r.consumer.polls.put(records(r.settings, readings(4.8, 1.0, 1.0, 1.0, first=2)))
+        await until(lambda: r.consumer.commits == 2)
+    assert "commits forgotten" in r.journal
+    # The same findings as one uninterrupted run over all the readings.
+    expected = _uninterrupted_findings(readings(1.2, 4.7), readings(4.8, 1.0, 1.0, 1.0, first=2))
     assert r.database.findings == expected
 
 
@@ -170,18 +175,7 @@ async def test_a_transaction_that_fails_after_detection_is_retried_from_the_comm
     assert "findings failed" in r.journal
     # Detection's state is kept in memory between batches; the failed attempt's changes to it
     # are dropped, so the retry finds what one uninterrupted run finds.
-    profile = DeviceProfile.of(
-        id=STATION.id,
-        city=STATION.city,
-        domain=STATION.domain,
-        name=STATION.name,
-        district=STATION.district,
-        thresholds=STATION.thresholds,
-    )
-    state = DeviceDetectorState()
-    detection = DeviceDetection()
-    expected = detection.evaluate(profile, readings(1.2, 4.7), state)
-    expected += detection.evaluate(profile, readings(4.8, 1.0, 1.0, 1.0, first=2), state)
+    expected = _uninterrupted_findings(readings(1.2, 4.7), readings(4.8, 1.0, 1.0, 1.0, first=2))
     assert r.database.findings == expected and len(expected) >= 2
 
 
