@@ -290,16 +290,18 @@ class DeviceLink:
         if done.cancelled():
             return
         failure = done.exception()
-        if client is not self._client or self.state is not LinkState.CONNECTING:
+        if client is not self._client or self.state in (LinkState.OFF, LinkState.CLOSED):
             # Powered off or stopped while connecting: that connection must not live on.
             if failure is None:
                 self._drop(client)
             return
-        if failure is not None:
+        if failure is not None and self.state is LinkState.CONNECTING:
             log.debug("device %s cannot connect: %s", self.device_id, failure)
             self.failures += 1
             self._wait_and_retry()
-        # Otherwise the broker's CONNACK arrives through the socket and `_on_connect` follows.
+        # Otherwise the broker's CONNACK arrives through the socket and `_on_connect` follows; on
+        # a busy machine it can even come first (the connecting thread is told last), and the
+        # device is already up.
 
     def _wait_and_retry(self) -> None:
         self.state = LinkState.WAITING
