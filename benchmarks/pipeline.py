@@ -9,11 +9,14 @@ For each fleet size, in one run, with a database, topic prefix and consumer grou
    messages at `--rate` to Mosquitto, and one `mosquitto_sub -q 1` takes them; the rate at which
    they arrived is what the broker carries on this machine with nothing else running;
 2. **pipeline**: one `ioc gateway`, one `ioc processor` and one `ioc api` process (the topology of
-   docker-compose.yml), the fleet registered; the same load through them. The sustained stored rate
+   docker-compose.yml), the fleet registered and brought online first (one reading from every
+   device, not counted: a city's steady state); the same load through them. The sustained stored rate
    is taken over the steady window (from 10 % to 90 % of the rows stored, not counting warm-up and
    drain); acknowledged (PUBACKs the load generator received) and stored (rows in the database)
    must be equal; peak RSS and CPU seconds per 1,000 readings of the gateway and the processor,
    and of the services and the load generator, with how busy the whole machine was;
+   with pg_stat_statements loaded (services/timescaledb/postgresql.conf), the database's costliest
+   statements per 1,000 readings, the WAL they wrote, and the readings insert path's share;
 3. **latency**: background load at half the sustained rate, and a probe device publishing one
    reading at a time (paho, QoS 1); the time from its publish until `GET /v1/devices/{id}` shows
    it as the latest, p50 and p99.
@@ -44,6 +47,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -64,6 +68,7 @@ ADMIN_KEY = "bench-" + uuid.uuid4().hex
 SECRETS_KEY = "vt5plXO1nnAf8gkxxHoVhJ7j0KXWn2kl_oA8PubrtSg="
 _UNLIMITED = json.dumps({"rate": 1_000_000, "burst": 1_000_000})
 SAMPLE_S = 0.25
+WARM_UP_RATE = 5_000
 
 
 def free_port() -> int:
@@ -233,14 +238,19 @@ def bare_hop(devices: int, messages: int, rate: float) -> dict[str, Any]:
     summary = run_load(
         mqtt_at, city=city, devices=devices, rate=rate, duration=messages / rate, places=PLACES
     )
-    reader.join(timeout=120)
+    # Everything the broker acknowledged reaches the subscriber; the load generator may have sent
+    # fewer than asked (it stops at the run's duration), so `-C` alone may never be reached.
+    deadline = time.monotonic() + 120
+    while len(arrivals) < summary.acknowledged and time.monotonic() < deadline:
+        time.sleep(0.05)
     subscriber.kill()
+    reader.join(timeout=10)
     subscriber.wait()
     steady = steady_rate([(t, n + 1) for n, t in enumerate(arrivals)], len(arrivals))
     return {
-        "published": summary.sent,
-        "received": len(arrivals),
-        "publish_rate": round(summary.rate),
+        "hop_published": summary.sent,
+        "hop_received": len(arrivals),
+        "hop_publish_rate": round(summary.rate),
         "bare_hop_per_s": round(steady),
     }
 
@@ -267,8 +277,46 @@ async def metric(client: httpx.AsyncClient, health: str, name: str) -> float:
     raise RuntimeError(f"{name} missing from {health}")
 
 
-async def throughput(deployment: Deployment, devices: int, messages: int, rate: float) -> dict[str, Any]:
-    """The load through the pipeline; the steady stored rate and what it cost each component."""
+async def bring_online(deployment: Deployment, devices: int, rate: float) -> dict[str, Any]:
+    """One reading from every device through the pipeline, not measured. A city's fleet is online
+    and its processor warm in steady operation: without this pass the measured phase would also pay,
+    once per device, for its first-seen status change (an event through the outbox) and for loading
+    its state, a third of all readings at 100,000 devices and 300,000 messages."""
+    started = time.monotonic()
+    # Slow enough for the load generator to keep up beside the pipeline: run for long enough,
+    # run_load sends every device's message in turn, int(rate * duration) in all.
+    rate = min(rate, WARM_UP_RATE)
+    summary = await asyncio.to_thread(
+        run_load,
+        endpoint(),
+        city=deployment.city,
+        devices=devices,
+        rate=rate,
+        duration=(devices + 0.5) / rate,
+        places=PLACES,
+    )
+    async with Database(deployment.url, max_size=1) as database:
+        deadline = time.monotonic() + 600
+        while True:
+            for component in deployment.components.values():
+                component.alive()
+            stored = await database.readings.count()
+            waiting = await database.pool.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL")
+            if stored >= summary.acknowledged and not waiting:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"warm-up: {stored} of {summary.acknowledged} stored, {waiting} events unsent"
+                )
+            await asyncio.sleep(SAMPLE_S)
+    return {"warm_up_readings": stored, "warm_up_s": round(time.monotonic() - started, 1)}
+
+
+async def throughput(
+    deployment: Deployment, devices: int, messages: int, rate: float, *, stored_before: int
+) -> dict[str, Any]:
+    """The load through the pipeline; the steady stored rate and what it cost each component.
+    `stored_before`: readings already in the database (the warm-up's), not counted."""
     usage = Usage()
     pids = {name: deployment.pid(name) for name in deployment.components}
     usage.mark(pids)
@@ -290,6 +338,7 @@ async def throughput(deployment: Deployment, devices: int, messages: int, rate: 
             for component in deployment.components.values():
                 component.alive()
             stored = int(await metric(client, processor.health, "ioc_processor_rows_written_total"))
+            stored -= stored_before
             samples.append((time.monotonic(), stored))
             if load.done() and stored >= load.result().acknowledged:
                 break
@@ -300,7 +349,7 @@ async def throughput(deployment: Deployment, devices: int, messages: int, rate: 
     cpu = usage.since(pids)
     machine = cpu.pop("machine")
     async with Database(deployment.url, max_size=1) as database:
-        rows = await database.readings.count()
+        rows = await database.readings.count() - stored_before
     return {
         "offered_rate": rate,
         "published": summary.sent,
@@ -311,6 +360,66 @@ async def throughput(deployment: Deployment, devices: int, messages: int, rate: 
         "cpu_s_per_1000": {name: round(1000 * seconds / max(rows, 1), 3) for name, seconds in cpu.items()},
         # How much of the machine the whole run kept busy: near 1, the cores are the limit.
         "machine_busy": round(cpu["machine busy"] / max(machine, 1e-9), 2),
+    }
+
+
+# -- where the database's time goes -----------------------------------------------------------------
+
+_THIS_DATABASE = "(SELECT oid FROM pg_database WHERE datname = current_database())"
+
+
+async def reset_statement_costs(url: str) -> bool:
+    """Start counting the run's statements afresh (pg_stat_statements, when the server loads it)."""
+    connection = await asyncpg.connect(url)
+    try:
+        await connection.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        await connection.execute(f"SELECT pg_stat_statements_reset(0, {_THIS_DATABASE}, 0)")
+    except asyncpg.PostgresError:
+        return False
+    finally:
+        await connection.close()
+    return True
+
+
+async def statement_costs(url: str, readings: int, top: int = 8) -> dict[str, Any]:
+    """The run database's statements since the reset: the costliest, each with its time and the
+    WAL it wrote per 1,000 readings, and what share of all statement time the readings' insert
+    path (staging COPY, the move into the hypertable, the copies check) took."""
+    connection = await asyncpg.connect(url)
+    try:
+        rows = await connection.fetch(
+            "SELECT query, calls, total_exec_time, wal_bytes, wal_fpi FROM pg_stat_statements"
+            f" WHERE dbid = {_THIS_DATABASE} ORDER BY total_exec_time DESC"
+        )
+    finally:
+        await connection.close()
+    total_ms = sum(row["total_exec_time"] for row in rows) or 1e-9
+    per_1000 = 1000 / max(readings, 1)
+
+    def label(query: str) -> str:
+        return " ".join(query.split())[:90]
+
+    insert_path = sum(
+        row["total_exec_time"]
+        for row in rows
+        if any(marker in row["query"] for marker in ("COPY", "INSERT INTO readings_", "reading_seqs"))
+    )
+    return {
+        "ms_per_1000": round(total_ms * per_1000, 1),
+        "wal_kib_per_1000": round(sum(float(r["wal_bytes"]) for r in rows) * per_1000 / 1024, 1),
+        "full_page_images_per_1000": round(sum(r["wal_fpi"] for r in rows) * per_1000, 1),
+        "readings_insert_share": round(insert_path / total_ms, 2),
+        "top": [
+            {
+                "statement": label(row["query"]),
+                "calls": row["calls"],
+                "ms_per_1000": round(row["total_exec_time"] * per_1000, 2),
+                "share": round(row["total_exec_time"] / total_ms, 3),
+                "wal_kib_per_1000": round(float(row["wal_bytes"]) * per_1000 / 1024, 1),
+                "fpi_per_1000": round(row["wal_fpi"] * per_1000, 1),
+            }
+            for row in rows[:top]
+        ],
     }
 
 
@@ -355,18 +464,21 @@ async def latency(deployment: Deployment, devices: int, rate: float, probes: int
                     await asyncio.sleep(0.1)
 
             before = [await metric(client, processor.health, name) for name in _BATCH_METRICS]
+            usage = Usage()
+            pids = {name: deployment.pid(name) for name in deployment.components}
+            usage.mark(pids)
             started = time.monotonic()
             sampler = asyncio.create_task(sample_backlog())
             try:
-                times = await _probe(deployment, probes)
+                times, acked = await _probe(deployment, probes)
             finally:
                 sampler.cancel()
             after = [await metric(client, processor.health, name) for name in _BATCH_METRICS]
             elapsed = time.monotonic() - started
+            cpu = usage.since(pids)
     finally:
         halt.set()
         await background
-    times.sort()
     rows, batches = (b - a for a, b in zip(before, after, strict=True))
     return {
         # The processor's batches while probing: a reading waits for the batch in hand, then its own.
@@ -375,21 +487,42 @@ async def latency(deployment: Deployment, devices: int, rate: float, probes: int
         "gateway_backlog_mean": round(statistics.fmean(backlog), 1) if backlog else None,
         "gateway_backlog_max": max(backlog, default=None),
         "background_rate": round(rate),
+        # Cores each process kept busy while probing (the load generator's line includes the
+        # probe and its polling of the API), and the whole machine's busy share.
+        "cores_while_probing": {
+            name: round(seconds / elapsed, 2)
+            for name, seconds in cpu.items()
+            if not name.startswith("machine")
+        },
+        "machine_busy_while_probing": round(cpu["machine busy"] / max(cpu["machine"], 1e-9), 2),
         "probes": len(times),
-        "p50_ms": round(1000 * statistics.median(times), 1),
-        "p99_ms": round(1000 * times[min(len(times) - 1, int(0.99 * len(times)))], 1),
-        "max_ms": round(1000 * times[-1], 1),
+        **_percentiles("", times),
+        # Split at the PUBACK: MQTT → gateway → Kafka, then Kafka → processor → database → API.
+        **_percentiles("puback_", acked),
+        **_percentiles("after_puback_", [t - a for t, a in zip(times, acked, strict=True)]),
+    }
+
+
+def _percentiles(prefix: str, seconds: list[float]) -> dict[str, float]:
+    ordered = sorted(seconds)
+    return {
+        f"{prefix}p50_ms": round(1000 * statistics.median(ordered), 1),
+        f"{prefix}p99_ms": round(1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], 1),
+        f"{prefix}max_ms": round(1000 * ordered[-1], 1),
     }
 
 
 _BATCH_METRICS = ("ioc_processor_rows_written_total", "ioc_processor_batches_total")
 
 
-async def _probe(deployment: Deployment, probes: int) -> list[float]:
+async def _probe(deployment: Deployment, probes: int) -> tuple[list[float], list[float]]:
+    """Each probe's publish → visible time, and the part of it until the PUBACK (the gateway has it
+    on Kafka; the rest is the processor's and the API's)."""
     api = f"http://127.0.0.1:{deployment.env['IOC_API_PORT']}"
     device = probe_id(deployment)
     topic = f"ioc/v1/{deployment.city}/flood/{device}/telemetry"
     times: list[float] = []
+    acked: list[float] = []
     with _paho() as client:
         async with httpx.AsyncClient(base_url=api, headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as http:
             for seq in range(1, probes + 1):
@@ -398,6 +531,7 @@ async def _probe(deployment: Deployment, probes: int) -> list[float]:
                 sent = time.monotonic()
                 # Off the event loop: the backlog sampler runs beside the probe.
                 await asyncio.to_thread(client.publish(topic, payload, qos=1).wait_for_publish, 10)
+                acked.append(time.monotonic() - sent)
                 while True:
                     body = (await http.get(f"/v1/devices/{device}", timeout=10)).json()
                     latest = body.get("latest") or {}
@@ -408,7 +542,7 @@ async def _probe(deployment: Deployment, probes: int) -> list[float]:
                         raise RuntimeError(f"probe reading {seq} not visible after 30 s")
                     await asyncio.sleep(0.002)
                 await asyncio.sleep(0.2)
-    return times
+    return times, acked
 
 
 @contextlib.contextmanager
@@ -507,8 +641,16 @@ async def one_size(devices: int, args: argparse.Namespace) -> dict[str, Any]:
         deployment.start("api", "IOC_API_PORT")
         await deployment.until_ready()
         profile_dir = args.profile / f"{devices}" if args.profile else None
+        figures.update(await bring_online(deployment, devices, args.rate))
+        counting = await reset_statement_costs(deployment.url)
         with profiled(deployment, profile_dir):
-            figures.update(await throughput(deployment, devices, args.messages, args.rate))
+            figures.update(
+                await throughput(
+                    deployment, devices, args.messages, args.rate, stored_before=figures["warm_up_readings"]
+                )
+            )
+        if counting:
+            figures["database"] = await statement_costs(deployment.url, figures["stored"])
         figures["ratio_to_bare_hop"] = round(figures["stored_per_s"] / max(hop["bare_hop_per_s"], 1), 2)
         figures["peak_rss_mib"] = {
             name: round(peak_rss_mib(deployment.pid(name)), 1) for name in ("gateway", "processor")

@@ -14,6 +14,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ioc_core import collector
 from ioc_core.errors import ConfigurationError, ConflictError, IocError
 from ioc_core.http import HttpServer
 from ioc_core.sealing import new_key
@@ -117,6 +118,7 @@ async def run_gateway(settings: Settings) -> None:
 
     _check_gateway_client_id(settings)
     async with Gateway(settings) as gateway:
+        collector.settle()
         if settings.gateway_health_port == 0:
             await _until_signalled(gateway.wait)
             return
@@ -141,6 +143,7 @@ async def run_processor(settings: Settings) -> None:
 
     async with contextlib.AsyncExitStack() as stack:
         processor = await stack.enter_async_context(TelemetryProcessor(settings))
+        collector.settle()
         waits: list[Callable[[], Awaitable[None]]] = [processor.wait]
         readiness = [processor.readiness]
         if settings.webhook_worker:

@@ -5,12 +5,11 @@ alarm feed, and the per-device detector state (with flood stations' district sig
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
-import orjson
 
 from ioc_core.alarms import (
     ALARM_ACKNOWLEDGED,
@@ -216,37 +215,45 @@ async def detector_states(connection: Connection, device_ids: Sequence[str]) -> 
 
 async def save_detector_states(
     connection: Connection,
-    states: dict[str, dict[str, Any]],
+    states: Mapping[str, bytes],
     flood_signals: dict[str, dict[str, Any] | None],
 ) -> None:
-    """Store detector state (and, for flood stations, their signal) of registered devices."""
+    """Store detector state, each a JSON document (and, for flood stations, their signal) of
+    registered devices."""
     if not states:
         return
     ids = sorted(states)  # one lock order for processors racing on the same devices
     await connection.execute(
         _SAVE_DETECTOR_STATES_SQL,
         ids,
-        [orjson.dumps(states[i]).decode() for i in ids],
+        [states[i].decode() for i in ids],
         [json.dumps(flood_signals[i]) if flood_signals.get(i) is not None else None for i in ids],
     )
 
 
+async def district_flood_alarm_open(connection: Connection, city: str, district: str) -> bool:
+    return bool(
+        await connection.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM alarms WHERE subject = $1 AND rule = $2 AND state <> 'resolved')",
+            district_subject(city, district),
+            DISTRICT_FLOOD_RULE,
+        )
+    )
+
+
 async def district_flood_signals(
-    connection: Connection, city: str, district: str
-) -> tuple[list[dict[str, Any]], bool]:
-    """The stored signals of a district's flood stations, and whether its district alarm is open."""
+    connection: Connection, city: str, district: str, *, rising_only: bool
+) -> list[dict[str, Any]]:
+    """The stored signals of a district's flood stations, or only of those whose water rises."""
     rows = await connection.fetch(
         "SELECT s.flood_signal FROM detector_state s JOIN devices d ON d.id = s.device_id"
-        " WHERE d.city = $1 AND d.district = $2 AND d.domain = 'flood' AND s.flood_signal IS NOT NULL",
+        " WHERE d.city = $1 AND d.district = $2 AND d.domain = 'flood' AND s.flood_signal IS NOT NULL"
+        " AND (NOT $3 OR s.flood_signal -> 'rising' = 'true'::jsonb)",
         city,
         district,
+        rising_only,
     )
-    open_alarm = await connection.fetchval(
-        "SELECT EXISTS (SELECT 1 FROM alarms WHERE subject = $1 AND rule = $2 AND state <> 'resolved')",
-        district_subject(city, district),
-        DISTRICT_FLOOD_RULE,
-    )
-    return [row["flood_signal"] for row in rows], bool(open_alarm)
+    return [row["flood_signal"] for row in rows]
 
 
 # -- over the pool ---------------------------------------------------------------------------

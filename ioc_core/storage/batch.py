@@ -4,7 +4,7 @@ all of it (with their webhook deliveries), composing the stores' statements on o
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,14 +81,20 @@ class BatchTransaction(Transaction):
         return await alarms.detector_states(self.connection, device_ids)
 
     async def save_detector_states(
-        self, states: dict[str, dict[str, Any]], flood_signals: dict[str, dict[str, Any] | None]
+        self, states: Mapping[str, bytes], flood_signals: dict[str, dict[str, Any] | None]
     ) -> None:
-        """Store detector state (and, for flood stations, their signal) of registered devices."""
+        """Store detector state, each a JSON document (and, for flood stations, their signal) of
+        registered devices."""
         await alarms.save_detector_states(self.connection, states, flood_signals)
 
-    async def district_flood_signals(self, city: str, district: str) -> tuple[list[dict[str, Any]], bool]:
-        """The stored signals of a district's flood stations, and whether its district alarm is open."""
-        return await alarms.district_flood_signals(self.connection, city, district)
+    async def district_flood_alarm_open(self, city: str, district: str) -> bool:
+        return await alarms.district_flood_alarm_open(self.connection, city, district)
+
+    async def district_flood_signals(
+        self, city: str, district: str, *, rising_only: bool
+    ) -> list[dict[str, Any]]:
+        """The stored signals of a district's flood stations, or only of those whose water rises."""
+        return await alarms.district_flood_signals(self.connection, city, district, rising_only=rising_only)
 
     async def escalate_alarms(self, after_s: dict[str, float]) -> list[Event]:
         """Escalate the alarms nobody acknowledged in time; records `alarm.updated` events with

@@ -162,9 +162,12 @@ class DeviceStore:
         )
         return [_device_of(row) for row in rows]
 
-    async def routes(self) -> list[DeviceRoute]:
-        rows = await self._pool.fetch("SELECT id, city, domain FROM devices")
-        # A city's and a domain's name shared by all their devices, not one string per row.
+    async def routes_after(self, after: str, limit: int) -> list[DeviceRoute]:
+        """Up to `limit` routes of the devices whose ids sort after `after`, in id order: the
+        registry reads page by page, so that a big fleet never holds up its reader for long."""
+        rows = await self._pool.fetch(
+            "SELECT id, city, domain FROM devices WHERE id > $1 ORDER BY id LIMIT $2", after, limit
+        )
         return [
             DeviceRoute(id=r["id"], city=sys.intern(r["city"]), domain=sys.intern(r["domain"])) for r in rows
         ]

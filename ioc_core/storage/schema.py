@@ -329,6 +329,24 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         CREATE INDEX audit_log_by_action ON audit_log (action, id);
         """,
     ),
+    (
+        9,
+        """
+        -- A device's latest state and its detector state are rewritten by every batch that
+        -- carries its readings. The index on last_seen made each rewrite a new row version in two
+        -- indexes; without it, and with room kept free on each page, PostgreSQL rewrites the row
+        -- on its page without touching an index (a HOT update). The silence sweep finds the
+        -- online devices of its partitions by the partition instead, which rarely changes.
+        DROP INDEX IF EXISTS device_state_online_last_seen;
+        CREATE INDEX device_state_online_by_partition ON device_state (bus_partition)
+            WHERE status = 'online';
+        ALTER TABLE device_state SET (fillfactor = 70);
+        ALTER TABLE detector_state SET (fillfactor = 70);
+
+        -- District flood correlation reads a district's flood stations, a fifth of its devices.
+        CREATE INDEX devices_flood_by_district ON devices (city, district) WHERE domain = 'flood';
+        """,
+    ),
 )
 
 

@@ -11,7 +11,7 @@ from ioc_core.places import place_label
 from ioc_core.rules import MetricRules, rules_for
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class DeviceProfile:
     id: str
     city: str

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import timedelta
 from typing import Any
+
+import orjson
 
 from ioc_core.alarms import Finding
 from ioc_core.bus import BusRecord
@@ -48,12 +50,18 @@ class FakeTransaction:
         }
 
     async def save_detector_states(
-        self, states: dict[str, dict[str, Any]], signals: dict[str, dict[str, Any] | None]
+        self, states: Mapping[str, bytes], signals: dict[str, dict[str, Any] | None]
     ) -> None:
-        self.detector_states_saved.update(states)
+        self.detector_states_saved.update((d, orjson.loads(state)) for d, state in states.items())
 
-    async def district_flood_signals(self, city: str, district: str) -> tuple[list[dict[str, Any]], bool]:
-        return [], False
+    async def district_flood_alarm_open(self, city: str, district: str) -> bool:
+        return district in self._database.open_district_alarms
+
+    async def district_flood_signals(
+        self, city: str, district: str, *, rising_only: bool
+    ) -> list[dict[str, Any]]:
+        self._database.district_signal_reads.append((district, rising_only))
+        return []
 
     async def apply_findings(self, findings: Sequence[Finding]) -> list[Event]:
         database = self._database
@@ -109,6 +117,9 @@ class FakeDatabase:
         self.swept: list[list[tuple[str, int]]] = []
         self.escalated: list[Event] = []
         self.pending: list[OutboxEvent] = []
+        self.open_district_alarms: set[str] = set()
+        # (district, rising_only) of each read of its stations' signals.
+        self.district_signal_reads: list[tuple[str, bool]] = []
         self.retention: list[timedelta] = []
         self.housekept = 0
         self.audit_keep_days: float | None = None

@@ -135,6 +135,24 @@ async def test_a_redelivered_batch_is_harmless() -> None:
     assert (r.processor.rows_written, r.processor.duplicates_dropped) == (2, 2)
 
 
+async def test_a_district_is_judged_only_when_a_station_rises_or_its_alarm_is_open() -> None:
+    r = rig()
+    async with r.processor:
+        await r.consumer.polls.put(records(r.settings, readings(1.0, 1.0, 1.0)))
+        await until(lambda: r.consumer.commits == 1)
+        assert r.database.district_signal_reads == []  # calm water, no open alarm: nothing to judge
+
+        await r.consumer.polls.put(records(r.settings, readings(1.0, 4.7, first=3)))
+        await until(lambda: r.consumer.commits == 2)
+        assert r.database.district_signal_reads == [("Ba Đình", True)]  # rising: the rising stations
+
+        r.database.open_district_alarms.add("Ba Đình")
+        await r.consumer.polls.put(records(r.settings, readings(1.0, 1.0, first=5)))
+        await until(lambda: r.consumer.commits == 3)
+    # An open alarm: every station, since the calm ones are what resolves it.
+    assert r.database.district_signal_reads[-1] == ("Ba Đình", False)
+
+
 def _uninterrupted_findings(*batches: list[Reading]) -> list[Finding]:
     """What one detection run over `batches`, never interrupted, finds for the station."""
     profile = DeviceProfile.of(
