@@ -57,7 +57,7 @@ async def _whole_batch(database: Database, batch: list[Reading]) -> None:
         await transaction.write(TelemetryBatch(records=[(r, hash(r.device_id) % 6) for r in batch]))
 
 
-def _detector_states(batch: list[Reading]) -> dict[str, bytes]:
+def _detector_states(batch: list[Reading]) -> dict[str, str]:
     """Each device's detector state as detection leaves it after the device's readings."""
     detection = DeviceDetection()
     by_device: dict[str, list[Reading]] = {}
@@ -71,7 +71,7 @@ def _detector_states(batch: list[Reading]) -> dict[str, bytes]:
         )
         state = DeviceDetectorState.from_json({})
         detection.evaluate(profile, device_readings, state)
-        states[device_id] = orjson.dumps(state.to_json())
+        states[device_id] = orjson.dumps(state.to_json()).decode()
     return states
 
 

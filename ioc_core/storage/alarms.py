@@ -215,7 +215,7 @@ async def detector_states(connection: Connection, device_ids: Sequence[str]) -> 
 
 async def save_detector_states(
     connection: Connection,
-    states: Mapping[str, bytes],
+    states: Mapping[str, str],
     flood_signals: dict[str, dict[str, Any] | None],
 ) -> None:
     """Store detector state, each a JSON document (and, for flood stations, their signal) of
@@ -226,7 +226,7 @@ async def save_detector_states(
     await connection.execute(
         _SAVE_DETECTOR_STATES_SQL,
         ids,
-        [states[i].decode() for i in ids],
+        [states[i] for i in ids],
         [json.dumps(flood_signals[i]) if flood_signals.get(i) is not None else None for i in ids],
     )
 

@@ -81,7 +81,7 @@ class BatchTransaction(Transaction):
         return await alarms.detector_states(self.connection, device_ids)
 
     async def save_detector_states(
-        self, states: Mapping[str, bytes], flood_signals: dict[str, dict[str, Any] | None]
+        self, states: Mapping[str, str], flood_signals: dict[str, dict[str, Any] | None]
     ) -> None:
         """Store detector state, each a JSON document (and, for flood stations, their signal) of
         registered devices."""

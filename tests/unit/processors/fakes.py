@@ -50,7 +50,7 @@ class FakeTransaction:
         }
 
     async def save_detector_states(
-        self, states: Mapping[str, bytes], signals: dict[str, dict[str, Any] | None]
+        self, states: Mapping[str, str], signals: dict[str, dict[str, Any] | None]
     ) -> None:
         self.detector_states_saved.update((d, orjson.loads(state)) for d, state in states.items())
 
