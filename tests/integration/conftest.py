@@ -21,6 +21,7 @@ import httpx
 import pytest
 
 from ioc_core.bus import Topics
+from ioc_core.storage import Database, drop_database, ensure_database
 from tests.integration.harness import ComponentProcess, delete_topics, test_env, unique
 
 SERVICES = {"Mosquitto": ("127.0.0.1", 1883), "Kafka": ("127.0.0.1", 9092)}
@@ -78,6 +79,19 @@ async def database_url() -> AsyncIterator[str]:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await admin.close()
+
+
+@pytest.fixture
+async def fresh_database() -> AsyncIterator[Database]:
+    """A migrated database of the test's own, started, and dropped when the test ends."""
+    url = f"{POSTGRES_URL}/ioc_test_fresh_{uuid.uuid4().hex[:8]}"
+    await ensure_database(url)
+    try:
+        async with Database(url, max_size=2) as database:
+            await database.migrate()
+            yield database
+    finally:
+        await drop_database(url)
 
 
 @pytest.fixture(scope="session")

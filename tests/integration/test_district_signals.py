@@ -3,17 +3,12 @@ open, and its stations' signals, all of them or only the rising ones."""
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-
-import pytest
 
 from ioc_core.alarms import DISTRICT_FLOOD_RULE, Finding, district_subject
 from ioc_core.models import DeviceIn, Location
-from ioc_core.storage import Database, drop_database, ensure_database
+from ioc_core.storage import Database
 from processors.detection import StationSignal
-from tests.integration.conftest import POSTGRES_URL
 
 CITY = "ha-noi"
 DISTRICT = "Hoàng Mai"
@@ -21,22 +16,10 @@ DISTRICT = "Hoàng Mai"
 STATIONS = (("st-1", True, True), ("st-2", True, True), ("st-3", False, True), ("st-4", True, False))
 
 
-@pytest.fixture
-async def database() -> AsyncIterator[Database]:
-    url = f"{POSTGRES_URL}/ioc_test_district_{uuid.uuid4().hex[:8]}"
-    await ensure_database(url)
-    try:
-        async with Database(url, max_size=2) as database:
-            await database.migrate()
-            yield database
-    finally:
-        await drop_database(url)
-
-
-async def test_district_alarm_and_station_signals(database: Database) -> None:
+async def test_district_alarm_and_station_signals(fresh_database: Database) -> None:
     at = datetime.now(UTC)
     location = Location(lat=20.98, lon=105.86)
-    await database.devices.insert_many(
+    await fresh_database.devices.insert_many(
         [
             DeviceIn(id=d, city=CITY, domain="flood", district=DISTRICT, location=location)
             for d, _, _ in STATIONS
@@ -48,10 +31,10 @@ async def test_district_alarm_and_station_signals(database: Database) -> None:
         ).to_json()
         for device, raining, rising in STATIONS
     }
-    async with database.transaction() as transaction:
+    async with fresh_database.transaction() as transaction:
         await transaction.save_detector_states({device: "{}" for device in signals}, dict(signals))
 
-    async with database.transaction() as transaction:
+    async with fresh_database.transaction() as transaction:
         assert not await transaction.district_flood_alarm_open(CITY, DISTRICT)
         rising = await transaction.district_flood_signals(CITY, DISTRICT, rising_only=True)
         every = await transaction.district_flood_signals(CITY, DISTRICT, rising_only=False)
@@ -77,9 +60,9 @@ async def test_district_alarm_and_station_signals(database: Database) -> None:
         message_vi="Nguy cơ ngập",
         message_en="Flood risk",
     )
-    async with database.transaction() as transaction:
+    async with fresh_database.transaction() as transaction:
         assert await transaction.apply_findings([finding])
 
-    async with database.transaction() as transaction:
+    async with fresh_database.transaction() as transaction:
         assert await transaction.district_flood_alarm_open(CITY, DISTRICT)
         assert not await transaction.district_flood_alarm_open(CITY, "Ba Đình")
