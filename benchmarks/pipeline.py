@@ -1,7 +1,7 @@
 """The whole pipeline end to end, against the real services, measured against the broker's own speed.
 
     .venv/bin/python -m benchmarks.pipeline [--devices 1000,10000,100000] [--messages 200000]
-        [--rate 40000] [--probes 150] [--profile DIR] [--set IOC_NAME=VALUE ...]
+        [--rate 40000] [--probes 150] [--steady-rate 2000] [--profile DIR] [--set IOC_NAME=VALUE ...]
 
 For each fleet size, in one run, with a database, topic prefix and consumer group of its own:
 
@@ -19,7 +19,9 @@ For each fleet size, in one run, with a database, topic prefix and consumer grou
    statements per 1,000 readings, the WAL they wrote, and the readings insert path's share;
 3. **latency**: background load at half the sustained rate, and a probe device publishing one
    reading at a time (paho, QoS 1); the time from its publish until `GET /v1/devices/{id}` shows
-   it as the latest, p50 and p99.
+   it as the latest, p50 and p99, with the processor's mean time per batch in each phase of its
+   batches (`ioc_processor_batch_seconds_total`); then the same under a fixed `--steady-rate`
+   (2,000 readings/s unless told), the same load for every fleet size.
 
 Prints one JSON object per fleet size. With `--profile DIR`, py-spy samples the gateway and the
 processor during the pipeline phase and the hottest functions are printed too.
@@ -57,6 +59,7 @@ from benchmarks.usage import Usage, peak_rss_mib
 from ioc_core.models import DeviceIn, Location
 from ioc_core.settings import MqttEndpoint, mqtt_endpoint
 from ioc_core.storage import Database, drop_database, ensure_database
+from processors.phases import PHASES
 from simulators.fleet import build_fleet
 from simulators.load import run_load
 
@@ -404,6 +407,7 @@ async def latency(deployment: Deployment, devices: int, rate: float, probes: int
                     await asyncio.sleep(0.1)
 
             before = [await metric(client, processor.health, name) for name in _BATCH_METRICS]
+            phases_before = [await metric(client, processor.health, name) for name in _PHASE_METRICS]
             usage = Usage()
             pids = {name: deployment.pid(name) for name in deployment.components}
             usage.mark(pids)
@@ -414,6 +418,7 @@ async def latency(deployment: Deployment, devices: int, rate: float, probes: int
             finally:
                 sampler.cancel()
             after = [await metric(client, processor.health, name) for name in _BATCH_METRICS]
+            phases_after = [await metric(client, processor.health, name) for name in _PHASE_METRICS]
             elapsed = time.monotonic() - started
             cpu = usage.since(pids)
     finally:
@@ -424,6 +429,11 @@ async def latency(deployment: Deployment, devices: int, rate: float, probes: int
         # The processor's batches while probing: a reading waits for the batch in hand, then its own.
         "batches_per_s": round(batches / elapsed, 1),
         "mean_batch": round(rows / max(batches, 1)),
+        # Where a batch's time went, mean milliseconds per batch (poll includes waiting for records).
+        "batch_ms_by_phase": {
+            phase: round(1000 * (b - a) / max(batches, 1), 1)
+            for phase, a, b in zip(PHASES, phases_before, phases_after, strict=True)
+        },
         "gateway_backlog_mean": round(statistics.fmean(backlog), 1) if backlog else None,
         "gateway_backlog_max": max(backlog, default=None),
         "background_rate": round(rate),
@@ -453,6 +463,7 @@ def _percentiles(prefix: str, seconds: list[float]) -> dict[str, float]:
 
 
 _BATCH_METRICS = ("ioc_processor_rows_written_total", "ioc_processor_batches_total")
+_PHASE_METRICS = tuple(f'ioc_processor_batch_seconds_total{{phase="{phase}"}}' for phase in PHASES)
 
 
 async def _probe(deployment: Deployment, probes: int) -> tuple[list[float], list[float]]:
@@ -597,6 +608,11 @@ async def one_size(devices: int, args: argparse.Namespace) -> dict[str, Any]:
         }
         half = figures["stored_per_s"] / 2
         figures["latency"] = await latency(deployment, devices, half, args.probes)
+        if args.steady_rate:
+            # A fixed background load, the same for every size and every version of the pipeline.
+            figures["latency_at_steady_rate"] = await latency(
+                deployment, devices, args.steady_rate, args.probes
+            )
         if profile_dir is not None:
             figures["profile"] = {
                 name: hottest(profile_dir / f"{name}.txt")
@@ -618,6 +634,12 @@ async def main() -> None:
     parser.add_argument("--messages", type=int, default=200_000, help="messages offered per phase")
     parser.add_argument("--rate", type=float, default=40_000, help="messages a second offered")
     parser.add_argument("--probes", type=int, default=150, help="latency probes")
+    parser.add_argument(
+        "--steady-rate",
+        type=float,
+        default=2_000,
+        help="latency is also probed under this fixed background rate (0: not)",
+    )
     parser.add_argument("--profile", type=Path, default=None, help="write py-spy profiles here")
     parser.add_argument(
         "--set",

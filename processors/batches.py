@@ -31,6 +31,7 @@ from processors.detection import (
     StationSignal,
     offline_finding,
 )
+from processors.phases import PhaseClock
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +71,16 @@ class BatchOutcome:
 class BatchWriter:
     """Writes batches, one transaction each: readings, status, detector state, alarms, events."""
 
-    def __init__(self, database: Database, supervisor: Supervisor, *, registry_refresh_s: float) -> None:
+    def __init__(
+        self,
+        database: Database,
+        supervisor: Supervisor,
+        *,
+        registry_refresh_s: float,
+        clock: PhaseClock | None = None,
+    ) -> None:
         self._database = database
+        self._clock = clock or PhaseClock()
         self._supervisor = supervisor
         self._registry_refresh_s = registry_refresh_s
         self._detection = DeviceDetection()
@@ -94,23 +103,33 @@ class BatchWriter:
     async def write(self, batch: TelemetryBatch) -> BatchOutcome:
         """Store `batch` and what detection finds in it; nothing is kept in memory unless the
         transaction commits, so a failed write can simply be tried again."""
+        clock = self._clock
+        clock.start()
         device_ids = {record.device_id for record, _ in batch.records}
         profiles = await self._device_profiles(device_ids)
+        clock.lap("profiles")
         states: dict[str, DeviceDetectorState] = {}
         try:
             async with self._database.transaction() as transaction:
                 result = await transaction.write(batch)
+                clock.lap("readings")
                 by_device: dict[str, list[Reading]] = {}
                 for reading in result.kept:
                     by_device.setdefault(reading.device_id, []).append(reading)
                 states = await self._working_states(transaction, [d for d in by_device if d in profiles])
+                clock.lap("load_state")
                 findings, districts = self._detect(profiles, by_device, states)
+                clock.lap("detect")
                 new_states = {d: orjson.dumps(state.to_json()).decode() for d, state in states.items()}
                 signals = self._station_signals(profiles, states)
                 await transaction.save_detector_states(new_states, signals)
+                clock.lap("save_state")
                 findings.extend(await self._correlate(transaction, districts, _rising(profiles, signals)))
+                clock.lap("correlate")
                 findings.extend(offline_findings(result.transitions))
                 alarm_events = await transaction.apply_findings(findings)
+                clock.lap("alarms")
+            clock.lap("transaction_commit")
         except BaseException:
             # A commit that failed on the way back may still have been made: the database's
             # state, not ours, is read next time.

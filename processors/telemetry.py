@@ -31,6 +31,7 @@ from ioc_core.supervision import DEFAULT_POLICY, RetryPolicy, Supervisor
 from processors.batches import WRITING_A_BATCH, BatchOutcome, BatchWriter, decode_batch
 from processors.jobs import Escalation, Housekeeping, LagRefresh, Retention, ScheduledJob, SilenceSweep
 from processors.outbox import OutboxRelay
+from processors.phases import PhaseClock
 from processors.state_events import StateEvents
 
 log = logging.getLogger(__name__)
@@ -103,8 +104,12 @@ class TelemetryProcessor(Component):
         # Held while a batch is written and committed; a rebalance waits for it, so the
         # partitions' next owner starts after our last commit.
         self._batch_lock = asyncio.Lock()
+        self._clock = PhaseClock()
         self._writer = BatchWriter(
-            self._database, self._supervisor, registry_refresh_s=settings.registry_refresh_s
+            self._database,
+            self._supervisor,
+            registry_refresh_s=settings.registry_refresh_s,
+            clock=self._clock,
         )
         self._relay = OutboxRelay(
             self._database,
@@ -203,6 +208,7 @@ class TelemetryProcessor(Component):
                 self.events_relayed
             ),
             Metric("ioc_processor_ready", "gauge", "1 while every part makes progress").add(int(not failing)),
+            self._clock.metric(),
         ]
 
     async def stop(self) -> None:
@@ -239,13 +245,16 @@ class TelemetryProcessor(Component):
     async def _consume(self) -> None:
         poll = functools.partial(self._consumer.getmany, timeout_ms=1_000)
         while True:
+            self._clock.start()
             records = await self._supervisor.retry("polling Kafka", poll)
+            self._clock.lap("poll")
             if records:
                 await self.process(records)
 
     async def process(self, records: list[BusRecord]) -> None:
         """One polled batch: stored in one transaction, then its offsets committed."""
         batch = decode_batch(records, deadletter_topic=self._topics.deadletter)
+        self._clock.lap("decode")
         async with self._batch_lock:
             # While the database is away this waits with backoff: nothing is committed, and the
             # consumer's prefetch bounds what is held; the lag shows in /metrics.
@@ -254,8 +263,10 @@ class TelemetryProcessor(Component):
             )
             self._note_written(batch, outcome)
             self._maybe_inject_crash()
+            self._clock.start()
             try:
                 await self._consumer.commit()
+                self._clock.lap("offset_commit")
             except KafkaError as exc:
                 # A rebalance or a Kafka outage: the batch is stored, so the worst outcome is
                 # that it is read again (by us or the partitions' next owner) and the database

@@ -42,7 +42,7 @@ from processors.detection.judgements import (
     by_rate,
     remember,
 )
-from processors.detection.outcomes import BatchOutcome
+from processors.detection.outcomes import BatchOutcome, MetricScore
 from processors.detection.profile import DeviceProfile
 from processors.detection.state import DeviceDetectorState, MetricState, RuleTracker, epoch_ms
 
@@ -123,7 +123,12 @@ class DeviceDetection:
         self._ewma_count_cap = max(self.settings.warmup, math.ceil(1 / self.settings.ewma_alpha))
 
     def evaluate(
-        self, profile: DeviceProfile, readings: Sequence[Reading], state: DeviceDetectorState
+        self,
+        profile: DeviceProfile,
+        readings: Sequence[Reading],
+        state: DeviceDetectorState,
+        *,
+        scores: list[MetricScore] | None = None,
     ) -> list[Finding]:
         """Judge one batch of a device's readings (in any order), updating `state`.
 
@@ -131,13 +136,14 @@ class DeviceDetection:
         restart. Returns at most one active and one inactive finding per rule; when a rule both
         raised and resolved in the batch the active finding comes first, and when it resolved and
         raised again the inactive one does, so the last finding of a rule tells its state now.
+        With `scores`, each statistically judged value's anomaly score is appended to it.
         """
         if not readings:
             return []
         plans = {
             name: _plan(profile.domain, name, rules, self.settings) for name, rules in profile.rules.items()
         }
-        outcome = BatchOutcome()
+        outcome = BatchOutcome(scores)
         last_ts = state.last_ts
         ordered = sorted(readings, key=_reading_ts) if len(readings) > 1 else readings
         for reading in ordered:
@@ -186,7 +192,9 @@ class DeviceDetection:
                 most=self.settings.history_samples,
             )
         if ZSCORE in kinds:
-            statistics_say = self._by_statistics(rules, metric, value)
+            statistics_say, score = self._by_statistics(rules, metric, value)
+            if score is not None:
+                outcome.score(name, at, score)
             if isinstance(statistics_say, Violation) and (
                 isinstance(limits_say, Violation)
                 or isinstance(rate_says, Violation)
@@ -231,16 +239,22 @@ class DeviceDetection:
                 del metric.trackers[kind]
                 outcome.resolution(kind, name, at, value)
 
-    def _by_statistics(self, rules: MetricRules, metric: MetricState, value: float) -> Observation:
+    def _by_statistics(
+        self, rules: MetricRules, metric: MetricState, value: float
+    ) -> tuple[Observation, float | None]:
+        """The judgement, and the value's anomaly score in [0, 1) once warmed up: |z| / (|z| +
+        limit), so 0.5 is the alarm limit and the score grows with the deviation without bound."""
         limit = rules.zscore
         if limit is None:
-            return None
+            return None, None
         observation: Observation = None
+        score: float | None = None
         learned = value
         if metric.count >= self.settings.warmup:
             mean = metric.mean
             spread = max(math.sqrt(metric.variance), rules.zscore_floor or 0.0, _SMALLEST_SPREAD)
             deviations = (value - mean) / spread
+            score = abs(deviations) / (abs(deviations) + limit)
             edge = limit * spread
             if abs(deviations) > limit:
                 upward = deviations > 0
@@ -264,7 +278,7 @@ class DeviceDetection:
         metric.mean += increment
         metric.variance = (1 - alpha) * (metric.variance + difference * increment)
         metric.count = min(metric.count + 1, self._ewma_count_cap)
-        return observation
+        return observation, score
 
     def _by_flatline(
         self, flatline_ms: int, metric: MetricState, previous: float | None, value: float, at_ms: int

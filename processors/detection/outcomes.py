@@ -58,13 +58,28 @@ def _worse(first: Violation | None, second: Violation | None) -> Violation | Non
     return second if severity_rank(second.severity) >= severity_rank(first.severity) else first
 
 
+@dataclass(frozen=True, slots=True)
+class MetricScore:
+    """How anomalous one value of a metric was, in [0, 1) (0.5 at the statistical alarm limit)."""
+
+    metric: str
+    at: datetime
+    score: float
+
+
 class BatchOutcome:
-    """Collects violations and resolutions by (detector kind, metric) while a batch is evaluated."""
+    """Collects violations and resolutions by (detector kind, metric) while a batch is evaluated,
+    and the values' anomaly scores when asked to."""
 
-    __slots__ = ("_rules",)
+    __slots__ = ("_rules", "_scores")
 
-    def __init__(self) -> None:
+    def __init__(self, scores: list[MetricScore] | None = None) -> None:
         self._rules: dict[tuple[str, str], _RuleOutcome] = {}
+        self._scores = scores
+
+    def score(self, metric: str, at: datetime, score: float) -> None:
+        if self._scores is not None:
+            self._scores.append(MetricScore(metric, at, score))
 
     def violation(self, kind: str, metric: str, violation: Violation, at: datetime) -> None:
         outcome = self._rules.get((kind, metric))

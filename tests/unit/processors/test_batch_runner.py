@@ -19,6 +19,7 @@ from ioc_core.supervision import RetryPolicy
 from ioc_core.telemetry import Reading
 from processors.batches import decode_batch
 from processors.detection import DeviceDetection, DeviceDetectorState, DeviceProfile
+from processors.phases import PHASES, PhaseClock
 from processors.telemetry import TelemetryProcessor
 from tests.unit.processors.fakes import FakeConsumer, FakeDatabase, FakeProducer
 
@@ -325,3 +326,25 @@ async def test_the_relay_sends_recorded_events_in_order_and_marks_them_published
     assert [key for _, _, key in r.producer.sent] == ["k0", "k1", "k2", "ha-noi/flood"]
     assert r.database.pending == []
     assert r.processor.events_relayed == 3
+
+
+async def test_metrics_say_where_the_batches_spent_their_time() -> None:
+    r = rig()
+    async with r.processor:
+        await r.consumer.polls.put(records(r.settings, readings(1.2, 4.7)))
+        await until(lambda: r.consumer.commits == 1)
+        seconds = next(m for m in r.processor.metrics() if m.name == "ioc_processor_batch_seconds_total")
+    spent = {labels["phase"]: value for labels, value in seconds.samples}
+    assert list(spent) == list(PHASES)
+    assert all(value >= 0 for value in spent.values())
+    assert sum(spent.values()) > 0
+
+
+def test_a_lap_charges_the_time_since_the_last_one_to_its_phase(monkeypatch: Any) -> None:
+    now = iter([10.0, 10.5, 12.0, 12.25])
+    monkeypatch.setattr("processors.phases.time.monotonic", lambda: next(now))
+    clock = PhaseClock()
+    clock.lap("poll")
+    clock.lap("detect")
+    clock.lap("poll")
+    assert (clock.seconds["poll"], clock.seconds["detect"]) == (0.75, 1.5)
