@@ -33,6 +33,10 @@ class Metric:
     # How an operator reads it: decimals shown, and the unit in Vietnamese where it differs.
     decimals: int = 2
     unit_vi: str | None = None
+    # The quantity follows the hours of the day (traffic, water demand, grid load): the statistical
+    # detector learns each device's usual value for each hour, so the rush hour is normal and a
+    # quiet rush hour is not.
+    daily_cycle: bool = False
 
     @property
     def column(self) -> str:
@@ -184,7 +188,13 @@ def daytime(t: datetime, start_h: float, end_h: float, ramp_h: float = 1.0) -> f
     """0 at night, rising smoothly to 1 over `ramp_h` hours from `start_h` and back to 0 from
     `end_h` (local hours, `start_h` < `end_h`): the part of the day a city is up and about."""
     hour = local_hour(t)
-    return smoothstep((hour - start_h) / ramp_h) * (1 - smoothstep((hour - end_h) / ramp_h))
+
+    def part(at: float) -> float:
+        return smoothstep((at - start_h) / ramp_h) * (1 - smoothstep((at - end_h) / ramp_h))
+
+    # An evening that fades out past midnight goes on fading after it, rather than dropping to
+    # night at 00:00 (a feeder's load does not fall by a twentieth in ten seconds).
+    return max(part(hour), part(hour + 24))
 
 
 def smoothstep(x: float) -> float:

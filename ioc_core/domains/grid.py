@@ -10,7 +10,17 @@ from ioc_core.domains.base import Domain, Metric, clamp, daily_cycle, daytime
 from ioc_core.kpis import Kpi, average, count, past_limit
 from ioc_core.rules import MetricRules
 
-VOLTAGE = Metric("voltage", "V", 0, 1000, "phase voltage", label_en="Voltage", label_vi="Điện áp", decimals=1)
+VOLTAGE = Metric(
+    "voltage",
+    "V",
+    0,
+    1000,
+    "phase voltage",
+    label_en="Voltage",
+    label_vi="Điện áp",
+    decimals=1,
+    daily_cycle=True,
+)
 FREQUENCY = Metric(
     "frequency",
     "Hz",
@@ -30,6 +40,7 @@ ACTIVE_POWER = Metric(
     label_en="Active power",
     label_vi="Công suất tác dụng",
     decimals=1,
+    daily_cycle=True,
 )
 
 

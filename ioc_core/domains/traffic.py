@@ -19,6 +19,7 @@ INTENSITY = Metric(
     label_vi="Lưu lượng xe",
     decimals=0,
     unit_vi="xe/phút",
+    daily_cycle=True,
 )
 OCCUPANCY = Metric(
     "occupancy",
@@ -28,6 +29,7 @@ OCCUPANCY = Metric(
     "fraction of time the detector is occupied",
     label_en="Lane occupancy",
     label_vi="Độ chiếm dụng làn đường",
+    daily_cycle=True,
 )
 SPEED = Metric(
     "averageVehicleSpeed",
@@ -38,6 +40,7 @@ SPEED = Metric(
     label_en="Average vehicle speed",
     label_vi="Tốc độ xe trung bình",
     decimals=1,
+    daily_cycle=True,
 )
 
 

@@ -10,7 +10,14 @@ from ioc_core.kpis import Kpi, count, has_open_alarm, lowest
 from ioc_core.rules import MetricRules
 
 PRESSURE = Metric(
-    "pressure", "bar", 0, 25, "network pressure", label_en="Water pressure", label_vi="Áp lực nước"
+    "pressure",
+    "bar",
+    0,
+    25,
+    "network pressure",
+    label_en="Water pressure",
+    label_vi="Áp lực nước",
+    daily_cycle=True,
 )
 FLOW = Metric(
     "flow",
@@ -21,6 +28,7 @@ FLOW = Metric(
     label_en="Water flow",
     label_vi="Lưu lượng nước",
     decimals=1,
+    daily_cycle=True,
 )
 TURBIDITY = Metric(
     "turbidity", "NTU", 0, 1000, "turbidity of the water", label_en="Turbidity", label_vi="Độ đục"

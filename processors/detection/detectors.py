@@ -5,9 +5,11 @@ For every reading and metric, each detector the metric's rules switch on judges 
 - threshold: above or below the warn (severity medium) or crit (critical) limits; an open alarm
   holds while the value is within `hysteresis` of the limit on the inside;
 - rate: risen or fallen by more than `rise_above` / `drop_above` within `rate_window_s` (high);
-- zscore: further than `zscore` standard deviations from the device's own exponentially weighted
-  mean (low); silent during warm-up, and silent while a limit or rate alarm of the same metric
-  already tells the operator about the value;
+- zscore: further than `zscore` standard deviations from what the device's own recent values
+  lead one to expect (low); silent during warm-up, and silent while a limit or rate alarm of the
+  same metric already tells the operator about the value. The baseline (see `_by_statistics`) is
+  a level with a damped slope, learned with outliers clipped, plus for metrics with a daily cycle
+  an hour-of-day profile, used where it explains the values;
 - flatline: the exact same value for `flatline_s` and at least a few readings (low).
 
 A tracker per (metric, detector) turns those judgements into alarms: the first violation raises,
@@ -44,10 +46,19 @@ from processors.detection.judgements import (
 )
 from processors.detection.outcomes import BatchOutcome, MetricScore
 from processors.detection.profile import DeviceProfile
-from processors.detection.state import DeviceDetectorState, MetricState, RuleTracker, epoch_ms
+from processors.detection.state import (
+    DAILY_BINS,
+    SIGMA_PER_MEAN_ABSOLUTE_DEVIATION,
+    DeviceDetectorState,
+    MetricState,
+    RuleTracker,
+    epoch_ms,
+)
 
 # Below this the spread of a signal is numerically zero (reached only when a device removes the floor).
 _SMALLEST_SPREAD = 1e-9
+_HOUR_MS = 3_600_000
+_DAY_MS = 24 * _HOUR_MS
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,9 +67,28 @@ class DetectionSettings:
 
     # In-band readings in a row that resolve an open alarm.
     clear_after: int = 3
-    # Weight of the newest value in the exponentially weighted mean and variance (about the last
-    # 1 / alpha readings count).
+    # Weight of the newest value in the baseline's level (about the last 1 / alpha readings count).
     ewma_alpha: float = 0.05
+    # Weight of the newest value in the baseline's mean absolute deviation: slower than the level,
+    # so the band does not shrink to the last few quiet readings.
+    deviation_beta: float = 0.01
+    # Weight of the newest change of level in the slope, and how much of the slope is carried to
+    # the next reading (damped, so a ramp is followed but never extrapolated far).
+    slope_beta: float = 0.1
+    slope_damping: float = 0.9
+    # Values further than this many standard deviations from the baseline teach it only up to
+    # that distance (Huber), so one spike does not drag the level or the profile...
+    clip_sigmas: float = 3.0
+    # ...unless this many readings in a row fall outside on the same side: a new normal (a valve
+    # opened, a sensor moved) is then learned in full rather than alarmed about for ever.
+    shift_after: int = 8
+    # Weight of a day's values in the daily profile's hours (after the first days, which are
+    # averaged), and how much the profile must narrow the deviation before it is used (a metric
+    # without a real daily cycle keeps the plain baseline).
+    daily_gamma: float = 0.1
+    daily_gain: float = 0.8
+    # Days the profile is learned before it speaks.
+    daily_min_days: float = 2.0
     # Readings a metric must have shown before its statistics may alarm.
     warmup: int = 30
     # Readings of the same value, besides `flatline_s`, before a sensor counts as stuck. A device that
@@ -81,6 +111,8 @@ class _Plan:
     reach_ms: int
     spacing_ms: int
     flatline_ms: int | None
+    # The statistical baseline learns an hour-of-day profile.
+    daily: bool
 
 
 @lru_cache(maxsize=4096)
@@ -97,6 +129,10 @@ def _plan(domain_name: str, metric: str, rules: MetricRules, settings: Detection
     reach_ms = rate_ms or 0
     correlated = False
     domain = get_domain(domain_name)
+    # A metric whose domain says it follows the day has a daily profile; so does a metric nothing
+    # is known of (`ioc detect` without a domain), where the profile is used only if it helps.
+    described = domain.metric(metric) if domain is not None else None
+    daily = described.daily_cycle if described is not None else domain is None
     if domain is not None and domain.correlation is not None:
         correlation = domain.correlation
         correlated = metric in (correlation.level_metric, correlation.rain_metric)
@@ -112,6 +148,7 @@ def _plan(domain_name: str, metric: str, rules: MetricRules, settings: Detection
         reach_ms=reach_ms,
         spacing_ms=reach_ms // max(settings.history_samples, 1),
         flatline_ms=round(rules.flatline_s * 1000) if rules.flatline_s is not None else None,
+        daily=daily and rules.has_zscore,
     )
 
 
@@ -120,7 +157,9 @@ class DeviceDetection:
 
     def __init__(self, settings: DetectionSettings | None = None) -> None:
         self.settings = settings or DetectionSettings()
-        self._ewma_count_cap = max(self.settings.warmup, math.ceil(1 / self.settings.ewma_alpha))
+        # Counting further changes nothing: past it every weight is at its floor.
+        slowest = min(self.settings.ewma_alpha, self.settings.deviation_beta)
+        self._ewma_count_cap = max(self.settings.warmup, math.ceil(1 / slowest))
 
     def evaluate(
         self,
@@ -172,7 +211,7 @@ class DeviceDetection:
         outcome: BatchOutcome,
     ) -> None:
         rules, kinds, trackers = plan.rules, plan.kinds, metric.trackers
-        previous = metric.last
+        previous, previous_at_ms = metric.last, metric.last_at_ms
         metric.last, metric.last_at_ms = value, at_ms
         limits_say: Observation = None
         rate_says: Observation = None
@@ -192,9 +231,7 @@ class DeviceDetection:
                 most=self.settings.history_samples,
             )
         if ZSCORE in kinds:
-            statistics_say, score = self._by_statistics(rules, metric, value)
-            if score is not None:
-                outcome.score(name, at, score)
+            statistics_say, score = self._by_statistics(plan, metric, value, at_ms, previous_at_ms)
             if isinstance(statistics_say, Violation) and (
                 isinstance(limits_say, Violation)
                 or isinstance(rate_says, Violation)
@@ -203,6 +240,10 @@ class DeviceDetection:
             ):
                 # The limit or rate alarm already tells the operator about this value.
                 statistics_say = HOLD
+            if score is not None:
+                # While an alarm of the metric is open the excursion is known: its later values
+                # are no news (and would each count as a detection where scores are thresholded).
+                outcome.score(name, at, 0.0 if trackers else score)
             self._track(ZSCORE, name, metric, statistics_say, at, value, outcome)
         if plan.flatline_ms is not None:
             flatline_says = self._by_flatline(plan.flatline_ms, metric, previous, value, at_ms)
@@ -240,43 +281,113 @@ class DeviceDetection:
                 outcome.resolution(kind, name, at, value)
 
     def _by_statistics(
-        self, rules: MetricRules, metric: MetricState, value: float
+        self, plan: _Plan, metric: MetricState, value: float, at_ms: int, previous_at_ms: int | None
     ) -> tuple[Observation, float | None]:
         """The judgement, and the value's anomaly score in [0, 1) once warmed up: |z| / (|z| +
-        limit), so 0.5 is the alarm limit and the score grows with the deviation without bound."""
+        limit), so 0.5 is the alarm limit and the score grows with the deviation without bound.
+
+        Two baselines, and the value is judged by the better:
+        - a level with a damped slope (Holt's linear method with Gardner & McKenzie's damped
+          trend), so a steady ramp is expected and only a break in it is not;
+        - for metrics with a daily cycle, the device's usual value for each hour of the day (an
+          average over days, by the clock, as readings need not be evenly spaced; interpolated
+          between the hours) plus how far
+          today runs above or below it (a level of its own). It is used once it has learned
+          `daily_min_days` and its deviation is narrower than the plain one by `daily_gain`, so
+          a metric without a real daily cycle is judged as before.
+        Spreads are mean absolute deviations, not variances: a spike moves them linearly rather
+        than by its square. Levels and profile learn from values clipped at `clip_sigmas`
+        (Huber's M-estimator), so a spike does not drag them, unless the values stay outside on
+        one side for `shift_after` readings, which is a new normal to learn.
+        """
+        rules = plan.rules
         limit = rules.zscore
         if limit is None:
             return None, None
+        settings = self.settings
+        if metric.count == 0:
+            metric.level, metric.slope, metric.deviation, metric.outside = value, 0.0, 0.0, 0
+            metric.count = 1
+            if plan.daily:
+                _start_profile(metric, value, at_ms)
+            return None, None
+        if plan.daily and len(metric.daily) != DAILY_BINS:
+            _start_profile(metric, metric.level, at_ms)
+        elif not plan.daily and metric.daily:
+            metric.daily, metric.daily_since_ms, metric.daily_level, metric.daily_deviation = [], 0, 0.0, 0.0
+        floor = max(rules.zscore_floor or 0.0, _SMALLEST_SPREAD)
+        # Where in the day the value falls, between the centres of two hours of the profile: the
+        # usual value is interpolated between them, so a rush that builds within an hour is
+        # followed rather than averaged over the hour.
+        position = (at_ms % _DAY_MS) / _HOUR_MS - 0.5
+        earlier = math.floor(position)
+        later_share = position - earlier
+        earlier, later = earlier % DAILY_BINS, (earlier + 1) % DAILY_BINS
+        days = (at_ms - metric.daily_since_ms) / _DAY_MS if plan.daily else 0.0
+        profiled = plan.daily and days >= settings.daily_min_days
+        plain_expected = metric.level + settings.slope_damping * metric.slope
+        plain_spread = max(SIGMA_PER_MEAN_ABSOLUTE_DEVIATION * metric.deviation, floor)
+        if profiled and metric.daily_deviation < settings.daily_gain * metric.deviation:
+            usual = metric.daily[earlier] * (1 - later_share) + metric.daily[later] * later_share
+            expected = usual + metric.daily_level
+            spread = max(SIGMA_PER_MEAN_ABSOLUTE_DEVIATION * metric.daily_deviation, floor)
+        else:
+            expected, spread = plain_expected, plain_spread
+        residual = value - expected
+        warmed_up = metric.count >= settings.warmup
         observation: Observation = None
         score: float | None = None
-        learned = value
-        if metric.count >= self.settings.warmup:
-            mean = metric.mean
-            spread = max(math.sqrt(metric.variance), rules.zscore_floor or 0.0, _SMALLEST_SPREAD)
-            deviations = (value - mean) / spread
+        if warmed_up:
+            deviations = residual / spread
             score = abs(deviations) / (abs(deviations) + limit)
-            edge = limit * spread
             if abs(deviations) > limit:
                 upward = deviations > 0
+                edge = limit * spread
                 observation = Violation(
                     severity=ZSCORE_SEVERITY,
                     value=value,
-                    threshold=mean + edge if upward else mean - edge,
+                    threshold=expected + edge if upward else expected - edge,
                     reading=value,
                     upward=upward,
-                    reference=mean,
+                    reference=expected,
                     deviations=abs(deviations),
                 )
             else:
                 observation = CLEAR
-            # Learn from the value clipped to the band, so one spike does not blind the detector.
-            learned = min(max(value, mean - edge), mean + edge)
-        # Until the weight 1/n falls below alpha this is the plain mean and variance of the values.
-        alpha = max(self.settings.ewma_alpha, 1 / (metric.count + 1))
-        difference = learned - metric.mean
-        increment = alpha * difference
-        metric.mean += increment
-        metric.variance = (1 - alpha) * (metric.variance + difference * increment)
+        # Values outside the band on one side, in a row: past `shift_after` a new normal.
+        if warmed_up and abs(residual) > settings.clip_sigmas * spread:
+            side = 1 if residual > 0 else -1
+            metric.outside = metric.outside + side if metric.outside * side > 0 else side
+        else:
+            metric.outside = 0
+        learn_in_full = not warmed_up or abs(metric.outside) >= settings.shift_after
+        clip = math.inf if learn_in_full else settings.clip_sigmas
+        # Until the weight 1/n falls below its floor a weight is that of a plain mean.
+        alpha = max(settings.ewma_alpha, 1 / (metric.count + 1))
+        beta = max(settings.deviation_beta, 1 / (metric.count + 1))
+        level = plain_expected + alpha * _clipped(value - plain_expected, clip * plain_spread)
+        metric.slope = settings.slope_damping * metric.slope + settings.slope_beta * (
+            level - metric.level - settings.slope_damping * metric.slope
+        )
+        metric.level = level
+        metric.deviation += beta * (abs(value - level) - metric.deviation)
+        if plan.daily:
+            usual = metric.daily[earlier] * (1 - later_share) + metric.daily[later] * later_share
+            daily_spread = max(SIGMA_PER_MEAN_ABSOLUTE_DEVIATION * metric.daily_deviation, floor)
+            today = value - usual
+            metric.daily_level += alpha * _clipped(today - metric.daily_level, clip * daily_spread)
+            if profiled:
+                metric.daily_deviation += beta * (abs(today - metric.daily_level) - metric.daily_deviation)
+            else:
+                metric.daily_deviation = metric.deviation
+            # A value teaches its hour in proportion to the share of the hour since the previous
+            # reading, so a day weighs the same whatever the device's cadence; the first days are
+            # averaged, later ones weigh `daily_gamma` each.
+            covered = min(at_ms - previous_at_ms, _HOUR_MS) / _HOUR_MS if previous_at_ms is not None else 0.0
+            gamma = max(settings.daily_gamma, 1 / (math.floor(days) + 1)) * covered
+            step = gamma * _clipped(today, clip * daily_spread)
+            metric.daily[earlier] += step * (1 - later_share)
+            metric.daily[later] += step * later_share
         metric.count = min(metric.count + 1, self._ewma_count_cap)
         return observation, score
 
@@ -298,6 +409,15 @@ class DeviceDetection:
                 reference=held_ms / 1000,
             )
         return CLEAR
+
+
+def _start_profile(metric: MetricState, value: float, at_ms: int) -> None:
+    metric.daily = [value] * DAILY_BINS
+    metric.daily_since_ms, metric.daily_level, metric.daily_deviation = at_ms, 0.0, metric.deviation
+
+
+def _clipped(value: float, bound: float) -> float:
+    return min(max(value, -bound), bound)
 
 
 def _resolve_switched_off(

@@ -18,10 +18,17 @@ from typing import Any
 
 from ioc_core.rules import SEVERITIES
 
-STATE_VERSION = 1
+STATE_VERSION = 2
+
+# Hours of the day a daily profile has.
+DAILY_BINS = 24
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MILLISECOND = timedelta(milliseconds=1)
+
+
+# A normal distribution's standard deviation over its mean absolute deviation.
+SIGMA_PER_MEAN_ABSOLUTE_DEVIATION = math.sqrt(math.pi / 2)
 
 
 def epoch_ms(ts: datetime) -> int:
@@ -44,10 +51,21 @@ class MetricState:
 
     last: float | None = None
     last_at_ms: int | None = None
-    # Exponentially weighted mean and variance of the values seen, and how many have been seen.
+    # The statistical baseline: how many values it has learned from (capped), the level and the
+    # slope it expects next, the exponentially weighted mean absolute deviation of the values from
+    # it, and how many values in a row fell outside its band on one side (positive: above).
     count: int = 0
-    mean: float = 0.0
-    variance: float = 0.0
+    level: float = 0.0
+    slope: float = 0.0
+    deviation: float = 0.0
+    outside: int = 0
+    # The daily profile, for metrics with a daily cycle: per hour of the day (UTC), the usual
+    # value; since when it has been learned; how far above it the values run today, and their
+    # mean absolute deviation from the two together.
+    daily: list[float] = field(default_factory=list)
+    daily_since_ms: int = 0
+    daily_level: float = 0.0
+    daily_deviation: float = 0.0
     # Since when (and for how many readings) the value has not changed.
     flat_since_ms: int | None = None
     flat_count: int = 0
@@ -62,7 +80,9 @@ class MetricState:
             body["last"] = self.last
             body["last_at"] = self.last_at_ms
         if self.count:
-            body["ewma"] = [self.count, self.mean, self.variance]
+            body["baseline"] = [self.count, self.level, self.slope, self.deviation, self.outside]
+        if self.daily:
+            body["daily"] = [self.daily, self.daily_since_ms, self.daily_level, self.daily_deviation]
         if self.flat_since_ms is not None:
             body["flat"] = [self.flat_since_ms, self.flat_count]
         if self.history:
@@ -84,8 +104,24 @@ class MetricState:
             and _is_int(last_at)
         ):
             state.last, state.last_at_ms = float(last), last_at
+        baseline = body.get("baseline")
         ewma = body.get("ewma")
         if (
+            isinstance(baseline, list)
+            and len(baseline) == 5
+            and _is_int(baseline[0])
+            and baseline[0] > 0
+            and all(_is_number(part) for part in baseline[1:4])
+            and baseline[3] >= 0
+            and _is_int(baseline[4])
+        ):
+            state.count, state.outside = int(baseline[0]), int(baseline[4])
+            state.level, state.slope, state.deviation = (
+                float(baseline[1]),
+                float(baseline[2]),
+                float(baseline[3]),
+            )
+        elif (
             isinstance(ewma, list)
             and len(ewma) == 3
             and _is_int(ewma[0])
@@ -94,7 +130,25 @@ class MetricState:
             and _is_number(ewma[2])
             and ewma[2] >= 0
         ):
-            state.count, state.mean, state.variance = int(ewma[0]), float(ewma[1]), float(ewma[2])
+            # Written by version 1 (mean and variance): the same baseline, its spread as a mean
+            # absolute deviation, so a device keeps what it learned across the upgrade.
+            state.count, state.level = int(ewma[0]), float(ewma[1])
+            state.deviation = math.sqrt(float(ewma[2])) / SIGMA_PER_MEAN_ABSOLUTE_DEVIATION
+        daily = body.get("daily")
+        if (
+            isinstance(daily, list)
+            and len(daily) == 4
+            and isinstance(daily[0], list)
+            and len(daily[0]) == DAILY_BINS
+            and (usual := _finite_numbers(daily[0])) is not None
+            and _is_int(daily[1])
+            and _is_number(daily[2])
+            and _is_number(daily[3])
+            and daily[3] >= 0
+        ):
+            state.daily = usual
+            state.daily_since_ms = int(daily[1])
+            state.daily_level, state.daily_deviation = float(daily[2]), float(daily[3])
         flat = body.get("flat")
         if isinstance(flat, list) and len(flat) == 2 and _is_int(flat[0]) and _is_int(flat[1]):
             state.flat_since_ms, state.flat_count = int(flat[0]), int(flat[1])
@@ -180,6 +234,18 @@ class DeviceDetectorState:
 
 def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _finite_numbers(values: list[Any]) -> list[float] | None:
+    """The values as floats if they are all finite numbers (checked with C-level loops: a daily
+    profile is read back for every device of every batch)."""
+    if not set(map(type, values)) <= _NUMBER_TYPES:
+        return None
+    floats = list(map(float, values))
+    return floats if all(map(math.isfinite, floats)) else None
+
+
+_NUMBER_TYPES = frozenset({float, int})
 
 
 def _is_int(value: object) -> bool:

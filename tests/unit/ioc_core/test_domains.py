@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from ioc_core.domains import DOMAINS
+from ioc_core.domains.base import LOCAL_TIME
 
 # (domain, metric, unit, min, max) as in the contract's §4 table; batteryLevel belongs to every domain.
 CONTRACT = [
@@ -62,3 +63,22 @@ def test_simulated_values_stay_in_range_over_a_day(name: str) -> None:
             metric = domain.metric(metric_name)
             assert metric is not None, metric_name
             assert metric.accepts(value), (metric_name, value)
+
+
+def test_no_domain_jumps_at_midnight() -> None:
+    # Every day's rhythm is continuous through 00:00 local time: across it, a 10-second step moves
+    # no noiseless quantity by more than a hundredth of its daily range.
+    midnight = datetime(2026, 7, 2, tzinfo=LOCAL_TIME)
+    for domain in DOMAINS.values():
+        day = [domain.sampler(_NoNoise(5), midnight - timedelta(minutes=10 * m), 0.9) for m in range(144)]
+        before = domain.sampler(_NoNoise(5), midnight - timedelta(seconds=10), 0.9)
+        after = domain.sampler(_NoNoise(5), midnight, 0.9)
+        for name in after:
+            values = [sample[name] for sample in day]
+            spread = max(values) - min(values)
+            assert abs(after[name] - before[name]) <= 0.01 * spread + 1e-9, (domain.name, name)
+
+
+class _NoNoise(random.Random):
+    def gauss(self, mu: float = 0.0, sigma: float = 1.0) -> float:
+        return mu

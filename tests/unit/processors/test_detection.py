@@ -6,6 +6,7 @@ gives one finding per district."""
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
@@ -16,6 +17,7 @@ from ioc_core.alarms import Finding
 from ioc_core.domains import DOMAINS
 from ioc_core.telemetry import Reading
 from processors.detection import (
+    DetectionSettings,
     DeviceDetection,
     DeviceDetectorState,
     DeviceProfile,
@@ -311,6 +313,100 @@ def test_gaussian_noise_raises_nothing() -> None:
     assert evaluate_each(profile, readings_of(profile, noisy)) == []
     meter = flow_meter({"flow": {"zscore_floor": None}})
     assert evaluate_each(meter, readings_of(meter, flows(rng, 3000))) == []
+
+
+def test_a_steady_ramp_is_expected_and_a_break_in_it_is_not() -> None:
+    # Demand climbing through the morning: the baseline follows its slope, so the climb raises
+    # nothing even where it is many standard deviations from the level of a while ago.
+    meter = flow_meter({"flow": {"zscore_floor": None}})
+    rng = random.Random(21)
+    ramp = [{"flow": round(300 + 2.0 * i + rng.gauss(0, 2), 1)} for i in range(400)]
+    assert evaluate_each(meter, readings_of(meter, ramp)) == []
+    # The same climb with its last value fallen back to where it started.
+    broken = [*ramp, {"flow": 300.0}]
+    assert summary(evaluate_each(meter, readings_of(meter, broken))) == [("zscore.flow", True, "low")]
+
+
+def test_a_new_normal_is_learned_instead_of_alarmed_about_for_ever() -> None:
+    # A valve opened: the flow settles at a new level. One alarm for the step, which resolves once
+    # the baseline has taken the new level in.
+    meter = flow_meter()
+    rng = random.Random(22)
+    values = [*flows(rng, 100), *flows(rng, 300, mean=500.0)]
+    assert episodes(evaluate_each(meter, readings_of(meter, values))) == [
+        ("zscore.flow", True),
+        ("zscore.flow", False),
+    ]
+
+
+def traffic_days(
+    counter: DeviceProfile, rng: random.Random, start: datetime, days: float, *, hours_late: float = 0
+) -> list[Reading]:
+    """A road's counts every 5 minutes as the simulator's traffic domain draws them (local rush
+    hours 7:30 and 17:45); `hours_late` draws each from that many hours earlier in the day."""
+    every = timedelta(minutes=5)
+    sampler = DOMAINS["traffic"].sampler
+    readings = []
+    for index in range(int(timedelta(days=days) / every)):
+        at = start + index * every
+        metrics = sampler(rng, at - timedelta(hours=hours_late), 0.5)
+        readings.append(
+            Reading(
+                device_id=counter.id,
+                city=counter.city,
+                domain=counter.domain,
+                ts=at,
+                seq=None,
+                metrics={"intensity": metrics["intensity"]},
+                received_at=at,
+            )
+        )
+    return readings
+
+
+def test_a_daily_profile_makes_rush_hour_normal_and_a_quiet_rush_hour_an_anomaly() -> None:
+    counter = station(domain="traffic", device_id="hn-traffic-007", name="Giải Phóng")
+    rng = random.Random(23)
+    monday = datetime(2026, 11, 2, tzinfo=UTC)
+    state = DeviceDetectorState()
+    evaluate_each(counter, traffic_days(counter, rng, monday, 3), state)
+    # From the third day on the rush hours are what the profile expects: four days, no alarm.
+    assert evaluate_each(counter, traffic_days(counter, rng, monday + timedelta(days=3), 4), state) == []
+    usual = state.metrics["intensity"].daily
+    assert usual[0] > 3 * usual[20]  # 7:00 local against 3:00 local
+    without_profile = DeviceDetectorState.from_json(json.loads(json.dumps(state.to_json())))
+    without_profile.metrics["intensity"].daily = []
+    # The next morning the rush never comes: the road stays as quiet as at night until 8:30 local.
+    # Nothing sudden happens, so only the profile can tell.
+    quiet = traffic_days(counter, rng, monday + timedelta(days=7, hours=-2), 3.5 / 24, hours_late=6)
+    assert episodes(evaluate_each(counter, quiet, state))[:1] == [("zscore.intensity", True)]
+    flat_detection = DeviceDetection(DetectionSettings(daily_min_days=1000))
+    assert [f for r in quiet for f in flat_detection.evaluate(counter, [r], without_profile)] == []
+
+
+def test_a_metric_without_a_daily_cycle_keeps_no_profile() -> None:
+    profile = station()
+    state = DeviceDetectorState()
+    rng = random.Random(24)
+    DETECTION.evaluate(
+        profile, readings_of(profile, [{"currentLevel": 1.2 + rng.gauss(0, 0.01)} for _ in range(50)]), state
+    )
+    assert state.metrics["currentLevel"].daily == []
+    assert "daily" not in state.to_json()["metrics"]["currentLevel"]
+
+
+def test_a_baseline_stored_by_the_previous_version_is_kept() -> None:
+    # Version 1 kept the exponentially weighted mean and variance; an upgrade reads them as the
+    # baseline's level and spread instead of warming every device up again.
+    stored = {"version": 1, "metrics": {"flow": {"ewma": [30, 300.0, 400.0]}}}
+    state = DeviceDetectorState.from_json(stored)
+    baseline = state.metrics["flow"]
+    assert (baseline.count, baseline.level, baseline.slope) == (30, 300.0, 0.0)
+    assert baseline.deviation * math.sqrt(math.pi / 2) == pytest.approx(20.0)
+    meter = flow_meter()
+    assert summary(DETECTION.evaluate(meter, readings_of(meter, [{"flow": 500.0}]), state)) == [
+        ("zscore.flow", True, "low")
+    ]
 
 
 # Flatline

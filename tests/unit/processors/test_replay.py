@@ -67,6 +67,8 @@ def test_a_jump_raises_one_alarm_on_its_row_and_scores_above_one_half() -> None:
     rows = list(replay(series(values), profile, metric))
     assert [i for i, row in enumerate(rows) if row.alarm] == [200]
     assert rows[200].score > 0.5
+    # While the alarm is open its excursion is known: the next values score nothing.
+    assert rows[201].score == rows[202].score == 0
     assert all(row.score == 0 for row in rows[:30])  # warming up
     assert max(row.score for row in rows[30:200]) < 0.5
 
