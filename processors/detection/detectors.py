@@ -76,11 +76,12 @@ class DetectionSettings:
     # the next reading (damped, so a ramp is followed but never extrapolated far).
     slope_beta: float = 0.1
     slope_damping: float = 0.9
-    # Values further than this many standard deviations from the baseline teach it only up to
-    # that distance (Huber), so one spike does not drag the level or the profile...
-    clip_sigmas: float = 3.0
-    # ...unless this many readings in a row fall outside on the same side: a new normal (a valve
+    # A value beyond the metric's `zscore` limit teaches the baseline only up to the limit
+    # (Huber's clipping at the alarm band), so one spike does not drag the level or the profile,
+    # unless this many readings in a row fall beyond it on the same side: a new normal (a valve
     # opened, a sensor moved) is then learned in full rather than alarmed about for ever.
+    # Clipping nearer (3 standard deviations, the textbook choice) scored worse on NAB's
+    # development set (all files 51.8 against 53.9 by the score, 45.6 against 53.4 by alarms).
     shift_after: int = 8
     # Weight of a day's values in the daily profile's hours (after the first days, which are
     # averaged), and how much the profile must narrow the deviation before it is used (a metric
@@ -296,7 +297,7 @@ class DeviceDetection:
           `daily_min_days` and its deviation is narrower than the plain one by `daily_gain`, so
           a metric without a real daily cycle is judged as before.
         Spreads are mean absolute deviations, not variances: a spike moves them linearly rather
-        than by its square. Levels and profile learn from values clipped at `clip_sigmas`
+        than by its square. Levels and profile learn from values clipped at the alarm band
         (Huber's M-estimator), so a spike does not drag them, unless the values stay outside on
         one side for `shift_after` readings, which is a new normal to learn.
         """
@@ -355,13 +356,13 @@ class DeviceDetection:
             else:
                 observation = CLEAR
         # Values outside the band on one side, in a row: past `shift_after` a new normal.
-        if warmed_up and abs(residual) > settings.clip_sigmas * spread:
+        if warmed_up and abs(residual) > limit * spread:
             side = 1 if residual > 0 else -1
             metric.outside = metric.outside + side if metric.outside * side > 0 else side
         else:
             metric.outside = 0
         learn_in_full = not warmed_up or abs(metric.outside) >= settings.shift_after
-        clip = math.inf if learn_in_full else settings.clip_sigmas
+        clip = math.inf if learn_in_full else limit
         # Until the weight 1/n falls below its floor a weight is that of a plain mean.
         alpha = max(settings.ewma_alpha, 1 / (metric.count + 1))
         beta = max(settings.deviation_beta, 1 / (metric.count + 1))
