@@ -447,7 +447,8 @@ async def latency(deployment: Deployment, devices: int, rate: float, probes: int
         "machine_busy_while_probing": round(cpu["machine busy"] / max(cpu["machine"], 1e-9), 2),
         "probes": len(times),
         **_percentiles("", times),
-        # Split at the PUBACK: MQTT → gateway → Kafka, then Kafka → processor → database → API.
+        # Split at the broker's PUBACK: the probe → Mosquitto, then Mosquitto → gateway → Kafka →
+        # processor → database → API (the gateway acknowledges to the broker only after Kafka).
         **_percentiles("puback_", acked),
         **_percentiles("after_puback_", [t - a for t, a in zip(times, acked, strict=True)]),
     }
@@ -467,8 +468,8 @@ _PHASE_METRICS = tuple(f'ioc_processor_batch_seconds_total{{phase="{phase}"}}' f
 
 
 async def _probe(deployment: Deployment, probes: int) -> tuple[list[float], list[float]]:
-    """Each probe's publish → visible time, and the part of it until the PUBACK (the gateway has it
-    on Kafka; the rest is the processor's and the API's)."""
+    """Each probe's publish → visible time, and the part of it until the PUBACK: Mosquitto's, so
+    the broker has it; the rest is the gateway's, Kafka's, the processor's and the API's."""
     api = f"http://127.0.0.1:{deployment.env['IOC_API_PORT']}"
     device = probe_id(deployment)
     topic = f"ioc/v1/{deployment.city}/flood/{device}/telemetry"
