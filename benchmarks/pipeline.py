@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import contextlib
 import json
 import os
@@ -54,6 +53,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from benchmarks.processor import delete_topics
+from benchmarks.profiles import hottest, profiled
 from benchmarks.statements import reset_statement_costs, statement_costs
 from benchmarks.usage import Usage, peak_rss_mib
 from ioc_core.models import DeviceIn, Location
@@ -71,6 +71,8 @@ ADMIN_KEY = "bench-" + uuid.uuid4().hex
 SECRETS_KEY = "vt5plXO1nnAf8gkxxHoVhJ7j0KXWn2kl_oA8PubrtSg="
 _UNLIMITED = json.dumps({"rate": 1_000_000, "burst": 1_000_000})
 SAMPLE_S = 0.25
+# The components py-spy samples with --profile.
+PROFILED = ("gateway", "processor")
 WARM_UP_RATE = 5_000
 
 
@@ -271,13 +273,20 @@ def steady_rate(samples: list[tuple[float, int]], total: int) -> float:
 
 
 async def metric(client: httpx.AsyncClient, health: str, name: str) -> float:
+    return (await metrics(client, health, (name,)))[0]
+
+
+async def metrics(client: httpx.AsyncClient, health: str, names: tuple[str, ...]) -> list[float]:
+    """The samples named (with their labels, as the text format writes them), from one scrape."""
     response = await client.get(
         health.replace("/ready", "/metrics"), timeout=5, headers={"Authorization": f"Bearer {ADMIN_KEY}"}
     )
-    for line in response.text.splitlines():
-        if line.startswith(f"{name} "):
-            return float(line.split()[1])
-    raise RuntimeError(f"{name} missing from {health}")
+    lines = response.text.splitlines()
+    samples = dict(line.rsplit(" ", 1) for line in lines if line and not line.startswith("#"))
+    missing = [name for name in names if name not in samples]
+    if missing:
+        raise RuntimeError(f"{', '.join(missing)} missing from {health}")
+    return [float(samples[name]) for name in names]
 
 
 async def bring_online(deployment: Deployment, devices: int, rate: float) -> dict[str, Any]:
@@ -406,8 +415,7 @@ async def latency(deployment: Deployment, devices: int, rate: float, probes: int
                     backlog.append(await metric(client, gateway.health, "ioc_gateway_backlog"))
                     await asyncio.sleep(0.1)
 
-            before = [await metric(client, processor.health, name) for name in _BATCH_METRICS]
-            phases_before = [await metric(client, processor.health, name) for name in _PHASE_METRICS]
+            before = await metrics(client, processor.health, _BATCH_METRICS + _PHASE_METRICS)
             usage = Usage()
             pids = {name: deployment.pid(name) for name in deployment.components}
             usage.mark(pids)
@@ -417,22 +425,23 @@ async def latency(deployment: Deployment, devices: int, rate: float, probes: int
                 times, acked = await _probe(deployment, probes)
             finally:
                 sampler.cancel()
-            after = [await metric(client, processor.health, name) for name in _BATCH_METRICS]
-            phases_after = [await metric(client, processor.health, name) for name in _PHASE_METRICS]
+            after = await metrics(client, processor.health, _BATCH_METRICS + _PHASE_METRICS)
             elapsed = time.monotonic() - started
             cpu = usage.since(pids)
     finally:
         halt.set()
         await background
-    rows, batches = (b - a for a, b in zip(before, after, strict=True))
+    changes = [b - a for a, b in zip(before, after, strict=True)]
+    rows, batches = changes[: len(_BATCH_METRICS)]
+    phase_seconds = changes[len(_BATCH_METRICS) :]
     return {
         # The processor's batches while probing: a reading waits for the batch in hand, then its own.
         "batches_per_s": round(batches / elapsed, 1),
         "mean_batch": round(rows / max(batches, 1)),
         # Where a batch's time went, mean milliseconds per batch (poll includes waiting for records).
         "batch_ms_by_phase": {
-            phase: round(1000 * (b - a) / max(batches, 1), 1)
-            for phase, a, b in zip(PHASES, phases_before, phases_after, strict=True)
+            phase: round(1000 * spent / max(batches, 1), 1)
+            for phase, spent in zip(PHASES, phase_seconds, strict=True)
         },
         "gateway_backlog_mean": round(statistics.fmean(backlog), 1) if backlog else None,
         "gateway_backlog_max": max(backlog, default=None),
@@ -510,75 +519,6 @@ def _paho() -> Iterator[mqtt.Client]:
         client.loop_stop()
 
 
-# -- profiles ----------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def profiled(deployment: Deployment, directory: Path | None) -> Iterator[None]:
-    """py-spy sampling the gateway and the processor while the block runs (when asked for)."""
-    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-    if directory is None or not Path(spy).exists():
-        yield
-        return
-    directory.mkdir(parents=True, exist_ok=True)
-    samplers = {
-        name: subprocess.Popen(
-            [
-                spy,
-                "record",
-                "--pid",
-                str(deployment.pid(name)),
-                "--format",
-                "raw",
-                "--rate",
-                "200",
-                "--output",
-                str(directory / f"{name}.txt"),
-                "--nonblocking",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        for name in ("gateway", "processor")
-    }
-    try:
-        yield
-    finally:
-        for sampler in samplers.values():
-            sampler.send_signal(2)
-        for sampler in samplers.values():
-            sampler.wait(60)
-
-
-def hottest(path: Path, top: int = 12) -> dict[str, list[tuple[str, float]]]:
-    """From py-spy's collapsed stacks: the functions with the most samples on the CPU (self) and
-    under them (total), as shares of all samples."""
-    own: collections.Counter[str] = collections.Counter()
-    under: collections.Counter[str] = collections.Counter()
-    total = 0
-    for line in path.read_text().splitlines():
-        stack, _, count_text = line.rpartition(" ")
-        if not stack or not count_text.isdigit():
-            continue
-        count = int(count_text)
-        frames = [_short(frame) for frame in stack.split(";")]
-        total += count
-        own[frames[-1]] += count
-        for frame in set(frames):
-            under[frame] += count
-
-    def share(counter: collections.Counter[str]) -> list[tuple[str, float]]:
-        return [(name, round(n / max(total, 1), 3)) for name, n in counter.most_common(top)]
-
-    return {"self": share(own), "total": share(under)}
-
-
-def _short(frame: str) -> str:
-    # "function (path/to/module.py:123)" -> "function (module.py)"
-    name, _, where = frame.partition(" (")
-    return f"{name} ({Path(where.rstrip(')').rsplit(':', 1)[0]).name})" if where else name
-
-
 # -- the run -----------------------------------------------------------------------------------
 
 
@@ -595,7 +535,7 @@ async def one_size(devices: int, args: argparse.Namespace) -> dict[str, Any]:
         profile_dir = args.profile / f"{devices}" if args.profile else None
         figures.update(await bring_online(deployment, devices, args.rate))
         counting = await reset_statement_costs(deployment.url)
-        with profiled(deployment, profile_dir):
+        with profiled({name: deployment.pid(name) for name in PROFILED}, profile_dir):
             figures.update(
                 await throughput(
                     deployment, devices, args.messages, args.rate, stored_before=figures["warm_up_readings"]
@@ -617,7 +557,7 @@ async def one_size(devices: int, args: argparse.Namespace) -> dict[str, Any]:
         if profile_dir is not None:
             figures["profile"] = {
                 name: hottest(profile_dir / f"{name}.txt")
-                for name in ("gateway", "processor")
+                for name in PROFILED
                 if (profile_dir / f"{name}.txt").exists()
             }
     finally:

@@ -287,15 +287,15 @@ class DeviceDetection:
         """The judgement, and the value's anomaly score in [0, 1) once warmed up: |z| / (|z| +
         limit), so 0.5 is the alarm limit and the score grows with the deviation without bound.
 
-        Two baselines, and the value is judged by the better:
+        Two baselines:
         - a level with a damped slope (Holt's linear method with Gardner & McKenzie's damped
           trend), so a steady ramp is expected and only a break in it is not;
         - for metrics with a daily cycle, the device's usual value for each hour of the day (an
           average over days, by the clock, as readings need not be evenly spaced; interpolated
-          between the hours) plus how far
-          today runs above or below it (a level of its own). It is used once it has learned
-          `daily_min_days` and its deviation is narrower than the plain one by `daily_gain`, so
-          a metric without a real daily cycle is judged as before.
+          between the hours) plus how far today runs above or below it (a level of its own).
+          It judges the value once it has learned `daily_min_days` and its deviation is
+          narrower than the plain one by `daily_gain`, so a metric without a real daily cycle
+          is judged by the first.
         Spreads are mean absolute deviations, not variances: a spike moves them linearly rather
         than by its square. Levels and profile learn from values clipped at the alarm band
         (Huber's M-estimator), so a spike does not drag them, unless the values stay outside on
@@ -326,22 +326,27 @@ class DeviceDetection:
         earlier, later = earlier % DAILY_BINS, (earlier + 1) % DAILY_BINS
         days = (at_ms - metric.daily_since_ms) / _DAY_MS if plan.daily else 0.0
         profiled = plan.daily and days >= settings.daily_min_days
+        usual = (
+            metric.daily[earlier] * (1 - later_share) + metric.daily[later] * later_share
+            if plan.daily
+            else 0.0
+        )
         plain_expected = metric.level + settings.slope_damping * metric.slope
         plain_spread = max(SIGMA_PER_MEAN_ABSOLUTE_DEVIATION * metric.deviation, floor)
         if profiled and metric.daily_deviation < settings.daily_gain * metric.deviation:
-            usual = metric.daily[earlier] * (1 - later_share) + metric.daily[later] * later_share
             expected = usual + metric.daily_level
             spread = max(SIGMA_PER_MEAN_ABSOLUTE_DEVIATION * metric.daily_deviation, floor)
         else:
             expected, spread = plain_expected, plain_spread
         residual = value - expected
         warmed_up = metric.count >= settings.warmup
+        beyond = warmed_up and abs(residual) > limit * spread
         observation: Observation = None
         score: float | None = None
         if warmed_up:
             deviations = residual / spread
             score = abs(deviations) / (abs(deviations) + limit)
-            if abs(deviations) > limit:
+            if beyond:
                 upward = deviations > 0
                 edge = limit * spread
                 observation = Violation(
@@ -356,7 +361,7 @@ class DeviceDetection:
             else:
                 observation = CLEAR
         # Values outside the band on one side, in a row: past `shift_after` a new normal.
-        if warmed_up and abs(residual) > limit * spread:
+        if beyond:
             side = 1 if residual > 0 else -1
             metric.outside = metric.outside + side if metric.outside * side > 0 else side
         else:
@@ -373,7 +378,6 @@ class DeviceDetection:
         metric.level = level
         metric.deviation += beta * (abs(value - level) - metric.deviation)
         if plan.daily:
-            usual = metric.daily[earlier] * (1 - later_share) + metric.daily[later] * later_share
             daily_spread = max(SIGMA_PER_MEAN_ABSOLUTE_DEVIATION * metric.daily_deviation, floor)
             today = value - usual
             metric.daily_level += alpha * _clipped(today - metric.daily_level, clip * daily_spread)
