@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +24,7 @@ from ioc_core.storage import Database, ensure_database
 from ioc_core.supervision import describe
 from ioc_core.telemetry import SYSTEM_CLIENT_PREFIX
 from ioc_core.webhook_targets import setting_warnings
+from simulators.scenarios import SCENARIOS
 
 if TYPE_CHECKING:
     from delivery.worker import WebhookDispatcher
@@ -293,6 +294,41 @@ def detect(source: Path, out: Path | None, *, domain: str | None, metric: str | 
     return 0
 
 
+def detect_scenario(args: argparse.Namespace) -> int:
+    """`ioc detect --scenario`: the scenario replayed through the detectors and scored."""
+    from ioc.scenario_check import replay_scenario, report_lines
+
+    try:
+        result = replay_scenario(
+            args.scenario,
+            city=args.city,
+            devices=args.devices,
+            rate=args.rate,
+            duration_s=args.duration,
+            places=args.places,
+            seed=args.seed,
+            start=args.start,
+        )
+    except ValueError as exc:
+        print(f"ioc detect: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result.as_dict(), ensure_ascii=False))
+    else:
+        print("\n".join(report_lines(result)))
+    return 0
+
+
+def _instant(text: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 instant: {text!r}") from exc
+    if value.tzinfo is None:
+        raise argparse.ArgumentTypeError("give the instant's UTC offset, e.g. 2026-12-01T00:00:00+07:00")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ioc", description="Intelligent Operations Center streaming backend."
@@ -313,14 +349,37 @@ def build_parser() -> argparse.ArgumentParser:
     importer = device_commands.add_parser("import", help="register devices from a GeoJSON FeatureCollection")
     importer.add_argument("file", type=Path, help="GeoJSON file with Point features")
     detect = commands.add_parser(
-        "detect", help="replay a recorded series (CSV timestamp,value) through the detectors"
+        "detect",
+        help="replay a recorded series (CSV timestamp,value), or a simulated scenario, through the detectors",
     )
-    detect.add_argument("file", type=Path, help="CSV with a header naming timestamp and value (NAB's layout)")
+    detect.add_argument(
+        "file", type=Path, nargs="?", help="CSV with a header naming timestamp and value (NAB's layout)"
+    )
     detect.add_argument(
         "--out", type=Path, help="write timestamp,value,alarm,score here (default: standard output)"
     )
     detect.add_argument("--domain", help="replay as this domain's metric, with its default rules")
     detect.add_argument("--metric", help="the domain's metric the values are (with --domain)")
+    scenario = detect.add_argument_group(
+        "scenario", "instead of a FILE: a simulated city in simulated time, scored against its ground truth"
+    )
+    scenario.add_argument("--scenario", choices=sorted(SCENARIOS), help="what happens in the city")
+    scenario.add_argument("--city", default="hai-phong", help="city slug (default: hai-phong)")
+    scenario.add_argument("--places", metavar="CITY", help="lay the fleet out on this city's map")
+    scenario.add_argument(
+        "--devices", type=_positive_int, default=200, help="number of devices (default: 200)"
+    )
+    scenario.add_argument(
+        "--rate", type=_positive_float, default=2.0, help="readings per second in total (default: 2)"
+    )
+    scenario.add_argument(
+        "--duration", type=_positive_float, default=10800.0, help="simulated seconds (default: 10800)"
+    )
+    scenario.add_argument("--seed", type=int, default=7, help="the same seed gives the same fleet")
+    scenario.add_argument(
+        "--start", type=_instant, help="simulated start, ISO 8601 with an offset (default: now)"
+    )
+    scenario.add_argument("--json", action="store_true", help="print only the summary, as JSON")
     sim = commands.add_parser("simulate", help="publish realistic telemetry over MQTT")
     sim.add_argument("--city", required=True, help="city slug, e.g. ha-noi")
     sim.add_argument("--devices", type=_positive_int, default=50, help="number of devices")
@@ -329,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument(
         "--scenario",
         default="normal",
-        choices=["normal", "storm", "outage", "bad-devices"],
+        choices=sorted(SCENARIOS),
         help="what happens in the city (timeline laid over --duration)",
     )
     sim.add_argument("--register", action="store_true", help="register the fleet first, per-station limits")
@@ -354,6 +413,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "detect":
         # Needs no settings and no services: a replay is pure computation over a file.
+        if (args.file is None) == (args.scenario is None):
+            print("ioc detect: give a FILE or --scenario NAME, one of them", file=sys.stderr)
+            return 2
+        if args.scenario is not None:
+            return detect_scenario(args)
         return detect(args.file, args.out, domain=args.domain, metric=args.metric)
     try:
         settings = load_settings()

@@ -2,8 +2,11 @@
 stored and served (`Alarm`), and the lifecycle events that go to `ioc.events`.
 
 A `Finding` is about one subject (a device, or a district for correlated alarms) and one rule.
-The store keeps at most one open alarm per subject and rule; a repeat bumps it, recovery
-resolves it.
+The store keeps at most one open alarm per subject and *alarm key*: for the rules that watch a
+metric's value (threshold, rate, statistical) the key is the metric, so one excursion is one
+alarm whose `reasons` list every rule it broke; any other rule (offline, flatline, district flood)
+is its own key. A repeat bumps the alarm, a new rule joins its reasons, and the alarm resolves
+once every reason has recovered.
 """
 
 from __future__ import annotations
@@ -28,6 +31,27 @@ ALARM_RESOLVED = "alarm.resolved"
 
 OFFLINE_RULE = "offline"
 DISTRICT_FLOOD_RULE = "flood.district"
+
+# The rule kinds that judge a metric's value, in the order an alarm names them when two of its
+# reasons are equally severe: a broken limit explains itself best, a statistical finding least.
+# A flatline is left out on purpose: a stuck sensor is a maintenance matter, not an excursion of
+# the value, and goes to a different team.
+EXCURSION_KINDS: tuple[str, ...] = ("threshold", "rate", "zscore")
+EXCURSION_KEY_PREFIX = "excursion."
+
+
+def excursion_kind_rank(rule: str) -> int:
+    """How well the rule's kind explains an excursion: a limit highest, anything else 0."""
+    kind = rule.partition(".")[0]
+    return len(EXCURSION_KINDS) - EXCURSION_KINDS.index(kind) if kind in EXCURSION_KINDS else 0
+
+
+def alarm_key(rule: str, metric: str | None) -> str:
+    """What one open alarm is about: `excursion.{metric}` for the rules judging a metric's value,
+    else the rule itself."""
+    if metric is not None and rule.partition(".")[0] in EXCURSION_KINDS:
+        return EXCURSION_KEY_PREFIX + metric
+    return rule
 
 
 def district_subject(city: str, district: str) -> str:
@@ -57,7 +81,8 @@ class Finding:
 
     @property
     def key(self) -> tuple[str, str]:
-        return (self.subject, self.rule)
+        """The open alarm this finding belongs to: (subject, alarm key)."""
+        return (self.subject, alarm_key(self.rule, self.metric))
 
 
 def bilingual(message_vi: str, message_en: str) -> str:
@@ -68,6 +93,21 @@ def bilingual(message_vi: str, message_en: str) -> str:
 class AlarmMessages(BaseModel):
     vi: str = Field(description="Vietnamese")
     en: str = Field(description="English")
+
+
+class AlarmReason(BaseModel):
+    """One rule an alarm's subject broke while the alarm was open."""
+
+    rule: str = Field(description="e.g. threshold.currentLevel")
+    severity: Severity = Field(description="the worst this rule reached while the alarm was open")
+    active: bool = Field(description="false once this rule recovered; the alarm resolves when none is active")
+    value: float | None = Field(description="the rule's latest value (for a rate rule, the change)")
+    threshold: float | None
+    count: int = Field(description="readings in violation of this rule")
+    first_seen_at: datetime
+    last_seen_at: datetime
+    cleared_at: datetime | None = None
+    messages: AlarmMessages
 
 
 class AuditEntry(BaseModel):
@@ -105,6 +145,32 @@ class Alarm(BaseModel):
                     " nguy hiểm 4,50 m / Water level at Trạm Phan Đình Phùng (Ba Đình, Hà Nội) is 4.70 m,"
                     " above the danger limit 4.50 m",
                     "messages": {"vi": "…", "en": "…"},
+                    "reasons": [
+                        {
+                            "rule": "threshold.currentLevel",
+                            "severity": "critical",
+                            "active": True,
+                            "value": 4.7,
+                            "threshold": 4.5,
+                            "count": 6,
+                            "first_seen_at": "2026-11-20T08:00:00+07:00",
+                            "last_seen_at": "2026-11-20T08:05:00+07:00",
+                            "cleared_at": None,
+                            "messages": {"vi": "…", "en": "…"},
+                        },
+                        {
+                            "rule": "rate.currentLevel",
+                            "severity": "high",
+                            "active": False,
+                            "value": 3.5,
+                            "threshold": 0.5,
+                            "count": 1,
+                            "first_seen_at": "2026-11-20T08:00:00+07:00",
+                            "last_seen_at": "2026-11-20T08:00:00+07:00",
+                            "cleared_at": "2026-11-20T08:01:00+07:00",
+                            "messages": {"vi": "…", "en": "…"},
+                        },
+                    ],
                 }
             ]
         }
@@ -116,7 +182,10 @@ class Alarm(BaseModel):
     city: str
     domain: str
     district: str | None
-    rule: str = Field(description="e.g. threshold.currentLevel, rate.currentLevel, zscore.pressure, offline")
+    rule: str = Field(
+        description="the alarm's most severe reason, e.g. threshold.currentLevel, rate.currentLevel,"
+        " zscore.pressure, offline (a limit before a rate before a statistical finding when equally severe)"
+    )
     metric: str | None
     severity: Severity
     state: AlarmState
@@ -129,6 +198,11 @@ class Alarm(BaseModel):
     count: int = Field(description="readings in violation since the alarm was raised")
     message: str = Field(description="Vietnamese, then English")
     messages: AlarmMessages
+    reasons: list[AlarmReason] = Field(
+        default_factory=list,
+        description="every rule this excursion broke, the alarm's own rule first; a threshold, a rate"
+        " and a statistical finding about one device's metric are one alarm",
+    )
     escalated: bool = Field(
         default=False,
         description="true once a high or critical alarm went unacknowledged past its domain's limit",

@@ -132,7 +132,7 @@ def replay(
     stored = orjson.dumps(DeviceDetectorState().to_json())
     for seq, point in enumerate(points):
         state = DeviceDetectorState.from_json(orjson.loads(stored))
-        open_before = state.open_alarms
+        open_before = state.open_alarm_keys
         reading = Reading(
             device_id=profile.id,
             city=profile.city,
@@ -145,7 +145,7 @@ def replay(
         scores: list[MetricScore] = []
         findings = detection.evaluate(profile, [reading], state, scores=scores)
         stored = orjson.dumps(state.to_json())
-        raised = any(finding.active and finding.rule not in open_before for finding in findings)
+        raised = any(finding.active and finding.key[1] not in open_before for finding in findings)
         score = max((s.score for s in scores if s.metric == metric), default=0.0)
         yield ReplayedPoint(point=point, alarm=raised, score=score)
 

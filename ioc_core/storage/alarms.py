@@ -4,6 +4,7 @@ alarm feed, and the per-device detector state (with flood stations' district sig
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
@@ -19,11 +20,13 @@ from ioc_core.alarms import (
     DISTRICT_FLOOD_RULE,
     Alarm,
     AlarmMessages,
+    AlarmReason,
     AuditEntry,
     Finding,
     alarm_event,
     bilingual,
     district_subject,
+    excursion_kind_rank,
 )
 from ioc_core.errors import ConflictError, NotFoundError
 from ioc_core.events import Event
@@ -31,44 +34,74 @@ from ioc_core.rules import severity_rank
 from ioc_core.storage import views
 from ioc_core.storage.outbox import insert_events
 from ioc_core.storage.pool import Connection, Pool, Transaction, text_list
-from ioc_core.storage.severity import SEVERITY_ORDER_SQL
+from ioc_core.storage.severity import reason_rank_sql, severity_rank_sql
 
 _ALARM_COLUMNS = """
     a.id, a.subject, a.device_id, a.city, a.domain, a.district, a.rule, a.metric, a.severity,
     a.state, a.started_at, a.last_seen_at, a.acknowledged_at, a.resolved_at, a.value, a.threshold,
-    a.count, a.message_vi, a.message_en, a.escalated, a.escalated_at
+    a.count, a.message_vi, a.message_en, a.escalated, a.escalated_at, a.reasons
 """
 
-# A repeat bumps the open alarm; a worse severity replaces the stored one (with its limit), a
-# milder one does not lower it: an alarm stays as serious as the worst it has been until resolved.
+
+def _higher(new: str, old: str) -> str:
+    return f"{severity_rank_sql(new)} > {severity_rank_sql(old)}"
+
+
+# The finding's rule takes over as the alarm's own rule (with its value, limit and message) when it
+# ranks above the current one: more severe, or as severe and of a kind that explains more.
+_TAKES_OVER = (
+    f"(excluded.rule <> a.rule AND {reason_rank_sql('excluded.severity', 'excluded.rule')}"
+    f" > {reason_rank_sql('a.severity', 'a.rule')})"
+)
+_OWN_OR_TAKES_OVER = f"(excluded.rule = a.rule OR {_TAKES_OVER})"
+_OLD_REASON = "(a.reasons -> excluded.rule)"
+_NEW_REASON = "(excluded.reasons -> excluded.rule)"
+_REASON_COUNT = f"(coalesce(({_OLD_REASON} ->> 'count')::integer, 0) + excluded.count)"
+
+# Open or bump the alarm of each finding's excursion (or rule). The finding's rule becomes, or
+# updates, one of the alarm's reasons: its count adds up, its severity never drops while the alarm
+# is open, and it is active again. A worse severity replaces the alarm's (with the reason that
+# brought it); a milder one does not lower it: an alarm stays as serious as the worst it has been
+# until resolved.
 _UPSERT_ALARMS_SQL = f"""
 INSERT INTO alarms AS a (subject, device_id, city, domain, district, rule, metric, severity,
                          started_at, last_seen_at, value, threshold, count, message_vi, message_en,
-                         serious_since)
+                         serious_since, reasons)
 SELECT u.subject, u.device_id, u.city, u.domain, u.district, u.rule, u.metric, u.severity,
        u.at, u.at, u.value, u.threshold, u.repeats, u.message_vi, u.message_en,
-       CASE WHEN u.severity IN ('high', 'critical') THEN u.at END
+       CASE WHEN u.severity IN ('high', 'critical') THEN u.at END,
+       jsonb_build_object(u.rule, jsonb_build_object(
+           'severity', u.severity, 'active', true, 'value', u.value, 'threshold', u.threshold,
+           'count', u.repeats, 'first_seen_at', u.at, 'last_seen_at', u.at, 'cleared_at', null,
+           'message_vi', u.message_vi, 'message_en', u.message_en))
 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
             $8::text[], $9::timestamptz[], $10::float8[], $11::float8[], $12::integer[], $13::text[],
             $14::text[])
-     AS u (subject, device_id, city, domain, district, rule, metric, severity, at, value, threshold,
-           repeats, message_vi, message_en)
-ON CONFLICT (subject, rule) WHERE state <> 'resolved' DO UPDATE SET
-    count = a.count + excluded.count,
-    last_seen_at = GREATEST(a.last_seen_at, excluded.last_seen_at),
-    value = excluded.value,
+     AS u (subject, device_id, city, domain, district, rule, metric, severity, at, value,
+           threshold, repeats, message_vi, message_en)
+ON CONFLICT (subject, alarm_key) WHERE state <> 'resolved' DO UPDATE SET
+    reasons = a.reasons || jsonb_build_object(excluded.rule, {_NEW_REASON} || jsonb_build_object(
+        'count', {_REASON_COUNT},
+        'first_seen_at', coalesce({_OLD_REASON} -> 'first_seen_at', {_NEW_REASON} -> 'first_seen_at'),
+        'severity', CASE WHEN {_OLD_REASON} IS NULL
+                              OR {_higher("excluded.severity", f"{_OLD_REASON} ->> 'severity'")}
+                         THEN excluded.severity ELSE {_OLD_REASON} ->> 'severity' END)),
+    reason_joined = NOT coalesce(({_OLD_REASON} ->> 'active')::boolean, false),
+    count = greatest(a.count, {_REASON_COUNT}),
+    last_seen_at = greatest(a.last_seen_at, excluded.last_seen_at),
     previous_severity = a.severity,
-    severity = CASE WHEN array_position({SEVERITY_ORDER_SQL}, excluded.severity)
-                         > array_position({SEVERITY_ORDER_SQL}, a.severity)
+    severity = CASE WHEN {_higher("excluded.severity", "a.severity")}
                     THEN excluded.severity ELSE a.severity END,
-    threshold = CASE WHEN array_position({SEVERITY_ORDER_SQL}, excluded.severity)
-                          > array_position({SEVERITY_ORDER_SQL}, a.severity)
+    rule = CASE WHEN {_TAKES_OVER} THEN excluded.rule ELSE a.rule END,
+    value = CASE WHEN {_OWN_OR_TAKES_OVER} THEN excluded.value ELSE a.value END,
+    threshold = CASE WHEN {_TAKES_OVER}
+                          OR (excluded.rule = a.rule AND {_higher("excluded.severity", "a.severity")})
                      THEN excluded.threshold ELSE a.threshold END,
-    message_vi = excluded.message_vi,
-    message_en = excluded.message_en,
+    message_vi = CASE WHEN {_OWN_OR_TAKES_OVER} THEN excluded.message_vi ELSE a.message_vi END,
+    message_en = CASE WHEN {_OWN_OR_TAKES_OVER} THEN excluded.message_en ELSE a.message_en END,
     serious_since = coalesce(a.serious_since, excluded.serious_since),
     updated_at = now()
-RETURNING {_ALARM_COLUMNS}, a.previous_severity, (a.xmax = 0) AS inserted
+RETURNING {_ALARM_COLUMNS}, a.previous_severity, a.reason_joined, (a.xmax = 0) AS inserted
 """
 
 # Active (nobody acknowledged) high or critical alarms older than their domain's limit. Each is
@@ -81,10 +114,27 @@ WHERE a.domain = u.domain AND a.state = 'active' AND NOT a.escalated AND a.serio
 RETURNING {_ALARM_COLUMNS}
 """
 
-_RESOLVE_ALARMS_SQL = f"""
-UPDATE alarms AS a SET state = 'resolved', resolved_at = u.at, updated_at = now()
-FROM unnest($1::text[], $2::text[], $3::timestamptz[]) AS u (subject, rule, at)
-WHERE a.subject = u.subject AND a.rule = u.rule AND a.state <> 'resolved'
+# A recovered rule clears its reason; the alarm resolves when none of its reasons is active.
+_CLEAR_REASONS_SQL = f"""
+WITH cleared AS (
+    SELECT a.id, u.at,
+           a.reasons || jsonb_build_object(u.rule, (a.reasons -> u.rule)
+                                                   || jsonb_build_object('active', false, 'cleared_at', u.at))
+               AS reasons
+    FROM alarms a
+    JOIN unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[]) AS u (subject, alarm_key, rule, at)
+      ON a.subject = u.subject AND a.alarm_key = u.alarm_key
+    WHERE a.state <> 'resolved' AND a.reasons ? u.rule
+), judged AS (
+    SELECT c.*, jsonb_path_exists(c.reasons, '$.* ? (@.active == true)') AS open FROM cleared c
+)
+UPDATE alarms AS a SET
+    reasons = j.reasons,
+    state = CASE WHEN j.open THEN a.state ELSE 'resolved' END,
+    resolved_at = CASE WHEN j.open THEN a.resolved_at ELSE j.at END,
+    updated_at = now()
+FROM judged j
+WHERE a.id = j.id
 RETURNING {_ALARM_COLUMNS}
 """
 
@@ -123,12 +173,37 @@ def _alarm_of(row: asyncpg.Record) -> Alarm:
         messages=AlarmMessages(vi=row["message_vi"], en=row["message_en"]),
         escalated=row["escalated"],
         escalated_at=row["escalated_at"],
+        reasons=_reasons_of(row["reasons"], own=row["rule"]),
     )
 
 
+def _reasons_of(stored: Mapping[str, Any] | None, *, own: str) -> list[AlarmReason]:
+    """The stored reasons by rule as a list: the alarm's own rule first, then the most severe."""
+    reasons = [
+        AlarmReason(
+            rule=rule,
+            severity=body["severity"],
+            active=body["active"],
+            value=body.get("value"),
+            threshold=body.get("threshold"),
+            count=body.get("count") or 1,
+            first_seen_at=body["first_seen_at"],
+            last_seen_at=body["last_seen_at"],
+            cleared_at=body.get("cleared_at"),
+            messages=AlarmMessages(vi=body["message_vi"], en=body["message_en"]),
+        )
+        for rule, body in (stored or {}).items()
+    ]
+    reasons.sort(
+        key=lambda r: (r.rule != own, -severity_rank(r.severity), -excursion_kind_rank(r.rule), r.rule)
+    )
+    return reasons
+
+
 def _in_rounds(findings: Sequence[Finding]) -> list[list[Finding]]:
-    """Split findings so that no round names a (subject, rule) twice, keeping each key's order:
-    one statement may not touch a row twice, and a recovery must follow the raise before it."""
+    """Split findings so that no round names an alarm (subject, alarm key) twice, keeping each
+    key's order: one statement may not touch a row twice, and a recovery must follow the raise
+    before it."""
     rounds: list[list[Finding]] = []
     seen: dict[tuple[str, str], int] = {}
     for finding in findings:
@@ -155,12 +230,32 @@ async def apply_findings(connection: Connection, findings: Sequence[Finding]) ->
             events.extend(await _raise(connection, raised))
         if recovered:
             events.extend(await _resolve(connection, recovered))
-    return events
+    return _one_per_change(events)
+
+
+def _one_per_change(events: Sequence[Event]) -> list[Event]:
+    """The events with each run of `alarm.raised`/`alarm.updated` of one alarm folded into its
+    first, carrying the alarm as the last left it: a batch whose threshold and rate findings open
+    one alarm tells agencies once, with both reasons, not once per reason."""
+    kept: list[Event] = []
+    open_run: dict[Any, int] = {}  # alarm id -> index in `kept` of its run's first event
+    for event in events:
+        alarm_id = event.data.get("id")
+        first = open_run.get(alarm_id)
+        if event.type == ALARM_UPDATED and first is not None:
+            kept[first] = dataclasses.replace(kept[first], data=event.data, time=event.time)
+            continue
+        if event.type in (ALARM_RAISED, ALARM_UPDATED):
+            open_run[alarm_id] = len(kept)
+        else:
+            open_run.pop(alarm_id, None)
+        kept.append(event)
+    return kept
 
 
 async def _raise(connection: Connection, raised: Sequence[Finding]) -> list[Event]:
     """Open or bump the alarms of active findings: `alarm.raised` for a new alarm,
-    `alarm.updated` for one whose severity rose."""
+    `alarm.updated` for one whose severity rose or that a rule joined (or rejoined)."""
     rows = await connection.fetch(
         _UPSERT_ALARMS_SQL,
         [f.subject for f in raised],
@@ -183,19 +278,22 @@ async def _raise(connection: Connection, raised: Sequence[Finding]) -> list[Even
         alarm = _alarm_of(row)
         if row["inserted"]:
             events.append(alarm_event(ALARM_RAISED, alarm, alarm.last_seen_at))
-        elif severity_rank(alarm.severity) > severity_rank(row["previous_severity"]):
+        elif row["reason_joined"] or severity_rank(alarm.severity) > severity_rank(row["previous_severity"]):
             events.append(alarm_event(ALARM_UPDATED, alarm, alarm.last_seen_at))
     return events
 
 
 async def _resolve(connection: Connection, recovered: Sequence[Finding]) -> list[Event]:
+    """Clear the recovered rules' reasons: `alarm.resolved` for each alarm left with none active."""
     rows = await connection.fetch(
-        _RESOLVE_ALARMS_SQL,
+        _CLEAR_REASONS_SQL,
         [f.subject for f in recovered],
+        [f.key[1] for f in recovered],
         [f.rule for f in recovered],
         [f.at for f in recovered],
     )
-    return [alarm_event(ALARM_RESOLVED, a, a.resolved_at or a.last_seen_at) for a in map(_alarm_of, rows)]
+    resolved = (a for a in map(_alarm_of, rows) if a.state == "resolved")
+    return [alarm_event(ALARM_RESOLVED, a, a.resolved_at or a.last_seen_at) for a in resolved]
 
 
 async def escalate(connection: Connection, after_s: dict[str, float]) -> list[Event]:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import enum
 import re
 
+from ioc_core.alarms import EXCURSION_KEY_PREFIX
 from ioc_core.domains import Domain
+from ioc_core.storage.severity import kind_rank_sql, reason_rank_sql
 
 _IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 # One lock id for every migrating process, so concurrent `ioc migrate` runs apply each step once.
@@ -345,6 +347,61 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
 
         -- District flood correlation reads a district's flood stations, a fifth of its devices.
         CREATE INDEX devices_flood_by_district ON devices (city, district) WHERE domain = 'flood';
+        """,
+    ),
+    (
+        10,
+        f"""
+        -- One excursion, one alarm: a threshold, a rate and a statistical finding about one
+        -- device's metric are one open alarm (keyed by `alarm_key`, see ioc_core.alarms) whose
+        -- `reasons` hold each rule it broke, by rule. `reason_joined` tells the statement that
+        -- bumps an alarm whether the finding's rule was new to it (or back), for its event.
+        -- The key follows from the rule and metric, so every writer agrees on it; an alarm's rule
+        -- changes only between kinds that share the key.
+        ALTER TABLE alarms
+            ADD COLUMN alarm_key text NOT NULL GENERATED ALWAYS AS (
+                CASE WHEN metric IS NOT NULL AND {kind_rank_sql("rule")} > 0
+                     THEN '{EXCURSION_KEY_PREFIX}' || metric ELSE rule END) STORED,
+            ADD COLUMN reasons jsonb NOT NULL DEFAULT '{{}}',
+            ADD COLUMN reason_joined boolean NOT NULL DEFAULT false;
+        UPDATE alarms SET
+            reasons = jsonb_build_object(rule, jsonb_build_object(
+                'severity', severity, 'active', state <> 'resolved', 'value', value,
+                'threshold', threshold, 'count', count, 'first_seen_at', started_at,
+                'last_seen_at', last_seen_at, 'cleared_at', resolved_at,
+                'message_vi', message_vi, 'message_en', message_en));
+
+        -- Open alarms that are now one excursion merge into the most severe of them; the others
+        -- are resolved with a note in their audit trail that names the alarm they joined.
+        WITH ranked AS (
+            SELECT id, reasons, count, started_at, last_seen_at,
+                   first_value(id) OVER w AS survivor, row_number() OVER w AS n
+            FROM alarms WHERE state <> 'resolved'
+            WINDOW w AS (PARTITION BY subject, alarm_key
+                         ORDER BY {reason_rank_sql("severity", "rule")} DESC, id)
+        ), absorbed AS (
+            SELECT * FROM ranked WHERE n > 1
+        ), folded AS (
+            SELECT b.survivor, jsonb_object_agg(r.key, r.value) AS reasons, max(b.count) AS count,
+                   min(b.started_at) AS started_at, max(b.last_seen_at) AS last_seen_at
+            FROM absorbed b, jsonb_each(b.reasons) r
+            GROUP BY b.survivor
+        ), closed AS (
+            UPDATE alarms a SET state = 'resolved', resolved_at = now(), updated_at = now()
+            FROM absorbed b WHERE a.id = b.id
+            RETURNING a.id, b.survivor
+        ), noted AS (
+            INSERT INTO alarm_audit (alarm_id, action, actor, note)
+            SELECT id, 'resolved', NULL, 'merged into alarm ' || survivor || ', the same excursion'
+            FROM closed
+        )
+        UPDATE alarms a SET reasons = f.reasons || a.reasons, count = greatest(a.count, f.count),
+                            started_at = least(a.started_at, f.started_at),
+                            last_seen_at = greatest(a.last_seen_at, f.last_seen_at), updated_at = now()
+        FROM folded f WHERE a.id = f.survivor;
+
+        DROP INDEX alarms_one_open;
+        CREATE UNIQUE INDEX alarms_one_open ON alarms (subject, alarm_key) WHERE state <> 'resolved';
         """,
     ),
 )

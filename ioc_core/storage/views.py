@@ -107,11 +107,15 @@ ORDER BY d.id
 LIMIT $6
 """
 
+# The rules an alarm broke: its reasons, and its own rule should a writer have left them out.
+_REASONS = "(a.reasons || jsonb_build_object(a.rule, true))"
+
 # What the summary's figures are computed from: every device in scope with its open alarms.
 SUMMARY_DEVICES_SQL = f"""
 SELECT d.id, d.domain, coalesce(s.status, 'unknown') AS status, coalesce(s.metrics, '{{}}'::jsonb) AS metrics,
        d.thresholds,
-       coalesce((SELECT array_agg(a.rule || '|' || coalesce(a.metric, '')) FROM alarms a
+       coalesce((SELECT array_agg(r.rule || '|' || coalesce(a.metric, ''))
+                 FROM alarms a, jsonb_object_keys({_REASONS}) AS r (rule)
                  WHERE a.device_id = d.id AND a.state <> 'resolved'), '{{}}') AS open_alarms
 FROM devices d LEFT JOIN device_state s ON s.device_id = d.id
 WHERE {_SCOPE} AND ($3::text IS NULL OR d.city = $3)
@@ -182,8 +186,8 @@ class CityRow:
 # Open alarms the public is warned of (CAP, `GET /v1/public/cap`), worst and newest first, with
 # where they are: a device alarm's device, or every registered device of a district alarm's domain
 # in its district. `{alarm_columns}` takes the alarm's own columns, as every alarm query reads them.
-# $1, $2 the public (domain, rule) pairs; $3 severities; $4 a city or NULL; $5 one alarm id or
-# NULL; $6 the most rows.
+# $1, $2 the public (domain, rule) pairs (an alarm is public when one of its reasons is one);
+# $3 severities; $4 a city or NULL; $5 one alarm id or NULL; $6 the most rows.
 PUBLIC_ALARMS_SQL = f"""
 SELECT {{alarm_columns}}, d.name AS device_name, d.lat, d.lon,
        p.lats AS district_lats, p.lons AS district_lons
@@ -195,7 +199,9 @@ LEFT JOIN LATERAL (
     WHERE a.device_id IS NULL AND x.city = a.city AND x.district = a.district AND x.domain = a.domain
 ) p ON true
 WHERE a.state <> 'resolved'
-  AND (a.domain, a.rule) IN (SELECT * FROM unnest($1::text[], $2::text[]))
+  AND EXISTS (SELECT 1 FROM jsonb_object_keys({_REASONS}) AS r (rule)
+              JOIN unnest($1::text[], $2::text[]) AS pub (domain, rule)
+                ON pub.domain = a.domain AND pub.rule = r.rule)
   AND a.severity = ANY($3::text[])
   AND ($4::text IS NULL OR a.city = $4)
   AND ($5::bigint IS NULL OR a.id = $5)

@@ -92,6 +92,12 @@ class DetectionSettings:
     daily_min_days: float = 2.0
     # Readings a metric must have shown before its statistics may alarm.
     warmup: int = 30
+    # Days a metric its domain says has a daily cycle must have been seen before its statistics may
+    # alarm (a metric nothing is known of, as in `ioc detect` without a domain, is not held): until
+    # then its first rush hour is new to it. Counted by the clock, since 30 readings of a device
+    # reporting every 8 minutes are 4 quiet night hours, after which the morning rush stood
+    # 6 deviations out on every simulated device with a daily cycle on its first day.
+    daily_warmup_days: float = 1.0
     # Readings of the same value, besides `flatline_s`, before a sensor counts as stuck. A device that
     # reports every few minutes repeats a value now and then by chance; five in a row it does not.
     flatline_min_readings: int = 5
@@ -114,6 +120,8 @@ class _Plan:
     flatline_ms: int | None
     # The statistical baseline learns an hour-of-day profile.
     daily: bool
+    # The metric's domain says it follows the day: its statistics wait a day before they alarm.
+    seasonal: bool
 
 
 @lru_cache(maxsize=4096)
@@ -150,6 +158,7 @@ def _plan(domain_name: str, metric: str, rules: MetricRules, settings: Detection
         spacing_ms=reach_ms // max(settings.history_samples, 1),
         flatline_ms=round(rules.flatline_s * 1000) if rules.flatline_s is not None else None,
         daily=daily and rules.has_zscore,
+        seasonal=described is not None and described.daily_cycle and rules.has_zscore,
     )
 
 
@@ -313,7 +322,11 @@ class DeviceDetection:
                 _start_profile(metric, value, at_ms)
             return None, None
         if plan.daily and len(metric.daily) != DAILY_BINS:
-            _start_profile(metric, metric.level, at_ms)
+            # A baseline kept without a profile (by the previous version, or before the metric's
+            # statistics were switched on) has seen its days already: it is not held again.
+            seasoned = metric.count >= settings.warmup
+            held_ms = round(settings.daily_warmup_days * _DAY_MS) if seasoned else 0
+            _start_profile(metric, metric.level, at_ms - held_ms)
         elif not plan.daily and metric.daily:
             metric.daily, metric.daily_since_ms, metric.daily_level, metric.daily_deviation = [], 0, 0.0, 0.0
         floor = max(rules.zscore_floor or 0.0, _SMALLEST_SPREAD)
@@ -339,7 +352,9 @@ class DeviceDetection:
         else:
             expected, spread = plain_expected, plain_spread
         residual = value - expected
-        warmed_up = metric.count >= settings.warmup
+        warmed_up = metric.count >= settings.warmup and (
+            not plan.seasonal or days >= settings.daily_warmup_days
+        )
         beyond = warmed_up and abs(residual) > limit * spread
         observation: Observation = None
         score: float | None = None

@@ -92,17 +92,25 @@ class BatchOutcome:
 
     def findings(self, profile: DeviceProfile, state: DeviceDetectorState) -> list[Finding]:
         """At most one active and one inactive finding per rule, the one matching the rule's state
-        at the end of the batch last."""
-        findings: list[Finding] = []
+        at the end of the batch last.
+
+        The rules judging one metric's value share one alarm, so the order across rules matters
+        too: first the recoveries of rules that broke again later in the batch (they close what was
+        open before), then every violation, then the recoveries of rules that end the batch in
+        band. An excursion that one rule keeps open while another recovers stays one alarm; one
+        that every rule left by the batch's end resolves."""
+        closing: list[Finding] = []
+        raised: list[Finding] = []
+        recovered: list[Finding] = []
         for (kind, name), outcome in self._rules.items():
             metric_state = state.metrics.get(name)
             if metric_state is not None and kind in metric_state.trackers:
                 if outcome.resolved_at is not None:
-                    findings.append(
+                    closing.append(
                         _recovered(profile, kind, name, outcome.resolved_at, outcome.resolved_value)
                     )
                 if outcome.worst is not None and outcome.last_at is not None:
-                    findings.append(
+                    raised.append(
                         _raised(profile, kind, name, outcome.worst, outcome.repeats, outcome.last_at)
                     )
                 continue
@@ -110,10 +118,10 @@ class BatchOutcome:
             last_at = outcome.last_at or outcome.earlier_last_at
             if worst is not None and last_at is not None:
                 repeats = outcome.earlier_repeats + outcome.repeats
-                findings.append(_raised(profile, kind, name, worst, repeats, last_at))
+                raised.append(_raised(profile, kind, name, worst, repeats, last_at))
             if outcome.resolved_at is not None:
-                findings.append(_recovered(profile, kind, name, outcome.resolved_at, outcome.resolved_value))
-        return findings
+                recovered.append(_recovered(profile, kind, name, outcome.resolved_at, outcome.resolved_value))
+        return closing + raised + recovered
 
 
 def _raised(

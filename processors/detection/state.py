@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from ioc_core.alarms import alarm_key
 from ioc_core.rules import SEVERITIES
 
 STATE_VERSION = 2
@@ -199,6 +200,15 @@ class DeviceDetectorState:
             f"{kind}.{metric}": tracker.severity
             for metric, state in self.metrics.items()
             for kind, tracker in state.trackers.items()
+        }
+
+    @property
+    def open_alarm_keys(self) -> set[str]:
+        """The alarms (`ioc_core.alarms.alarm_key`) some rule keeps open."""
+        return {
+            alarm_key(f"{kind}.{metric}", metric)
+            for metric, state in self.metrics.items()
+            for kind in state.trackers
         }
 
     def to_json(self) -> dict[str, Any]:

@@ -247,8 +247,10 @@ class Storm(Scenario):
                 started_at=at,
                 district=district,
                 expected_rules=[DISTRICT_FLOOD_RULE],
-                # Its stations go past their danger levels as well.
-                expected_severity="critical",
+                # High while its stations are past their alert levels; critical comes with the
+                # first station past its danger level, that station's own incident (in a storm of
+                # three hours, tens of minutes later).
+                expected_severity="high",
                 detect_within_s=self.detect_within(3),
                 detail=f"{len(qualifying)} stations of {district} in heavy rain and past their alert level",
             )

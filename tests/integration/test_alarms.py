@@ -100,16 +100,18 @@ async def wait_for_alarm(
     return await wait_until(found, timeout=30, what=f"alarm {rule} {expect} of {device_id}\n{system.logs()}")
 
 
-async def test_threshold_alarm_is_raised_escalated_and_resolved_once(
+async def test_one_excursion_is_one_alarm_raised_escalated_and_resolved_once(
     system: System, admin: httpx.AsyncClient
 ) -> None:
     device_id = await register(admin, "flood", name="Trạm Tô Lịch", district="Hoàng Mai")
     consumer = await tail_topic(system.topics.events)
     try:
-        # In three steps, so that each lands in a batch of its own whatever the batching.
+        # In three steps, so that each lands in a batch of its own whatever the batching. The jump
+        # to 3.2 m passes the warning level (medium) and is a fast rise (high): one alarm, named
+        # after its worse reason, listing both.
         start = recent()
         send("flood", device_id, series(start, 30, [{"currentLevel": v} for v in (2.0, 3.2, 3.3)]))
-        await wait_for_alarm(admin, system, device_id, "threshold.currentLevel", severity="medium", count=2)
+        first = await wait_for_alarm(admin, system, device_id, "rate.currentLevel", severity="high")
         send("flood", device_id, [(start + timedelta(seconds=120), {"currentLevel": 4.8})])
         await wait_for_alarm(admin, system, device_id, "threshold.currentLevel", severity="critical")
         calm = series(start + timedelta(seconds=150), 30, [{"currentLevel": 2.0}] * 4)
@@ -123,7 +125,7 @@ async def test_threshold_alarm_is_raised_escalated_and_resolved_once(
                 for record in records:
                     event = json.loads(record.value)
                     data = event["data"]
-                    if data.get("device_id") == device_id and data.get("rule") == "threshold.currentLevel":
+                    if data.get("device_id") == device_id and data.get("metric") == "currentLevel":
                         events.append(event)
             resolved = any(e["type"] == "alarm.resolved" for e in events)
             return events if resolved else None
@@ -132,9 +134,14 @@ async def test_threshold_alarm_is_raised_escalated_and_resolved_once(
     finally:
         await consumer.stop()
 
+    by_rule = {r["rule"]: r for r in first["reasons"]}
+    assert first["reasons"][0]["rule"] == "rate.currentLevel"
+    assert by_rule["threshold.currentLevel"]["severity"] == "medium"
+    assert by_rule["threshold.currentLevel"]["threshold"] == 3.0
+
     # The readings are 50 minutes old, past flood's escalation limit: the escalation job may
-    # escalate the critical alarm before the calm readings resolve it, an `alarm.updated` of its
-    # own (tested with the webhooks), not detection's doing. A cold first run was slow enough.
+    # escalate the alarm before the calm readings resolve it, an `alarm.updated` of its own
+    # (tested with the webhooks), not detection's doing. A cold first run was slow enough.
     events = _without_escalation(events)
     assert alarm["severity"] == "critical"
     assert alarm["count"] == 3
@@ -142,16 +149,27 @@ async def test_threshold_alarm_is_raised_escalated_and_resolved_once(
     assert alarm["city"] == CITY and alarm["domain"] == "flood" and alarm["metric"] == "currentLevel"
     assert "Hoàng Mai" in alarm["messages"]["vi"] and "Hoàng Mai" in alarm["messages"]["en"]
     assert alarm["message"].startswith(alarm["messages"]["vi"])
-    # The first three readings may fall in one batch or two: one update or two before the
-    # critical one, each a change of the alarm, never a second alarm.
+    reasons = {r["rule"]: r for r in alarm["reasons"]}
+    assert alarm["reasons"][0]["rule"] == "threshold.currentLevel"
+    assert set(reasons) == {"threshold.currentLevel", "rate.currentLevel"}
+    assert reasons["threshold.currentLevel"]["severity"] == "critical"
+    assert reasons["threshold.currentLevel"]["count"] == 3
+    assert reasons["rate.currentLevel"]["severity"] == "high"
+    assert not any(r["active"] for r in alarm["reasons"])
+    assert all(r["cleared_at"] is not None for r in alarm["reasons"])
+    # One alarm from the first reading past a limit to the calm: raised, one update or two (the
+    # first readings may fall in one batch or two), resolved; never a second alarm.
     types = [e["type"] for e in events]
     assert types[0] == "alarm.raised" and types[-1] == "alarm.resolved", types
     assert set(types[1:-1]) == {"alarm.updated"} and 1 <= len(types) - 2 <= 2, types
     assert {e["data"]["id"] for e in events} == {alarm["id"]}
-    severities = [e["data"]["severity"] for e in events]
-    assert set(severities[:-2]) == {"medium"} and severities[-2:] == ["critical", "critical"], severities
-    rules = [a["rule"] for a in await alarms_of(admin, device_id=device_id)]
-    assert rules.count("threshold.currentLevel") == 1
+    assert events[0]["data"]["severity"] == "high"
+    assert {r["rule"] for r in events[0]["data"]["reasons"]} == {
+        "threshold.currentLevel",
+        "rate.currentLevel",
+    }
+    assert [e["data"]["severity"] for e in events[-2:]] == ["critical", "critical"]
+    assert [a["id"] for a in await alarms_of(admin, device_id=device_id)] == [alarm["id"]]
 
 
 async def test_a_value_flapping_around_its_limit_gives_one_alarm(
@@ -195,13 +213,17 @@ async def test_rate_of_change_alarm(system: System, admin: httpx.AsyncClient) ->
 async def test_statistical_detector_fires_on_a_spike_but_not_during_warm_up(
     system: System, admin: httpx.AsyncClient
 ) -> None:
+    # Turbidity has no daily cycle: its statistics speak after 30 readings, not after a day. A
+    # spike to 3.5 NTU stays below the warning limit (5) and is 8 floors (0.3) off 1.0.
     rng = random.Random(7)
     seasoned = await register(admin, "water")
     newcomer = await register(admin, "water")
-    normal = [{"pressure": round(3.0 + rng.gauss(0, 0.05), 3)} for _ in range(60)]
-    send("water", seasoned, series(recent(), 10, [*normal, {"pressure": 6.0}]))
-    send("water", newcomer, series(recent(), 10, [{"pressure": 3.0}, {"pressure": 3.02}, {"pressure": 6.0}]))
-    alarm = await wait_for_alarm(admin, system, seasoned, "zscore.pressure")
+    normal = [{"turbidity": round(1.0 + rng.gauss(0, 0.05), 3)} for _ in range(60)]
+    send("water", seasoned, series(recent(), 10, [*normal, {"turbidity": 3.5}]))
+    send(
+        "water", newcomer, series(recent(), 10, [{"turbidity": 1.0}, {"turbidity": 1.02}, {"turbidity": 3.5}])
+    )
+    alarm = await wait_for_alarm(admin, system, seasoned, "zscore.turbidity")
     assert alarm["severity"] == "low"
     await wait_for_readings(system, "water", newcomer, 3)
     assert [a for a in await alarms_of(admin, device_id=newcomer) if a["rule"].startswith("zscore")] == []

@@ -202,7 +202,7 @@ async def test_flood_alarms_are_served_as_valid_cap_alerts(
 
     async def raised() -> list[dict[str, Any]] | None:
         alarms = await open_alarms(admin)
-        rules = {(a["device_id"], a["rule"]) for a in alarms}
+        rules = {(a["device_id"], r["rule"]) for a in alarms for r in a["reasons"]}
         wanted = {
             (None, "flood.district"),
             (rising, "threshold.currentLevel"),
@@ -222,6 +222,7 @@ async def test_flood_alarms_are_served_as_valid_cap_alerts(
             alarms
             if any(
                 a["device_id"] == rising
+                and a["metric"] == "currentLevel"
                 and a["rule"] == "threshold.currentLevel"
                 and a["severity"] == "critical"
                 for a in alarms
@@ -240,13 +241,16 @@ async def test_flood_alarms_are_served_as_valid_cap_alerts(
         assert_valid(cap_schema, alert)
 
     public_rules = {"threshold.currentLevel", "threshold.rainfall", "rate.currentLevel", "flood.district"}
+    # An alarm is public when one of its reasons is: one excursion of a station's level is one alert.
     expected = {
         cap.identifier(a["id"], a["severity"]): a
         for a in alarms
-        if a["domain"] == "flood" and a["rule"] in public_rules and a["severity"] != "low"
+        if a["domain"] == "flood"
+        and any(r["rule"] in public_rules for r in a["reasons"])
+        and a["severity"] != "low"
     }
     assert set(alerts) == set(expected)
-    by_rule = {(a["device_id"], a["rule"]): a for a in alarms}
+    by_rule = {(a["device_id"], r["rule"]): a for a in alarms for r in a["reasons"]}
     assert cap.identifier(by_rule[(battery, "threshold.batteryLevel")]["id"], "medium") not in alerts
 
     # The station whose level rose to critical: a new version, updating the earlier ones.

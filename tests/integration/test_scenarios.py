@@ -208,7 +208,9 @@ def _subject(incident: Incident) -> str:
 def _matching(run: Run, incident: Incident) -> Observed | None:
     for seen in run.alarms.values():
         alarm = seen.alarm
-        if alarm["subject"] == _subject(incident) and alarm["rule"] in incident.expected_rules:
+        # One excursion is one alarm: the expected rule may be any of its reasons.
+        rules = {reason["rule"] for reason in alarm["reasons"]}
+        if alarm["subject"] == _subject(incident) and rules & set(incident.expected_rules):
             return seen
     return None
 
@@ -256,10 +258,11 @@ def _check_nothing_else(run: Run) -> None:
         started = datetime.fromisoformat(alarm["started_at"]).timestamp()
         if alarm["rule"] == "offline" and started >= run.ended - 1:
             continue  # the simulator has stopped: its devices are silent now, as they should be
-        if alarm["rule"] not in explained.get(alarm["subject"], set()):
-            unexplained.append(
-                f"{alarm['subject']} {alarm['rule']} {alarm['severity']}: {alarm['messages']['en']}"
-            )
+        for reason in alarm["reasons"]:
+            if reason["rule"] not in explained.get(alarm["subject"], set()):
+                unexplained.append(
+                    f"{alarm['subject']} {reason['rule']} {reason['severity']}: {reason['messages']['en']}"
+                )
     assert not unexplained, "alarms nobody injected:\n" + "\n".join(unexplained)
 
 

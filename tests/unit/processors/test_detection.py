@@ -25,6 +25,7 @@ from processors.detection import (
     StationSignal,
     offline_finding,
 )
+from processors.replay import replay_profile
 
 START = datetime(2026, 11, 20, 1, 0, tzinfo=UTC)
 DETECTION = DeviceDetection()
@@ -69,13 +70,17 @@ def levels(*values: float) -> list[dict[str, float]]:
 
 
 def evaluate_each(
-    profile: DeviceProfile, readings: Sequence[Reading], state: DeviceDetectorState | None = None
+    profile: DeviceProfile,
+    readings: Sequence[Reading],
+    state: DeviceDetectorState | None = None,
+    *,
+    detection: DeviceDetection = DETECTION,
 ) -> list[Finding]:
     """Reading by reading, as a processor seeing one reading per batch would."""
     state = state if state is not None else DeviceDetectorState()
     findings: list[Finding] = []
     for reading in readings:
-        findings.extend(DETECTION.evaluate(profile, [reading], state))
+        findings.extend(detection.evaluate(profile, [reading], state))
     return findings
 
 
@@ -216,6 +221,25 @@ def test_recovered_and_raised_again_in_one_batch_ends_with_the_open_alarm() -> N
     assert state.open_alarms == {"threshold.currentLevel": "medium"}
 
 
+def test_the_rules_of_one_metric_share_one_alarm_and_keep_it_open_while_one_holds() -> None:
+    profile = station({"currentLevel": {"zscore": None}})
+    state = DeviceDetectorState()
+    DETECTION.evaluate(profile, readings_of(profile, levels(2.0, 2.0)), state)
+    # A jump past the warning level is also a fast rise: two findings, one alarm.
+    jump = DETECTION.evaluate(
+        profile, readings_of(profile, levels(3.4), start=START + timedelta(minutes=1)), state
+    )
+    assert summary(jump) == [("threshold.currentLevel", True, "medium"), ("rate.currentLevel", True, "high")]
+    assert {f.key for f in jump} == {("hn-flood-001", "excursion.currentLevel")}
+    # Eleven minutes later the rise has left the rate's window while the level stays up: the
+    # threshold's repeat comes before the rate's recovery, so the alarm never looks resolved.
+    later = DETECTION.evaluate(
+        profile, readings_of(profile, levels(*[3.4] * 6), start=START + timedelta(minutes=12)), state
+    )
+    assert summary(later) == [("threshold.currentLevel", True, "medium"), ("rate.currentLevel", False, None)]
+    assert state.open_alarm_keys == {"excursion.currentLevel"}
+
+
 # Rate of change
 
 
@@ -270,10 +294,35 @@ def flows(rng: random.Random, count: int, mean: float = 300.0, std: float = 5.0)
     return [{"flow": round(rng.gauss(mean, std), 1)} for _ in range(count)]
 
 
+# The baseline's mechanics within minutes, on a flow meter: without the day a metric with a daily
+# cycle waits before its statistics speak (tested on its own below).
+UNHELD = DeviceDetection(DetectionSettings(daily_warmup_days=0.0))
+
+
+def test_a_metric_with_a_daily_cycle_is_judged_once_it_has_seen_a_day() -> None:
+    meter = flow_meter()
+    rng = random.Random(5)
+    first_hours = [*flows(rng, 60), {"flow": 500.0}]
+    assert evaluate_each(meter, readings_of(meter, first_hours, every_s=600)) == []
+    state = DeviceDetectorState()
+    evaluate_each(meter, readings_of(meter, flows(rng, 150), every_s=600), state)
+    next_day = START + timedelta(days=1, hours=1)
+    late = evaluate_each(meter, readings_of(meter, [{"flow": 500.0}], start=next_day), state)
+    assert summary(late) == [("zscore.flow", True, "low")]
+    # A metric nothing is known of (a series replayed without a domain) is not held.
+    series, name = replay_profile(None, None)
+    values = [{name: v["flow"]} for v in first_hours]
+    assert summary(evaluate_each(series, readings_of(series, values, every_s=600))) == [
+        (f"zscore.{name}", True, "low")
+    ]
+
+
 def test_a_spike_far_outside_the_usual_level_raises_a_statistical_alarm() -> None:
     profile = flow_meter()
     rng = random.Random(5)
-    findings = evaluate_each(profile, readings_of(profile, [*flows(rng, 60), {"flow": 500.0}]))
+    findings = evaluate_each(
+        profile, readings_of(profile, [*flows(rng, 60), {"flow": 500.0}]), detection=UNHELD
+    )
     assert summary(findings) == [("zscore.flow", True, "low")]
     assert findings[0].value == 500.0 and findings[0].threshold == pytest.approx(300 + 6 * 20, abs=5)
     assert "bất thường so với mức gần đây" in findings[0].message_vi
@@ -292,7 +341,7 @@ def test_one_spike_does_not_blind_the_statistics() -> None:
     profile = flow_meter()
     rng = random.Random(6)
     values = [*flows(rng, 60), {"flow": 900.0}, *flows(rng, 10), {"flow": 500.0}, *flows(rng, 10)]
-    findings = evaluate_each(profile, readings_of(profile, values))
+    findings = evaluate_each(profile, readings_of(profile, values), detection=UNHELD)
     assert summary(findings) == [("zscore.flow", True, "low"), ("zscore.flow", False, None)] * 2
 
 
@@ -321,10 +370,12 @@ def test_a_steady_ramp_is_expected_and_a_break_in_it_is_not() -> None:
     meter = flow_meter({"flow": {"zscore_floor": None}})
     rng = random.Random(21)
     ramp = [{"flow": round(300 + 2.0 * i + rng.gauss(0, 2), 1)} for i in range(400)]
-    assert evaluate_each(meter, readings_of(meter, ramp)) == []
+    assert evaluate_each(meter, readings_of(meter, ramp), detection=UNHELD) == []
     # The same climb with its last value fallen back to where it started.
     broken = [*ramp, {"flow": 300.0}]
-    assert summary(evaluate_each(meter, readings_of(meter, broken))) == [("zscore.flow", True, "low")]
+    assert summary(evaluate_each(meter, readings_of(meter, broken), detection=UNHELD)) == [
+        ("zscore.flow", True, "low")
+    ]
 
 
 def test_a_new_normal_is_learned_instead_of_alarmed_about_for_ever() -> None:
@@ -333,7 +384,7 @@ def test_a_new_normal_is_learned_instead_of_alarmed_about_for_ever() -> None:
     meter = flow_meter()
     rng = random.Random(22)
     values = [*flows(rng, 100), *flows(rng, 300, mean=500.0)]
-    assert episodes(evaluate_each(meter, readings_of(meter, values))) == [
+    assert episodes(evaluate_each(meter, readings_of(meter, values), detection=UNHELD)) == [
         ("zscore.flow", True),
         ("zscore.flow", False),
     ]

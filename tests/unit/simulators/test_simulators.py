@@ -242,9 +242,17 @@ class Drive:
     """Runs a scenario over a fleet on a synthetic clock (one reading per device per step), feeding
     what is sent through the gateway's parsing and the processors' detectors."""
 
-    def __init__(self, scenario: Scenario, fleet: list[SimulatedDevice], *, steps: int, step_s: float = 1.0):
+    def __init__(
+        self,
+        scenario: Scenario,
+        fleet: list[SimulatedDevice],
+        *,
+        steps: int,
+        step_s: float = 1.0,
+        start: datetime | None = None,
+    ):
         self.scenario, self.fleet, self.steps, self.step_s = scenario, fleet, steps, step_s
-        self.start = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=2)
+        self.start = start or datetime.now(UTC).replace(microsecond=0) - timedelta(hours=2)
         self.detection = DeviceDetection()
         self.correlator = DistrictFloodCorrelator()
         self.states = {device.id: DeviceDetectorState() for device in fleet}
@@ -340,9 +348,13 @@ def _subject(incident: Incident) -> str:
     return incident.device_id or f"district:{incident.city}:{incident.district}"
 
 
-def test_normal_days_of_a_fleet_raise_nothing_through_the_detectors() -> None:
+# A fleet's first day starts at any hour: just before the morning rush, in its middle and before
+# the evening peak (Vietnam's clock, UTC+7) are the hardest for a baseline that has seen no day.
+@pytest.mark.parametrize("local_hour", [0, 6, 7, 16])
+def test_normal_days_of_a_fleet_raise_nothing_through_the_detectors(local_hour: int) -> None:
     fleet = build_fleet("hai-phong", 40)
-    drive = Drive(Scenario(fleet, interval_s=120), fleet, steps=24 * 30, step_s=120)
+    start = datetime(2026, 12, 1, tzinfo=UTC) + timedelta(hours=local_hour - 7)
+    drive = Drive(Scenario(fleet, interval_s=120), fleet, steps=24 * 30, step_s=120, start=start)
     drive.run()
     assert drive.findings == []
     assert drive.scenario.incidents() == []
