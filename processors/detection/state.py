@@ -23,6 +23,8 @@ STATE_VERSION = 2
 
 # Hours of the day a daily profile has.
 DAILY_BINS = 24
+# A profile holds a day of hours for working days, then one for weekend days.
+PROFILE_BINS = 2 * DAILY_BINS
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MILLISECOND = timedelta(milliseconds=1)
@@ -61,8 +63,8 @@ class MetricState:
     deviation: float = 0.0
     outside: int = 0
     # The daily profile, for metrics with a daily cycle: per hour of the day (UTC), the usual
-    # value; since when it has been learned; how far above it the values run today, and their
-    # mean absolute deviation from the two together.
+    # value on a working day and then on a weekend day; since when it has been learned; how far
+    # above it the values run today, and their mean absolute deviation from the two together.
     daily: list[float] = field(default_factory=list)
     daily_since_ms: int = 0
     daily_level: float = 0.0
@@ -140,14 +142,16 @@ class MetricState:
             isinstance(daily, list)
             and len(daily) == 4
             and isinstance(daily[0], list)
-            and len(daily[0]) == DAILY_BINS
+            and len(daily[0]) in (DAILY_BINS, PROFILE_BINS)
             and (usual := _finite_numbers(daily[0])) is not None
             and _is_int(daily[1])
             and _is_number(daily[2])
             and _is_number(daily[3])
             and daily[3] >= 0
         ):
-            state.daily = usual
+            # One day of hours was written by the previous version, for every day of the week:
+            # both kinds of day start from it.
+            state.daily = usual if len(usual) == PROFILE_BINS else usual + usual
             state.daily_since_ms = int(daily[1])
             state.daily_level, state.daily_deviation = float(daily[2]), float(daily[3])
         flat = body.get("flat")

@@ -25,6 +25,7 @@ from processors.detection import (
     StationSignal,
     offline_finding,
 )
+from processors.detection.detectors import _days_of_kind
 from processors.replay import replay_profile
 
 START = datetime(2026, 11, 20, 1, 0, tzinfo=UTC)
@@ -433,6 +434,43 @@ def test_a_daily_profile_makes_rush_hour_normal_and_a_quiet_rush_hour_an_anomaly
     assert episodes(evaluate_each(counter, quiet, state))[:1] == [("zscore.intensity", True)]
     flat_detection = DeviceDetection(DetectionSettings(daily_min_days=1000))
     assert [f for r in quiet for f in flat_detection.evaluate(counter, [r], without_profile)] == []
+
+
+def test_weekends_keep_hours_of_their_own() -> None:
+    # The simulator's roads have a smaller morning rush on Saturdays and Sundays (0.6 of a working
+    # day's): three weeks raise nothing, and the profile has learned both kinds of morning.
+    counter = station(domain="traffic", device_id="hn-traffic-008", name="Nguyễn Trãi")
+    rng = random.Random(29)
+    state = DeviceDetectorState()
+    assert (
+        evaluate_each(counter, traffic_days(counter, rng, datetime(2026, 11, 2, tzinfo=UTC), 21), state) == []
+    )
+    usual = state.metrics["intensity"].daily
+    assert len(usual) == 48
+    working_rush, weekend_rush, night = usual[0], usual[24], usual[20]  # 7:30, 7:30 and 3:30 local
+    assert night < weekend_rush < 0.85 * working_rush
+    # A profile of one kind of day, as the previous version wrote it, serves both kinds.
+    body = state.to_json()
+    body["metrics"]["intensity"]["daily"][0] = usual[:24]
+    assert DeviceDetectorState.from_json(body).metrics["intensity"].daily == usual[:24] * 2
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_days_of_each_kind_are_counted_as_a_calendar_would(seed: int) -> None:
+    rng = random.Random(seed)
+    day_ms = 86_400_000
+    for _ in range(200):
+        since = rng.randrange(0, 60 * day_ms)
+        until = since + rng.randrange(0, 40 * day_ms)
+        by_hand = {True: 0.0, False: 0.0}
+        at = since
+        while at < until:
+            end = min((at // day_ms + 1) * day_ms, until)
+            # 1 January 1970 was a Thursday.
+            by_hand[datetime.fromtimestamp(at / 1000, UTC).weekday() >= 5] += (end - at) / day_ms
+            at = end
+        for weekend in (True, False):
+            assert _days_of_kind(since, until, weekend=weekend) == pytest.approx(by_hand[weekend])
 
 
 def test_a_metric_without_a_daily_cycle_keeps_no_profile() -> None:
