@@ -167,7 +167,8 @@ def _subject(incident: Incident) -> str:
     return district_subject(incident.city, incident.district or "")
 
 
-def _profile(device: SimulatedDevice) -> DeviceProfile:
+def device_profile(device: SimulatedDevice) -> DeviceProfile:
+    """The device as the processor knows it once registered (with its per-station limits)."""
     return DeviceProfile.of(
         id=device.id,
         city=device.city,
@@ -201,7 +202,7 @@ class ScenarioReplay:
         self.detection = detection or DeviceDetection()
         self.correlator = DistrictFloodCorrelator()
         self.book = AlarmBook()
-        self.profiles = {device.id: _profile(device) for device in fleet}
+        self.profiles = {device.id: device_profile(device) for device in fleet}
         self.routes = {
             device.id: DeviceRoute(id=device.id, city=device.city, domain=device.domain.name)
             for device in fleet
@@ -276,9 +277,8 @@ class ScenarioReplay:
     def _judge(self, profile: DeviceProfile, reading: Reading) -> None:
         state = self.states[profile.id]
         findings = self.detection.evaluate(profile, [reading], state)
-        if findings:
-            # A reading is a sign of life: the processor resolves an open offline alarm with it.
-            self.book.apply(findings)
+        self.book.apply(findings)
+        # A reading is a sign of life: the processor resolves an open offline alarm with it.
         if self.book.is_open(profile.id, OFFLINE_RULE):
             self.book.apply([offline_finding(profile, at=reading.ts, active=False)])
         signal = self.correlator.station_signal(profile, state)

@@ -175,6 +175,7 @@ class DeviceDetection:
 
     def __init__(self, settings: DetectionSettings | None = None) -> None:
         self.settings = settings or DetectionSettings()
+        self._local_offset_ms = round(self.settings.local_offset_h * _HOUR_MS)
         # Counting further changes nothing: past it every weight is at its floor.
         slowest = min(self.settings.ewma_alpha, self.settings.deviation_beta)
         self._ewma_count_cap = max(self.settings.warmup, math.ceil(1 / slowest))
@@ -350,7 +351,7 @@ class DeviceDetection:
         seen_days = (at_ms - metric.daily_since_ms) / _DAY_MS if plan.daily else 0.0
         if plan.daily:
             # Weekends keep hours of their own: a Sunday morning is not a quiet rush hour.
-            offset_ms = round(settings.local_offset_h * _HOUR_MS)
+            offset_ms = self._local_offset_ms
             weekend = _is_weekend((at_ms + offset_ms) // _DAY_MS)
             days = _days_of_kind(metric.daily_since_ms + offset_ms, at_ms + offset_ms, weekend=weekend)
             other_days = max(seen_days - days, 0.0)  # the two kinds share the days seen

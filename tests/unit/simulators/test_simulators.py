@@ -16,12 +16,13 @@ from typing import Any
 import pytest
 
 from ioc.cli import build_parser
+from ioc.scenario_check import device_profile
 from ioc_core.alarms import Finding
 from ioc_core.domains import DOMAINS
 from ioc_core.errors import RejectedMessage
 from ioc_core.rules import rules_for, severity_rank
 from ioc_core.telemetry import Reading, parse_payload, parse_status, parse_topic
-from processors.detection import DeviceDetection, DeviceDetectorState, DeviceProfile, DistrictFloodCorrelator
+from processors.detection import DeviceDetection, DeviceDetectorState, DistrictFloodCorrelator
 from simulators.cities import (
     CITIES,
     CITY_BOUNDS,
@@ -256,17 +257,7 @@ class Drive:
         self.detection = DeviceDetection()
         self.correlator = DistrictFloodCorrelator()
         self.states = {device.id: DeviceDetectorState() for device in fleet}
-        self.profiles = {
-            device.id: DeviceProfile.of(
-                id=device.id,
-                city=device.city,
-                domain=device.domain.name,
-                name=device.name,
-                district=device.district,
-                thresholds=device.thresholds,
-            )
-            for device in fleet
-        }
+        self.profiles = {device.id: device_profile(device) for device in fleet}
         self.findings: list[Finding] = []
         self.sends: list[tuple[Send, datetime]] = []
         self.powered_off: set[str] = set()
