@@ -9,12 +9,12 @@ is missing or unreadable, from an older version say, starts fresh instead of fai
 
 from __future__ import annotations
 
-import itertools
 import math
+import operator
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeGuard
 
 from ioc_core.alarms import alarm_key
 from ioc_core.rules import SEVERITIES
@@ -100,12 +100,7 @@ class MetricState:
     def from_json(cls, body: Mapping[str, Any]) -> MetricState:
         state = cls()
         last, last_at = body.get("last"), body.get("last_at")
-        if (
-            isinstance(last, int | float)
-            and _is_number(last)
-            and isinstance(last_at, int)
-            and _is_int(last_at)
-        ):
+        if _is_number(last) and _is_int(last_at):
             state.last, state.last_at_ms = float(last), last_at
         baseline = body.get("baseline")
         ewma = body.get("ewma")
@@ -158,17 +153,8 @@ class MetricState:
         if isinstance(flat, list) and len(flat) == 2 and _is_int(flat[0]) and _is_int(flat[1]):
             state.flat_since_ms, state.flat_count = int(flat[0]), int(flat[1])
         history, history_end = body.get("history"), body.get("history_end")
-        if isinstance(history, list) and isinstance(history_end, int) and _is_int(history_end):
-            samples = [
-                (history_end + int(sample[0]), float(sample[1]))
-                for sample in history
-                if isinstance(sample, list)
-                and len(sample) == 2
-                and _is_int(sample[0])
-                and _is_number(sample[1])
-            ]
-            if len(samples) == len(history) and all(a[0] <= b[0] for a, b in itertools.pairwise(samples)):
-                state.history = samples
+        if type(history) is list and type(history_end) is int:
+            state.history = _history(history, history_end)
         alarms = body.get("alarms")
         if isinstance(alarms, dict):
             for kind, tracker in alarms.items():
@@ -246,8 +232,27 @@ class DeviceDetectorState:
         return state
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+def _is_number(value: object) -> TypeGuard[float]:
+    # By exact type, not isinstance: a JSON number is an int or a float, never a subclass (a bool
+    # is one, and is not a number here), and the exact test is several times faster.
+    return type(value) in _NUMBER_TYPES and math.isfinite(value)  # type: ignore[arg-type]
+
+
+def _history(samples: list[Any], end_ms: int) -> list[tuple[int, float]]:
+    """History samples written as [offset from `end_ms`, value] pairs, oldest first; none if any
+    is unreadable (checked with C-level loops: a history is read back for every device of every
+    batch, and checking it sample by sample was a third of reading a state)."""
+    if not samples:
+        return []
+    if not set(map(type, samples)) <= _LIST_TYPE or set(map(len, samples)) != _PAIR:
+        return []
+    offsets, values = zip(*samples, strict=True)
+    if not set(map(type, offsets)) <= _INT_TYPE:
+        return []
+    floats = _finite_numbers(list(values))
+    if floats is None or not all(map(operator.le, offsets, offsets[1:])):
+        return []
+    return list(zip(map(end_ms.__add__, offsets), floats, strict=True))
 
 
 def _finite_numbers(values: list[Any]) -> list[float] | None:
@@ -260,7 +265,10 @@ def _finite_numbers(values: list[Any]) -> list[float] | None:
 
 
 _NUMBER_TYPES = frozenset({float, int})
+_INT_TYPE = frozenset({int})
+_LIST_TYPE = frozenset({list})
+_PAIR = {2}
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def _is_int(value: object) -> TypeGuard[int]:
+    return type(value) is int

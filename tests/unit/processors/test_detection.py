@@ -26,6 +26,7 @@ from processors.detection import (
     offline_finding,
 )
 from processors.detection.detectors import _days_of_kind
+from processors.detection.state import MetricState
 from processors.replay import replay_profile
 
 START = datetime(2026, 11, 20, 1, 0, tzinfo=UTC)
@@ -654,6 +655,28 @@ def test_unreadable_state_starts_fresh_instead_of_failing(stored: object) -> Non
     assert summary(DETECTION.evaluate(profile, readings_of(profile, levels(4.7)), state)) == [
         ("threshold.currentLevel", True, "critical")
     ]
+
+
+@pytest.mark.parametrize(
+    "history",
+    [
+        [[-10, 1.0], [0, "2"]],
+        [[-10, 1.0], [0, 2.0, 3.0]],
+        [[-10, 1.0], (0, 2.0)],
+        [[True, 1.0], [0, 2.0]],
+        [[-10.0, 1.0], [0, 2.0]],
+        [[0, 1.0], [-10, 2.0]],
+        [[-10, math.inf], [0, 2.0]],
+        [[-10, None], [0, 2.0]],
+        "[[-10, 1.0]]",
+    ],
+)
+def test_an_unreadable_history_is_dropped_and_the_rest_kept(history: object) -> None:
+    readable = {"last": 2.0, "last_at": 1_000, "history": [[-10, 1.0], [0, 2]], "history_end": 1_000}
+    assert MetricState.from_json(readable).history == [(990, 1.0), (1_000, 2.0)]
+    state = MetricState.from_json({**readable, "history": history})
+    assert state.history == []
+    assert (state.last, state.last_at_ms) == (2.0, 1_000)
 
 
 def test_state_without_newer_parts_keeps_the_parts_it_has() -> None:
