@@ -56,12 +56,16 @@ class MetricState:
     last_at_ms: int | None = None
     # The statistical baseline: how many values it has learned from (capped), the level and the
     # slope it expects next, the exponentially weighted mean absolute deviation of the values from
-    # it, and how many values in a row fell outside its band on one side (positive: above).
+    # it, how many values in a row fell outside its band on one side (positive: above), and how
+    # far the deviations have persisted above and below it.
     count: int = 0
     level: float = 0.0
     slope: float = 0.0
     deviation: float = 0.0
     outside: int = 0
+    # The two one-sided CUSUM sums of the deviations from the baseline, in standard deviations.
+    cusum_up: float = 0.0
+    cusum_down: float = 0.0
     # The daily profile, for metrics with a daily cycle: per hour of the day (UTC), the usual
     # value on a working day and then on a weekend day; since when it has been learned; how far
     # above it the values run today, and their mean absolute deviation from the two together.
@@ -83,7 +87,15 @@ class MetricState:
             body["last"] = self.last
             body["last_at"] = self.last_at_ms
         if self.count:
-            body["baseline"] = [self.count, self.level, self.slope, self.deviation, self.outside]
+            body["baseline"] = [
+                self.count,
+                self.level,
+                self.slope,
+                self.deviation,
+                self.outside,
+                self.cusum_up,
+                self.cusum_down,
+            ]
         if self.daily:
             body["daily"] = [self.daily, self.daily_since_ms, self.daily_level, self.daily_deviation]
         if self.flat_since_ms is not None:
@@ -105,20 +117,20 @@ class MetricState:
         baseline = body.get("baseline")
         ewma = body.get("ewma")
         if (
-            isinstance(baseline, list)
-            and len(baseline) == 5
-            and _is_int(baseline[0])
+            type(baseline) is list
+            and len(baseline) in (5, 7)
+            and (numbers := _finite_numbers(baseline)) is not None
+            and type(baseline[0]) is int
             and baseline[0] > 0
-            and all(_is_number(part) for part in baseline[1:4])
-            and baseline[3] >= 0
-            and _is_int(baseline[4])
+            and numbers[3] >= 0
+            and type(baseline[4]) is int
+            and min(numbers[5:], default=0.0) >= 0
         ):
-            state.count, state.outside = int(baseline[0]), int(baseline[4])
-            state.level, state.slope, state.deviation = (
-                float(baseline[1]),
-                float(baseline[2]),
-                float(baseline[3]),
-            )
+            # The CUSUM sums were added later: a baseline written without them starts them at 0.
+            state.count, state.outside = baseline[0], baseline[4]
+            state.level, state.slope, state.deviation = numbers[1], numbers[2], numbers[3]
+            if len(numbers) == 7:
+                state.cusum_up, state.cusum_down = numbers[5], numbers[6]
         elif (
             isinstance(ewma, list)
             and len(ewma) == 3
@@ -134,9 +146,9 @@ class MetricState:
             state.deviation = math.sqrt(float(ewma[2])) / SIGMA_PER_MEAN_ABSOLUTE_DEVIATION
         daily = body.get("daily")
         if (
-            isinstance(daily, list)
+            type(daily) is list
             and len(daily) == 4
-            and isinstance(daily[0], list)
+            and type(daily[0]) is list
             and len(daily[0]) in (DAILY_BINS, PROFILE_BINS)
             and (usual := _finite_numbers(daily[0])) is not None
             and _is_int(daily[1])

@@ -347,6 +347,41 @@ def test_one_spike_does_not_blind_the_statistics() -> None:
     assert summary(findings) == [("zscore.flow", True, "low"), ("zscore.flow", False, None)] * 2
 
 
+def generic_values(rng: random.Random, count: int, mean: float = 100.0) -> list[dict[str, float]]:
+    return [{"value": rng.gauss(mean, 1.0)} for _ in range(count)]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_a_persistent_deviation_alarms_where_a_single_one_of_its_size_does_not(seed: int) -> None:
+    # Debouncing: 5 standard deviations out is no alarm once, but is one when it persists (the
+    # CUSUM of the deviations past 2.7), before the baseline has followed it.
+    profile, _ = replay_profile()
+    rng = random.Random(seed)
+    once = [*generic_values(rng, 200), {"value": 105.0}, *generic_values(rng, 30)]
+    assert evaluate_each(profile, readings_of(profile, once)) == []
+    state = DeviceDetectorState()
+    assert evaluate_each(profile, readings_of(profile, generic_values(rng, 200)), state) == []
+    shifted = readings_of(profile, generic_values(rng, 10, mean=105.0), start=START + timedelta(hours=1))
+    findings = evaluate_each(profile, shifted, state)
+    assert episodes(findings)[:1] == [("zscore.value", True)]
+    assert findings[0].at <= shifted[5].ts
+    # Back to normal (or the new level learned), the sums drain and the alarm resolves.
+    calm = readings_of(profile, generic_values(rng, 60), start=START + timedelta(hours=2))
+    evaluate_each(profile, calm, state)
+    assert state.open_alarms == {}
+    assert state.metrics["value"].cusum_up < 6 and state.metrics["value"].cusum_down < 6
+
+
+def test_a_metric_with_a_daily_cycle_is_not_judged_by_persistence() -> None:
+    # Its hours are learned over weeks; until they settle, rush hour runs persistently off them.
+    meter = flow_meter()
+    rng = random.Random(8)
+    state = DeviceDetectorState()
+    assert evaluate_each(meter, readings_of(meter, flows(rng, 200)), state, detection=UNHELD) == []
+    shifted = readings_of(meter, flows(rng, 10, mean=325.0), start=START + timedelta(hours=1))
+    assert evaluate_each(meter, shifted, state, detection=UNHELD) == []
+
+
 def test_the_floor_keeps_a_near_constant_signal_quiet() -> None:
     values = [{"pH": 7.2}] * 40 + [{"pH": 7.25}]
     ph_meter = station(domain="water", device_id="hn-water-ph")
@@ -677,6 +712,21 @@ def test_an_unreadable_history_is_dropped_and_the_rest_kept(history: object) -> 
     state = MetricState.from_json({**readable, "history": history})
     assert state.history == []
     assert (state.last, state.last_at_ms) == (2.0, 1_000)
+
+
+def test_a_baseline_written_before_the_cusum_keeps_what_it_learned() -> None:
+    older = MetricState.from_json({"baseline": [40, 1.5, 0.01, 0.2, 0]})
+    assert (older.count, older.level, older.deviation, older.cusum_up, older.cusum_down) == (
+        40,
+        1.5,
+        0.2,
+        0,
+        0,
+    )
+    now = MetricState.from_json({"baseline": [40, 1.5, 0.01, 0.2, 0, 3.5, 0.0]})
+    assert (now.count, now.cusum_up, now.cusum_down) == (40, 3.5, 0.0)
+    assert MetricState.from_json({"baseline": [40, 1.5, 0.01, 0.2, 0, -1.0, 0.0]}).count == 0
+    assert MetricState.from_json({"baseline": [40, 1.5, 0.01, 0.2, 0, 3.5]}).count == 0
 
 
 def test_state_without_newer_parts_keeps_the_parts_it_has() -> None:
