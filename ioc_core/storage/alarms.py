@@ -114,6 +114,21 @@ WHERE a.domain = u.domain AND a.state = 'active' AND NOT a.escalated AND a.serio
 RETURNING {_ALARM_COLUMNS}
 """
 
+# Resolved by hand, an alarm's reasons are cleared with it: a resolved alarm tells no rule as
+# still broken (the detectors raise a new alarm if one is).
+_RESOLVE_BY_HAND_SQL = """
+UPDATE alarms SET state = 'resolved', resolved_at = now(), updated_at = now(),
+    reasons = coalesce(
+        (SELECT jsonb_object_agg(
+                    r.rule,
+                    CASE WHEN (r.reason ->> 'active')::boolean
+                         THEN r.reason || jsonb_build_object('active', false, 'cleared_at', now())
+                         ELSE r.reason END)
+         FROM jsonb_each(reasons) AS r (rule, reason)),
+        reasons)
+WHERE id = $1 AND state <> 'resolved' RETURNING id
+"""
+
 # A recovered rule clears its reason; the alarm resolves when none of its reasons is active.
 _CLEAR_REASONS_SQL = f"""
 WITH cleared AS (
@@ -437,8 +452,7 @@ class AlarmStore:
             actor=actor,
             note=note,
             action="resolved",
-            sql="UPDATE alarms SET state = 'resolved', resolved_at = now(), updated_at = now()"
-            " WHERE id = $1 AND state <> 'resolved' RETURNING id",
+            sql=_RESOLVE_BY_HAND_SQL,
             event_type=ALARM_RESOLVED,
             unchanged_state=None,
             within=within,

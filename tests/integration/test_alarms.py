@@ -311,6 +311,10 @@ async def test_operator_acknowledges_then_resolves_with_an_audit_trail(
     assert resolved.status_code == 200, resolved.text
     detail = (await admin.get(f"/v1/alarms/{alarm['id']}")).json()
     assert detail["state"] == "resolved" and detail["resolved_at"] is not None
+    # Its reasons are cleared with it: a resolved alarm names no rule as still broken.
+    assert detail["reasons"] and all(
+        not reason["active"] and reason["cleared_at"] is not None for reason in detail["reasons"]
+    )
     assert [(a["action"], a["actor"], a["note"]) for a in detail["audit"]] == [
         ("acknowledged", "admin", "đội ứng cứu đang đến"),
         ("resolved", "admin", "nước đã rút"),
