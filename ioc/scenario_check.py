@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from ingest.inbox import InboundMessage
 from ioc_core.alarms import OFFLINE_RULE, Finding, district_subject
 from ioc_core.errors import RejectedMessage
 from ioc_core.models import DeviceRoute
@@ -37,19 +38,6 @@ from processors.detection import (
 from simulators.fleet import SimulatedDevice, build_fleet
 from simulators.scenarios import SCENARIOS, Scenario
 from simulators.truth import Incident
-
-
-@dataclass(frozen=True, slots=True)
-class _Message:
-    """One MQTT message as the gateway's validation sees it."""
-
-    topic: str
-    payload: bytes
-    received_at: datetime
-    retain: bool = False
-    mid: int = 0
-    qos: int = 1
-    dup: bool = False
 
 
 @dataclass
@@ -224,7 +212,9 @@ class ScenarioReplay:
             if device.id in self.powered_off:
                 continue
             for send in scenario.readings(device, at, progress):
-                self._receive(_Message(send.topic, send.payload, received_at=at, retain=send.retain))
+                self._receive(
+                    InboundMessage(send.topic, send.payload, mid=0, qos=1, received_at=at, retain=send.retain)
+                )
         end = self.start + timedelta(seconds=self.duration_s)
         scenario.finish(end)
         return scenario.incidents()
@@ -256,7 +246,7 @@ class ScenarioReplay:
                 for device in devices:
                     self.book.apply([offline_finding(self.profiles[device.id], at=at, active=False)])
 
-    def _receive(self, message: _Message) -> None:
+    def _receive(self, message: InboundMessage) -> None:
         try:
             address = parse_topic(message.topic)
             records = validate(message, address, self.routes.get(address.device_id))

@@ -114,15 +114,20 @@ WHERE a.domain = u.domain AND a.state = 'active' AND NOT a.escalated AND a.serio
 RETURNING {_ALARM_COLUMNS}
 """
 
+
+def _cleared(reason: str, at: str) -> str:
+    """The reason (a jsonb expression) recovered at `at`."""
+    return f"({reason} || jsonb_build_object('active', false, 'cleared_at', {at}))"
+
+
 # Resolved by hand, an alarm's reasons are cleared with it: a resolved alarm tells no rule as
 # still broken (the detectors raise a new alarm if one is).
-_RESOLVE_BY_HAND_SQL = """
+_RESOLVE_BY_HAND_SQL = f"""
 UPDATE alarms SET state = 'resolved', resolved_at = now(), updated_at = now(),
     reasons = coalesce(
         (SELECT jsonb_object_agg(
                     r.rule,
-                    CASE WHEN (r.reason ->> 'active')::boolean
-                         THEN r.reason || jsonb_build_object('active', false, 'cleared_at', now())
+                    CASE WHEN (r.reason ->> 'active')::boolean THEN {_cleared("r.reason", "now()")}
                          ELSE r.reason END)
          FROM jsonb_each(reasons) AS r (rule, reason)),
         reasons)
@@ -133,9 +138,7 @@ WHERE id = $1 AND state <> 'resolved' RETURNING id
 _CLEAR_REASONS_SQL = f"""
 WITH cleared AS (
     SELECT a.id, u.at,
-           a.reasons || jsonb_build_object(u.rule, (a.reasons -> u.rule)
-                                                   || jsonb_build_object('active', false, 'cleared_at', u.at))
-               AS reasons
+           a.reasons || jsonb_build_object(u.rule, {_cleared("(a.reasons -> u.rule)", "u.at")}) AS reasons
     FROM alarms a
     JOIN unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[]) AS u (subject, alarm_key, rule, at)
       ON a.subject = u.subject AND a.alarm_key = u.alarm_key

@@ -25,7 +25,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
-from types import MappingProxyType
 
 from ioc_core.alarms import Finding
 from ioc_core.domains import get_domain
@@ -61,8 +60,8 @@ from processors.detection.state import (
 # Below this the spread of a signal is numerically zero (reached only when a device removes the floor).
 _SMALLEST_SPREAD = 1e-9
 _HOUR_MS = 3_600_000
-# Shared rule mappings whose plans are kept (a handful exist: one per domain).
-_SHARED_PLANS_KEPT = 64
+# Rule mappings whose plans are kept: every domain's shared one, and devices' own.
+_PLANS_KEPT = 4096
 _DAY_MS = 24 * _HOUR_MS
 
 
@@ -197,7 +196,7 @@ class DeviceDetection:
         # Counting further changes nothing: past it every weight is at its floor.
         slowest = min(self.settings.ewma_alpha, self.settings.deviation_beta)
         self._ewma_count_cap = max(self.settings.warmup, math.ceil(1 / slowest))
-        self._shared_plans: dict[
+        self._plans_by_rules: dict[
             tuple[str, int], tuple[Mapping[str, MetricRules], dict[str, _Plan | None]]
         ] = {}
 
@@ -239,21 +238,21 @@ class DeviceDetection:
         return outcome.findings(profile, state)
 
     def _plans(self, profile: DeviceProfile) -> dict[str, _Plan | None]:
-        """What to do with each metric of the device. The plans of a domain's shared defaults
-        (most devices' rules, one read-only mapping per domain) are looked up once: hashing each
-        metric's rules for the cache on every batch was a twentieth of detection's time."""
+        """What to do with each metric of the device, kept by the identity of its rules mapping:
+        most devices share their domain's one read-only mapping, and a processor keeps each
+        device's profile between registry reads, so a mapping is met batch after batch. Hashing
+        every metric's rules (and the settings) for `_plan`'s cache on every batch was a
+        twentieth of detection's time."""
         rules = profile.rules
-        shared = type(rules) is MappingProxyType
-        if shared:
-            cached = self._shared_plans.get((profile.domain, id(rules)))
-            # The cache holds the mapping itself, so its id is not reused while it is cached.
-            if cached is not None and cached[0] is rules:
-                return cached[1]
+        key = (profile.domain, id(rules))
+        cached = self._plans_by_rules.get(key)
+        # The cache holds the mapping itself, so its id is not reused while it is cached.
+        if cached is not None and cached[0] is rules:
+            return cached[1]
         plans = {name: _plan(profile.domain, name, each, self.settings) for name, each in rules.items()}
-        if shared:
-            if len(self._shared_plans) >= _SHARED_PLANS_KEPT:
-                self._shared_plans.clear()
-            self._shared_plans[(profile.domain, id(rules))] = (rules, plans)
+        if len(self._plans_by_rules) >= _PLANS_KEPT:
+            self._plans_by_rules.clear()
+        self._plans_by_rules[key] = (rules, plans)
         return plans
 
     def _observe(
@@ -429,10 +428,11 @@ class DeviceDetection:
             # The CUSUM sums, of deviations clipped at the limit (Lucas and Crosier's robust
             # CUSUM: one spike is the Shewhart part's to judge, and must not leave the sums
             # charged), capped so that a long excursion does not take as long to drain.
-            slack, alarm_at = settings.cusum_slack * limit, settings.cusum_alarm * limit
+            alarm_at = settings.cusum_alarm * limit
             if plan.seasonal:
                 drift = 0.0
             else:
+                slack = settings.cusum_slack * limit
                 charge = min(max(deviations, -limit), limit)
                 metric.cusum_up = min(max(0.0, metric.cusum_up + charge - slack), 2 * alarm_at)
                 metric.cusum_down = min(max(0.0, metric.cusum_down - charge - slack), 2 * alarm_at)

@@ -279,7 +279,7 @@ def _finite_numbers(values: list[Any]) -> list[float] | None:
 _NUMBER_TYPES = frozenset({float, int})
 _INT_TYPE = frozenset({int})
 _LIST_TYPE = frozenset({list})
-_PAIR = {2}
+_PAIR = frozenset({2})
 
 
 def _is_int(value: object) -> TypeGuard[int]:

@@ -378,7 +378,8 @@ def test_a_metric_with_a_daily_cycle_is_not_judged_by_persistence() -> None:
     rng = random.Random(8)
     state = DeviceDetectorState()
     assert evaluate_each(meter, readings_of(meter, flows(rng, 200)), state, detection=UNHELD) == []
-    shifted = readings_of(meter, flows(rng, 10, mean=325.0), start=START + timedelta(hours=1))
+    # 100 above is 5 of its spreads (its floor, 20): no single value alarms, ten in a row would.
+    shifted = readings_of(meter, flows(rng, 10, mean=400.0), start=START + timedelta(hours=1))
     assert evaluate_each(meter, shifted, state, detection=UNHELD) == []
 
 
