@@ -9,6 +9,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 from fastapi import Depends, FastAPI
 from fastapi.middleware.gzip import GZipMiddleware
+from starlette.middleware.gzip import DEFAULT_EXCLUDED_CONTENT_TYPES
 
 from api import problems
 from api.auth import KeyCache
@@ -24,6 +25,7 @@ from api.routes import (
     audit,
     dead_letters,
     devices,
+    export,
     health,
     public,
     screens,
@@ -32,6 +34,7 @@ from api.routes import (
 )
 from api.stream.hub import EventHub
 from api.view_cache import ViewCache
+from ioc_core.exports import MEDIA_TYPES
 from ioc_core.settings import Settings
 from ioc_core.storage import Database
 
@@ -115,9 +118,16 @@ def create_app(
     app.state.settings = settings
     app.state.key_cache = KeyCache(settings.api_key_cache_s)
     app.state.view_cache = ViewCache()
+    app.state.export_slots = export.ExportSlots(settings.api_max_exports)
     problems.install(app)
-    # Views that screens poll compress themselves once per version; this covers the rest.
-    app.add_middleware(GZipMiddleware, minimum_size=1024, compresslevel=6)
+    # Views that screens poll compress themselves once per version; this covers the rest but
+    # Parquet, whose pages are compressed already.
+    app.add_middleware(
+        GZipMiddleware,
+        minimum_size=1024,
+        compresslevel=6,
+        exclude_content_types=(*DEFAULT_EXCLUDED_CONTENT_TYPES, MEDIA_TYPES["parquet"]),
+    )
     # Within the rate limits: the request limits count what the rate limits let through.
     app.add_middleware(RequestLimits, settings=settings)
     # Outermost (added last): a request over its limit costs no routing, no key query, no work.
@@ -128,7 +138,19 @@ def create_app(
         limiter=app.state.rate_limiter,
         policies=policies_of(settings),
     )
-    for module in (screens, devices, api_keys, public, webhooks, stream, health, alarms, dead_letters, audit):
+    for module in (
+        screens,
+        devices,
+        api_keys,
+        public,
+        webhooks,
+        stream,
+        health,
+        alarms,
+        dead_letters,
+        audit,
+        export,
+    ):
         app.include_router(module.router)
     add_page_routes(app, settings)
     return app

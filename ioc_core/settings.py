@@ -253,6 +253,17 @@ class Settings(BaseSettings):
     retention_days: int = Field(
         default=90, gt=0, description="days readings are kept; aggregates are kept several times longer"
     )
+    compress_after_days: int = Field(
+        default=7,
+        gt=0,
+        description="days after which a day's readings are compressed (community TimescaleDB: about a"
+        " tenth of the disk; late readings still go in)",
+    )
+    reader_db_password: SecretStr | None = Field(
+        default=None,
+        description="password `ioc migrate` gives the database's read-only role ioc_reader (Grafana"
+        " connects as it); unset, the role cannot log in",
+    )
     retention_check_s: float = Field(
         default=3600, gt=0, description="how often a processor drops readings older than the retention"
     )
@@ -282,6 +293,15 @@ class Settings(BaseSettings):
         ge=100,
         description="the most stored rows one series request may read (readings, or rollup rows"
         " where a continuous aggregate serves it)",
+    )
+    api_max_exports: int = Field(
+        default=2,
+        ge=1,
+        description="history exports (/v1/export) one API process runs at once; each holds a database"
+        " connection until its last row is sent (429 beyond)",
+    )
+    api_max_export_days: int = Field(
+        default=366, ge=1, description="the longest range one history export may span, in days (400 beyond)"
     )
     api_max_body_bytes: int = Field(
         default=1_048_576, ge=1024, description="the largest request body the API takes (413 beyond)"

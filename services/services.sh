@@ -1,12 +1,19 @@
 #!/usr/bin/env bash
 # Local backing services for development and tests: an MQTT broker
-# (mosquitto), a single-node Kafka, a TimescaleDB server and a plain
-# PostgreSQL server (for the tests of the storage tier without TimescaleDB),
-# all bound to 127.0.0.1 and run without Docker or systemd.
+# (mosquitto), a single-node Kafka, a TimescaleDB server with the community
+# licence, and for the tests of the other storage tiers an Apache-licence
+# TimescaleDB server and a plain PostgreSQL server, all bound to 127.0.0.1 and
+# run without Docker or systemd.
+#
+# TimescaleDB's community tier (continuous aggregates, compression, policies)
+# is not in Debian's package, so it is built once from TimescaleDB's source
+# tarball: $IOC_TIMESCALEDB_SOURCE, else ../shared/vendor/ beside the
+# repository (checked against its sha256). Without one, Debian's Apache build
+# serves, with a warning.
 #
 #   services.sh up       start whatever is not running yet, then print settings
 #   services.sh down     stop the services this script started
-#   services.sh stop S   stop one of them (mqtt, kafka, timescaledb, postgres)
+#   services.sh stop S   stop one of them (mqtt, kafka, timescaledb, apache, postgres)
 #   services.sh status   show whether each service is up
 #   services.sh env      print the settings only
 #   services.sh kafka-libs  fetch the Kafka jars if needed and print their
@@ -58,6 +65,25 @@ PG_INIT_STAMP=$PG_ROOTFS/var/lib/ioc-pg.initialized
 PG_LOG=$LOG_DIR/timescaledb.log                  # symlink into the root
 PG_DB=ioc
 
+# The source release built for the community tier, and where its tarball is
+# looked for when IOC_TIMESCALEDB_SOURCE names none.
+TSDB_VERSION=2.29.2
+TSDB_SHA256=0f987b8c6a0ef996502b779d9c75ff38cc5057e11c7d3a2e3e4748e3607c0589
+TSDB_TARBALL=timescaledb-$TSDB_VERSION.tar.gz
+TSDB_BESIDE=$SERVICES_DIR/../../shared/vendor/$TSDB_TARBALL
+TSDB_CACHED=$CACHE/timescaledb/$TSDB_TARBALL
+TSDB_SRC=/usr/src/ioc-timescaledb                    # in root
+# Holds "<sha256> <version>" of the source built into the root.
+TSDB_BUILT=$PG_ROOTFS/var/lib/ioc-timescaledb.built
+
+# Apache-licence TimescaleDB: the same binaries with the licence set to
+# apache, its own data directory, for the tests of that tier.
+APACHE_PORT=5434
+APACHE_DATA=/var/lib/ioc-pg-apache                          # in root
+APACHE_LOG_IN_ROOT=/var/log/ioc-pg-apache/postgresql.log    # in root
+APACHE_INIT_STAMP=$PG_ROOTFS/var/lib/ioc-pg-apache.initialized
+APACHE_LOG=$LOG_DIR/timescaledb-apache.log                  # symlink into the root
+
 # Plain PostgreSQL: the same root's binaries, its own data directory, no
 # TimescaleDB preloaded.
 PLAIN_PORT=5433
@@ -77,6 +103,7 @@ print_env() {
     echo "export IOC_MQTT_URL=mqtt://127.0.0.1:$MQTT_PORT"
     echo "export IOC_KAFKA_BOOTSTRAP=127.0.0.1:$KAFKA_PORT"
     echo "export IOC_DATABASE_URL=postgresql://postgres@127.0.0.1:$PG_PORT/$PG_DB"
+    echo "export IOC_TEST_APACHE_POSTGRES_URL=postgresql://postgres@127.0.0.1:$APACHE_PORT"
     echo "export IOC_TEST_PLAIN_POSTGRES_URL=postgresql://postgres@127.0.0.1:$PLAIN_PORT"
 }
 
@@ -502,7 +529,7 @@ pg_ensure_db() {
     # database; which module is installed says the same thing up front.
     # Debian builds only the Apache-2 part: no compression, continuous
     # aggregates or policy jobs (those are in the Timescale-licensed module).
-    if compgen -G "$PG_ROOTFS/usr/lib/postgresql/$PG_MAJOR/lib/timescaledb-tsl-*.so" >/dev/null; then
+    if [[ -e $PG_ROOTFS/usr/lib/postgresql/$PG_MAJOR/lib/timescaledb-tsl-$version.so ]]; then
         license=timescale
     else
         license=apache
@@ -511,11 +538,19 @@ pg_ensure_db() {
 }
 
 pg_up() {
-    local pid log=$LOG_DIR/timescaledb-ctl.log
+    local pid log=$LOG_DIR/timescaledb-ctl.log source=
+    if [[ $EUID -eq 0 && -f $PG_ROOTFS_STAMP ]]; then
+        source=$(tsdb_source) || exit 1
+    fi
     if pid=$(pg_pid); then
-        say "timescaledb: server already running (pid $pid), reusing it"
-        pg_ensure_db ours
-        return
+        if [[ -z $source ]] || tsdb_built "$source"; then
+            say "timescaledb: server already running (pid $pid), reusing it"
+            pg_ensure_db ours
+            return
+        fi
+        # The build replaces the libraries the running servers loaded.
+        pg_down
+        apache_down
     fi
     if port_open "$PG_PORT"; then
         say "timescaledb: reusing the server already listening on 127.0.0.1:$PG_PORT (not started by this script)"
@@ -526,6 +561,8 @@ pg_up() {
     need_root "starting PostgreSQL in its chroot"
     mkdir -p "$LOG_DIR"
     pg_rootfs
+    [[ -n $source ]] || source=$(tsdb_source) || exit 1
+    tsdb_build "$source"
     pg_init
     cp "$SERVICES_DIR/timescaledb/postgresql.conf" "$PG_ROOTFS$PG_DATA/ioc.conf"
     chown "$(pg_ids)" "$PG_ROOTFS$PG_DATA/ioc.conf"
@@ -534,6 +571,173 @@ pg_up() {
     as_postgres pg_ctl -D "$PG_DATA" -l "$PG_LOG_IN_ROOT" -w -t "$WAIT_SECONDS" start >"$log" 2>&1 9>&- ||
         fail "timescaledb: PostgreSQL did not start within ${WAIT_SECONDS}s (log: $PG_LOG)"
     pg_ensure_db ours
+    tsdb_update_databases "$PG_PORT"
+}
+
+# ---------------------------------------------------------------- timescaledb from source
+
+# Prints the source tarball to build ("" when there is none, which is not an
+# error: Debian's Apache build serves then). A tarball named but missing or
+# not what its checksum says is an error.
+tsdb_source() {
+    local sum
+    if [[ -n ${IOC_TIMESCALEDB_SOURCE:-} ]]; then
+        [[ -f $IOC_TIMESCALEDB_SOURCE ]] ||
+            fail "timescaledb: IOC_TIMESCALEDB_SOURCE names $IOC_TIMESCALEDB_SOURCE, which does not exist"
+        echo "$IOC_TIMESCALEDB_SOURCE"
+        return
+    fi
+    if [[ -f $TSDB_CACHED ]]; then
+        sum=$(sha256sum "$TSDB_CACHED") && sum=${sum%% *}
+        if [[ $sum == "$TSDB_SHA256" ]]; then
+            echo "$TSDB_CACHED"
+            return
+        fi
+        say "timescaledb: removing the cached $TSDB_TARBALL, whose checksum is wrong"
+        rm -f "$TSDB_CACHED"
+    fi
+    [[ -f $TSDB_BESIDE ]] || return 0
+    sum=$(sha256sum "$TSDB_BESIDE") && sum=${sum%% *}
+    [[ $sum == "$TSDB_SHA256" ]] ||
+        fail "timescaledb: $TSDB_BESIDE has sha256 $sum, not $TSDB_SHA256 (TimescaleDB $TSDB_VERSION's)"
+    # Kept in the cache, so a clone elsewhere (CI's) still finds it.
+    mkdir -p "$(dirname "$TSDB_CACHED")"
+    cp "$TSDB_BESIDE" "$TSDB_CACHED.tmp" && mv "$TSDB_CACHED.tmp" "$TSDB_CACHED"
+    echo "$TSDB_CACHED"
+}
+
+# tsdb_build_id TARBALL: what a build is made of, the tarball and the
+# patches applied to it (services/timescaledb/patches/, each says why).
+tsdb_build_id() {
+    local id
+    id=$({ sha256sum "$1" | cut -d' ' -f1; cat "$SERVICES_DIR"/timescaledb/patches/*.patch 2>/dev/null; } | sha256sum) &&
+        echo "${id%% *}"
+}
+
+# tsdb_built TARBALL: whether that tarball's build is what the root has.
+tsdb_built() {
+    local id
+    [[ -f $TSDB_BUILT ]] || return 1
+    id=$(tsdb_build_id "$1")
+    [[ $(cut -d' ' -f1 "$TSDB_BUILT") == "$id" ]]
+}
+
+# tsdb_build TARBALL: builds and installs TimescaleDB with its community
+# (Timescale-licence) module into the root, once per tarball.
+tsdb_build() {
+    local tarball=$1 log=$LOG_DIR/timescaledb-build.log id version patch
+    if [[ -z $tarball ]]; then
+        if [[ -f $TSDB_BUILT ]]; then
+            say "timescaledb: no source tarball, reusing the TimescaleDB built earlier ($(cut -d' ' -f2 "$TSDB_BUILT"))"
+        else
+            say "timescaledb: warning: no TimescaleDB source (set IOC_TIMESCALEDB_SOURCE to $TSDB_TARBALL), so Debian's Apache-licence build serves: no continuous aggregates, compression or retention policies"
+        fi
+        return 0
+    fi
+    tsdb_built "$tarball" && return 0
+    id=$(tsdb_build_id "$tarball")
+    : >"$log"
+    say "timescaledb: building TimescaleDB from $(basename "$tarball") with its community module, once; takes a few minutes (log: $log)"
+    {
+        in_root apt-get update -q &&
+            in_root apt-get install -y -q --no-install-recommends cmake gcc make \
+                "postgresql-server-dev-$PG_MAJOR" libssl-dev libkrb5-dev libicu-dev &&
+            in_root apt-get clean
+    } >>"$log" 2>&1 || fail "timescaledb: installing the build tools in the root filesystem failed (log: $log)"
+    rm -rf "${PG_ROOTFS:?}$TSDB_SRC"
+    mkdir -p "$PG_ROOTFS$TSDB_SRC"
+    tar -xzf "$tarball" -C "$PG_ROOTFS$TSDB_SRC" --strip-components=1 >>"$log" 2>&1 ||
+        fail "timescaledb: cannot unpack $tarball (log: $log)"
+    version=$(awk '$1 == "version" { print $3 }' "$PG_ROOTFS$TSDB_SRC/version.config")
+    [[ -n $version ]] || fail "timescaledb: $tarball has no version.config; is it TimescaleDB's source? (log: $log)"
+    command -v patch >/dev/null || apt_install patch
+    for patch in "$SERVICES_DIR"/timescaledb/patches/*.patch; do
+        [[ -e $patch ]] || continue
+        patch -d "$PG_ROOTFS$TSDB_SRC" -p1 --forward <"$patch" >>"$log" 2>&1 ||
+            fail "timescaledb: $(basename "$patch") does not apply to TimescaleDB $version (log: $log)"
+    done
+    in_root bash -c "cd $TSDB_SRC && ./bootstrap -DREGRESS_CHECKS=OFF -DTAP_CHECKS=OFF \
+        -DWARNINGS_AS_ERRORS=OFF -DCMAKE_BUILD_TYPE=Release -DPG_CONFIG=$PG_BIN/pg_config &&
+        make -C build -j$(nproc) && make -C build install" >>"$log" 2>&1 ||
+        fail "timescaledb: building TimescaleDB $version failed (log: $log)"
+    [[ -e $PG_ROOTFS/usr/lib/postgresql/$PG_MAJOR/lib/timescaledb-tsl-$version.so ]] ||
+        fail "timescaledb: the build of $version installed no community module (log: $log)"
+    rm -rf "${PG_ROOTFS:?}$TSDB_SRC"
+    echo "$id $version" >"$TSDB_BUILT"
+    say "timescaledb: TimescaleDB $version built and installed"
+}
+
+# tsdb_update_databases PORT: brings every database's TimescaleDB to the
+# version installed (a new build leaves existing databases on the old one,
+# whose library may lack the community module). Each ALTER must be the first
+# statement of its session.
+tsdb_update_databases() {
+    local port=$1 log=$LOG_DIR/timescaledb-client.log db
+    [[ -f $TSDB_BUILT ]] || return 0
+    local psql=(as_postgres psql -X -q -w -h 127.0.0.1 -p "$port" -U postgres)
+    "${psql[@]}" -d postgres -tA -c "select datname from pg_database where datallowconn" 2>>"$log" |
+        while read -r db; do
+            if [[ $("${psql[@]}" -d "$db" -tA -c "select installed_version <> default_version from pg_available_extensions where name = 'timescaledb'" 2>>"$log") == t ]]; then
+                say "timescaledb: updating TimescaleDB in database $db on port $port"
+                "${psql[@]}" -d "$db" -c "ALTER EXTENSION timescaledb UPDATE" >>"$log" 2>&1 ||
+                    say "timescaledb: warning: updating TimescaleDB in database $db failed (log: $log)"
+            fi
+        done
+}
+
+# ---------------------------------------------------------------- timescaledb, Apache licence
+
+apache_init() { cluster_init timescaledb-apache "$APACHE_DATA" "$APACHE_LOG_IN_ROOT" "$APACHE_INIT_STAMP"; }
+
+apache_pid() { cluster_pid "$APACHE_DATA"; }
+
+apache_up() {
+    local pid log=$LOG_DIR/timescaledb-apache-ctl.log
+    if pid=$(apache_pid); then
+        say "timescaledb-apache: server already running (pid $pid), reusing it"
+        return
+    fi
+    if port_open "$APACHE_PORT"; then
+        say "timescaledb-apache: reusing the server already listening on 127.0.0.1:$APACHE_PORT (not started by this script)"
+        return
+    fi
+    need_root "starting the Apache-licence TimescaleDB in its chroot"
+    mkdir -p "$LOG_DIR"
+    pg_rootfs
+    apache_init
+    # The community server's settings, on another port and with the licence that
+    # leaves the community module unloaded.
+    {
+        cat "$SERVICES_DIR/timescaledb/postgresql.conf"
+        cat <<EOF
+
+# The Apache-licence server (written by services.sh; later settings win).
+port = $APACHE_PORT
+timescaledb.license = 'apache'
+max_connections = 50
+shared_buffers = 64MB
+EOF
+    } >"$PG_ROOTFS$APACHE_DATA/ioc.conf"
+    chown "$(pg_ids)" "$PG_ROOTFS$APACHE_DATA/ioc.conf"
+    ln -sfn "$PG_ROOTFS$APACHE_LOG_IN_ROOT" "$APACHE_LOG"
+    say "timescaledb-apache: starting TimescaleDB with the Apache licence on 127.0.0.1:$APACHE_PORT (log: $APACHE_LOG)"
+    as_postgres pg_ctl -D "$APACHE_DATA" -l "$APACHE_LOG_IN_ROOT" -w -t "$WAIT_SECONDS" start >"$log" 2>&1 9>&- ||
+        fail "timescaledb-apache: PostgreSQL did not start within ${WAIT_SECONDS}s (log: $APACHE_LOG)"
+    tsdb_update_databases "$APACHE_PORT"
+    say "timescaledb-apache: ready"
+}
+
+apache_down() {
+    local pid log=$LOG_DIR/timescaledb-apache-ctl.log
+    if pid=$(apache_pid); then
+        say "timescaledb-apache: stopping PostgreSQL (pid $pid)"
+        as_postgres pg_ctl -D "$APACHE_DATA" -m fast -w -t 60 stop >"$log" 2>&1 ||
+            fail "timescaledb-apache: PostgreSQL did not stop (log: $log)"
+    elif port_open "$APACHE_PORT"; then
+        say "timescaledb-apache: the server on port $APACHE_PORT was not started by this script, leaving it alone"
+    else
+        say "timescaledb-apache: not running"
+    fi
 }
 
 pg_down() {
@@ -632,6 +836,7 @@ cmd_status() {
     status_line mqtt "$MQTT_PORT" "$(mqtt_pid || true)"
     status_line kafka "$KAFKA_PORT" "$(kafka_pid || true)"
     status_line timescaledb "$PG_PORT" "$(pg_pid || true)"
+    status_line apache "$APACHE_PORT" "$(apache_pid || true)"
     status_line postgres "$PLAIN_PORT" "$(plain_pid || true)"
 }
 
@@ -643,6 +848,7 @@ up)
     mqtt_up
     kafka_up
     pg_up
+    apache_up
     plain_up
     chromium_ensure
     print_env
@@ -650,6 +856,7 @@ up)
 down)
     take_lock
     plain_down
+    apache_down
     pg_down
     kafka_down
     mqtt_down
@@ -661,9 +868,10 @@ stop)
     mqtt) mqtt_down ;;
     kafka) kafka_down ;;
     timescaledb) pg_down ;;
+    apache) apache_down ;;
     postgres) plain_down ;;
     *)
-        echo "usage: $0 stop mqtt|kafka|timescaledb|postgres" >&2
+        echo "usage: $0 stop mqtt|kafka|timescaledb|apache|postgres" >&2
         exit 2
         ;;
     esac

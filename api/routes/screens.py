@@ -34,7 +34,7 @@ from ioc_core.models import Location, StateItem
 from ioc_core.places import city_name
 from ioc_core.rules import SEVERITIES, rules_for
 from ioc_core.storage import SummaryDevice
-from ioc_core.storage.tiers import AGGREGATES
+from ioc_core.storage.tiers import AGGREGATES, SeriesSource
 
 router = APIRouter()
 
@@ -138,6 +138,10 @@ class Series(BaseModel):
     unit: str
     agg: Aggregate
     bucket: str
+    source: SeriesSource = Field(
+        description="where the whole buckets were read: the readings, or the continuous aggregate"
+        " of that width (community TimescaleDB, for buckets that are whole multiples of it)"
+    )
     items: list[SeriesPoint]
     next: str | None = None
 
@@ -401,5 +405,6 @@ async def series(
         unit=metric_def.unit,
         agg=agg,
         bucket=bucket,
+        source=rows.source,
         items=[SeriesPoint(t=t, value=v) for t, v in rows],
     )

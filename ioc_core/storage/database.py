@@ -26,7 +26,7 @@ from ioc_core.storage.pool import Pool, Transaction
 from ioc_core.storage.readings import ReadingStore
 from ioc_core.storage.schema import StorageTier
 from ioc_core.storage.status import StatusStore
-from ioc_core.storage.tiers import DEFAULT_RETENTION
+from ioc_core.storage.tiers import COMPRESS_AFTER, DEFAULT_RETENTION
 from ioc_core.storage.webhooks import WebhookStore
 
 log = logging.getLogger(__name__)
@@ -78,10 +78,18 @@ class Database(Component):
     async def detect_tier(self) -> StorageTier:
         return await migrations.detect_tier(self._pool)
 
-    async def migrate(self, *, retention: timedelta = DEFAULT_RETENTION) -> StorageTier:
+    async def migrate(
+        self,
+        *,
+        retention: timedelta = DEFAULT_RETENTION,
+        compress_after: timedelta = COMPRESS_AFTER,
+        reader_password: str | None = None,
+    ) -> StorageTier:
         """Create or upgrade the schema (see `migrations.migrate`), then seal the webhook secrets
         an earlier version stored in plain text, and those an old key sealed, with the current key."""
-        self.tier = await migrations.migrate(self._pool, retention=retention)
+        self.tier = await migrations.migrate(
+            self._pool, retention=retention, compress_after=compress_after, reader_password=reader_password
+        )
         if self._sealer is not None:
             report = await self.webhooks.seal_stored_secrets()
             if report.sealed or report.resealed:

@@ -11,7 +11,13 @@ import asyncpg
 from ioc_core.domains import DOMAINS
 from ioc_core.storage.pool import Connection, Pool
 from ioc_core.storage.schema import MIGRATION_LOCK_ID, MIGRATIONS, StorageTier, domain_table_ddl
-from ioc_core.storage.tiers import DEFAULT_RETENTION, tier_objects_sql
+from ioc_core.storage.tiers import (
+    COMPRESS_AFTER,
+    DEFAULT_RETENTION,
+    READER_ROLE,
+    reader_role_sql,
+    tier_objects_sql,
+)
 
 log = logging.getLogger(__name__)
 
@@ -26,11 +32,24 @@ async def detect_tier(pool: Pool) -> StorageTier:
     return StorageTier.COMMUNITY if row["license"] == "timescale" else StorageTier.APACHE
 
 
-async def migrate(pool: Pool, *, retention: timedelta = DEFAULT_RETENTION) -> StorageTier:
+async def migrate(
+    pool: Pool,
+    *,
+    retention: timedelta = DEFAULT_RETENTION,
+    compress_after: timedelta = COMPRESS_AFTER,
+    reader_password: str | None = None,
+) -> StorageTier:
     """Create or upgrade the schema; safe to run twice and from several processes at once.
 
-    On community TimescaleDB this also sets up continuous aggregates, compression and the
-    retention policies, readings being kept for `retention` (IOC_RETENTION_DAYS)."""
+    On community TimescaleDB this also sets up continuous aggregates, compression of chunks older
+    than `compress_after` (IOC_COMPRESS_AFTER_DAYS) and the retention policies, readings being
+    kept for `retention` (IOC_RETENTION_DAYS).
+
+    Every tier gets the read-only role `ioc_reader` (see `tiers.reader_role_sql`); with
+    `reader_password` (IOC_READER_DB_PASSWORD) it may log in with it, for Grafana."""
+    if await _update_timescaledb(pool.url):
+        # The pool's sessions loaded the old version; the server ends them at their next statement.
+        await pool.pool.expire_connections()
     async with pool.pool.acquire() as connection:
         await connection.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_ID)
         try:
@@ -43,12 +62,28 @@ async def migrate(pool: Pool, *, retention: timedelta = DEFAULT_RETENTION) -> St
                         await connection.execute(statement)
             # Each on its own: TimescaleDB refuses some of these inside a transaction block.
             for domain in DOMAINS.values():
-                for statement in tier_objects_sql(tier, domain, retention):
+                for statement in tier_objects_sql(tier, domain, retention, compress_after):
                     await connection.execute(statement)
+            await connection.execute(reader_role_sql(tier))
+            if reader_password is not None:
+                await _let_the_reader_log_in(connection, reader_password)
         finally:
             await connection.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_ID)
     log.info("schema is up to date on storage tier %s", tier)
     return tier
+
+
+async def _let_the_reader_log_in(connection: Connection, password: str) -> None:
+    # A password cannot be a parameter of ALTER ROLE: the server quotes it (format's %L).
+    statement = await connection.fetchval(
+        f"SELECT format('ALTER ROLE {READER_ROLE} WITH LOGIN PASSWORD %L', $1::text)", password
+    )
+    try:
+        await connection.execute(statement)
+    except asyncpg.InsufficientPrivilegeError as exc:
+        log.warning("the read-only role %s cannot be given a password here: %s", READER_ROLE, exc)
+    except asyncpg.UndefinedObjectError:
+        log.warning("the read-only role %s does not exist: this user may not create roles", READER_ROLE)
 
 
 async def _apply_migrations(connection: Connection) -> None:
@@ -65,6 +100,35 @@ async def _apply_migrations(connection: Connection) -> None:
             await connection.execute(sql)
             await connection.execute("INSERT INTO schema_migrations (version) VALUES ($1)", version)
         log.info("applied migration %d", version)
+
+
+async def _update_timescaledb(url: str) -> bool:
+    """Bring TimescaleDB in this database up to the version the server has installed (a new
+    server image keeps the database's old version until then). The update must be the first
+    statement of its session, before anything loads the old version's library: each step runs on
+    a connection of its own, outside the pool, whose connections set themselves up first. Says
+    whether it updated."""
+    connection = await asyncpg.connect(url)
+    try:
+        versions = await connection.fetchrow(
+            "SELECT installed_version, default_version FROM pg_available_extensions"
+            " WHERE name = 'timescaledb'"
+        )
+    finally:
+        await connection.close()
+    if versions is None or versions["installed_version"] in (None, versions["default_version"]):
+        return False
+    log.info(
+        "updating TimescaleDB in this database from %s to %s",
+        versions["installed_version"],
+        versions["default_version"],
+    )
+    connection = await asyncpg.connect(url)
+    try:
+        await connection.execute("ALTER EXTENSION timescaledb UPDATE")
+    finally:
+        await connection.close()
+    return True
 
 
 async def _enable_timescaledb(connection: Connection) -> None:

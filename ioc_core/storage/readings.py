@@ -22,9 +22,10 @@ insert decompressed the same rows before merging existed, so the merge adds no n
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import asyncpg
 
@@ -41,12 +42,17 @@ from ioc_core.storage.tiers import (
     SCAN_SAMPLE_ROWS,
     Aggregate,
     ScanSample,
+    SeriesSource,
+    export_sql,
+    read_windows,
     retention_sql,
     rollup_series_sql,
     rollup_span,
     scan_sample_sql,
     series_scan_estimate,
     series_sql,
+    stale_rollup_sql,
+    unix_microseconds,
 )
 from ioc_core.telemetry import Reading
 
@@ -303,6 +309,18 @@ async def _remove_old_readings(
             return removed
 
 
+class SeriesRows(list[tuple[datetime, float | None]]):
+    """A series' (bucket start, value) rows in time order, and where its whole buckets were read:
+    `raw` (the readings) or the suffix of the continuous aggregate that served them (`1m`, `1h`,
+    `1d`)."""
+
+    def __init__(
+        self, rows: Iterable[tuple[datetime, float | None]] = (), source: SeriesSource = "raw"
+    ) -> None:
+        super().__init__(rows)
+        self.source = source
+
+
 class ReadingStore:
     """Series, retention and counts of the readings, over a started pool. `tier` tells the
     storage tier the database offers; `seq_window_s` how long a copy is recognised."""
@@ -323,11 +341,12 @@ class ReadingStore:
         agg: Aggregate,
         *,
         max_rows: int | None = None,
-    ) -> list[tuple[datetime, float | None]]:
+    ) -> SeriesRows:
         """One metric of one device over [start, end) in buckets of `bucket` aligned to the Unix
         epoch in UTC: (bucket start, value) in time order; buckets without the metric are left out.
         Naive datetimes are taken as UTC. The same on every tier; community TimescaleDB reads the
-        continuous aggregates where the bucket is a whole number of their buckets. With `max_rows`,
+        continuous aggregates where the bucket is a whole number of their buckets (`source` says
+        which served). With `max_rows`,
         a series estimated to read more stored rows than that is refused (`ValidationError`) before
         it is read (see `tiers.series_scan_estimate`)."""
         domain_def = DOMAINS.get(domain)
@@ -343,18 +362,20 @@ class ReadingStore:
             raise ValidationError(f"bucket must be positive, not {bucket}")
         start, end = (t if t.tzinfo is not None else t.replace(tzinfo=UTC) for t in (start, end))
         if start >= end:
-            return []
+            return SeriesRows()
         tier = await self._tier()
         try:
             if max_rows is not None:
                 await self._check_scan(tier, device_id, domain_def, start, end, bucket, max_rows)
-            rows = await self._series_rows(tier, device_id, domain_def, metric, start, end, bucket, agg)
+            rows, source = await self._series_rows(
+                tier, device_id, domain_def, metric, start, end, bucket, agg
+            )
         except asyncpg.PostgresError as exc:
             raise StorageError(
                 f"reading the {metric} series of {device_id!r} failed: {exc}",
                 retriable=isinstance(exc, TRANSIENT_ERRORS),
             ) from exc
-        return [(r["t"], r["value"]) for r in rows]
+        return SeriesRows(((r["t"], r["value"]) for r in rows), source)
 
     async def _check_scan(
         self,
@@ -394,31 +415,105 @@ class ReadingStore:
         end: datetime,
         bucket: timedelta,
         agg: Aggregate,
-    ) -> list[asyncpg.Record]:
+    ) -> tuple[list[asyncpg.Record], SeriesSource]:
         """`series` once its arguments are checked: from a continuous aggregate where one
-        serves, else from the readings."""
+        serves, else from the readings; with the source that served it."""
         metric_def = domain.metric(metric)
         assert metric_def is not None
         span = rollup_span(bucket, start, end) if tier is StorageTier.COMMUNITY else None
         if span is not None:
             try:
-                return await self._pool.fetch(
+                # Stale buckets (late readings not folded in yet) are read from the readings.
+                stale = await self._pool.fetch(
+                    stale_rollup_sql(),
+                    domain.table,
+                    span.rollup.view(domain),
+                    unix_microseconds(span.inner_start),
+                    unix_microseconds(span.inner_end),
+                )
+                windows, stale_parts = read_windows(span, start, end, [(r["lo"], r["hi"]) for r in stale])
+                rows = await self._pool.fetch(
                     rollup_series_sql(domain, metric_def, agg, span.rollup),
                     bucket,
                     device_id,
-                    start,
-                    end,
+                    [lo for lo, _ in windows],
+                    [hi for _, hi in windows],
                     span.inner_start,
                     span.inner_end,
+                    [lo for lo, _ in stale_parts],
+                    [hi for _, hi in stale_parts],
                 )
+                return rows, span.rollup.suffix
             except asyncpg.UndefinedTableError:
                 log.warning(
                     "continuous aggregate %s is missing (run `ioc migrate`); reading the readings",
                     span.rollup.view(domain),
                 )
-        return await self._pool.fetch(
-            series_sql(tier, domain, metric_def, agg), bucket, device_id, start, end
-        )
+            except asyncpg.InsufficientPrivilegeError as exc:
+                # Without TimescaleDB's catalog, stale buckets cannot be told: the readings are exact.
+                log.warning("cannot tell which rollup buckets are stale (%s); reading the readings", exc)
+        sql = series_sql(tier, domain, metric_def, agg)
+        rows = await self._pool.fetch(sql, bucket, device_id, start, end)
+        return rows, "raw"
+
+    async def export(
+        self,
+        *,
+        domain: str,
+        cities: Sequence[str] | None,
+        start: datetime,
+        end: datetime,
+        metrics: Sequence[str] | None = None,
+        bucket: timedelta | None = None,
+        chunk_rows: int = 5000,
+    ) -> AsyncGenerator[list[tuple[Any, ...]], None]:
+        """A domain's readings over [start, end) of the registered devices of `cities` (None:
+        every city), in chunks of at most `chunk_rows` rows: per reading (ts, device_id, each of
+        `metrics`, None where the reading lacks it), or with `bucket`, per device and bucket
+        aligned to the Unix epoch in UTC (bucket, device_id, readings, each metric's avg, min and
+        max); see `tiers.export_sql`. `metrics` default to all of the domain's, in their declared
+        order. Naive datetimes are taken as UTC.
+
+        One pooled connection is held, in one read-only transaction, until the generator ends or
+        is closed: the rows come through a server-side cursor, so however many there are, only
+        one chunk is in memory. Close the generator (`aclose`) when stopping early."""
+        domain_def = DOMAINS.get(domain)
+        if domain_def is None:
+            raise ValidationError(f"unknown domain {domain!r}")
+        chosen = []
+        for name in metrics if metrics is not None else [m.name for m in domain_def.metrics]:
+            metric_def = domain_def.metric(name)
+            if metric_def is None:
+                raise ValidationError(f"{name!r} is not a metric of the {domain} domain")
+            chosen.append(metric_def)
+        if bucket is not None and bucket <= timedelta(0):
+            raise ValidationError(f"bucket must be positive, not {bucket}")
+        if chunk_rows <= 0:
+            raise ValidationError(f"chunk_rows must be positive, not {chunk_rows}")
+        start, end = (t if t.tzinfo is not None else t.replace(tzinfo=UTC) for t in (start, end))
+        if start >= end or cities == []:
+            return
+        tier = await self._tier()
+        sql = export_sql(tier, domain_def, chosen, bucketed=bucket is not None, by_city=cities is not None)
+        args: list[Any] = [start, end]
+        if bucket is not None:
+            args.append(bucket)
+        if cities is not None:
+            args.append(list(cities))
+        try:
+            async with (
+                self._pool.guard(),
+                self._pool.pool.acquire() as connection,
+                connection.transaction(readonly=True),
+            ):
+                cursor = await connection.cursor(sql, *args)
+                while rows := await cursor.fetch(chunk_rows):
+                    yield [tuple(row) for row in rows]
+        except asyncpg.PostgresError as exc:
+            raise StorageError(
+                f"exporting the {domain} readings failed: {exc}",
+                retriable=isinstance(exc, TRANSIENT_ERRORS),
+            ) from exc
 
     async def apply_retention(self, older_than: timedelta) -> int:
         """Remove readings older than `older_than`: whole chunks on TimescaleDB (`drop_chunks`, so

@@ -1,8 +1,9 @@
 """What each storage tier adds to the plain readings tables, as SQL text.
 
-- Community TimescaleDB (licence `timescale`): per domain, continuous aggregates at one minute and
-  one hour with real-time results, refresh policies, compression of the readings hypertables and
-  retention policies on readings and aggregates. Series read the aggregates where they can.
+- Community TimescaleDB (licence `timescale`): per domain, continuous aggregates at one minute,
+  one hour and one day with real-time results, refresh policies, compression of the readings
+  hypertables and retention policies on readings and aggregates. Series read the aggregates where
+  they can.
 - Apache TimescaleDB: hypertables and `time_bucket`; retention by `drop_chunks`, run by the
   processors on a schedule (policies need the community licence).
 - PostgreSQL: `date_bin` for buckets, a BRIN index on time, and retention by batched `DELETE`.
@@ -14,15 +15,18 @@ goes through `ident()`.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Literal, get_args
 
-from ioc_core.domains import Domain, Metric
+from ioc_core.domains import DOMAINS, Domain, Metric
 from ioc_core.storage.schema import StorageTier, ident
 
 Aggregate = Literal["avg", "min", "max", "count", "last"]
 AGGREGATES: tuple[Aggregate, ...] = get_args(Aggregate)
+# Where a series' whole buckets are read: the readings, or the continuous aggregate of that width.
+SeriesSource = Literal["raw", "1m", "1h", "1d"]
 
 # Buckets are aligned to the Unix epoch in UTC on every tier (time_bucket's own default origin is
 # 2000-01-03, which would shift buckets that do not divide a week).
@@ -44,12 +48,15 @@ class Rollup:
     """One continuous aggregate level: per device and bucket of `width`, for each metric its sum,
     count, min, max and last value (sum and count, not the average, so buckets combine exactly)."""
 
-    suffix: str
+    suffix: SeriesSource
     width: timedelta
-    # Late readings up to `refresh_lookback` old (never beyond the retention, where a refresh would
-    # find the readings gone) are folded in by the refresh policy; the newest `refresh_lag` is left
-    # to the real-time part of the view.
-    refresh_lookback: timedelta
+    # The newest `refresh_lag` is left to the real-time part of the view. The refresh policy's
+    # window reaches back over the whole retention of the readings, so a backfilled reading of any
+    # age still kept reaches every level at its next refresh: a refresh recomputes only the
+    # buckets whose readings changed (TimescaleDB's invalidation log), so a wide window costs
+    # nothing while nothing old arrives. It stops at the retention: beyond, the readings are gone
+    # and a refresh would empty the aggregate's buckets. (A retention shorter than three buckets,
+    # the least window a policy takes, is widened to that.)
     refresh_lag: timedelta
     refresh_every: timedelta
     # Each level has about 60 times fewer rows than the one below, so it can be kept much longer.
@@ -62,9 +69,15 @@ class Rollup:
 # Coarsest first: a series uses the coarsest level whose width divides its bucket.
 ROLLUPS: tuple[Rollup, ...] = (
     Rollup(
+        "1d",
+        timedelta(days=1),
+        refresh_lag=timedelta(days=1),
+        refresh_every=timedelta(hours=1),
+        retention_factor=40,
+    ),
+    Rollup(
         "1h",
         timedelta(hours=1),
-        refresh_lookback=timedelta(days=7),
         refresh_lag=timedelta(hours=1),
         refresh_every=timedelta(minutes=30),
         retention_factor=16,
@@ -72,7 +85,6 @@ ROLLUPS: tuple[Rollup, ...] = (
     Rollup(
         "1m",
         timedelta(minutes=1),
-        refresh_lookback=timedelta(days=2),
         refresh_lag=timedelta(minutes=1),
         refresh_every=timedelta(minutes=1),
         retention_factor=4,
@@ -122,6 +134,24 @@ def rollup_query_sql(domain: Domain, rollup: Rollup) -> str:
     )
 
 
+def _refresh_policy_sql(view: str, window: timedelta, rollup: Rollup) -> list[str]:
+    """Replace a refresh policy whose window or schedule differs, then add it if missing."""
+    start, end, every = (interval_sql(span) for span in (window, rollup.refresh_lag, rollup.refresh_every))
+    return [
+        f"SELECT remove_continuous_aggregate_policy('{view}', if_exists => true)"
+        " FROM timescaledb_information.jobs j"
+        " JOIN timescaledb_information.continuous_aggregates c"
+        " ON (c.materialization_hypertable_schema, c.materialization_hypertable_name)"
+        " = (j.hypertable_schema, j.hypertable_name)"
+        " WHERE j.proc_name = 'policy_refresh_continuous_aggregate'"
+        f" AND c.view_schema = current_schema() AND c.view_name = '{view}'"
+        f" AND ((j.config ->> 'start_offset')::interval <> {start}"
+        f" OR (j.config ->> 'end_offset')::interval <> {end} OR j.schedule_interval <> {every})",
+        f"SELECT add_continuous_aggregate_policy('{view}', start_offset => {start},"
+        f" end_offset => {end}, schedule_interval => {every}, if_not_exists => true)",
+    ]
+
+
 def _retention_policy_sql(relation: str, keep: timedelta) -> list[str]:
     """Replace a retention policy whose horizon differs from `keep`, then add it if missing."""
     drop_after = interval_sql(keep)
@@ -139,10 +169,13 @@ def _retention_policy_sql(relation: str, keep: timedelta) -> list[str]:
     ]
 
 
-def community_objects_sql(domain: Domain, retention: timedelta) -> list[str]:
+def community_objects_sql(
+    domain: Domain, retention: timedelta, compress_after: timedelta = COMPRESS_AFTER
+) -> list[str]:
     """Statements, in order and each safe to repeat, that give a domain's readings their continuous
-    aggregates, compression and retention on community TimescaleDB. Each runs on its own (not in
-    a transaction block); the readings hypertable must exist."""
+    aggregates, compression (of chunks older than `compress_after`) and retention on community
+    TimescaleDB. Each runs on its own (not in a transaction block); the readings hypertable must
+    exist. A changed retention, compression age or refresh schedule replaces its policy."""
     table = ident(domain.table)
     statements: list[str] = []
     for rollup in reversed(ROLLUPS):
@@ -151,10 +184,7 @@ def community_objects_sql(domain: Domain, retention: timedelta) -> list[str]:
             f"CREATE MATERIALIZED VIEW IF NOT EXISTS {view}"
             " WITH (timescaledb.continuous, timescaledb.materialized_only = false) AS\n"
             f"{rollup_query_sql(domain, rollup)}\nWITH NO DATA",
-            f"SELECT add_continuous_aggregate_policy('{view}',"
-            f" start_offset => {interval_sql(min(rollup.refresh_lookback, retention))},"
-            f" end_offset => {interval_sql(rollup.refresh_lag)},"
-            f" schedule_interval => {interval_sql(rollup.refresh_every)}, if_not_exists => true)",
+            *_refresh_policy_sql(view, max(retention, 3 * rollup.width), rollup),
         ]
     # Changing compression settings fails once chunks are compressed, so they are set only once.
     statements += [
@@ -169,7 +199,12 @@ BEGIN
     END IF;
 END
 $$""",
-        f"SELECT add_compression_policy('{table}', compress_after => {interval_sql(COMPRESS_AFTER)},"
+        f"SELECT remove_compression_policy('{table}', if_exists => true)"
+        " FROM timescaledb_information.jobs j"
+        " WHERE j.proc_name = 'policy_compression'"
+        f" AND (j.hypertable_schema, j.hypertable_name) = (current_schema(), '{table}')"
+        f" AND (j.config ->> 'compress_after')::interval <> {interval_sql(compress_after)}",
+        f"SELECT add_compression_policy('{table}', compress_after => {interval_sql(compress_after)},"
         " if_not_exists => true)",
         *_retention_policy_sql(table, retention),
     ]
@@ -185,13 +220,53 @@ def postgres_objects_sql(domain: Domain) -> list[str]:
     return [f"CREATE INDEX IF NOT EXISTS {ident(table + '_ts_brin')} ON {table} USING brin (ts)"]
 
 
-def tier_objects_sql(tier: StorageTier, domain: Domain, retention: timedelta) -> list[str]:
+def tier_objects_sql(
+    tier: StorageTier, domain: Domain, retention: timedelta, compress_after: timedelta = COMPRESS_AFTER
+) -> list[str]:
     """What `migrate` applies for a domain after its readings table exists."""
     if tier is StorageTier.COMMUNITY:
-        return community_objects_sql(domain, retention)
+        return community_objects_sql(domain, retention, compress_after)
     if tier is StorageTier.POSTGRES:
         return postgres_objects_sql(domain)
     return []
+
+
+# -- read-only access -------------------------------------------------------------------------------
+
+# A role that may read the city's measurements and nothing else: dashboards (Grafana) and analysts
+# connect as it. Keys, webhook secrets, the audit log and the outbox stay out of its reach.
+READER_ROLE = "ioc_reader"
+READER_RELATIONS = ("devices", "device_state", "alarms")
+
+
+def reader_relations(tier: StorageTier) -> list[str]:
+    """What the read-only role may select: the registry, the latest state, alarms, every domain's
+    readings and, on community TimescaleDB, their rollups."""
+    relations = [*READER_RELATIONS, *(ident(domain.table) for domain in DOMAINS.values())]
+    if tier is StorageTier.COMMUNITY:
+        relations += [rollup.view(domain) for domain in DOMAINS.values() for rollup in ROLLUPS]
+    return relations
+
+
+def reader_role_sql(tier: StorageTier) -> str:
+    """Create the read-only role if missing (a user that may not create roles skips it, with a
+    notice) and grant it what it may read; safe to repeat, and from several databases at once."""
+    role = ident(READER_ROLE)
+    grants = ", ".join(reader_relations(tier))
+    return f"""DO $$
+BEGIN
+    BEGIN
+        CREATE ROLE {role} NOLOGIN;
+    EXCEPTION
+        WHEN duplicate_object OR unique_violation THEN NULL;
+        WHEN insufficient_privilege THEN
+            RAISE NOTICE 'role {role} not created: this user may not create roles';
+            RETURN;
+    END;
+    EXECUTE format('GRANT USAGE ON SCHEMA %I TO {role}', current_schema());
+    GRANT SELECT ON {grants} TO {role};
+END
+$$"""
 
 
 # -- series ---------------------------------------------------------------------------------------
@@ -254,6 +329,37 @@ def series_sql(tier: StorageTier, domain: Domain, metric: Metric, agg: Aggregate
     )
 
 
+def export_sql(
+    tier: StorageTier, domain: Domain, metrics: Sequence[Metric], *, bucketed: bool, by_city: bool
+) -> str:
+    """A domain's readings over a range, of registered devices only (and, `by_city`, only those of
+    some cities), for an export read through a cursor.
+
+    Not `bucketed`: (ts, device_id, each metric) per reading, ordered by ts and device. Bucketed:
+    per device and bucket aligned to the Unix epoch in UTC, (bucket, device_id, readings, then
+    each metric's avg, min and max), ordered by bucket and device; always from the readings, since
+    the continuous aggregates keep no count of readings.
+
+    Parameters: $1 start, $2 end (half-open); bucketed, $3 the bucket (interval); `by_city`, the
+    cities (text[]) last."""
+    table = ident(domain.table)
+    columns = [ident(m.column) for m in metrics]
+    where = "r.ts >= $1 AND r.ts < $2"
+    if by_city:
+        where += f" AND d.city = ANY(${4 if bucketed else 3}::text[])"
+    source = f" FROM {table} r JOIN devices d ON d.id = r.device_id WHERE {where}"
+    if not bucketed:
+        values = "".join(f", r.{c}" for c in columns)
+        return f"SELECT r.ts, r.device_id{values}{source} ORDER BY r.ts, r.device_id"
+    bucket_of = "time_bucket" if tier.has_hypertables else "date_bin"
+    statistics = "".join(f", avg(r.{c}), min(r.{c}), max(r.{c})" for c in columns)
+    return (
+        f"SELECT {bucket_of}($3::interval, r.ts, {_EPOCH_SQL}) AS bucket, r.device_id,"
+        f" count(*) AS readings{statistics}{source}"
+        " GROUP BY bucket, r.device_id ORDER BY bucket, r.device_id"
+    )
+
+
 # Readings sampled at each end of a series' range to estimate what the series would read.
 SCAN_SAMPLE_ROWS = 1000
 
@@ -311,7 +417,10 @@ def series_scan_estimate(
     if span is None:
         return readings((end - start).total_seconds())
     edges_s = ((span.inner_start - start) + (end - span.inner_end)).total_seconds()
-    return (span.inner_end - span.inner_start) // span.rollup.width + readings(edges_s)
+    # An aggregate holds at most one row per bucket, and none for a bucket without readings.
+    inner_s = (span.inner_end - span.inner_start).total_seconds()
+    buckets = (span.inner_end - span.inner_start) // span.rollup.width
+    return min(buckets, readings(inner_s)) + readings(edges_s)
 
 
 # Per aggregate: what a reading contributes, what an aggregate row contributes, and how the
@@ -329,24 +438,85 @@ _PARTS: dict[Aggregate, tuple[str, str, str]] = {
 
 def rollup_series_sql(domain: Domain, metric: Metric, agg: Aggregate, rollup: Rollup) -> str:
     """Like `series_sql`, on community TimescaleDB: whole aggregate buckets from the continuous
-    aggregate, the partial ones at both ends of the range from the readings.
+    aggregate where it is up to date, the rest from the readings: the partial buckets at both ends
+    of the range, and the stale ones (see `stale_rollup_sql`).
 
-    Parameters: $1 bucket (a whole multiple of the rollup's width), $2 device id, $3 start, $4 end,
-    $5 and $6 the span of whole rollup buckets inside [start, end)."""
+    Parameters: $1 bucket (a whole multiple of the rollup's width), $2 device id, $3 and $4 the
+    starts and ends of the windows read from the readings (arrays), $5 and $6 the span of whole
+    rollup buckets inside the range, $7 and $8 the starts and ends of the stale parts of that span
+    (arrays; each also one of the windows)."""
     column = ident(metric.column)
     names = {"c": column, **{f"c_{part}": ident(f"{column}_{part}") for part in _ROLLUP_PARTS}}
     from_reading, from_rollup, combined = (part.format(**names) for part in _PARTS[agg])
     return (
         "WITH parts (at, a, b) AS ("
-        f" SELECT ts, {from_reading} FROM {ident(domain.table)}"
-        f" WHERE device_id = $2 AND {column} IS NOT NULL"
-        " AND ((ts >= $3 AND ts < $5) OR (ts >= $6 AND ts < $4))"
+        f" SELECT r.ts, {from_reading}"
+        " FROM unnest($3::timestamptz[], $4::timestamptz[]) AS w (lo, hi)"
+        f" CROSS JOIN LATERAL (SELECT ts, {column} FROM {ident(domain.table)}"
+        f" WHERE device_id = $2 AND ts >= w.lo AND ts < w.hi AND {column} IS NOT NULL) r"
         " UNION ALL"
         f" SELECT bucket, {from_rollup} FROM {rollup.view(domain)}"
         f" WHERE device_id = $2 AND bucket >= $5 AND bucket < $6 AND {names['c_count']} > 0"
+        " AND NOT EXISTS (SELECT 1 FROM unnest($7::timestamptz[], $8::timestamptz[]) AS s (lo, hi)"
+        " WHERE bucket >= s.lo AND bucket < s.hi)"
         f") SELECT time_bucket($1::interval, at, {_EPOCH_SQL}) AS t, {combined} AS value"
         " FROM parts GROUP BY t ORDER BY t"
     )
+
+
+def stale_rollup_sql() -> str:
+    """The parts of a continuous aggregate that do not hold what the readings hold, in TimescaleDB's
+    internal time (microseconds since the Unix epoch), overlapping [$3, $4): readings written below
+    what it has materialized and not folded in yet (the hypertable's invalidation log), and what it
+    has not materialized, or must recompute, at its next refresh (its own invalidation log: also
+    everything above its watermark, which the real-time view reads from the readings anyway, and
+    everything before its refresh window).
+
+    A real-time aggregate reads materialized buckets only, below its watermark: a reading that
+    arrives late (a device's buffer sent after an outage) would be missing from them until the next
+    refresh. These catalog tables are TimescaleDB's own (stable since 2.0); reading them costs two
+    index scans.
+
+    Parameters: $1 the readings table, $2 the aggregate's view (both in the current schema)."""
+    overlapping = "l.greatest_modified_value >= $3 AND l.lowest_modified_value < $4"
+    return (
+        "SELECT l.lowest_modified_value AS lo, l.greatest_modified_value AS hi"
+        " FROM _timescaledb_catalog.continuous_aggs_hypertable_invalidation_log l"
+        " JOIN _timescaledb_catalog.hypertable h ON h.id = l.hypertable_id"
+        f" WHERE h.schema_name = current_schema() AND h.table_name = $1 AND {overlapping}"
+        " UNION ALL"
+        " SELECT l.lowest_modified_value, l.greatest_modified_value"
+        " FROM _timescaledb_catalog.continuous_aggs_materialization_invalidation_log l"
+        " JOIN _timescaledb_catalog.continuous_agg c ON c.mat_hypertable_id = l.materialization_id"
+        f" WHERE c.user_view_schema = current_schema() AND c.user_view_name = $2 AND {overlapping}"
+    )
+
+
+def unix_microseconds(moment: datetime) -> int:
+    return (moment - EPOCH) // timedelta(microseconds=1)
+
+
+def read_windows(
+    span: RollupSpan, start: datetime, end: datetime, stale: list[tuple[int, int]]
+) -> tuple[list[tuple[datetime, datetime]], list[tuple[datetime, datetime]]]:
+    """The windows a series over [start, end) reads from the readings, and the stale parts of the
+    span: `stale` ranges (inclusive, internal time, as `stale_rollup_sql` gives them) clipped to
+    the span, widened to whole rollup buckets and merged."""
+    width = span.rollup.width
+    low, high = unix_microseconds(span.inner_start), unix_microseconds(span.inner_end)
+    parts: list[tuple[datetime, datetime]] = []
+    for lo, hi in sorted(stale):
+        lo, hi = max(lo, low), min(hi, high - 1)
+        if lo > hi:
+            continue
+        first = floor_to(EPOCH + timedelta(microseconds=lo), width)
+        last = floor_to(EPOCH + timedelta(microseconds=hi), width) + width
+        if parts and first <= parts[-1][1]:
+            parts[-1] = (parts[-1][0], max(parts[-1][1], last))
+        else:
+            parts.append((first, last))
+    edges = [(start, span.inner_start), (span.inner_end, end)]
+    return [window for window in edges if window[0] < window[1]] + parts, parts
 
 
 # -- retention ------------------------------------------------------------------------------------

@@ -35,6 +35,10 @@ SESSION_CITY = unique("city")[:32]
 FAST_OFFLINE_DOMAIN, FAST_OFFLINE_S = "waste", 4
 _STALE_TEST_DATABASE_S = 6 * 3600
 POSTGRES_URL = os.environ.get("IOC_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432")
+# The other storage tiers' servers of `make services`: TimescaleDB with the Apache licence, and
+# PostgreSQL without TimescaleDB. (The one above has the community licence where it was built.)
+APACHE_POSTGRES_URL = os.environ.get("IOC_TEST_APACHE_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5434")
+PLAIN_POSTGRES_URL = os.environ.get("IOC_TEST_PLAIN_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5433")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

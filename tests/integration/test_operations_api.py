@@ -436,6 +436,12 @@ async def test_series_buckets_a_metric_and_refuses_bad_requests(
     items = await wait_until(two_buckets, timeout=30, what="two buckets of readings")
     assert [i["value"] for i in items] == [pytest.approx(1.3), pytest.approx(1.7)]
     assert datetime.fromisoformat(items[0]["t"]) == start
+    # Whole minutes come from the minute rollup where the server has one; half minutes never do.
+    for bucket, sources in (("1m", {"1m", "raw"}), ("30s", {"raw"})):
+        params = {"metric": "currentLevel", "from": start.isoformat(), "bucket": bucket}
+        response = await admin.get(f"/v1/devices/{device_id}/series", params=params)
+        assert response.status_code == 200, response.text
+        assert response.json()["source"] in sources, (bucket, response.json())
 
     path = f"/v1/devices/{device_id}/series"
     bad = {

@@ -1,16 +1,16 @@
-"""The storage tiers on real servers: Apache TimescaleDB (the TimescaleDB service) and plain
-PostgreSQL (the `postgres` service on port 5433), each in a fresh database of its own.
+"""The storage tiers on real servers, each in a fresh database of its own: community TimescaleDB
+(the TimescaleDB service, built by `make services` from TimescaleDB's source), Apache TimescaleDB
+(the same build with the Apache licence, port 5434) and plain PostgreSQL (port 5433).
 
-Community TimescaleDB cannot run here (Debian builds only the Apache-licensed part), so its
-objects are checked on the Apache server: every statement must fail with nothing worse than the
-licence error, and the series query that reads the continuous aggregates runs against plain views
-with the aggregates' own definitions.
+On the community server the continuous aggregates, compression and policies run for real; their
+jobs are paused in the test database, and the tests run them when they check them. On the Apache
+server every community statement must fail with nothing worse than the licence error, and the
+series query that reads the aggregates also runs against plain views of their definitions.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import time
 import uuid
@@ -25,8 +25,11 @@ from ioc_core.domains import DOMAINS
 from ioc_core.errors import ValidationError
 from ioc_core.models import DeviceIn, Location
 from ioc_core.storage import Database, StorageTier, TelemetryBatch, WriteResult
+from ioc_core.storage import migrations as migrations_module
 from ioc_core.storage.tiers import (
     AGGREGATES,
+    COMPRESS_AFTER,
+    DEFAULT_RETENTION,
     ROLLUPS,
     Aggregate,
     community_objects_sql,
@@ -35,10 +38,17 @@ from ioc_core.storage.tiers import (
     rollup_span,
 )
 from ioc_core.telemetry import Reading
-from tests.integration.conftest import POSTGRES_URL
+from tests.integration.conftest import APACHE_POSTGRES_URL, PLAIN_POSTGRES_URL, POSTGRES_URL
 
-PLAIN_POSTGRES_URL = os.environ.get("IOC_TEST_PLAIN_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5433")
-SERVERS = {StorageTier.APACHE: POSTGRES_URL, StorageTier.POSTGRES: PLAIN_POSTGRES_URL}
+SERVERS = {
+    StorageTier.COMMUNITY: POSTGRES_URL,
+    StorageTier.APACHE: APACHE_POSTGRES_URL,
+    StorageTier.POSTGRES: PLAIN_POSTGRES_URL,
+}
+NO_COMMUNITY_SERVER = (
+    "the TimescaleDB service runs Debian's Apache-licence build: `make services` builds the"
+    " community one from TimescaleDB's source (see IOC_TIMESCALEDB_SOURCE in the README)"
+)
 
 DOMAIN = DOMAINS["water"]
 CITY = "tier-city"
@@ -120,6 +130,44 @@ async def _connect_admin(server: str) -> asyncpg.Connection:
         pytest.fail(f"PostgreSQL server at {server} is not reachable ({exc}); start it with `make services`")
 
 
+async def _pause_policies(url: str) -> None:
+    """Stop the scheduler from running this database's policies: a retention or compression run
+    at a moment of its choosing would change what the tests count. The tests run them instead."""
+    connection = await asyncpg.connect(url)
+    try:
+        await connection.execute(
+            "SELECT alter_job(job_id, scheduled => false) FROM timescaledb_information.jobs"
+            " WHERE proc_name IN ('policy_refresh_continuous_aggregate', 'policy_compression',"
+            " 'policy_retention')"
+        )
+    finally:
+        await connection.close()
+
+
+_POLICIES_SQL = """
+SELECT coalesce(c.view_name, j.hypertable_name) AS relation, j.proc_name, j.job_id, j.scheduled,
+       j.schedule_interval, (j.config ->> 'start_offset')::interval AS start_offset,
+       (j.config ->> 'end_offset')::interval AS end_offset,
+       (j.config ->> 'compress_after')::interval AS compress_after,
+       (j.config ->> 'drop_after')::interval AS drop_after
+FROM timescaledb_information.jobs j
+LEFT JOIN timescaledb_information.continuous_aggregates c
+  ON (c.materialization_hypertable_schema, c.materialization_hypertable_name)
+   = (j.hypertable_schema, j.hypertable_name)
+WHERE j.proc_name IN ('policy_refresh_continuous_aggregate', 'policy_compression', 'policy_retention')
+"""
+
+
+async def _policies(connection: asyncpg.Connection) -> dict[tuple[str, str], asyncpg.Record]:
+    """The database's policies by (relation, kind): the view's name for an aggregate's."""
+    return {(r["relation"], r["proc_name"]): r for r in await connection.fetch(_POLICIES_SQL)}
+
+
+async def _run_policy(connection: asyncpg.Connection, relation: str, kind: str) -> None:
+    job = (await _policies(connection))[(relation, kind)]
+    await connection.execute("CALL run_job($1)", job["job_id"])
+
+
 @pytest.fixture(scope="module", params=list(SERVERS), ids=str)
 async def tier_database(request: pytest.FixtureRequest) -> AsyncIterator[TierDatabase]:
     tier: StorageTier = request.param
@@ -133,7 +181,13 @@ async def tier_database(request: pytest.FixtureRequest) -> AsyncIterator[TierDat
     url = f"{server}/{name}"
     try:
         async with Database(url) as db:
-            await db.migrate()
+            offered = await db.migrate()
+            if offered is not tier:
+                if tier is StorageTier.COMMUNITY and offered is StorageTier.APACHE:
+                    pytest.skip(NO_COMMUNITY_SERVER)
+                pytest.fail(f"the server at {server} offers the {offered} tier, not {tier}")
+            if tier is StorageTier.COMMUNITY:
+                await _pause_policies(url)
             for device_id in DEVICES:
                 await db.devices.insert(
                     DeviceIn(
@@ -164,7 +218,10 @@ async def test_migrate_twice_and_detect_the_tier(tier_database: TierDatabase) ->
             "SELECT extversion FROM pg_extension WHERE extname = 'timescaledb'"
         )
         tables = {f"readings_{name}" for name in DOMAINS}
-        if tier_database.tier is StorageTier.APACHE:
+        if tier_database.tier is StorageTier.COMMUNITY:
+            assert extension is not None
+            await _check_community_objects(connection)
+        elif tier_database.tier is StorageTier.APACHE:
             assert extension is not None
             hypertables = await connection.fetch(
                 "SELECT hypertable_name FROM timescaledb_information.hypertables"
@@ -178,6 +235,43 @@ async def test_migrate_twice_and_detect_the_tier(tier_database: TierDatabase) ->
             assert {f"{t}_ts_brin" for t in tables} == {r["indexname"] for r in indexes}
     finally:
         await connection.close()
+
+
+async def _check_community_objects(connection: asyncpg.Connection) -> None:
+    """Every domain's aggregates, compression settings and policies, with the configured values."""
+    aggregates = {
+        r["view_name"]: r["materialized_only"]
+        for r in await connection.fetch(
+            "SELECT view_name, materialized_only FROM timescaledb_information.continuous_aggregates"
+        )
+    }
+    compression = {
+        (r["hypertable_name"], r["attname"]): r
+        for r in await connection.fetch(
+            "SELECT hypertable_name, attname, segmentby_column_index, orderby_column_index, orderby_asc"
+            " FROM timescaledb_information.compression_settings"
+        )
+    }
+    policies = await _policies(connection)
+    for domain in DOMAINS.values():
+        table = domain.table
+        assert compression[(table, "device_id")]["segmentby_column_index"] == 1
+        ts = compression[(table, "ts")]
+        assert (ts["orderby_column_index"], ts["orderby_asc"]) == (1, False)
+        assert policies[(table, "policy_compression")]["compress_after"] == COMPRESS_AFTER
+        assert policies[(table, "policy_retention")]["drop_after"] == DEFAULT_RETENTION
+        for rollup in ROLLUPS:
+            view = rollup.view(domain)
+            assert aggregates[view] is False, f"{view} must answer in real time"
+            refresh = policies[(view, "policy_refresh_continuous_aggregate")]
+            assert refresh["start_offset"] == max(DEFAULT_RETENTION, 3 * rollup.width)
+            assert (refresh["end_offset"], refresh["schedule_interval"]) == (
+                rollup.refresh_lag,
+                rollup.refresh_every,
+            )
+            kept = policies[(view, "policy_retention")]["drop_after"]
+            assert kept == DEFAULT_RETENTION * rollup.retention_factor
+    assert len(policies) == len(DOMAINS) * (2 + 2 * len(ROLLUPS))
 
 
 async def test_write_readings_once(tier_database: TierDatabase) -> None:
@@ -363,3 +457,353 @@ async def test_insert_many_registers_a_fleet_once(tier_database: TierDatabase) -
     )
     assert (await db.devices.get("tier-many-3")).name == "Trạm 3"
     assert stored.location == Location(lat=21.007, lon=105.8)
+
+
+# -- the community tier, for real ----------------------------------------------------------------
+
+
+# Devices of their own for the tests that add readings, so those run in any order.
+LATE_DEVICE = "tier-water-late"
+BACKFILL_DEVICE = "tier-water-backfill"
+
+
+async def _register(db: Database, device_id: str) -> None:
+    # Registered once, by whichever test needs it first.
+    await db.devices.insert_many(
+        [DeviceIn(id=device_id, city=CITY, domain=DOMAIN.name, location=Location(lat=21.0, lon=105.8))]
+    )
+
+
+def _late_readings(start: datetime, count: int, seed: int, device_id: str = LATE_DEVICE) -> list[Reading]:
+    return [
+        Reading(
+            device_id=device_id,
+            city=CITY,
+            domain=DOMAIN.name,
+            ts=start + index * STEP,
+            seq=seed * 100_000 + index,
+            metrics={"pressure": 2.0 + index / 100, "flow": 100.0 + index},
+            received_at=datetime.now(UTC),
+        )
+        for index in range(count)
+    ]
+
+
+async def _materialized_rows(connection: asyncpg.Connection, view: str) -> int:
+    relation = await connection.fetchrow(
+        "SELECT materialization_hypertable_schema AS schema, materialization_hypertable_name AS name"
+        " FROM timescaledb_information.continuous_aggregates WHERE view_name = $1",
+        view,
+    )
+    assert relation is not None, view
+    return int(await connection.fetchval(f'SELECT count(*) FROM "{relation["schema"]}"."{relation["name"]}"'))
+
+
+async def test_refreshed_aggregates_equal_the_readings(tier_database: TierDatabase) -> None:
+    if tier_database.tier is not StorageTier.COMMUNITY:
+        return
+    db, readings, base = tier_database.db, tier_database.recent, tier_database.base
+    connection = await asyncpg.connect(tier_database.url)
+    try:
+        since = floor_to(base, timedelta(days=1))
+        for rollup in ROLLUPS:
+            view = rollup.view(DOMAIN)
+            # The policy itself: its window, its end short of the newest buckets.
+            await _run_policy(connection, view, "policy_refresh_continuous_aggregate")
+            assert await _materialized_rows(connection, view) > 0, view
+            stored = await connection.fetch(
+                f"SELECT * FROM {view} WHERE bucket >= $1 ORDER BY bucket, device_id", since
+            )
+            computed = await connection.fetch(
+                f"SELECT * FROM ({rollup_query_sql(DOMAIN, rollup)}) raw"
+                " WHERE bucket >= $1 ORDER BY bucket, device_id",
+                since,
+            )
+            assert [(r["bucket"], r["device_id"]) for r in stored] == [
+                (r["bucket"], r["device_id"]) for r in computed
+            ], view
+            for mine, theirs in zip(stored, computed, strict=True):
+                # Sums may add up in another order; times and counts must be equal.
+                close = {
+                    k: pytest.approx(v, rel=1e-12) if isinstance(v, float) else v for k, v in theirs.items()
+                }
+                assert dict(mine) == close, view
+        start, end = base + timedelta(minutes=13, seconds=7), base + timedelta(hours=2, minutes=41, seconds=3)
+        for bucket in BUCKETS:
+            for agg in AGGREGATES:
+                series = await db.readings.series(
+                    DEVICES[0], DOMAIN.name, "pressure", start, end, bucket, agg
+                )
+                expected = _expected(readings, DEVICES[0], "pressure", start, end, bucket, agg)
+                assert [t for t, _ in series] == [t for t, _ in expected], (bucket, agg)
+                assert [v for _, v in series] == pytest.approx([v for _, v in expected], rel=1e-9)
+                span = rollup_span(bucket, start, end)
+                assert series.source == (span.rollup.suffix if span else "raw"), (bucket, agg)
+        day = await db.readings.series(
+            DEVICES[1], DOMAIN.name, "flow", since, since + timedelta(days=1), timedelta(days=1), "count"
+        )
+        assert (day, day.source) == ([(since, float(READINGS_PER_DEVICE))], "1d")
+    finally:
+        await connection.close()
+
+
+async def test_backfilled_readings_reach_every_rollup(tier_database: TierDatabase) -> None:
+    """Readings that arrive late, below what the aggregates have materialized (a day back, and a
+    month back, further than a refresh used to look), are in every level after its next refresh."""
+    if tier_database.tier is not StorageTier.COMMUNITY:
+        return
+    db, base = tier_database.db, tier_database.base
+    await _register(db, BACKFILL_DEVICE)
+    connection = await asyncpg.connect(tier_database.url)
+    try:
+        for rollup in ROLLUPS:
+            await _run_policy(connection, rollup.view(DOMAIN), "policy_refresh_continuous_aggregate")
+        day = timedelta(days=1)
+        for ago, seed in ((timedelta(0), 5), (timedelta(days=30), 6)):
+            start = floor_to(base - ago, day) + timedelta(hours=3)
+            late = _late_readings(start, 40, seed, BACKFILL_DEVICE)
+            written = await db.write_batch(TelemetryBatch(records=[(r, 0) for r in late]))
+            assert (written.stored, written.duplicates) == (len(late), 0)
+            for rollup in ROLLUPS:
+                await _run_policy(connection, rollup.view(DOMAIN), "policy_refresh_continuous_aggregate")
+            midnight = floor_to(start, day)
+            for rollup in ROLLUPS:
+                series = await db.readings.series(
+                    BACKFILL_DEVICE, DOMAIN.name, "flow", midnight, midnight + day, rollup.width, "count"
+                )
+                assert series.source == rollup.suffix
+                assert sum(v or 0 for _, v in series) == len(late), (ago, rollup.suffix)
+                materialized = await connection.fetchval(
+                    f"SELECT sum(flow_count) FROM {rollup.view(DOMAIN)}"
+                    " WHERE device_id = $1 AND bucket >= $2 AND bucket < $3",
+                    BACKFILL_DEVICE,
+                    midnight,
+                    midnight + day,
+                )
+                assert materialized == len(late), (ago, rollup.suffix)
+    finally:
+        await connection.close()
+
+
+async def test_a_late_reading_is_in_the_series_before_the_next_refresh(tier_database: TierDatabase) -> None:
+    """A reading for a bucket the aggregates have already materialized (a device's buffer sent
+    after an outage) is in every series at once: stale buckets are read from the readings."""
+    if tier_database.tier is not StorageTier.COMMUNITY:
+        return
+    db, base = tier_database.db, tier_database.base
+    device_id = "tier-water-latecomer"
+    await _register(db, device_id)
+    connection = await asyncpg.connect(tier_database.url)
+    try:
+        at = floor_to(base, timedelta(hours=1)) + timedelta(hours=4, minutes=7, seconds=5)
+        first = _late_readings(at, 3, seed=11, device_id=device_id)
+        await db.write_batch(TelemetryBatch(records=[(r, 0) for r in first]))
+        for rollup in ROLLUPS:
+            await _run_policy(connection, rollup.view(DOMAIN), "policy_refresh_continuous_aggregate")
+        late = _late_readings(at + timedelta(minutes=20), 2, seed=12, device_id=device_id)
+        await db.write_batch(TelemetryBatch(records=[(r, 0) for r in late]))
+        midnight = floor_to(at, timedelta(days=1))
+        for rollup in ROLLUPS:
+            series = await db.readings.series(
+                device_id, DOMAIN.name, "flow", midnight, midnight + timedelta(days=1), rollup.width, "count"
+            )
+            assert series.source == rollup.suffix
+            assert sum(v or 0 for _, v in series) == len(first) + len(late), rollup.suffix
+            # The hourly and daily aggregates have not folded the late readings in yet: they lie
+            # below their watermarks (the end of the newest bucket they materialized). The minute
+            # one's watermark is the minute after the first readings, so it reads them in real time.
+            materialized = await connection.fetchval(
+                f"SELECT sum(flow_count) FROM {rollup.view(DOMAIN)} WHERE device_id = $1", device_id
+            )
+            if rollup.suffix != "1m":
+                assert materialized == len(first), rollup.suffix
+    finally:
+        await connection.close()
+
+
+async def test_compressed_chunks_answer_series_and_take_late_readings(tier_database: TierDatabase) -> None:
+    if tier_database.tier is not StorageTier.COMMUNITY:
+        return
+    db, readings, base = tier_database.db, tier_database.recent, tier_database.base
+    await _register(db, LATE_DEVICE)
+    connection = await asyncpg.connect(tier_database.url)
+    compressed_sql = (
+        "SELECT count(*) FROM timescaledb_information.chunks"
+        " WHERE hypertable_name = $1 AND is_compressed AND range_end > $2 AND range_start <= $2"
+    )
+    try:
+        # The policy compresses what is older than its age (a day of a month ago)...
+        month_ago = floor_to(base - timedelta(days=30), timedelta(days=1)) + timedelta(hours=8)
+        month_old = _late_readings(month_ago, 10, seed=10)
+        await db.write_batch(TelemetryBatch(records=[(r, 0) for r in month_old]))
+        await _run_policy(connection, DOMAIN.table, "policy_compression")
+        assert await connection.fetchval(compressed_sql, DOMAIN.table, month_ago) == 1
+        assert await connection.fetchval(compressed_sql, DOMAIN.table, base) == 0
+        # ...and a chunk of two days ago, compressed by hand, still answers and takes readings.
+        await connection.execute(
+            "SELECT compress_chunk(c, if_not_compressed => true)"
+            " FROM show_chunks($1::regclass, older_than => now() - INTERVAL '1 day') c",
+            DOMAIN.table,
+        )
+        assert await connection.fetchval(compressed_sql, DOMAIN.table, base) == 1
+        start, end = base + timedelta(minutes=13, seconds=7), base + timedelta(hours=2, minutes=41, seconds=3)
+        for bucket in (timedelta(seconds=30), timedelta(minutes=5)):
+            for agg in ("avg", "last"):
+                series = await db.readings.series(
+                    DEVICES[0], DOMAIN.name, "pressure", start, end, bucket, agg
+                )
+                expected = _expected(readings, DEVICES[0], "pressure", start, end, bucket, agg)
+                assert series == [(t, pytest.approx(v, rel=1e-9)) for t, v in expected], (bucket, agg)
+        late = _late_readings(base + timedelta(hours=5, seconds=11), 25, seed=7)
+        written = await db.write_batch(TelemetryBatch(records=[(r, 0) for r in late]))
+        assert (written.stored, written.duplicates) == (len(late), 0)
+        again = await db.write_batch(TelemetryBatch(records=[(r, 0) for r in late]))
+        assert (again.stored, again.duplicates) == (0, len(late))
+        hour = floor_to(late[0].ts, timedelta(hours=1))
+        counts = await db.readings.series(
+            LATE_DEVICE,
+            DOMAIN.name,
+            "pressure",
+            hour,
+            hour + timedelta(hours=1),
+            timedelta(seconds=30),
+            "count",
+        )
+        assert sum(v or 0 for _, v in counts) == len(late)
+        # Old readings of a month ago too, into the chunk the policy compressed.
+        older = _late_readings(month_ago + timedelta(hours=2), 10, seed=8)
+        written = await db.write_batch(TelemetryBatch(records=[(r, 0) for r in older]))
+        assert (written.stored, written.duplicates) == (len(older), 0)
+    finally:
+        await connection.close()
+
+
+async def test_the_scheduler_runs_the_policies(tier_database: TierDatabase) -> None:
+    """TimescaleDB's own scheduler (a background worker, not `run_job` from a session) runs a
+    refresh policy to success."""
+    if tier_database.tier is not StorageTier.COMMUNITY:
+        return
+    connection = await asyncpg.connect(tier_database.url)
+    view = ROLLUPS[-1].view(DOMAIN)
+    job = (await _policies(connection))[(view, "policy_refresh_continuous_aggregate")]["job_id"]
+    stats_sql = (
+        "SELECT total_successes, total_failures, last_run_status FROM timescaledb_information.job_stats"
+        " WHERE job_id = $1"
+    )
+    try:
+        before = await connection.fetchrow(stats_sql, job)
+        successes, failures = (before["total_successes"], before["total_failures"]) if before else (0, 0)
+        await connection.execute("SELECT alter_job($1, scheduled => true, next_start => now())", job)
+        deadline = time.monotonic() + 60
+        while True:
+            stats = await connection.fetchrow(stats_sql, job)
+            if stats is not None and stats["total_successes"] > successes:
+                break
+            assert stats is None or stats["total_failures"] == failures, f"job {job} failed: {dict(stats)}"
+            assert time.monotonic() < deadline, f"the scheduler did not run job {job}: {stats}"
+            await asyncio.sleep(0.2)
+        assert stats["last_run_status"] == "Success"
+    finally:
+        await connection.execute("SELECT alter_job($1, scheduled => false)", job)
+        await connection.close()
+
+
+async def test_an_apache_tier_database_gains_the_community_objects_in_place(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A database made while the server had only the Apache licence (the tier is forced here, on
+    the community server) is upgraded in place by `migrate`: aggregates over the readings it
+    already holds, compression and policies; a second `migrate` changes nothing."""
+    server = SERVERS[StorageTier.COMMUNITY]
+    name = f"ioc_test_{int(time.time())}_{uuid.uuid4().hex[:8]}"
+    admin = await _connect_admin(server)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    url = f"{server}/{name}"
+    try:
+        async with Database(url) as db:
+            await db.pool.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
+            if await db.detect_tier() is not StorageTier.COMMUNITY:
+                pytest.skip(NO_COMMUNITY_SERVER)
+            real_detect = migrations_module.detect_tier
+
+            async def apache(pool: object) -> StorageTier:
+                return StorageTier.APACHE
+
+            monkeypatch.setattr(migrations_module, "detect_tier", apache)
+            assert await db.migrate() is StorageTier.APACHE
+            for device_id in DEVICES:
+                await db.devices.insert(
+                    DeviceIn(
+                        id=device_id, city=CITY, domain=DOMAIN.name, location=Location(lat=21.0, lon=105.8)
+                    )
+                )
+            base = floor_to(datetime.now(UTC) - timedelta(days=3), timedelta(days=1))
+            readings = _readings(base, 100, seed=9)
+            await db.write_batch(TelemetryBatch(records=[(r, 0) for r in readings]))
+            connection = await asyncpg.connect(url)
+            try:
+                assert (
+                    await connection.fetchval(
+                        "SELECT count(*) FROM timescaledb_information.continuous_aggregates"
+                    )
+                    == 0
+                )
+                monkeypatch.setattr(migrations_module, "detect_tier", real_detect)
+                for _ in range(2):
+                    async with Database(url) as upgraded:
+                        assert await upgraded.migrate() is StorageTier.COMMUNITY
+                    await _check_community_objects(connection)
+                await _pause_policies(url)
+                view = ROLLUPS[0].view(DOMAIN)
+                await _run_policy(connection, view, "policy_refresh_continuous_aggregate")
+                total = await connection.fetchval(f"SELECT sum(flow_count) FROM {view}")
+                assert total == len(readings)
+            finally:
+                await connection.close()
+    finally:
+        admin = await _connect_admin(server)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+
+async def test_migrate_brings_timescaledb_up_to_the_installed_version() -> None:
+    """A database made under an older TimescaleDB (a new server image keeps its version) is
+    updated by `migrate`, whose update runs first in a session of its own."""
+    server = SERVERS[StorageTier.APACHE]
+    admin = await _connect_admin(server)
+    name = f"ioc_test_{int(time.time())}_{uuid.uuid4().hex[:8]}"
+    try:
+        versions = await admin.fetch(
+            "SELECT version FROM pg_available_extension_versions WHERE name = 'timescaledb'"
+            " AND NOT (SELECT default_version = version FROM pg_available_extensions"
+            " WHERE name = 'timescaledb')"
+            " AND version ~ '^2\\.1[4-9]\\.'"
+        )
+        if not versions:
+            pytest.skip("the server has no older TimescaleDB to start from")
+        older = sorted(r["version"] for r in versions)[-1]
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        connection = await asyncpg.connect(f"{server}/{name}")
+        try:
+            await connection.execute(f"CREATE EXTENSION timescaledb VERSION '{older}'")
+        finally:
+            await connection.close()
+        async with Database(f"{server}/{name}") as db:
+            assert await db.migrate() is StorageTier.APACHE
+        connection = await asyncpg.connect(f"{server}/{name}")
+        try:
+            installed, default = await connection.fetchrow(
+                "SELECT installed_version, default_version FROM pg_available_extensions"
+                " WHERE name = 'timescaledb'"
+            )
+        finally:
+            await connection.close()
+        assert (installed, default) == (default, default) and installed != older
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()

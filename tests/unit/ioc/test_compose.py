@@ -37,6 +37,7 @@ def test_every_part_of_the_topology_is_there() -> None:
         "processor",
         "api",
         "simulator",
+        "grafana",
     }
     assert services["mosquitto"]["image"].startswith("eclipse-mosquitto:2")
     for broker in KAFKA_BROKERS:
@@ -145,6 +146,8 @@ SECRET_VARIABLES = (
     "MQTT_SIMULATOR_PASSWORD",
     "IOC_ADMIN_API_KEY",
     "IOC_SECRETS_KEY",
+    "IOC_READER_DB_PASSWORD",
+    "GRAFANA_ADMIN_PASSWORD",
 )
 _INTERPOLATION = re.compile(r"\$\{([A-Z_]+)(:?[-?])?([^}]*)\}")
 
@@ -185,7 +188,8 @@ def test_the_example_env_file_names_every_secret_with_a_placeholder_that_is_refu
 def test_only_tls_ports_are_published_on_the_host() -> None:
     services = load()["services"]
     published = {name: service.get("ports") for name, service in services.items() if service.get("ports")}
-    assert published == {"mosquitto": ["8883:8883"], "api": ["8443:8443"]}
+    # Grafana serves the host's loopback only (an SSH tunnel or the city's TLS proxy in front).
+    assert published == {"mosquitto": ["8883:8883"], "api": ["8443:8443"], "grafana": ["127.0.0.1:3000:3000"]}
     for name in (*KAFKA_BROKERS, "timescaledb"):
         assert "ports" not in services[name] and "network_mode" not in services[name], name
 
@@ -297,3 +301,27 @@ def test_the_self_signed_certificates_are_for_the_hosts_and_keys_stay_private(tm
     assert (tmp_path / "ca.key").stat().st_mode & 0o077 == 0
     ignored = (ROOT / "deploy" / "tls" / ".gitignore").read_text().splitlines()
     assert "*" in ignored and "!self-signed.sh" in ignored
+
+
+def test_grafana_is_provisioned_with_the_read_only_role_and_the_generated_dashboards() -> None:
+    grafana = load()["services"]["grafana"]
+    assert grafana["image"].startswith("grafana/grafana-oss:")
+    assert grafana["entrypoint"][:2] == ["sh", "/usr/local/bin/refuse-placeholders.sh"]
+    assert grafana["entrypoint"][-2:] == ["--", "/run.sh"]
+    mounts = {volume.split(":")[1]: volume for volume in grafana["volumes"]}
+    assert mounts["/etc/grafana/provisioning"] == "./deploy/grafana/provisioning:/etc/grafana/provisioning:ro"
+    assert mounts["/etc/grafana/dashboards"] == "./deploy/grafana/dashboards:/etc/grafana/dashboards:ro"
+    provisioning = ROOT / "deploy" / "grafana" / "provisioning"
+    datasources = yaml.safe_load((provisioning / "datasources" / "timescaledb.yaml").read_text())
+    (source,) = datasources["datasources"]
+    assert (source["uid"], source["user"], source["url"]) == (
+        "ioc-timescaledb",
+        "ioc_reader",
+        "timescaledb:5432",
+    )
+    assert source["secureJsonData"]["password"] == "$IOC_READER_DB_PASSWORD"
+    assert "IOC_READER_DB_PASSWORD" in grafana["environment"]
+    providers = yaml.safe_load((provisioning / "dashboards" / "ioc.yaml").read_text())["providers"]
+    assert providers[0]["options"]["path"] == "/etc/grafana/dashboards"
+    # `ioc migrate` gives the read-only role its password.
+    assert "IOC_READER_DB_PASSWORD" in load()["services"]["migrate"]["environment"]

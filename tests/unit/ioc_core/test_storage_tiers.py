@@ -22,6 +22,7 @@ from ioc_core.storage.tiers import (
     community_objects_sql,
     floor_to,
     interval_sql,
+    read_windows,
     retention_sql,
     rollup_query_sql,
     rollup_series_sql,
@@ -29,7 +30,9 @@ from ioc_core.storage.tiers import (
     scan_sample_sql,
     series_scan_estimate,
     series_sql,
+    stale_rollup_sql,
     tier_objects_sql,
+    unix_microseconds,
 )
 from ioc_core.telemetry import Reading
 
@@ -63,6 +66,25 @@ def test_rounding_is_to_the_epoch_in_utc() -> None:
     ("bucket", "start", "end", "expected"),
     [
         # The coarsest level whose width divides the bucket, over the whole buckets inside the range.
+        (
+            timedelta(days=1),
+            T0,
+            T0 + timedelta(days=3),
+            ("1d", T0.replace(hour=0, minute=0, second=0) + timedelta(days=1)),
+        ),
+        (
+            timedelta(days=7),
+            T0 - timedelta(days=30),
+            T0,
+            ("1d", (T0 - timedelta(days=30)).replace(hour=0, minute=0, second=0) + timedelta(days=1)),
+        ),
+        # A day's bucket over less than one whole day falls back to hours.
+        (
+            timedelta(days=1),
+            T0,
+            T0 + timedelta(hours=20),
+            ("1h", T0.replace(minute=0, second=0) + timedelta(hours=1)),
+        ),
         (
             timedelta(hours=2),
             T0,
@@ -134,7 +156,17 @@ def test_community_objects(domain: Domain) -> None:
             s for s in statements if s.startswith(f"SELECT add_continuous_aggregate_policy('{view}'")
         )
         assert "if_not_exists => true" in policy
+        # Backfilled readings of any age still kept reach the aggregate at its next refresh.
+        assert f"start_offset => {interval_sql(NINETY_DAYS)}" in policy
         assert f"end_offset => {interval_sql(rollup.refresh_lag)}" in policy
+        assert f"schedule_interval => {interval_sql(rollup.refresh_every)}" in policy
+        # A changed window or schedule replaces the policy: remove only where one differs.
+        replace = next(
+            s for s in statements if s.startswith(f"SELECT remove_continuous_aggregate_policy('{view}'")
+        )
+        assert f"c.view_name = '{view}'" in replace
+        assert f"(j.config ->> 'start_offset')::interval <> {interval_sql(NINETY_DAYS)}" in replace
+        assert statements.index(replace) < statements.index(policy)
         kept = interval_sql(NINETY_DAYS * rollup.retention_factor)
         assert (
             f"SELECT add_retention_policy('{view}', drop_after => {kept}, if_not_exists => true)"
@@ -161,12 +193,24 @@ def test_community_objects(domain: Domain) -> None:
     assert first_create < first_policy
 
 
+def test_a_changed_compression_age_replaces_the_policy() -> None:
+    statements = community_objects_sql(DOMAINS["water"], NINETY_DAYS, timedelta(days=3))
+    replace = next(s for s in statements if s.startswith("SELECT remove_compression_policy('readings_water'"))
+    assert "(j.config ->> 'compress_after')::interval <> INTERVAL '3 days'" in replace
+    policy = "SELECT add_compression_policy('readings_water', compress_after => INTERVAL '3 days'"
+    assert f"{policy}, if_not_exists => true)" in statements
+    assert statements.index(replace) < statements.index(f"{policy}, if_not_exists => true)")
+
+
 def test_refresh_never_reaches_past_the_retention() -> None:
     statements = community_objects_sql(DOMAINS["flood"], timedelta(days=1))
     policies = [s for s in statements if s.startswith("SELECT add_continuous_aggregate_policy")]
     assert len(policies) == len(ROLLUPS)
-    for policy in policies:
-        assert "start_offset => INTERVAL '1 day'" in policy
+    for rollup, policy in zip(reversed(ROLLUPS), policies, strict=True):
+        # The retention, or the three buckets a policy needs at least.
+        window = "INTERVAL '3 days'" if rollup.suffix == "1d" else "INTERVAL '1 day'"
+        assert f"SELECT add_continuous_aggregate_policy('readings_flood_{rollup.suffix}'" in policy
+        assert f"start_offset => {window}" in policy
 
 
 def test_tier_objects() -> None:
@@ -212,7 +256,9 @@ def test_rollup_series_sql(agg: str) -> None:
             f"FROM readings_water_{rollup.suffix} WHERE device_id = $2 AND bucket >= $5 AND bucket < $6"
             in sql
         )
-        assert "((ts >= $3 AND ts < $5) OR (ts >= $6 AND ts < $4))" in sql
+        assert "FROM unnest($3::timestamptz[], $4::timestamptz[]) AS w (lo, hi)" in sql
+        assert "WHERE device_id = $2 AND ts >= w.lo AND ts < w.hi AND ph IS NOT NULL" in sql
+        assert "NOT EXISTS (SELECT 1 FROM unnest($7::timestamptz[], $8::timestamptz[]) AS s (lo, hi)" in sql
         assert "ph_count > 0" in sql
         assert "time_bucket($1::interval, at, TIMESTAMPTZ '1970-01-01 00:00:00+00')" in sql
     sql = rollup_series_sql(domain, metric, agg, ROLLUPS[0])  # type: ignore[arg-type]
@@ -241,7 +287,9 @@ def test_rollup_query_is_the_view_body() -> None:
     domain = DOMAINS["flood"]
     for rollup in ROLLUPS:
         query = rollup_query_sql(domain, rollup)
-        assert query in community_objects_sql(domain, NINETY_DAYS)[2 * ROLLUPS[::-1].index(rollup)]
+        create = f"CREATE MATERIALIZED VIEW IF NOT EXISTS {rollup.view(domain)} "
+        statement = next(s for s in community_objects_sql(domain, NINETY_DAYS) if s.startswith(create))
+        assert query in statement
 
 
 def test_retention_settings(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -249,6 +297,7 @@ def test_retention_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("IOC_RETENTION_CHECK_S", raising=False)
     settings = Settings()
     assert (settings.retention_days, settings.retention_check_s) == (90, 3600)
+    assert settings.compress_after_days == 7
     monkeypatch.setenv("IOC_RETENTION_DAYS", "30")
     monkeypatch.setenv("IOC_RETENTION_CHECK_S", "600")
     assert (Settings().retention_days, Settings().retention_check_s) == (30, 600)
@@ -332,3 +381,51 @@ def test_scan_sample_sql_reads_both_ends_of_the_range() -> None:
     sql = scan_sample_sql(DOMAINS["flood"])
     assert "ORDER BY ts DESC LIMIT $4" in sql and "ORDER BY ts LIMIT $4" in sql
     assert sql.count("device_id = $1 AND ts >= $2 AND ts < $3") == 2
+
+
+def test_read_windows_read_stale_rollup_buckets_from_the_readings() -> None:
+    minute = timedelta(minutes=1)
+    start, end = T0, T0 + timedelta(hours=2)
+    span = rollup_span(minute, start, end)
+    assert span is not None and span.rollup.suffix == "1m"
+    us = unix_microseconds
+    # Nothing stale: the two partial minutes at the ends only.
+    windows, stale = read_windows(span, start, end, [])
+    assert stale == []
+    assert windows == [(start, span.inner_start), (span.inner_end, end)]
+    # A late reading (one instant, as the hypertable's log has it) makes its minute stale; a range
+    # beyond the span (above the watermark, to "infinity") is clipped to it; touching ones merge.
+    late = span.inner_start + timedelta(minutes=10, seconds=7)
+    watermark = span.inner_start + timedelta(minutes=90)
+    windows, stale = read_windows(
+        span,
+        start,
+        end,
+        [
+            (us(late), us(late)),
+            (us(watermark), 2**63 - 1),
+            (us(late + minute), us(late + minute)),
+            (-(2**63), us(span.inner_start) - 1),  # before the span: nothing
+        ],
+    )
+    late_minute = floor_to(late, minute)
+    assert stale == [(late_minute, late_minute + 2 * minute), (watermark, span.inner_end)]
+    assert windows == [(start, span.inner_start), (span.inner_end, end), *stale]
+    # Unix microseconds: the internal time of TimescaleDB's invalidation logs.
+    assert us(datetime(1970, 1, 1, 0, 0, 1, tzinfo=UTC)) == 1_000_000
+
+
+def test_stale_rollup_sql_reads_both_invalidation_logs() -> None:
+    sql = stale_rollup_sql()
+    assert "_timescaledb_catalog.continuous_aggs_hypertable_invalidation_log" in sql
+    assert "_timescaledb_catalog.continuous_aggs_materialization_invalidation_log" in sql
+    assert sql.count("l.greatest_modified_value >= $3 AND l.lowest_modified_value < $4") == 2
+
+
+def test_an_aggregate_is_estimated_at_no_more_rows_than_readings() -> None:
+    # Three readings in ten years: a daily series reads at most three rollup rows, not 3,650.
+    sample = ScanSample(rows=3, newest_span_s=60.0, oldest_span_s=60.0)
+    start, end = T0 - timedelta(days=3650), T0
+    span = rollup_span(timedelta(days=1), start, end)
+    assert span is not None
+    assert series_scan_estimate(sample, start, end, span, 1000) == 3 + 3
