@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Literal
 
@@ -29,6 +28,8 @@ from api.problems import PROBLEM
 from api.view_cache import cached_view
 from ioc_core.audit import DEVICE_READ
 from ioc_core.domains import DOMAINS
+from ioc_core.errors import ValidationError
+from ioc_core.exports import parse_bucket
 from ioc_core.kpis import DeviceSnapshot
 from ioc_core.models import Location, StateItem
 from ioc_core.places import city_name
@@ -38,8 +39,6 @@ from ioc_core.storage.tiers import AGGREGATES, SeriesSource
 
 router = APIRouter()
 
-_BUCKET = re.compile(r"^([1-9][0-9]{0,5})(s|m|h|d)$")
-_BUCKET_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 _GEOJSON = "application/geo+json"
 
 Aggregate = Literal["avg", "min", "max", "count", "last"]
@@ -338,12 +337,10 @@ async def cities(database: Db, principal: Viewer) -> Page[City]:
 
 
 def _parse_bucket(bucket: str) -> timedelta:
-    match = _BUCKET.fullmatch(bucket)
-    if match is None:
-        raise HTTPException(
-            400, "bucket must be a whole number and a unit s, m, h or d, like 30s, 5m, 1h, 1d"
-        )
-    return timedelta(**{_BUCKET_UNITS[match.group(2)]: int(match.group(1))})
+    try:
+        return parse_bucket(bucket)
+    except ValidationError as exc:
+        raise HTTPException(400, str(exc)) from exc
 
 
 def _aware(value: datetime, name: str) -> datetime:
