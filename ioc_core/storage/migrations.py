@@ -3,6 +3,7 @@ telling which tier the database offers, and creating or upgrading the schema for
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from datetime import timedelta
 
@@ -64,13 +65,30 @@ async def migrate(
             for domain in DOMAINS.values():
                 for statement in tier_objects_sql(tier, domain, retention, compress_after):
                     await connection.execute(statement)
-            await connection.execute(reader_role_sql(tier))
+            await _grant_the_reader(connection, tier)
             if reader_password is not None:
                 await _let_the_reader_log_in(connection, reader_password)
         finally:
             await connection.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_ID)
     log.info("schema is up to date on storage tier %s", tier)
     return tier
+
+
+# How often a grant that raced a policy job is tried again.
+_GRANT_ATTEMPTS = 5
+
+
+async def _grant_the_reader(connection: Connection, tier: StorageTier) -> None:
+    for attempt in range(1, _GRANT_ATTEMPTS + 1):
+        try:
+            await connection.execute(reader_role_sql(tier))
+            return
+        except asyncpg.InternalServerError as exc:
+            # A policy job changed a chunk's catalog row in the meantime; the next try finds
+            # what was granted and grants the rest.
+            if "concurrently updated" not in str(exc) or attempt == _GRANT_ATTEMPTS:
+                raise
+            await asyncio.sleep(0.1 * attempt)
 
 
 async def _let_the_reader_log_in(connection: Connection, password: str) -> None:

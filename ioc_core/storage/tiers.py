@@ -250,10 +250,16 @@ def reader_relations(tier: StorageTier) -> list[str]:
 
 def reader_role_sql(tier: StorageTier) -> str:
     """Create the read-only role if missing (a user that may not create roles skips it, with a
-    notice) and grant it what it may read; safe to repeat, and from several databases at once."""
+    notice) and grant it what it may read; safe to repeat, and from several databases at once.
+
+    Only missing grants are made: TimescaleDB passes a grant on to every chunk, and a grant
+    racing a policy job that touches the same catalog rows fails ("tuple concurrently updated"),
+    so a migration that finds everything granted changes nothing."""
     role = ident(READER_ROLE)
-    grants = ", ".join(reader_relations(tier))
+    relations = ", ".join(f"'{relation}'" for relation in reader_relations(tier))
     return f"""DO $$
+DECLARE
+    relation text;
 BEGIN
     BEGIN
         CREATE ROLE {role} NOLOGIN;
@@ -263,8 +269,14 @@ BEGIN
             RAISE NOTICE 'role {role} not created: this user may not create roles';
             RETURN;
     END;
-    EXECUTE format('GRANT USAGE ON SCHEMA %I TO {role}', current_schema());
-    GRANT SELECT ON {grants} TO {role};
+    IF NOT has_schema_privilege('{role}', current_schema(), 'USAGE') THEN
+        EXECUTE format('GRANT USAGE ON SCHEMA %I TO {role}', current_schema());
+    END IF;
+    FOREACH relation IN ARRAY ARRAY[{relations}] LOOP
+        IF NOT has_table_privilege('{role}', relation, 'SELECT') THEN
+            EXECUTE format('GRANT SELECT ON %I TO {role}', relation);
+        END IF;
+    END LOOP;
 END
 $$"""
 

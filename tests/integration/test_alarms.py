@@ -229,6 +229,29 @@ async def test_statistical_detector_fires_on_a_spike_but_not_during_warm_up(
     assert [a for a in await alarms_of(admin, device_id=newcomer) if a["rule"].startswith("zscore")] == []
 
 
+async def test_a_persistent_moderate_deviation_alarms_where_one_reading_of_its_size_does_not(
+    system: System, admin: httpx.AsyncClient
+) -> None:
+    # Turbidity's spread is at least its floor, 0.3 NTU: 2.4 NTU is 4.7 deviations off 1.0, short
+    # of the single-reading limit (6) and of the warning limit (5 NTU). Once it is no alarm; held,
+    # the CUSUM of the deviations passes its alarm within four readings (a filter clogging).
+    rng = random.Random(11)
+    persistent = await register(admin, "water")
+    once = await register(admin, "water")
+
+    def normal(count: int) -> list[dict[str, float]]:
+        return [{"turbidity": round(1.0 + rng.gauss(0, 0.05), 3)} for _ in range(count)]
+
+    shifted = [{"turbidity": round(2.4 + rng.gauss(0, 0.05), 3)} for _ in range(8)]
+    send("water", persistent, series(recent(), 10, [*normal(60), *shifted]))
+    send("water", once, series(recent(), 10, [*normal(60), shifted[0], *normal(8)]))
+    alarm = await wait_for_alarm(admin, system, persistent, "zscore.turbidity")
+    assert alarm["severity"] == "low"
+    assert 2.2 < alarm["value"] < 2.6
+    await wait_for_readings(system, "water", once, 69)
+    assert [a for a in await alarms_of(admin, device_id=once) if a["rule"].startswith("zscore")] == []
+
+
 async def test_flatline_alarm(system: System, admin: httpx.AsyncClient) -> None:
     device_id = await register(admin, "grid", thresholds={"voltage": {"flatline_s": 120}})
     send("grid", device_id, series(recent(), 30, [{"voltage": 229.7, "frequency": 50.0}] * 8))

@@ -692,14 +692,19 @@ async def test_the_scheduler_runs_the_policies(tier_database: TierDatabase) -> N
     )
     try:
         before = await connection.fetchrow(stats_sql, job)
-        successes, failures = (before["total_successes"], before["total_failures"]) if before else (0, 0)
+        # A job that has not finished a run yet has a row of nulls.
+        successes, failures = (
+            (before["total_successes"] or 0, before["total_failures"] or 0) if before else (0, 0)
+        )
         await connection.execute("SELECT alter_job($1, scheduled => true, next_start => now())", job)
         deadline = time.monotonic() + 60
         while True:
             stats = await connection.fetchrow(stats_sql, job)
-            if stats is not None and stats["total_successes"] > successes:
+            if stats is not None and (stats["total_successes"] or 0) > successes:
                 break
-            assert stats is None or stats["total_failures"] == failures, f"job {job} failed: {dict(stats)}"
+            assert stats is None or (stats["total_failures"] or 0) == failures, (
+                f"job {job} failed: {dict(stats)}"
+            )
             assert time.monotonic() < deadline, f"the scheduler did not run job {job}: {stats}"
             await asyncio.sleep(0.2)
         assert stats["last_run_status"] == "Success"

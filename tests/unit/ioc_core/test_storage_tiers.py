@@ -23,6 +23,7 @@ from ioc_core.storage.tiers import (
     floor_to,
     interval_sql,
     read_windows,
+    reader_role_sql,
     retention_sql,
     rollup_query_sql,
     rollup_series_sql,
@@ -429,3 +430,13 @@ def test_an_aggregate_is_estimated_at_no_more_rows_than_readings() -> None:
     span = rollup_span(timedelta(days=1), start, end)
     assert span is not None
     assert series_scan_estimate(sample, start, end, span, 1000) == 3 + 3
+
+
+def test_the_reader_is_granted_only_what_it_lacks_and_only_measurements() -> None:
+    community = reader_role_sql(StorageTier.COMMUNITY)
+    assert "has_table_privilege('ioc_reader', relation, 'SELECT')" in community
+    assert "'readings_water_1d'" in community and "'devices'" in community
+    for secret in ("api_keys", "webhook", "audit_log", "outbox", "detector_state"):
+        assert secret not in community
+    assert "'readings_water_1m'" not in reader_role_sql(StorageTier.APACHE)
+    assert "WHEN insufficient_privilege THEN" in community
