@@ -97,14 +97,22 @@ def _target(sql: str, fmt: str) -> dict[str, Any]:
 
 
 def _panel(
-    panel_id: int, title: str, sql: str, *, kind: str = "timeseries", unit: str = "", x: int = 0, y: int = 0
+    panel_id: int,
+    title: str,
+    sql: str,
+    *,
+    kind: str = "timeseries",
+    unit: str = "",
+    x: int = 0,
+    y: int = 0,
+    width: int = _PANEL_WIDTH,
 ) -> dict[str, Any]:
     return {
         "id": panel_id,
         "type": kind,
         "title": title,
         "datasource": DATASOURCE,
-        "gridPos": {"h": _PANEL_HEIGHT, "w": _PANEL_WIDTH, "x": x, "y": y},
+        "gridPos": {"h": _PANEL_HEIGHT, "w": width, "x": x, "y": y},
         "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
         "options": {},
         "targets": [_target(sql, "time_series" if kind == "timeseries" else "table")],
@@ -204,8 +212,8 @@ def device_series() -> dict[str, Any]:
             f"{domain.title_en} · {domain.title_vi}: $device",
             device_series_sql(domain),
             y=index * _PANEL_HEIGHT,
+            width=24,
         )
-        | {"gridPos": {"h": _PANEL_HEIGHT, "w": 24, "x": 0, "y": index * _PANEL_HEIGHT}}
         for index, domain in enumerate(DOMAINS.values())
     ]
     domains = ",".join(DOMAINS)

@@ -12,6 +12,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -21,7 +22,7 @@ import httpx
 import pytest
 
 from ioc_core.bus import Topics
-from ioc_core.storage import Database, drop_database, ensure_database
+from ioc_core.storage import Database, StorageTier, drop_database, ensure_database
 from tests.integration.harness import ComponentProcess, delete_topics, test_env, unique
 
 SERVICES = {"Mosquitto": ("127.0.0.1", 1883), "Kafka": ("127.0.0.1", 9092)}
@@ -39,6 +40,22 @@ POSTGRES_URL = os.environ.get("IOC_TEST_POSTGRES_URL", "postgresql://postgres@12
 # PostgreSQL without TimescaleDB. (The one above has the community licence where it was built.)
 APACHE_POSTGRES_URL = os.environ.get("IOC_TEST_APACHE_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5434")
 PLAIN_POSTGRES_URL = os.environ.get("IOC_TEST_PLAIN_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5433")
+TIER_SERVERS = {
+    StorageTier.COMMUNITY: POSTGRES_URL,
+    StorageTier.APACHE: APACHE_POSTGRES_URL,
+    StorageTier.POSTGRES: PLAIN_POSTGRES_URL,
+}
+
+
+@asynccontextmanager
+async def scratch_database(server: str) -> AsyncIterator[str]:
+    """The URL of a database of its own on `server` (a URL without a database), dropped after."""
+    url = f"{server}/ioc_test_{int(time.time())}_{uuid.uuid4().hex[:8]}"
+    await ensure_database(url)
+    try:
+        yield url
+    finally:
+        await drop_database(url)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -19,8 +19,6 @@ import random
 import re
 import subprocess
 import sys
-import time
-import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
@@ -40,11 +38,10 @@ from ioc_core.storage.tiers import floor_to
 from ioc_core.telemetry import Reading
 from tests.integration.conftest import (
     ADMIN_HEADERS,
-    APACHE_POSTGRES_URL,
-    PLAIN_POSTGRES_URL,
-    POSTGRES_URL,
+    TIER_SERVERS,
     System,
     free_port,
+    scratch_database,
 )
 from tests.integration.harness import ComponentProcess, unique, wait_until
 
@@ -434,11 +431,7 @@ async def test_ioc_export_refusals_are_one_line(system: System, day: Day, tmp_pa
 
 # -- the storage's export on each tier ---------------------------------------------------------
 
-SERVERS = {
-    StorageTier.COMMUNITY: POSTGRES_URL,
-    StorageTier.APACHE: APACHE_POSTGRES_URL,
-    StorageTier.POSTGRES: PLAIN_POSTGRES_URL,
-}
+SERVERS = TIER_SERVERS
 
 
 @dataclass
@@ -449,48 +442,25 @@ class TierDay:
     day: Day
 
 
-async def _admin(server: str) -> asyncpg.Connection:
-    try:
-        return await asyncpg.connect(f"{server}/postgres", timeout=5)
-    except (OSError, asyncpg.PostgresError) as exc:
-        pytest.fail(f"PostgreSQL server at {server} is not reachable ({exc}); start it with `make services`")
-
-
 @pytest.fixture(scope="module", params=list(SERVERS), ids=str)
 async def tier_day(request: pytest.FixtureRequest) -> AsyncIterator[TierDay]:
     tier: StorageTier = request.param
     server = SERVERS[tier]
-    name = f"ioc_test_{int(time.time())}_{uuid.uuid4().hex[:8]}"
-    admin = await _admin(server)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    url = f"{server}/{name}"
-    try:
-        async with Database(url, max_size=2) as db:
-            offered = await db.migrate()
-            if offered is not tier and not (tier is StorageTier.COMMUNITY and offered is StorageTier.APACHE):
-                pytest.fail(f"the server at {server} offers the {offered} tier, not {tier}")
-            made = _make_day("tier")
-            for city, ids in made.devices.items():
-                for device_id in ids:
-                    await db.devices.insert(
-                        DeviceIn(
-                            id=device_id,
-                            city=city,
-                            domain=DOMAIN.name,
-                            location=Location(lat=21.0, lon=105.8),
-                        )
-                    )
-            await _write(db, made)
-            yield TierDay(offered, url, db, made)
-    finally:
-        admin = await _admin(server)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
+    async with scratch_database(server) as url, Database(url, max_size=2) as db:
+        offered = await db.migrate()
+        if offered is not tier and not (tier is StorageTier.COMMUNITY and offered is StorageTier.APACHE):
+            pytest.fail(f"the server at {server} offers the {offered} tier, not {tier}")
+        made = _make_day("tier")
+        here = Location(lat=21.0, lon=105.8)
+        await db.devices.insert_many(
+            [
+                DeviceIn(id=device_id, city=city, domain=DOMAIN.name, location=here)
+                for city, ids in made.devices.items()
+                for device_id in ids
+            ]
+        )
+        await _write(db, made)
+        yield TierDay(offered, url, db, made)
 
 
 async def _export(db: Database, day: Day, **options: Any) -> list[list[tuple[Any, ...]]]:

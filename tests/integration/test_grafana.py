@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
-import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -21,7 +19,7 @@ from ioc_core.models import DeviceIn, Location
 from ioc_core.storage import Database, StorageTier, TelemetryBatch
 from ioc_core.storage.tiers import READER_ROLE, ROLLUPS
 from ioc_core.telemetry import Reading
-from tests.integration.conftest import POSTGRES_URL
+from tests.integration.conftest import POSTGRES_URL, scratch_database
 
 CITY = "grafana-city"
 HOURS = 6
@@ -39,14 +37,7 @@ def _reading(device_id: str, domain: str, ts: datetime, index: int) -> Reading:
 
 @pytest.fixture(scope="module")
 async def city_database() -> AsyncIterator[str]:
-    name = f"ioc_test_{int(time.time())}_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(f"{POSTGRES_URL}/postgres")
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    url = f"{POSTGRES_URL}/{name}"
-    try:
+    async with scratch_database(POSTGRES_URL) as url:
         async with Database(url) as db:
             if await db.migrate(reader_password="reader-password-for-tests") is not StorageTier.COMMUNITY:
                 pytest.skip("the dashboards read the community tier's rollups; the server lacks it")
@@ -80,12 +71,6 @@ async def city_database() -> AsyncIterator[str]:
         finally:
             await connection.close()
         yield url
-    finally:
-        admin = await asyncpg.connect(f"{POSTGRES_URL}/postgres")
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
 
 
 def _expand(sql: str, domain: str) -> str:

@@ -32,14 +32,10 @@ from ioc_core.storage import Database, StorageTier, TelemetryBatch, WriteResult
 from ioc_core.storage import migrations as migrations_module
 from ioc_core.storage.schema import MIGRATIONS
 from ioc_core.telemetry import Reading, parse_payload, parse_topic, validate
-from tests.integration.conftest import APACHE_POSTGRES_URL, PLAIN_POSTGRES_URL, POSTGRES_URL
+from tests.integration.conftest import TIER_SERVERS
 from tests.integration.harness import MQTT_HOST, MQTT_PORT, publish, unique
 
-SERVERS = {
-    StorageTier.COMMUNITY: POSTGRES_URL,
-    StorageTier.APACHE: APACHE_POSTGRES_URL,
-    StorageTier.POSTGRES: PLAIN_POSTGRES_URL,
-}
+SERVERS = TIER_SERVERS
 CITY = "once-city"
 WINDOW_S = 3600.0
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -38,13 +37,9 @@ from ioc_core.storage.tiers import (
     rollup_span,
 )
 from ioc_core.telemetry import Reading
-from tests.integration.conftest import APACHE_POSTGRES_URL, PLAIN_POSTGRES_URL, POSTGRES_URL
+from tests.integration.conftest import TIER_SERVERS, scratch_database
 
-SERVERS = {
-    StorageTier.COMMUNITY: POSTGRES_URL,
-    StorageTier.APACHE: APACHE_POSTGRES_URL,
-    StorageTier.POSTGRES: PLAIN_POSTGRES_URL,
-}
+SERVERS = TIER_SERVERS
 NO_COMMUNITY_SERVER = (
     "the TimescaleDB service runs Debian's Apache-licence build: `make services` builds the"
     " community one from TimescaleDB's source (see IOC_TIMESCALEDB_SOURCE in the README)"
@@ -123,13 +118,6 @@ def _expected(
     return [(t, value_of(values)) for t, values in sorted(buckets.items())]
 
 
-async def _connect_admin(server: str) -> asyncpg.Connection:
-    try:
-        return await asyncpg.connect(f"{server}/postgres", timeout=5)
-    except (OSError, asyncpg.PostgresError) as exc:
-        pytest.fail(f"PostgreSQL server at {server} is not reachable ({exc}); start it with `make services`")
-
-
 async def _pause_policies(url: str) -> None:
     """Stop the scheduler from running this database's policies: a retention or compression run
     at a moment of its choosing would change what the tests count. The tests run them instead."""
@@ -172,40 +160,24 @@ async def _run_policy(connection: asyncpg.Connection, relation: str, kind: str) 
 async def tier_database(request: pytest.FixtureRequest) -> AsyncIterator[TierDatabase]:
     tier: StorageTier = request.param
     server = SERVERS[tier]
-    name = f"ioc_test_{int(time.time())}_{uuid.uuid4().hex[:8]}"
-    admin = await _connect_admin(server)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    url = f"{server}/{name}"
-    try:
-        async with Database(url) as db:
-            offered = await db.migrate()
-            if offered is not tier:
-                if tier is StorageTier.COMMUNITY and offered is StorageTier.APACHE:
-                    pytest.skip(NO_COMMUNITY_SERVER)
-                pytest.fail(f"the server at {server} offers the {offered} tier, not {tier}")
-            if tier is StorageTier.COMMUNITY:
-                await _pause_policies(url)
-            for device_id in DEVICES:
-                await db.devices.insert(
-                    DeviceIn(
-                        id=device_id, city=CITY, domain=DOMAIN.name, location=Location(lat=21.0, lon=105.8)
-                    )
-                )
-            # Whole days back, so that the old readings share one daily chunk.
-            base = floor_to(datetime.now(UTC) - timedelta(days=2), timedelta(days=1)) + timedelta(hours=9)
-            recent = _readings(base, READINGS_PER_DEVICE, seed=1)
-            old = _readings(base - timedelta(days=200), OLD_READINGS // len(DEVICES), seed=2)
-            first_write = await db.write_batch(TelemetryBatch(records=[(r, 0) for r in recent + old]))
-            yield TierDatabase(tier, url, db, recent, old, base, first_write)
-    finally:
-        admin = await _connect_admin(server)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
+    async with scratch_database(server) as url, Database(url) as db:
+        offered = await db.migrate()
+        if offered is not tier:
+            if tier is StorageTier.COMMUNITY and offered is StorageTier.APACHE:
+                pytest.skip(NO_COMMUNITY_SERVER)
+            pytest.fail(f"the server at {server} offers the {offered} tier, not {tier}")
+        if tier is StorageTier.COMMUNITY:
+            await _pause_policies(url)
+        for device_id in DEVICES:
+            await db.devices.insert(
+                DeviceIn(id=device_id, city=CITY, domain=DOMAIN.name, location=Location(lat=21.0, lon=105.8))
+            )
+        # Whole days back, so that the old readings share one daily chunk.
+        base = floor_to(datetime.now(UTC) - timedelta(days=2), timedelta(days=1)) + timedelta(hours=9)
+        recent = _readings(base, READINGS_PER_DEVICE, seed=1)
+        old = _readings(base - timedelta(days=200), OLD_READINGS // len(DEVICES), seed=2)
+        first_write = await db.write_batch(TelemetryBatch(records=[(r, 0) for r in recent + old]))
+        yield TierDatabase(tier, url, db, recent, old, base, first_write)
 
 
 async def test_migrate_twice_and_detect_the_tier(tier_database: TierDatabase) -> None:
@@ -719,96 +691,66 @@ async def test_an_apache_tier_database_gains_the_community_objects_in_place(
     """A database made while the server had only the Apache licence (the tier is forced here, on
     the community server) is upgraded in place by `migrate`: aggregates over the readings it
     already holds, compression and policies; a second `migrate` changes nothing."""
-    server = SERVERS[StorageTier.COMMUNITY]
-    name = f"ioc_test_{int(time.time())}_{uuid.uuid4().hex[:8]}"
-    admin = await _connect_admin(server)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    url = f"{server}/{name}"
-    try:
-        async with Database(url) as db:
-            await db.pool.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
-            if await db.detect_tier() is not StorageTier.COMMUNITY:
-                pytest.skip(NO_COMMUNITY_SERVER)
-            real_detect = migrations_module.detect_tier
+    async with scratch_database(SERVERS[StorageTier.COMMUNITY]) as url, Database(url) as db:
+        await db.pool.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
+        if await db.detect_tier() is not StorageTier.COMMUNITY:
+            pytest.skip(NO_COMMUNITY_SERVER)
+        real_detect = migrations_module.detect_tier
 
-            async def apache(pool: object) -> StorageTier:
-                return StorageTier.APACHE
+        async def apache(pool: object) -> StorageTier:
+            return StorageTier.APACHE
 
-            monkeypatch.setattr(migrations_module, "detect_tier", apache)
-            assert await db.migrate() is StorageTier.APACHE
-            for device_id in DEVICES:
-                await db.devices.insert(
-                    DeviceIn(
-                        id=device_id, city=CITY, domain=DOMAIN.name, location=Location(lat=21.0, lon=105.8)
-                    )
-                )
-            base = floor_to(datetime.now(UTC) - timedelta(days=3), timedelta(days=1))
-            readings = _readings(base, 100, seed=9)
-            await db.write_batch(TelemetryBatch(records=[(r, 0) for r in readings]))
-            connection = await asyncpg.connect(url)
-            try:
-                assert (
-                    await connection.fetchval(
-                        "SELECT count(*) FROM timescaledb_information.continuous_aggregates"
-                    )
-                    == 0
-                )
-                monkeypatch.setattr(migrations_module, "detect_tier", real_detect)
-                for _ in range(2):
-                    async with Database(url) as upgraded:
-                        assert await upgraded.migrate() is StorageTier.COMMUNITY
-                    await _check_community_objects(connection)
-                await _pause_policies(url)
-                view = ROLLUPS[0].view(DOMAIN)
-                await _run_policy(connection, view, "policy_refresh_continuous_aggregate")
-                total = await connection.fetchval(f"SELECT sum(flow_count) FROM {view}")
-                assert total == len(readings)
-            finally:
-                await connection.close()
-    finally:
-        admin = await _connect_admin(server)
+        monkeypatch.setattr(migrations_module, "detect_tier", apache)
+        assert await db.migrate() is StorageTier.APACHE
+        here = Location(lat=21.0, lon=105.8)
+        await db.devices.insert_many(
+            [DeviceIn(id=d, city=CITY, domain=DOMAIN.name, location=here) for d in DEVICES]
+        )
+        base = floor_to(datetime.now(UTC) - timedelta(days=3), timedelta(days=1))
+        readings = _readings(base, 100, seed=9)
+        await db.write_batch(TelemetryBatch(records=[(r, 0) for r in readings]))
+        connection = await asyncpg.connect(url)
         try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            aggregates_sql = "SELECT count(*) FROM timescaledb_information.continuous_aggregates"
+            assert await connection.fetchval(aggregates_sql) == 0
+            monkeypatch.setattr(migrations_module, "detect_tier", real_detect)
+            for _ in range(2):
+                async with Database(url) as upgraded:
+                    assert await upgraded.migrate() is StorageTier.COMMUNITY
+                await _check_community_objects(connection)
+            await _pause_policies(url)
+            view = ROLLUPS[0].view(DOMAIN)
+            await _run_policy(connection, view, "policy_refresh_continuous_aggregate")
+            assert await connection.fetchval(f"SELECT sum(flow_count) FROM {view}") == len(readings)
         finally:
-            await admin.close()
+            await connection.close()
 
 
 async def test_migrate_brings_timescaledb_up_to_the_installed_version() -> None:
     """A database made under an older TimescaleDB (a new server image keeps its version) is
     updated by `migrate`, whose update runs first in a session of its own."""
-    server = SERVERS[StorageTier.APACHE]
-    admin = await _connect_admin(server)
-    name = f"ioc_test_{int(time.time())}_{uuid.uuid4().hex[:8]}"
-    try:
-        versions = await admin.fetch(
-            "SELECT version FROM pg_available_extension_versions WHERE name = 'timescaledb'"
-            " AND NOT (SELECT default_version = version FROM pg_available_extensions"
-            " WHERE name = 'timescaledb')"
-            " AND version ~ '^2\\.1[4-9]\\.'"
-        )
-        if not versions:
-            pytest.skip("the server has no older TimescaleDB to start from")
-        older = sorted(r["version"] for r in versions)[-1]
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        connection = await asyncpg.connect(f"{server}/{name}")
+    versions_sql = (
+        "SELECT installed_version, default_version FROM pg_available_extensions WHERE name = 'timescaledb'"
+    )
+    async with scratch_database(SERVERS[StorageTier.APACHE]) as url:
+        connection = await asyncpg.connect(url)
         try:
+            older_versions = await connection.fetch(
+                "SELECT version FROM pg_available_extension_versions WHERE name = 'timescaledb'"
+                " AND version <> (SELECT default_version FROM pg_available_extensions"
+                " WHERE name = 'timescaledb') AND version ~ '^2\\.1[4-9]\\.'"
+            )
+            if not older_versions:
+                pytest.skip("the server has no older TimescaleDB to start from")
+            older = sorted(r["version"] for r in older_versions)[-1]
             await connection.execute(f"CREATE EXTENSION timescaledb VERSION '{older}'")
         finally:
             await connection.close()
-        async with Database(f"{server}/{name}") as db:
+        async with Database(url) as db:
             assert await db.migrate() is StorageTier.APACHE
-        connection = await asyncpg.connect(f"{server}/{name}")
+        connection = await asyncpg.connect(url)
         try:
-            installed, default = await connection.fetchrow(
-                "SELECT installed_version, default_version FROM pg_available_extensions"
-                " WHERE name = 'timescaledb'"
-            )
+            installed, default = await connection.fetchrow(versions_sql)
         finally:
             await connection.close()
-        assert (installed, default) == (default, default) and installed != older
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
+        assert installed == default != older
