@@ -22,6 +22,7 @@ from api.rate_limits import RateLimiter, RateLimitMiddleware, policies_of
 from api.routes import (
     alarms,
     api_keys,
+    areas,
     audit,
     dead_letters,
     devices,
@@ -150,6 +151,7 @@ def create_app(
         dead_letters,
         audit,
         export,
+        areas,
     ):
         app.include_router(module.router)
     add_page_routes(app, settings)

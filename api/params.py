@@ -16,6 +16,7 @@ from fastapi.routing import APIRoute
 from pydantic import TypeAdapter
 from pydantic import ValidationError as PydanticValidationError
 
+from ioc_core.areas import AREA_ID_PATTERN
 from ioc_core.domains import DOMAINS
 from ioc_core.telemetry import CITY_PATTERN, DEVICE_ID_PATTERN
 
@@ -33,6 +34,22 @@ BboxFilter = Annotated[
         examples=["105.75,20.95,105.90,21.10"],
     ),
 ]
+
+
+AreaFilter = Annotated[
+    str | None,
+    Query(max_length=2000, description="comma list of area ids (`/v1/areas`): only what lies in one of them"),
+]
+
+
+def area_list(value: str | None) -> list[str] | None:
+    """The ids of an `area=` filter; each must look like an area id (400 otherwise)."""
+    if value is None:
+        return None
+    items = [item.strip() for item in value.split(",") if item.strip()]
+    if not items or not all(AREA_ID_PATTERN.fullmatch(item) for item in items):
+        raise HTTPException(400, "area must be a comma-separated list of area ids")
+    return items
 
 
 def comma_list(value: str | None, allowed: Sequence[str], name: str) -> list[str] | None:

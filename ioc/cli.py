@@ -207,8 +207,25 @@ async def migrate(settings: Settings) -> None:
             reader_password=(
                 settings.reader_db_password.get_secret_value() if settings.reader_db_password else None
             ),
+            postgis=settings.postgis,
         )
-    print(f"schema up to date (storage tier: {tier})")
+    print(f"schema up to date (storage tier: {tier}, areas computed with {database.spatial})")
+
+
+async def import_areas(settings: Settings, path: Path) -> int:
+    from ioc.areas_file import read_areas
+
+    areas, problems = read_areas(path, max_vertices=settings.area_max_vertices)
+    for problem in problems:
+        print(f"ioc areas import: {problem}", file=sys.stderr)
+    if problems:
+        print(f"ioc areas import: {len(problems)} bad features; nothing imported", file=sys.stderr)
+        return 1
+    async with Database(settings.database_url.get_secret_value(), max_size=2) as database:
+        created = await database.areas.put_many(areas)
+    new = sum(created.values())
+    print(json.dumps({"created": new, "replaced": len(created) - new}))
+    return 0
 
 
 async def import_devices(settings: Settings, path: Path) -> int:
@@ -407,6 +424,14 @@ def build_parser() -> argparse.ArgumentParser:
     device_commands = devices.add_subparsers(dest="devices_command", required=True, metavar="ACTION")
     importer = device_commands.add_parser("import", help="register devices from a GeoJSON FeatureCollection")
     importer.add_argument("file", type=Path, help="GeoJSON file with Point features")
+    areas = commands.add_parser("areas", help="manage areas on the map (wards, catchments, zones)")
+    area_commands = areas.add_subparsers(dest="areas_command", required=True, metavar="ACTION")
+    area_importer = area_commands.add_parser(
+        "import",
+        help="store the areas of a GeoJSON FeatureCollection, replacing those of the same ids; all of"
+        " them or, when any feature is bad, none",
+    )
+    area_importer.add_argument("file", type=Path, help="GeoJSON file with Polygon or MultiPolygon features")
     detect = commands.add_parser(
         "detect",
         help="replay a recorded series (CSV timestamp,value), or a simulated scenario, through the detectors",
@@ -509,6 +534,8 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(import_devices(settings, args.file))
         if command == "export":
             return asyncio.run(export_readings(settings, args))
+        if command == "areas":
+            return asyncio.run(import_areas(settings, args.file))
         runners = {
             "up": run_up,
             "gateway": run_gateway,

@@ -23,8 +23,8 @@ AUDIT_RECORDED = "audit.recorded"
 # The `source` of audit events: the API records them, not a processor.
 AUDIT_SOURCE = "urn:ioc:api"
 
-API_KEY, DEVICE, WEBHOOK, ALARM = "api_key", "device", "webhook", "alarm"
-OBJECT_TYPES: tuple[str, ...] = (API_KEY, DEVICE, WEBHOOK, ALARM)
+API_KEY, DEVICE, WEBHOOK, ALARM, AREA = "api_key", "device", "webhook", "alarm", "area"
+OBJECT_TYPES: tuple[str, ...] = (API_KEY, DEVICE, WEBHOOK, ALARM, AREA)
 
 API_KEY_CREATE = "api_key.create"
 API_KEY_REVOKE = "api_key.revoke"
@@ -39,6 +39,9 @@ WEBHOOK_DELETE = "webhook.delete"
 WEBHOOK_DELIVERY_RETRY = "webhook.delivery.retry"
 ALARM_ACKNOWLEDGE = "alarm.acknowledge"
 ALARM_RESOLVE = "alarm.resolve"
+AREA_CREATE = "area.create"
+AREA_UPDATE = "area.update"
+AREA_DELETE = "area.delete"
 # Reads are recorded only when they are refused: a key asking for another scope's object.
 DEVICE_READ = "device.read"
 WEBHOOK_READ = "webhook.read"
@@ -58,6 +61,9 @@ ACTIONS: tuple[str, ...] = (
     WEBHOOK_DELIVERY_RETRY,
     ALARM_ACKNOWLEDGE,
     ALARM_RESOLVE,
+    AREA_CREATE,
+    AREA_UPDATE,
+    AREA_DELETE,
     DEVICE_READ,
     WEBHOOK_READ,
     ALARM_READ,

@@ -107,6 +107,9 @@ class Device(BaseModel):
     last_seen: datetime | None
     latest: LatestReading | None
     created_at: datetime
+    areas: list[str] = Field(
+        default_factory=list, description="ids of the areas (`/v1/areas`) the device lies in"
+    )
 
 
 class StateItem(BaseModel):

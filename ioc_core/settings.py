@@ -264,6 +264,14 @@ class Settings(BaseSettings):
         description="password `ioc migrate` gives the database's read-only role ioc_reader (Grafana"
         " connects as it); unset, the role cannot log in",
     )
+    postgis: bool = Field(
+        default=True,
+        description="`ioc migrate` enables PostGIS for areas where the server has it (else, and when"
+        " false, areas are computed with shapely: the same answers, slower for big cities)",
+    )
+    area_max_vertices: int = Field(
+        default=100_000, ge=4, le=10_000_000, description="vertices one area's geometry may have"
+    )
     retention_check_s: float = Field(
         default=3600, gt=0, description="how often a processor drops readings older than the retention"
     )

@@ -451,6 +451,23 @@ pg_rootfs() {
     touch "$PG_ROOTFS_STAMP"
 }
 
+# PostGIS, for areas on the map (ioc_core.areas): Debian's build, in the same root, so every
+# server there (community, Apache-licence and plain) offers it. Installed once; the servers need
+# no restart, as an extension's files are read when a database creates it.
+pg_postgis() {
+    # postgis.control links through the root's /etc/alternatives, which the host cannot follow.
+    [[ -f $PG_ROOTFS/usr/share/postgresql/$PG_MAJOR/extension/postgis-3.control ]] && return
+    local log=$LOG_DIR/timescaledb-postgis.log
+    mkdir -p "$LOG_DIR"
+    say "timescaledb: installing PostGIS into the root filesystem (log: $log)"
+    {
+        in_root apt-get update -q &&
+            in_root apt-get install -y -q --no-install-recommends "postgresql-$PG_MAJOR-postgis-3" &&
+            in_root apt-get clean
+    } >"$log" 2>&1 ||
+        fail "timescaledb: installing postgresql-$PG_MAJOR-postgis-3 in the root filesystem failed (log: $log)"
+}
+
 # cluster_init NAME DATA LOG_IN_ROOT STAMP: one PostgreSQL cluster in the root
 # filesystem (the TimescaleDB one and the plain one differ only in these).
 cluster_init() {
@@ -541,6 +558,7 @@ pg_up() {
     local pid log=$LOG_DIR/timescaledb-ctl.log source=
     if [[ $EUID -eq 0 && -f $PG_ROOTFS_STAMP ]]; then
         source=$(tsdb_source) || exit 1
+        pg_postgis
     fi
     if pid=$(pg_pid); then
         if [[ -z $source ]] || tsdb_built "$source"; then
@@ -561,6 +579,7 @@ pg_up() {
     need_root "starting PostgreSQL in its chroot"
     mkdir -p "$LOG_DIR"
     pg_rootfs
+    pg_postgis
     [[ -n $source ]] || source=$(tsdb_source) || exit 1
     tsdb_build "$source"
     pg_init

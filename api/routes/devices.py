@@ -16,7 +16,17 @@ from api.audit_trail import Audit, AuditTrail, Subject
 from api.auth import Admin, Viewer
 from api.deps import Accounts, Db, ViewedDevice, managed, scoped_device
 from api.pagination import Page, decode_text_cursor, paginate
-from api.params import BboxFilter, CityFilter, Cursor, DeviceId, DomainFilter, parse_bbox, sees_nothing
+from api.params import (
+    AreaFilter,
+    BboxFilter,
+    CityFilter,
+    Cursor,
+    DeviceId,
+    DomainFilter,
+    area_list,
+    parse_bbox,
+    sees_nothing,
+)
 from api.problems import PROBLEM
 from ioc_core.audit import (
     DEVICE,
@@ -83,16 +93,20 @@ async def devices(
     domain: DomainFilter = None,
     status: StatusFilter = None,
     bbox: BboxFilter = None,
+    area: AreaFilter = None,
     limit: Annotated[int, Query(ge=1, le=1000, description="page size")] = 100,
     cursor: Cursor = None,
 ) -> Page[Device]:
     box = parse_bbox(bbox)
+    areas = area_list(area)
     after = decode_text_cursor(cursor)
     cities, domains = principal.city_filter(city), principal.domain_filter(domain)
     if sees_nothing(cities, domains):
         return Page[Device].empty()
     return await paginate(
-        lambda n: database.devices.page(cities, domains, status=status, bbox=box, after=after, limit=n),
+        lambda n: database.devices.page(
+            cities, domains, status=status, bbox=box, after=after, limit=n, areas=areas
+        ),
         limit,
         cursor_of=lambda row: row.id,
         item=lambda row: row,

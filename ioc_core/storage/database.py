@@ -1,6 +1,6 @@
 """The database as the rest of the system sees it: a connection pool started and stopped as a
 component, with one store per aggregate over it (`devices`, `readings`, `status`, `alarms`,
-`outbox`, `api_keys`, `dead_letters`, `webhooks`, `audit`), migrations, the processor's unit of
+`outbox`, `api_keys`, `dead_letters`, `webhooks`, `audit`, `areas`), migrations, the processor's unit of
 work (`transaction`, see `batch`), and a plain unit of work that a change and its audit entry
 share (`unit_of_work`)."""
 
@@ -17,6 +17,7 @@ from ioc_core.sealing import SecretSealer
 from ioc_core.storage import migrations
 from ioc_core.storage.alarms import AlarmStore
 from ioc_core.storage.api_keys import ApiKeyStore
+from ioc_core.storage.areas import AreaStore, SpatialEngine, detect_engine
 from ioc_core.storage.audit import AuditStore
 from ioc_core.storage.batch import BatchTransaction, TelemetryBatch, WriteResult
 from ioc_core.storage.dead_letters import DeadLetterStore
@@ -49,7 +50,9 @@ class Database(Component):
         self._pool = Pool(url, min_size=min_size, max_size=max_size, timeout_s=timeout_s)
         self.seq_window_s = seq_window_s
         self.tier: StorageTier | None = None
-        self.devices = DeviceStore(self._pool)
+        self.spatial: SpatialEngine | None = None
+        self.devices = DeviceStore(self._pool, self._current_spatial)
+        self.areas = AreaStore(self._pool, self._current_spatial)
         self.readings = ReadingStore(self._pool, self._current_tier, seq_window_s)
         self.status = StatusStore(self._pool)
         self.alarms = AlarmStore(self._pool)
@@ -64,6 +67,7 @@ class Database(Component):
     async def start(self) -> None:
         await self._pool.start()
         self.tier = await self.detect_tier()
+        self.spatial = await detect_engine(self._pool)
 
     async def stop(self) -> None:
         await self._pool.stop()
@@ -75,6 +79,13 @@ class Database(Component):
     async def _current_tier(self) -> StorageTier:
         return self.tier if self.tier is not None else await self.detect_tier()
 
+    async def _current_spatial(self) -> SpatialEngine:
+        # Asked again while the schema predates areas: another process may migrate it meanwhile.
+        if self.spatial in (None, SpatialEngine.NONE):
+            self.spatial = await detect_engine(self._pool)
+        assert self.spatial is not None
+        return self.spatial
+
     async def detect_tier(self) -> StorageTier:
         return await migrations.detect_tier(self._pool)
 
@@ -84,12 +95,18 @@ class Database(Component):
         retention: timedelta = DEFAULT_RETENTION,
         compress_after: timedelta = COMPRESS_AFTER,
         reader_password: str | None = None,
+        postgis: bool = True,
     ) -> StorageTier:
         """Create or upgrade the schema (see `migrations.migrate`), then seal the webhook secrets
         an earlier version stored in plain text, and those an old key sealed, with the current key."""
         self.tier = await migrations.migrate(
-            self._pool, retention=retention, compress_after=compress_after, reader_password=reader_password
+            self._pool,
+            retention=retention,
+            compress_after=compress_after,
+            reader_password=reader_password,
+            postgis=postgis,
         )
+        self.spatial = await detect_engine(self._pool)
         if self._sealer is not None:
             report = await self.webhooks.seal_stored_secrets()
             if report.sealed or report.resealed:

@@ -12,11 +12,12 @@ import asyncpg
 from ioc_core.errors import ConflictError, NotFoundError
 from ioc_core.models import Device, DeviceIn, DeviceRoute, LatestReading, Location
 from ioc_core.storage import views
+from ioc_core.storage.areas import EngineOf, place_devices
 from ioc_core.storage.pool import Connection, Pool, Transaction, text_list
 
-_DEVICE_COLUMNS = """
+_DEVICE_COLUMNS = f"""
     d.id, d.city, d.domain, d.name, d.district, d.lat, d.lon, d.thresholds, d.created_at,
-    coalesce(s.status, 'unknown') AS status, s.last_seen, s.ts, s.metrics
+    coalesce(s.status, 'unknown') AS status, s.last_seen, s.ts, s.metrics, {views.DEVICE_AREAS}
 """
 
 
@@ -43,6 +44,7 @@ def _device_of(row: asyncpg.Record) -> Device:
         last_seen=row["last_seen"],
         latest=LatestReading(ts=row["ts"], metrics=row["metrics"]) if row["ts"] is not None else None,
         created_at=row["created_at"],
+        areas=row["areas"],
     )
 
 
@@ -60,8 +62,10 @@ async def _read(connection: Connection, device_id: str) -> Device:
 class DeviceStore:
     """Every query about the device registry, over a started pool."""
 
-    def __init__(self, pool: Pool) -> None:
+    def __init__(self, pool: Pool, spatial: EngineOf) -> None:
         self._pool = pool
+        # Which engine places devices in areas (see storage.areas).
+        self._spatial = spatial
 
     async def insert(self, device: DeviceIn, *, within: Transaction | None = None) -> Device:
         """Register a device; in `within` when given (see `Pool.joined`)."""
@@ -81,6 +85,7 @@ class DeviceStore:
                 )
             except asyncpg.UniqueViolationError as exc:
                 raise ConflictError(f"device {device.id!r} already exists") from exc
+            await place_devices(transaction.connection, await self._spatial(), [device.id])
             transaction.touch(device.city, device.domain)
             return await _read(transaction.connection, device.id)
 
@@ -88,14 +93,15 @@ class DeviceStore:
         """Register many devices in one transaction (a fleet of 100,000 in seconds, where one
         request each takes minutes); those already registered are left as they are. Returns how
         many were new."""
+        spatial = await self._spatial()
         async with self._pool.transaction() as transaction:
             new = await transaction.connection.fetchval(
                 "WITH added AS ("
                 " INSERT INTO devices (id, city, domain, name, district, lat, lon, thresholds)"
                 " SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],"
                 " $6::float8[], $7::float8[], $8::jsonb[])"
-                " ON CONFLICT (id) DO NOTHING RETURNING 1)"
-                " SELECT count(*) FROM added",
+                " ON CONFLICT (id) DO NOTHING RETURNING id)"
+                " SELECT array_agg(id) FROM added",
                 [d.id for d in devices],
                 [d.city for d in devices],
                 [d.domain for d in devices],
@@ -105,9 +111,12 @@ class DeviceStore:
                 [d.location.lon for d in devices],
                 [d.thresholds for d in devices],
             )
+            new = new or []
+            if new:
+                await place_devices(transaction.connection, spatial, new)
             for city, domain in {(d.city, d.domain) for d in devices}:
                 transaction.touch(city, domain)
-            return int(new)
+            return len(new)
 
     async def get(self, device_id: str) -> Device:
         async with self._pool.guard(), self._pool.pool.acquire() as connection:
@@ -128,6 +137,7 @@ class DeviceStore:
             )
             if row is None:
                 raise NotFoundError(f"device {device.id!r} not found")
+            await place_devices(transaction.connection, await self._spatial(), [device.id])
             transaction.touch(row["city"], row["domain"])
             return await _read(transaction.connection, device.id)
 
@@ -150,6 +160,7 @@ class DeviceStore:
         bbox: tuple[float, float, float, float] | None,
         after: str | None,
         limit: int,
+        areas: Sequence[str] | None = None,
     ) -> list[Device]:
         rows = await self._pool.fetch(
             views.DEVICE_PAGE_SQL,
@@ -159,6 +170,7 @@ class DeviceStore:
             list(bbox) if bbox else None,
             after,
             limit,
+            text_list(areas),
         )
         return [_device_of(row) for row in rows]
 

@@ -39,6 +39,7 @@ async def migrate(
     retention: timedelta = DEFAULT_RETENTION,
     compress_after: timedelta = COMPRESS_AFTER,
     reader_password: str | None = None,
+    postgis: bool = True,
 ) -> StorageTier:
     """Create or upgrade the schema; safe to run twice and from several processes at once.
 
@@ -47,7 +48,10 @@ async def migrate(
     kept for `retention` (IOC_RETENTION_DAYS).
 
     Every tier gets the read-only role `ioc_reader` (see `tiers.reader_role_sql`); with
-    `reader_password` (IOC_READER_DB_PASSWORD) it may log in with it, for Grafana."""
+    `reader_password` (IOC_READER_DB_PASSWORD) it may log in with it, for Grafana.
+
+    With `postgis` (IOC_POSTGIS) and the server offering PostGIS, areas get a PostGIS geometry
+    and GiST indexes (see `enable_postgis`); otherwise the areas store works with shapely."""
     if await _update_timescaledb(pool.url):
         # The pool's sessions loaded the old version; the server ends them at their next statement.
         await pool.pool.expire_connections()
@@ -65,6 +69,8 @@ async def migrate(
             for domain in DOMAINS.values():
                 for statement in tier_objects_sql(tier, domain, retention, compress_after):
                     await connection.execute(statement)
+            if postgis:
+                await enable_postgis(connection)
             await _grant_the_reader(connection, tier)
             if reader_password is not None:
                 await _let_the_reader_log_in(connection, reader_password)
@@ -169,3 +175,58 @@ async def _enable_timescaledb(connection: Connection) -> None:
     except asyncpg.PostgresError as exc:
         # Most often: not in shared_preload_libraries. Plain tables still work.
         log.warning("TimescaleDB is installed but cannot be enabled (%s); using plain PostgreSQL", exc)
+
+
+# PostGIS for areas: a geometry kept from the GeoJSON by a trigger (so the store's writes are the
+# same on both engines), GiST indexes on it and on the devices' points, and the geometry of areas
+# stored before PostGIS came. Each statement is safe to run again.
+POSTGIS_SQL: tuple[str, ...] = (
+    "ALTER TABLE areas ADD COLUMN IF NOT EXISTS geom geometry(MultiPolygon, 4326)",
+    """
+    CREATE OR REPLACE FUNCTION areas_geom_from_geojson() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        NEW.geom := ST_SetSRID(ST_GeomFromGeoJSON(NEW.geometry::text), 4326);
+        RETURN NEW;
+    END $$
+    """,
+    "DROP TRIGGER IF EXISTS areas_geom ON areas",
+    "CREATE TRIGGER areas_geom BEFORE INSERT OR UPDATE OF geometry ON areas"
+    " FOR EACH ROW EXECUTE FUNCTION areas_geom_from_geojson()",
+    "UPDATE areas SET geometry = geometry WHERE geom IS NULL",
+    "CREATE INDEX IF NOT EXISTS areas_geom_gist ON areas USING gist (geom)",
+    "CREATE INDEX IF NOT EXISTS devices_point_gist ON devices USING gist"
+    " (ST_SetSRID(ST_MakePoint(lon, lat), 4326))",
+)
+
+
+async def enable_postgis(connection: Connection) -> bool:
+    """Enable PostGIS for areas where the server has it and this user may; says whether it is on.
+    Devices' areas are computed afresh when it comes on, by the engine that serves from now on."""
+    if await connection.fetchval("SELECT to_regclass('areas') IS NULL"):
+        return False
+    available = await connection.fetchval(
+        "SELECT count(*) FROM pg_available_extensions WHERE name = 'postgis'"
+    )
+    if not available:
+        log.info("PostGIS is not installed on this server; areas are computed with shapely")
+        return False
+    had_geometry = await connection.fetchval(
+        "SELECT count(*) FROM pg_attribute WHERE attrelid = to_regclass('areas') AND attname = 'geom'"
+        " AND NOT attisdropped"
+    )
+    try:
+        await connection.execute("CREATE EXTENSION IF NOT EXISTS postgis")
+    except asyncpg.PostgresError as exc:
+        # Most often: not a superuser (PostGIS is not a trusted extension).
+        log.warning("PostGIS cannot be enabled here (%s); areas are computed with shapely", exc)
+        return False
+    async with connection.transaction():
+        for statement in POSTGIS_SQL:
+            await connection.execute(statement)
+        if not had_geometry:
+            await connection.execute(
+                "DELETE FROM device_areas;"
+                " INSERT INTO device_areas (device_id, area_id) SELECT d.id, a.id FROM areas a"
+                " JOIN devices d ON ST_Intersects(a.geom, ST_SetSRID(ST_MakePoint(d.lon, d.lat), 4326))"
+            )
+    return True

@@ -404,6 +404,46 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         CREATE UNIQUE INDEX alarms_one_open ON alarms (subject, alarm_key) WHERE state <> 'resolved';
         """,
     ),
+    (
+        11,
+        """
+        -- Areas on the map (see ioc_core.areas): the GeoJSON MultiPolygon as sent, normalised,
+        -- with its bounding box, which the shapely path filters by; where PostGIS is enabled a
+        -- `geom` column and GiST indexes join them (migrations.enable_postgis).
+        CREATE TABLE areas (
+            id          text PRIMARY KEY,
+            city        text NOT NULL,
+            kind        text NOT NULL CHECK (kind IN ('province', 'ward', 'catchment', 'pressure_zone',
+                                                      'feeder_zone', 'custom')),
+            name_vi     text NOT NULL,
+            name_en     text,
+            code        text,
+            parent      text REFERENCES areas (id) ON DELETE SET NULL DEFERRABLE INITIALLY DEFERRED,
+            geometry    jsonb NOT NULL,
+            min_lon     double precision NOT NULL,
+            min_lat     double precision NOT NULL,
+            max_lon     double precision NOT NULL,
+            max_lat     double precision NOT NULL,
+            vertices    integer NOT NULL,
+            extra       jsonb NOT NULL DEFAULT '{}',
+            created_at  timestamptz NOT NULL DEFAULT now(),
+            updated_at  timestamptz NOT NULL DEFAULT now()
+        );
+        CREATE INDEX areas_by_city_kind ON areas (city, kind, id);
+        CREATE INDEX areas_by_parent ON areas (parent) WHERE parent IS NOT NULL;
+
+        -- Which areas each device lies in, kept by the stores whenever a device or an area
+        -- changes; what the API's `areas` and `area=` read.
+        CREATE TABLE device_areas (
+            device_id  text NOT NULL REFERENCES devices (id) ON DELETE CASCADE,
+            area_id    text NOT NULL REFERENCES areas (id) ON DELETE CASCADE,
+            PRIMARY KEY (device_id, area_id)
+        );
+        CREATE INDEX device_areas_by_area ON device_areas (area_id, device_id);
+        -- The shapely path finds an area's devices by its bounding box.
+        CREATE INDEX devices_by_location ON devices (lat, lon);
+        """,
+    ),
 )
 
 

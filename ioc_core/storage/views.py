@@ -95,14 +95,30 @@ WHERE {_SCOPE} AND {_BBOX}
 """
 
 # $3 status filter or NULL, $4 bbox or NULL, $5 last id of the previous page, $6 page size.
+# The ids of the areas a device `d` lies in (see storage.areas), in id order.
+DEVICE_AREAS = (
+    "coalesce((SELECT array_agg(da.area_id ORDER BY da.area_id) FROM device_areas da"
+    " WHERE da.device_id = d.id), '{}') AS areas"
+)
+
+
+def in_areas(parameter: str) -> str:
+    """Whether device `d` lies in one of the areas of a `text[]` parameter (null: no filter)."""
+    return (
+        f"({parameter}::text[] IS NULL OR EXISTS (SELECT 1 FROM device_areas da"
+        f" WHERE da.device_id = d.id AND da.area_id = ANY({parameter})))"
+    )
+
+
 DEVICE_PAGE_SQL = f"""
 SELECT d.id, d.city, d.domain, d.name, d.district, d.lat, d.lon, d.thresholds, d.created_at,
-       coalesce(s.status, 'unknown') AS status, s.last_seen, s.ts, s.metrics
+       coalesce(s.status, 'unknown') AS status, s.last_seen, s.ts, s.metrics, {DEVICE_AREAS}
 FROM devices d LEFT JOIN device_state s ON s.device_id = d.id
 WHERE {_SCOPE}
   AND ($3::text IS NULL OR coalesce(s.status, 'unknown') = $3)
   AND ($4::float8[] IS NULL OR (d.lon BETWEEN $4[1] AND $4[3] AND d.lat BETWEEN $4[2] AND $4[4]))
   AND ($5::text IS NULL OR d.id > $5)
+  AND {in_areas("$7")}
 ORDER BY d.id
 LIMIT $6
 """

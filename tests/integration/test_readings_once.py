@@ -183,10 +183,18 @@ async def test_seqs_remembered_before_the_upgrade_stand_for_any_values(
         async with Database(f"{server}/{name}", seq_window_s=60) as db:
             monkeypatch.setattr(migrations_module, "MIGRATIONS", MIGRATIONS[:5])
             await db.migrate()
-            device = await _device(db, "water")
             now = datetime.now(UTC)
             connection = await asyncpg.connect(f"{server}/{name}")
             try:
+                # Registered as that schema's code did: today's store also places devices in areas,
+                # which that schema has not.
+                device = unique("once-water")
+                await connection.execute(
+                    "INSERT INTO devices (id, city, domain, lat, lon, thresholds)"
+                    " VALUES ($1, $2, 'water', 21.0, 105.8, '{}')",
+                    device,
+                    CITY,
+                )
                 await connection.execute(
                     "INSERT INTO reading_seqs (device_id, seq, ts) VALUES ($1, 5, $2), ($1, 6, $3)",
                     device,

@@ -43,8 +43,9 @@ def test_every_part_of_the_topology_is_there() -> None:
     for broker in KAFKA_BROKERS:
         assert services[broker]["image"].startswith("apache/kafka:3.9")
         assert services[broker]["environment"]["KAFKA_PROCESS_ROLES"] == "broker,controller"
-    assert services["timescaledb"]["image"].startswith("timescale/timescaledb:")
-    assert "-ha" not in services["timescaledb"]["image"]
+    # Timescale's HA image: community TimescaleDB with PostGIS, for areas on the map.
+    assert services["timescaledb"]["image"].startswith("timescale/timescaledb-ha:pg17-ts2.29")
+    assert "timescaledb-data:/home/postgres/pgdata" in services["timescaledb"]["volumes"]
 
 
 def test_dependencies_wait_for_health() -> None:

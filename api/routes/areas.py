@@ -1,0 +1,150 @@
+"""Areas on the map: wards, catchments, zones as GeoJSON (RFC 7946). Put one, list them as a
+FeatureCollection, read or remove one. Which devices lie in an area follows every change."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Path, Query
+from fastapi.responses import JSONResponse
+
+from api.audit_trail import Audit, Subject
+from api.auth import Admin, Principal, Viewer
+from api.deps import AppSettings, Db
+from api.params import BboxFilter, CityFilter, comma_list, parse_bbox
+from api.problems import PROBLEM
+from ioc_core.areas import AREA_ID_PATTERN, AREA_KINDS, Area, parse_feature
+from ioc_core.audit import AREA, AREA_CREATE, AREA_DELETE, AREA_UPDATE
+from ioc_core.errors import NotFoundError
+
+router = APIRouter(tags=["areas"])
+
+GEOJSON = "application/geo+json"
+
+AreaId = Annotated[str, Path(pattern=f"^{AREA_ID_PATTERN.pattern}$", description="area id")]
+KindFilter = Annotated[
+    str | None, Query(max_length=200, description=f"comma list of kinds: {', '.join(AREA_KINDS)}")
+]
+
+_FEATURE_EXAMPLE = {
+    "type": "Feature",
+    "geometry": {
+        "type": "Polygon",
+        "coordinates": [
+            [[106.68, 20.85], [106.70, 20.85], [106.70, 20.87], [106.68, 20.87], [106.68, 20.85]]
+        ],
+    },
+    "properties": {
+        "name_vi": "Phường Lê Chân",
+        "name_en": "Le Chan Ward",
+        "kind": "ward",
+        "code": "11311",
+        "city": "hai-phong",
+    },
+}
+
+
+def _geojson(body: dict[str, Any], status_code: int = 200) -> JSONResponse:
+    return JSONResponse(body, status_code=status_code, media_type=GEOJSON)
+
+
+def _subject(action: str, area_id: str, city: str) -> Subject:
+    return Subject(action, AREA, area_id, [city], None)
+
+
+def _may_see(principal: Principal, area: Area) -> bool:
+    return principal.cities is None or area.city in principal.cities
+
+
+@router.get(
+    "/v1/areas",
+    summary="Areas as a GeoJSON FeatureCollection, in id order.",
+    description="Each Feature's `id` is the area's id; its `properties` hold `name_vi`, `name_en`,"
+    " `kind`, `code` (the official code, when known), `parent`, `city` and any other properties it"
+    " was stored with. `bbox` keeps the areas whose geometry meets the box.",
+    response_class=JSONResponse,
+    responses={200: {"content": {GEOJSON: {}}}, 400: PROBLEM},
+)
+async def areas(
+    database: Db,
+    principal: Viewer,
+    city: CityFilter = None,
+    kind: KindFilter = None,
+    bbox: BboxFilter = None,
+) -> JSONResponse:
+    box = parse_bbox(bbox)
+    kinds = comma_list(kind, AREA_KINDS, "kind")
+    cities = principal.city_filter(city)
+    found = [] if cities == [] else await database.areas.find(cities, kinds, box)
+    return _geojson({"type": "FeatureCollection", "features": [area.feature() for area in found]})
+
+
+@router.get(
+    "/v1/areas/{area_id}",
+    summary="One area as a GeoJSON Feature.",
+    response_class=JSONResponse,
+    responses={200: {"content": {GEOJSON: {}}}, 404: PROBLEM},
+)
+async def get_area(database: Db, principal: Viewer, area_id: AreaId) -> JSONResponse:
+    area = await database.areas.get(area_id)
+    if not _may_see(principal, area):
+        raise NotFoundError(f"area {area_id!r} not found")
+    return _geojson(area.feature())
+
+
+@router.put(
+    "/v1/areas/{area_id}",
+    summary="Store an area, or replace the one of this id (admin).",
+    description="The body is a GeoJSON Feature (RFC 7946, WGS 84) with a Polygon or MultiPolygon"
+    " geometry; `properties` hold `name_vi`, `kind` and `city` (required), `name_en`, `code` and"
+    " `parent` (optional), and any others, kept as they are. Rings must be closed; either winding is"
+    " taken and stored as RFC 7946's. A geometry that is not valid (a self-intersection, a ring"
+    " that is not closed, coordinates out of range, more vertices than IOC_AREA_MAX_VERTICES) is a"
+    " 400 that says what and where. 201 when new, 200 when replaced; the devices in the area"
+    " follow at once.",
+    response_class=JSONResponse,
+    status_code=200,
+    responses={200: {"content": {GEOJSON: {}}}, 201: {"content": {GEOJSON: {}}}, 400: PROBLEM, 403: PROBLEM},
+)
+async def put_area(
+    database: Db,
+    audit: Audit,
+    settings: AppSettings,
+    principal: Admin,
+    area_id: AreaId,
+    feature: Annotated[dict[str, Any], Body(examples=[_FEATURE_EXAMPLE])],
+) -> JSONResponse:
+    area = parse_feature(feature, area_id=area_id, max_vertices=settings.area_max_vertices)
+    try:
+        current: Area | None = await database.areas.get(area_id)
+    except NotFoundError:
+        current = None
+    action = AREA_CREATE if current is None else AREA_UPDATE
+    for city in {area.city, *([current.city] if current else [])}:
+        if principal.cities is not None and city not in principal.cities:
+            raise await audit.refuse(
+                _subject(action, area_id, city), 403, f"this key may not change areas in {city}"
+            )
+    async with audit.change(
+        _subject(action, area_id, area.city), kind=area.kind, name_vi=area.name_vi, vertices=area.vertices
+    ) as change:
+        created = await database.areas.put(area, within=change.transaction)
+    stored = await database.areas.get(area_id)
+    headers = {"Location": f"/v1/areas/{area_id}"}
+    return JSONResponse(
+        stored.feature(), status_code=201 if created else 200, media_type=GEOJSON, headers=headers
+    )
+
+
+@router.delete(
+    "/v1/areas/{area_id}",
+    status_code=204,
+    summary="Remove an area (admin); its devices leave it, its child areas keep no parent.",
+    responses={404: PROBLEM},
+)
+async def delete_area(database: Db, audit: Audit, principal: Admin, area_id: AreaId) -> None:
+    area = await database.areas.get(area_id)
+    if not _may_see(principal, area):
+        raise NotFoundError(f"area {area_id!r} not found")
+    async with audit.change(_subject(AREA_DELETE, area_id, area.city), name_vi=area.name_vi) as change:
+        await database.areas.delete(area_id, within=change.transaction)
