@@ -105,6 +105,10 @@ def create_app(
         title="IOC streaming backend",
         version="0.1.0",
         description=_DESCRIPTION,
+        # FastAPI's own pages load their scripts from a public CDN: `add_page_routes` serves /docs
+        # from vendored files instead, and ReDoc is off (it would need the same, and inline styles).
+        docs_url=None,
+        redoc_url=None,
         lifespan=_lifespan(settings, database, accounts),
         responses={
             **{status: PROBLEM for status in (400, 401, 403, 408, 413, 422, 500)},

@@ -1,6 +1,8 @@
 """The operations page at `/`: one HTML document, plain JavaScript and CSS from `api/static/`, and
 Leaflet vendored under `api/static/vendor/leaflet/`. No build step, and no request leaves the API's
-own origin unless map tiles are configured (`IOC_MAP_TILES_URL`).
+own origin unless map tiles are configured (`IOC_MAP_TILES_URL`). The API docs at `/docs` are
+Swagger UI vendored the same way (`api/static/vendor/swagger-ui/`), under the same kind of policy,
+so they show on a network without internet too.
 
 The page reads the API key from the URL fragment (`/#key=...`, which browsers never send), keeps it
 in sessionStorage and sends it as `X-API-Key` on every call, the event stream included (read with
@@ -12,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from html import escape as html_escape
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -100,6 +103,25 @@ _PAGE = """<!doctype html>
 </html>
 """
 
+# FastAPI's own /docs page loads Swagger UI from a public CDN and starts it with an inline script.
+_DOCS = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="referrer" content="no-referrer">
+<title>@TITLE@ - API docs</title>
+<link rel="icon" href="/static/favicon.svg?v=@VERSION@" type="image/svg+xml">
+<link rel="stylesheet" href="/static/vendor/swagger-ui/swagger-ui.css?v=@VERSION@">
+<script src="/static/vendor/swagger-ui/swagger-ui-bundle.js?v=@VERSION@" defer></script>
+<script src="/static/docs.js?v=@VERSION@" defer></script>
+</head>
+<body>
+<div id="swagger-ui" data-openapi-url="@OPENAPI_URL@"></div>
+</body>
+</html>
+"""
+
 
 def tiles_source(url: str) -> str | None:
     """The CSP source that lets the page load tiles from `url`, None when the page's own origin
@@ -135,6 +157,15 @@ def content_security_policy(settings: Settings) -> str:
         source = tiles_source(settings.map_tiles_url)
         if source is not None:
             images.append(source)
+    return _policy(images)
+
+
+def docs_content_security_policy() -> str:
+    """The operations page's policy without map tiles: Swagger UI's own images are data: URLs."""
+    return _policy(["'self'", "data:"])
+
+
+def _policy(images: list[str]) -> str:
     return "; ".join(
         [
             "default-src 'none'",
@@ -210,19 +241,40 @@ def render_page(settings: Settings) -> str:
     )
 
 
-def add_page_routes(app: FastAPI, settings: Settings) -> None:
-    """Serve the operations page at `/` and its files under `/static/`."""
-    html = render_page(settings)
-    headers = {
-        "Content-Security-Policy": content_security_policy(settings),
+def render_docs(title: str, openapi_url: str) -> str:
+    return (
+        _DOCS.replace("@VERSION@", _assets_version())
+        .replace("@TITLE@", html_escape(title))
+        .replace("@OPENAPI_URL@", html_escape(openapi_url))
+    )
+
+
+def _headers(policy: str) -> dict[str, str]:
+    return {
+        "Content-Security-Policy": policy,
         "Cache-Control": "no-cache",
         "X-Content-Type-Options": "nosniff",
         "Referrer-Policy": "no-referrer",
         "X-Frame-Options": "DENY",
     }
 
+
+def add_page_routes(app: FastAPI, settings: Settings) -> None:
+    """Serve the operations page at `/`, the API docs at `/docs` (when the app has an OpenAPI
+    document; the app is built with FastAPI's own docs pages off) and their files under `/static/`."""
+    html = render_page(settings)
+    headers = _headers(content_security_policy(settings))
+
     @app.get("/", include_in_schema=False)
     async def operations_page() -> HTMLResponse:
         return HTMLResponse(html, headers=headers)
+
+    if app.openapi_url:
+        docs_html = render_docs(app.title, app.openapi_url)
+        docs_headers = _headers(docs_content_security_policy())
+
+        @app.get("/docs", include_in_schema=False)
+        async def api_docs() -> HTMLResponse:
+            return HTMLResponse(docs_html, headers=docs_headers)
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")

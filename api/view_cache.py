@@ -106,11 +106,13 @@ async def cached_view(
     domains: Sequence[str] | None,
     render: Callable[[], Awaitable[bytes]],
     media_type: str = "application/json",
+    also_version: str = "",
 ) -> Response:
     """Answer a polled view: 304 when the client has this version, else the (cached) body,
     gzipped when the client takes it. The tag covers the path, query, key scope and the state
-    versions of the (city, domain) pairs in scope, read before the body so it is never newer."""
-    version = await database.status.version(cities, domains)
+    versions of the (city, domain) pairs in scope (and `also_version`, what else the view shows),
+    read before the body so it is never newer."""
+    version = await database.status.version(cities, domains) + also_version
     query = "&".join(f"{k}={v}" for k, v in sorted(request.query_params.multi_items()))
     digest = hashlib.blake2b(
         f"{request.url.path}?{query}|{principal.scope_key}|{version}".encode(), digest_size=16

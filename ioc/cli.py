@@ -490,7 +490,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=sorted(SCENARIOS),
         help="what happens in the city (timeline laid over --duration)",
     )
-    sim.add_argument("--register", action="store_true", help="register the fleet first, per-station limits")
+    sim.add_argument(
+        "--register",
+        action="store_true",
+        help="register the fleet first (per-station limits) with the city's approximate wards and catchments",
+    )
     sim.add_argument("--api", metavar="URL", help="register through this API (key in IOC_ADMIN_API_KEY)")
     sim.add_argument("--places", metavar="CITY", help="lay the fleet out on this city's map")
     sim.add_argument("--truth", type=Path, metavar="FILE", help="ground truth, JSON Lines")

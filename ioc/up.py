@@ -7,7 +7,8 @@ service is used.
 Without `IOC_ADMIN_API_KEY` an admin key is made on the first run, kept in the data directory and
 printed with a link to the operations page that carries it; likewise `IOC_SECRETS_KEY`, the key
 webhook signing secrets are sealed with. A viewer key for a wall screen is made too (kept there
-and registered in the database) and printed in a link of its own.
+and registered in the database) and printed in a link of its own. With the simulator on, its
+city's approximate areas (generated wards, province and catchments) are stored at every start.
 
 Stopping (Ctrl-C or SIGTERM) goes in the order that leaves nothing half done: the simulator
 stops, the broker hands what it holds to the gateway, the gateway stops taking telemetry, the
@@ -29,6 +30,7 @@ from pydantic import SecretStr
 
 from ioc.embedded.mqtt_broker import EmbeddedBroker
 from ioc_core.access import hash_key
+from ioc_core.areas import parse_feature
 from ioc_core.bus import memory as memory_bus
 from ioc_core.errors import ConfigurationError
 from ioc_core.sealing import new_key
@@ -183,6 +185,8 @@ async def run_up(
         settings, broker = await _embed(stack, settings)
         await migrate(settings)
         viewer_key = await _viewer_key(settings, settings.data_dir.resolve())
+        if settings.simulator_devices > 0:
+            await _store_simulated_areas(settings)
         processor = await stack.enter_async_context(TelemetryProcessor(settings))
         # Runs after everything entered below has stopped: what the bus holds is stored first.
         stack.push_async_callback(processor.drain, _DRAIN_TIMEOUT_S)
@@ -204,6 +208,21 @@ async def run_up(
             log.warning("the live event stream is not connected yet; the page will show it once it is")
         announce(_announcement(settings, viewer_key))
         await until_signalled(*waits)
+
+
+async def _store_simulated_areas(settings: Settings) -> None:
+    """The simulated city's approximate province, wards and catchments (generated from its places,
+    labelled approximate), stored afresh at every start, so that the map has areas to show from the
+    first run; real boundaries come in through `ioc areas import`, under ids of their own."""
+    from simulators.cities import city_areas
+
+    areas = [
+        parse_feature(feature, max_vertices=settings.area_max_vertices)
+        for feature in city_areas(settings.simulator_city)
+    ]
+    async with Database(settings.database_url.get_secret_value(), max_size=1) as database:
+        await database.areas.put_many(areas)
+    log.info("stored %d approximate areas of the simulated city %s", len(areas), settings.simulator_city)
 
 
 async def _start_simulator(

@@ -208,6 +208,9 @@ class Alarm(BaseModel):
         description="true once a high or critical alarm went unacknowledged past its domain's limit",
     )
     escalated_at: datetime | None = None
+    areas: list[str] = Field(
+        default_factory=list, description="ids of the areas (`/v1/areas`) the alarm's device lies in"
+    )
     audit: list[AuditEntry] | None = Field(
         default=None, description="who acknowledged or resolved it, when and why (detail view only)"
     )

@@ -239,10 +239,11 @@ def normalised_geometry(
         raise AreaError(label, "has no geometry")
     kind = geometry.get("type")
     coordinates = geometry.get("coordinates")
+    polygons: Sequence[Any]
     if kind == "Polygon":
         polygons = [coordinates]
     elif kind == "MultiPolygon":
-        if not isinstance(coordinates, list) or not coordinates:
+        if not isinstance(coordinates, list | tuple) or not coordinates:
             raise AreaError(label, "a MultiPolygon's coordinates must be a non-empty list of polygons")
         polygons = coordinates
     else:
@@ -251,7 +252,7 @@ def normalised_geometry(
     vertices = 0
     for p, rings in enumerate(polygons, start=1):
         where = f"polygon {p}" if kind == "MultiPolygon" else "the polygon"
-        if not isinstance(rings, list) or not rings:
+        if not isinstance(rings, list | tuple) or not rings:
             raise AreaError(label, f"{where} must be a non-empty list of rings")
         checked: list[list[tuple[float, float]]] = []
         for r, ring in enumerate(rings):
@@ -271,12 +272,12 @@ def normalised_geometry(
 
 
 def _ring(ring: Any, label: str, ring_name: str) -> list[tuple[float, float]]:
-    if not isinstance(ring, list) or len(ring) < 4:
+    if not isinstance(ring, list | tuple) or len(ring) < 4:
         raise AreaError(label, f"{ring_name} must have at least 4 positions (RFC 7946)")
     positions: list[tuple[float, float]] = []
     for position in ring:
         if (
-            not isinstance(position, list)
+            not isinstance(position, list | tuple)
             or not 2 <= len(position) <= 3
             or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in position)
         ):

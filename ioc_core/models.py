@@ -122,6 +122,7 @@ class StateItem(BaseModel):
     ts: datetime | None
     metrics: dict[str, float]
     location: Location
+    areas: list[str] = Field(default_factory=list, description="ids of the areas the device lies in")
 
 
 @dataclass(frozen=True, slots=True)

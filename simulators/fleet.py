@@ -1,4 +1,4 @@
-"""A simulated city fleet: devices of the five domains placed at real places of a city's districts,
+"""A simulated city fleet: devices of the five domains placed at real places of a city's wards,
 each with its own behaviour (its domain's sampler and phase), per-station alarm limits, and the
 feeder that powers it; and registering that fleet (database or API).
 """
@@ -6,33 +6,42 @@ feeder that powers it; and registering that fleet (database or API).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 import httpx
+import shapely
+from shapely.geometry.base import BaseGeometry
 
+from ioc_core.areas import parse_feature
 from ioc_core.domains import DOMAINS, Domain
 from ioc_core.errors import ConfigurationError, ConflictError, IocError, ServiceUnavailableError
 from ioc_core.models import DeviceIn
 from ioc_core.settings import Settings
 from ioc_core.storage import Database
 from ioc_core.telemetry import TOPIC_ROOT
-from simulators.cities import CITIES, SUBSTATION, WATER_WORKS, District, Site
+from simulators.cities import SUBSTATION, WATER_WORKS, Site, Ward, places_of, ward_shapes
 
 log = logging.getLogger(__name__)
 
 # How far a device stands from the point of its place (about 130 m either way), and from a
-# district's centre when the district has no place of the device's kind (about 1.3 km).
+# ward's centre when the ward has no place of the device's kind (about 1.3 km).
 _SITE_SPREAD_DEG = 0.0012
 _CENTRE_SPREAD_DEG = 0.012
-# Devices of a domain come in pairs per district, so that even a small fleet has two flood stations
-# in a district (what district flood correlation needs) and two of everything else beside them.
-_PER_DISTRICT_RUN = 2
+# A device stands at least this far inside its ward's generated polygon (about 2 m), so that it
+# lies in that ward alone, rounding of its coordinates included; where a few draws land outside,
+# it stands at the place itself.
+_INSIDE_MARGIN_DEG = 2e-5
+_PLACEMENT_TRIES = 20
+# Devices of a domain come in pairs per ward, so that even a small fleet has two flood stations
+# in a ward (what district flood correlation needs) and two of everything else beside them.
+_PER_WARD_RUN = 2
 
 
 @dataclass
@@ -40,6 +49,7 @@ class SimulatedDevice:
     id: str
     city: str
     domain: Domain
+    # The ward it stands in (registered as its `district`).
     district: str
     site: str
     lat: float
@@ -91,22 +101,18 @@ class SimulatedDevice:
         )
 
 
-def places_of(city: str) -> tuple[District, ...]:
-    districts = CITIES.get(city)
-    if districts is None:
-        raise ValueError(f"no map of city {city!r}; known: {', '.join(CITIES)}")
-    return districts
-
-
 def device_id(city: str, domain: str, index: int) -> str:
     return f"sim-{city}-{domain}-{index:05d}"
 
 
 def build_fleet(city: str, count: int, *, places: str | None = None, seed: int = 7) -> list[SimulatedDevice]:
-    """`count` devices spread evenly over the five domains and, in pairs, over the districts of
-    `places` (a city with a map, by default `city` itself), published under `city`. The same
-    arguments give the same fleet, down to each device's random stream."""
-    districts = places_of(places or city)
+    """`count` devices spread evenly over the five domains and, in pairs, over the wards of
+    `places` (a city with a map, by default `city` itself), published under `city`. Each stands
+    inside its ward's generated polygon (`ward_shapes`). The same arguments give the same fleet,
+    down to each device's random stream."""
+    places = places or city
+    wards = places_of(places)
+    inside = _insides(places)
     rng = random.Random(seed)
     domains = [DOMAINS[name] for name in sorted(DOMAINS)]
     used: dict[tuple[str, str], int] = {}
@@ -114,18 +120,16 @@ def build_fleet(city: str, count: int, *, places: str | None = None, seed: int =
     for index in range(count):
         domain = domains[index % len(domains)]
         nth = index // len(domains)
-        district = districts[(nth // _PER_DISTRICT_RUN) % len(districts)]
-        candidates = [site for kind in domain.sites for site in district.sites_of(kind)]
-        turn = used.get((domain.name, district.name), 0)
-        used[(domain.name, district.name)] = turn + 1
+        ward = wards[(nth // _PER_WARD_RUN) % len(wards)]
+        candidates = [site for kind in domain.sites for site in ward.sites_of(kind)]
+        turn = used.get((domain.name, ward.name), 0)
+        used[(domain.name, ward.name)] = turn + 1
         site = candidates[turn % len(candidates)] if candidates else None
         if site is not None:
-            lat = site.lat + rng.uniform(-_SITE_SPREAD_DEG, _SITE_SPREAD_DEG)
-            lon = site.lon + rng.uniform(-_SITE_SPREAD_DEG, _SITE_SPREAD_DEG)
+            lat, lon = _near(rng, site.lat, site.lon, _SITE_SPREAD_DEG, inside[ward.name])
             phase = _phase_at(site, rng)
         else:
-            lat = district.lat + rng.uniform(-_CENTRE_SPREAD_DEG, _CENTRE_SPREAD_DEG)
-            lon = district.lon + rng.uniform(-_CENTRE_SPREAD_DEG, _CENTRE_SPREAD_DEG)
+            lat, lon = _near(rng, ward.lat, ward.lon, _CENTRE_SPREAD_DEG, inside[ward.name])
             phase = rng.random()
         thresholds = domain.station_thresholds(phase) if domain.station_thresholds else {}
         fleet.append(
@@ -133,17 +137,40 @@ def build_fleet(city: str, count: int, *, places: str | None = None, seed: int =
                 id=device_id(city, domain.name, index),
                 city=city,
                 domain=domain,
-                district=district.name,
-                site=site.name if site is not None else district.name,
-                lat=round(lat, 6),
-                lon=round(lon, 6),
+                district=ward.name,
+                site=site.name if site is not None else ward.name,
+                lat=lat,
+                lon=lon,
                 phase=phase,
                 thresholds=thresholds,
-                feeder=_feeder(domain, district, site),
+                feeder=_feeder(domain, ward, site),
                 rng=random.Random(rng.random()),
             )
         )
     return fleet
+
+
+@functools.cache
+def _insides(places: str) -> dict[str, BaseGeometry]:
+    """Each ward's generated polygon shrunk by the margin a device keeps from its border."""
+    shrunk: dict[str, BaseGeometry] = {}
+    for name, shape in ward_shapes(places).items():
+        inner = shape.buffer(-_INSIDE_MARGIN_DEG)
+        shapely.prepare(inner)
+        shrunk[name] = inner
+    return shrunk
+
+
+def _near(
+    rng: random.Random, lat: float, lon: float, spread: float, inside: BaseGeometry
+) -> tuple[float, float]:
+    """A point within `spread` of (lat, lon), rounded to six decimals (about 0.1 m), inside `inside`."""
+    for _ in range(_PLACEMENT_TRIES):
+        near_lat = round(lat + rng.uniform(-spread, spread), 6)
+        near_lon = round(lon + rng.uniform(-spread, spread), 6)
+        if shapely.contains_xy(inside, near_lon, near_lat):
+            return near_lat, near_lon
+    return round(lat, 6), round(lon, 6)
 
 
 def _phase_at(site: Site, rng: random.Random) -> float:
@@ -153,14 +180,14 @@ def _phase_at(site: Site, rng: random.Random) -> float:
     return min(max(site.phase + rng.uniform(-0.04, 0.04), 0.0), 0.999)
 
 
-def _feeder(domain: Domain, district: District, site: Site | None) -> str | None:
+def _feeder(domain: Domain, ward: Ward, site: Site | None) -> str | None:
     """Devices at a substation measure its outgoing feeder; water works and their pumps hang on
-    their district's first feeder. Other devices have batteries or are not worth modelling."""
+    their ward's first feeder. Other devices have batteries or are not worth modelling."""
     if SUBSTATION in domain.sites:
-        return f"{site.name if site is not None else district.name} – lộ 471"
+        return f"{site.name if site is not None else ward.name} – lộ 471"
     if WATER_WORKS in domain.sites:
-        substations = district.sites_of(SUBSTATION)
-        return f"{substations[0].name if substations else district.name} – lộ 471"
+        substations = ward.sites_of(SUBSTATION)
+        return f"{substations[0].name if substations else ward.name} – lộ 471"
     return None
 
 
@@ -168,23 +195,31 @@ def _feeder(domain: Domain, district: District, site: Site | None) -> str | None
 class Registration:
     created: int = 0
     updated: int = 0
+    areas: int = 0
 
     def as_dict(self) -> dict[str, int]:
-        return {"registered": self.created, "updated": self.updated}
+        return {"registered": self.created, "updated": self.updated, "areas": self.areas}
 
 
 async def register_fleet(
-    settings: Settings, fleet: Iterable[SimulatedDevice], *, api_url: str | None = None
+    settings: Settings,
+    fleet: Iterable[SimulatedDevice],
+    *,
+    api_url: str | None = None,
+    areas: Sequence[dict[str, Any]] = (),
 ) -> Registration:
     """Register every device, or bring an already registered one's name, place and limits up to
-    date (they are the simulator's own). Through the API at `api_url` with the admin key, else
-    straight into the database."""
+    date (they are the simulator's own), after storing `areas` (GeoJSON Features, parents first, as
+    `city_areas` gives them; one of the same id is replaced). Through the API at `api_url` with
+    the admin key, else straight into the database."""
     devices = [device.registration() for device in fleet]
     if api_url:
-        result = await _register_through_api(settings, devices, api_url)
+        result = await _register_through_api(settings, devices, areas, api_url)
     else:
-        result = await _register_in_database(settings, devices)
-    log.info("fleet registered: %d new, %d updated", result.created, result.updated)
+        result = await _register_in_database(settings, devices, areas)
+    log.info(
+        "fleet registered: %d new, %d updated; %d areas stored", result.created, result.updated, result.areas
+    )
     return result
 
 
@@ -193,9 +228,15 @@ _CONCURRENT_REGISTRATIONS = 8
 _RATE_LIMITED_TRIES, _RATE_LIMIT_WAIT_MAX_S = 60, 10
 
 
-async def _register_in_database(settings: Settings, devices: list[DeviceIn]) -> Registration:
+async def _register_in_database(
+    settings: Settings, devices: list[DeviceIn], features: Sequence[dict[str, Any]]
+) -> Registration:
     result = Registration()
+    areas = [parse_feature(feature, max_vertices=settings.area_max_vertices) for feature in features]
     async with Database(settings.database_url.get_secret_value(), max_size=4) as database:
+        if areas:
+            await database.areas.put_many(areas)
+            result.areas = len(areas)
         gate = asyncio.Semaphore(4)
 
         async def one(device: DeviceIn) -> None:
@@ -211,7 +252,9 @@ async def _register_in_database(settings: Settings, devices: list[DeviceIn]) -> 
     return result
 
 
-async def _register_through_api(settings: Settings, devices: list[DeviceIn], api_url: str) -> Registration:
+async def _register_through_api(
+    settings: Settings, devices: list[DeviceIn], features: Sequence[dict[str, Any]], api_url: str
+) -> Registration:
     if settings.admin_api_key is None:
         raise ConfigurationError("registering through the API needs an admin key in IOC_ADMIN_API_KEY")
     result = Registration()
@@ -226,13 +269,19 @@ async def _register_through_api(settings: Settings, devices: list[DeviceIn], api
                 if response.status_code == 409:
                     change = {k: body[k] for k in ("name", "district", "location", "thresholds")}
                     response = await _within_rate_limit(client, "PATCH", f"/v1/devices/{device.id}", change)
-                    _check(response, device.id)
+                    _check(response, f"device {device.id!r}")
                     result.updated += 1
                 else:
-                    _check(response, device.id)
+                    _check(response, f"device {device.id!r}")
                     result.created += 1
 
         try:
+            # One at a time, in order: a parent is stored before the areas that name it.
+            for feature in features:
+                area_id = str(feature["id"])
+                response = await _within_rate_limit(client, "PUT", f"/v1/areas/{area_id}", feature)
+                _check(response, f"area {area_id!r}")
+                result.areas += 1
             await asyncio.gather(*(one(device) for device in devices))
         except httpx.HTTPError as exc:
             raise ServiceUnavailableError(f"the API at {api_url} is unreachable: {exc}") from exc
@@ -254,11 +303,11 @@ async def _within_rate_limit(
     return response
 
 
-def _check(response: httpx.Response, device: str) -> None:
+def _check(response: httpx.Response, what: str) -> None:
     if response.is_success:
         return
     try:
         detail = response.json().get("detail") or response.text
     except ValueError:
         detail = response.text
-    raise IocError(f"the API refused device {device!r}: {response.status_code} {str(detail)[:200]}")
+    raise IocError(f"the API refused {what}: {response.status_code} {str(detail)[:200]}")

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ioc_core.settings import Settings
-from simulators.cities import CITIES
+from simulators.cities import CITIES, city_areas
 from simulators.fleet import build_fleet, register_fleet
 from simulators.load import LoadSummary, run_load
 from simulators.progress import Progress
@@ -54,7 +54,10 @@ async def simulate(
     story = behaviour(fleet, interval_s=devices / rate, seed=seed)
     if not load:
         story.check(duration)
-    registered = (await register_fleet(settings, fleet, api_url=api_url)).as_dict() if register else {}
+    registered: dict[str, int] = {}
+    if register:
+        areas = city_areas(city, places=places)
+        registered = (await register_fleet(settings, fleet, api_url=api_url, areas=areas)).as_dict()
     if load:
         summary = await _load(
             settings,

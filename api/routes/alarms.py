@@ -12,7 +12,7 @@ from api.audit_trail import Audit, Subject
 from api.auth import Operator, Viewer
 from api.deps import Db, ViewedAlarm, scoped_alarm
 from api.pagination import Page, decode_int_cursor, paginate
-from api.params import AlarmId, CityFilter, DomainFilter, comma_list, sees_nothing
+from api.params import AlarmId, AreaFilter, CityFilter, DomainFilter, area_list, comma_list, sees_nothing
 from api.problems import PROBLEM
 from ioc_core.alarms import ALARM_STATES, Alarm
 from ioc_core.audit import ALARM, ALARM_ACKNOWLEDGE, ALARM_RESOLVE
@@ -58,10 +58,12 @@ async def alarms(
     device_id: Annotated[
         str | None, Query(pattern=f"^{DEVICE_ID_PATTERN.pattern}$", description="one device's alarms")
     ] = None,
+    area: AreaFilter = None,
     limit: Annotated[int, Query(ge=1, le=1000, description="page size")] = 100,
     cursor: Annotated[str | None, Query(max_length=200, description="`next` of the previous page")] = None,
 ) -> Page[Alarm]:
     before = decode_int_cursor(cursor)
+    areas = area_list(area)
     cities, domains = principal.city_filter(city), principal.domain_filter(domain)
     if sees_nothing(cities, domains):
         return Page[Alarm].empty()
@@ -76,6 +78,7 @@ async def alarms(
             domains=domains,
             severities=severities,
             device_id=device_id,
+            areas=areas,
         ),
         limit,
         cursor_of=lambda row: row.id,

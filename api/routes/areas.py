@@ -3,19 +3,29 @@ FeatureCollection, read or remove one. Which devices lie in an area follows ever
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from collections import Counter
+from typing import Annotated, Any, Literal, cast
 
-from fastapi import APIRouter, Body, Path, Query
+import orjson
+from fastapi import APIRouter, Body, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 
 from api.audit_trail import Audit, Subject
 from api.auth import Admin, Principal, Viewer
-from api.deps import AppSettings, Db
+from api.deps import AppSettings, Db, Views
 from api.params import BboxFilter, CityFilter, comma_list, parse_bbox
 from api.problems import PROBLEM
+from api.routes.screens import DomainSummary, domain_summaries
+from api.view_cache import cached_view
 from ioc_core.areas import AREA_ID_PATTERN, AREA_KINDS, Area, parse_feature
 from ioc_core.audit import AREA, AREA_CREATE, AREA_DELETE, AREA_UPDATE
+from ioc_core.domains import DOMAINS
 from ioc_core.errors import NotFoundError
+from ioc_core.rules import SEVERITIES, Severity
+from ioc_core.storage import Database
+from ioc_core.storage.areas import AREAS_VERSION
+from ioc_core.storage.views import AreaDevice
 
 router = APIRouter(tags=["areas"])
 
@@ -63,20 +73,111 @@ def _may_see(principal: Principal, area: Area) -> bool:
     " `kind`, `code` (the official code, when known), `parent`, `city` and any other properties it"
     " was stored with. `bbox` keeps the areas whose geometry meets the box.",
     response_class=JSONResponse,
-    responses={200: {"content": {GEOJSON: {}}}, 400: PROBLEM},
+    responses={200: {"content": {GEOJSON: {}}}, 304: {"description": "nothing changed"}, 400: PROBLEM},
 )
 async def areas(
+    request: Request,
     database: Db,
+    cache: Views,
     principal: Viewer,
     city: CityFilter = None,
     kind: KindFilter = None,
     bbox: BboxFilter = None,
-) -> JSONResponse:
+    with_: Annotated[
+        Literal["state"] | None,
+        Query(
+            alias="with",
+            description="`state`: each Feature's properties also hold `state` (worst open alarm,"
+            " devices by status, each domain's headline figures), for a choropleth",
+        ),
+    ] = None,
+    geometry: Annotated[
+        bool,
+        Query(
+            description="false leaves the geometry out (null), for a screen that polls the state of"
+            " areas it has drawn"
+        ),
+    ] = True,
+) -> Response:
     box = parse_bbox(bbox)
     kinds = comma_list(kind, AREA_KINDS, "kind")
     cities = principal.city_filter(city)
-    found = [] if cities == [] else await database.areas.find(cities, kinds, box)
-    return _geojson({"type": "FeatureCollection", "features": [area.feature() for area in found]})
+    domains = principal.domain_filter(None)
+
+    async def render() -> bytes:
+        found = [] if cities == [] else await database.areas.find(cities, kinds, box)
+        states = await _area_states(database, cities, domains, found) if with_ == "state" else {}
+        features = []
+        for area in found:
+            feature = area.feature()
+            if not geometry:
+                feature["geometry"] = None
+            if with_ == "state":
+                feature["properties"]["state"] = states[area.id].model_dump(mode="json")
+            features.append(feature)
+        return orjson.dumps({"type": "FeatureCollection", "features": features})
+
+    # The tag: the areas of the cities in scope and, with their state, the devices' state in scope.
+    areas_version = await database.status.version(cities, [AREAS_VERSION]) if with_ == "state" else ""
+    return await cached_view(
+        request,
+        principal,
+        database=database,
+        cache=cache,
+        cities=cities,
+        domains=domains if with_ == "state" else [AREAS_VERSION],
+        render=render,
+        media_type=GEOJSON,
+        also_version=f"|{areas_version}" if with_ == "state" else "",
+    )
+
+
+class AreaDevices(BaseModel):
+    total: int
+    online: int
+    offline: int
+    unknown: int
+
+
+class AreaState(BaseModel):
+    """What a choropleth colours an area by, and what its tooltip says."""
+
+    alarm_severity: Severity | None = Field(
+        description="worst severity among the open alarms of the area's devices"
+    )
+    open_alarms: int
+    devices: AreaDevices
+    domains: dict[str, DomainSummary] = Field(
+        description="per domain with devices in the area: devices by status, open alarms by severity"
+        " and headline figures, as `GET /v1/summary?area=` gives them"
+    )
+
+
+async def _area_states(
+    database: Database, cities: list[str] | None, domains: list[str] | None, found: list[Area]
+) -> dict[str, AreaState]:
+    members: dict[str, list[AreaDevice]] = {area.id: [] for area in found}
+    if found and domains != []:
+        for device in await database.status.area_devices(cities, domains, list(members)):
+            for area_id in device.areas:
+                members[area_id].append(device)
+    states = {}
+    for area_id, devices in members.items():
+        present = [d for d in DOMAINS if any(m.device.domain == d for m in devices)]
+        by_status = Counter(m.device.status for m in devices)
+        severities = [m.worst for m in devices if m.worst is not None]
+        states[area_id] = AreaState(
+            alarm_severity=cast(Severity, max(severities, key=SEVERITIES.index)) if severities else None,
+            open_alarms=sum(m.alarms for m in devices),
+            devices=AreaDevices(
+                total=len(devices),
+                online=by_status["online"],
+                offline=by_status["offline"],
+                unknown=by_status["unknown"],
+            ),
+            domains=domain_summaries(present, [m.device for m in devices], []),
+        )
+    return states
 
 
 @router.get(

@@ -15,12 +15,14 @@ from api.auth import Viewer
 from api.deps import AppSettings, Db, Views, scoped_device
 from api.pagination import Page, decode_text_cursor, encode_cursor
 from api.params import (
+    AreaFilter,
     BboxFilter,
     CityFilter,
     Cursor,
     DeviceId,
     DomainFilter,
     DomainName,
+    area_list,
     parse_bbox,
     sees_nothing,
 )
@@ -66,6 +68,7 @@ class FeatureProperties(BaseModel):
     district_alarm_severity: Literal["low", "medium", "high", "critical"] | None = Field(
         description="worst open district-wide alarm (flood) of the device's district"
     )
+    areas: list[str] = Field(default_factory=list, description="ids of the areas the device lies in")
 
 
 class Feature(BaseModel):
@@ -114,6 +117,9 @@ class DomainSummary(BaseModel):
 
 class Summary(BaseModel):
     city: str | None = Field(description="the city asked for, or null for every city in scope")
+    areas: list[str] | None = Field(
+        default=None, description="the areas asked for (`area=`): the figures count their devices only"
+    )
     generated_at: datetime
     domains: dict[str, DomainSummary]
 
@@ -167,16 +173,18 @@ async def state(
     principal: Viewer,
     city: CityFilter = None,
     domain: DomainFilter = None,
+    area: AreaFilter = None,
     limit: Annotated[int, Query(ge=1, le=50_000, description="page size")] = 10_000,
     cursor: Cursor = None,
 ) -> Response:
     after = decode_text_cursor(cursor)
+    areas = area_list(area)
     cities, domains = _scope(principal, city, domain)
 
     async def render() -> bytes:
         if sees_nothing(cities, domains):
             return b'{"items":[],"next":null}'
-        page = await database.status.page(cities, domains, after=after, limit=limit)
+        page = await database.status.page(cities, domains, after=after, limit=limit, areas=areas)
         next_ = json.dumps(encode_cursor(page.last_id)) if page.more and page.last_id else "null"
         return f'{{"items":{page.items_json},"next":{next_}}}'.encode()
 
@@ -206,14 +214,16 @@ async def layer(
     domain: DomainName,
     city: CityFilter = None,
     bbox: BboxFilter = None,
+    area: AreaFilter = None,
 ) -> Response:
     box = parse_bbox(bbox)
+    areas = area_list(area)
     cities, domains = _scope(principal, city, domain)
 
     async def render() -> bytes:
         if sees_nothing(cities, domains):
             return b'{"type":"FeatureCollection","features":[]}'
-        _, features = await database.status.layer_features(cities, domains, box)
+        _, features = await database.status.layer_features(cities, domains, box, areas)
         return f'{{"type":"FeatureCollection","features":{features}}}'.encode()
 
     return await cached_view(
@@ -240,18 +250,27 @@ async def layer(
     responses={304: {"description": "nothing changed"}, 400: PROBLEM},
 )
 async def summary(
-    request: Request, database: Db, cache: Views, principal: Viewer, city: CityFilter = None
+    request: Request,
+    database: Db,
+    cache: Views,
+    principal: Viewer,
+    city: CityFilter = None,
+    area: AreaFilter = None,
 ) -> Response:
     cities, domains = _scope(principal, city, None)
+    areas = area_list(area)
 
     async def render() -> bytes:
         devices: list[SummaryDevice] = []
         alarms: list[tuple[str, str, str, int]] = []
         if not sees_nothing(cities, domains):
-            devices, alarms = await database.status.summary_inputs(cities, domains, None)
+            devices, alarms = await database.status.summary_inputs(cities, domains, None, areas)
         visible = [d for d in DOMAINS if domains is None or d in domains]
         body = Summary(
-            city=city, generated_at=datetime.now(UTC), domains=_summaries(visible, devices, alarms)
+            city=city,
+            areas=areas,
+            generated_at=datetime.now(UTC),
+            domains=domain_summaries(visible, devices, alarms),
         )
         return body.model_dump_json().encode()
 
@@ -260,7 +279,7 @@ async def summary(
     )
 
 
-def _summaries(
+def domain_summaries(
     domains: list[str], devices: list[SummaryDevice], alarms: list[tuple[str, str, str, int]]
 ) -> dict[str, DomainSummary]:
     result: dict[str, DomainSummary] = {}

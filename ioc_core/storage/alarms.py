@@ -39,7 +39,9 @@ from ioc_core.storage.severity import reason_rank_sql, severity_rank_sql
 _ALARM_COLUMNS = """
     a.id, a.subject, a.device_id, a.city, a.domain, a.district, a.rule, a.metric, a.severity,
     a.state, a.started_at, a.last_seen_at, a.acknowledged_at, a.resolved_at, a.value, a.threshold,
-    a.count, a.message_vi, a.message_en, a.escalated, a.escalated_at, a.reasons
+    a.count, a.message_vi, a.message_en, a.escalated, a.escalated_at, a.reasons,
+    coalesce((SELECT array_agg(m.area_id ORDER BY m.area_id) FROM device_areas m
+              WHERE m.device_id = a.device_id), '{}') AS areas
 """
 
 
@@ -192,6 +194,7 @@ def _alarm_of(row: asyncpg.Record) -> Alarm:
         escalated=row["escalated"],
         escalated_at=row["escalated_at"],
         reasons=_reasons_of(row["reasons"], own=row["rule"]),
+        areas=row["areas"],
     )
 
 
@@ -404,8 +407,10 @@ class AlarmStore:
         domains: Sequence[str] | None = None,
         severities: Sequence[str] | None = None,
         device_id: str | None = None,
+        areas: Sequence[str] | None = None,
     ) -> list[Alarm]:
-        """Alarms matching every filter given, newest first; `cities`/`domains` None = every one."""
+        """Alarms matching every filter given, newest first; `cities`/`domains` None = every one,
+        `areas` the alarms of devices lying in one of them."""
         rows = await self._pool.fetch(
             f"SELECT {_ALARM_COLUMNS} FROM alarms a"
             " WHERE ($1::bigint IS NULL OR a.id < $1)"
@@ -414,6 +419,8 @@ class AlarmStore:
             " AND ($4::text[] IS NULL OR a.domain = ANY($4))"
             " AND ($5::text[] IS NULL OR a.severity = ANY($5))"
             " AND ($6::text IS NULL OR a.device_id = $6)"
+            " AND ($8::text[] IS NULL OR EXISTS (SELECT 1 FROM device_areas m"
+            " WHERE m.device_id = a.device_id AND m.area_id = ANY($8)))"
             " ORDER BY a.id DESC LIMIT $7",
             before_id,
             list(states) if states else None,
@@ -422,6 +429,7 @@ class AlarmStore:
             list(severities) if severities else None,
             device_id,
             limit,
+            text_list(areas),
         )
         return [_alarm_of(r) for r in rows]
 

@@ -5,7 +5,8 @@ Two spatial engines give the same answers. Where PostGIS is enabled (`migrations
 the server tests points against polygons through GiST indexes; where it is not (the embedded
 PostgreSQL of `ioc up`, a server without the package) the store does it with shapely, fetching
 only the candidates whose bounding boxes match. Both use GEOS's `intersects`, so a device on a
-shared border belongs to both areas either way.
+shared border belongs to both areas either way. An area is its city's: only that city's devices
+lie in it, whatever another city's areas draw.
 """
 
 from __future__ import annotations
@@ -32,6 +33,11 @@ class SpatialEngine(enum.StrEnum):
 
 EngineOf = Callable[[], Awaitable[SpatialEngine]]
 
+# The areas of a city have a state version of their own, as a (city, domain) pair of this name
+# whose version changes with any of its areas: what `GET /v1/areas`'s ETag is made of, with the
+# devices' versions.
+AREAS_VERSION = "@areas"
+
 _AREA_COLUMNS = (
     "id, city, kind, name_vi, name_en, code, parent, geometry, min_lon, min_lat, max_lon, max_lat,"
     " extra, updated_at"
@@ -48,7 +54,8 @@ ON CONFLICT (id) DO UPDATE SET
     code = excluded.code, parent = excluded.parent, geometry = excluded.geometry,
     min_lon = excluded.min_lon, min_lat = excluded.min_lat, max_lon = excluded.max_lon,
     max_lat = excluded.max_lat, vertices = excluded.vertices, extra = excluded.extra, updated_at = now()
-RETURNING id, (xmax = 0) AS created
+RETURNING id, (xmax = 0) AS created,
+          (SELECT o.city FROM areas o WHERE o.id = a.id) AS old_city
 """
 
 # The bounding-box test, written once for both engines' candidate queries.
@@ -128,6 +135,8 @@ class AreaStore:
             )
             for city, domain in await place_areas(connection, engine, areas):
                 transaction.touch(city, domain)
+            for city in {a.city for a in areas} | {row["old_city"] for row in rows if row["old_city"]}:
+                transaction.touch(city, AREAS_VERSION)
             return {row["id"]: row["created"] for row in rows}
 
     async def get(self, area_id: str) -> Area:
@@ -147,6 +156,7 @@ class AreaStore:
                 raise NotFoundError(f"area {area_id!r} not found")
             for city, domain in touched:
                 transaction.touch(city, domain)
+            transaction.touch(row["city"], AREAS_VERSION)
             return _area_of(row)
 
     async def find(
@@ -199,21 +209,6 @@ class AreaStore:
         )
         return [row["device_id"] for row in rows]
 
-    async def place_all(self) -> None:
-        """Compute every device's areas afresh (after an engine change, or to repair)."""
-        engine = await self._engine()
-        async with self._pool.transaction() as transaction:
-            connection = transaction.connection
-            rows = await connection.fetch(f"SELECT {_AREA_COLUMNS} FROM areas")
-            await connection.execute("DELETE FROM device_areas")
-            if engine is SpatialEngine.POSTGIS:
-                await connection.execute(
-                    "INSERT INTO device_areas (device_id, area_id) SELECT d.id, a.id FROM areas a"
-                    f" JOIN devices d ON ST_Intersects(a.geom, {DEVICE_POINT_SQL})"
-                )
-                return
-            await _place_with_shapely(connection, [(r["id"], shape_of(r["geometry"])) for r in rows])
-
 
 async def _check_parents(connection: Connection, areas: Sequence[AreaIn]) -> None:
     """A parent must be stored already or come in the same batch: a 400 naming the area, where
@@ -240,12 +235,13 @@ async def place_areas(
     if engine is SpatialEngine.POSTGIS:
         await connection.execute(
             "INSERT INTO device_areas (device_id, area_id)"
-            f" SELECT d.id, a.id FROM areas a JOIN devices d ON ST_Intersects(a.geom, {DEVICE_POINT_SQL})"
+            f" SELECT d.id, a.id FROM areas a JOIN devices d ON d.city = a.city"
+            f" AND ST_Intersects(a.geom, {DEVICE_POINT_SQL})"
             " WHERE a.id = ANY($1::text[])",
             ids,
         )
     else:
-        await _place_with_shapely(connection, [(a.id, a.shape()) for a in areas])
+        await _place_with_shapely(connection, [(a.id, a.city, a.shape()) for a in areas])
     return touched | await _pairs_of_members(connection, ids)
 
 
@@ -258,16 +254,20 @@ async def _pairs_of_members(connection: Connection, area_ids: Sequence[str]) -> 
     return {(row["city"], row["domain"]) for row in rows}
 
 
-async def _place_with_shapely(connection: Connection, areas: Sequence[tuple[str, Any]]) -> None:
+async def _place_with_shapely(connection: Connection, areas: Sequence[tuple[str, str, Any]]) -> None:
+    """Place the devices of each (id, city, geometry) area: its city's devices within its box,
+    tested against the geometry at once."""
     pairs: list[tuple[str, str]] = []
-    for area_id, geometry in areas:
+    for area_id, city, geometry in areas:
         min_lon, min_lat, max_lon, max_lat = geometry.bounds
         rows = await connection.fetch(
-            "SELECT id, lon, lat FROM devices WHERE lat BETWEEN $1 AND $2 AND lon BETWEEN $3 AND $4",
+            "SELECT id, lon, lat FROM devices"
+            " WHERE lat BETWEEN $1 AND $2 AND lon BETWEEN $3 AND $4 AND city = $5",
             min_lat,
             max_lat,
             min_lon,
             max_lon,
+            city,
         )
         if not rows:
             continue
@@ -288,24 +288,26 @@ async def place_devices(connection: Connection, engine: SpatialEngine, device_id
     if engine is SpatialEngine.POSTGIS:
         await connection.execute(
             "INSERT INTO device_areas (device_id, area_id)"
-            f" SELECT d.id, a.id FROM devices d JOIN areas a ON ST_Intersects(a.geom, {DEVICE_POINT_SQL})"
+            f" SELECT d.id, a.id FROM devices d JOIN areas a ON a.city = d.city"
+            f" AND ST_Intersects(a.geom, {DEVICE_POINT_SQL})"
             " WHERE d.id = ANY($1::text[])",
             ids,
         )
         return
     devices = await connection.fetch(
-        "SELECT id, lon, lat FROM devices WHERE id = ANY($1::text[]) ORDER BY id", ids
+        "SELECT id, city, lon, lat FROM devices WHERE id = ANY($1::text[]) ORDER BY id", ids
     )
     if not devices:
         return
     lons = np.fromiter((r["lon"] for r in devices), dtype=float, count=len(devices))
     lats = np.fromiter((r["lat"] for r in devices), dtype=float, count=len(devices))
     candidates = await connection.fetch(
-        f"SELECT id, geometry FROM areas WHERE {_BOX_OVERLAPS}",
+        f"SELECT id, city, geometry FROM areas WHERE {_BOX_OVERLAPS} AND city = ANY($5::text[])",
         float(lons.min()),
         float(lats.min()),
         float(lons.max()),
         float(lats.max()),
+        sorted({r["city"] for r in devices}),
     )
     if not candidates:
         return
@@ -315,7 +317,12 @@ async def place_devices(connection: Connection, engine: SpatialEngine, device_id
     device_index, area_index = tree.query(points, predicate="intersects")
     await _insert_pairs(
         connection,
-        [(devices[d]["id"], candidates[a]["id"]) for d, a in zip(device_index, area_index, strict=True)],
+        [
+            (devices[d]["id"], candidates[a]["id"])
+            for d, a in zip(device_index, area_index, strict=True)
+            # An area is its city's: a device of another city inside it is not in it.
+            if devices[d]["city"] == candidates[a]["city"]
+        ],
     )
 
 

@@ -227,6 +227,7 @@ async def enable_postgis(connection: Connection) -> bool:
             await connection.execute(
                 "DELETE FROM device_areas;"
                 " INSERT INTO device_areas (device_id, area_id) SELECT d.id, a.id FROM areas a"
-                " JOIN devices d ON ST_Intersects(a.geom, ST_SetSRID(ST_MakePoint(d.lon, d.lat), 4326))"
+                " JOIN devices d ON d.city = a.city"
+                " AND ST_Intersects(a.geom, ST_SetSRID(ST_MakePoint(d.lon, d.lat), 4326))"
             )
     return True

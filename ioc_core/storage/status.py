@@ -276,10 +276,12 @@ class StatusStore:
         *,
         after: str | None,
         limit: int,
+        areas: Sequence[str] | None = None,
     ) -> views.StatePage:
-        """The latest state of devices in scope, in id order, as JSON built by the database."""
+        """The latest state of devices in scope (and in one of `areas`, when given), in id order,
+        as JSON built by the database."""
         row = await self._pool.fetchrow(
-            views.STATE_PAGE_SQL, text_list(cities), text_list(domains), after, limit
+            views.STATE_PAGE_SQL, text_list(cities), text_list(domains), after, limit, text_list(areas)
         )
         if row is None or not row["n"]:
             return views.StatePage(items_json="[]", count=0, last_id=None, more=False)
@@ -292,19 +294,28 @@ class StatusStore:
         cities: Sequence[str] | None,
         domains: Sequence[str] | None,
         bbox: tuple[float, float, float, float] | None,
+        areas: Sequence[str] | None = None,
     ) -> tuple[int, str]:
         """GeoJSON features (a JSON array text) of the devices in scope, with how many there are."""
         row = await self._pool.fetchrow(
-            views.LAYER_SQL, text_list(cities), text_list(domains), list(bbox) if bbox else None
+            views.LAYER_SQL,
+            text_list(cities),
+            text_list(domains),
+            list(bbox) if bbox else None,
+            text_list(areas),
         )
         return (row["n"], row["features"]) if row is not None else (0, "[]")
 
     async def summary_inputs(
-        self, cities: Sequence[str] | None, domains: Sequence[str] | None, city: str | None
+        self,
+        cities: Sequence[str] | None,
+        domains: Sequence[str] | None,
+        city: str | None,
+        areas: Sequence[str] | None = None,
     ) -> tuple[list[views.SummaryDevice], list[tuple[str, str, str, int]]]:
-        """Devices in scope with their open alarms, and open alarms counted by (domain, state,
-        severity): what a summary's figures are computed from."""
-        scope = (text_list(cities), text_list(domains), city)
+        """Devices in scope (in one of `areas`, when given) with their open alarms, and open alarms
+        counted by (domain, state, severity): what a summary's figures are computed from."""
+        scope = (text_list(cities), text_list(domains), city, text_list(areas))
         device_rows = await self._pool.fetch(views.SUMMARY_DEVICES_SQL, *scope)
         alarm_rows = await self._pool.fetch(views.SUMMARY_ALARMS_SQL, *scope)
         devices = [
@@ -319,6 +330,30 @@ class StatusStore:
             for r in device_rows
         ]
         return devices, [(r["domain"], r["state"], r["severity"], r["n"]) for r in alarm_rows]
+
+    async def area_devices(
+        self, cities: Sequence[str] | None, domains: Sequence[str] | None, areas: Sequence[str]
+    ) -> list[views.AreaDevice]:
+        """The devices in scope lying in `areas`, as each area's state counts them."""
+        rows = await self._pool.fetch(
+            views.AREA_DEVICES_SQL, text_list(cities), text_list(domains), list(areas)
+        )
+        return [
+            views.AreaDevice(
+                device=views.SummaryDevice(
+                    id=r["id"],
+                    domain=r["domain"],
+                    status=r["status"],
+                    metrics=r["metrics"],
+                    thresholds=r["thresholds"],
+                    open_alarms=[_rule_and_metric(item) for item in r["open_alarms"]],
+                ),
+                worst=r["worst"],
+                alarms=r["alarms"],
+                areas=r["areas"],
+            )
+            for r in rows
+        ]
 
     async def counts(self) -> dict[str, int]:
         """Registered devices counted by status ('unknown' before the first message)."""

@@ -16,6 +16,21 @@ from ioc_core.storage.severity import severity_rank_sql
 # Filters shared by the queries below: $1 cities (NULL = every), $2 domains (NULL = every).
 _SCOPE = "($1::text[] IS NULL OR d.city = ANY($1)) AND ($2::text[] IS NULL OR d.domain = ANY($2))"
 
+# The ids of the areas a device `d` lies in (see storage.areas), in id order.
+DEVICE_AREAS = (
+    "coalesce((SELECT array_agg(da.area_id ORDER BY da.area_id) FROM device_areas da"
+    " WHERE da.device_id = d.id), '{}') AS areas"
+)
+
+
+def in_areas(parameter: str) -> str:
+    """Whether device `d` lies in one of the areas of a `text[]` parameter (null: no filter)."""
+    return (
+        f"({parameter}::text[] IS NULL OR EXISTS (SELECT 1 FROM device_areas da"
+        f" WHERE da.device_id = d.id AND da.area_id = ANY({parameter})))"
+    )
+
+
 # Versions of the (city, domain) pairs in scope, as one string: what an ETag is made of.
 STATE_VERSIONS_SQL = """
 SELECT coalesce(string_agg(city || '/' || domain || '=' || version, ',' ORDER BY city, domain), '')
@@ -33,14 +48,15 @@ ORDER BY u.city, u.domain
 ON CONFLICT (city, domain) DO UPDATE SET version = excluded.version, changed_at = now()
 """
 
-# $3 the last device id of the previous page (NULL on the first), $4 page size. One row more than
-# the page is read to tell whether another page follows.
+# $3 the last device id of the previous page (NULL on the first), $4 page size, $5 area ids or
+# NULL. One row more than the page is read to tell whether another page follows.
 STATE_PAGE_SQL = f"""
 WITH page AS (
     SELECT d.id, d.city, d.domain, d.lat, d.lon, coalesce(s.status, 'unknown') AS status, s.ts,
-           coalesce(s.metrics, '{{}}'::jsonb) AS metrics, row_number() OVER (ORDER BY d.id) AS n
+           coalesce(s.metrics, '{{}}'::jsonb) AS metrics, {DEVICE_AREAS},
+           row_number() OVER (ORDER BY d.id) AS n
     FROM devices d LEFT JOIN device_state s ON s.device_id = d.id
-    WHERE {_SCOPE} AND ($3::text IS NULL OR d.id > $3)
+    WHERE {_SCOPE} AND ($3::text IS NULL OR d.id > $3) AND {in_areas("$5")}
     ORDER BY d.id
     LIMIT $4 + 1
 )
@@ -48,7 +64,7 @@ SELECT count(*) FILTER (WHERE n <= $4) AS n, max(id) FILTER (WHERE n <= $4) AS l
        count(*) > $4 AS more,
        coalesce(json_agg(json_build_object(
            'device_id', id, 'city', city, 'domain', domain, 'status', status, 'ts', ts,
-           'metrics', metrics, 'location', json_build_object('lat', lat, 'lon', lon)
+           'metrics', metrics, 'location', json_build_object('lat', lat, 'lon', lon), 'areas', areas
        ) ORDER BY id) FILTER (WHERE n <= $4), '[]')::text AS items
 FROM page
 """
@@ -84,32 +100,20 @@ SELECT count(*) AS n, coalesce(json_agg(json_build_object(
         'status', coalesce(s.status, 'unknown'), 'ts', s.ts, 'last_seen', s.last_seen,
         'metrics', coalesce(s.metrics, '{{}}'::jsonb),
         'alarm_severity', a.worst, 'open_alarms', coalesce(a.n, 0),
-        'district_alarm_severity', da.worst
+        'district_alarm_severity', dsa.worst,
+        'areas', coalesce((SELECT array_agg(m.area_id ORDER BY m.area_id) FROM device_areas m
+                           WHERE m.device_id = d.id), '{{}}')
     )
 ) ORDER BY d.id), '[]')::text AS features
 FROM devices d
 LEFT JOIN device_state s ON s.device_id = d.id
 LEFT JOIN ({_OPEN_ALARMS}) a ON a.device_id = d.id
-LEFT JOIN ({_DISTRICT_ALARMS}) da ON da.city = d.city AND da.district = d.district
-WHERE {_SCOPE} AND {_BBOX}
+LEFT JOIN ({_DISTRICT_ALARMS}) dsa ON dsa.city = d.city AND dsa.district = d.district
+WHERE {_SCOPE} AND {_BBOX} AND {in_areas("$4")}
 """
 
-# $3 status filter or NULL, $4 bbox or NULL, $5 last id of the previous page, $6 page size.
-# The ids of the areas a device `d` lies in (see storage.areas), in id order.
-DEVICE_AREAS = (
-    "coalesce((SELECT array_agg(da.area_id ORDER BY da.area_id) FROM device_areas da"
-    " WHERE da.device_id = d.id), '{}') AS areas"
-)
-
-
-def in_areas(parameter: str) -> str:
-    """Whether device `d` lies in one of the areas of a `text[]` parameter (null: no filter)."""
-    return (
-        f"({parameter}::text[] IS NULL OR EXISTS (SELECT 1 FROM device_areas da"
-        f" WHERE da.device_id = d.id AND da.area_id = ANY({parameter})))"
-    )
-
-
+# $3 status filter or NULL, $4 bbox or NULL, $5 last id of the previous page, $6 page size,
+# $7 area ids or NULL.
 DEVICE_PAGE_SQL = f"""
 SELECT d.id, d.city, d.domain, d.name, d.district, d.lat, d.lon, d.thresholds, d.created_at,
        coalesce(s.status, 'unknown') AS status, s.last_seen, s.ts, s.metrics, {DEVICE_AREAS}
@@ -134,15 +138,35 @@ SELECT d.id, d.domain, coalesce(s.status, 'unknown') AS status, coalesce(s.metri
                  FROM alarms a, jsonb_object_keys({_REASONS}) AS r (rule)
                  WHERE a.device_id = d.id AND a.state <> 'resolved'), '{{}}') AS open_alarms
 FROM devices d LEFT JOIN device_state s ON s.device_id = d.id
-WHERE {_SCOPE} AND ($3::text IS NULL OR d.city = $3)
+WHERE {_SCOPE} AND ($3::text IS NULL OR d.city = $3) AND {in_areas("$4")}
 """
 
+# The devices in scope lying in areas $3, each with the ids of those areas it lies in, its open
+# alarms' rules and its worst open alarm: what each area's state on a screen is computed from.
+AREA_DEVICES_SQL = f"""
+SELECT d.id, d.domain, coalesce(s.status, 'unknown') AS status, coalesce(s.metrics, '{{}}'::jsonb) AS metrics,
+       d.thresholds, a.worst, coalesce(a.n, 0) AS alarms,
+       coalesce((SELECT array_agg(r.rule || '|' || coalesce(x.metric, ''))
+                 FROM alarms x, jsonb_object_keys(x.reasons || jsonb_build_object(x.rule, true)) AS r (rule)
+                 WHERE x.device_id = d.id AND x.state <> 'resolved'), '{{}}') AS open_alarms,
+       m.areas
+FROM (SELECT device_id, array_agg(area_id ORDER BY area_id) AS areas
+      FROM device_areas WHERE area_id = ANY($3::text[]) GROUP BY device_id) m
+JOIN devices d ON d.id = m.device_id
+LEFT JOIN device_state s ON s.device_id = d.id
+LEFT JOIN ({_OPEN_ALARMS}) a ON a.device_id = d.id
+WHERE {_SCOPE}
+"""
+
+# $4 area ids or NULL: alarms of devices in one of them.
 SUMMARY_ALARMS_SQL = """
 SELECT a.domain, a.state, a.severity, count(*) AS n
 FROM alarms a
 WHERE a.state <> 'resolved'
   AND ($1::text[] IS NULL OR a.city = ANY($1)) AND ($2::text[] IS NULL OR a.domain = ANY($2))
   AND ($3::text IS NULL OR a.city = $3)
+  AND ($4::text[] IS NULL OR EXISTS (SELECT 1 FROM device_areas m
+                                      WHERE m.device_id = a.device_id AND m.area_id = ANY($4)))
 GROUP BY a.domain, a.state, a.severity
 """
 
@@ -188,6 +212,17 @@ class SummaryDevice:
     metrics: dict[str, float]
     thresholds: dict[str, dict[str, float | None]]
     open_alarms: list[tuple[str, str | None]]
+
+
+@dataclass(frozen=True, slots=True)
+class AreaDevice:
+    """A device as an area's state counts it: its summary inputs, its worst open alarm and how
+    many are open, and which of the areas asked for it lies in."""
+
+    device: SummaryDevice
+    worst: str | None
+    alarms: int
+    areas: list[str]
 
 
 @dataclass(frozen=True, slots=True)

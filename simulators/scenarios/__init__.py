@@ -6,8 +6,8 @@ timeline is laid over the run: `progress` goes from 0 at the start to 1 at the e
 storm takes a minute in a test and three hours in a drill. Readings always carry the real time.
 
 - `normal`: every device behaves as its domain's sampler says; no incident.
-- `storm`: rain builds over the city, heaviest over some districts, where flood stations rise
-  past their alert and then danger levels (and the district's flood alarm follows), the feeders
+- `storm`: rain builds over the city, heaviest over some wards, where flood stations rise
+  past their alert and then danger levels (and the ward's district flood alarm follows), the feeders
   running the drainage pumps sag, and traffic comes to a standstill on flooded roads; then the
   water recedes.
 - `outage`: one distribution feeder fails and every device on it (its meters, the water works it

@@ -1,4 +1,4 @@
-"""`storm`: rain builds over the city, heaviest over some districts; flood stations rise past
+"""`storm`: rain builds over the city, heaviest over some wards; flood stations rise past
 their alert and danger levels, feeders sag, traffic stands still on flooded roads; then the water
 recedes."""
 
@@ -106,7 +106,7 @@ def _back_inside(value: float, rules: MetricRules) -> bool:
 class Storm(Scenario):
     name = "storm"
 
-    # Peak rain over the districts the storm sits on (mm/h: a tropical downpour, past the alert at
+    # Peak rain over the wards the storm sits on (mm/h: a tropical downpour, past the alert at
     # 50 and short of the 100 that is critical) and over the rest of the city.
     HEAVY_RAIN_MM_H = (72.0, 85.0)
     LIGHT_RAIN_MM_H = (3.0, 7.0)
@@ -148,7 +148,7 @@ class Storm(Scenario):
         super().check(duration_s)
         if not self.heavy:
             raise ValueError(
-                f"scenario storm needs {self.min_stations} flood stations in one district:"
+                f"scenario storm needs {self.min_stations} flood stations in one ward:"
                 f" use --devices {5 * self.min_stations} or more"
             )
 

@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 
@@ -29,6 +30,7 @@ from ioc_core.errors import ValidationError
 from ioc_core.models import DeviceIn, Location
 from ioc_core.storage import Database
 from ioc_core.storage.areas import SpatialEngine
+from ioc_core.storage.views import BUMP_STATE_VERSIONS_SQL
 from tests.integration.conftest import PLAIN_POSTGRES_URL, POSTGRES_URL, System, scratch_database
 from tests.integration.harness import unique
 
@@ -130,6 +132,13 @@ async def test_both_engines_place_devices_alike(database: Database) -> None:
     assert await database.devices.insert_many([_device(d, *DEVICES[d][0]) for d in ("in-l-box", "far")]) == 2
     assert await _membership(database) == {d: areas for d, (_, areas) in DEVICES.items()}
     assert await database.areas.members("ward-b") == ["in-b", "in-l-bottom", "on-border"]
+    # An area is its city's: another city's device inside it is not in it.
+    stranger = DeviceIn(
+        id="stranger", city="ha-noi", domain="flood", location=Location(lat=20.855, lon=106.655)
+    )
+    assert (await database.devices.insert(stranger)).areas == []
+    await database.areas.put(parse_feature(WARD_A))
+    assert (await database.devices.get("stranger")).areas == []
 
 
 async def test_membership_follows_devices_and_areas(database: Database) -> None:
@@ -395,7 +404,8 @@ async def test_other_refusals(admin: httpx.AsyncClient) -> None:
     assert answer.status_code == 400 and "no-such-parent" in answer.json()["detail"]
     assert (await admin.get("/v1/areas", params={"kind": "district"})).status_code == 400
     assert (await admin.get("/v1/areas", params={"bbox": "1,2,3"})).status_code == 400
-    assert (await admin.get("/v1/devices", params={"area": "bad id!"})).status_code == 400
+    assert (await admin.get("/v1/devices", params={"area": "bad id!"})).status_code == 422
+    assert (await admin.get("/v1/alarms", params={"area": "a,,b"})).status_code == 422
 
 
 async def test_a_city_key_keeps_to_its_city(system: System, admin: httpx.AsyncClient) -> None:
@@ -422,3 +432,95 @@ async def test_a_city_key_keeps_to_its_city(system: System, admin: httpx.AsyncCl
         assert (await scoped.delete(f"/v1/areas/{ours}")).status_code == 204
     entries = await admin.get("/v1/audit", params={"object_type": "area", "object_id": theirs})
     assert [e["action"] for e in entries.json()["items"]][-1:] in (["area.update"], ["area.create"])
+
+
+async def test_screens_filter_and_colour_by_area(system: System, admin: httpx.AsyncClient) -> None:
+    city = unique("choropleth")[:32]
+    ward_a, ward_b = unique("ward-a"), unique("ward-b")
+
+    def of_city(base: dict[str, Any], area_id: str) -> dict[str, Any]:
+        return {**base, "id": area_id, "properties": {**base["properties"], "city": city}}
+
+    for area_id, base in ((ward_a, WARD_A), (ward_b, WARD_B)):
+        assert (await admin.put(f"/v1/areas/{area_id}", json=of_city(base, area_id))).status_code == 201
+    devices = {"in-a": (106.655, 20.855), "on-border": (106.70, 20.87), "in-hole": (106.75, 20.85)}
+    ids = {name: unique(name) for name in devices}
+    for name, (lon, lat) in devices.items():
+        body = {"id": ids[name], "city": city, "domain": "flood", "location": {"lon": lon, "lat": lat}}
+        assert (await admin.post("/v1/devices", json=body)).status_code == 201
+    # A critical alarm on the device inside ward A only, made as the processor makes them: with its
+    # (city, domain) state version bumped in the same transaction.
+    connection = await asyncpg.connect(system.database_url)
+    try:
+        async with connection.transaction():
+            await connection.execute(
+                "INSERT INTO alarms (subject, device_id, city, domain, rule, severity, started_at,"
+                " last_seen_at, message_vi, message_en) VALUES ($1, $1, $2, 'flood',"
+                " 'threshold.currentLevel', 'critical', now(), now(), 'mực nước rất cao',"
+                " 'water level very high')",
+                ids["in-a"],
+                city,
+            )
+            await connection.execute(BUMP_STATE_VERSIONS_SQL, [city], ["flood"])
+    finally:
+        await connection.close()
+
+    state = await admin.get("/v1/state", params={"city": city, "area": ward_a})
+    assert {i["device_id"]: i["areas"] for i in state.json()["items"]} == {
+        ids["in-a"]: [ward_a],
+        ids["on-border"]: sorted([ward_a, ward_b]),
+    }
+    layer = await admin.get("/v1/layers/flood", params={"city": city, "area": ward_b})
+    assert [(f["id"], f["properties"]["areas"]) for f in layer.json()["features"]] == [
+        (ids["on-border"], sorted([ward_a, ward_b]))
+    ]
+    alarms = await admin.get("/v1/alarms", params={"city": city, "area": ward_a})
+    assert [(a["device_id"], a["areas"]) for a in alarms.json()["items"]] == [(ids["in-a"], [ward_a])]
+    assert (await admin.get("/v1/alarms", params={"city": city, "area": ward_b})).json()["items"] == []
+    summary = (await admin.get("/v1/summary", params={"city": city, "area": ward_a})).json()
+    assert summary["areas"] == [ward_a]
+    assert summary["domains"]["flood"]["devices"]["total"] == 2
+    assert summary["domains"]["flood"]["alarms"]["critical"] == 1
+    summary = (await admin.get("/v1/summary", params={"city": city, "area": ward_b})).json()
+    assert summary["domains"]["flood"]["devices"]["total"] == 1
+    assert summary["domains"]["flood"]["alarms"]["critical"] == 0
+
+    answer = await admin.get("/v1/areas", params={"city": city, "with": "state"})
+    assert answer.status_code == 200 and answer.headers["content-type"] == "application/geo+json"
+    states = {f["id"]: f["properties"]["state"] for f in answer.json()["features"]}
+    assert states[ward_a]["alarm_severity"] == "critical" and states[ward_a]["open_alarms"] == 1
+    assert states[ward_a]["devices"] == {"total": 2, "online": 0, "offline": 0, "unknown": 2}
+    assert list(states[ward_a]["domains"]) == ["flood"]
+    assert states[ward_a]["domains"]["flood"]["devices"]["total"] == 2
+    assert states[ward_b]["alarm_severity"] is None and states[ward_b]["open_alarms"] == 0
+    assert states[ward_b]["devices"]["total"] == 1
+    assert all(f["geometry"]["type"] == "MultiPolygon" for f in answer.json()["features"])
+
+    # Polled: 304 while nothing changed; a new answer when an area or a device in scope changes.
+    tag = answer.headers["etag"]
+    polled = await admin.get(
+        "/v1/areas", params={"city": city, "with": "state"}, headers={"If-None-Match": tag}
+    )
+    assert polled.status_code == 304
+    renamed = of_city(WARD_B, ward_b)
+    renamed["properties"] = {**renamed["properties"], "name_vi": "Phường Lê Chân"}
+    assert (await admin.put(f"/v1/areas/{ward_b}", json=renamed)).status_code == 200
+    polled = await admin.get(
+        "/v1/areas", params={"city": city, "with": "state"}, headers={"If-None-Match": tag}
+    )
+    assert polled.status_code == 200 and polled.headers["etag"] != tag
+    tag = polled.headers["etag"]
+    body = {"id": unique("late"), "city": city, "domain": "water", "location": {"lon": 106.71, "lat": 20.81}}
+    assert (await admin.post("/v1/devices", json=body)).status_code == 201
+    polled = await admin.get(
+        "/v1/areas", params={"city": city, "with": "state"}, headers={"If-None-Match": tag}
+    )
+    assert polled.status_code == 200
+    states = {f["id"]: f["properties"]["state"] for f in polled.json()["features"]}
+    assert sorted(states[ward_b]["domains"]) == ["flood", "water"]
+
+    # Without the geometry, for a screen that drew the areas already.
+    bare = await admin.get("/v1/areas", params={"city": city, "with": "state", "geometry": "false"})
+    assert all(f["geometry"] is None for f in bare.json()["features"])
+    plain = await admin.get("/v1/areas", params={"city": city})
+    assert plain.headers.get("etag") and "state" not in plain.json()["features"][0]["properties"]

@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from ioc_core.domains import DOMAINS
+from simulators.cities import CITIES
 from tests.conftest import Figures
 from tests.integration.conftest import free_port
 from tests.integration.harness import wait_until
@@ -152,7 +153,11 @@ async def test_make_run_from_a_fresh_clone(clone: Path, figures: Figures) -> Non
         assert key_again == key
         async with httpx.AsyncClient(base_url=base, headers={"X-API-Key": key}, timeout=10) as client:
             devices = (await client.get("/v1/devices", params={"limit": 1000})).json()["items"]
+            # The simulated city's approximate wards are on the map too.
+            wards = (await client.get("/v1/areas", params={"city": "ha-noi", "kind": "ward"})).json()
         assert len(devices) >= 25
+        assert len(wards["features"]) == len(CITIES["ha-noi"])
+        assert all(device["areas"] for device in devices)
         assert run.interrupt() in (0, 2, -signal.SIGINT), run.output()[-4000:]
     finally:
         run.kill()

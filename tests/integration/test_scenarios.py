@@ -40,6 +40,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from ioc_core.rules import severity_rank
 from ioc_core.settings import load_settings
+from simulators.cities import city_areas, slug
 from simulators.fleet import build_fleet
 from simulators.runner import ScenarioRun
 from simulators.scenarios import Scenario
@@ -276,6 +277,7 @@ def _check_summary(run: Run) -> None:
     share = 0.97 if run.scenario == "outage" else 0.99
     assert summary["sent"] > 0 and summary["acknowledged"] >= share * summary["sent"], summary
     assert summary["registered"] + summary["updated"] == RUNS[run.scenario][1]
+    assert summary["areas"] == len(city_areas(run.city, places=RUNS[run.scenario][0]))
 
 
 async def test_storm_incidents_are_all_alarmed_in_time(scenarios: ScenarioSystem) -> None:
@@ -391,6 +393,23 @@ async def test_normal_raises_no_alarm(scenarios: ScenarioSystem) -> None:
     assert run.truth == []
     assert run.summary["sent"] >= 0.95 * RUNS["normal"][2] * RUNS["normal"][3]
     _check_nothing_else(run)
+
+
+async def test_registering_stores_the_maps_approximate_areas_under_each_city(
+    scenarios: ScenarioSystem,
+) -> None:
+    """`--register` stores the map's generated wards under the run's own city (in the database,
+    and for bad-devices through the API), and every device lies in one of them."""
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    async with httpx.AsyncClient(base_url=scenarios.api_url, headers=headers, timeout=10) as api:
+        for scenario, run in scenarios.runs.items():
+            wards = (await api.get("/v1/areas", params={"city": run.city, "kind": "ward"})).json()
+            expected = [f["id"] for f in city_areas(run.city, places=RUNS[scenario][0])]
+            assert sorted(f["id"] for f in wards["features"]) == sorted(i for i in expected if ".ward." in i)
+            devices = (await api.get("/v1/devices", params={"city": run.city, "limit": 1000})).json()
+            for device in devices["items"]:
+                in_wards = [area for area in device["areas"] if ".ward." in area]
+                assert in_wards == [f"{run.city}.ward.{slug(device['district'])}"], device
 
 
 class _Proxy:

@@ -17,6 +17,7 @@ import asyncpg
 import httpx
 import pytest
 
+from simulators.cities import city_areas, slug
 from tests.integration import harness
 from tests.integration.conftest import free_port
 from tests.integration.harness import Publisher, unique, wait_until
@@ -242,3 +243,57 @@ async def test_in_process_bus_loses_and_doubles_nothing_when_the_process_dies(
         finally:
             first.stop(signal.SIGKILL)
             second.stop(signal.SIGKILL)
+
+
+async def test_up_stores_its_simulated_citys_approximate_areas(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """With the simulator on, `ioc up` stores its city's generated province, wards and catchments
+    at every start (replacing them), and the simulated devices lie in them: one ward each."""
+    city = "da-nang"
+    async with new_database() as database_url:
+        data_dir = tmp_path_factory.mktemp("ioc-data-areas")
+        env = harness.test_env(
+            IOC_DATABASE_URL=database_url,
+            IOC_MQTT_URL="mqtt://127.0.0.1:1883",
+            IOC_API_PORT=str(free_port()),
+            IOC_DATA_DIR=str(data_dir),
+            IOC_SIMULATOR_CITY=city,
+            IOC_SIMULATOR_DEVICES="10",
+            IOC_GATEWAY_CITIES=json.dumps([city]),
+            IOC_GATEWAY_CLIENT_ID=unique("gw-areas"),
+            IOC_GATEWAY_SHARE_GROUP=unique("gw-areas"),
+        )
+        expected = {feature["id"]: feature for feature in city_areas(city)}
+        wards = sorted(area_id for area_id, f in expected.items() if f["properties"]["kind"] == "ward")
+        runs = [harness.ComponentProcess("up", env, data_dir, name=f"up-areas-{n}") for n in (1, 2)]
+        try:
+            for run in runs:
+                run.start()
+                await run.wait_for_log("operations page", timeout=90)
+                key = (data_dir / "admin-api-key").read_text().strip()
+                base = f"http://127.0.0.1:{env['IOC_API_PORT']}"
+                async with httpx.AsyncClient(base_url=base, headers={"X-API-Key": key}, timeout=10) as api:
+                    found = await api.get("/v1/areas", params={"city": city, "kind": "ward"})
+                    assert found.status_code == 200, found.text
+                    features = found.json()["features"]
+                    assert sorted(f["id"] for f in features) == wards
+                    for feature in features:
+                        properties = feature["properties"]
+                        assert (
+                            properties["approximate"] is True and properties["parent"] == f"{city}.province"
+                        )
+                        assert properties["name_vi"] == expected[feature["id"]]["properties"]["name_vi"]
+                    everything = (await api.get("/v1/areas", params={"city": city})).json()["features"]
+                    assert sorted(f["id"] for f in everything) == sorted(expected)
+                    devices = (await api.get("/v1/devices", params={"city": city, "limit": 100})).json()
+                    assert len(devices["items"]) == 10
+                    for device in devices["items"]:
+                        in_wards = [area for area in device["areas"] if ".ward." in area]
+                        assert in_wards == [f"{city}.ward.{slug(device['district'])}"], device
+                        assert f"{city}.province" in device["areas"], device
+                assert run.stop(signal.SIGTERM, timeout=30) == 0, run.log_text()
+                assert "Traceback" not in run.log_text(), run.log_text()
+        finally:
+            for run in runs:
+                run.stop(signal.SIGKILL)

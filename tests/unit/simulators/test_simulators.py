@@ -30,8 +30,6 @@ from simulators.cities import (
     RIVER,
     ROAD,
     SITE_KINDS,
-    SUBSTATION,
-    WATER_WORKS,
 )
 from simulators.fleet import SimulatedDevice, build_fleet
 from simulators.load import _Sender
@@ -54,15 +52,21 @@ def at_local(hour: float, day: datetime = DAY) -> datetime:
 
 def test_the_northern_triangle_and_da_nang_are_mapped_with_real_places() -> None:
     assert {"ha-noi", "hai-phong", "quang-ninh", "da-nang"} <= set(CITIES)
-    names = {site.name for districts in CITIES.values() for district in districts for site in district.sites}
+    names = {site.name for wards in CITIES.values() for ward in wards for site in ward.sites}
     for road in ("Giải Phóng", "Nguyễn Trãi", "Lạch Tray", "Trần Hưng Đạo"):
         assert any(road in name for name in names), road
     for river in ("Tô Lịch", "Sông Hồng", "Tam Bạc", "Sông Cấm", "Bạch Đằng"):
         assert any(river in name for name in names), river
-    for city in ("ha-noi", "hai-phong", "quang-ninh"):
-        for district in CITIES[city]:
-            kinds = {site.kind for site in district.sites}
-            assert {ROAD, RIVER, SUBSTATION, WATER_WORKS} <= kinds, (city, district.name)
+    for city, wards in CITIES.items():
+        # Every kind of place somewhere in the city, and a small fleet's wards have rivers or low
+        # streets for its flood stations, and roads.
+        assert {site.kind for ward in wards for site in ward.sites} == set(SITE_KINDS), city
+        for ward in wards[:4]:
+            kinds = {site.kind for site in ward.sites}
+            assert ROAD in kinds and kinds & {RIVER, LOW_STREET}, (city, ward.name)
+        # Site names tell a city's places apart.
+        sites = [site.name for ward in wards for site in ward.sites]
+        assert len(sites) == len(set(sites)), city
 
 
 def test_domains_stand_at_kinds_of_place_the_maps_have() -> None:
@@ -70,15 +74,15 @@ def test_domains_stand_at_kinds_of_place_the_maps_have() -> None:
         assert domain.sites and set(domain.sites) <= set(SITE_KINDS), domain.name
 
 
-def test_every_place_lies_in_its_city_and_near_its_district() -> None:
-    for city, districts in CITIES.items():
+def test_every_place_lies_in_its_city_and_near_its_ward() -> None:
+    for city, wards in CITIES.items():
         bounds = CITY_BOUNDS[city]
-        for district in districts:
-            assert bounds.contains(district.lat, district.lon), (city, district.name)
-            for site in district.sites:
+        for ward in wards:
+            assert bounds.contains(ward.lat, ward.lon), (city, ward.name)
+            for site in ward.sites:
                 assert bounds.contains(site.lat, site.lon), (city, site.name)
-                km = _km(district.lat, district.lon, site.lat, site.lon)
-                assert km < 12, (city, district.name, site.name, km)
+                km = _km(ward.lat, ward.lon, site.lat, site.lon)
+                assert km < 6, (city, ward.name, site.name, km)
 
 
 def _km(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
@@ -102,11 +106,19 @@ def test_a_fleet_has_every_domain_inside_its_city(city: str) -> None:
 
 def test_devices_stand_where_their_domain_says() -> None:
     fleet = build_fleet("hai-phong", 100)
-    sites = {site.name: site for district in CITIES["hai-phong"] for site in district.sites}
+    sites = {site.name: site for ward in CITIES["hai-phong"] for site in ward.sites}
+    wards = {ward.name: ward for ward in CITIES["hai-phong"]}
     for device in fleet:
-        assert sites[device.site].kind in device.domain.sites, (device.id, device.site)
+        ward = wards[device.district]
+        if device.site == ward.name:
+            # A ward without a place of the device's kind: around its centre.
+            assert not [s for kind in device.domain.sites for s in ward.sites_of(kind)], device.id
+            assert _km(ward.lat, ward.lon, device.lat, device.lon) < 2.5, device.id
+        else:
+            assert sites[device.site] in ward.sites, (device.id, device.site)
+            assert sites[device.site].kind in device.domain.sites, (device.id, device.site)
     flood = [device for device in fleet if device.domain.name == "flood"]
-    assert {sites[device.site].kind for device in flood} <= {RIVER, LOW_STREET}
+    assert {sites[device.site].kind for device in flood if device.site in sites} <= {RIVER, LOW_STREET}
     # Where the tide reaches, the station's phase says so.
     tam_bac = [device for device in flood if "Tam Bạc" in device.site]
     assert tam_bac and all(device.phase > 0.4 for device in tam_bac)
@@ -129,13 +141,13 @@ def test_the_same_seed_gives_the_same_fleet_and_readings() -> None:
     assert [(d.lat, d.lon) for d in first] != [(d.lat, d.lon) for d in other]
 
 
-def test_small_fleets_have_pairs_of_flood_stations_in_a_district() -> None:
+def test_small_fleets_have_pairs_of_flood_stations_in_a_ward() -> None:
     fleet = build_fleet("ha-noi", 20)
-    per_district: dict[str, int] = defaultdict(int)
+    per_ward: dict[str, int] = defaultdict(int)
     for device in fleet:
         if device.domain.name == "flood":
-            per_district[device.district] += 1
-    assert max(per_district.values()) >= 2
+            per_ward[device.district] += 1
+    assert max(per_ward.values()) >= 2
 
 
 def test_grid_meters_and_water_works_hang_on_feeders() -> None:
@@ -382,7 +394,7 @@ def test_a_storm_raises_what_its_truth_says_and_nothing_else() -> None:
     assert not drive._open
 
 
-def test_a_storm_needs_two_flood_stations_in_a_district_and_enough_readings() -> None:
+def test_a_storm_needs_two_flood_stations_in_a_ward_and_enough_readings() -> None:
     with pytest.raises(ValueError, match="flood stations"):
         Storm(build_fleet("ha-noi", 5), interval_s=1).check(60)
     with pytest.raises(ValueError, match="--rate"):
