@@ -29,6 +29,7 @@ from api.routes import (
     export,
     health,
     public,
+    regions,
     screens,
     stream,
     webhooks,
@@ -156,6 +157,7 @@ def create_app(
         audit,
         export,
         areas,
+        regions,
     ):
         app.include_router(module.router)
     add_page_routes(app, settings)

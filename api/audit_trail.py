@@ -41,6 +41,8 @@ class Subject:
     object_id: str
     cities: Iterable[str] | None
     domains: Iterable[str] | None
+    # The areas the object lies in, for keys limited to areas (None: no area holds it).
+    areas: Iterable[str] | None = None
 
 
 def client_address(request: Request) -> str | None:
@@ -91,7 +93,9 @@ class AuditTrail:
     async def require_scope(self, subject: Subject, *, what: str) -> None:
         """Objects outside the key's scope answer exactly as missing ones do (404), so a key cannot
         learn that they exist; the attempt is recorded."""
-        if not self.principal.covers(subject.cities, subject.domains):
+        if not self.principal.covers(subject.cities, subject.domains) or not self.principal.sees_areas(
+            subject.areas
+        ):
             raise await self.refuse(subject, 404, f"{what} not found", reason=OUTSIDE_SCOPE)
 
 

@@ -40,6 +40,8 @@ class Principal:
     cities: frozenset[str] | None = None
     domains: frozenset[str] | None = None
     key_id: str | None = None
+    # A ward office's key: only the devices lying in these areas, and their alarms (None: no limit).
+    areas: frozenset[str] | None = None
 
     def allows(self, city: str, domain: str) -> bool:
         return (self.cities is None or city in self.cities) and (
@@ -61,6 +63,16 @@ class Principal:
             return [requested] if scope is None or requested in scope else []
         return None if scope is None else sorted(scope)
 
+    def area_filter(self, requested: list[str] | None) -> list[str] | None:
+        """An `area=` filter within the key's areas: None = no filter, [] = nothing can match."""
+        if self.areas is None:
+            return requested
+        return sorted(self.areas if requested is None else self.areas & set(requested))
+
+    def sees_areas(self, areas: Iterable[str] | None) -> bool:
+        """Whether an object lying in `areas` (None: an object no area holds) is within the key's."""
+        return self.areas is None or (areas is not None and not self.areas.isdisjoint(areas))
+
     def city_filter(self, city: str | None) -> list[str] | None:
         return self.narrow(city, self.cities)
 
@@ -72,7 +84,8 @@ class Principal:
         """Identifies the scope, for caches and ETags shared by keys that see the same."""
         cities = ",".join(sorted(self.cities)) if self.cities is not None else "*"
         domains = ",".join(sorted(self.domains)) if self.domains is not None else "*"
-        return f"{cities}|{domains}"
+        areas = ",".join(sorted(self.areas)) if self.areas is not None else "*"
+        return f"{cities}|{domains}|{areas}"
 
 
 _SETTINGS_ADMIN = Principal(name="admin", role="admin")
@@ -85,6 +98,7 @@ def principal_of(row: ApiKeyRow) -> Principal:
         cities=frozenset(row.cities) if row.cities is not None else None,
         domains=frozenset(row.domains) if row.domains is not None else None,
         key_id=row.id,
+        areas=frozenset(row.areas) if row.areas is not None else None,
     )
 
 

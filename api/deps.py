@@ -82,7 +82,7 @@ async def scoped_device(audit: AuditTrail, device_id: str, action: str) -> Devic
     """The device, when it lies within the caller's scope; else 404, as a missing one, and the
     attempt (`action`) is recorded in the audit log."""
     device = await audit.database.devices.get(device_id)
-    subject = Subject(action, DEVICE, device_id, [device.city], [device.domain])
+    subject = Subject(action, DEVICE, device_id, [device.city], [device.domain], device.areas)
     await audit.require_scope(subject, what=f"device {device_id!r}")
     return device
 
@@ -90,7 +90,7 @@ async def scoped_device(audit: AuditTrail, device_id: str, action: str) -> Devic
 async def scoped_alarm(audit: AuditTrail, alarm_id: int, action: str) -> Alarm:
     """The alarm, when it lies within the caller's scope (see `scoped_device`)."""
     alarm = await audit.database.alarms.get(alarm_id)
-    subject = Subject(action, ALARM, str(alarm_id), [alarm.city], [alarm.domain])
+    subject = Subject(action, ALARM, str(alarm_id), [alarm.city], [alarm.domain], alarm.areas)
     await audit.require_scope(subject, what=f"alarm {alarm_id}")
     return alarm
 

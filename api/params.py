@@ -36,6 +36,10 @@ BboxFilter = Annotated[
 ]
 
 
+REGION_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{0,63}$"
+RegionFilter = Annotated[
+    str | None, Query(pattern=REGION_ID_PATTERN, description="a region's id (`/v1/regions`): its cities")
+]
 _AREA_LIST = f"^{AREA_ID_PATTERN.pattern}(,{AREA_ID_PATTERN.pattern})*$"
 AreaFilter = Annotated[
     str | None,
@@ -80,9 +84,11 @@ def parse_bbox(value: str | None) -> tuple[float, float, float, float] | None:
     return min_lon, min_lat, max_lon, max_lat
 
 
-def sees_nothing(cities: Sequence[str] | None, domains: Sequence[str] | None) -> bool:
+def sees_nothing(
+    cities: Sequence[str] | None, domains: Sequence[str] | None, areas: Sequence[str] | None = None
+) -> bool:
     """Filters narrowed to the key's scope that no object can match (see `Principal.narrow`)."""
-    return cities == [] or domains == []
+    return cities == [] or domains == [] or areas == []
 
 
 _ALLOWED_QUERY: dict[int, frozenset[str]] = {}

@@ -274,6 +274,7 @@ async def export_readings(settings: Settings, args: argparse.Namespace) -> int:
                         end=args.end,
                         metrics=[m.name for m in chosen],
                         bucket=width,
+                        areas=args.area.split(",") if args.area else None,
                     )
                 ) as rows:
                     async for chunk in rows:
@@ -475,6 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--to", dest="end", required=True, type=_instant, help="end (exclusive), ISO 8601 with an offset"
     )
     exporter.add_argument("--city", help="only this city's devices (default: every city)")
+    exporter.add_argument("--area", help="comma-separated area ids: only devices lying in one of them")
     exporter.add_argument("--metrics", help="comma-separated metrics (default: all of the domain's)")
     exporter.add_argument("--bucket", help="per device and bucket of this width: 30s, 5m, 1h, 1d")
     exporter.add_argument("--format", default="csv", choices=FORMATS, help="csv (default) or parquet")

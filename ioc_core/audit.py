@@ -23,8 +23,8 @@ AUDIT_RECORDED = "audit.recorded"
 # The `source` of audit events: the API records them, not a processor.
 AUDIT_SOURCE = "urn:ioc:api"
 
-API_KEY, DEVICE, WEBHOOK, ALARM, AREA = "api_key", "device", "webhook", "alarm", "area"
-OBJECT_TYPES: tuple[str, ...] = (API_KEY, DEVICE, WEBHOOK, ALARM, AREA)
+API_KEY, DEVICE, WEBHOOK, ALARM, AREA, REGION = "api_key", "device", "webhook", "alarm", "area", "region"
+OBJECT_TYPES: tuple[str, ...] = (API_KEY, DEVICE, WEBHOOK, ALARM, AREA, REGION)
 
 API_KEY_CREATE = "api_key.create"
 API_KEY_REVOKE = "api_key.revoke"
@@ -42,6 +42,9 @@ ALARM_RESOLVE = "alarm.resolve"
 AREA_CREATE = "area.create"
 AREA_UPDATE = "area.update"
 AREA_DELETE = "area.delete"
+REGION_CREATE = "region.create"
+REGION_UPDATE = "region.update"
+REGION_DELETE = "region.delete"
 # Reads are recorded only when they are refused: a key asking for another scope's object.
 DEVICE_READ = "device.read"
 WEBHOOK_READ = "webhook.read"
@@ -64,6 +67,9 @@ ACTIONS: tuple[str, ...] = (
     AREA_CREATE,
     AREA_UPDATE,
     AREA_DELETE,
+    REGION_CREATE,
+    REGION_UPDATE,
+    REGION_DELETE,
     DEVICE_READ,
     WEBHOOK_READ,
     ALARM_READ,

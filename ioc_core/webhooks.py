@@ -17,11 +17,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from ioc_core.alarms import ALARM_ACKNOWLEDGED, ALARM_RAISED, ALARM_RESOLVED, ALARM_UPDATED
+from ioc_core.areas import AREA_ID_PATTERN
 from ioc_core.audit import AUDIT_RECORDED
 from ioc_core.errors import IocError
 from ioc_core.events import DEVICE_OFFLINE, DEVICE_ONLINE, Event
@@ -143,6 +144,13 @@ class WebhookFilter(BaseModel):
         description="only events of escalated alarms: the escalation (`alarm.updated` with"
         " `escalated: true`) and what happens to the alarm after it",
     )
+    areas: list[Annotated[str, StringConstraints(pattern=f"^{AREA_ID_PATTERN.pattern}$")]] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=100,
+        description="only events about devices in one of these areas (`/v1/areas`): a ward office's"
+        " endpoint; events that name no area (device status, audit) then do not come",
+    )
 
     @field_validator("types")
     @classmethod
@@ -164,6 +172,8 @@ class RoutedEvent:
     body: str
     # Only for endpoints whose `types` name it (see OPT_IN_EVENT_TYPES).
     opt_in: bool = False
+    # The areas the event's device lies in, for endpoints limited to areas.
+    areas: tuple[str, ...] = ()
 
 
 def routed(events: Iterable[Event]) -> list[RoutedEvent]:
@@ -184,9 +194,16 @@ def routed(events: Iterable[Event]) -> list[RoutedEvent]:
                 escalated=bool(event.data.get("escalated", False)),
                 body=message_body(event),
                 opt_in=event.type in OPT_IN_EVENT_TYPES,
+                areas=_areas_of(event.data.get("areas")),
             )
         )
     return out
+
+
+def _areas_of(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        return ()
+    return tuple(item for item in value if isinstance(item, str) and AREA_ID_PATTERN.fullmatch(item))
 
 
 # -- retries -------------------------------------------------------------------------------------

@@ -63,9 +63,9 @@ async def alarms(
     cursor: Annotated[str | None, Query(max_length=200, description="`next` of the previous page")] = None,
 ) -> Page[Alarm]:
     before = decode_int_cursor(cursor)
-    areas = area_list(area)
+    areas = principal.area_filter(area_list(area))
     cities, domains = principal.city_filter(city), principal.domain_filter(domain)
-    if sees_nothing(cities, domains):
+    if sees_nothing(cities, domains, areas):
         return Page[Alarm].empty()
     states = comma_list(state, ALARM_STATES, "state")
     severities = comma_list(severity, SEVERITIES, "severity")

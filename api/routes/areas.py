@@ -63,7 +63,9 @@ def _subject(action: str, area_id: str, city: str) -> Subject:
 
 
 def _may_see(principal: Principal, area: Area) -> bool:
-    return principal.cities is None or area.city in principal.cities
+    return (principal.cities is None or area.city in principal.cities) and (
+        principal.areas is None or area.id in principal.areas
+    )
 
 
 @router.get(
@@ -105,7 +107,11 @@ async def areas(
     domains = principal.domain_filter(None)
 
     async def render() -> bytes:
-        found = [] if cities == [] else await database.areas.find(cities, kinds, box)
+        found = (
+            []
+            if cities == []
+            else await database.areas.find(cities, kinds, box, ids=principal.area_filter(None))
+        )
         states = await _area_states(database, cities, domains, found) if with_ == "state" else {}
         features = []
         for area in found:

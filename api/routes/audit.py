@@ -20,7 +20,7 @@ from ioc_core.storage import AuditQuery
 
 router = APIRouter(tags=["audit"])
 
-ObjectType = Literal["api_key", "device", "webhook", "alarm", "area"]
+ObjectType = Literal["api_key", "device", "webhook", "alarm", "area", "region"]
 assert set(get_args(ObjectType)) == set(OBJECT_TYPES)
 
 

@@ -98,10 +98,10 @@ async def devices(
     cursor: Cursor = None,
 ) -> Page[Device]:
     box = parse_bbox(bbox)
-    areas = area_list(area)
+    areas = principal.area_filter(area_list(area))
     after = decode_text_cursor(cursor)
     cities, domains = principal.city_filter(city), principal.domain_filter(domain)
-    if sees_nothing(cities, domains):
+    if sees_nothing(cities, domains, areas):
         return Page[Device].empty()
     return await paginate(
         lambda n: database.devices.page(

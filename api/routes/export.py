@@ -22,7 +22,7 @@ from starlette.types import Receive, Scope, Send
 
 from api.auth import Viewer
 from api.deps import AppSettings, Db
-from api.params import CityFilter
+from api.params import AreaFilter, CityFilter, area_list
 from api.problems import PROBLEM, RETRY_AFTER_S, TOO_MANY_REQUESTS
 from ioc_core.domains import DOMAINS
 from ioc_core.exports import (
@@ -192,6 +192,7 @@ async def export(
     from_: Annotated[datetime, Query(alias="from", description="start, RFC 3339 with an offset")],
     to: Annotated[datetime, Query(description="end (exclusive), RFC 3339 with an offset")],
     city: CityFilter = None,
+    area: AreaFilter = None,
     metrics: Annotated[
         str | None,
         Query(
@@ -235,6 +236,7 @@ async def export(
         end=to,
         metrics=[m.name for m in chosen],
         bucket=width,
+        areas=principal.area_filter(area_list(area)),
     )
     try:
         encode = encoder(export_format, columns)

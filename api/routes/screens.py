@@ -22,6 +22,7 @@ from api.params import (
     DeviceId,
     DomainFilter,
     DomainName,
+    RegionFilter,
     area_list,
     parse_bbox,
     sees_nothing,
@@ -30,7 +31,7 @@ from api.problems import PROBLEM
 from api.view_cache import cached_view
 from ioc_core.audit import DEVICE_READ
 from ioc_core.domains import DOMAINS
-from ioc_core.errors import ValidationError
+from ioc_core.errors import NotFoundError, ValidationError
 from ioc_core.exports import parse_bucket
 from ioc_core.kpis import DeviceSnapshot
 from ioc_core.models import Location, StateItem
@@ -117,6 +118,7 @@ class DomainSummary(BaseModel):
 
 class Summary(BaseModel):
     city: str | None = Field(description="the city asked for, or null for every city in scope")
+    region: str | None = Field(default=None, description="the region asked for: its cities together")
     areas: list[str] | None = Field(
         default=None, description="the areas asked for (`area=`): the figures count their devices only"
     )
@@ -178,11 +180,11 @@ async def state(
     cursor: Cursor = None,
 ) -> Response:
     after = decode_text_cursor(cursor)
-    areas = area_list(area)
+    areas = principal.area_filter(area_list(area))
     cities, domains = _scope(principal, city, domain)
 
     async def render() -> bytes:
-        if sees_nothing(cities, domains):
+        if sees_nothing(cities, domains, areas):
             return b'{"items":[],"next":null}'
         page = await database.status.page(cities, domains, after=after, limit=limit, areas=areas)
         next_ = json.dumps(encode_cursor(page.last_id)) if page.more and page.last_id else "null"
@@ -217,11 +219,11 @@ async def layer(
     area: AreaFilter = None,
 ) -> Response:
     box = parse_bbox(bbox)
-    areas = area_list(area)
+    areas = principal.area_filter(area_list(area))
     cities, domains = _scope(principal, city, domain)
 
     async def render() -> bytes:
-        if sees_nothing(cities, domains):
+        if sees_nothing(cities, domains, areas):
             return b'{"type":"FeatureCollection","features":[]}'
         _, features = await database.status.layer_features(cities, domains, box, areas)
         return f'{{"type":"FeatureCollection","features":{features}}}'.encode()
@@ -256,18 +258,26 @@ async def summary(
     principal: Viewer,
     city: CityFilter = None,
     area: AreaFilter = None,
+    region: RegionFilter = None,
 ) -> Response:
     cities, domains = _scope(principal, city, None)
-    areas = area_list(area)
+    areas = principal.area_filter(area_list(area))
+    if region is not None:
+        try:
+            in_region = set((await database.regions.get(region)).cities)
+        except NotFoundError as exc:
+            raise HTTPException(400, f"no such region: {region}") from exc
+        cities = sorted(in_region if cities is None else in_region & set(cities))
 
     async def render() -> bytes:
         devices: list[SummaryDevice] = []
         alarms: list[tuple[str, str, str, int]] = []
-        if not sees_nothing(cities, domains):
+        if not sees_nothing(cities, domains, areas):
             devices, alarms = await database.status.summary_inputs(cities, domains, None, areas)
         visible = [d for d in DOMAINS if domains is None or d in domains]
         body = Summary(
             city=city,
+            region=region,
             areas=areas,
             generated_at=datetime.now(UTC),
             domains=domain_summaries(visible, devices, alarms),
@@ -339,7 +349,9 @@ def domain_summaries(
     tags=["state"],
 )
 async def cities(database: Db, principal: Viewer) -> Page[City]:
-    rows = await database.devices.cities(principal.city_filter(None), principal.domain_filter(None))
+    rows = await database.devices.cities(
+        principal.city_filter(None), principal.domain_filter(None), principal.area_filter(None)
+    )
     return Page[City](
         items=[
             City(

@@ -13,7 +13,7 @@ from pydantic import Field
 from api import problems
 from api.auth import Principal, require
 from api.deps import Hub
-from api.params import CityFilter, DomainFilter, comma_list
+from api.params import AreaFilter, CityFilter, DomainFilter, area_list, comma_list
 from api.problems import Problem, ProblemError
 from api.stream.framing import EVENT_STREAM_MEDIA_TYPE, RETRY_MS
 from api.stream.hub import AUDIT_KIND, KINDS, STREAM_KINDS, EventHub, StreamFilter
@@ -64,8 +64,10 @@ An id that is not one of this stream's starts from now. The stream starts with
 `retry: {RETRY_MS}` and, for a new stream, an `id:` without data that gives the starting position.
 Comment lines (`: heartbeat`) keep idle connections open. `types` is a comma-separated list of
 `alarm`, `status`, `state`, `audit` (default `alarm,status,state`); `city` and `domain` narrow the
-stream further. One API process serves a limited number of streams: beyond it, and while the
-process is not connected to Kafka, the answer is 503 with `Retry-After`."""
+stream further, and `area` (area ids) to the alarms of devices lying in one of those areas (the
+other events name no area, so they do not come then). One API process serves a limited number of
+streams: beyond it, and while the process is not connected to Kafka, the answer is 503 with
+`Retry-After`."""
 
 
 def stream_kinds(types: str | None) -> frozenset[str]:
@@ -104,6 +106,7 @@ async def stream(
     principal: Annotated[Principal, require("viewer")],
     city: CityFilter = None,
     domain: DomainFilter = None,
+    area: AreaFilter = None,
     types: Annotated[
         str | None,
         Query(description="comma-separated: alarm, status, state, audit (default alarm,status,state)"),
@@ -128,7 +131,11 @@ async def stream(
     resume = decode_position(last_event_id_header or last_event_id, topic=hub.topic)
     if resume is not None:
         await refuse_stale_resume(hub, resume)
-    subscription, live_from = hub.subscribe(StreamFilter(kinds, city, domain, principal))
+    areas = principal.area_filter(area_list(area))
+    stream_filter = StreamFilter(
+        kinds, city, domain, principal, frozenset(areas) if areas is not None else None
+    )
+    subscription, live_from = hub.subscribe(stream_filter)
     return EventStreamResponse(ClientStream(hub, subscription, live_from, resume))
 
 

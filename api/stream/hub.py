@@ -71,6 +71,8 @@ class ParsedEvent:
     # An audit entry's object's cities and domains (None: every one), instead of one place.
     cities: frozenset[str] | None = None
     domains: frozenset[str] | None = None
+    # The areas an alarm's device lies in (other events name none).
+    areas: frozenset[str] = frozenset()
 
 
 def _scope(value: object) -> frozenset[str] | None:
@@ -101,7 +103,7 @@ def parse_event(value: bytes | None) -> ParsedEvent | None:
     city, domain = data.get("city"), data.get("domain")
     if not isinstance(city, str) or not isinstance(domain, str):
         return None
-    return ParsedEvent(kind, city, domain, line)
+    return ParsedEvent(kind, city, domain, line, areas=_scope(data.get("areas")) or frozenset())
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +114,8 @@ class StreamFilter:
     city: str | None
     domain: str | None
     principal: Principal
+    # Only events naming one of these areas (alarms: of their device), when given.
+    areas: frozenset[str] | None = None
 
     def matches(self, kind: str, city: str, domain: str) -> bool:
         return (
@@ -122,6 +126,8 @@ class StreamFilter:
         )
 
     def admits(self, event: ParsedEvent) -> bool:
+        if self.areas is not None and not self.areas & event.areas:
+            return False
         if event.kind != AUDIT_KIND:
             return self.matches(event.kind, event.city, event.domain)
         # An audit entry: for admins whose scope holds its object's, as `GET /v1/audit` shows it;

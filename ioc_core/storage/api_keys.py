@@ -25,13 +25,15 @@ class ApiKeyStore:
         domains: Sequence[str] | None,
         key_hash: bytes,
         created_by: str,
+        regions: Sequence[str] | None = None,
+        areas: Sequence[str] | None = None,
         within: Transaction | None = None,
     ) -> views.ApiKeyRow:
         """Store a new key; in `within` when given (see `Pool.joined`)."""
         async with self._pool.joined(within) as transaction:
             row = await transaction.connection.fetchrow(
-                "INSERT INTO api_keys (id, name, role, cities, domains, key_hash, created_by)"
-                f" VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {views.API_KEY_COLUMNS}",
+                "INSERT INTO api_keys (id, name, role, cities, domains, key_hash, created_by, regions, areas)"
+                f" VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING {views.API_KEY_COLUMNS}",
                 key_id,
                 name,
                 role,
@@ -39,14 +41,17 @@ class ApiKeyStore:
                 text_list(domains),
                 key_hash,
                 created_by,
+                text_list(regions),
+                text_list(areas),
             )
         assert row is not None
         return views.ApiKeyRow(**dict(row))
 
     async def by_hash(self, key_hash: bytes) -> views.ApiKeyRow | None:
-        """The live (not revoked) key with this digest."""
+        """The live (not revoked) key with this digest, its regions' cities among its `cities`."""
         row = await self._pool.fetchrow(
-            f"SELECT {views.API_KEY_COLUMNS} FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL",
+            f"SELECT {views.EFFECTIVE_KEY_COLUMNS} FROM api_keys k"
+            " WHERE k.key_hash = $1 AND k.revoked_at IS NULL",
             key_hash,
         )
         return views.ApiKeyRow(**dict(row)) if row is not None else None

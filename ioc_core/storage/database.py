@@ -1,8 +1,8 @@
 """The database as the rest of the system sees it: a connection pool started and stopped as a
 component, with one store per aggregate over it (`devices`, `readings`, `status`, `alarms`,
-`outbox`, `api_keys`, `dead_letters`, `webhooks`, `audit`, `areas`), migrations, the processor's unit of
-work (`transaction`, see `batch`), and a plain unit of work that a change and its audit entry
-share (`unit_of_work`)."""
+`outbox`, `api_keys`, `dead_letters`, `webhooks`, `audit`, `areas`, `regions`), migrations, the
+processor's unit of work (`transaction`, see `batch`), and a plain unit of work that a change and
+its audit entry share (`unit_of_work`)."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from ioc_core.storage.devices import DeviceStore
 from ioc_core.storage.outbox import OutboxStore
 from ioc_core.storage.pool import Pool, Transaction
 from ioc_core.storage.readings import ReadingStore
+from ioc_core.storage.regions import RegionStore
 from ioc_core.storage.schema import StorageTier
 from ioc_core.storage.status import StatusStore
 from ioc_core.storage.tiers import COMPRESS_AFTER, DEFAULT_RETENTION
@@ -53,6 +54,7 @@ class Database(Component):
         self.spatial: SpatialEngine | None = None
         self.devices = DeviceStore(self._pool, self._current_spatial)
         self.areas = AreaStore(self._pool, self._current_spatial)
+        self.regions = RegionStore(self._pool)
         self.readings = ReadingStore(self._pool, self._current_tier, seq_window_s)
         self.status = StatusStore(self._pool)
         self.alarms = AlarmStore(self._pool)

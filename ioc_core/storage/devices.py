@@ -200,9 +200,11 @@ class DeviceStore:
         ]
 
     async def cities(
-        self, cities: Sequence[str] | None, domains: Sequence[str] | None
+        self, cities: Sequence[str] | None, domains: Sequence[str] | None, areas: Sequence[str] | None = None
     ) -> list[views.CityRow]:
-        rows = await self._pool.fetch(views.CITIES_SQL, text_list(cities), text_list(domains))
+        rows = await self._pool.fetch(
+            views.CITIES_SQL, text_list(cities), text_list(domains), text_list(areas)
+        )
         return [
             views.CityRow(
                 city=r["city"],

@@ -466,13 +466,14 @@ class ReadingStore:
         metrics: Sequence[str] | None = None,
         bucket: timedelta | None = None,
         chunk_rows: int = 5000,
+        areas: Sequence[str] | None = None,
     ) -> AsyncGenerator[list[tuple[Any, ...]], None]:
         """A domain's readings over [start, end) of the registered devices of `cities` (None:
-        every city), in chunks of at most `chunk_rows` rows: per reading (ts, device_id, each of
-        `metrics`, None where the reading lacks it), or with `bucket`, per device and bucket
-        aligned to the Unix epoch in UTC (bucket, device_id, readings, each metric's avg, min and
-        max); see `tiers.export_sql`. `metrics` default to all of the domain's, in their declared
-        order. Naive datetimes are taken as UTC.
+        every city) lying in one of `areas` (None: anywhere), in chunks of at most `chunk_rows`
+        rows: per reading (ts, device_id, each of `metrics`, None where the reading lacks it), or
+        with `bucket`, per device and bucket aligned to the Unix epoch in UTC (bucket, device_id,
+        readings, each metric's avg, min and max); see `tiers.export_sql`. `metrics` default to
+        all of the domain's, in their declared order. Naive datetimes are taken as UTC.
 
         One pooled connection is held, in one read-only transaction, until the generator ends or
         is closed: the rows come through a server-side cursor, so however many there are, only
@@ -494,12 +495,21 @@ class ReadingStore:
         if start >= end or cities == []:
             return
         tier = await self._tier()
-        sql = export_sql(tier, domain_def, chosen, bucketed=bucket is not None, by_city=cities is not None)
+        sql = export_sql(
+            tier,
+            domain_def,
+            chosen,
+            bucketed=bucket is not None,
+            by_city=cities is not None,
+            by_area=areas is not None,
+        )
         args: list[Any] = [start, end]
         if bucket is not None:
             args.append(bucket)
         if cities is not None:
             args.append(list(cities))
+        if areas is not None:
+            args.append(list(areas))
         try:
             async with (
                 self._pool.guard(),

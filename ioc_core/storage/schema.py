@@ -444,6 +444,31 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         CREATE INDEX devices_by_location ON devices (lat, lon);
         """,
     ),
+    (
+        12,
+        """
+        -- Networks of cities: a region groups cities, so a regional centre sees the chain at a
+        -- glance (GET /v1/summary?region=) and a key may be scoped to a region, following its
+        -- cities as they change. Seeded with the Red River delta's growth triangle.
+        CREATE TABLE regions (
+            id          text PRIMARY KEY,
+            name_vi     text NOT NULL,
+            name_en     text,
+            cities      text[] NOT NULL CHECK (cardinality(cities) > 0),
+            created_at  timestamptz NOT NULL DEFAULT now(),
+            updated_at  timestamptz NOT NULL DEFAULT now()
+        );
+        INSERT INTO regions (id, name_vi, name_en, cities) VALUES (
+            'red-river-delta-triangle', 'Tam giác tăng trưởng Hà Nội – Hải Phòng – Quảng Ninh',
+            'Hà Nội – Hải Phòng – Quảng Ninh growth triangle', ARRAY['ha-noi', 'hai-phong', 'quang-ninh']);
+        ALTER TABLE api_keys ADD COLUMN regions text[];
+        -- A ward office's key: it sees the devices (and their alarms) in these areas only.
+        ALTER TABLE api_keys ADD COLUMN areas text[];
+
+        -- A ward office's endpoint gets the events of its ward's devices only.
+        ALTER TABLE webhook_endpoints ADD COLUMN areas text[];
+        """,
+    ),
 )
 
 

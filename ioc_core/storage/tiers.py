@@ -342,7 +342,13 @@ def series_sql(tier: StorageTier, domain: Domain, metric: Metric, agg: Aggregate
 
 
 def export_sql(
-    tier: StorageTier, domain: Domain, metrics: Sequence[Metric], *, bucketed: bool, by_city: bool
+    tier: StorageTier,
+    domain: Domain,
+    metrics: Sequence[Metric],
+    *,
+    bucketed: bool,
+    by_city: bool,
+    by_area: bool = False,
 ) -> str:
     """A domain's readings over a range, of registered devices only (and, `by_city`, only those of
     some cities), for an export read through a cursor.
@@ -353,12 +359,19 @@ def export_sql(
     the continuous aggregates keep no count of readings.
 
     Parameters: $1 start, $2 end (half-open); bucketed, $3 the bucket (interval); `by_city`, the
-    cities (text[]) last."""
+    cities (text[]); `by_area`, last, the area ids (text[]) one of which a device must lie in."""
     table = ident(domain.table)
     columns = [ident(m.column) for m in metrics]
     where = "r.ts >= $1 AND r.ts < $2"
+    parameter = 4 if bucketed else 3
     if by_city:
-        where += f" AND d.city = ANY(${4 if bucketed else 3}::text[])"
+        where += f" AND d.city = ANY(${parameter}::text[])"
+        parameter += 1
+    if by_area:
+        where += (
+            " AND EXISTS (SELECT 1 FROM device_areas m"
+            f" WHERE m.device_id = d.id AND m.area_id = ANY(${parameter}::text[]))"
+        )
     source = f" FROM {table} r JOIN devices d ON d.id = r.device_id WHERE {where}"
     if not bucketed:
         values = "".join(f", r.{c}" for c in columns)

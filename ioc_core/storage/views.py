@@ -174,12 +174,22 @@ CITIES_SQL = f"""
 SELECT d.city, count(*) AS devices, avg(d.lat) AS lat, avg(d.lon) AS lon,
        min(d.lon) AS min_lon, min(d.lat) AS min_lat, max(d.lon) AS max_lon, max(d.lat) AS max_lat
 FROM devices d
-WHERE {_SCOPE}
+WHERE {_SCOPE} AND {in_areas("$3")}
 GROUP BY d.city
 ORDER BY d.city
 """
 
-API_KEY_COLUMNS = "id, name, role, cities, domains, created_by, created_at, revoked_at"
+API_KEY_COLUMNS = "id, name, role, cities, domains, created_by, created_at, revoked_at, regions, areas"
+
+# A key as authentication sees it: its `cities` are those it names with those of its regions (an
+# empty list when its regions are gone: it then sees nothing, never everything).
+EFFECTIVE_KEY_COLUMNS = """
+    k.id, k.name, k.role, k.domains, k.created_by, k.created_at, k.revoked_at, k.regions, k.areas,
+    CASE WHEN k.regions IS NULL THEN k.cities
+         ELSE ARRAY(SELECT c FROM unnest(k.cities) AS c
+                    UNION SELECT c FROM regions r, unnest(r.cities) AS c WHERE r.id = ANY(k.regions)
+                    ORDER BY 1) END AS cities
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +202,8 @@ class ApiKeyRow:
     created_by: str | None
     created_at: datetime
     revoked_at: datetime | None
+    regions: list[str] | None = None
+    areas: list[str] | None = None
 
 
 @dataclass(frozen=True, slots=True)

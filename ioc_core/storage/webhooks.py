@@ -34,14 +34,15 @@ NOTIFY_CHANNEL = "ioc_webhook_deliveries"
 _ROUTE_SQL = """
 WITH ev AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::integer[], $6::boolean[],
-                         $7::text[], $8::boolean[])
-        AS u (message_id, type, city, domain, severity_rank, escalated, body, opt_in)
+                         $7::text[], $8::boolean[], $9::text[])
+        AS u (message_id, type, city, domain, severity_rank, escalated, body, opt_in, areas)
 ), made AS (
     INSERT INTO webhook_deliveries (endpoint_id, message_id, event_type, body)
     SELECT e.id, ev.message_id, ev.type, ev.body
     FROM ev JOIN webhook_endpoints e ON e.disabled_at IS NULL
         AND (e.cities IS NULL OR ev.city = ANY(e.cities))
         AND (e.domains IS NULL OR ev.domain = ANY(e.domains))
+        AND (e.areas IS NULL OR string_to_array(ev.areas, ',') && e.areas)
         AND (ev.type = ANY(e.types) OR (e.types IS NULL AND NOT ev.opt_in))
         AND (NOT e.escalated_only OR ev.escalated)
         AND (e.min_severity_rank IS NULL
@@ -55,7 +56,7 @@ SELECT count(*) FROM made
 
 _ENDPOINT_COLUMNS = """
     e.id, e.url, e.description, e.cities, e.domains, e.types, e.min_severity, e.escalated_only,
-    e.created_by, e.created_at, e.disabled_at, e.disabled_reason
+    e.created_by, e.created_at, e.disabled_at, e.disabled_reason, e.areas
 """
 
 _DELIVERY_COLUMNS = """
@@ -139,6 +140,7 @@ class EndpointRow:
     created_at: datetime
     disabled_at: datetime | None
     disabled_reason: str | None
+    areas: list[str] | None = None
 
     @property
     def filter(self) -> WebhookFilter:
@@ -149,6 +151,7 @@ class EndpointRow:
                 "types": self.types,
                 "min_severity": self.min_severity,
                 "escalated_only": self.escalated_only,
+                "areas": self.areas,
             }
         )
 
@@ -213,6 +216,8 @@ async def route_deliveries(connection: Any, events: Sequence[RoutedEvent]) -> in
         [e.escalated for e in events],
         [e.body for e in events],
         [e.opt_in for e in events],
+        # Area ids hold no comma (see ioc_core.areas), so a joined list is one text per event.
+        [",".join(e.areas) for e in events],
     )
     if made:
         await connection.execute("SELECT pg_notify($1, '')", NOTIFY_CHANNEL)
@@ -291,8 +296,8 @@ class WebhookStore:
         async with self._connection(within) as connection:
             row = await connection.fetchrow(
                 "INSERT INTO webhook_endpoints AS e (id, url, description, secret, cities, domains, types,"
-                " min_severity, min_severity_rank, escalated_only, created_by)"
-                f" VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING {_ENDPOINT_COLUMNS}",
+                " min_severity, min_severity_rank, escalated_only, created_by, areas)"
+                f" VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) RETURNING {_ENDPOINT_COLUMNS}",
                 endpoint_id,
                 url,
                 description,
@@ -304,6 +309,7 @@ class WebhookStore:
                 severity_rank(f.min_severity) if f.min_severity else None,
                 f.escalated_only,
                 created_by,
+                f.areas,
             )
         assert row is not None
         return _endpoint(row)
@@ -356,6 +362,7 @@ class WebhookStore:
                 " min_severity = CASE WHEN $4 THEN $8 ELSE e.min_severity END,"
                 " min_severity_rank = CASE WHEN $4 THEN $9 ELSE e.min_severity_rank END,"
                 " escalated_only = CASE WHEN $4 THEN $10 ELSE e.escalated_only END,"
+                " areas = CASE WHEN $4 THEN $12 ELSE e.areas END,"
                 " disabled_at = CASE WHEN $11::boolean IS NULL THEN e.disabled_at"
                 "                    WHEN $11 THEN NULL ELSE coalesce(e.disabled_at, now()) END,"
                 " disabled_reason = CASE WHEN $11 IS NULL THEN e.disabled_reason"
@@ -374,6 +381,7 @@ class WebhookStore:
                 severity_rank(f.min_severity) if f and f.min_severity else None,
                 f.escalated_only if f else False,
                 enabled,
+                f.areas if f else None,
             )
         if row is None:
             raise NotFoundError(f"webhook {endpoint_id!r} not found")

@@ -524,3 +524,65 @@ async def test_screens_filter_and_colour_by_area(system: System, admin: httpx.As
     assert all(f["geometry"] is None for f in bare.json()["features"])
     plain = await admin.get("/v1/areas", params={"city": city})
     assert plain.headers.get("etag") and "state" not in plain.json()["features"][0]["properties"]
+
+
+async def test_a_ward_key_sees_its_ward_only(system: System, admin: httpx.AsyncClient) -> None:
+    city = unique("ward-office")[:32]
+    ward_a, ward_b = unique("ward-a"), unique("ward-b")
+    for area_id, base in ((ward_a, WARD_A), (ward_b, WARD_B)):
+        feature = {**base, "id": area_id, "properties": {**base["properties"], "city": city}}
+        assert (await admin.put(f"/v1/areas/{area_id}", json=feature)).status_code == 201
+    places = {"in-a": (106.655, 20.855), "on-border": (106.70, 20.87), "in-b": (106.775, 20.875)}
+    ids = {name: unique(name) for name in places}
+    for name, (lon, lat) in places.items():
+        body = {"id": ids[name], "city": city, "domain": "flood", "location": {"lon": lon, "lat": lat}}
+        assert (await admin.post("/v1/devices", json=body)).status_code == 201
+    connection = await asyncpg.connect(system.database_url)
+    try:
+        alarm_id = await connection.fetchval(
+            "INSERT INTO alarms (subject, device_id, city, domain, rule, severity, started_at, last_seen_at,"
+            " message_vi, message_en) VALUES ($1, $1, $2, 'flood', 'threshold.currentLevel', 'high', now(),"
+            " now(), 'mực nước cao', 'water level high') RETURNING id",
+            ids["in-b"],
+            city,
+        )
+    finally:
+        await connection.close()
+
+    for refused in ({"role": "admin", "areas": [ward_a]}, {"role": "viewer", "areas": ["no-such-area"]}):
+        assert (await admin.post("/v1/api-keys", json=refused)).status_code == 400
+    made = await admin.post(
+        "/v1/api-keys", json={"role": "operator", "name": "UBND phường", "areas": [ward_a]}
+    )
+    assert made.status_code == 201, made.text
+    assert made.json()["areas"] == [ward_a]
+    mine = sorted([ids["in-a"], ids["on-border"]])
+    async with httpx.AsyncClient(
+        base_url=system.api_url, headers={"X-API-Key": made.json()["key"]}, timeout=10
+    ) as ward_office:
+        listed = await ward_office.get("/v1/devices", params={"city": city})
+        assert [d["id"] for d in listed.json()["items"]] == mine
+        assert (await ward_office.get(f"/v1/devices/{ids['in-b']}")).status_code == 404
+        assert (await ward_office.get(f"/v1/devices/{ids['on-border']}")).status_code == 200
+        assert (await ward_office.get("/v1/devices", params={"city": city, "area": ward_b})).json()[
+            "items"
+        ] == []
+        state = await ward_office.get("/v1/state", params={"city": city})
+        assert [i["device_id"] for i in state.json()["items"]] == mine
+        layer = await ward_office.get("/v1/layers/flood", params={"city": city})
+        assert [f["id"] for f in layer.json()["features"]] == mine
+        assert (await ward_office.get("/v1/alarms", params={"city": city})).json()["items"] == []
+        assert (await ward_office.get(f"/v1/alarms/{alarm_id}")).status_code == 404
+        assert (await ward_office.post(f"/v1/alarms/{alarm_id}/ack")).status_code == 404
+        summary = (await ward_office.get("/v1/summary", params={"city": city})).json()
+        assert summary["domains"]["flood"]["devices"]["total"] == 2
+        assert summary["domains"]["flood"]["alarms"]["high"] == 0
+        areas = await ward_office.get("/v1/areas", params={"city": city})
+        assert [f["id"] for f in areas.json()["features"]] == [ward_a]
+        assert (await ward_office.get(f"/v1/areas/{ward_b}")).status_code == 404
+        cities = {c["city"]: c["devices"] for c in (await ward_office.get("/v1/cities")).json()["items"]}
+        assert cities == {city: 2}
+    # The admin, over every area, sees the alarm the ward office does not.
+    assert [a["id"] for a in (await admin.get("/v1/alarms", params={"city": city})).json()["items"]] == [
+        alarm_id
+    ]

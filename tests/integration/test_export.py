@@ -30,6 +30,7 @@ import httpx
 import pyarrow.parquet as pq
 import pytest
 
+from ioc_core.areas import parse_feature
 from ioc_core.domains import DOMAINS
 from ioc_core.errors import IocError, ValidationError
 from ioc_core.models import DeviceIn, Location
@@ -543,3 +544,26 @@ def test_the_day_orders_two_devices_at_one_instant_by_device() -> None:
     first, second = expected_rows(made, [CITY_A])[:2]
     assert first[0] == second[0] == made.start
     assert (first[1], second[1]) == tuple(made.devices[CITY_A][:2])
+
+
+async def test_storage_export_of_an_area(tier_day: TierDay) -> None:
+    """Only the devices lying in the areas asked for; an area is its city's, so the other city's
+    devices at the same place are not in it."""
+    day, db = tier_day.day, tier_day.db
+    around = [[105.79, 20.99], [105.81, 20.99], [105.81, 21.01], [105.79, 21.01], [105.79, 20.99]]
+    await db.areas.put(
+        parse_feature(
+            {
+                "type": "Feature",
+                "id": "export-ward",
+                "geometry": {"type": "Polygon", "coordinates": [around]},
+                "properties": {"name_vi": "Phường xuất dữ liệu", "kind": "ward", "city": CITY_A},
+            }
+        )
+    )
+    rows = [row for chunk in await _export(db, day, cities=None, areas=["export-ward"]) for row in chunk]
+    assert_rows_equal(rows, expected_rows(day, [CITY_A]))
+    width = timedelta(hours=1)
+    buckets = await _export(db, day, cities=[CITY_A, CITY_B], areas=["export-ward"], bucket=width)
+    assert_rows_equal([row for chunk in buckets for row in chunk], expected_buckets(day, [CITY_A], width))
+    assert await _export(db, day, cities=None, areas=["no-such-area"]) == []

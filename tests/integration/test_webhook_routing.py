@@ -23,13 +23,22 @@ CITY = unique("route")[:32]
 OTHER = unique("route-x")[:32]
 
 
-def alarm(severity: str = "critical", *, city: str = CITY, escalated: bool = False) -> Event:
+def alarm(
+    severity: str = "critical", *, city: str = CITY, escalated: bool = False, areas: list[str] | None = None
+) -> Event:
     return Event(
         id=f"5b0f8c7e-4c1b-4b8a-9a57-{unique('e')[-12:]}",
         type="alarm.raised",
         subject="d1",
         time=datetime.now(UTC),
-        data={"id": 7, "city": city, "domain": "flood", "severity": severity, "escalated": escalated},
+        data={
+            "id": 7,
+            "city": city,
+            "domain": "flood",
+            "severity": severity,
+            "escalated": escalated,
+            "areas": areas or [],
+        },
     )
 
 
@@ -133,6 +142,13 @@ async def routes_to(
         ({"types": ["audit.recorded"]}, audit(None), True),
         # No severity: named in `types`, an entry passes a severity filter, as device events do.
         ({"types": ["audit.recorded"], "min_severity": "high"}, audit([CITY]), True),
+        # A ward office's endpoint: alarms of devices in one of its areas, nothing that names none.
+        ({"areas": ["hp.ward.le-chan"]}, alarm(areas=["hp.catchment.tam-bac", "hp.ward.le-chan"]), True),
+        ({"areas": ["hp.ward.le-chan", "hp.ward.an-bien"]}, alarm(areas=["hp.ward.an-bien"]), True),
+        ({"areas": ["hp.ward.le-chan"]}, alarm(areas=["hp.ward.an-bien"]), False),
+        ({"areas": ["hp.ward.le-chan"]}, alarm(), False),
+        ({"areas": ["hp.ward.le-chan"]}, offline(), False),
+        ({}, alarm(areas=["hp.ward.an-bien"]), True),
     ],
 )
 async def test_routing(

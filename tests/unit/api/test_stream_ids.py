@@ -134,6 +134,24 @@ def test_filters_keep_to_the_callers_scope() -> None:
     assert not StreamFilter(all_kinds, "ha-noi", "water", everyone).matches("state", "ha-noi", "flood")
 
 
+def test_an_area_filter_keeps_the_alarms_of_its_devices() -> None:
+    everyone = Principal(name="admin", role="admin")
+    kinds = frozenset({"alarm", "status", "state"})
+    ward = StreamFilter(kinds, None, None, everyone, frozenset({"hp.ward.le-chan"}))
+    in_ward = parse_event(
+        b'{"type": "alarm.raised", "data": {"city": "hai-phong", "domain": "flood",'
+        b' "areas": ["hp.catchment.tam-bac", "hp.ward.le-chan"]}}'
+    )
+    elsewhere = parse_event(
+        b'{"type": "alarm.raised", "data": {"city": "hai-phong", "domain": "flood", "areas": ["hp.ward.x"]}}'
+    )
+    status = parse_event(b'{"type": "device.offline", "data": {"city": "hai-phong", "domain": "flood"}}')
+    assert in_ward is not None and elsewhere is not None and status is not None
+    assert in_ward.areas == {"hp.catchment.tam-bac", "hp.ward.le-chan"}
+    assert ward.admits(in_ward) and not ward.admits(elsewhere) and not ward.admits(status)
+    assert StreamFilter(kinds, None, None, everyone).admits(status)
+
+
 def test_types_parameter() -> None:
     assert stream_kinds(None) == {"alarm", "status", "state"}
     assert stream_kinds("alarm, state") == {"alarm", "state"}
