@@ -1,6 +1,7 @@
-"""The operations page at `/`: one HTML document, plain JavaScript and CSS from `api/static/`, and
-Leaflet vendored under `api/static/vendor/leaflet/`. No build step, and no request leaves the API's
-own origin unless map tiles are configured (`IOC_MAP_TILES_URL`). The API docs at `/docs` are
+"""The operations page at `/`: one HTML document, plain JavaScript and CSS from `api/static/`,
+Leaflet vendored under `api/static/vendor/leaflet/` and uPlot (a device's charts) under
+`api/static/vendor/uplot/`. No build step, and no request leaves the API's own origin unless map
+tiles are configured (`IOC_MAP_TILES_URL`). The API docs at `/docs` are
 Swagger UI vendored the same way (`api/static/vendor/swagger-ui/`), under the same kind of policy,
 so they show on a network without internet too.
 
@@ -25,6 +26,7 @@ from fastapi.staticfiles import StaticFiles
 
 from ioc_core.domains import DOMAINS
 from ioc_core.errors import ConfigurationError
+from ioc_core.rules import LIMIT_KEYS, MetricRules
 from ioc_core.settings import Settings
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -42,9 +44,11 @@ _PAGE = """<!doctype html>
 <title>Trung tâm điều hành / Operations center</title>
 <link rel="icon" href="/static/favicon.svg?v=@VERSION@" type="image/svg+xml">
 <link rel="stylesheet" href="/static/vendor/leaflet/leaflet.css?v=@VERSION@">
+<link rel="stylesheet" href="/static/vendor/uplot/uPlot.min.css?v=@VERSION@">
 <link rel="stylesheet" href="/static/app.css?v=@VERSION@">
 <script type="application/json" id="ioc-config">@CONFIG@</script>
 <script src="/static/vendor/leaflet/leaflet.js?v=@VERSION@" defer></script>
+<script src="/static/vendor/uplot/uPlot.iife.min.js?v=@VERSION@" defer></script>
 <script src="/static/app.js?v=@VERSION@" defer></script>
 </head>
 <body>
@@ -74,14 +78,26 @@ _PAGE = """<!doctype html>
       <h2 id="map-heading" data-i18n="map">Bản đồ thiết bị</h2>
       <div id="layer-toggles" class="layer-toggles" role="group" data-i18n-label="layers"
         aria-label="Lớp bản đồ"></div>
+      <div id="area-toggles" class="layer-toggles area-toggles" role="group"
+        data-i18n-label="area_layers" aria-label="Lớp khu vực" hidden></div>
     </div>
-    <div id="map" class="map" data-testid="map"></div>
+    <div class="map-wrap">
+      <div id="map" class="map" data-testid="map"></div>
+      <aside id="device-panel" class="device-panel" data-testid="device-panel"
+        aria-labelledby="device-panel-title" hidden></aside>
+    </div>
     <ul id="legend" class="legend" data-i18n-label="legend" aria-label="Chú giải"></ul>
   </section>
   <section class="alarms" aria-labelledby="alarms-heading">
     <h2 id="alarms-heading" data-testid="alarms-heading">
       <span data-i18n="alarms">Cảnh báo đang mở</span> <span id="alarm-count" class="count"></span>
     </h2>
+    <div class="alarm-filter">
+      <label for="alarm-area" data-i18n="area_filter">Khu vực</label>
+      <select id="alarm-area" data-testid="alarm-area-filter" disabled>
+        <option value="" data-i18n="all_areas">Tất cả khu vực</option>
+      </select>
+    </div>
     <ol id="alarm-list" class="alarm-list" data-testid="alarm-list" aria-live="polite"
       aria-relevant="additions"></ol>
     <p id="alarms-empty" class="empty" data-i18n="no_alarms" hidden>Không có cảnh báo nào đang mở.</p>
@@ -184,7 +200,8 @@ def _policy(images: list[str]) -> str:
 
 def page_config(settings: Settings) -> dict[str, Any]:
     """What the page needs to know that the API does not tell it: tiles, and the domains' titles,
-    metric labels, units and precision (one source of truth, `ioc_core.domains`)."""
+    metric labels, units, precision and default limits (one source of truth, `ioc_core.domains`;
+    a device's `thresholds` override the limits key by key, a null switching one off)."""
     tiles = (
         {"url": settings.map_tiles_url, "attribution": settings.map_tiles_attribution}
         if settings.map_tiles_url
@@ -203,6 +220,7 @@ def page_config(settings: Settings) -> dict[str, Any]:
                         "label": {"en": metric.label_en, "vi": metric.label_vi},
                         "unit": {"en": metric.unit, "vi": metric.unit_vi or metric.unit},
                         "decimals": metric.decimals,
+                        "limits": _limits(domain.default_rules.get(metric.name)),
                     }
                     for metric in domain.metrics
                 ],
@@ -210,6 +228,13 @@ def page_config(settings: Settings) -> dict[str, Any]:
             for domain in DOMAINS.values()
         ],
     }
+
+
+def _limits(rules: MetricRules | None) -> dict[str, float]:
+    """A metric's default warn and crit limits, as a device's `thresholds` name them."""
+    if rules is None:
+        return {}
+    return {key: value for key in LIMIT_KEYS if (value := getattr(rules, key)) is not None}
 
 
 def script_json(value: Any) -> str:

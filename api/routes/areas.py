@@ -181,7 +181,18 @@ async def _area_states(
                 offline=by_status["offline"],
                 unknown=by_status["unknown"],
             ),
-            domains=domain_summaries(present, [m.device for m in devices], []),
+            domains=domain_summaries(
+                present,
+                [m.device for m in devices],
+                [
+                    (domain, state, severity, n)
+                    for (domain, state, severity), n in Counter(
+                        (m.device.domain, state, severity)
+                        for m in devices
+                        for state, severity in m.alarm_states
+                    ).items()
+                ],
+            ),
         )
     return states
 

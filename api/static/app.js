@@ -1,5 +1,6 @@
-// The operations page: devices on a map, open alarms with acknowledge buttons, per-domain summary
-// tiles, live over the API's event stream. Plain JavaScript, no build step; Leaflet is vendored.
+// The operations page: devices and areas on a map, open alarms with acknowledge buttons and an area
+// filter, per-domain summary tiles, a device's panel with its last day in charts, live over the API's
+// event stream. Plain JavaScript, no build step; Leaflet and uPlot are vendored.
 //
 // The API key comes from the URL fragment (`/#key=...`, never sent to the server), is kept in
 // sessionStorage and sent as `X-API-Key`. EventSource cannot send headers, so the stream is read
@@ -7,7 +8,13 @@
 "use strict";
 
 (() => {
-  const STORE = { key: "ioc.apiKey", lang: "ioc.lang", city: "ioc.city", hidden: "ioc.hiddenDomains" };
+  const STORE = {
+    key: "ioc.apiKey",
+    lang: "ioc.lang",
+    city: "ioc.city",
+    hidden: "ioc.hiddenDomains",
+    hiddenKinds: "ioc.hiddenAreaKinds",
+  };
   const LANGS = ["vi", "en"];
   const SEVERITIES = ["critical", "high", "medium", "low"];
   const RANK = { low: 1, medium: 2, high: 3, critical: 4 };
@@ -17,6 +24,16 @@
   const STREAM_IDLE_MS = 45000; // no byte (not even a heartbeat) for this long: reconnect
   const STREAM_MISSING_MS = 60000; // the API has no stream (404/501): try again this much later
   const ALARM_PAGE = 200;
+  // Areas, bottom to top: the province is the outer outline, wards are filled by their worst open
+  // alarm, and the engineers' areas (catchments, zones) are dashed outlines over them.
+  const AREA_KINDS = ["province", "ward", "catchment", "pressure_zone", "feeder_zone", "custom"];
+  const FILLED_KINDS = new Set(["ward"]);
+  // A device's panel: its last day in 15-minute averages, reloaded while open at most this often.
+  const CHART_HOURS = 24;
+  const CHART_BUCKET_MS = 15 * 60 * 1000;
+  const CHART_BUCKET = "15m";
+  const PANEL_RELOAD_MS = 5 * 60 * 1000;
+  const LIMIT_KEYS = ["crit_above", "warn_above", "warn_below", "crit_below"];
 
   const TEXT = {
     vi: {
@@ -72,6 +89,38 @@
       err_resolved: "Cảnh báo đã được giải quyết trước khi xác nhận.",
       err_generic: "Lỗi {status}: {detail}",
       show_layer: "Hiện/ẩn lớp {domain}",
+      area_layers: "Lớp khu vực",
+      show_area_layer: "Hiện/ẩn lớp {kind}",
+      area_filter: "Khu vực",
+      all_areas: "Tất cả khu vực",
+      kind_province: "Tỉnh/thành phố",
+      kind_ward: "Phường/xã",
+      kind_catchment: "Lưu vực thoát nước",
+      kind_pressure_zone: "Vùng áp lực cấp nước",
+      kind_feeder_zone: "Vùng lộ xuất tuyến",
+      kind_custom: "Khu vực khác",
+      approximate: "ranh giới gần đúng",
+      devices: "Thiết bị",
+      devices_total: "Tổng số",
+      no_devices_here: "Không có thiết bị nào trong khu vực này.",
+      also_here: "Cũng tại đây",
+      filter_here: "Chỉ xem cảnh báo của khu vực này",
+      close: "Đóng",
+      areas: "Khu vực",
+      loading: "Đang tải…",
+      last_day: "24 giờ qua (trung bình 15 phút)",
+      no_readings: "Không có số đo nào trong 24 giờ qua.",
+      series_failed: "Không tải được số liệu: {detail}",
+      device_failed: "Không tải được thiết bị: {detail}",
+      no_open_alarms: "Không có cảnh báo mở.",
+      limits: "Ngưỡng",
+      limit_warn_above: "Cảnh báo trên",
+      limit_crit_above: "Nguy hiểm trên",
+      limit_warn_below: "Cảnh báo dưới",
+      limit_crit_below: "Nguy hiểm dưới",
+      no_limits: "không có",
+      alarm_marks: "▲ Cảnh báo bắt đầu: {list}",
+      time: "Thời gian",
     },
     en: {
       title: "Operations center",
@@ -125,6 +174,38 @@
       err_resolved: "The alarm was resolved before it could be acknowledged.",
       err_generic: "Error {status}: {detail}",
       show_layer: "Show or hide the {domain} layer",
+      area_layers: "Area layers",
+      show_area_layer: "Show or hide the {kind} layer",
+      area_filter: "Area",
+      all_areas: "All areas",
+      kind_province: "Province",
+      kind_ward: "Ward/commune",
+      kind_catchment: "Drainage catchment",
+      kind_pressure_zone: "Water pressure zone",
+      kind_feeder_zone: "Feeder zone",
+      kind_custom: "Other area",
+      approximate: "approximate boundary",
+      devices: "Devices",
+      devices_total: "Total",
+      no_devices_here: "No devices in this area.",
+      also_here: "Also here",
+      filter_here: "Show this area's alarms only",
+      close: "Close",
+      areas: "Areas",
+      loading: "Loading…",
+      last_day: "Last 24 hours (15-minute averages)",
+      no_readings: "No readings in the last 24 hours.",
+      series_failed: "Could not load the readings: {detail}",
+      device_failed: "Could not load the device: {detail}",
+      no_open_alarms: "No open alarms.",
+      limits: "Limits",
+      limit_warn_above: "Warning above",
+      limit_crit_above: "Critical above",
+      limit_warn_below: "Warning below",
+      limit_crit_below: "Critical below",
+      no_limits: "none",
+      alarm_marks: "▲ Alarms started: {list}",
+      time: "Time",
     },
   };
 
@@ -143,8 +224,17 @@
     alarmsMore: false,
     summary: null,
     hidden: new Set(readJson(localStorage.getItem(STORE.hidden), [])),
+    hiddenKinds: new Set(readJson(localStorage.getItem(STORE.hiddenKinds), [])),
     map: null,
     groups: new Map(), // domain -> L.LayerGroup
+    areas: new Map(), // area id -> {id, kind, props, geometry, bbox, state, layer}
+    areaGroups: new Map(), // area kind -> L.GeoJSON
+    areasLoaded: false, // the city's geometries are drawn
+    areasEtag: null, // of the last answer of the areas' state
+    areaPopup: null, // {popup, id, here: [area ids at the clicked point]}; one popup, reused
+    alarmArea: "", // the alarm list's area filter; "" for every area
+    panel: null, // the device panel: {id, token, device, alarms, past, series, from, to, loadedAt, plots}
+    panelToken: 0,
     fitted: false,
     userMoved: false,
     live: false,
@@ -287,13 +377,30 @@
     } catch (error) {
       throw new ApiError(0, { detail: String(error) });
     }
-    if (!response.ok) {
-      const problem = await response.json().catch(() => null);
-      const error = new ApiError(response.status, problem);
-      if (response.status === 401) unauthorized();
-      throw error;
-    }
+    if (!response.ok) throw await failure(response);
     return response.status === 204 ? null : response.json();
+  }
+
+  async function failure(response) {
+    const problem = await response.json().catch(() => null);
+    if (response.status === 401) unauthorized();
+    return new ApiError(response.status, problem);
+  }
+
+  // A polled view asked with the ETag of the last answer: {changed: false} on 304. The browser's
+  // cache stays out of it, so the 304 reaches the page.
+  async function apiIfChanged(path, etag) {
+    const headers = { "X-API-Key": state.key, Accept: "application/geo+json, application/json" };
+    if (etag) headers["If-None-Match"] = etag;
+    let response;
+    try {
+      response = await fetch(path, { headers, cache: "no-store" });
+    } catch (error) {
+      throw new ApiError(0, { detail: String(error) });
+    }
+    if (response.status === 304) return { changed: false, etag, body: null };
+    if (!response.ok) throw await failure(response);
+    return { changed: true, etag: response.headers.get("ETag"), body: await response.json() };
   }
 
   function cityQuery(city) {
@@ -335,12 +442,16 @@
     setConnection($("#connection").dataset.state);
     renderCities();
     renderToggles();
+    renderAreaToggles();
+    renderAreaFilter();
     renderLegend();
     renderSummary();
     renderAlarms(true);
     for (const device of state.devices.values()) {
       if (device.marker.isPopupOpen()) device.marker.getPopup().update();
     }
+    updateAreaPopup();
+    renderPanel();
   }
 
   function setLanguage(lang) {
@@ -464,12 +575,21 @@
     state.retryMs = 1000;
     state.alarms.clear();
     state.alarmsMore = false;
+    state.alarmArea = "";
     state.summary = null;
+    closePanel();
+    closeAreaPopup();
     for (const group of state.groups.values()) group.clearLayers();
     state.devices.clear();
+    for (const group of state.areaGroups.values()) group.clearLayers();
+    state.areas.clear();
+    state.areasLoaded = false;
+    state.areasEtag = null;
     renderAlarms(true);
     renderSummary();
     renderToggles();
+    renderAreaToggles();
+    renderAreaFilter();
     state.fitted = false;
     state.userMoved = false;
     fitCity();
@@ -486,6 +606,8 @@
       refreshCities(generation),
       refreshSummary(generation),
       refreshAlarms(generation),
+      refreshAreas(generation),
+      refreshPanel(generation),
       ...DOMAIN_NAMES.map((d) => refreshLayer(generation, d)),
     ]);
   }
@@ -518,6 +640,8 @@
       for (const thing of things_) {
         if (thing === "summary") refreshSummary(generation);
         else if (thing === "alarms") refreshAlarms(generation);
+        else if (thing === "areas") refreshAreas(generation);
+        else if (thing === "panel-alarms") refreshPanelAlarms(generation);
         else if (thing.startsWith("layer:")) refreshLayer(generation, thing.slice(6));
       }
     }, 250);
@@ -556,10 +680,13 @@
 
   function refreshAlarms(generation) {
     return guarded(generation, async () => {
+      const area = state.alarmArea;
+      const filter = area ? `&area=${encodeURIComponent(area)}` : "";
       const page = await api(
-        `/v1/alarms?state=active,acknowledged&${cityQuery(state.city)}&limit=${ALARM_PAGE}`,
+        `/v1/alarms?state=active,acknowledged&${cityQuery(state.city)}${filter}&limit=${ALARM_PAGE}`,
       );
-      if (generation !== state.generation) return;
+      // A city or filter changed while this was asked: its answer is someone else's.
+      if (generation !== state.generation || area !== state.alarmArea) return;
       state.alarms = new Map((page.items || []).map((a) => [a.id, a]));
       state.alarmsMore = Boolean(page.next);
       renderAlarms(false);
@@ -594,7 +721,7 @@
       }
       renderToggles();
       renderAlarms(false); // "show on map" for district alarms needs the district's devices
-      if (!state.fitted && !cityBounds() && state.devices.size) fitDevices();
+      if (!state.fitted && !viewBounds() && state.devices.size) fitDevices();
     });
   }
 
@@ -619,6 +746,18 @@
       L.tileLayer(CONFIG.tiles.url, { attribution: CONFIG.tiles.attribution || "", maxZoom: 19 }).addTo(map);
       document.getElementById("map").classList.add("with-tiles");
     }
+    // Areas lie under the devices (the overlay pane): filled ones lowest, outlines over them.
+    map.createPane("areaFill");
+    map.createPane("areaLine");
+    for (const kind of AREA_KINDS) {
+      const group = L.geoJSON(null, {
+        pane: FILLED_KINDS.has(kind) ? "areaFill" : "areaLine",
+        style: () => areaStyle(kind),
+        onEachFeature: (feature, layer) => bindArea(feature, layer),
+      });
+      state.areaGroups.set(kind, group);
+      if (!state.hiddenKinds.has(kind)) group.addTo(map);
+    }
     for (const domain of DOMAIN_NAMES) {
       const group = L.layerGroup();
       state.groups.set(domain, group);
@@ -639,7 +778,7 @@
   }
 
   function fitView() {
-    if (cityBounds()) fitCity();
+    if (viewBounds()) fitCity();
     else if (state.devices.size) fitDevices();
   }
 
@@ -654,23 +793,37 @@
     return L.latLngBounds([bbox[1], bbox[0]], [bbox[3], bbox[2]]);
   }
 
+  // The city's devices and its areas: without map tiles the areas are what gives the map its shape.
+  function viewBounds() {
+    let bounds = null;
+    for (const part of [cityBounds(), areaBounds()]) {
+      if (!part || !part.isValid()) continue;
+      if (bounds) bounds.extend(part);
+      else bounds = L.latLngBounds(part.getSouthWest(), part.getNorthEast());
+    }
+    return bounds;
+  }
+
   function fitCity() {
     if (!state.map) return;
-    const bounds = cityBounds();
+    const bounds = viewBounds();
     const info = cityInfo();
+    // Not animated: Leaflet drops a view change asked for while a zoom animation runs, and the
+    // areas, the devices and the layout each ask for one as they arrive.
+    const now = { animate: false };
     if (bounds && bounds.isValid()) {
-      if (bounds.getNorthEast().equals(bounds.getSouthWest())) state.map.setView(bounds.getCenter(), 15);
-      else state.map.fitBounds(bounds, { padding: [24, 24], maxZoom: 16 });
+      if (bounds.getNorthEast().equals(bounds.getSouthWest())) state.map.setView(bounds.getCenter(), 15, now);
+      else state.map.fitBounds(bounds, { padding: [24, 24], maxZoom: 16, ...now });
       state.fitted = true;
     } else if (info && info.center && Number.isFinite(info.center.lat) && Number.isFinite(info.center.lon)) {
-      state.map.setView([info.center.lat, info.center.lon], 12);
+      state.map.setView([info.center.lat, info.center.lon], 12, now);
     }
   }
 
   function fitDevices() {
     const points = [...state.devices.values()].map((d) => d.marker.getLatLng());
     if (!points.length) return;
-    state.map.fitBounds(L.latLngBounds(points), { padding: [24, 24], maxZoom: 15 });
+    state.map.fitBounds(L.latLngBounds(points), { padding: [24, 24], maxZoom: 15, animate: false });
     state.fitted = true;
   }
 
@@ -710,6 +863,8 @@
         className: "device-marker",
       });
       device = { props: { ...props, id }, marker };
+      // The panel first: the map narrows, and the popup then opens (and pans) within what is left.
+      marker.on("click", () => openPanel(id));
       marker.bindPopup(() => popupContent(id), { maxWidth: 360 });
       // Leaflet makes a new element each time the marker is added to the map (a layer toggled back on).
       marker.on("add", () => decorate(state.devices.get(id) || device));
@@ -734,6 +889,7 @@
   function refreshDevice(device) {
     decorate(device);
     if (device.marker.isPopupOpen()) device.marker.getPopup().update();
+    if (state.panel && state.panel.id === device.props.id) renderPanelFacts();
   }
 
   // A state or status event: the marker changes at once; a device the page does not know yet
@@ -795,6 +951,7 @@
     const domain = device.props.domain;
     if (state.hidden.has(domain)) toggleDomain(domain);
     state.userMoved = true;
+    openPanel(id);
     state.map.setView(device.marker.getLatLng(), Math.max(state.map.getZoom(), 15), { animate: false });
     device.marker.openPopup();
   }
@@ -873,6 +1030,350 @@
         el("li", null, el("span", { class: `swatch status-${s}`, "aria-hidden": "true" }), t(`status_${s}`)),
       ),
     );
+  }
+
+  // ------------------------------------------------------------------ areas
+
+  function areaStyle(kind) {
+    // The look is the stylesheet's (.area and its kinds); these are what Leaflet needs to know.
+    const filled = FILLED_KINDS.has(kind);
+    return {
+      className: "area",
+      weight: kind === "province" ? 3 : 2,
+      fill: filled,
+      fillOpacity: filled ? 0.2 : 0,
+      dashArray: filled || kind === "province" ? null : "8 6",
+    };
+  }
+
+  function bindArea(feature, layer) {
+    const id = String(feature.id);
+    const area = state.areas.get(id);
+    if (!area) return;
+    area.layer = layer;
+    // Leaflet makes a new element each time the area is added to the map (a kind toggled back on).
+    layer.on("add", () => decorateArea(state.areas.get(id)));
+    layer.on("click", (event) => openAreaPopup(id, event.latlng));
+  }
+
+  function areaLook(area) {
+    const severity = worstSeverity(area.state && area.state.alarm_severity);
+    return { severity, css: severity ? `sev-${severity}` : "area-neutral" };
+  }
+
+  function decorateArea(area) {
+    const path = area && area.layer && area.layer.getElement();
+    if (!path) return;
+    const look = areaLook(area);
+    const shape = FILLED_KINDS.has(area.kind) ? "area-filled" : "area-outline";
+    path.setAttribute("class", `leaflet-interactive area ${shape} kind-${area.kind} ${look.css}`);
+    path.setAttribute("data-testid", "area");
+    path.setAttribute("data-area-id", area.id);
+    path.setAttribute("data-kind", area.kind);
+    path.setAttribute("data-severity", look.severity || "none");
+  }
+
+  function areaName(area) {
+    const props = area.props;
+    return (state.lang === "en" && props.name_en) || props.name_vi || props.name_en || area.id;
+  }
+
+  function kindLabel(kind) {
+    return TEXT.en[`kind_${kind}`] ? t(`kind_${kind}`) : kind;
+  }
+
+  function areaKind(props) {
+    return AREA_KINDS.includes(props.kind) ? props.kind : "custom";
+  }
+
+  function areaBounds() {
+    let bounds = null;
+    for (const area of state.areas.values()) {
+      const box = area.bbox;
+      if (!Array.isArray(box) || box.length !== 4 || !box.every(Number.isFinite)) continue;
+      const part = L.latLngBounds([box[1], box[0]], [box[3], box[2]]);
+      if (bounds) bounds.extend(part);
+      else bounds = part;
+    }
+    return bounds;
+  }
+
+  // The geometries once per city (and again when the areas themselves change); their state is
+  // polled without them, with the ETag of the last answer: a 304 while nothing changed.
+  async function loadAreas(generation) {
+    let collection;
+    try {
+      collection = await api(`/v1/areas?${cityQuery(state.city)}`);
+    } catch (error) {
+      // An API without areas.
+      if (error.status === 404) collection = { features: [] };
+      else throw error;
+    }
+    if (generation !== state.generation) return false;
+    const previous = state.areas;
+    state.areas = new Map();
+    const byKind = new Map(AREA_KINDS.map((k) => [k, []]));
+    for (const feature of collection.features || []) {
+      const geometry = feature && feature.geometry;
+      if (feature.id === undefined || !geometry || !/^(Multi)?Polygon$/.test(geometry.type)) continue;
+      const id = String(feature.id);
+      const props = feature.properties || {};
+      const kind = areaKind(props);
+      const old = previous.get(id);
+      state.areas.set(id, { id, kind, props, geometry, bbox: feature.bbox, state: old ? old.state : null });
+      byKind.get(kind).push(feature);
+    }
+    for (const [kind, group] of state.areaGroups) {
+      group.clearLayers();
+      const features = byKind.get(kind).sort((a, b) => String(a.id).localeCompare(String(b.id)));
+      if (features.length) group.addData({ type: "FeatureCollection", features });
+    }
+    state.areasLoaded = true;
+    if (state.areaPopup && state.areaPopup.popup.isOpen() && !state.areas.has(state.areaPopup.id)) {
+      closeAreaPopup();
+    }
+    if (state.alarmArea && !state.areas.has(state.alarmArea)) setAlarmArea("");
+    renderAreaToggles();
+    renderAreaFilter();
+    if (!state.userMoved) fitView();
+    return true;
+  }
+
+  function refreshAreas(generation) {
+    return guarded(generation, async () => {
+      if (!state.areasLoaded && !(await loadAreas(generation))) return;
+      let answer;
+      try {
+        answer = await apiIfChanged(
+          `/v1/areas?${cityQuery(state.city)}&with=state&geometry=false`,
+          state.areasEtag,
+        );
+      } catch (error) {
+        if (error.status === 404) return;
+        throw error;
+      }
+      if (generation !== state.generation || !answer.changed) return;
+      const features = (answer.body && answer.body.features) || [];
+      // Areas stored, replaced or removed since the geometries were read: read them again.
+      const redraw =
+        features.length !== state.areas.size ||
+        features.some((f) => {
+          const area = state.areas.get(String(f.id));
+          return !area || area.props.updated_at !== (f.properties || {}).updated_at;
+        });
+      if (redraw && !(await loadAreas(generation))) return;
+      state.areasEtag = answer.etag;
+      for (const feature of features) {
+        const area = state.areas.get(String(feature.id));
+        if (!area) continue;
+        area.state = (feature.properties && feature.properties.state) || null;
+        decorateArea(area);
+      }
+      updateAreaPopup();
+    });
+  }
+
+  // Whether a GeoJSON polygon holds a point (even-odd over its rings, holes included).
+  function ringHolds(ring, x, y) {
+    let inside = false;
+    for (let i = 0, j = ring.length - 1; i < ring.length; j = i, i += 1) {
+      const [xi, yi] = ring[i];
+      const [xj, yj] = ring[j];
+      if (yi > y !== yj > y && x < ((xj - xi) * (y - yi)) / (yj - yi) + xi) inside = !inside;
+    }
+    return inside;
+  }
+
+  function areaHolds(area, latlng) {
+    const geometry = area.geometry;
+    const polygons = geometry.type === "Polygon" ? [geometry.coordinates] : geometry.coordinates;
+    return polygons.some(
+      (rings) =>
+        rings.length > 0 &&
+        ringHolds(rings[0], latlng.lng, latlng.lat) &&
+        !rings.slice(1).some((hole) => ringHolds(hole, latlng.lng, latlng.lat)),
+    );
+  }
+
+  // A click on an area: its summary, and the other areas at that point (a ward's catchment, its
+  // province) a click away, since only the topmost one takes the click.
+  function openAreaPopup(id, latlng) {
+    if (!state.map) return;
+    const here = [...state.areas.values()]
+      .filter((a) => a.id !== id && !state.hiddenKinds.has(a.kind) && areaHolds(a, latlng))
+      .sort((a, b) => AREA_KINDS.indexOf(a.kind) - AREA_KINDS.indexOf(b.kind))
+      .map((a) => a.id);
+    if (!state.areaPopup) state.areaPopup = { popup: L.popup({ maxWidth: 380, className: "area-popup" }) };
+    Object.assign(state.areaPopup, { id, here: [id, ...here] });
+    state.areaPopup.popup
+      .setLatLng(latlng)
+      .setContent(() => areaSummary())
+      .openOn(state.map);
+  }
+
+  function showArea(id) {
+    if (!state.areaPopup || !state.areaPopup.popup.isOpen()) return;
+    state.areaPopup.id = id;
+    state.areaPopup.popup.update();
+  }
+
+  function updateAreaPopup() {
+    if (state.areaPopup && state.areaPopup.popup.isOpen()) state.areaPopup.popup.update();
+  }
+
+  function closeAreaPopup() {
+    if (state.areaPopup) state.areaPopup.popup.close();
+  }
+
+  function areaSummary() {
+    const id = state.areaPopup && state.areaPopup.id;
+    const area = state.areas.get(id);
+    if (!area) return el("div");
+    const props = area.props;
+    const other = state.lang === "en" ? props.name_vi : props.name_en;
+    const sub = [other && other !== areaName(area) ? other : null, kindLabel(area.kind), props.code];
+    if (props.approximate) sub.push(t("approximate"));
+    const summary = el(
+      "div",
+      { class: "popup area-summary", "data-testid": "area-summary", "data-area-id": id, "data-kind": area.kind },
+      el("h3", { text: areaName(area) }),
+      el("p", { class: "popup-sub", text: sub.filter(Boolean).join(" · ") }),
+    );
+    const facts = el("dl", { class: "popup-facts" });
+    const add = (label, value, name) =>
+      facts.append(el("dt", { text: label }), el("dd", { text: value, "data-fact": name }));
+    const s = area.state;
+    const devices = (s && s.devices) || {};
+    add(t("devices_total"), s ? String(devices.total ?? 0) : "…", "total");
+    add(t("status_online"), s ? String(devices.online ?? 0) : "…", "online");
+    add(t("status_offline"), s ? String(devices.offline ?? 0) : "…", "offline");
+    if (devices.unknown) add(t("status_unknown"), String(devices.unknown), "unknown");
+    const severity = s && worstSeverity(s.alarm_severity);
+    add(
+      t("open_alarms"),
+      s ? `${s.open_alarms ?? 0}${severity ? ` · ${t(`sev_${severity}`)}` : ""}` : "…",
+      "alarms",
+    );
+    summary.append(facts);
+    if (s && !devices.total) summary.append(el("p", { class: "empty", text: t("no_devices_here") }));
+    const domains = (s && s.domains) || {};
+    for (const domain of [...DOMAIN_NAMES, ...Object.keys(domains).filter((d) => !DOMAIN_META.has(d))]) {
+      const data = domains[domain];
+      if (!data) continue;
+      const figures = el("dl", { class: "popup-facts", "data-domain": domain });
+      for (const figure of data.figures || []) {
+        const label = (state.lang === "vi" ? figure.label_vi : figure.label_en) || figure.label_en || figure.name;
+        const meta = metricMeta(domain, figure.name);
+        figures.append(
+          el("dt", { text: label }),
+          el("dd", {
+            "data-figure": figure.name,
+            text: formatValue(figure.value, figure.unit ?? "", meta ? meta.decimals : 1),
+          }),
+        );
+      }
+      summary.append(el("h4", { class: "popup-domain", text: domainTitle(domain) }), figures);
+    }
+    const filter = el("button", {
+      type: "button",
+      class: "button subtle",
+      "data-testid": "area-filter-alarms",
+      text: t("filter_here"),
+    });
+    filter.addEventListener("click", () => setAlarmArea(id));
+    summary.append(el("div", { class: "popup-actions" }, filter));
+    const others = (state.areaPopup.here || []).filter((other) => other !== id && state.areas.has(other));
+    if (others.length) {
+      const list = el("ul", { class: "also-here" });
+      for (const otherId of others) {
+        const otherArea = state.areas.get(otherId);
+        const button = el("button", {
+          type: "button",
+          class: "link",
+          "data-area-id": otherId,
+          text: `${areaName(otherArea)} (${kindLabel(otherArea.kind)})`,
+        });
+        button.addEventListener("click", () => showArea(otherId));
+        list.append(el("li", null, button));
+      }
+      summary.append(el("p", { class: "popup-label", text: t("also_here") }), list);
+    }
+    return summary;
+  }
+
+  function toggleAreaKind(kind) {
+    const group = state.areaGroups.get(kind);
+    if (!group || !state.map) return;
+    if (state.hiddenKinds.has(kind)) {
+      state.hiddenKinds.delete(kind);
+      group.addTo(state.map);
+    } else {
+      state.hiddenKinds.add(kind);
+      group.remove();
+      if (state.areaPopup && state.areas.get(state.areaPopup.id)?.kind === kind) closeAreaPopup();
+    }
+    localStorage.setItem(STORE.hiddenKinds, JSON.stringify([...state.hiddenKinds]));
+    renderAreaToggles();
+  }
+
+  // A toggle per kind the city has, each with a swatch of how that kind is drawn.
+  function renderAreaToggles() {
+    const box = $("#area-toggles");
+    const counts = new Map();
+    for (const area of state.areas.values()) counts.set(area.kind, (counts.get(area.kind) || 0) + 1);
+    const kinds = AREA_KINDS.filter((k) => counts.has(k));
+    box.hidden = kinds.length === 0;
+    box.replaceChildren(
+      ...kinds.map((kind) =>
+        el(
+          "button",
+          {
+            type: "button",
+            class: "toggle",
+            "data-testid": "area-toggle",
+            "data-kind": kind,
+            "aria-pressed": String(!state.hiddenKinds.has(kind)),
+            title: t("show_area_layer", { kind: kindLabel(kind) }),
+          },
+          el("span", { class: `area-swatch kind-${kind}`, "aria-hidden": "true" }),
+          el("span", { class: "toggle-label", text: kindLabel(kind) }),
+          el("span", { class: "toggle-count", text: String(counts.get(kind)) }),
+        ),
+      ),
+    );
+  }
+
+  // The alarm list's area filter: every area of the city, by kind.
+  function renderAreaFilter() {
+    const select = $("#alarm-area");
+    const groups = [];
+    for (const kind of AREA_KINDS) {
+      const areas = [...state.areas.values()]
+        .filter((a) => a.kind === kind)
+        .sort((a, b) => areaName(a).localeCompare(areaName(b), locale()));
+      if (!areas.length) continue;
+      groups.push(
+        el(
+          "optgroup",
+          { label: kindLabel(kind) },
+          ...areas.map((a) => el("option", { value: a.id, text: areaName(a) })),
+        ),
+      );
+    }
+    select.replaceChildren(el("option", { value: "", text: t("all_areas") }), ...groups);
+    select.value = state.alarmArea;
+    select.disabled = state.areas.size === 0 && !state.alarmArea;
+  }
+
+  function setAlarmArea(id) {
+    const select = $("#alarm-area");
+    if (select.value !== id) select.value = id;
+    if (id === state.alarmArea) return;
+    state.alarmArea = id;
+    state.alarms.clear();
+    state.alarmsMore = false;
+    renderAlarms(true);
+    refreshAlarms(state.generation);
   }
 
   // ------------------------------------------------------------------ summary tiles
@@ -1066,6 +1567,504 @@
     requestRefresh("alarms", "summary", ...(alarm ? [`layer:${alarm.domain}`] : []));
   }
 
+  // ------------------------------------------------------------------ device panel
+
+  // A click on a device: its status, open alarms and its last day, a chart per metric with its
+  // limits (the domain's, overridden by the device's `thresholds`) and its alarms' start times.
+  function openPanel(id) {
+    const device = state.devices.get(id);
+    if (!device) return;
+    if (state.panel && state.panel.id === id) return;
+    destroyPlots();
+    state.panelToken += 1;
+    state.panel = {
+      id,
+      token: state.panelToken,
+      device: null,
+      error: null,
+      alarms: null,
+      past: [],
+      series: new Map(),
+      from: 0,
+      to: 0,
+      loadedAt: 0,
+      plots: [],
+    };
+    const box = $("#device-panel");
+    box.hidden = false;
+    box.dataset.deviceId = id;
+    renderPanel();
+    if (state.map) {
+      // The map is narrower now: keep the device in sight.
+      state.map.invalidateSize({ pan: false });
+      state.map.panInside(device.marker.getLatLng(), { padding: [48, 48], animate: false });
+    }
+    loadPanel(state.generation);
+  }
+
+  function closePanel() {
+    destroyPlots();
+    state.panel = null;
+    const box = $("#device-panel");
+    if (box.hidden) return;
+    box.hidden = true;
+    box.replaceChildren();
+    delete box.dataset.deviceId;
+    if (state.map) state.map.invalidateSize({ pan: false });
+  }
+
+  function destroyPlots() {
+    if (!state.panel) return;
+    for (const entry of state.panel.plots) entry.plot.destroy();
+    state.panel.plots = [];
+  }
+
+  function panelIsCurrent(generation, token) {
+    return generation === state.generation && state.panel !== null && state.panel.token === token;
+  }
+
+  async function loadPanel(generation) {
+    const panel = state.panel;
+    if (!panel) return;
+    const { id, token } = panel;
+    const known = state.devices.get(id);
+    const domain = known ? known.props.domain : null;
+    const meta = DOMAIN_META.get(domain);
+    const to = Date.now();
+    const from = Math.floor((to - CHART_HOURS * 3600 * 1000) / CHART_BUCKET_MS) * CHART_BUCKET_MS;
+    const path = `/v1/devices/${encodeURIComponent(id)}`;
+    const iso = (ms) => encodeURIComponent(new Date(ms).toISOString());
+    const range = `from=${iso(from)}&to=${iso(to)}&bucket=${CHART_BUCKET}&agg=avg`;
+    const metrics = meta ? meta.metrics.map((m) => m.name) : [];
+    panel.loading = true;
+    const [device, series] = await Promise.all([
+      api(path).then(
+        (body) => ({ body }),
+        (error) => ({ error }),
+      ),
+      Promise.all(
+        metrics.map((metric) =>
+          api(`${path}/series?metric=${encodeURIComponent(metric)}&${range}`).then(
+            (body) => ({ metric, body }),
+            (error) => ({ metric, error }),
+          ),
+        ),
+      ),
+      loadPanelAlarms(generation, token),
+    ]);
+    panel.loading = false;
+    if (!panelIsCurrent(generation, token)) return;
+    if (device.error) {
+      if (device.error.status === 401) return;
+      panel.error = device.error;
+    } else {
+      Object.assign(panel, { device: device.body, error: null });
+    }
+    Object.assign(panel, { from, to, loadedAt: Date.now(), series: new Map(series.map((s) => [s.metric, s])) });
+    renderPanel();
+  }
+
+  async function loadPanelAlarms(generation, token) {
+    const panel = state.panel;
+    if (!panel) return;
+    const base = `/v1/alarms?device_id=${encodeURIComponent(panel.id)}`;
+    try {
+      const [open, past] = await Promise.all([
+        api(`${base}&state=active,acknowledged&limit=50`),
+        // Alarms of the day that are over still mark the charts.
+        api(`${base}&state=resolved&limit=50`).catch(() => ({ items: [] })),
+      ]);
+      if (!panelIsCurrent(generation, token)) return;
+      panel.alarms = open.items || [];
+      panel.past = past.items || [];
+      panel.alarmsError = null;
+    } catch (error) {
+      if (!panelIsCurrent(generation, token)) return;
+      panel.alarmsError = error;
+    }
+    renderPanelAlarms();
+    for (const entry of panel.plots) {
+      entry.plot.redraw(false, false);
+      renderChartNote(entry);
+    }
+  }
+
+  // On each poll: the panel's alarms, and its charts once they are a few minutes old.
+  function refreshPanel(generation) {
+    const panel = state.panel;
+    if (!panel || !panel.loadedAt || panel.loading) return Promise.resolve();
+    if (Date.now() - panel.loadedAt < PANEL_RELOAD_MS) return loadPanelAlarms(generation, panel.token);
+    return loadPanel(generation);
+  }
+
+  function refreshPanelAlarms(generation) {
+    if (state.panel) loadPanelAlarms(generation, state.panel.token);
+  }
+
+  function renderPanel() {
+    const panel = state.panel;
+    const box = $("#device-panel");
+    if (!panel) return;
+    destroyPlots();
+    const close = el("button", {
+      type: "button",
+      class: "button subtle panel-close",
+      "data-testid": "panel-close",
+      "aria-label": t("close"),
+      title: t("close"),
+      text: "×",
+    });
+    close.addEventListener("click", closePanel);
+    box.replaceChildren(
+      el("div", { class: "panel-head" }, el("h3", { id: "device-panel-title" }), close),
+      el("p", { class: "popup-sub panel-sub" }),
+      el("dl", { class: "popup-facts panel-facts", "data-testid": "panel-facts" }),
+      el("h4", { text: t("open_alarms") }),
+      el("div", { class: "panel-alarms", "data-testid": "panel-alarms" }),
+      el("h4", { text: t("last_day") }),
+      el("div", { class: "panel-charts", "data-testid": "panel-charts" }),
+    );
+    renderPanelFacts();
+    renderPanelAlarms();
+    renderPanelCharts();
+  }
+
+  function panelProps() {
+    const panel = state.panel;
+    const known = state.devices.get(panel.id);
+    const device = panel.device || {};
+    return {
+      ...device,
+      ...(known ? known.props : {}),
+      areas: (known && known.props.areas) || device.areas || [],
+      thresholds: device.thresholds || {},
+    };
+  }
+
+  function renderPanelFacts() {
+    const panel = state.panel;
+    const box = $("#device-panel");
+    if (!panel || box.hidden) return;
+    const p = panelProps();
+    box.querySelector("#device-panel-title").textContent = p.name || panel.id;
+    box.querySelector(".panel-sub").textContent = [domainTitle(p.domain), p.name ? panel.id : null]
+      .filter(Boolean)
+      .join(" · ");
+    const facts = box.querySelector(".panel-facts");
+    const look = markerLook(p);
+    const rows = [[t("status"), t(`status_${look.status}`), "status"]];
+    if (p.district) rows.push([t("district"), p.district, "district"]);
+    rows.push([t("last_reading"), formatTime(p.ts || p.last_seen), "last-reading"]);
+    const rank = (id) => (state.areas.has(id) ? AREA_KINDS.indexOf(state.areas.get(id).kind) : AREA_KINDS.length);
+    const areas = [...(p.areas || [])]
+      .sort((a, b) => rank(a) - rank(b))
+      .map((id) => (state.areas.has(id) ? areaName(state.areas.get(id)) : id));
+    if (areas.length) rows.push([t("areas"), areas.join(", "), "areas"]);
+    facts.replaceChildren(
+      ...rows.flatMap(([label, value, name]) => [
+        el("dt", { text: label }),
+        el("dd", { text: value, "data-fact": name }),
+      ]),
+    );
+  }
+
+  function renderPanelAlarms() {
+    const panel = state.panel;
+    const box = $("#device-panel .panel-alarms");
+    if (!panel || !box) return;
+    if (panel.alarmsError) {
+      box.replaceChildren(
+        el("p", { class: "error", text: t("series_failed", { detail: panel.alarmsError.message }) }),
+      );
+      return;
+    }
+    if (panel.alarms === null) {
+      box.replaceChildren(el("p", { class: "empty", text: t("loading") }));
+      return;
+    }
+    if (!panel.alarms.length) {
+      box.replaceChildren(el("p", { class: "empty", text: t("no_open_alarms") }));
+      return;
+    }
+    box.replaceChildren(
+      el(
+        "ul",
+        { class: "panel-alarm-list" },
+        ...[...panel.alarms].sort(alarmOrder).map((alarm) => {
+          const messages = alarm.messages || {};
+          return el(
+            "li",
+            {
+              class: `panel-alarm sev-${alarm.severity}`,
+              "data-testid": "panel-alarm",
+              "data-alarm-id": alarm.id,
+              "data-severity": alarm.severity,
+            },
+            el("span", { class: `badge sev-${alarm.severity}`, text: t(`sev_${alarm.severity}`) }),
+            el("span", { text: messages[state.lang] || alarm.message || alarm.rule }),
+            el("span", {
+              class: "panel-alarm-meta",
+              text: [t("started", { time: formatTime(alarm.started_at) }), t(`state_${alarm.state}`)].join(" · "),
+            }),
+          );
+        }),
+      ),
+    );
+  }
+
+  function renderPanelCharts() {
+    const panel = state.panel;
+    const box = $("#device-panel .panel-charts");
+    if (!panel || !box) return;
+    destroyPlots();
+    if (panel.error) {
+      box.replaceChildren(el("p", { class: "error", text: t("device_failed", { detail: panel.error.message }) }));
+      return;
+    }
+    if (!panel.device || !panel.loadedAt) {
+      box.replaceChildren(el("p", { class: "empty", text: t("loading") }));
+      return;
+    }
+    const domain = panel.device.domain;
+    const meta = DOMAIN_META.get(domain);
+    const names = meta ? meta.metrics.map((m) => m.name) : [...panel.series.keys()];
+    const entries = names.map((name) => chartEntry(domain, name));
+    box.replaceChildren(...entries.map((entry) => entry.figure));
+    for (const entry of entries) drawChart(entry);
+  }
+
+  // A metric's warn and crit limits for this device: the domain's, overridden key by key by the
+  // device's `thresholds` (a null there switches a limit off), as the processor applies them.
+  function metricLimits(domain, name, thresholds) {
+    const meta = metricMeta(domain, name);
+    const limits = { ...((meta && meta.limits) || {}) };
+    const own = thresholds && thresholds[name];
+    if (own && typeof own === "object") {
+      for (const key of LIMIT_KEYS) {
+        if (!(key in own)) continue;
+        if (own[key] === null) delete limits[key];
+        else if (typeof own[key] === "number" && Number.isFinite(own[key])) limits[key] = own[key];
+      }
+    }
+    return LIMIT_KEYS.filter((key) => typeof limits[key] === "number").map((key) => ({
+      key,
+      value: limits[key],
+      critical: key.startsWith("crit"),
+    }));
+  }
+
+  function metricUnit(domain, name) {
+    const meta = metricMeta(domain, name);
+    const unit = meta ? (meta.unit[state.lang] ?? meta.unit.en) : "";
+    return unit === "fraction" ? "%" : unit;
+  }
+
+  function chartEntry(domain, name) {
+    const panel = state.panel;
+    const limits = metricLimits(domain, name, panel.device.thresholds);
+    const unit = metricUnit(domain, name);
+    const figure = el(
+      "figure",
+      { class: "chart", "data-testid": "device-chart", "data-metric": name, "data-limits": limits.length },
+      el("figcaption", null, el("strong", { text: metricLabel(domain, name) }), unit ? ` (${unit})` : ""),
+    );
+    const plotBox = el("div", { class: "chart-plot" });
+    const note = el("p", { class: "chart-note" });
+    figure.append(plotBox, note);
+    return { figure, plotBox, note, domain, name, limits, series: panel.series.get(name) || null, plot: null };
+  }
+
+  function renderChartNote(entry) {
+    const lines = [];
+    const limits = entry.limits.map(
+      (l) => `${t(`limit_${l.key}`)} ${formatMetric(entry.domain, entry.name, l.value)}`,
+    );
+    lines.push(`${t("limits")}: ${limits.length ? limits.join(" · ") : t("no_limits")}`);
+    const series = entry.series;
+    if (series && series.error) lines.push(t("series_failed", { detail: series.error.message }));
+    else if (!series || !(series.body.items || []).length) lines.push(t("no_readings"));
+    const marks = alarmMarks(entry.name);
+    if (marks.length) {
+      const list = marks.map((m) => `${formatTime(m.t * 1000)} ${t(`sev_${m.severity}`)}`).join(", ");
+      lines.push(t("alarm_marks", { list }));
+    }
+    entry.figure.dataset.alarmMarks = String(marks.length);
+    entry.note.replaceChildren(...lines.map((line) => el("span", { text: line })));
+  }
+
+  // The device's alarms (open ones, and those of the day that are over) on this metric, or on the
+  // device as a whole (offline, say).
+  function alarmMarks(metric) {
+    const panel = state.panel;
+    if (!panel || !panel.loadedAt) return [];
+    const from = panel.from / 1000;
+    const to = panel.to / 1000;
+    const alarms = [
+      ...(panel.alarms || []).map((alarm) => ({ alarm, open: true })),
+      ...(panel.past || []).map((alarm) => ({ alarm, open: false })),
+    ];
+    return alarms
+      .filter(({ alarm }) => {
+        const metrics = [alarm.metric, ...(alarm.reasons || []).map((r) => String(r.rule).split(".").pop())];
+        return !alarm.metric || metrics.includes(metric);
+      })
+      .map(({ alarm, open }) => ({ t: Date.parse(alarm.started_at) / 1000, severity: alarm.severity, open }))
+      .filter((mark) => Number.isFinite(mark.t) && mark.t >= from && mark.t <= to)
+      .sort((a, b) => a.t - b.t);
+  }
+
+  function palette() {
+    const css = getComputedStyle(document.documentElement);
+    const value = (name) => css.getPropertyValue(name).trim();
+    return {
+      accent: value("--accent"),
+      text: value("--text"),
+      muted: value("--muted"),
+      line: value("--line"),
+      critical: value("--critical"),
+      high: value("--high"),
+      medium: value("--medium"),
+      low: value("--low"),
+    };
+  }
+
+  function paddedRange(min, max) {
+    if (!Number.isFinite(min) || !Number.isFinite(max)) return [0, 1];
+    const pad = min === max ? Math.abs(min) * 0.1 || 1 : (max - min) * 0.08;
+    return [min - pad, max + pad];
+  }
+
+  function axisValue(domain, name, value) {
+    const meta = metricMeta(domain, name);
+    if (meta && meta.unit.en === "fraction") {
+      return new Intl.NumberFormat(locale(), { style: "percent", maximumFractionDigits: 0 }).format(value);
+    }
+    return new Intl.NumberFormat(locale(), { maximumFractionDigits: meta ? meta.decimals : 2 }).format(value);
+  }
+
+  // A time axis in the city's time, 24-hour: the hour, or the date at midnight.
+  function axisTime(seconds) {
+    const parts = {};
+    const format = new Intl.DateTimeFormat("en-GB", {
+      timeZone: CONFIG.timeZone,
+      day: "2-digit",
+      month: "2-digit",
+      hour: "2-digit",
+      minute: "2-digit",
+      hourCycle: "h23",
+    });
+    for (const part of format.formatToParts(new Date(seconds * 1000))) parts[part.type] = part.value;
+    return parts.hour === "00" && parts.minute === "00"
+      ? `${parts.day}/${parts.month}`
+      : `${parts.hour}:${parts.minute}`;
+  }
+
+  function drawChart(entry) {
+    const panel = state.panel;
+    renderChartNote(entry);
+    if (typeof uPlot === "undefined") return;
+    const step = CHART_BUCKET_MS / 1000;
+    const from = panel.from / 1000;
+    const to = panel.to / 1000;
+    // One slot per bucket of the day: a bucket without readings is a gap in the line.
+    const xs = [];
+    for (let x = from; x < to; x += step) xs.push(x);
+    const ys = xs.map(() => null);
+    const items = (entry.series && entry.series.body && entry.series.body.items) || [];
+    for (const item of items) {
+      const index = Math.floor((Date.parse(item.t) / 1000 - from) / step);
+      if (index >= 0 && index < xs.length && typeof item.value === "number") ys[index] = item.value;
+    }
+    // A bucket between two gaps is a point, or it would not show at all.
+    const lone = ys
+      .map((v, i) => (v !== null && ys[i - 1] == null && ys[i + 1] == null ? i : -1))
+      .filter((i) => i >= 0);
+    const colors = palette();
+    const { domain, name } = entry;
+    const format = (u, v) => (v === null || v === undefined ? "—" : formatMetric(domain, name, v));
+    const axis = {
+      stroke: colors.muted,
+      grid: { stroke: colors.line, width: 1 },
+      ticks: { stroke: colors.line, width: 1 },
+    };
+    const options = {
+      width: Math.max(240, entry.plotBox.clientWidth),
+      height: 170,
+      tzDate: CONFIG.timeZone ? (ts) => uPlot.tzDate(new Date(ts * 1000), CONFIG.timeZone) : undefined,
+      scales: {
+        x: { time: true, range: () => [from, to] },
+        y: { range: (u, min, max) => paddedRange(min, max) },
+      },
+      series: [
+        { label: t("time"), value: (u, v) => (v === null || v === undefined ? "—" : formatTime(v * 1000)) },
+        {
+          label: metricLabel(domain, name),
+          stroke: colors.accent,
+          width: 2,
+          spanGaps: false,
+          value: format,
+          points: { size: 6, filter: (u, seriesIndex, show) => (show ? null : lone) },
+        },
+        ...entry.limits.map((limit) => ({
+          label: t(`limit_${limit.key}`),
+          stroke: limit.critical ? colors.critical : colors.medium,
+          width: 1.5,
+          dash: [6, 4],
+          points: { show: false },
+          value: format,
+        })),
+      ],
+      axes: [
+        { ...axis, values: (u, splits) => splits.map(axisTime) },
+        { ...axis, size: 60, values: (u, splits) => splits.map((v) => axisValue(domain, name, v)) },
+      ],
+      legend: { live: true },
+      hooks: { draw: [(u) => drawAlarmMarks(u, name)] },
+    };
+    const data = [xs, ys, ...entry.limits.map((limit) => xs.map(() => limit.value))];
+    entry.plot = new uPlot(options, data, entry.plotBox);
+    panel.plots.push(entry);
+  }
+
+  function drawAlarmMarks(u, metric) {
+    const marks = alarmMarks(metric);
+    if (!marks.length) return;
+    const colors = palette();
+    const ratio = window.devicePixelRatio || 1;
+    const { ctx } = u;
+    const { left, top, width, height } = u.bbox;
+    ctx.save();
+    ctx.setLineDash([]);
+    ctx.lineWidth = 1.5 * ratio;
+    for (const mark of marks) {
+      const x = Math.round(u.valToPos(mark.t, "x", true));
+      if (x < left || x > left + width) continue;
+      const color = colors[mark.severity] || colors.muted;
+      ctx.globalAlpha = mark.open ? 1 : 0.5;
+      ctx.strokeStyle = color;
+      ctx.fillStyle = color;
+      ctx.beginPath();
+      ctx.moveTo(x, top);
+      ctx.lineTo(x, top + height);
+      ctx.stroke();
+      ctx.beginPath();
+      ctx.moveTo(x - 5 * ratio, top);
+      ctx.lineTo(x + 5 * ratio, top);
+      ctx.lineTo(x, top + 8 * ratio);
+      ctx.closePath();
+      ctx.fill();
+    }
+    ctx.restore();
+  }
+
+  function resizePlots() {
+    if (!state.panel) return;
+    for (const entry of state.panel.plots) {
+      const width = Math.max(240, entry.plotBox.clientWidth);
+      if (width !== entry.plot.width) entry.plot.setSize({ width, height: entry.plot.height });
+    }
+  }
+
   // ------------------------------------------------------------------ the event stream
 
   async function runStream(generation) {
@@ -1206,14 +2205,22 @@
       }
     } else if (event.type === "status") {
       if (data.device_id) updateDevice(String(data.device_id), { status: data.status }, data.domain);
-      requestRefresh("summary");
+      requestRefresh("summary", "areas");
     } else if (event.type === "alarm") {
       if (data.id !== undefined && data.state) {
-        if (data.state === "resolved") state.alarms.delete(data.id);
+        const outside = state.alarmArea && !(data.areas || []).includes(state.alarmArea);
+        if (data.state === "resolved" || outside) state.alarms.delete(data.id);
         else state.alarms.set(data.id, data);
         renderAlarms(false);
       }
-      requestRefresh("alarms", "summary", ...(data.domain ? [`layer:${data.domain}`] : []));
+      const panel = state.panel && data.device_id && String(data.device_id) === state.panel.id;
+      requestRefresh(
+        "alarms",
+        "summary",
+        "areas",
+        ...(data.domain ? [`layer:${data.domain}`] : []),
+        ...(panel ? ["panel-alarms"] : []),
+      );
     }
   }
 
@@ -1241,6 +2248,15 @@
       const button = event.target.closest("button[data-domain]");
       if (button) toggleDomain(button.dataset.domain);
     });
+    $("#area-toggles").addEventListener("click", (event) => {
+      const button = event.target.closest("button[data-kind]");
+      if (button) toggleAreaKind(button.dataset.kind);
+    });
+    $("#alarm-area").addEventListener("change", (event) => setAlarmArea(event.target.value));
+    document.addEventListener("keydown", (event) => {
+      if (event.key === "Escape" && state.panel) closePanel();
+    });
+    new ResizeObserver(() => resizePlots()).observe($("#device-panel"));
     $("#alarm-list").addEventListener("click", (event) => {
       const button = event.target.closest("button[data-action]");
       if (!button || button.disabled) return;

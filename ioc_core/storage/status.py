@@ -351,6 +351,7 @@ class StatusStore:
                 worst=r["worst"],
                 alarms=r["alarms"],
                 areas=r["areas"],
+                alarm_states=[(item.split("|", 1)[0], item.split("|", 1)[1]) for item in r["alarm_states"]],
             )
             for r in rows
         ]

@@ -7,7 +7,7 @@ back instead of ten thousand records to convert.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from ioc_core.alarms import Alarm
@@ -149,6 +149,8 @@ SELECT d.id, d.domain, coalesce(s.status, 'unknown') AS status, coalesce(s.metri
        coalesce((SELECT array_agg(r.rule || '|' || coalesce(x.metric, ''))
                  FROM alarms x, jsonb_object_keys(x.reasons || jsonb_build_object(x.rule, true)) AS r (rule)
                  WHERE x.device_id = d.id AND x.state <> 'resolved'), '{{}}') AS open_alarms,
+       coalesce((SELECT array_agg(x.state || '|' || x.severity) FROM alarms x
+                 WHERE x.device_id = d.id AND x.state <> 'resolved'), '{{}}') AS alarm_states,
        m.areas
 FROM (SELECT device_id, array_agg(area_id ORDER BY area_id) AS areas
       FROM device_areas WHERE area_id = ANY($3::text[]) GROUP BY device_id) m
@@ -235,6 +237,8 @@ class AreaDevice:
     worst: str | None
     alarms: int
     areas: list[str]
+    # (state, severity) of each of its open alarms.
+    alarm_states: list[tuple[str, str]] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)

@@ -492,6 +492,8 @@ async def test_screens_filter_and_colour_by_area(system: System, admin: httpx.As
     assert states[ward_a]["devices"] == {"total": 2, "online": 0, "offline": 0, "unknown": 2}
     assert list(states[ward_a]["domains"]) == ["flood"]
     assert states[ward_a]["domains"]["flood"]["devices"]["total"] == 2
+    assert states[ward_a]["domains"]["flood"]["alarms"]["critical"] == 1
+    assert states[ward_b]["domains"]["flood"]["alarms"]["critical"] == 0
     assert states[ward_b]["alarm_severity"] is None and states[ward_b]["open_alarms"] == 0
     assert states[ward_b]["devices"]["total"] == 1
     assert all(f["geometry"]["type"] == "MultiPolygon" for f in answer.json()["features"])
