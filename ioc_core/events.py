@@ -68,7 +68,15 @@ class Event:
 
 
 def device_status_event(
-    *, device_id: str, city: str, domain: str, status: str, previous: str, cause: str, at: datetime
+    *,
+    device_id: str,
+    city: str,
+    domain: str,
+    status: str,
+    previous: str,
+    cause: str,
+    at: datetime,
+    areas: list[str] | None = None,
 ) -> Event:
     return Event(
         id=str(uuid.uuid4()),
@@ -82,6 +90,7 @@ def device_status_event(
             "status": status,
             "previous": previous,
             "cause": cause,
+            "areas": areas or [],
         },
     )
 

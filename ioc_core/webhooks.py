@@ -148,8 +148,8 @@ class WebhookFilter(BaseModel):
         default=None,
         min_length=1,
         max_length=100,
-        description="only events about devices in one of these areas (`/v1/areas`): a ward office's"
-        " endpoint; events that name no area (device status, audit) then do not come",
+        description="only the alarms and status changes of devices in one of these areas"
+        " (`/v1/areas`): a ward office's endpoint; events that name no area (audit) then do not come",
     )
 
     @field_validator("types")

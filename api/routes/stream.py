@@ -64,10 +64,10 @@ An id that is not one of this stream's starts from now. The stream starts with
 `retry: {RETRY_MS}` and, for a new stream, an `id:` without data that gives the starting position.
 Comment lines (`: heartbeat`) keep idle connections open. `types` is a comma-separated list of
 `alarm`, `status`, `state`, `audit` (default `alarm,status,state`); `city` and `domain` narrow the
-stream further, and `area` (area ids) to the alarms of devices lying in one of those areas (the
-other events name no area, so they do not come then). One API process serves a limited number of
-streams: beyond it, and while the process is not connected to Kafka, the answer is 503 with
-`Retry-After`."""
+stream further, and `area` (area ids) to the alarms and status changes of devices lying in one of
+those areas (state snapshots name no area, so they do not come then). One API process serves a
+limited number of streams: beyond it, and while the process is not connected to Kafka, the answer
+is 503 with `Retry-After`."""
 
 
 def stream_kinds(types: str | None) -> frozenset[str]:

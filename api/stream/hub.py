@@ -71,7 +71,7 @@ class ParsedEvent:
     # An audit entry's object's cities and domains (None: every one), instead of one place.
     cities: frozenset[str] | None = None
     domains: frozenset[str] | None = None
-    # The areas an alarm's device lies in (other events name none).
+    # The areas the device of an alarm or status change lies in (other events name none).
     areas: frozenset[str] = frozenset()
 
 

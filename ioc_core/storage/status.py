@@ -63,7 +63,9 @@ FROM (
 WHERE s.device_id = x.device_id
   AND s.status <> x.status
   AND (s.status_changed_at IS NULL OR s.status_changed_at <= x.at)
-RETURNING x.device_id, x.city, x.domain, x.name, x.district, x.status, x.previous, x.cause, x.at
+RETURNING x.device_id, x.city, x.domain, x.name, x.district, x.status, x.previous, x.cause, x.at,
+          coalesce((SELECT array_agg(m.area_id ORDER BY m.area_id) FROM device_areas m
+                    WHERE m.device_id = x.device_id), '{}') AS areas
 """
 
 _SWEEP_SILENT_SQL = f"""
@@ -85,7 +87,9 @@ SET status = 'offline', status_changed_at = now(), updated_at = now()
 FROM silent
 WHERE s.device_id = silent.device_id
 RETURNING s.device_id, silent.city, silent.domain, silent.name, silent.district, s.status,
-          'online' AS previous, '{CAUSE_INACTIVITY}' AS cause, s.status_changed_at AS at
+          'online' AS previous, '{CAUSE_INACTIVITY}' AS cause, s.status_changed_at AS at,
+          coalesce((SELECT array_agg(m.area_id ORDER BY m.area_id) FROM device_areas m
+                    WHERE m.device_id = s.device_id), '{{}}') AS areas
 """
 
 
@@ -102,6 +106,8 @@ class StatusTransition:
     previous: str
     cause: str
     at: datetime
+    # The areas the device lies in, so that its status events reach area-limited streams and hooks.
+    areas: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -159,6 +165,7 @@ def _transition_of(row: asyncpg.Record) -> StatusTransition:
         previous=row["previous"],
         cause=row["cause"],
         at=row["at"],
+        areas=tuple(row["areas"]),
     )
 
 
@@ -171,6 +178,7 @@ def status_event(transition: StatusTransition) -> Event:
         previous=transition.previous,
         cause=transition.cause,
         at=transition.at,
+        areas=list(transition.areas),
     )
 
 

@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +29,11 @@ import pytest
 from ioc_core.areas import AreaIn, parse_collection, parse_feature
 from ioc_core.errors import ValidationError
 from ioc_core.models import DeviceIn, Location
-from ioc_core.storage import Database
+from ioc_core.storage import Database, TelemetryBatch
 from ioc_core.storage.areas import SpatialEngine
+from ioc_core.storage.status import status_event
 from ioc_core.storage.views import BUMP_STATE_VERSIONS_SQL
+from ioc_core.telemetry import Reading
 from tests.integration.conftest import PLAIN_POSTGRES_URL, POSTGRES_URL, System, scratch_database
 from tests.integration.harness import unique
 
@@ -202,6 +205,26 @@ async def test_a_bad_parent_stores_nothing(database: Database) -> None:
     assert (await database.areas.get("ward-c")).parent == "hai-phong"
     await database.areas.delete("hai-phong")
     assert (await database.areas.get("ward-c")).parent is None
+
+
+async def test_status_changes_name_the_devices_areas(database: Database) -> None:
+    """A device's status events carry its areas, so area-limited streams and webhooks get them."""
+    await database.areas.put_many(_areas(AREAS))
+    await database.devices.insert(_device("on-border", 106.70, 20.87))
+    now = datetime.now(UTC)
+    reading = Reading(
+        device_id="on-border",
+        city=CITY,
+        domain="flood",
+        ts=now,
+        seq=1,
+        metrics={"currentLevel": 1.2},
+        received_at=now,
+    )
+    result = await database.write_batch(TelemetryBatch(records=[(reading, 0)]))
+    assert [(t.status, t.areas) for t in result.transitions] == [("online", ("ward-a", "ward-b"))]
+    events = [status_event(t) for t in result.transitions]
+    assert events[0].data["areas"] == ["ward-a", "ward-b"]
 
 
 async def test_postgis_coming_later_keeps_every_answer() -> None:

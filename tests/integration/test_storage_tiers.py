@@ -38,6 +38,7 @@ from ioc_core.storage.tiers import (
 )
 from ioc_core.telemetry import Reading
 from tests.integration.conftest import TIER_SERVERS, scratch_database
+from tests.integration.harness import services
 
 SERVERS = TIER_SERVERS
 NO_COMMUNITY_SERVER = (
@@ -724,6 +725,61 @@ async def test_an_apache_tier_database_gains_the_community_objects_in_place(
             assert await connection.fetchval(f"SELECT sum(flow_count) FROM {view}") == len(readings)
         finally:
             await connection.close()
+
+
+async def _set_apache_server_licence(licence: str | None) -> None:
+    """Restart the Apache-licence server of `make services` with `licence` (None: its own
+    settings' licence, 'apache'): `ALTER SYSTEM` outranks the file `services.sh` writes."""
+    admin = await asyncpg.connect(f"{SERVERS[StorageTier.APACHE]}/postgres")
+    try:
+        if licence is None:
+            await admin.execute("ALTER SYSTEM RESET timescaledb.license")
+        else:
+            await admin.execute(f"ALTER SYSTEM SET timescaledb.license = '{licence}'")
+    finally:
+        await admin.close()
+    await asyncio.to_thread(services, "stop", "apache")
+    await asyncio.to_thread(services, "up")
+
+
+async def test_a_server_that_gains_the_licence_upgrades_its_databases_in_place() -> None:
+    """The Apache-licence server restarted with the community licence, as a deployment moves to
+    Timescale's image: `migrate` gives a database made on the Apache tier its aggregates over the
+    readings it already holds, compression and policies, and a second `migrate` changes nothing.
+    The server gets its own licence back at the end."""
+    async with scratch_database(SERVERS[StorageTier.COMMUNITY]) as probe_url, Database(probe_url) as probe:
+        await probe.pool.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
+        if await probe.detect_tier() is not StorageTier.COMMUNITY:
+            pytest.skip(NO_COMMUNITY_SERVER)
+    async with scratch_database(SERVERS[StorageTier.APACHE]) as url:
+        async with Database(url) as db:
+            assert await db.migrate() is StorageTier.APACHE
+            here = Location(lat=21.0, lon=105.8)
+            await db.devices.insert_many(
+                [DeviceIn(id=d, city=CITY, domain=DOMAIN.name, location=here) for d in DEVICES]
+            )
+            readings = _readings(
+                floor_to(datetime.now(UTC) - timedelta(days=3), timedelta(days=1)), 100, seed=5
+            )
+            await db.write_batch(TelemetryBatch(records=[(r, 0) for r in readings]))
+        try:
+            await _set_apache_server_licence("timescale")
+            for _ in range(2):
+                async with Database(url) as upgraded:
+                    assert await upgraded.migrate() is StorageTier.COMMUNITY
+            connection = await asyncpg.connect(url)
+            try:
+                await _check_community_objects(connection)
+                await _pause_policies(url)
+                view = ROLLUPS[0].view(DOMAIN)
+                await _run_policy(connection, view, "policy_refresh_continuous_aggregate")
+                assert await connection.fetchval(f"SELECT sum(flow_count) FROM {view}") == len(readings)
+            finally:
+                await connection.close()
+        finally:
+            await _set_apache_server_licence(None)
+        async with Database(url) as back:
+            assert await back.detect_tier() is StorageTier.APACHE
 
 
 async def test_migrate_brings_timescaledb_up_to_the_installed_version() -> None:

@@ -42,13 +42,13 @@ def alarm(
     )
 
 
-def offline() -> Event:
+def offline(areas: list[str] | None = None) -> Event:
     return Event(
         id=f"0d8f1f52-1111-4e1e-9b1e-{unique('e')[-12:]}",
         type="device.offline",
         subject="d1",
         time=datetime.now(UTC),
-        data={"device_id": "d1", "city": CITY, "domain": "flood", "status": "offline"},
+        data={"device_id": "d1", "city": CITY, "domain": "flood", "status": "offline", "areas": areas or []},
     )
 
 
@@ -148,6 +148,7 @@ async def routes_to(
         ({"areas": ["hp.ward.le-chan"]}, alarm(areas=["hp.ward.an-bien"]), False),
         ({"areas": ["hp.ward.le-chan"]}, alarm(), False),
         ({"areas": ["hp.ward.le-chan"]}, offline(), False),
+        ({"areas": ["hp.ward.le-chan"]}, offline(["hp.ward.le-chan"]), True),
         ({}, alarm(areas=["hp.ward.an-bien"]), True),
     ],
 )

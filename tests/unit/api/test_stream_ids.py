@@ -150,6 +150,11 @@ def test_an_area_filter_keeps_the_alarms_of_its_devices() -> None:
     assert in_ward.areas == {"hp.catchment.tam-bac", "hp.ward.le-chan"}
     assert ward.admits(in_ward) and not ward.admits(elsewhere) and not ward.admits(status)
     assert StreamFilter(kinds, None, None, everyone).admits(status)
+    offline_here = parse_event(
+        b'{"type": "device.offline", "data": {"city": "hai-phong", "domain": "flood",'
+        b' "areas": ["hp.ward.le-chan"]}}'
+    )
+    assert offline_here is not None and ward.admits(offline_here)
 
 
 def test_types_parameter() -> None:
