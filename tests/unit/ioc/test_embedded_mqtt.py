@@ -519,6 +519,13 @@ def test_a_lone_shared_member_gets_its_unacknowledged_messages_again_on_return(b
         publisher.publish("alone/x", f"taken-{i}".encode())
     first.wait_for_messages(5)
     first.kill()  # none acknowledged
+    # Only once the broker has seen the connection go do the next messages wait for the member's
+    # return; published before that, they would be in flight to it and come back as duplicates.
+    wait_for(
+        lambda: broker.call(lambda: broker.broker.sessions[client_id].connection is None),
+        10,
+        "the broker to see the member gone",
+    )
     for i in range(3):
         publisher.publish("alone/x", f"waiting-{i}".encode())
     back = member().connect()
