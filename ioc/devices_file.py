@@ -14,21 +14,31 @@ from ioc_core.models import DeviceIn
 MAX_FILE_BYTES = 50 * 1024 * 1024
 
 
-class DeviceFileError(IocError):
+class ImportFileError(IocError):
     """The file cannot be imported as a whole (not GeoJSON, too large, unreadable)."""
+
+
+# The same failure, by the name each import says it under.
+DeviceFileError = AreaFileError = ImportFileError
+
+
+def read_json(path: Path, *, max_bytes: int) -> Any:
+    """A JSON file a stranger made (devices' or areas'): an `ImportFileError` naming the file when
+    it is unreadable, too large or not JSON."""
+    try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise ImportFileError(f"{path}: {size} bytes, limit {max_bytes}")
+        return json.loads(path.read_bytes())
+    except OSError as exc:
+        raise ImportFileError(f"{path}: cannot read: {exc.strerror}") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise ImportFileError(f"{path}: not JSON: {exc}") from exc
 
 
 def read_devices(path: Path) -> tuple[list[DeviceIn], list[str]]:
     """The valid devices of the file, and one message per feature that is not."""
-    try:
-        size = path.stat().st_size
-        if size > MAX_FILE_BYTES:
-            raise DeviceFileError(f"{path}: {size} bytes, limit {MAX_FILE_BYTES}")
-        document = json.loads(path.read_bytes())
-    except OSError as exc:
-        raise DeviceFileError(f"{path}: cannot read: {exc.strerror}") from exc
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise DeviceFileError(f"{path}: not JSON: {exc}") from exc
+    document = read_json(path, max_bytes=MAX_FILE_BYTES)
     if not isinstance(document, dict) or document.get("type") != "FeatureCollection":
         raise DeviceFileError(f"{path}: expected a GeoJSON FeatureCollection")
     features = document.get("features")

@@ -171,10 +171,10 @@ async def _area_states(
     for area_id, devices in members.items():
         present = [d for d in DOMAINS if any(m.device.domain == d for m in devices)]
         by_status = Counter(m.device.status for m in devices)
-        severities = [m.worst for m in devices if m.worst is not None]
+        severities = [severity for m in devices for _, severity in m.alarm_states]
         states[area_id] = AreaState(
             alarm_severity=cast(Severity, max(severities, key=SEVERITIES.index)) if severities else None,
-            open_alarms=sum(m.alarms for m in devices),
+            open_alarms=len(severities),
             devices=AreaDevices(
                 total=len(devices),
                 online=by_status["online"],

@@ -63,6 +63,11 @@ _BOX_OVERLAPS = "max_lon >= $1 AND min_lon <= $3 AND max_lat >= $2 AND min_lat <
 
 # PostGIS: a device's point, the expression its GiST index is built on.
 DEVICE_POINT_SQL = "ST_SetSRID(ST_MakePoint(d.lon, d.lat), 4326)"
+# Every device in every area of its city (`WHERE`s narrow it to some areas or devices).
+PLACE_ALL_WITH_POSTGIS_SQL = (
+    "INSERT INTO device_areas (device_id, area_id) SELECT d.id, a.id FROM areas a"
+    f" JOIN devices d ON d.city = a.city AND ST_Intersects(a.geom, {DEVICE_POINT_SQL})"
+)
 
 
 def _area_of(row: asyncpg.Record) -> Area:
@@ -233,13 +238,7 @@ async def place_areas(
     touched = await _pairs_of_members(connection, ids)
     await connection.execute("DELETE FROM device_areas WHERE area_id = ANY($1::text[])", ids)
     if engine is SpatialEngine.POSTGIS:
-        await connection.execute(
-            "INSERT INTO device_areas (device_id, area_id)"
-            f" SELECT d.id, a.id FROM areas a JOIN devices d ON d.city = a.city"
-            f" AND ST_Intersects(a.geom, {DEVICE_POINT_SQL})"
-            " WHERE a.id = ANY($1::text[])",
-            ids,
-        )
+        await connection.execute(f"{PLACE_ALL_WITH_POSTGIS_SQL} WHERE a.id = ANY($1::text[])", ids)
     else:
         await _place_with_shapely(connection, [(a.id, a.city, a.shape()) for a in areas])
     return touched | await _pairs_of_members(connection, ids)
@@ -286,13 +285,7 @@ async def place_devices(connection: Connection, engine: SpatialEngine, device_id
     ids = list(device_ids)
     await connection.execute("DELETE FROM device_areas WHERE device_id = ANY($1::text[])", ids)
     if engine is SpatialEngine.POSTGIS:
-        await connection.execute(
-            "INSERT INTO device_areas (device_id, area_id)"
-            f" SELECT d.id, a.id FROM devices d JOIN areas a ON a.city = d.city"
-            f" AND ST_Intersects(a.geom, {DEVICE_POINT_SQL})"
-            " WHERE d.id = ANY($1::text[])",
-            ids,
-        )
+        await connection.execute(f"{PLACE_ALL_WITH_POSTGIS_SQL} WHERE d.id = ANY($1::text[])", ids)
         return
     devices = await connection.fetch(
         "SELECT id, city, lon, lat FROM devices WHERE id = ANY($1::text[]) ORDER BY id", ids

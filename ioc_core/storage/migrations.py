@@ -10,6 +10,7 @@ from datetime import timedelta
 import asyncpg
 
 from ioc_core.domains import DOMAINS
+from ioc_core.storage.areas import PLACE_ALL_WITH_POSTGIS_SQL, SpatialEngine, detect_engine
 from ioc_core.storage.pool import Connection, Pool
 from ioc_core.storage.schema import MIGRATION_LOCK_ID, MIGRATIONS, StorageTier, domain_table_ddl
 from ioc_core.storage.tiers import (
@@ -210,10 +211,7 @@ async def enable_postgis(connection: Connection) -> bool:
     if not available:
         log.info("PostGIS is not installed on this server; areas are computed with shapely")
         return False
-    had_geometry = await connection.fetchval(
-        "SELECT count(*) FROM pg_attribute WHERE attrelid = to_regclass('areas') AND attname = 'geom'"
-        " AND NOT attisdropped"
-    )
+    had_geometry = await detect_engine(connection) is SpatialEngine.POSTGIS
     try:
         await connection.execute("CREATE EXTENSION IF NOT EXISTS postgis")
     except asyncpg.PostgresError as exc:
@@ -224,10 +222,6 @@ async def enable_postgis(connection: Connection) -> bool:
         for statement in POSTGIS_SQL:
             await connection.execute(statement)
         if not had_geometry:
-            await connection.execute(
-                "DELETE FROM device_areas;"
-                " INSERT INTO device_areas (device_id, area_id) SELECT d.id, a.id FROM areas a"
-                " JOIN devices d ON d.city = a.city"
-                " AND ST_Intersects(a.geom, ST_SetSRID(ST_MakePoint(d.lon, d.lat), 4326))"
-            )
+            await connection.execute("DELETE FROM device_areas")
+            await connection.execute(PLACE_ALL_WITH_POSTGIS_SQL)
     return True

@@ -26,7 +26,7 @@ class Region:
 
 
 def _region_of(row: asyncpg.Record) -> Region:
-    return Region(**dict(row))
+    return Region(**{name: row[name] for name in _COLUMNS.split(", ")})
 
 
 class RegionStore:
@@ -57,7 +57,7 @@ class RegionStore:
                 sorted(set(cities)),
             )
         assert row is not None
-        return Region(**{k: row[k] for k in _COLUMNS.split(", ")}), row["created"]
+        return _region_of(row), row["created"]
 
     async def get(self, region_id: str) -> Region:
         row = await self._pool.fetchrow(f"SELECT {_COLUMNS} FROM regions WHERE id = $1", region_id)

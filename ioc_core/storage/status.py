@@ -238,6 +238,11 @@ async def sweep_silent(
     return [_transition_of(row) for row in rows]
 
 
+def _state_and_severity(item: str) -> tuple[str, str]:
+    state, _, severity = item.partition("|")
+    return state, severity
+
+
 def _rule_and_metric(item: str) -> tuple[str, str | None]:
     rule, _, metric = item.partition("|")
     return rule, metric or None
@@ -356,10 +361,8 @@ class StatusStore:
                     thresholds=r["thresholds"],
                     open_alarms=[_rule_and_metric(item) for item in r["open_alarms"]],
                 ),
-                worst=r["worst"],
-                alarms=r["alarms"],
                 areas=r["areas"],
-                alarm_states=[(item.split("|", 1)[0], item.split("|", 1)[1]) for item in r["alarm_states"]],
+                alarm_states=[_state_and_severity(item) for item in r["alarm_states"]],
             )
             for r in rows
         ]

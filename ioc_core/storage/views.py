@@ -145,7 +145,7 @@ WHERE {_SCOPE} AND ($3::text IS NULL OR d.city = $3) AND {in_areas("$4")}
 # alarms' rules and its worst open alarm: what each area's state on a screen is computed from.
 AREA_DEVICES_SQL = f"""
 SELECT d.id, d.domain, coalesce(s.status, 'unknown') AS status, coalesce(s.metrics, '{{}}'::jsonb) AS metrics,
-       d.thresholds, a.worst, coalesce(a.n, 0) AS alarms,
+       d.thresholds,
        coalesce((SELECT array_agg(r.rule || '|' || coalesce(x.metric, ''))
                  FROM alarms x, jsonb_object_keys(x.reasons || jsonb_build_object(x.rule, true)) AS r (rule)
                  WHERE x.device_id = d.id AND x.state <> 'resolved'), '{{}}') AS open_alarms,
@@ -156,7 +156,6 @@ FROM (SELECT device_id, array_agg(area_id ORDER BY area_id) AS areas
       FROM device_areas WHERE area_id = ANY($3::text[]) GROUP BY device_id) m
 JOIN devices d ON d.id = m.device_id
 LEFT JOIN device_state s ON s.device_id = d.id
-LEFT JOIN ({_OPEN_ALARMS}) a ON a.device_id = d.id
 WHERE {_SCOPE}
 """
 
@@ -230,14 +229,11 @@ class SummaryDevice:
 
 @dataclass(frozen=True, slots=True)
 class AreaDevice:
-    """A device as an area's state counts it: its summary inputs, its worst open alarm and how
-    many are open, and which of the areas asked for it lies in."""
+    """A device as an area's state counts it: its summary inputs, the (state, severity) of each of
+    its open alarms, and which of the areas asked for it lies in."""
 
     device: SummaryDevice
-    worst: str | None
-    alarms: int
     areas: list[str]
-    # (state, severity) of each of its open alarms.
     alarm_states: list[tuple[str, str]] = field(default_factory=list)
 
 

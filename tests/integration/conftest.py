@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from urllib.parse import urlsplit
 import asyncpg
 import httpx
 import pytest
+from playwright.async_api import Browser, async_playwright
 
 from ioc_core.bus import Topics
 from ioc_core.storage import Database, StorageTier, drop_database, ensure_database
@@ -210,6 +212,24 @@ def gateways(system: System, log_dir: Path) -> Iterator[Callable[..., ComponentP
     yield start
     for process in started:
         process.stop()
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    """Debian's Chromium, which `make services` installs, driven by Playwright (the page tests)."""
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.fail(
+            "Chromium is not installed (no `chromium` on PATH): run `make services`, which installs it"
+        )
+    async with async_playwright() as playwright:
+        launched = await playwright.chromium.launch(
+            executable_path=chromium, headless=True, args=["--no-sandbox"]
+        )
+        try:
+            yield launched
+        finally:
+            await launched.close()
 
 
 @pytest.fixture

@@ -6,11 +6,8 @@ Policy and nothing refused by it.
 
 from __future__ import annotations
 
-import shutil
-from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
-import pytest
 from playwright.async_api import (
     Browser,
     ConsoleMessage,
@@ -18,30 +15,12 @@ from playwright.async_api import (
     Page,
     Response,
     Route,
-    async_playwright,
     expect,
 )
 
 from tests.integration.conftest import ADMIN_KEY, System
 
 TIMEOUT_MS = 30_000
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    chromium = shutil.which("chromium")
-    if chromium is None:
-        pytest.fail(
-            "Chromium is not installed (no `chromium` on PATH): run `make services`, which installs it"
-        )
-    async with async_playwright() as playwright:
-        launched = await playwright.chromium.launch(
-            executable_path=chromium, headless=True, args=["--no-sandbox"]
-        )
-        try:
-            yield launched
-        finally:
-            await launched.close()
 
 
 def operation(page: Page, method: str, path: str) -> Locator:

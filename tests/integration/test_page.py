@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,7 +17,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
-import pytest
 from playwright.async_api import (
     Browser,
     BrowserContext,
@@ -28,7 +25,6 @@ from playwright.async_api import (
     Page,
     Request,
     Response,
-    async_playwright,
     expect,
 )
 from playwright.async_api import Error as PlaywrightError
@@ -42,23 +38,6 @@ TIMEOUT_MS = 30_000
 # The stylesheet's colours: a critical alarm, and an area without an open alarm.
 CRITICAL_RGB = "rgb(255, 77, 87)"
 NEUTRAL_AREA_RGB = "rgb(107, 134, 168)"
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    chromium = shutil.which("chromium")
-    if chromium is None:
-        pytest.fail(
-            "Chromium is not installed (no `chromium` on PATH): run `make services`, which installs it"
-        )
-    async with async_playwright() as playwright:
-        launched = await playwright.chromium.launch(
-            executable_path=chromium, headless=True, args=["--no-sandbox"]
-        )
-        try:
-            yield launched
-        finally:
-            await launched.close()
 
 
 async def register(admin: httpx.AsyncClient, domain: str, lat: float, lon: float, **extra: Any) -> str:
