@@ -11,6 +11,10 @@ versions share the alarm's `incidents` value and its `sent` time, the time the a
 both are stored facts, so every version reads the same whenever and wherever it is rendered.
 The description is the alarm's latest message and follows the readings without a new version:
 what a relay acts on, the severity, is what changes the identifier.
+
+Where: a station's alarm is a circle around it, an old district alarm a circle around the
+district's stations, and an area's alarm (a catchment or ward) the area's own outline as CAP
+polygons, with the official codes of the wards it concerns as geocodes.
 """
 
 from __future__ import annotations
@@ -18,9 +22,15 @@ from __future__ import annotations
 import math
 import re
 import xml.etree.ElementTree as ET
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
+
+import shapely
+from shapely.geometry.base import BaseGeometry
+
+from ioc_core.areas import shape_of
 
 CAP_NS = "urn:oasis:names:tc:emergency:cap:1.2"
 ATOM_NS = "http://www.w3.org/2005/Atom"
@@ -56,6 +66,33 @@ _HEADLINE_MAX = 160
 _NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 _HOST = re.compile(r"[^a-z0-9.-]")
 
+# CAP 1.2 sets no limit on a polygon's points, but the systems that relay alerts do: 100 points a
+# polygon is the limit of common CAP profiles (IPAWS's for wireless alerts among them), and a
+# polygon past it may be refused or cut by a relay, so an area's outline is simplified to fit.
+POLYGON_MAX_POINTS = 100
+# A ring closes on its first point, so four points (a triangle) is the least a polygon can be; CAP
+# asks for at least four too.
+POLYGON_MIN_POINTS = 4
+# An area with islands or detached parts is sent as its largest parts only: every polygon is
+# repeated in both `info` blocks, ten of them at the point limit are already some 40 KB of alert,
+# and what is left out is the smallest islets, which `areaDesc` and the ward geocodes still name.
+POLYGONS_MAX = 10
+# Five decimals of a degree are about a metre, finer than any ward boundary is drawn (and what
+# `Circle.text` writes).
+_DECIMALS = 5
+# The simplification starts at about a metre, below what is written anyway, and grows by half
+# each step; each step simplifies the previous one's result, so a ring of 100,000 vertices is read
+# in full once. The outline then strays from the area by at most three times the last tolerance
+# (the sum of the steps).
+_TOLERANCE_START = 10.0**-_DECIMALS
+_TOLERANCE_GROWTH = 1.5
+_TOLERANCE_STEPS = 60
+# Vietnam's official administrative-unit codes (mã đơn vị hành chính, the General Statistics
+# Office's 2-digit province and 5-digit ward codes) have no published CAP geocode name (CAP's
+# `valueName` is left to each community, as `SAME` or `FIPS6` in the US): this one says what the
+# code is, `VN-` for the country, `MaDVHC` for "mã đơn vị hành chính".
+GEOCODE_VN_UNIT = "VN-MaDVHC"
+
 
 @dataclass(frozen=True, slots=True)
 class Circle:
@@ -71,9 +108,28 @@ class Circle:
 
 
 @dataclass(frozen=True, slots=True)
+class Polygon:
+    """A closed ring of WGS 84 `(lat, lon)` points: the first is also the last."""
+
+    points: tuple[tuple[float, float], ...]
+
+    def text(self) -> str:
+        """CAP's space-separated `lat,lon` pairs (latitude first, unlike GeoJSON)."""
+        return " ".join(f"{lat:.{_DECIMALS}f},{lon:.{_DECIMALS}f}" for lat, lon in self.points)
+
+
+@dataclass(frozen=True, slots=True)
+class Geocode:
+    value_name: str
+    value: str
+
+
+@dataclass(frozen=True, slots=True)
 class Area:
     description: str
     circle: Circle | None = None
+    polygons: tuple[Polygon, ...] = ()
+    geocodes: tuple[Geocode, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +209,61 @@ def circle_around(
     return Circle(*centre, math.ceil((farthest + margin_km) * 100) / 100)
 
 
+def polygons_of(geometry: Mapping[str, Any]) -> tuple[Polygon, ...]:
+    """A GeoJSON Polygon or MultiPolygon (`[lon, lat]`, RFC 7946) as CAP polygons: the outer ring
+    of each of its `POLYGONS_MAX` largest parts, largest first (CAP has no holes, so a polygon
+    covers its holes too), each simplified to at most `POLYGON_MAX_POINTS` points. A part smaller
+    than the precision written is left out."""
+    parts = sorted(shape_of(geometry).geoms, key=lambda part: part.area, reverse=True)
+    polygons: list[Polygon] = []
+    for part in parts:
+        polygon = _ring(shapely.Polygon(part.exterior))
+        if polygon is not None:
+            polygons.append(polygon)
+            if len(polygons) == POLYGONS_MAX:
+                break
+    return tuple(polygons)
+
+
+def _ring(shell: shapely.Polygon) -> Polygon | None:
+    """A ring simplified with a growing tolerance (keeping it a valid polygon) until it has at most
+    `POLYGON_MAX_POINTS` points as written; None when fewer than four are left."""
+    simplified: BaseGeometry = shell
+    tolerance = _TOLERANCE_START
+    # Counted before rounding (which only ever merges points), so a big ring is not written out
+    # at every step.
+    for _ in range(_TOLERANCE_STEPS):
+        if shapely.get_num_coordinates(simplified) <= POLYGON_MAX_POINTS:
+            break
+        simplified = simplified.simplify(tolerance, preserve_topology=True)
+        tolerance *= _TOLERANCE_GROWTH
+    points = _written(simplified)
+    if len(points) > POLYGON_MAX_POINTS:
+        # Not reached on Earth (once the tolerance passes a ring's size the simplifier leaves it
+        # four points), but should it be, a bounding box is never smaller than the area.
+        points = _written(shapely.Polygon(shapely.box(*shell.bounds).exterior))
+    return Polygon(points) if len(points) >= POLYGON_MIN_POINTS else None
+
+
+def _written(shell: BaseGeometry) -> tuple[tuple[float, float], ...]:
+    """A polygon's outer `(lon, lat)` coordinates as the `(lat, lon)` points CAP writes: rounded,
+    without the repeats rounding makes, and still closed (the first and last coordinates round
+    alike); none for what is not a polygon (a ring the simplifier collapsed)."""
+    if not isinstance(shell, shapely.Polygon) or shell.is_empty:
+        return ()
+    points: list[tuple[float, float]] = []
+    for lon, lat in shell.exterior.coords:
+        point = (round(lat, _DECIMALS), round(lon, _DECIMALS))
+        if not points or points[-1] != point:
+            points.append(point)
+    return tuple(points)
+
+
+def unit_geocodes(codes: Sequence[str]) -> tuple[Geocode, ...]:
+    """Vietnamese administrative-unit codes as CAP geocodes, each once, in the order given."""
+    return tuple(Geocode(GEOCODE_VN_UNIT, code) for code in dict.fromkeys(codes))
+
+
 def clean(text: str) -> str:
     """Text without the characters XML 1.0 cannot carry (ElementTree escapes the rest)."""
     return _NOT_XML.sub("", text)
@@ -214,11 +325,22 @@ def alert(warning: PublicAlarm, sender: Sender) -> ET.Element:
         _sub(info, CAP_NS, "description", description)
         if warning.web:
             _sub(info, CAP_NS, "web", warning.web)
-        area = _sub(info, CAP_NS, "area")
-        _sub(area, CAP_NS, "areaDesc", warning.area.description)
-        if warning.area.circle is not None:
-            _sub(area, CAP_NS, "circle", warning.area.circle.text())
+        _area(info, warning.area)
     return root
+
+
+def _area(info: ET.Element, place: Area) -> None:
+    # CAP's order within `area`: areaDesc, polygon*, circle*, geocode*, altitude, ceiling.
+    area = _sub(info, CAP_NS, "area")
+    _sub(area, CAP_NS, "areaDesc", place.description)
+    for polygon in place.polygons:
+        _sub(area, CAP_NS, "polygon", polygon.text())
+    if place.circle is not None:
+        _sub(area, CAP_NS, "circle", place.circle.text())
+    for geocode in place.geocodes:
+        element = _sub(area, CAP_NS, "geocode")
+        _sub(element, CAP_NS, "valueName", geocode.value_name)
+        _sub(element, CAP_NS, "value", geocode.value)
 
 
 @dataclass(frozen=True, slots=True)

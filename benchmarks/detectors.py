@@ -29,6 +29,7 @@ from processors.detection import (
     DeviceDetectorState,
     DeviceProfile,
     DistrictFloodCorrelator,
+    FloodZone,
     StationSignal,
 )
 from simulators.cities import CITIES
@@ -122,17 +123,17 @@ def readings_for(
 
 
 class Detection:
-    """The processor's detection over one batch: per-device detectors, then the district flood
-    correlation over the stations the batch touched."""
+    """The processor's detection over one batch: per-device detectors, then the flood correlation
+    of the zones the batch touched."""
 
     def __init__(self, tally: Tally) -> None:
         self.tally = tally
         self.devices = DeviceDetection()
         self.correlator = DistrictFloodCorrelator()
-        self.signals: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+        self.signals: dict[str, dict[str, dict[str, Any]]] = {}
 
     def evaluate(self, batch: list[tuple[SimulatedDevice, list[Reading]]], now: datetime) -> int:
-        touched: set[tuple[str, str]] = set()
+        touched: dict[str, tuple[str, FloodZone]] = {}
         evaluated = 0
         for device, readings in batch:
             state = DeviceDetectorState.from_json(device.state)
@@ -140,21 +141,21 @@ class Detection:
                 self.tally.record(finding)
             device.state = state.to_json()
             signal = self.correlator.station_signal(device.profile, state)
-            if signal is not None and device.profile.district is not None:
-                place = (device.profile.city, device.profile.district)
-                self.signals.setdefault(place, {})[device.profile.id] = signal.to_json()
-                touched.add(place)
+            zone = device.profile.zone
+            if signal is not None and zone is not None:
+                self.signals.setdefault(zone.subject, {})[device.profile.id] = signal.to_json()
+                touched[zone.subject] = (device.profile.city, zone)
             evaluated += len(readings)
-        for city, district in sorted(touched):
-            district_finding = self.correlator.evaluate(
+        for subject, (city, zone) in sorted(touched.items()):
+            zone_finding = self.correlator.evaluate(
                 city=city,
-                district=district,
-                signals=[StationSignal.from_json(body) for body in self.signals[(city, district)].values()],
-                active=(f"district:{city}:{district}", "flood.district") in self.tally.open,
+                zone=zone,
+                signals=[StationSignal.from_json(body) for body in self.signals[subject].values()],
+                active=(subject, "flood.district") in self.tally.open,
                 now=now,
             )
-            if district_finding is not None:
-                self.tally.record(district_finding)
+            if zone_finding is not None:
+                self.tally.record(zone_finding)
         return evaluated
 
 

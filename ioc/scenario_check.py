@@ -1,6 +1,6 @@
 """`ioc detect --scenario`: a simulated city lives through a scenario in simulated time, its
 messages validated as the gateway validates them and judged by the processor's own detectors
-(per device, and district flood correlation), and what they raised is scored against the
+(per device, and flood correlation by zone), and what they raised is scored against the
 scenario's ground truth: precision, recall and time-to-detect per incident.
 
 No service runs: a three-hour storm over 200 devices replays in seconds, so rules and detector
@@ -22,7 +22,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from ingest.inbox import InboundMessage
-from ioc_core.alarms import OFFLINE_RULE, Finding, district_subject
+from ioc_core.alarms import OFFLINE_RULE, Finding
 from ioc_core.errors import RejectedMessage
 from ioc_core.models import DeviceRoute
 from ioc_core.rules import severity_rank
@@ -149,12 +149,6 @@ def _rounded(value: float | None) -> float | None:
     return round(value, 3) if value is not None else None
 
 
-def _subject(incident: Incident) -> str:
-    if incident.device_id is not None:
-        return incident.device_id
-    return district_subject(incident.city, incident.district or "")
-
-
 def device_profile(device: SimulatedDevice) -> DeviceProfile:
     """The device as the processor knows it once registered (with its per-station limits)."""
     return DeviceProfile.of(
@@ -164,6 +158,7 @@ def device_profile(device: SimulatedDevice) -> DeviceProfile:
         name=device.name,
         district=device.district,
         thresholds=device.thresholds,
+        zone_area=device.zone,
     )
 
 
@@ -196,7 +191,7 @@ class ScenarioReplay:
             for device in fleet
         }
         self.states = {device.id: DeviceDetectorState() for device in fleet}
-        self.signals: dict[tuple[str, str], dict[str, StationSignal]] = {}
+        self.signals: dict[str, dict[str, StationSignal]] = {}
         self.powered_off: set[str] = set()
         self.readings = 0
         self.rejected = 0
@@ -272,16 +267,16 @@ class ScenarioReplay:
         if self.book.is_open(profile.id, OFFLINE_RULE):
             self.book.apply([offline_finding(profile, at=reading.ts, active=False)])
         signal = self.correlator.station_signal(profile, state)
-        if signal is None or profile.district is None:
+        zone = profile.zone
+        if signal is None or zone is None:
             return
-        district = self.signals.setdefault((profile.city, profile.district), {})
-        district[profile.id] = signal
-        subject = district_subject(profile.city, profile.district)
+        stations = self.signals.setdefault(zone.subject, {})
+        stations[profile.id] = signal
         finding = self.correlator.evaluate(
             city=profile.city,
-            district=profile.district,
-            signals=list(district.values()),
-            active=self.book.is_open(subject, "flood.district"),
+            zone=zone,
+            signals=list(stations.values()),
+            active=self.book.is_open(zone.subject, "flood.district"),
             now=reading.ts,
         )
         if finding is not None:
@@ -295,7 +290,7 @@ def score(replay: ScenarioReplay, incidents: Sequence[Incident]) -> ScenarioScor
     explained: dict[str, set[str]] = {}
     not_detection = 0
     for incident in incidents:
-        subject = _subject(incident)
+        subject = incident.subject
         explained.setdefault(subject, set()).update(incident.expected_rules, incident.allowed_rules)
         if incident.expected != "alarm":
             not_detection += 1

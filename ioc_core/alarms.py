@@ -55,7 +55,21 @@ def alarm_key(rule: str, metric: str | None) -> str:
 
 
 def district_subject(city: str, district: str) -> str:
+    """The subject of a flood alarm correlated by a registered `district` (stations in no area)."""
     return f"district:{city}:{district}"
+
+
+AREA_SUBJECT_PREFIX = "area:"
+
+
+def area_subject(area_id: str) -> str:
+    """The subject of an alarm about an area (a catchment or ward's flood alarm)."""
+    return AREA_SUBJECT_PREFIX + area_id
+
+
+def area_of_subject(subject: str) -> str | None:
+    """The area an alarm is about, or None for a device's or a district's alarm."""
+    return subject.removeprefix(AREA_SUBJECT_PREFIX) if subject.startswith(AREA_SUBJECT_PREFIX) else None
 
 
 @dataclass(frozen=True)
@@ -78,6 +92,8 @@ class Finding:
     at: datetime
     message_vi: str
     message_en: str
+    # An alarm with no device: the areas it concerns (its zone and the areas its stations lie in).
+    areas: tuple[str, ...] = ()
 
     @property
     def key(self) -> tuple[str, str]:
@@ -118,7 +134,8 @@ class AuditEntry(BaseModel):
 
 
 class Alarm(BaseModel):
-    """An alarm (§7). District-level alarms have no `device_id`; their `subject` names the district."""
+    """An alarm (§7). Area-wide alarms (a catchment's or ward's flood) have no `device_id`; their
+    `subject` names the area (`area:{id}`), or for an alarm of older releases the district."""
 
     model_config = {
         "json_schema_extra": {
@@ -177,11 +194,17 @@ class Alarm(BaseModel):
     }
 
     id: int
-    subject: str = Field(description="the device id, or district:{city}:{district} for district alarms")
+    subject: str = Field(
+        description="the device id; area:{area_id} for an area-wide alarm (a catchment's or ward's flood);"
+        " district:{city}:{district} for a district alarm raised before areas (or for stations in none)"
+    )
     device_id: str | None
     city: str
     domain: str
-    district: str | None
+    district: str | None = Field(
+        description="deprecated, read for one more release: the device's registered district, or the"
+        " name of an area-wide alarm's area; use `areas`"
+    )
     rule: str = Field(
         description="the alarm's most severe reason, e.g. threshold.currentLevel, rate.currentLevel,"
         " zscore.pressure, offline (a limit before a rate before a statistical finding when equally severe)"
@@ -209,7 +232,9 @@ class Alarm(BaseModel):
     )
     escalated_at: datetime | None = None
     areas: list[str] = Field(
-        default_factory=list, description="ids of the areas (`/v1/areas`) the alarm's device lies in"
+        default_factory=list,
+        description="ids of the areas (`/v1/areas`) the alarm's device lies in; for an area-wide alarm its"
+        " area and the areas of the stations that raised it",
     )
     audit: list[AuditEntry] | None = Field(
         default=None, description="who acknowledged or resolved it, when and why (detail view only)"

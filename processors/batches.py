@@ -17,10 +17,17 @@ from datetime import datetime
 
 import orjson
 
-from ioc_core.alarms import Finding
+from ioc_core.alarms import Finding, district_subject
 from ioc_core.bus import BusRecord
 from ioc_core.errors import RejectedMessage
-from ioc_core.storage import BatchTransaction, Database, DeviceProfileRow, StatusTransition, TelemetryBatch
+from ioc_core.storage import (
+    BatchTransaction,
+    Database,
+    DeviceProfileRow,
+    StatusTransition,
+    StoredSignal,
+    TelemetryBatch,
+)
 from ioc_core.supervision import Supervisor
 from ioc_core.telemetry import Reading, StoredDeadLetter, decode_record
 from processors.detection import (
@@ -28,6 +35,7 @@ from processors.detection import (
     DeviceDetectorState,
     DeviceProfile,
     DistrictFloodCorrelator,
+    FloodZone,
     StationSignal,
     offline_finding,
 )
@@ -118,13 +126,13 @@ class BatchWriter:
                     by_device.setdefault(reading.device_id, []).append(reading)
                 states = await self._working_states(transaction, [d for d in by_device if d in profiles])
                 clock.lap("load_state")
-                findings, districts = self._detect(profiles, by_device, states)
+                findings, zones = self._detect(profiles, by_device, states)
                 clock.lap("detect")
                 new_states = {d: orjson.dumps(state.to_json()).decode() for d, state in states.items()}
                 signals = self._station_signals(profiles, states)
                 await transaction.save_detector_states(new_states, signals)
                 clock.lap("save_state")
-                findings.extend(await self._correlate(transaction, districts, _rising(profiles, signals)))
+                findings.extend(await self._correlate(transaction, zones, _rising(signals)))
                 clock.lap("correlate")
                 findings.extend(offline_findings(result.transitions))
                 alarm_events = await transaction.apply_findings(findings)
@@ -152,51 +160,73 @@ class BatchWriter:
         profiles: dict[str, DeviceProfile],
         by_device: dict[str, list[Reading]],
         states: dict[str, DeviceDetectorState],
-    ) -> tuple[list[Finding], dict[tuple[str, str], datetime]]:
-        """Each device's findings, and per flooded district the newest reading that touched it."""
+    ) -> tuple[list[Finding], dict[str, _TouchedZone]]:
+        """Each device's findings, and per flood zone the newest reading that touched it."""
         findings: list[Finding] = []
-        districts: dict[tuple[str, str], datetime] = {}
+        zones: dict[str, _TouchedZone] = {}
         for device_id, state in states.items():
             profile = profiles[device_id]
             readings = by_device[device_id]
             findings.extend(self._detection.evaluate(profile, readings, state))
-            if profile.domain == "flood" and profile.district:
-                newest = max(r.ts for r in readings)
-                key = (profile.city, profile.district)
-                districts[key] = max(newest, districts.get(key, newest))
-        return findings, districts
+            zone = profile.zone
+            if zone is None:
+                continue
+            newest = max(r.ts for r in readings)
+            _touch(zones, zone, profile.city, newest)
+            if zone.area_id is not None and profile.district:
+                # A station registered with a `district` that now lies in an area has left the
+                # district's zone (of older releases, or before the areas came): an open alarm
+                # of that district is judged again, without it, and passes once none is left.
+                district = profile.district
+                _touch(
+                    zones,
+                    FloodZone(district_subject(profile.city, district), None, district, district),
+                    profile.city,
+                    newest,
+                )
+        return findings, zones
 
     def _station_signals(
         self, profiles: dict[str, DeviceProfile], states: dict[str, DeviceDetectorState]
-    ) -> dict[str, dict[str, object] | None]:
+    ) -> dict[str, StoredSignal | None]:
         # Computed after detection has moved the states on, as the correlation reads them.
-        signals: dict[str, dict[str, object] | None] = {}
+        signals: dict[str, StoredSignal | None] = {}
         for device_id, state in states.items():
             profile = profiles[device_id]
-            if profile.domain == "flood":
+            if profile.zone is not None:
                 signal = self._correlator.station_signal(profile, state)
-                signals[device_id] = signal.to_json() if signal is not None else None
+                signals[device_id] = (
+                    StoredSignal(signal.to_json(), profile.zone.subject) if signal is not None else None
+                )
         return signals
 
     async def _correlate(
         self,
         transaction: BatchTransaction,
-        districts: dict[tuple[str, str], datetime],
-        rising: set[tuple[str, str]],
+        zones: dict[str, _TouchedZone],
+        rising: set[str],
     ) -> list[Finding]:
-        """Judge the districts this batch touched. Only a station whose water rises counts towards
-        a district alarm, and it is judged in the batch that carries its readings: without an open
-        alarm, a district none of whose stations here rises cannot change, and only the rising
-        stations' signals can raise it. Reading every station's signal of every district in every
+        """Judge the zones this batch touched. Only a station whose water rises counts towards
+        a zone alarm, and it is judged in the batch that carries its readings: without an open
+        alarm, a zone none of whose stations here rises cannot change, and only the rising
+        stations' signals can raise it. Reading every station's signal of every zone in every
         batch was a quarter of the database's time at 100,000 devices."""
+        if not zones:
+            return []
+        open_now = await transaction.open_zone_alarms(sorted(zones))
         findings = []
-        for (city, district), newest in sorted(districts.items()):
-            active = await transaction.district_flood_alarm_open(city, district)
-            if not active and (city, district) not in rising:
+        for subject, touched in sorted(zones.items()):
+            active = subject in open_now
+            if not active and subject not in rising:
                 continue
-            stored = await transaction.district_flood_signals(city, district, rising_only=not active)
+            stations = await transaction.zone_flood_signals(subject, rising_only=not active)
             finding = self._correlator.evaluate(
-                city=city, district=district, signals=_readable_signals(stored), active=active, now=newest
+                city=touched.city,
+                zone=touched.zone,
+                signals=_readable_signals([station.signal for station in stations]),
+                active=active,
+                now=touched.newest,
+                station_areas={str(station.signal.get("device_id")): station.areas for station in stations},
             )
             if finding is not None:
                 findings.append(finding)
@@ -240,6 +270,9 @@ def _profile_of(row: DeviceProfileRow) -> DeviceProfile:
         name=row.name,
         district=row.district,
         thresholds=row.thresholds,
+        zone_area=row.zone_area,
+        zone_name_vi=row.zone_name_vi,
+        zone_name_en=row.zone_name_en,
     )
 
 
@@ -257,17 +290,30 @@ def offline_findings(transitions: list[StatusTransition]) -> list[Finding]:
     ]
 
 
-def _rising(
-    profiles: dict[str, DeviceProfile], signals: dict[str, dict[str, object] | None]
-) -> set[tuple[str, str]]:
-    """The (city, district) of each flood station whose water rises as of this batch."""
+def _rising(signals: dict[str, StoredSignal | None]) -> set[str]:
+    """The zones of the flood stations whose water rises as of this batch."""
     return {
-        (profile.city, profile.district)
-        for device_id, signal in signals.items()
-        if signal is not None
-        and signal.get("rising") is True
-        and (profile := profiles[device_id]).district is not None
+        signal.zone
+        for signal in signals.values()
+        if signal is not None and signal.zone is not None and signal.body.get("rising") is True
     }
+
+
+@dataclass
+class _TouchedZone:
+    """A flood zone a batch's readings touched, with the newest of them."""
+
+    zone: FloodZone
+    city: str
+    newest: datetime
+
+
+def _touch(zones: dict[str, _TouchedZone], zone: FloodZone, city: str, newest: datetime) -> None:
+    touched = zones.get(zone.subject)
+    if touched is None:
+        zones[zone.subject] = _TouchedZone(zone, city, newest)
+    else:
+        touched.newest = max(touched.newest, newest)
 
 
 def _readable_signals(stored: list[dict[str, object]]) -> list[StationSignal]:

@@ -1045,6 +1045,16 @@ def _extent(places: str, wards: tuple[Ward, ...]) -> BaseGeometry:
     return shapely.intersection(hull, shapely.box(bounds.west, bounds.south, bounds.east, bounds.north))
 
 
+def zone_of_ward(city: str, ward: str, *, places: str | None = None) -> str:
+    """The id of the area (stored under `city`) a flood station in `ward` is correlated in: the
+    catchment gathering the ward, else the ward itself (as `city_areas` names them). The map's
+    catchments do not overlap, so the store's tie-break among several never comes into play."""
+    for catchment in CATCHMENTS.get(places or city, ()):
+        if ward in catchment.wards:
+            return f"{city}.catchment.{catchment.key}"
+    return f"{city}.ward.{slug(ward)}"
+
+
 def city_areas(city: str, *, places: str | None = None) -> list[dict[str, Any]]:
     """The approximate areas of `places`' map (by default `city`'s own) stored under `city`, as
     GeoJSON Features (see `ioc_core.areas.parse_feature`): its province first, then one ward per

@@ -26,7 +26,7 @@ from ioc_core.models import DeviceIn
 from ioc_core.settings import Settings
 from ioc_core.storage import Database
 from ioc_core.telemetry import TOPIC_ROOT
-from simulators.cities import SUBSTATION, WATER_WORKS, Site, Ward, places_of, ward_shapes
+from simulators.cities import SUBSTATION, WATER_WORKS, Site, Ward, places_of, ward_shapes, zone_of_ward
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,9 @@ class SimulatedDevice:
     thresholds: dict[str, dict[str, float | None]]
     # The distribution feeder that powers it (grid meters and water works), or None.
     feeder: str | None = None
+    # The area its flood correlation counts it in once the city's areas are stored
+    # (`cities.zone_of_ward`): the catchment gathering its ward, else the ward.
+    zone: str | None = None
     seq: int = 0
     rng: random.Random = field(default_factory=random.Random)
 
@@ -144,6 +147,7 @@ def build_fleet(city: str, count: int, *, places: str | None = None, seed: int =
                 phase=phase,
                 thresholds=thresholds,
                 feeder=_feeder(domain, ward, site),
+                zone=zone_of_ward(city, ward.name, places=places),
                 rng=random.Random(rng.random()),
             )
         )

@@ -4,7 +4,8 @@ of it, written as JSON Lines (one incident per line; a `normal` run writes an em
 An incident is one of:
 
 - `expected: "alarm"`: the alarms in `expected_rules` (each at least `expected_severity`) on the
-  subject (`device_id`, or `district` for district-wide rules), raised within `detect_within_s`
+  subject (`device_id`; for a zone's flood alarm `area`, the catchment or ward, or `district` for a
+  city whose areas are not stored), raised within `detect_within_s`
   seconds of `started_at`; `allowed_rules` are side effects that may be raised on the same subject
   (a level rising fast enough for its rate rule, say) and are not false alarms;
 - `expected: "dead_letter"`: `count` messages on `topic` rejected with reason code `reason`;
@@ -24,6 +25,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from ioc_core.alarms import area_subject, district_subject
+
 Expected = Literal["alarm", "dead_letter", "stored_once", "stored_late"]
 
 
@@ -37,6 +40,7 @@ class Incident:
     started_at: datetime
     device_id: str | None = None
     district: str | None = None
+    area: str | None = None
     metric: str | None = None
     expected_rules: list[str] = field(default_factory=list)
     expected_severity: str | None = None
@@ -49,6 +53,15 @@ class Incident:
     ended_at: datetime | None = None
     detect_within_s: float | None = None
     detail: str = ""
+
+    @property
+    def subject(self) -> str:
+        """The subject of the alarm expected: the device, else the zone."""
+        if self.device_id is not None:
+            return self.device_id
+        if self.area is not None:
+            return area_subject(self.area)
+        return district_subject(self.city, self.district or "")
 
     def to_json(self) -> dict[str, Any]:
         body = asdict(self)

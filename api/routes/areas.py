@@ -149,7 +149,8 @@ class AreaState(BaseModel):
     """What a choropleth colours an area by, and what its tooltip says."""
 
     alarm_severity: Severity | None = Field(
-        description="worst severity among the open alarms of the area's devices"
+        description="worst severity among the open alarms of the area's devices and the area-wide"
+        " alarms over it (a catchment's or ward's flood)"
     )
     open_alarms: int
     devices: AreaDevices
@@ -163,15 +164,23 @@ async def _area_states(
     database: Database, cities: list[str] | None, domains: list[str] | None, found: list[Area]
 ) -> dict[str, AreaState]:
     members: dict[str, list[AreaDevice]] = {area.id: [] for area in found}
+    # An area's own alarms (a catchment's flood), as (domain, state, severity), beside its devices'.
+    area_wide: dict[str, list[tuple[str, str, str]]] = {area.id: [] for area in found}
     if found and domains != []:
         for device in await database.status.area_devices(cities, domains, list(members)):
             for area_id in device.areas:
                 members[area_id].append(device)
+        for area_id, domain, state, severity in await database.status.area_alarms(
+            cities, domains, list(members)
+        ):
+            area_wide[area_id].append((domain, state, severity))
     states = {}
     for area_id, devices in members.items():
         present = [d for d in DOMAINS if any(m.device.domain == d for m in devices)]
         by_status = Counter(m.device.status for m in devices)
-        severities = [severity for m in devices for _, severity in m.alarm_states]
+        alarms = [(m.device.domain, state, severity) for m in devices for state, severity in m.alarm_states]
+        alarms.extend(area_wide[area_id])
+        severities = [severity for _, _, severity in alarms]
         states[area_id] = AreaState(
             alarm_severity=cast(Severity, max(severities, key=SEVERITIES.index)) if severities else None,
             open_alarms=len(severities),
@@ -184,14 +193,7 @@ async def _area_states(
             domains=domain_summaries(
                 present,
                 [m.device for m in devices],
-                [
-                    (domain, state, severity, n)
-                    for (domain, state, severity), n in Counter(
-                        (m.device.domain, state, severity)
-                        for m in devices
-                        for state, severity in m.alarm_states
-                    ).items()
-                ],
+                [(domain, state, severity, n) for (domain, state, severity), n in Counter(alarms).items()],
             ),
         )
     return states

@@ -80,6 +80,16 @@ def _sender(request: Request, settings: Settings) -> cap.Sender:
 
 def _area(row: PublicAlarmRow) -> cap.Area:
     alarm = row.alarm
+    if row.area is not None:
+        # An area's alarm: the area by name as a district is named, its outline, and the official
+        # codes of the wards it concerns (its own first when it is a ward; a catchment has none).
+        area = row.area
+        own = [area.code] if area.kind == "ward" and area.code else []
+        return cap.Area(
+            f"{area.name_vi}, {city_name(alarm.city)}",
+            polygons=cap.polygons_of(area.geometry),
+            geocodes=cap.unit_geocodes([*own, *(ward.code for ward in area.wards)]),
+        )
     if alarm.device_id is None:
         where = f"{alarm.district}, {city_name(alarm.city)}" if alarm.district else city_name(alarm.city)
         return cap.Area(where, cap.circle_around(row.district_points))
@@ -130,9 +140,10 @@ def _answer(
     response_class=AtomResponse,
     summary="Public warnings: an Atom feed of OASIS CAP 1.2 alerts (no key).",
     description="One entry per open public alarm (flood: water past a station's limits, rising fast,"
-    " or flooding a district) of severity medium or worse, worst first, each with its CAP `alert`"
-    " inline (Vietnamese and English `info`, the place as a circle). An alarm whose severity rises"
-    " is a new alert, an `Update` referencing the earlier ones.",
+    " or flooding a catchment, ward or district) of severity medium or worse, worst first, each with"
+    " its CAP `alert` inline (Vietnamese and English `info`; the place as a circle, or for a catchment"
+    " or ward its outline as polygons with the wards' official codes as `VN-MaDVHC` geocodes). An"
+    " alarm whose severity rises is a new alert, an `Update` referencing the earlier ones.",
     responses={
         200: {"description": "the feed", "headers": _headers()},
         304: {"description": "nothing changed"},

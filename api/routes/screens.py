@@ -66,8 +66,12 @@ class FeatureProperties(BaseModel):
         description="worst severity among the device's open alarms"
     )
     open_alarms: int
+    area_alarm_severity: Literal["low", "medium", "high", "critical"] | None = Field(
+        default=None,
+        description="worst open area-wide alarm (a catchment's or ward's flood) over the device",
+    )
     district_alarm_severity: Literal["low", "medium", "high", "critical"] | None = Field(
-        description="worst open district-wide alarm (flood) of the device's district"
+        description="deprecated alias of area_alarm_severity, read for one more release", deprecated=True
     )
     areas: list[str] = Field(default_factory=list, description="ids of the areas the device lies in")
 

@@ -78,7 +78,7 @@
       last_reading: "Lần đọc cuối",
       never: "chưa có",
       open_alarms: "Cảnh báo mở",
-      district_alarm: "Cảnh báo toàn quận",
+      area_alarm: "Cảnh báo ngập toàn khu vực",
       repeats: "{n} lần",
       started: "Từ {time}",
       acked_at: "xác nhận lúc {time}",
@@ -163,7 +163,7 @@
       last_reading: "Last reading",
       never: "none yet",
       open_alarms: "Open alarms",
-      district_alarm: "District-wide alarm",
+      area_alarm: "Area-wide flood alarm",
       repeats: "{n} times",
       started: "Since {time}",
       acked_at: "acknowledged at {time}",
@@ -934,8 +934,8 @@
     if (p.open_alarms) {
       add(t("open_alarms"), `${p.open_alarms}${look.severity ? ` · ${t(`sev_${look.severity}`)}` : ""}`);
     }
-    const district = worstSeverity(p.district_alarm_severity);
-    if (district) add(t("district_alarm"), t(`sev_${district}`));
+    const area = worstSeverity(p.area_alarm_severity);
+    if (area) add(t("area_alarm"), t(`sev_${area}`));
     return el(
       "div",
       { class: "popup", "data-testid": "popup", "data-device-id": id },

@@ -3,6 +3,7 @@ transaction core (`pool`), one store per aggregate (`devices`, `readings`, `stat
 `outbox`, `api_keys`, `dead_letters`, `webhooks`, `audit`), the processor's unit of work (`batch`)
 and the `Database` that composes them."""
 
+from ioc_core.storage.alarms import StoredSignal, ZoneStation
 from ioc_core.storage.audit import AuditQuery
 from ioc_core.storage.batch import BatchTransaction, TelemetryBatch, WriteResult
 from ioc_core.storage.connections import is_statement_timeout
@@ -28,10 +29,12 @@ __all__ = [
     "StatePage",
     "StatusTransition",
     "StorageTier",
+    "StoredSignal",
     "SummaryDevice",
     "TelemetryBatch",
     "Transaction",
     "WriteResult",
+    "ZoneStation",
     "drop_database",
     "ensure_database",
     "is_statement_timeout",

@@ -25,7 +25,6 @@ from ioc_core.alarms import (
     Finding,
     alarm_event,
     bilingual,
-    district_subject,
     excursion_kind_rank,
 )
 from ioc_core.errors import ConflictError, NotFoundError
@@ -40,9 +39,27 @@ _ALARM_COLUMNS = """
     a.id, a.subject, a.device_id, a.city, a.domain, a.district, a.rule, a.metric, a.severity,
     a.state, a.started_at, a.last_seen_at, a.acknowledged_at, a.resolved_at, a.value, a.threshold,
     a.count, a.message_vi, a.message_en, a.escalated, a.escalated_at, a.reasons,
-    coalesce((SELECT array_agg(m.area_id ORDER BY m.area_id) FROM device_areas m
-              WHERE m.device_id = a.device_id), '{}') AS areas
+    CASE WHEN a.device_id IS NULL THEN coalesce(a.areas, '{}')
+         ELSE coalesce((SELECT array_agg(m.area_id ORDER BY m.area_id) FROM device_areas m
+                        WHERE m.device_id = a.device_id), '{}') END AS areas
 """
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StoredSignal:
+    """A flood station's signal as stored beside its detector state, with the zone it counts in
+    (an area or district subject; None for a station in no zone)."""
+
+    body: dict[str, Any]
+    zone: str | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ZoneStation:
+    """A zone's station as the correlation reads it: its stored signal and the areas it lies in."""
+
+    signal: dict[str, Any]
+    areas: tuple[str, ...]
 
 
 def _higher(new: str, old: str) -> str:
@@ -68,19 +85,20 @@ _REASON_COUNT = f"(coalesce(({_OLD_REASON} ->> 'count')::integer, 0) + excluded.
 _UPSERT_ALARMS_SQL = f"""
 INSERT INTO alarms AS a (subject, device_id, city, domain, district, rule, metric, severity,
                          started_at, last_seen_at, value, threshold, count, message_vi, message_en,
-                         serious_since, reasons)
+                         serious_since, reasons, areas)
 SELECT u.subject, u.device_id, u.city, u.domain, u.district, u.rule, u.metric, u.severity,
        u.at, u.at, u.value, u.threshold, u.repeats, u.message_vi, u.message_en,
        CASE WHEN u.severity IN ('high', 'critical') THEN u.at END,
        jsonb_build_object(u.rule, jsonb_build_object(
            'severity', u.severity, 'active', true, 'value', u.value, 'threshold', u.threshold,
            'count', u.repeats, 'first_seen_at', u.at, 'last_seen_at', u.at, 'cleared_at', null,
-           'message_vi', u.message_vi, 'message_en', u.message_en))
+           'message_vi', u.message_vi, 'message_en', u.message_en)),
+       string_to_array(u.areas, ',')
 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
             $8::text[], $9::timestamptz[], $10::float8[], $11::float8[], $12::integer[], $13::text[],
-            $14::text[])
+            $14::text[], $15::text[])
      AS u (subject, device_id, city, domain, district, rule, metric, severity, at, value,
-           threshold, repeats, message_vi, message_en)
+           threshold, repeats, message_vi, message_en, areas)
 ON CONFLICT (subject, alarm_key) WHERE state <> 'resolved' DO UPDATE SET
     reasons = a.reasons || jsonb_build_object(excluded.rule, {_NEW_REASON} || jsonb_build_object(
         'count', {_REASON_COUNT},
@@ -102,6 +120,10 @@ ON CONFLICT (subject, alarm_key) WHERE state <> 'resolved' DO UPDATE SET
     message_vi = CASE WHEN {_OWN_OR_TAKES_OVER} THEN excluded.message_vi ELSE a.message_vi END,
     message_en = CASE WHEN {_OWN_OR_TAKES_OVER} THEN excluded.message_en ELSE a.message_en END,
     serious_since = coalesce(a.serious_since, excluded.serious_since),
+    -- A zone's alarm gathers the areas of every station that joined it while open.
+    areas = CASE WHEN excluded.areas IS NULL THEN a.areas
+                 ELSE (SELECT array_agg(DISTINCT x ORDER BY x)
+                       FROM unnest(coalesce(a.areas, '{{}}') || excluded.areas) AS x) END,
     updated_at = now()
 RETURNING {_ALARM_COLUMNS}, a.previous_severity, a.reason_joined, (a.xmax = 0) AS inserted
 """
@@ -159,13 +181,15 @@ RETURNING {_ALARM_COLUMNS}
 """
 
 _SAVE_DETECTOR_STATES_SQL = """
-INSERT INTO detector_state AS d (device_id, state, flood_signal)
-SELECT u.device_id, u.state::jsonb, u.flood_signal::jsonb
-FROM unnest($1::text[], $2::text[], $3::text[]) AS u (device_id, state, flood_signal)
+INSERT INTO detector_state AS d (device_id, state, flood_signal, flood_zone)
+SELECT u.device_id, u.state::jsonb, u.flood_signal::jsonb, u.flood_zone
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS u (device_id, state, flood_signal, flood_zone)
 JOIN devices ON devices.id = u.device_id
 ON CONFLICT (device_id) DO UPDATE SET
     state = excluded.state,
     flood_signal = coalesce(excluded.flood_signal, d.flood_signal),
+    -- The zone the signal was judged in moves with the signal (a station moved, an area changed).
+    flood_zone = CASE WHEN excluded.flood_signal IS NULL THEN d.flood_zone ELSE excluded.flood_zone END,
     updated_at = now()
 """
 
@@ -293,6 +317,8 @@ async def _raise(connection: Connection, raised: Sequence[Finding]) -> list[Even
         [max(f.repeats, 1) for f in raised],
         [f.message_vi for f in raised],
         [f.message_en for f in raised],
+        # Area ids hold no comma (ioc_core.areas.AREA_ID_PATTERN): one text per finding.
+        [",".join(f.areas) if f.areas else None for f in raised],
     )
     events: list[Event] = []
     for row in rows:
@@ -335,44 +361,48 @@ async def detector_states(connection: Connection, device_ids: Sequence[str]) -> 
 async def save_detector_states(
     connection: Connection,
     states: Mapping[str, str],
-    flood_signals: dict[str, dict[str, Any] | None],
+    flood_signals: Mapping[str, StoredSignal | None],
 ) -> None:
-    """Store detector state, each a JSON document (and, for flood stations, their signal) of
-    registered devices."""
+    """Store detector state, each a JSON document (and, for flood stations, their signal with the
+    zone it counts in) of registered devices."""
     if not states:
         return
     ids = sorted(states)  # one lock order for processors racing on the same devices
+    signals = [flood_signals.get(i) for i in ids]
     await connection.execute(
         _SAVE_DETECTOR_STATES_SQL,
         ids,
         [states[i] for i in ids],
-        [json.dumps(flood_signals[i]) if flood_signals.get(i) is not None else None for i in ids],
+        [json.dumps(signal.body) if signal is not None else None for signal in signals],
+        [signal.zone if signal is not None else None for signal in signals],
     )
 
 
-async def district_flood_alarm_open(connection: Connection, city: str, district: str) -> bool:
-    return bool(
-        await connection.fetchval(
-            "SELECT EXISTS (SELECT 1 FROM alarms WHERE subject = $1 AND rule = $2 AND state <> 'resolved')",
-            district_subject(city, district),
-            DISTRICT_FLOOD_RULE,
-        )
-    )
-
-
-async def district_flood_signals(
-    connection: Connection, city: str, district: str, *, rising_only: bool
-) -> list[dict[str, Any]]:
-    """The stored signals of a district's flood stations, or only of those whose water rises."""
+async def open_zone_alarms(connection: Connection, subjects: Sequence[str]) -> set[str]:
+    """Which of these zones (area or district subjects) have an open flood alarm."""
+    if not subjects:
+        return set()
     rows = await connection.fetch(
-        "SELECT s.flood_signal FROM detector_state s JOIN devices d ON d.id = s.device_id"
-        " WHERE d.city = $1 AND d.district = $2 AND d.domain = 'flood' AND s.flood_signal IS NOT NULL"
-        " AND (NOT $3 OR s.flood_signal -> 'rising' = 'true'::jsonb)",
-        city,
-        district,
+        "SELECT subject FROM alarms WHERE subject = ANY($1::text[]) AND rule = $2 AND state <> 'resolved'",
+        list(subjects),
+        DISTRICT_FLOOD_RULE,
+    )
+    return {row["subject"] for row in rows}
+
+
+async def zone_flood_signals(connection: Connection, zone: str, *, rising_only: bool) -> list[ZoneStation]:
+    """The stored signals of a zone's flood stations, or only of those whose water rises, each with
+    the areas its station lies in."""
+    rows = await connection.fetch(
+        "SELECT s.flood_signal,"
+        " coalesce((SELECT array_agg(m.area_id ORDER BY m.area_id) FROM device_areas m"
+        "           WHERE m.device_id = s.device_id), '{}') AS areas"
+        " FROM detector_state s WHERE s.flood_zone = $1 AND s.flood_signal IS NOT NULL"
+        " AND (NOT $2 OR s.flood_signal -> 'rising' = 'true'::jsonb)",
+        zone,
         rising_only,
     )
-    return [row["flood_signal"] for row in rows]
+    return [ZoneStation(signal=row["flood_signal"], areas=tuple(row["areas"])) for row in rows]
 
 
 # -- over the pool ---------------------------------------------------------------------------
@@ -419,7 +449,7 @@ class AlarmStore:
             " AND ($4::text[] IS NULL OR a.domain = ANY($4))"
             " AND ($5::text[] IS NULL OR a.severity = ANY($5))"
             " AND ($6::text IS NULL OR a.device_id = $6)"
-            " AND ($8::text[] IS NULL OR EXISTS (SELECT 1 FROM device_areas m"
+            " AND ($8::text[] IS NULL OR a.areas && $8 OR EXISTS (SELECT 1 FROM device_areas m"
             " WHERE m.device_id = a.device_id AND m.area_id = ANY($8)))"
             " ORDER BY a.id DESC LIMIT $7",
             before_id,
@@ -529,12 +559,28 @@ class AlarmStore:
             alarm_id,
             limit,
         )
+
+        def area_of(r: asyncpg.Record) -> views.PublicArea | None:
+            if r["area_id"] is None:
+                return None
+            wards = zip(r["ward_ids"] or (), r["ward_codes"] or (), r["ward_names"] or (), strict=True)
+            return views.PublicArea(
+                id=r["area_id"],
+                kind=r["area_kind"],
+                name_vi=r["area_name_vi"],
+                name_en=r["area_name_en"],
+                code=r["area_code"],
+                geometry=r["area_geometry"],
+                wards=tuple(views.PublicWard(id=i, code=c, name_vi=n) for i, c, n in wards),
+            )
+
         return [
             views.PublicAlarmRow(
                 alarm=_alarm_of(r),
                 device_name=r["device_name"],
                 location=(r["lat"], r["lon"]) if r["lat"] is not None else None,
                 district_points=list(zip(r["district_lats"] or (), r["district_lons"] or (), strict=True)),
+                area=area_of(r),
             )
             for r in rows
         ]

@@ -81,20 +81,20 @@ class BatchTransaction(Transaction):
         return await alarms.detector_states(self.connection, device_ids)
 
     async def save_detector_states(
-        self, states: Mapping[str, str], flood_signals: dict[str, dict[str, Any] | None]
+        self, states: Mapping[str, str], flood_signals: Mapping[str, alarms.StoredSignal | None]
     ) -> None:
-        """Store detector state, each a JSON document (and, for flood stations, their signal) of
-        registered devices."""
+        """Store detector state, each a JSON document (and, for flood stations, their signal and
+        zone) of registered devices."""
         await alarms.save_detector_states(self.connection, states, flood_signals)
 
-    async def district_flood_alarm_open(self, city: str, district: str) -> bool:
-        return await alarms.district_flood_alarm_open(self.connection, city, district)
+    async def open_zone_alarms(self, subjects: Sequence[str]) -> set[str]:
+        """Which of these zones have an open flood alarm."""
+        return await alarms.open_zone_alarms(self.connection, subjects)
 
-    async def district_flood_signals(
-        self, city: str, district: str, *, rising_only: bool
-    ) -> list[dict[str, Any]]:
-        """The stored signals of a district's flood stations, or only of those whose water rises."""
-        return await alarms.district_flood_signals(self.connection, city, district, rising_only=rising_only)
+    async def zone_flood_signals(self, zone: str, *, rising_only: bool) -> list[alarms.ZoneStation]:
+        """The stored signals of a zone's flood stations (or of those whose water rises), each with
+        the areas its station lies in."""
+        return await alarms.zone_flood_signals(self.connection, zone, rising_only=rising_only)
 
     async def escalate_alarms(self, after_s: dict[str, float]) -> list[Event]:
         """Escalate the alarms nobody acknowledged in time; records `alarm.updated` events with

@@ -14,10 +14,21 @@ from ioc_core.models import Device, DeviceIn, DeviceRoute, LatestReading, Locati
 from ioc_core.storage import views
 from ioc_core.storage.areas import EngineOf, place_devices
 from ioc_core.storage.pool import Connection, Pool, Transaction, text_list
+from ioc_core.storage.schema import FLOOD_ZONE_AREA_SQL
 
 _DEVICE_COLUMNS = f"""
     d.id, d.city, d.domain, d.name, d.district, d.lat, d.lon, d.thresholds, d.created_at,
     coalesce(s.status, 'unknown') AS status, s.last_seen, s.ts, s.metrics, {views.DEVICE_AREAS}
+"""
+
+
+# What detection needs of devices $1, with each flood station's correlation zone.
+_PROFILES_SQL = f"""
+SELECT d.id, d.city, d.domain, d.name, d.district, d.thresholds,
+       z.id AS zone_area, z.name_vi AS zone_name_vi, z.name_en AS zone_name_en
+FROM devices d
+LEFT JOIN areas z ON d.domain = 'flood' AND z.id = {FLOOD_ZONE_AREA_SQL.format(device="d.id")}
+WHERE d.id = ANY($1::text[])
 """
 
 
@@ -29,6 +40,10 @@ class DeviceProfileRow:
     name: str | None
     district: str | None
     thresholds: dict[str, dict[str, float | None]]
+    # A flood station's correlation zone (see schema.FLOOD_ZONE_AREA_SQL), or None.
+    zone_area: str | None = None
+    zone_name_vi: str | None = None
+    zone_name_en: str | None = None
 
 
 def _device_of(row: asyncpg.Record) -> Device:
@@ -190,12 +205,19 @@ class DeviceStore:
 
     async def profiles(self, device_ids: Sequence[str]) -> list[DeviceProfileRow]:
         """What detection needs of each registered device among `device_ids`."""
-        rows = await self._pool.fetch(
-            "SELECT id, city, domain, name, district, thresholds FROM devices WHERE id = ANY($1::text[])",
-            list(device_ids),
-        )
+        rows = await self._pool.fetch(_PROFILES_SQL, list(device_ids))
         return [
-            DeviceProfileRow(r["id"], r["city"], r["domain"], r["name"], r["district"], r["thresholds"])
+            DeviceProfileRow(
+                r["id"],
+                r["city"],
+                r["domain"],
+                r["name"],
+                r["district"],
+                r["thresholds"],
+                zone_area=r["zone_area"],
+                zone_name_vi=r["zone_name_vi"],
+                zone_name_en=r["zone_name_en"],
+            )
             for r in rows
         ]
 

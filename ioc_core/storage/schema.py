@@ -32,6 +32,17 @@ def ident(name: str) -> str:
     return name
 
 
+# The area a flood station is correlated in (processors.detection.district): the catchment that
+# contains it, else its ward; of several, the one with the smallest bounding box (a sub-catchment
+# within a river basin is the more local picture; boxes alike to 1e-8 square degrees tie), then
+# by id. `{device}` names the device's id.
+FLOOD_ZONE_AREA_SQL = """(
+    SELECT za.id FROM device_areas zm JOIN areas za ON za.id = zm.area_id
+    WHERE zm.device_id = {device} AND za.kind IN ('catchment', 'ward')
+    ORDER BY za.kind = 'catchment' DESC,
+             round(((za.max_lon - za.min_lon) * (za.max_lat - za.min_lat))::numeric, 8), za.id
+    LIMIT 1)"""
+
 # Versioned schema steps; each runs once, in order, inside the migration lock.
 MIGRATIONS: tuple[tuple[int, str], ...] = (
     (
@@ -467,6 +478,29 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
 
         -- A ward office's endpoint gets the events of its ward's devices only.
         ALTER TABLE webhook_endpoints ADD COLUMN areas text[];
+        """,
+    ),
+    (
+        13,
+        f"""
+        -- Flood correlation by area (processors.detection.district): a station is judged with the
+        -- other stations of its zone, the catchment that contains it or else its ward (a device
+        -- in no such area keeps its registered `district`). The zone is kept beside the signal
+        -- so that a zone's signals are read by one index, as the processor saw them.
+        ALTER TABLE detector_state ADD COLUMN flood_zone text;
+        CREATE INDEX detector_state_by_flood_zone ON detector_state (flood_zone)
+            WHERE flood_zone IS NOT NULL;
+        UPDATE detector_state s
+        SET flood_zone = coalesce('area:' || {FLOOD_ZONE_AREA_SQL.format(device="d.id")},
+                                  'district:' || d.city || ':' || d.district)
+        FROM devices d
+        WHERE d.id = s.device_id AND d.domain = 'flood' AND s.flood_signal IS NOT NULL;
+        -- The areas of an alarm with no device (a zone's flood alarm): the zone and the areas its
+        -- stations lie in, so a ward office sees the catchment alarm over its ward.
+        ALTER TABLE alarms ADD COLUMN areas text[];
+        CREATE INDEX alarms_open_by_area ON alarms USING gin (areas)
+            WHERE state <> 'resolved' AND areas IS NOT NULL;
+        DROP INDEX IF EXISTS devices_flood_by_district;
         """,
     ),
 )

@@ -344,6 +344,16 @@ class StatusStore:
         ]
         return devices, [(r["domain"], r["state"], r["severity"], r["n"]) for r in alarm_rows]
 
+    async def area_alarms(
+        self, cities: Sequence[str] | None, domains: Sequence[str] | None, areas: Sequence[str]
+    ) -> list[tuple[str, str, str, str]]:
+        """The open area-wide alarms over `areas`, as (area id, domain, state, severity), once per
+        area each concerns."""
+        rows = await self._pool.fetch(
+            views.AREA_ALARMS_SQL, text_list(cities), text_list(domains), list(areas)
+        )
+        return [(r["area_id"], r["domain"], r["state"], r["severity"]) for r in rows]
+
     async def area_devices(
         self, cities: Sequence[str] | None, domains: Sequence[str] | None, areas: Sequence[str]
     ) -> list[views.AreaDevice]:

@@ -79,12 +79,24 @@ _OPEN_ALARMS = f"""
     WHERE a.state <> 'resolved' AND a.device_id IS NOT NULL
     GROUP BY a.device_id
 """
+# Worst open area-wide alarm over each device: a zone's flood alarm reaches the devices in any of
+# its areas; one of older releases, with no areas, the devices of its city's `district`.
+_AREA_ALARMS = f"""
+    SELECT m.device_id, (array_agg(a.severity ORDER BY {_SEVERITY_RANK} DESC))[1] AS worst
+    FROM alarms a JOIN device_areas m ON m.area_id = ANY(a.areas)
+    WHERE a.state <> 'resolved' AND a.device_id IS NULL
+    GROUP BY m.device_id
+"""
 _DISTRICT_ALARMS = f"""
     SELECT a.city, a.district, (array_agg(a.severity ORDER BY {_SEVERITY_RANK} DESC))[1] AS worst
     FROM alarms a
-    WHERE a.state <> 'resolved' AND a.device_id IS NULL AND a.district IS NOT NULL
+    WHERE a.state <> 'resolved' AND a.device_id IS NULL AND a.district IS NOT NULL AND a.areas IS NULL
     GROUP BY a.city, a.district
 """
+_WORST_AREA_ALARM = (
+    f"CASE WHEN dsa.worst IS NULL OR {severity_rank_sql('zsa.worst')} >= {severity_rank_sql('dsa.worst')}"
+    " THEN coalesce(zsa.worst, dsa.worst) ELSE dsa.worst END"
+)
 
 # $3 bbox as [min lon, min lat, max lon, max lat] or NULL.
 _BBOX = "($3::float8[] IS NULL OR (d.lon BETWEEN $3[1] AND $3[3] AND d.lat BETWEEN $3[2] AND $3[4]))"
@@ -100,7 +112,8 @@ SELECT count(*) AS n, coalesce(json_agg(json_build_object(
         'status', coalesce(s.status, 'unknown'), 'ts', s.ts, 'last_seen', s.last_seen,
         'metrics', coalesce(s.metrics, '{{}}'::jsonb),
         'alarm_severity', a.worst, 'open_alarms', coalesce(a.n, 0),
-        'district_alarm_severity', dsa.worst,
+        'area_alarm_severity', {_WORST_AREA_ALARM},
+        'district_alarm_severity', {_WORST_AREA_ALARM},
         'areas', coalesce((SELECT array_agg(m.area_id ORDER BY m.area_id) FROM device_areas m
                            WHERE m.device_id = d.id), '{{}}')
     )
@@ -108,6 +121,7 @@ SELECT count(*) AS n, coalesce(json_agg(json_build_object(
 FROM devices d
 LEFT JOIN device_state s ON s.device_id = d.id
 LEFT JOIN ({_OPEN_ALARMS}) a ON a.device_id = d.id
+LEFT JOIN ({_AREA_ALARMS}) zsa ON zsa.device_id = d.id
 LEFT JOIN ({_DISTRICT_ALARMS}) dsa ON dsa.city = d.city AND dsa.district = d.district
 WHERE {_SCOPE} AND {_BBOX} AND {in_areas("$4")}
 """
@@ -159,14 +173,23 @@ LEFT JOIN device_state s ON s.device_id = d.id
 WHERE {_SCOPE}
 """
 
-# $4 area ids or NULL: alarms of devices in one of them.
+# The open area-wide alarms (a zone's flood alarm) over areas $3, once per area of $3 each
+# concerns: they count in those areas' state beside their devices' own alarms.
+AREA_ALARMS_SQL = """
+SELECT u.area_id, a.domain, a.state, a.severity
+FROM alarms a, unnest(a.areas) AS u (area_id)
+WHERE a.state <> 'resolved' AND a.device_id IS NULL AND a.areas && $3::text[] AND u.area_id = ANY($3::text[])
+  AND ($1::text[] IS NULL OR a.city = ANY($1)) AND ($2::text[] IS NULL OR a.domain = ANY($2))
+"""
+
+# $4 area ids or NULL: alarms of devices in one of them, and area-wide alarms over one of them.
 SUMMARY_ALARMS_SQL = """
 SELECT a.domain, a.state, a.severity, count(*) AS n
 FROM alarms a
 WHERE a.state <> 'resolved'
   AND ($1::text[] IS NULL OR a.city = ANY($1)) AND ($2::text[] IS NULL OR a.domain = ANY($2))
   AND ($3::text IS NULL OR a.city = $3)
-  AND ($4::text[] IS NULL OR EXISTS (SELECT 1 FROM device_areas m
+  AND ($4::text[] IS NULL OR a.areas && $4 OR EXISTS (SELECT 1 FROM device_areas m
                                       WHERE m.device_id = a.device_id AND m.area_id = ANY($4)))
 GROUP BY a.domain, a.state, a.severity
 """
@@ -247,20 +270,38 @@ class CityRow:
 
 
 # Open alarms the public is warned of (CAP, `GET /v1/public/cap`), worst and newest first, with
-# where they are: a device alarm's device, or every registered device of a district alarm's domain
-# in its district. `{alarm_columns}` takes the alarm's own columns, as every alarm query reads them.
+# where they are: a device alarm's device; an area alarm's area (subject `area:{id}`, see
+# `ioc_core.alarms.area_subject`) with the coded wards among the alarm's areas; or, for an old
+# district alarm (and an area alarm whose area is gone), the registered devices of its domain in
+# its district (or in the alarm's remaining areas). `{alarm_columns}` takes the alarm's own
+# columns, as every alarm query reads them.
 # $1, $2 the public (domain, rule) pairs (an alarm is public when one of its reasons is one);
 # $3 severities; $4 a city or NULL; $5 one alarm id or NULL; $6 the most rows.
 PUBLIC_ALARMS_SQL = f"""
 SELECT {{alarm_columns}}, d.name AS device_name, d.lat, d.lon,
-       p.lats AS district_lats, p.lons AS district_lons
+       p.lats AS district_lats, p.lons AS district_lons,
+       z.id AS area_id, z.kind AS area_kind, z.name_vi AS area_name_vi, z.name_en AS area_name_en,
+       z.code AS area_code, z.geometry AS area_geometry,
+       w.ids AS ward_ids, w.codes AS ward_codes, w.names AS ward_names
 FROM alarms a
 LEFT JOIN devices d ON d.id = a.device_id
+LEFT JOIN areas z
+       ON a.device_id IS NULL AND starts_with(a.subject, 'area:') AND z.id = substr(a.subject, 6)
 LEFT JOIN LATERAL (
     SELECT array_agg(x.lat ORDER BY x.id) AS lats, array_agg(x.lon ORDER BY x.id) AS lons
     FROM devices x
-    WHERE a.device_id IS NULL AND x.city = a.city AND x.district = a.district AND x.domain = a.domain
+    WHERE a.device_id IS NULL AND z.id IS NULL AND x.city = a.city AND x.domain = a.domain
+      AND CASE WHEN starts_with(a.subject, 'area:')
+               THEN EXISTS (SELECT 1 FROM device_areas m
+                            WHERE m.device_id = x.id AND m.area_id = ANY(a.areas))
+               ELSE x.district = a.district END
 ) p ON true
+LEFT JOIN LATERAL (
+    SELECT array_agg(y.id ORDER BY y.code, y.id) AS ids, array_agg(y.code ORDER BY y.code, y.id) AS codes,
+           array_agg(y.name_vi ORDER BY y.code, y.id) AS names
+    FROM areas y
+    WHERE z.id IS NOT NULL AND y.id = ANY(a.areas) AND y.kind = 'ward' AND y.code IS NOT NULL
+) w ON true
 WHERE a.state <> 'resolved'
   AND EXISTS (SELECT 1 FROM jsonb_object_keys({_REASONS}) AS r (rule)
               JOIN unnest($1::text[], $2::text[]) AS pub (domain, rule)
@@ -274,11 +315,37 @@ LIMIT $6
 
 
 @dataclass(frozen=True, slots=True)
+class PublicWard:
+    """A ward an area alarm concerns, with its official code (wards without one are left out)."""
+
+    id: str
+    code: str
+    name_vi: str
+
+
+@dataclass(frozen=True, slots=True)
+class PublicArea:
+    """The area an area alarm is about: its names, kind, official code (None without one), its
+    geometry (a GeoJSON MultiPolygon, `[lon, lat]`), and the coded wards among the alarm's areas
+    (its own too, when it is one), in code order."""
+
+    id: str
+    kind: str
+    name_vi: str
+    name_en: str | None
+    code: str | None
+    geometry: dict[str, object]
+    wards: tuple[PublicWard, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class PublicAlarmRow:
     """An open public alarm with its place: the device's name and `(lat, lon)` (None when the device
-    is gone), or for a district alarm the `(lat, lon)` of its district's devices."""
+    is gone); for an area alarm its area (None when the area is gone, or for any other alarm); for
+    a district alarm, or an area alarm whose area is gone, the `(lat, lon)` of its stations."""
 
     alarm: Alarm
     device_name: str | None
     location: tuple[float, float] | None
     district_points: list[tuple[float, float]]
+    area: PublicArea | None = None

@@ -1,5 +1,5 @@
 """Detection: pure per-device detectors that turn readings into alarm findings, with state that
-round-trips through JSON, and district flood correlation across stations.
+round-trips through JSON, and flood correlation across the stations of a zone.
 
 No I/O happens here. The processor loads each device's profile and state, calls
 `DeviceDetection.evaluate` with the device's readings of a batch, stores the state back with the
@@ -8,13 +8,13 @@ readings, and hands the findings to the alarm store.
 
 from __future__ import annotations
 
-from ioc_core.alarms import DISTRICT_FLOOD_RULE, OFFLINE_RULE, Finding, district_subject
+from ioc_core.alarms import DISTRICT_FLOOD_RULE, OFFLINE_RULE, Finding, area_subject, district_subject
 from ioc_core.rules import SEVERITIES, severity_rank
 from processors.detection.detectors import DetectionSettings, DeviceDetection
 from processors.detection.district import DistrictFloodCorrelator, StationSignal
 from processors.detection.findings import offline_finding
 from processors.detection.judgements import DETECTOR_KINDS
-from processors.detection.profile import DeviceProfile
+from processors.detection.profile import DeviceProfile, FloodZone
 from processors.detection.state import DeviceDetectorState
 
 __all__ = [
@@ -28,7 +28,9 @@ __all__ = [
     "DeviceProfile",
     "DistrictFloodCorrelator",
     "Finding",
+    "FloodZone",
     "StationSignal",
+    "area_subject",
     "district_subject",
     "offline_finding",
     "severity_rank",

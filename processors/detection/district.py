@@ -1,8 +1,11 @@
-"""District flood correlation: rain and rising water at several stations of one district at once.
+"""Flood correlation by zone: rain and rising water at several stations of one zone at once.
 
-A district's stations are spread over bus partitions, so possibly over processors. Each processor
-therefore derives a small signal per station from that station's detector state and stores it; the
-district's signals are read back together and judged here, giving one alarm per district.
+A station's zone is the drainage catchment (lưu vực) that contains it, else its ward, else the
+`district` it was registered with (`profile.FloodZone`): water gathers by catchment, so stations of
+one catchment flooding together is one event, whichever wards they stand in. A zone's stations are
+spread over bus partitions, so possibly over processors. Each processor therefore derives a small
+signal per station from that station's detector state and stores it with its zone; the zone's
+signals are read back together and judged here, giving one alarm per zone.
 """
 
 from __future__ import annotations
@@ -12,11 +15,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from ioc_core.alarms import DISTRICT_FLOOD_RULE, Finding, district_subject
+from ioc_core.alarms import DISTRICT_FLOOD_RULE, Finding
 from ioc_core.domains import get_domain
 from ioc_core.rules import DistrictCorrelation
-from processors.detection.messages import district_flood_texts
-from processors.detection.profile import DeviceProfile
+from processors.detection.messages import zone_flood_texts
+from processors.detection.profile import DeviceProfile, FloodZone
 from processors.detection.state import DeviceDetectorState, MetricState, epoch_ms
 
 DISTRICT_FLOOD_SEVERITY = "high"
@@ -27,7 +30,7 @@ _FLOOD_DOMAIN = "flood"
 
 @dataclass(frozen=True, slots=True)
 class StationSignal:
-    """One station's part in its district's flood picture, as of its newest reading."""
+    """One station's part in its zone's flood picture, as of its newest reading."""
 
     device_id: str
     at: datetime
@@ -84,7 +87,7 @@ class StationSignal:
 
 
 class DistrictFloodCorrelator:
-    """Judges a district from its stations' signals. Pure: the caller stores and gathers the signals."""
+    """Judges a zone from its stations' signals. Pure: the caller stores and gathers the signals."""
 
     def __init__(self, correlation: DistrictCorrelation | None = None) -> None:
         if correlation is None:
@@ -96,8 +99,8 @@ class DistrictFloodCorrelator:
 
     def station_signal(self, profile: DeviceProfile, state: DeviceDetectorState) -> StationSignal | None:
         """The station's signal as of its newest reading; None for a device that is not a flood
-        station of some district, or has not reported yet."""
-        if profile.domain != _FLOOD_DOMAIN or not profile.district or state.last_ts is None:
+        station of some zone, or has not reported yet."""
+        if profile.domain != _FLOOD_DOMAIN or profile.zone is None or state.last_ts is None:
             return None
         correlation = self.correlation
         newest_ms = epoch_ms(state.last_ts)
@@ -132,13 +135,16 @@ class DistrictFloodCorrelator:
         self,
         *,
         city: str,
-        district: str,
+        zone: FloodZone,
         signals: Sequence[StationSignal],
         active: bool,
         now: datetime,
+        station_areas: Mapping[str, Sequence[str]] | None = None,
     ) -> Finding | None:
         """An active finding while enough fresh stations qualify (a repeat when `active` already);
-        an inactive one once none does and the district's alarm is `active`; otherwise None."""
+        an inactive one once none does and the zone's alarm is `active`; otherwise None.
+        `station_areas` gives the areas each station lies in: an active finding concerns the zone's
+        area and those of its qualifying stations (a ward office sees its catchment's alarm)."""
         correlation = self.correlation
         oldest = now - timedelta(seconds=correlation.fresh_s)
         newest_by_station: dict[str, StationSignal] = {}
@@ -152,50 +158,59 @@ class DistrictFloodCorrelator:
         qualifying = [signal for signal in fresh if signal.qualifies]
         if len(qualifying) >= correlation.min_stations:
             critical = any(signal.level_severity == DISTRICT_FLOOD_CRIT_SEVERITY for signal in fresh)
-            message_vi, message_en = district_flood_texts(
-                district, city, [signal.name or signal.device_id for signal in qualifying], active=True
-            )
+            names = [signal.name or signal.device_id for signal in qualifying]
+            areas = {zone.area_id} if zone.area_id is not None else set()
+            for signal in qualifying:
+                areas.update((station_areas or {}).get(signal.device_id, ()))
             return self._finding(
                 city=city,
-                district=district,
+                zone=zone,
                 active=True,
                 severity=DISTRICT_FLOOD_CRIT_SEVERITY if critical else DISTRICT_FLOOD_SEVERITY,
                 value=float(len(qualifying)),
                 repeats=1,
                 at=max(signal.at for signal in qualifying),
-                texts=(message_vi, message_en),
+                texts=zone_flood_texts(zone.name_vi, zone.name_en, city, names, active=True),
+                areas=tuple(sorted(areas)),
             )
         if active and not qualifying:
-            return self._finding(
-                city=city,
-                district=district,
-                active=False,
-                severity=None,
-                value=0.0,
-                repeats=0,
-                at=max((signal.at for signal in fresh), default=now),
-                texts=district_flood_texts(district, city, [], active=False),
-            )
+            return self.passed(zone, city=city, at=max((signal.at for signal in fresh), default=now))
         return None
+
+    def passed(self, zone: FloodZone, *, city: str, at: datetime) -> Finding:
+        """The inactive finding that resolves the zone's open alarm."""
+        return self._finding(
+            city=city,
+            zone=zone,
+            active=False,
+            severity=None,
+            value=0.0,
+            repeats=0,
+            at=at,
+            texts=zone_flood_texts(zone.name_vi, zone.name_en, city, [], active=False),
+            areas=(),
+        )
 
     def _finding(
         self,
         *,
         city: str,
-        district: str,
+        zone: FloodZone,
         active: bool,
         severity: str | None,
         value: float,
         repeats: int,
         at: datetime,
         texts: tuple[str, str],
+        areas: tuple[str, ...],
     ) -> Finding:
         return Finding(
-            subject=district_subject(city, district),
+            subject=zone.subject,
             device_id=None,
             city=city,
             domain=_FLOOD_DOMAIN,
-            district=district,
+            # Deprecated alias, read for one more release: the zone's name.
+            district=zone.name_vi,
             rule=DISTRICT_FLOOD_RULE,
             metric=None,
             active=active,
@@ -206,6 +221,7 @@ class DistrictFloodCorrelator:
             at=at,
             message_vi=texts[0],
             message_en=texts[1],
+            areas=areas,
         )
 
 

@@ -128,12 +128,17 @@ def offline_texts(place: str, *, active: bool) -> Texts:
     return f"Thiết bị {place} đã kết nối trở lại", f"Device {place} is back online"
 
 
-def district_flood_texts(district: str, city: str, station_names: Sequence[str], *, active: bool) -> Texts:
-    where = f"{district} ({city_name(city)})"
+def zone_flood_texts(
+    zone_vi: str, zone_en: str, city: str, station_names: Sequence[str], *, active: bool
+) -> Texts:
+    """A flood zone's (catchment, ward or district) alarm texts, named in each language."""
+    where_vi = f"{zone_vi} ({city_name(city)})"
+    where_en = f"{zone_en} ({city_name(city)})"
     if not active:
         return (
-            f"Nguy cơ ngập úng diện rộng tại {where} đã qua: không còn trạm nào vừa có mưa vừa có nước dâng",
-            f"Flood risk across {where} has passed: no station reports both rain and rising water",
+            f"Nguy cơ ngập úng diện rộng tại {where_vi} đã qua:"
+            " không còn trạm nào vừa có mưa vừa có nước dâng",
+            f"Flood risk across {where_en} has passed: no station reports both rain and rising water",
         )
     shown = ", ".join(station_names[:_STATION_NAMES_SHOWN])
     more = len(station_names) - _STATION_NAMES_SHOWN
@@ -141,6 +146,6 @@ def district_flood_texts(district: str, city: str, station_names: Sequence[str],
     names_en = f"{shown} and {more} more" if more > 0 else shown
     count = len(station_names)
     return (
-        f"Nguy cơ ngập úng diện rộng tại {where}: {count} trạm đang có mưa và nước dâng ({names_vi})",
-        f"Flood risk across {where}: {count} stations report rain and rising water ({names_en})",
+        f"Nguy cơ ngập úng diện rộng tại {where_vi}: {count} trạm đang có mưa và nước dâng ({names_vi})",
+        f"Flood risk across {where_en}: {count} stations report rain and rising water ({names_en})",
     )

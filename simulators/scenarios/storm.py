@@ -1,4 +1,5 @@
-"""`storm`: rain builds over the city, heaviest over some wards; flood stations rise past
+"""`storm`: rain builds over the city, heaviest over some catchments (or wards outside any);
+flood stations rise past
 their alert and danger levels, feeders sag, traffic stands still on flooded roads; then the water
 recedes."""
 
@@ -106,8 +107,9 @@ def _back_inside(value: float, rules: MetricRules) -> bool:
 class Storm(Scenario):
     name = "storm"
 
-    # Peak rain over the wards the storm sits on (mm/h: a tropical downpour, past the alert at
-    # 50 and short of the 100 that is critical) and over the rest of the city.
+    # Peak rain over the zones (catchments, or wards outside any) the storm sits on (mm/h: a
+    # tropical downpour, past the alert at 50 and short of the 100 that is critical) and over the
+    # rest of the city.
     HEAVY_RAIN_MM_H = (72.0, 85.0)
     LIGHT_RAIN_MM_H = (3.0, 7.0)
     # How far past its danger level the water reaches at the flooded stations (m).
@@ -125,30 +127,32 @@ class Storm(Scenario):
         correlation = flood.correlation
         self.min_stations = correlation.min_stations if correlation is not None else 2
         self.rain_at_least = correlation.rain_at_least if correlation is not None else 10.0
+        # Flood stations are correlated by zone, so the storm sits on zones: water gathers by
+        # catchment, and a catchment's wards flood together.
         stations: dict[str, list[SimulatedDevice]] = defaultdict(list)
         for device in fleet:
             if device.domain.name == _FLOOD:
-                stations[device.district].append(device)
-        candidates = [d for d, devices in stations.items() if len(devices) >= self.min_stations]
+                stations[_zone(device)].append(device)
+        candidates = [z for z, devices in stations.items() if len(devices) >= self.min_stations]
         self.heavy = set(candidates[: max(1, len(candidates) // 2)]) if candidates else set()
-        self.stations = {d: stations[d] for d in self.heavy}
+        self.stations = {z: stations[z] for z in self.heavy}
         self.rain_peak = {}
-        for district in dict.fromkeys(device.district for device in fleet):
-            peak = self.HEAVY_RAIN_MM_H if district in self.heavy else self.LIGHT_RAIN_MM_H
-            self.rain_peak[district] = self.rng.uniform(*peak)
+        for zone in dict.fromkeys(_zone(device) for device in fleet):
+            peak = self.HEAVY_RAIN_MM_H if zone in self.heavy else self.LIGHT_RAIN_MM_H
+            self.rain_peak[zone] = self.rng.uniform(*peak)
         self._surge: dict[str, float] = {}
         self._crossings: dict[tuple[str, str], _Crossing] = {}
         self._latest: dict[str, tuple[float, float]] = {}  # station → (rain, level)
-        self._district_incidents: dict[str, Incident] = {}
+        self._zone_incidents: dict[str, Incident] = {}
         for device in fleet:
-            if device.district in self.heavy and device.domain.name in (_FLOOD, _GRID, _TRAFFIC):
+            if _zone(device) in self.heavy and device.domain.name in (_FLOOD, _GRID, _TRAFFIC):
                 self._watch(device)
 
     def check(self, duration_s: float | None) -> None:
         super().check(duration_s)
         if not self.heavy:
             raise ValueError(
-                f"scenario storm needs {self.min_stations} flood stations in one ward:"
+                f"scenario storm needs {self.min_stations} flood stations in one catchment or ward:"
                 f" use --devices {5 * self.min_stations} or more"
             )
 
@@ -175,8 +179,8 @@ class Storm(Scenario):
     def overlay(
         self, device: SimulatedDevice, metrics: dict[str, float], at: datetime, progress: float
     ) -> dict[str, float]:
-        heavy = device.district in self.heavy
-        rain = self.rain(progress) * self.rain_peak.get(device.district, 0.0)
+        heavy = _zone(device) in self.heavy
+        rain = self.rain(progress) * self.rain_peak.get(_zone(device), 0.0)
         water = self.water(progress)
         domain = device.domain.name
         changed = dict(metrics)
@@ -219,15 +223,15 @@ class Storm(Scenario):
             crossing = self._crossings.get((device.id, metric))
             if crossing is not None:
                 crossing.observe(value, at, self)
-        if device.domain.name == _FLOOD and device.district in self.heavy:
+        if device.domain.name == _FLOOD and _zone(device) in self.heavy:
             self._latest[device.id] = (metrics["rainfall"], metrics["currentLevel"])
-            self._judge_district(device.district, at)
+            self._judge_zone(_zone(device), at)
 
-    def _judge_district(self, district: str, at: datetime) -> None:
-        """The district's flood alarm is due once enough of its stations are both in heavy rain and
+    def _judge_zone(self, zone: str, at: datetime) -> None:
+        """The zone's flood alarm is due once enough of its stations are both in heavy rain and
         past their alert level (the correlation also counts a fast rise, which comes earlier)."""
         qualifying = []
-        for station in self.stations[district]:
+        for station in self.stations[zone]:
             latest = self._latest.get(station.id)
             if latest is None:
                 continue
@@ -235,31 +239,37 @@ class Storm(Scenario):
             rain, level = latest
             if rain >= self.rain_at_least and limits.warn_above is not None and level > limits.warn_above:
                 qualifying.append(station)
-        incident = self._district_incidents.get(district)
+        incident = self._zone_incidents.get(zone)
         if incident is None and len(qualifying) >= self.min_stations:
-            city = qualifying[0].city
-            self._district_incidents[district] = Incident(
+            first = qualifying[0]
+            self._zone_incidents[zone] = Incident(
                 scenario=self.name,
                 kind="district_flood",
-                city=city,
+                city=first.city,
                 domain=_FLOOD,
                 expected="alarm",
                 started_at=at,
-                district=district,
+                area=first.zone,
+                district=None if first.zone is not None else first.district,
                 expected_rules=[DISTRICT_FLOOD_RULE],
                 # High while its stations are past their alert levels; critical comes with the
                 # first station past its danger level, that station's own incident (in a storm of
                 # three hours, tens of minutes later).
                 expected_severity="high",
                 detect_within_s=self.detect_within(3),
-                detail=f"{len(qualifying)} stations of {district} in heavy rain and past their alert level",
+                detail=f"{len(qualifying)} stations of {zone} in heavy rain and past their alert level",
             )
         elif incident is not None and incident.ended_at is None and not qualifying:
             incident.ended_at = at
 
     def incidents(self) -> list[Incident]:
         found = [i for crossing in self._crossings.values() for i in crossing.incidents()]
-        return [*found, *self._district_incidents.values()]
+        return [*found, *self._zone_incidents.values()]
+
+
+def _zone(device: SimulatedDevice) -> str:
+    """The zone a device's flood correlation counts it in: its area, else its registered ward."""
+    return device.zone if device.zone is not None else device.district
 
 
 def _blend(normal: float, target: float, weight: float) -> float:

@@ -301,6 +301,101 @@ async def test_stations_of_a_district_flooding_together_raise_one_district_alarm
     assert found[0]["district"] == district and found[0]["severity"] in ("high", "critical")
 
 
+async def test_a_districts_stations_moved_into_a_catchment_raise_its_alarm_and_the_district_alarm_passes(
+    system: System, admin: httpx.AsyncClient
+) -> None:
+    """The upgrade from district correlation: stations registered with a district and in no area
+    raise the district's alarm; once a catchment is stored around them, their flooding raises the
+    catchment's alarm (reaching its area) and the district's alarm passes, nobody touching it."""
+    district = unique("Kiến An")
+    # Away from every other test's areas and devices.
+    west, south, east, north = 106.40, 20.60, 106.44, 20.64
+    location = {"lat": 20.62, "lon": 106.42}
+    stations = [await register(admin, "flood", district=district, location=location) for _ in range(3)]
+    wet, dry = stations[:2], stations[2]
+    start = recent(40)
+    rising = [{"currentLevel": 2.4 + 0.2 * i, "rainfall": 80.0} for i in range(6)]
+    for station in wet:
+        send("flood", station, series(start, 60, rising))
+    send("flood", dry, series(start, 60, [{"currentLevel": 1.0, "rainfall": 0.0}] * 6))
+
+    async def open_alarm(subject: str) -> dict[str, Any] | None:
+        found = [a for a in await alarms_of(admin, city=CITY) if a["subject"] == subject]
+        return found[0] if found and found[0]["state"] != "resolved" else None
+
+    legacy = f"district:{CITY}:{district}"
+    await wait_until(lambda: open_alarm(legacy), timeout=30, what=f"district alarm\n{system.logs()}")
+
+    catchment = unique("catchment")
+    ring = [[west, south], [east, south], [east, north], [west, north], [west, south]]
+    feature = {
+        "type": "Feature",
+        "geometry": {"type": "Polygon", "coordinates": [ring]},
+        "properties": {
+            "name_vi": "Lưu vực Thử",
+            "name_en": "Test catchment",
+            "kind": "catchment",
+            "city": CITY,
+        },
+    }
+    response = await admin.put(f"/v1/areas/{catchment}", json=feature)
+    assert response.status_code == 201, response.text
+    try:
+        await _flood_the_catchment(system, admin, catchment, stations, legacy, start)
+    finally:
+        # The session city's areas are other tests' too (the page lists them).
+        assert (await admin.delete(f"/v1/areas/{catchment}")).status_code == 204
+
+
+async def _flood_the_catchment(
+    system: System,
+    admin: httpx.AsyncClient,
+    catchment: str,
+    stations: list[str],
+    legacy: str,
+    start: datetime,
+) -> None:
+    wet, dry = stations[:2], stations[2]
+
+    async def open_alarm(subject: str) -> dict[str, Any] | None:
+        found = [a for a in await alarms_of(admin, city=CITY) if a["subject"] == subject]
+        return found[0] if found and found[0]["state"] != "resolved" else None
+
+    assert (await admin.get(f"/v1/devices/{dry}")).json()["areas"] == [catchment]
+
+    # The processor learns of the area on its next registry refresh: keep the water coming.
+    later = start + timedelta(minutes=6)
+    subject = f"area:{catchment}"
+
+    async def area_alarm() -> dict[str, Any] | None:
+        nonlocal later
+        for station in wet:
+            send("flood", station, [(later, {"currentLevel": 3.6, "rainfall": 80.0})])
+        send("flood", dry, [(later, {"currentLevel": 1.0, "rainfall": 0.0})])
+        later += timedelta(seconds=20)
+        return await open_alarm(subject)
+
+    alarm = await wait_until(area_alarm, timeout=30, interval=1.0, what=f"catchment alarm\n{system.logs()}")
+    assert alarm["rule"] == "flood.district" and alarm["device_id"] is None
+    assert alarm["areas"] == [catchment] and alarm["district"] == "Lưu vực Thử"
+    assert "Lưu vực Thử" in alarm["messages"]["vi"] and "Test catchment" in alarm["messages"]["en"]
+    # A ward office's filter finds it by its area, beside its stations' own alarms.
+    in_area = await alarms_of(admin, area=catchment)
+    # (The district's alarm may have reached the area too, if a station reported in it after the
+    # area was stored and before the processor learnt of it.)
+    assert alarm["id"] in [a["id"] for a in in_area]
+    assert {a["subject"] for a in in_area if a["device_id"] is None} <= {subject, legacy}
+    assert {a["device_id"] for a in in_area} <= {None, *stations}
+
+    async def district_passed() -> dict[str, Any] | None:
+        found = [a for a in await alarms_of(admin, city=CITY) if a["subject"] == legacy]
+        return found[0] if found and found[0]["state"] == "resolved" else None
+
+    passed = await wait_until(district_passed, timeout=30, what=f"district alarm passing\n{system.logs()}")
+    assert len([a for a in await alarms_of(admin, city=CITY) if a["subject"] == legacy]) == 1
+    assert passed["resolved_at"] is not None
+
+
 async def test_normal_data_raises_no_alarm(system: System, admin: httpx.AsyncClient) -> None:
     devices = [(domain, await register(admin, domain)) for domain in sorted(DOMAINS) for _ in range(2)]
     start = recent(30)

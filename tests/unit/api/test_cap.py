@@ -3,6 +3,7 @@ and text that XML cannot carry as it is."""
 
 from __future__ import annotations
 
+import math
 import re
 import xml.etree.ElementTree as ET
 from datetime import UTC, datetime, timedelta, timezone
@@ -209,3 +210,110 @@ def test_flood_declares_its_public_rules() -> None:
     )
     assert not warning_.rules & {"offline", "threshold.batteryLevel", "zscore.currentLevel"}
     assert all(d.public_warning is None for name, d in DOMAINS.items() if name != "flood")
+
+
+def square(lon: float, lat: float, size: float) -> list[list[float]]:
+    """A GeoJSON ring, `[lon, lat]`, counter-clockwise and closed."""
+    return [[lon, lat], [lon + size, lat], [lon + size, lat + size], [lon, lat + size], [lon, lat]]
+
+
+def circle_ring(lon: float, lat: float, radius: float, vertices: int) -> list[list[float]]:
+    ring = [
+        [
+            lon + radius * math.cos(2 * math.pi * i / vertices),
+            lat + radius * math.sin(2 * math.pi * i / vertices),
+        ]
+        for i in range(vertices)
+    ]
+    return [*ring, ring[0]]
+
+
+def multipolygon(*polygons: list[list[list[float]]]) -> dict[str, object]:
+    return {"type": "MultiPolygon", "coordinates": list(polygons)}
+
+
+def pairs(polygon_text: str) -> list[tuple[float, float]]:
+    """CAP's `lat,lon lat,lon …` read back."""
+    return [(float(lat), float(lon)) for lat, lon in (p.split(",") for p in polygon_text.split(" "))]
+
+
+def test_an_area_outline_is_written_latitude_first_and_closed() -> None:
+    # A ward of Hải Phòng: longitude about 106.7, latitude about 20.8 (GeoJSON says lon first).
+    (polygon,) = cap.polygons_of(multipolygon([square(106.7, 20.8, 0.01)]))
+    assert polygon.text() == (
+        "20.80000,106.70000 20.80000,106.71000 20.81000,106.71000 20.81000,106.70000 20.80000,106.70000"
+    )
+    assert polygon.points[0] == polygon.points[-1]
+    # A lone Polygon is read too, and coordinates are rounded to about a metre.
+    (single,) = cap.polygons_of({"type": "Polygon", "coordinates": [square(106.7000049, 20.8000051, 0.01)]})
+    assert single.points[0] == (20.80001, 106.7)
+
+
+def test_a_big_ring_is_simplified_to_the_point_limit() -> None:
+    centre_lon, centre_lat, radius = 105.85, 21.0, 0.05
+    (polygon,) = cap.polygons_of(multipolygon([circle_ring(centre_lon, centre_lat, radius, 1000)]))
+    points = pairs(polygon.text())
+    assert cap.POLYGON_MIN_POINTS <= len(points) <= cap.POLYGON_MAX_POINTS == 100
+    assert points[0] == points[-1]
+    assert len(set(points)) == len(points) - 1
+    # Still the circle: every point on it, give or take a few metres, and all the way round.
+    for lat, lon in points:
+        assert math.hypot(lon - centre_lon, lat - centre_lat) == pytest.approx(radius, abs=2e-4)
+    assert max(lat for lat, _ in points) > centre_lat + 0.99 * radius
+    assert min(lon for _, lon in points) < centre_lon - 0.99 * radius
+    # A ring within the limit is left as it is.
+    (small,) = cap.polygons_of(multipolygon([circle_ring(centre_lon, centre_lat, radius, 99)]))
+    assert len(small.points) == 100
+
+
+def test_each_part_is_a_polygon_of_its_outer_ring_only_the_largest_kept() -> None:
+    big = [square(106.60, 20.80, 0.10), square(106.64, 20.84, 0.02)[::-1]]  # with a hole
+    small = [square(106.80, 20.80, 0.01)]
+    polygons = cap.polygons_of(multipolygon(small, big))
+    # Largest first; CAP has no holes, so the hole is not written.
+    assert [len(p.points) for p in polygons] == [5, 5]
+    assert polygons[0].points[0] == (20.8, 106.6) and polygons[1].points[0] == (20.8, 106.8)
+
+    islets = [[square(107.0 + 0.02 * i, 20.7, 0.001 * (i + 1))] for i in range(cap.POLYGONS_MAX + 3)]
+    kept = cap.polygons_of(multipolygon(*islets))
+    assert len(kept) == cap.POLYGONS_MAX
+    # The three smallest islets are the ones left out.
+    assert {p.points[0][1] for p in kept} == {
+        round(107.0 + 0.02 * i, 5) for i in range(3, cap.POLYGONS_MAX + 3)
+    }
+
+    # A part smaller than a metre cannot be written as a polygon at all.
+    assert cap.polygons_of(multipolygon([square(106.7, 20.8, 1e-7)])) == ()
+
+
+def test_an_area_alert_has_its_polygons_and_ward_codes_in_caps_order() -> None:
+    area = cap.Area(
+        "Lưu vực Tô Lịch, Hà Nội",
+        polygons=cap.polygons_of(multipolygon([square(105.80, 20.98, 0.02)], [square(105.84, 20.98, 0.01)])),
+        geocodes=cap.unit_geocodes(["00301", "00292", "00301"]),
+    )
+    root = parsed(cap.alert(warning(area=area), SENDER))
+    for info in root.findall(f"{C}info"):
+        element = info.find(f"{C}area")
+        assert element is not None
+        # CAP's order: areaDesc, polygon*, circle*, geocode*.
+        tags = [child.tag.removeprefix(C) for child in element]
+        assert tags == ["areaDesc", "polygon", "polygon", "geocode", "geocode"]
+        assert text(element, f"{C}areaDesc") == "Lưu vực Tô Lịch, Hà Nội"
+        polygons = [pairs(p.text or "") for p in element.findall(f"{C}polygon")]
+        assert polygons[0][0] == polygons[0][-1] == (20.98, 105.8)
+        assert all(20 < lat < 22 and 105 < lon < 107 for polygon in polygons for lat, lon in polygon)
+        geocodes = [(text(g, f"{C}valueName"), text(g, f"{C}value")) for g in element.findall(f"{C}geocode")]
+        assert geocodes == [("VN-MaDVHC", "00301"), ("VN-MaDVHC", "00292")]
+    vi, en = cap.headlines(warning("high", area=area))
+    assert vi.endswith(": Lưu vực Tô Lịch, Hà Nội") and en.endswith(": Lưu vực Tô Lịch, Hà Nội")
+
+    # A circle goes after the polygons and before the geocodes.
+    both = cap.Area("Khu", cap.Circle(20.98, 105.86, 1.0), area.polygons[:1], cap.unit_geocodes(["00301"]))
+    element = parsed(cap.alert(warning(area=both), SENDER)).find(f"{C}info/{C}area")
+    assert element is not None
+    assert [c.tag.removeprefix(C) for c in element] == ["areaDesc", "polygon", "circle", "geocode"]
+    # No code, no geocode.
+    uncoded = parsed(cap.alert(warning(area=cap.Area("Khu", polygons=area.polygons)), SENDER))
+    assert uncoded.find(f"{C}info/{C}area/{C}geocode") is None
+    assert cap.unit_geocodes([]) == ()

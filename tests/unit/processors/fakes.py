@@ -16,7 +16,15 @@ from ioc_core.alarms import Finding
 from ioc_core.bus import BusRecord
 from ioc_core.errors import ServiceUnavailableError
 from ioc_core.events import Event
-from ioc_core.storage import DeviceProfileRow, OutboxEvent, StatusTransition, TelemetryBatch, WriteResult
+from ioc_core.storage import (
+    DeviceProfileRow,
+    OutboxEvent,
+    StatusTransition,
+    StoredSignal,
+    TelemetryBatch,
+    WriteResult,
+    ZoneStation,
+)
 from ioc_core.telemetry import Reading
 
 
@@ -50,17 +58,15 @@ class FakeTransaction:
         }
 
     async def save_detector_states(
-        self, states: Mapping[str, str], signals: dict[str, dict[str, Any] | None]
+        self, states: Mapping[str, str], signals: Mapping[str, StoredSignal | None]
     ) -> None:
         self.detector_states_saved.update((d, orjson.loads(state)) for d, state in states.items())
 
-    async def district_flood_alarm_open(self, city: str, district: str) -> bool:
-        return district in self._database.open_district_alarms
+    async def open_zone_alarms(self, subjects: Sequence[str]) -> set[str]:
+        return {subject for subject in subjects if subject in self._database.open_zone_alarms}
 
-    async def district_flood_signals(
-        self, city: str, district: str, *, rising_only: bool
-    ) -> list[dict[str, Any]]:
-        self._database.district_signal_reads.append((district, rising_only))
+    async def zone_flood_signals(self, zone: str, *, rising_only: bool) -> list[ZoneStation]:
+        self._database.zone_signal_reads.append((zone, rising_only))
         return []
 
     async def apply_findings(self, findings: Sequence[Finding]) -> list[Event]:
@@ -117,9 +123,9 @@ class FakeDatabase:
         self.swept: list[list[tuple[str, int]]] = []
         self.escalated: list[Event] = []
         self.pending: list[OutboxEvent] = []
-        self.open_district_alarms: set[str] = set()
-        # (district, rising_only) of each read of its stations' signals.
-        self.district_signal_reads: list[tuple[str, bool]] = []
+        self.open_zone_alarms: set[str] = set()
+        # (zone, rising_only) of each read of its stations' signals.
+        self.zone_signal_reads: list[tuple[str, bool]] = []
         self.retention: list[timedelta] = []
         self.housekept = 0
         self.audit_keep_days: float | None = None

@@ -5,6 +5,7 @@ redelivered batch changes nothing, and each scheduled job does its one thing."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ STATION = DeviceProfileRow(
     district="Ba Đình",
     thresholds={"currentLevel": {"rise_above": None, "zscore": None}},
 )
+# The zone of the station: its registered district while it lies in no area.
+ZONE = "district:ha-noi:Ba Đình"
 FAST = RetryPolicy(initial_s=0.001, max_s=0.002, jitter_s=0.0)
 
 
@@ -45,9 +48,10 @@ class Rig:
     journal: list[str]
 
 
-def rig(**settings: Any) -> Rig:
+def rig(*, zone_area: str | None = None, **settings: Any) -> Rig:
     journal: list[str] = []
-    database = FakeDatabase(journal, [STATION])
+    station = dataclasses.replace(STATION, zone_area=zone_area, zone_name_vi=zone_area and "Phường Ba Đình")
+    database = FakeDatabase(journal, [station])
     producer = FakeProducer()
     consumers: list[FakeConsumer] = []
 
@@ -136,22 +140,35 @@ async def test_a_redelivered_batch_is_harmless() -> None:
     assert (r.processor.rows_written, r.processor.duplicates_dropped) == (2, 2)
 
 
-async def test_a_district_is_judged_only_when_a_station_rises_or_its_alarm_is_open() -> None:
+async def test_a_zone_is_judged_only_when_a_station_rises_or_its_alarm_is_open() -> None:
     r = rig()
     async with r.processor:
         await r.consumer.polls.put(records(r.settings, readings(1.0, 1.0, 1.0)))
         await until(lambda: r.consumer.commits == 1)
-        assert r.database.district_signal_reads == []  # calm water, no open alarm: nothing to judge
+        assert r.database.zone_signal_reads == []  # calm water, no open alarm: nothing to judge
 
         await r.consumer.polls.put(records(r.settings, readings(1.0, 4.7, first=3)))
         await until(lambda: r.consumer.commits == 2)
-        assert r.database.district_signal_reads == [("Ba Đình", True)]  # rising: the rising stations
+        # A station registered with a district and in no area: its zone is the district.
+        assert r.database.zone_signal_reads == [(ZONE, True)]  # rising: the rising stations
 
-        r.database.open_district_alarms.add("Ba Đình")
+        r.database.open_zone_alarms.add(ZONE)
         await r.consumer.polls.put(records(r.settings, readings(1.0, 1.0, first=5)))
         await until(lambda: r.consumer.commits == 3)
     # An open alarm: every station, since the calm ones are what resolves it.
-    assert r.database.district_signal_reads[-1] == ("Ba Đình", False)
+    assert r.database.zone_signal_reads[-1] == (ZONE, False)
+
+
+async def test_a_station_that_now_lies_in_an_area_lets_its_districts_old_alarm_pass() -> None:
+    r = rig(zone_area="ha-noi.ward.ba-dinh")
+    r.database.open_zone_alarms.add(ZONE)
+    async with r.processor:
+        await r.consumer.polls.put(records(r.settings, readings(1.0, 1.0, 1.0)))
+        await until(lambda: r.consumer.commits == 1)
+    # The district's open alarm is judged from the stations still counting in it (none here).
+    assert r.database.zone_signal_reads == [(ZONE, False)]
+    passed = [f for f in r.database.findings if f.subject == ZONE]
+    assert passed and not passed[0].active and passed[0].rule == "flood.district"
 
 
 def _uninterrupted_findings(*batches: list[Reading]) -> list[Finding]:

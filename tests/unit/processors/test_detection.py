@@ -22,6 +22,7 @@ from processors.detection import (
     DeviceDetectorState,
     DeviceProfile,
     DistrictFloodCorrelator,
+    FloodZone,
     StationSignal,
     offline_finding,
 )
@@ -796,9 +797,11 @@ def test_fractions_read_as_percentages() -> None:
     assert findings[0].message_en.endswith("is 85.3%, above the warning limit 80%")
 
 
-# District flood correlation
+# Flood correlation by zone
 
 CORRELATOR = DistrictFloodCorrelator()
+# The zone of a station registered with a district and lying in no area.
+BA_DINH = FloodZone("district:ha-noi:Ba Đình", None, "Ba Đình", "Ba Đình")
 
 
 def signal_of(profile: DeviceProfile, values: Sequence[Mapping[str, float]]) -> StationSignal | None:
@@ -816,7 +819,7 @@ def test_two_stations_with_rain_and_rising_water_raise_one_district_finding() ->
     assert all(s is not None and s.raining and s.rising for s in signals)
     now = START + timedelta(minutes=15)
     finding = CORRELATOR.evaluate(
-        city="ha-noi", district="Ba Đình", signals=[s for s in signals if s], active=False, now=now
+        city="ha-noi", zone=BA_DINH, signals=[s for s in signals if s], active=False, now=now
     )
     assert finding is not None
     assert (finding.subject, finding.rule, finding.device_id, finding.active, finding.severity) == (
@@ -846,7 +849,7 @@ def test_one_station_alone_or_rain_without_rise_is_not_a_district_flood() -> Non
     assert rain_only.raining and not rain_only.rising
     assert (
         CORRELATOR.evaluate(
-            city="ha-noi", district="Ba Đình", signals=[one, dry_rise, rain_only], active=False, now=now
+            city="ha-noi", zone=BA_DINH, signals=[one, dry_rise, rain_only], active=False, now=now
         )
         is None
     )
@@ -857,7 +860,7 @@ def test_stale_signals_are_ignored() -> None:
     later = START + timedelta(hours=2)
     assert (
         CORRELATOR.evaluate(
-            city="ha-noi", district="Ba Đình", signals=[s for s in signals if s], active=False, now=later
+            city="ha-noi", zone=BA_DINH, signals=[s for s in signals if s], active=False, now=later
         )
         is None
     )
@@ -871,7 +874,7 @@ def test_critical_when_a_station_is_past_its_danger_level() -> None:
     assert deep is not None and other is not None and deep.level_severity == "critical" and deep.rising
     finding = CORRELATOR.evaluate(
         city="ha-noi",
-        district="Ba Đình",
+        zone=BA_DINH,
         signals=[deep, other],
         active=False,
         now=START + timedelta(minutes=15),
@@ -885,20 +888,68 @@ def test_the_district_recovers_only_when_no_station_qualifies() -> None:
     calm = signal_of(station(device_id="b"), wet(rise_per_reading=0.0, rain=0.0))
     assert qualifying is not None and calm is not None
     assert (
-        CORRELATOR.evaluate(
-            city="ha-noi", district="Ba Đình", signals=[qualifying, calm], active=True, now=now
-        )
+        CORRELATOR.evaluate(city="ha-noi", zone=BA_DINH, signals=[qualifying, calm], active=True, now=now)
         is None
     )
-    recovered = CORRELATOR.evaluate(city="ha-noi", district="Ba Đình", signals=[calm], active=True, now=now)
+    recovered = CORRELATOR.evaluate(city="ha-noi", zone=BA_DINH, signals=[calm], active=True, now=now)
     assert recovered is not None and not recovered.active and recovered.severity is None
     assert "đã qua" in recovered.message_vi and "has passed" in recovered.message_en
-    assert (
-        CORRELATOR.evaluate(city="ha-noi", district="Ba Đình", signals=[calm], active=False, now=now) is None
+    assert CORRELATOR.evaluate(city="ha-noi", zone=BA_DINH, signals=[calm], active=False, now=now) is None
+
+
+def test_a_station_in_an_area_is_judged_in_its_catchment_and_the_alarm_names_its_areas() -> None:
+    def in_catchment(device_id: str) -> DeviceProfile:
+        return DeviceProfile.of(
+            id=device_id,
+            city="ha-noi",
+            domain="flood",
+            name=f"Trạm {device_id}",
+            district="Ba Đình",
+            thresholds={},
+            zone_area="ha-noi.catchment.to-lich",
+            zone_name_vi="Lưu vực sông Tô Lịch",
+            zone_name_en="To Lich river catchment",
+        )
+
+    profiles = [in_catchment(device_id) for device_id in ("a", "b", "c")]
+    zone = profiles[0].zone
+    assert zone == FloodZone(
+        "area:ha-noi.catchment.to-lich",
+        "ha-noi.catchment.to-lich",
+        "Lưu vực sông Tô Lịch",
+        "To Lich river catchment",
     )
+    # Only flood stations have a zone; a district without an area is the zone of older releases.
+    assert station(domain="grid", device_id="g").zone is None
+    assert station().zone == BA_DINH and station(district=None).zone is None
+    signals = [signal_of(profile, wet() if profile.id != "c" else wet(rain=0.0)) for profile in profiles]
+    finding = (
+        CORRELATOR.evaluate(
+            city="ha-noi",
+            zone=zone,
+            signals=[s for s in signals if s],
+            active=False,
+            now=START + timedelta(minutes=15),
+            station_areas={
+                "a": ["ha-noi.catchment.to-lich", "ha-noi.ward.ba-dinh"],
+                "b": ["ha-noi.catchment.to-lich", "ha-noi.ward.cau-giay"],
+                "c": ["ha-noi.catchment.to-lich", "ha-noi.ward.lang"],
+            },
+        )
+        if zone is not None
+        else None
+    )
+    assert finding is not None and finding.subject == "area:ha-noi.catchment.to-lich"
+    # The zone and the wards of the stations that raised it (not the dry one's).
+    assert finding.areas == ("ha-noi.catchment.to-lich", "ha-noi.ward.ba-dinh", "ha-noi.ward.cau-giay")
+    assert finding.district == "Lưu vực sông Tô Lịch"  # the deprecated alias names the zone
+    assert finding.message_vi.startswith(
+        "Nguy cơ ngập úng diện rộng tại Lưu vực sông Tô Lịch (Hà Nội): 2 trạm"
+    )
+    assert finding.message_en.startswith("Flood risk across To Lich river catchment (Hà Nội): 2 stations")
 
 
-def test_station_signals_round_trip_and_exist_only_for_flood_stations_of_a_district() -> None:
+def test_station_signals_round_trip_and_exist_only_for_flood_stations_of_a_zone() -> None:
     signal = signal_of(station(), wet())
     assert signal is not None
     assert StationSignal.from_json(json.loads(json.dumps(signal.to_json()))) == signal

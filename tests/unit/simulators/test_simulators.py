@@ -34,7 +34,7 @@ from simulators.cities import (
 from simulators.fleet import SimulatedDevice, build_fleet
 from simulators.load import _Sender
 from simulators.scenarios import SCENARIOS, BadDevices, Outage, Scenario, Send, Storm
-from simulators.truth import Incident, read_truth, write_truth
+from simulators.truth import read_truth, write_truth
 from simulators.wire import WirePublisher, connect_packet, encode_topic, remaining_length
 from tests.storm_story import STORM_STORY
 
@@ -288,7 +288,7 @@ class Drive:
             if on:
                 self.powered_off -= {d.id for d in on}
                 self.scenario.powered(on, on=True, at=at)
-            touched: set[tuple[str, str]] = set()
+            touched: set[str] = set()
             for index, device in enumerate(self.fleet):
                 if device.id in self.powered_off:
                     continue
@@ -296,11 +296,11 @@ class Drive:
                 for send in self.scenario.readings(device, when, progress):
                     self.sends.append((send, when))
                     touched |= self._detect(device, send, when)
-            for city, district in sorted(touched):
-                self._judge_district(city, district, at)
+            for subject in sorted(touched):
+                self._judge_zone(subject, at)
         self.scenario.finish(self.start + timedelta(seconds=self.steps * self.step_s))
 
-    def _detect(self, device: SimulatedDevice, send: Send, at: datetime) -> set[tuple[str, str]]:
+    def _detect(self, device: SimulatedDevice, send: Send, at: datetime) -> set[str]:
         if send.topic != device.topic:
             return set()
         try:
@@ -312,19 +312,23 @@ class Drive:
             for m in measurements
         ]
         self._record(self.detection.evaluate(self.profiles[device.id], readings, self.states[device.id]))
-        return {(device.city, device.district)} if device.domain.name == "flood" else set()
+        zone = self.profiles[device.id].zone
+        return {zone.subject} if zone is not None else set()
 
-    def _judge_district(self, city: str, district: str, at: datetime) -> None:
+    def _judge_zone(self, subject: str, at: datetime) -> None:
         signals = []
+        zone = None
         for device in self.fleet:
-            if device.domain.name == "flood" and device.district == district:
-                signal = self.correlator.station_signal(self.profiles[device.id], self.states[device.id])
+            profile = self.profiles[device.id]
+            if profile.zone is not None and profile.zone.subject == subject:
+                zone = profile.zone
+                signal = self.correlator.station_signal(profile, self.states[device.id])
                 if signal is not None:
                     signals.append(signal)
-        subject = f"district:{city}:{district}"
+        assert zone is not None
         finding = self.correlator.evaluate(
-            city=city,
-            district=district,
+            city=self.fleet[0].city,
+            zone=zone,
             signals=signals,
             active=(subject, "flood.district") in self._open,
             now=at,
@@ -346,10 +350,6 @@ class Drive:
             f.severity for f in self.findings if f.subject == subject and f.rule == rule and f.active
         ]
         return max(severities, key=severity_rank) if severities else None
-
-
-def _subject(incident: Incident) -> str:
-    return incident.device_id or f"district:{incident.city}:{incident.district}"
 
 
 # A fleet's first day starts at any hour: just before the morning rush, in its middle and before
@@ -376,7 +376,7 @@ def test_a_storm_raises_what_its_truth_says_and_nothing_else() -> None:
     for incident in truth:
         assert incident.expected == "alarm" and incident.ended_at is not None, incident
         (rule,) = incident.expected_rules
-        worst = drive.worst(_subject(incident), rule)
+        worst = drive.worst(incident.subject, rule)
         assert worst is not None, f"no {rule} for {incident}"
         assert severity_rank(worst) >= severity_rank(incident.expected_severity), incident
     # Alert comes before danger at every flooded station.
@@ -387,7 +387,7 @@ def test_a_storm_raises_what_its_truth_says_and_nothing_else() -> None:
     assert by_station and all(s["water_level_alert"] <= s["water_level_danger"] for s in by_station.values())
     explained: dict[str, set[str]] = defaultdict(set)
     for incident in truth:
-        explained[_subject(incident)].update(incident.expected_rules, incident.allowed_rules)
+        explained[incident.subject].update(incident.expected_rules, incident.allowed_rules)
     for finding in drive.findings:
         assert finding.rule in explained[finding.subject], finding
     # Each finding's alarm ends: resolved once the water has gone.
