@@ -20,6 +20,7 @@ from api.params import check_time_query_parameters, reject_unknown_query_paramet
 from api.problems import PROBLEM, TOO_MANY_REQUESTS
 from api.rate_limits import RateLimiter, RateLimitMiddleware, policies_of
 from api.routes import (
+    agencies,
     alarms,
     api_keys,
     areas,
@@ -28,8 +29,11 @@ from api.routes import (
     devices,
     export,
     health,
+    incidents,
+    maintenance,
     public,
     regions,
+    rules,
     screens,
     stream,
     webhooks,
@@ -158,6 +162,10 @@ def create_app(
         export,
         areas,
         regions,
+        rules,
+        maintenance,
+        incidents,
+        agencies,
     ):
         app.include_router(module.router)
     add_page_routes(app, settings)

@@ -337,6 +337,11 @@ class Gateway(Component):
             topic=message.topic,
             received_at=message.received_at,
             payload=message.payload,
+            # How the broker delivered it: a replay validates and de-duplicates it by the same.
+            qos=message.qos,
+            retain=message.retain,
+            dup=message.dup,
+            packet_id=message.mid if message.qos else None,
         )
         return (self._settings.topics.deadletter, letter.to_bytes(), None)
 

@@ -396,6 +396,30 @@ def detect_scenario(args: argparse.Namespace) -> int:
     return 0
 
 
+def detect_rules(args: argparse.Namespace) -> int:
+    """`ioc detect --rules RULES.json --device ID`: proposed rules back-tested on stored history."""
+    from ioc.backtest import backtest, report_lines
+
+    if args.rules is None or args.device is None:
+        print("ioc detect: --rules and --device go together", file=sys.stderr)
+        return 2
+    try:
+        settings = load_settings()
+        _configure_logging(settings.log_level)
+        result = asyncio.run(backtest(settings, args.device, args.rules, days=args.days))
+    except (ValidationError, ValueError) as exc:
+        print(f"ioc detect: {exc}", file=sys.stderr)
+        return 2
+    except IocError as exc:
+        print(f"ioc detect: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result.as_dict(), ensure_ascii=False))
+    else:
+        print("\n".join(report_lines(result)))
+    return 0
+
+
 def _instant(text: str) -> datetime:
     try:
         value = datetime.fromisoformat(text)
@@ -465,6 +489,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--start", type=_instant, help="simulated start, ISO 8601 with an offset (default: now)"
     )
     scenario.add_argument("--json", action="store_true", help="print only the summary, as JSON")
+    backtesting = detect.add_argument_group(
+        "rules", "instead of a FILE: proposed rules back-tested on a device's stored history (the database's)"
+    )
+    backtesting.add_argument(
+        "--rules", type=Path, metavar="RULES.json", help="{metric: {key: value}}, as PUT /v1/rules takes"
+    )
+    backtesting.add_argument("--device", metavar="ID", help="the device whose history is replayed")
+    backtesting.add_argument(
+        "--days", type=_positive_float, default=7.0, help="how far back to replay (default: 7)"
+    )
     exporter = commands.add_parser(
         "export", help="write a domain's readings, or per-device buckets of them, as CSV or Parquet"
     )
@@ -516,6 +550,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "secrets-key":
         print(new_key())
         return 0
+    if args.command == "detect" and (args.rules is not None or args.device is not None):
+        return detect_rules(args)
     if args.command == "detect":
         # Needs no settings and no services: a replay is pure computation over a file.
         if (args.file is None) == (args.scenario is None):

@@ -236,6 +236,13 @@ class Alarm(BaseModel):
         description="ids of the areas (`/v1/areas`) the alarm's device lies in; for an area-wide alarm its"
         " area and the areas of the stations that raised it",
     )
+    suppressed: bool = Field(
+        default=False,
+        description="true for an alarm raised inside a maintenance window (`/v1/maintenance-windows`):"
+        " recorded and listed, but sent to no webhook, never escalated and left out of the screens'"
+        " open-alarm figures; cleared (and the alarm raised to agencies) if it is still open when the"
+        " window ends",
+    )
     audit: list[AuditEntry] | None = Field(
         default=None, description="who acknowledged or resolved it, when and why (detail view only)"
     )

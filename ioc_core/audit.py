@@ -24,7 +24,28 @@ AUDIT_RECORDED = "audit.recorded"
 AUDIT_SOURCE = "urn:ioc:api"
 
 API_KEY, DEVICE, WEBHOOK, ALARM, AREA, REGION = "api_key", "device", "webhook", "alarm", "area", "region"
-OBJECT_TYPES: tuple[str, ...] = (API_KEY, DEVICE, WEBHOOK, ALARM, AREA, REGION)
+# The rule overrides of a city, an area or a device (rules at run time).
+RULES = "rules"
+# A maintenance window (ioc_core.maintenance).
+MAINTENANCE_WINDOW = "maintenance_window"
+# A rejected device message (ioc_core.storage.dead_letters); a bulk replay names its filter instead.
+DEAD_LETTER = "dead_letter"
+# Incidents, the agencies they are assigned to, and the cities' procedures (ioc_core.incidents).
+INCIDENT, AGENCY, PROCEDURE = "incident", "agency", "procedure"
+OBJECT_TYPES: tuple[str, ...] = (
+    API_KEY,
+    DEVICE,
+    WEBHOOK,
+    ALARM,
+    AREA,
+    REGION,
+    RULES,
+    MAINTENANCE_WINDOW,
+    DEAD_LETTER,
+    INCIDENT,
+    AGENCY,
+    PROCEDURE,
+)
 
 API_KEY_CREATE = "api_key.create"
 API_KEY_REVOKE = "api_key.revoke"
@@ -45,12 +66,36 @@ AREA_DELETE = "area.delete"
 REGION_CREATE = "region.create"
 REGION_UPDATE = "region.update"
 REGION_DELETE = "region.delete"
+RULES_UPDATE = "rules.update"
+RULES_DELETE = "rules.delete"
+MAINTENANCE_WINDOW_CREATE = "maintenance_window.create"
+MAINTENANCE_WINDOW_UPDATE = "maintenance_window.update"
+MAINTENANCE_WINDOW_DELETE = "maintenance_window.delete"
+DEAD_LETTER_REPLAYED = "dead_letter.replayed"
+INCIDENT_CREATE = "incident.create"
+INCIDENT_UPDATE = "incident.update"
+INCIDENT_CHECK = "incident.check"
+AGENCY_CREATE = "agency.create"
+AGENCY_UPDATE = "agency.update"
+AGENCY_DELETE = "agency.delete"
+PROCEDURE_UPDATE = "procedure.update"
+INCIDENT_READ = "incident.read"
 # Reads are recorded only when they are refused: a key asking for another scope's object.
+MAINTENANCE_WINDOW_READ = "maintenance_window.read"
 DEVICE_READ = "device.read"
 WEBHOOK_READ = "webhook.read"
 ALARM_READ = "alarm.read"
+RULES_READ = "rules.read"
 
 ACTIONS: tuple[str, ...] = (
+    INCIDENT_CREATE,
+    INCIDENT_UPDATE,
+    INCIDENT_CHECK,
+    AGENCY_CREATE,
+    AGENCY_UPDATE,
+    AGENCY_DELETE,
+    PROCEDURE_UPDATE,
+    INCIDENT_READ,
     API_KEY_CREATE,
     API_KEY_REVOKE,
     DEVICE_CREATE,
@@ -70,9 +115,17 @@ ACTIONS: tuple[str, ...] = (
     REGION_CREATE,
     REGION_UPDATE,
     REGION_DELETE,
+    RULES_UPDATE,
+    RULES_DELETE,
+    MAINTENANCE_WINDOW_CREATE,
+    MAINTENANCE_WINDOW_UPDATE,
+    MAINTENANCE_WINDOW_DELETE,
+    DEAD_LETTER_REPLAYED,
     DEVICE_READ,
     WEBHOOK_READ,
     ALARM_READ,
+    RULES_READ,
+    MAINTENANCE_WINDOW_READ,
 )
 
 Outcome = Literal["done", "refused"]

@@ -7,7 +7,7 @@ Pure and import-free within the kernel, so that the domain modules can use it.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Literal, get_args
 
@@ -64,6 +64,22 @@ def rule_value_problem(key: str, value: float | None) -> str | None:
     return None
 
 
+def accepted_settings(overrides: Mapping[str, object]) -> dict[str, float | None]:
+    """The settings of one metric that take effect: known keys with a null or a valid number."""
+    changes: dict[str, float | None] = {}
+    for key, value in overrides.items():
+        if value is None:
+            if key in RULE_KEYS:
+                changes[key] = None
+        elif (
+            isinstance(value, int | float)
+            and not isinstance(value, bool)
+            and rule_value_problem(key, float(value)) is None
+        ):
+            changes[key] = float(value)
+    return changes
+
+
 @dataclass(frozen=True, slots=True)
 class MetricRules:
     """What counts as alarming for one metric of one device, in the metric's unit.
@@ -91,17 +107,7 @@ class MetricRules:
     def overridden(self, overrides: Mapping[str, object]) -> MetricRules:
         """These rules with a device's settings for this metric applied. Keys this version does not
         know and values that are not numbers (stored long ago, say) are ignored rather than refused."""
-        changes: dict[str, float | None] = {}
-        for key, value in overrides.items():
-            if value is None:
-                if key in RULE_KEYS:
-                    changes[key] = None
-            elif (
-                isinstance(value, int | float)
-                and not isinstance(value, bool)
-                and rule_value_problem(key, float(value)) is None
-            ):
-                changes[key] = float(value)
+        changes = accepted_settings(overrides)
         return replace(self, **changes) if changes else self
 
     @property
@@ -158,3 +164,92 @@ def rules_for(domain: Domain, thresholds: Mapping[str, Mapping[str, object]]) ->
             rules = rules.overridden(overrides)
         merged[metric.name] = rules
     return merged
+
+
+# Rules at run time. A device's rules are its domain's defaults with layers of settings laid over
+# them key by key, each layer a mapping {metric: {key: value or null}} like a device's
+# `thresholds`; a later layer wins. In order: the city's override, the overrides of the areas the
+# device lies in (the largest first, so the most local one wins; see storage.rules), the device's
+# registered `thresholds`, and last its own override. The device's override wins over its
+# thresholds: the thresholds are what it was registered (and calibrated) with, an override is a
+# change made while it runs, versioned and audited, which removing returns to the thresholds.
+DOMAIN_SOURCE = "domain"
+CITY_SOURCE = "city"
+THRESHOLDS_SOURCE = "thresholds"
+DEVICE_SOURCE = "device"
+AREA_SOURCE_PREFIX = "area:"
+
+
+@dataclass(frozen=True, slots=True)
+class RuleLayer:
+    """Settings laid over a domain's defaults, and where they come from: `city`, `area:{id}`,
+    `thresholds` (the device's registered ones) or `device` (its override)."""
+
+    source: str
+    settings: Mapping[str, Mapping[str, object]]
+
+    @property
+    def is_device_own(self) -> bool:
+        return self.source in (THRESHOLDS_SOURCE, DEVICE_SOURCE)
+
+
+def device_layers(
+    overrides: Sequence[RuleLayer], thresholds: Mapping[str, Mapping[str, object]]
+) -> list[RuleLayer]:
+    """The layers of one device, in order: its overrides (city, areas, device, as stored) with its
+    registered `thresholds` put in just below its own override."""
+    layers = [layer for layer in overrides if layer.source != DEVICE_SOURCE]
+    if thresholds:
+        layers.append(RuleLayer(THRESHOLDS_SOURCE, thresholds))
+    layers.extend(layer for layer in overrides if layer.source == DEVICE_SOURCE)
+    return layers
+
+
+def layered_rules(domain: Domain, layers: Sequence[RuleLayer]) -> dict[str, MetricRules]:
+    """Every metric of `domain` with its rules: the defaults with `layers` laid over them in order."""
+    merged = rules_for(domain, {})
+    for layer in layers:
+        for name, rules in merged.items():
+            overrides = layer.settings.get(name)
+            if isinstance(overrides, Mapping):
+                merged[name] = rules.overridden(overrides)
+    return merged
+
+
+@dataclass(frozen=True, slots=True)
+class SourcedValue:
+    value: float | None
+    source: str
+
+
+def rule_sources(domain: Domain, layers: Sequence[RuleLayer]) -> dict[str, dict[str, SourcedValue]]:
+    """Per metric and rule key, the value in force and the layer it comes from (`domain` for a
+    default): what `layered_rules` computes, explained."""
+    explained: dict[str, dict[str, SourcedValue]] = {}
+    for metric in domain.metrics:
+        defaults = domain.default_rules.get(metric.name, MetricRules()).as_dict()
+        values = {key: SourcedValue(value, DOMAIN_SOURCE) for key, value in defaults.items()}
+        for layer in layers:
+            overrides = layer.settings.get(metric.name)
+            if isinstance(overrides, Mapping):
+                for key, value in accepted_settings(overrides).items():
+                    values[key] = SourcedValue(value, layer.source)
+        explained[metric.name] = values
+    return explained
+
+
+def settings_problems(
+    domain: Domain, settings: Mapping[str, Mapping[str, float | None]], *, name: str = "thresholds"
+) -> list[tuple[tuple[str, ...], str]]:
+    """Why `settings` ({metric: {key: value}}) cannot be rules of `domain`, as (where, what) pairs;
+    empty when they can. The checks a device's `thresholds` get, for overrides at any level."""
+    problems: list[tuple[tuple[str, ...], str]] = []
+    for metric_name, limits in settings.items():
+        if domain.metric(metric_name) is None:
+            problems.append(((metric_name,), f"{name} name {metric_name!r}, not a {domain.name} metric"))
+            continue
+        for key, value in limits.items():
+            problem = rule_value_problem(key, value)
+            if problem is not None:
+                problems.append(((metric_name, key), f"{name}.{metric_name}.{key} {problem}"))
+    return problems

@@ -192,6 +192,13 @@ class Settings(BaseSettings):
     mqtt_session_expiry_s: int = Field(default=86_400, ge=0)
     gateway_queue_size: int = Field(default=10_000, ge=1)
     registry_refresh_s: float = Field(default=30.0, gt=0)
+    # -- rules at run time (ioc_core.rules, storage.rules) --
+    rules_refresh_s: float = Field(
+        default=3.0,
+        gt=0,
+        description="how often processors compare the rules version, reading their devices' rules again"
+        " when an override was stored or removed (how soon a rule change is in force)",
+    )
 
     processor_group_id: str = "ioc-processor"
     processor_batch_max: int = Field(default=5_000, ge=1)
@@ -215,6 +222,23 @@ class Settings(BaseSettings):
     )
     outbox_poll_s: float = Field(
         default=1.0, gt=0, description="how often recorded events are relayed at the latest"
+    )
+    # -- maintenance windows (ioc_core.maintenance) --
+    maintenance_check_s: float = Field(
+        default=2.0,
+        gt=0,
+        description="how often processors look for maintenance windows that ended, to raise what"
+        " outlived them (suppressed alarms still open, devices still offline)",
+    )
+    # -- incidents (ioc_core.incidents) --
+    incident_window_s: float = Field(
+        default=7200.0,
+        gt=0,
+        description="an alarm joins the open incident of its place and kind whose last alarm came"
+        " within this many seconds; else it opens one",
+    )
+    incident_check_s: float = Field(
+        default=2.0, gt=0, description="how often processors group new alarms and escalate assignments"
     )
 
     fault_exit_after_batches: int = Field(
@@ -277,6 +301,20 @@ class Settings(BaseSettings):
     )
     audit_retention_days: float = Field(
         default=365, gt=0, description="days entries stay in the audit log of admin and operator actions"
+    )
+    # -- dead letters (ioc_core.storage.dead_letters, api.replay) --
+    dead_letter_retention_days: float = Field(
+        default=14,
+        gt=0,
+        description="days dead letters are kept (replayed or not); processors prune older ones every"
+        " IOC_RETENTION_CHECK_S",
+    )
+    dead_letter_replay_batch: int = Field(
+        default=1000,
+        ge=1,
+        le=100_000,
+        description="the most dead letters one replay request sends back into the pipeline; the answer's"
+        " `next` continues after them",
     )
 
     api_max_streams: int = Field(

@@ -26,6 +26,7 @@ from ioc_core.areas import AREA_ID_PATTERN
 from ioc_core.audit import AUDIT_RECORDED
 from ioc_core.errors import IocError
 from ioc_core.events import DEVICE_OFFLINE, DEVICE_ONLINE, Event
+from ioc_core.incidents import INCIDENT_EVENT_TYPES
 from ioc_core.models import CityList, DomainList
 from ioc_core.rules import SEVERITIES, Severity, severity_rank
 
@@ -37,6 +38,12 @@ WebhookEventType = Literal[
     "device.offline",
     "device.online",
     "audit.recorded",
+    "incident.opened",
+    "incident.updated",
+    "incident.assigned",
+    "incident.escalated",
+    "incident.resolved",
+    "incident.closed",
 ]
 # What agencies can subscribe to; `state.changed` snapshots are for screens only.
 WEBHOOK_EVENT_TYPES: tuple[str, ...] = (
@@ -47,10 +54,13 @@ WEBHOOK_EVENT_TYPES: tuple[str, ...] = (
     DEVICE_OFFLINE,
     DEVICE_ONLINE,
     AUDIT_RECORDED,
+    *INCIDENT_EVENT_TYPES,
 )
 # Sent only to endpoints whose `types` name them: an endpoint registered for alarms must not start
 # receiving who changed what (and from which address) because a new type of event was added.
-OPT_IN_EVENT_TYPES: frozenset[str] = frozenset({AUDIT_RECORDED})
+# Incident events are opt-in too: endpoints made for alarms keep receiving just what they did; an
+# agency's own endpoints hear of its assignments whatever their filter (ioc_core.storage.incidents).
+OPT_IN_EVENT_TYPES: frozenset[str] = frozenset({AUDIT_RECORDED, *INCIDENT_EVENT_TYPES})
 SeverityName = Severity
 
 SECRET_PREFIX = "whsec_"
@@ -136,8 +146,8 @@ class WebhookFilter(BaseModel):
         default=None,
         min_length=1,
         max_length=len(WEBHOOK_EVENT_TYPES),
-        description="the event types to send; left out, every type but `audit.recorded`, which is sent"
-        " only where named",
+        description="the event types to send; left out, every type but `audit.recorded` and `incident.*`,"
+        " which are sent only where named",
     )
     escalated_only: bool = Field(
         default=False,
@@ -174,6 +184,10 @@ class RoutedEvent:
     opt_in: bool = False
     # The areas the event's device lies in, for endpoints limited to areas.
     areas: tuple[str, ...] = ()
+    # A device status event's device and time: not sent while the device is inside a maintenance
+    # window then (a planned outage's silence is nobody's emergency). None for any other event.
+    status_device: str | None = None
+    at: datetime | None = None
 
 
 def routed(events: Iterable[Event]) -> list[RoutedEvent]:
@@ -182,6 +196,10 @@ def routed(events: Iterable[Event]) -> list[RoutedEvent]:
     for event in events:
         if event.type not in WEBHOOK_EVENT_TYPES:
             continue
+        if event.data.get("suppressed") is True:
+            # An alarm raised inside a maintenance window: on the bus and the screens, not to agencies.
+            continue
+        status = event.type in (DEVICE_OFFLINE, DEVICE_ONLINE)
         severity = event.data.get("severity")
         out.append(
             RoutedEvent(
@@ -195,6 +213,8 @@ def routed(events: Iterable[Event]) -> list[RoutedEvent]:
                 body=message_body(event),
                 opt_in=event.type in OPT_IN_EVENT_TYPES,
                 areas=_areas_of(event.data.get("areas")),
+                status_device=str(event.data.get("device_id")) if status else None,
+                at=event.time if status else None,
             )
         )
     return out

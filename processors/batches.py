@@ -86,6 +86,7 @@ class BatchWriter:
         *,
         registry_refresh_s: float,
         clock: PhaseClock | None = None,
+        rules_refresh_s: float = 3.0,
     ) -> None:
         self._database = database
         self._clock = clock or PhaseClock()
@@ -104,6 +105,11 @@ class BatchWriter:
         self._detector_states: dict[str, str] = {}
         self._profiles: dict[str, DeviceProfile] = {}
         self._profiles_loaded_at = 0.0
+        # Rules at run time: the rules version the cached profiles were read at, and when it was
+        # last compared with the database's (see `_device_profiles`).
+        self._rules_refresh_s = rules_refresh_s
+        self._rules_version: int | None = None
+        self._rules_checked_at = 0.0
 
     def forget_detector_states(self) -> None:
         self._detector_states.clear()
@@ -249,10 +255,21 @@ class BatchWriter:
 
     async def _device_profiles(self, device_ids: set[str]) -> dict[str, DeviceProfile]:
         """What detection needs to know of each device; re-read now and then so that changed
-        thresholds take effect. Devices no longer registered are left out."""
+        thresholds take effect, and as soon as the rules version moves so that a rule override
+        takes effect within seconds. Devices no longer registered are left out."""
         if time.monotonic() - self._profiles_loaded_at > self._registry_refresh_s:
             self._profiles.clear()
             self._profiles_loaded_at = time.monotonic()
+        if time.monotonic() - self._rules_checked_at >= self._rules_refresh_s:
+            # One row read every few seconds, not per batch; the version is read before the
+            # profiles, so a change committed in between is seen again at the next check.
+            version = await self._supervisor.retry(WRITING_A_BATCH, self._database.rules.version)
+            self._rules_checked_at = time.monotonic()
+            if version != self._rules_version:
+                if self._rules_version is not None:
+                    log.info("rules changed (version %d): reading the devices' rules again", version)
+                self._profiles.clear()
+                self._rules_version = version
         missing = [d for d in device_ids if d not in self._profiles]
         if missing:
             rows = await self._supervisor.retry(
@@ -273,6 +290,7 @@ def _profile_of(row: DeviceProfileRow) -> DeviceProfile:
         zone_area=row.zone_area,
         zone_name_vi=row.zone_name_vi,
         zone_name_en=row.zone_name_en,
+        overrides=row.rule_layers,
     )
 
 

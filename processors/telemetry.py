@@ -29,7 +29,17 @@ from ioc_core.settings import Settings
 from ioc_core.storage import Database, TelemetryBatch
 from ioc_core.supervision import DEFAULT_POLICY, RetryPolicy, Supervisor
 from processors.batches import WRITING_A_BATCH, BatchOutcome, BatchWriter, decode_batch
-from processors.jobs import Escalation, Housekeeping, LagRefresh, Retention, ScheduledJob, SilenceSweep
+from processors.jobs import (
+    DeadLetterRetention,
+    Escalation,
+    Housekeeping,
+    IncidentWork,
+    LagRefresh,
+    MaintenanceEnded,
+    Retention,
+    ScheduledJob,
+    SilenceSweep,
+)
 from processors.outbox import OutboxRelay
 from processors.phases import PhaseClock
 from processors.state_events import StateEvents
@@ -110,6 +120,7 @@ class TelemetryProcessor(Component):
             self._supervisor,
             registry_refresh_s=settings.registry_refresh_s,
             clock=self._clock,
+            rules_refresh_s=settings.rules_refresh_s,
         )
         self._relay = OutboxRelay(
             self._database,
@@ -147,9 +158,12 @@ class TelemetryProcessor(Component):
                 on_events=self._relay.wake,
             ),
             Escalation(self._database, settings, on_events=self._relay.wake),
+            MaintenanceEnded(self._database, settings, on_events=self._relay.wake),
+            IncidentWork(self._database, settings, on_events=self._relay.wake),
             self._state_events,
             Housekeeping(self._database, settings),
             Retention(self._database, settings),
+            DeadLetterRetention(self._database, settings),
             self._lag,
         ]
 

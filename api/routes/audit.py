@@ -20,7 +20,20 @@ from ioc_core.storage import AuditQuery
 
 router = APIRouter(tags=["audit"])
 
-ObjectType = Literal["api_key", "device", "webhook", "alarm", "area", "region"]
+ObjectType = Literal[
+    "api_key",
+    "device",
+    "webhook",
+    "alarm",
+    "area",
+    "region",
+    "rules",
+    "maintenance_window",
+    "dead_letter",
+    "incident",
+    "agency",
+    "procedure",
+]
 assert set(get_args(ObjectType)) == set(OBJECT_TYPES)
 
 

@@ -452,6 +452,7 @@
     }
     updateAreaPopup();
     renderPanel();
+    renderIncidents();
   }
 
   function setLanguage(lang) {
@@ -595,6 +596,7 @@
     fitCity();
     setConnection("connecting");
     const generation = state.generation;
+    resetIncidents(generation);
     refreshAll(generation).finally(() => schedulePoll(generation));
     runStream(generation);
   }
@@ -608,6 +610,7 @@
       refreshAlarms(generation),
       refreshAreas(generation),
       refreshPanel(generation),
+      refreshIncidents(generation),
       ...DOMAIN_NAMES.map((d) => refreshLayer(generation, d)),
     ]);
   }
@@ -956,8 +959,15 @@
     device.marker.openPopup();
   }
 
-  // A district-wide alarm: its domain's devices in that district.
+  // An area-wide alarm: its domain's devices in its areas; one of older releases (no areas): its
+  // domain's devices in its district.
   function districtDevices(alarm) {
+    const areas = alarm.areas || [];
+    if (areas.length) {
+      return [...state.devices.values()].filter(
+        (d) => d.props.domain === alarm.domain && (d.props.areas || []).some((a) => areas.includes(a)),
+      );
+    }
     if (!alarm.district) return [];
     return [...state.devices.values()].filter(
       (d) => d.props.domain === alarm.domain && d.props.district === alarm.district,
@@ -2226,7 +2236,282 @@
 
   // ------------------------------------------------------------------ wiring
 
+  // ------------------------------------------------------------------ incidents
+  // The city's open incidents (alarms grouped by place and kind, `/v1/incidents`), polled with
+  // If-None-Match on a timer of their own: incidents follow their alarms by a grouping job, not
+  // by a stream event. A click opens one incident's alarms, checklist and timeline.
+
+  const INCIDENT_POLL_MS = 5000;
+  const INCIDENT_STATES = "open,acknowledged,in_progress";
+  Object.assign(TEXT.vi, {
+    incidents: "Sự cố đang xử lý",
+    no_incidents: "Không có sự cố nào đang mở.",
+    incident_state_open: "Mới",
+    incident_state_acknowledged: "Đã tiếp nhận",
+    incident_state_in_progress: "Đang xử lý",
+    incident_state_resolved: "Đã xử lý xong",
+    incident_state_closed: "Đã đóng",
+    incident_alarms: "Cảnh báo của sự cố",
+    incident_checklist: "Quy trình xử lý",
+    incident_timeline: "Diễn biến",
+    incident_agency: "Đơn vị: {agency}",
+    incident_unassigned: "Chưa giao đơn vị",
+    incident_alarm_n: "{n} cảnh báo",
+    incident_city_wide: "Toàn thành phố",
+    incident_failed: "Không tải được sự cố: {detail}",
+  });
+  Object.assign(TEXT.en, {
+    incidents: "Open incidents",
+    no_incidents: "No open incidents.",
+    incident_state_open: "New",
+    incident_state_acknowledged: "Acknowledged",
+    incident_state_in_progress: "In progress",
+    incident_state_resolved: "Resolved",
+    incident_state_closed: "Closed",
+    incident_alarms: "The incident's alarms",
+    incident_checklist: "Procedure",
+    incident_timeline: "Timeline",
+    incident_agency: "Agency: {agency}",
+    incident_unassigned: "No agency assigned",
+    incident_alarm_n: "{n} alarms",
+    incident_city_wide: "Whole city",
+    incident_failed: "Could not load the incident: {detail}",
+  });
+  const incidents = { items: [], etag: null, selected: null, detail: null, error: null };
+
+  function setupIncidents() {
+    const section = el(
+      "section",
+      { class: "incidents", "aria-labelledby": "incidents-heading", "data-testid": "incidents-panel" },
+      el(
+        "h2",
+        { id: "incidents-heading" },
+        el("span", { "data-i18n": "incidents", text: t("incidents") }),
+        " ",
+        el("span", { id: "incident-count", class: "count" }),
+      ),
+      el("ol", { id: "incident-list", class: "incident-list", "data-testid": "incident-list", "aria-live": "polite" }),
+      el("p", { id: "incidents-empty", class: "empty", "data-i18n": "no_incidents", text: t("no_incidents") }),
+      el("div", { id: "incident-detail", class: "incident-detail", "data-testid": "incident-detail", hidden: true }),
+    );
+    $("#board").append(section);
+    $("#board").classList.add("has-incidents");
+    section.addEventListener("click", (event) => {
+      const box = event.target.closest("input[data-step]");
+      if (box) {
+        tickStep(box);
+        return;
+      }
+      const row = event.target.closest("[data-incident-id]");
+      if (row) selectIncident(Number(row.dataset.incidentId));
+    });
+    section.addEventListener("keydown", (event) => {
+      const row = event.target.closest("li[data-incident-id]");
+      if (row && (event.key === "Enter" || event.key === " ")) {
+        event.preventDefault();
+        selectIncident(Number(row.dataset.incidentId));
+      }
+    });
+  }
+
+  function resetIncidents(generation) {
+    incidents.items = [];
+    incidents.etag = null;
+    incidents.selected = null;
+    incidents.detail = null;
+    incidents.error = null;
+    renderIncidents();
+    pollIncidents(generation);
+  }
+
+  // Its own loop per city: a loop of an older generation ends at its next turn.
+  function pollIncidents(generation) {
+    setTimeout(() => {
+      if (generation !== state.generation) return;
+      refreshIncidents(generation).finally(() => pollIncidents(generation));
+    }, INCIDENT_POLL_MS);
+  }
+
+  function refreshIncidents(generation) {
+    return guarded(generation, async () => {
+      const city = state.city;
+      if (!city) return;
+      const answer = await apiIfChanged(
+        `/v1/incidents?state=${INCIDENT_STATES}&${cityQuery(city)}&limit=${ALARM_PAGE}`,
+        incidents.etag,
+      );
+      if (generation !== state.generation || city !== state.city) return;
+      if (answer.changed) {
+        incidents.etag = answer.etag;
+        incidents.items = answer.body.items || [];
+        renderIncidents();
+        if (incidents.selected !== null) await loadIncident(generation, incidents.selected);
+      }
+    });
+  }
+
+  async function selectIncident(id) {
+    incidents.selected = incidents.selected === id ? null : id;
+    incidents.detail = null;
+    incidents.error = null;
+    renderIncidents();
+    if (incidents.selected !== null) await loadIncident(state.generation, id);
+  }
+
+  async function loadIncident(generation, id) {
+    try {
+      const detail = await api(`/v1/incidents/${id}`);
+      if (generation !== state.generation || incidents.selected !== id) return;
+      incidents.detail = detail;
+      incidents.error = null;
+    } catch (error) {
+      if (generation !== state.generation || incidents.selected !== id) return;
+      incidents.error = (error.problem && error.problem.detail) || String(error.status);
+    }
+    renderIncidentDetail();
+  }
+
+  async function tickStep(box) {
+    const id = incidents.selected;
+    if (id === null) return;
+    box.disabled = true;
+    try {
+      incidents.detail = await api(`/v1/incidents/${id}/checklist/${encodeURIComponent(box.dataset.step)}`, {
+        method: "POST",
+        body: { done: box.checked },
+      });
+    } catch (error) {
+      reportError(error);
+    }
+    renderIncidentDetail();
+  }
+
+  function incidentTitle(incident) {
+    return (incident.title && incident.title[state.lang]) || (incident.title && incident.title.vi) || incident.kind;
+  }
+
+  function incidentPlace(incident) {
+    if (!incident.area) return t("incident_city_wide");
+    const area = state.areas.get(incident.area);
+    return area ? areaName(area) : incident.area;
+  }
+
+  function renderIncidents() {
+    const list = $("#incident-list");
+    if (!list) return;
+    list.replaceChildren(
+      ...incidents.items.map((incident) =>
+        el(
+          "li",
+          {
+            class: `incident sev-${incident.severity}${incident.id === incidents.selected ? " selected" : ""}`,
+            "data-testid": "incident",
+            "data-incident-id": incident.id,
+            "data-severity": incident.severity,
+            "data-state": incident.state,
+            tabindex: 0,
+            role: "button",
+            "aria-expanded": incident.id === incidents.selected ? "true" : "false",
+          },
+          el(
+            "div",
+            { class: "alarm-head" },
+            el("span", { class: `badge sev-${incident.severity}`, text: t(`sev_${incident.severity}`) }),
+            el("span", { class: "incident-title", text: incidentTitle(incident) }),
+            el("span", { class: "alarm-state", text: t(`incident_state_${incident.state}`) }),
+          ),
+          el(
+            "p",
+            { class: "alarm-meta" },
+            [
+              incidentPlace(incident),
+              incident.agency_id ? t("incident_agency", { agency: incident.agency_id }) : t("incident_unassigned"),
+              t("incident_alarm_n", { n: incident.alarm_count }),
+              t("started", { time: formatTime(incident.opened_at) }),
+            ].join(" · "),
+          ),
+        ),
+      ),
+    );
+    $("#incident-count").textContent = incidents.items.length ? `(${incidents.items.length})` : "";
+    $("#incidents-empty").hidden = incidents.items.length > 0;
+    renderIncidentDetail();
+  }
+
+  function renderIncidentDetail() {
+    const box = $("#incident-detail");
+    if (!box) return;
+    const detail = incidents.detail;
+    box.hidden = incidents.selected === null;
+    if (box.hidden) {
+      box.replaceChildren();
+      return;
+    }
+    if (incidents.error) {
+      box.replaceChildren(el("p", { class: "empty", text: t("incident_failed", { detail: incidents.error }) }));
+      return;
+    }
+    if (!detail || detail.id !== incidents.selected) {
+      box.replaceChildren(el("p", { class: "empty", text: t("loading") }));
+      return;
+    }
+    const closed = detail.state === "closed";
+    box.replaceChildren(
+      el("h3", { text: incidentTitle(detail) }),
+      el("h4", { text: t("incident_alarms") }),
+      el(
+        "ul",
+        { class: "incident-alarms", "data-testid": "incident-alarms" },
+        ...(detail.alarms || []).map((alarm) =>
+          el(
+            "li",
+            { class: `sev-${alarm.severity}`, "data-alarm-id": alarm.id },
+            el("span", { class: `badge sev-${alarm.severity}`, text: t(`sev_${alarm.severity}`) }),
+            " ",
+            `${alarm.device_id || alarm.subject} — ${alarm.message}`,
+          ),
+        ),
+      ),
+      el("h4", { text: t("incident_checklist") }),
+      el(
+        "ul",
+        { class: "incident-checklist", "data-testid": "incident-checklist" },
+        ...(detail.checklist || []).map((step) =>
+          el(
+            "li",
+            {},
+            el(
+              "label",
+              {},
+              el("input", {
+                type: "checkbox",
+                "data-step": step.id,
+                checked: step.done,
+                disabled: closed,
+              }),
+              " ",
+              step[state.lang] || step.vi,
+            ),
+          ),
+        ),
+      ),
+      el("h4", { text: t("incident_timeline") }),
+      el(
+        "ol",
+        { class: "incident-timeline", "data-testid": "incident-timeline" },
+        ...(detail.timeline || []).map((entry) =>
+          el(
+            "li",
+            {},
+            [formatTime(entry.at), entry.actor, entry.action, entry.note].filter(Boolean).join(" · "),
+          ),
+        ),
+      ),
+    );
+  }
+
   function wire() {
+    setupIncidents();
     $("#language").addEventListener("click", () => setLanguage(state.lang === "vi" ? "en" : "vi"));
     $("#city").addEventListener("change", (event) => {
       if (event.target.value && event.target.value !== state.city) selectCity(event.target.value);

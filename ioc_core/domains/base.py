@@ -109,6 +109,30 @@ class PublicWarning:
 
 
 @dataclass(frozen=True)
+class ChecklistStep:
+    """One step of a standard operating procedure; `id` is stable, so a city's edited list and the
+    ticks of open incidents keep meaning the same step."""
+
+    id: str
+    vi: str
+    en: str
+
+
+@dataclass(frozen=True)
+class IncidentProcedure:
+    """What an operations centre does with an incident of the domain (IBM IOC's standard
+    operating procedure): the incident kind its alarms group into, how an incident of that kind is
+    titled, how long an agency may leave an assignment unacknowledged before it escalates, and the
+    checklist each incident starts with (a city may edit it through `/v1/procedures`)."""
+
+    kind: str
+    title_vi: str
+    title_en: str
+    escalate_after: timedelta
+    checklist: tuple[ChecklistStep, ...]
+
+
+@dataclass(frozen=True)
 class Domain:
     name: str
     title_en: str
@@ -131,6 +155,9 @@ class Domain:
     sites: tuple[str, ...] = ()
     # Per-station limits for simulated devices; None: the domain's default rules fit every station.
     station_thresholds: StationThresholds | None = None
+    # The incident kind the domain's alarms group into and its standard operating procedure;
+    # None: the domain's alarms open no incident by themselves.
+    procedure: IncidentProcedure | None = None
 
     def __post_init__(self) -> None:
         if BATTERY not in self.metrics:

@@ -7,7 +7,15 @@ import random
 from datetime import datetime, timedelta
 
 from ioc_core.alarms import DISTRICT_FLOOD_RULE
-from ioc_core.domains.base import BATTERY, Domain, Metric, PublicWarning, clamp
+from ioc_core.domains.base import (
+    BATTERY,
+    ChecklistStep,
+    Domain,
+    IncidentProcedure,
+    Metric,
+    PublicWarning,
+    clamp,
+)
 from ioc_core.kpis import Kpi, count, highest, past_limit
 from ioc_core.rules import DistrictCorrelation, MetricRules
 
@@ -81,6 +89,28 @@ DOMAIN = Domain(
     offline_after=timedelta(minutes=5),
     # A danger level left unhandled for ten minutes is already a flood in the streets.
     escalate_after=timedelta(minutes=10),
+    procedure=IncidentProcedure(
+        kind="flood",
+        title_vi="Ngập lụt",
+        title_en="Flooding",
+        escalate_after=timedelta(minutes=15),
+        checklist=(
+            ChecklistStep("warn-residents", "Cảnh báo người dân trong khu vực", "Warn residents of the area"),
+            ChecklistStep(
+                "dispatch-pumps",
+                "Điều động máy bơm và đội thoát nước",
+                "Dispatch pumps and the drainage crew",
+            ),
+            ChecklistStep(
+                "close-underpasses",
+                "Đóng hầm chui và tuyến đường ngập",
+                "Close underpasses and flooded roads",
+            ),
+            ChecklistStep(
+                "notify-committee", "Báo cáo Ban Chỉ huy PCTT", "Report to the disaster prevention committee"
+            ),
+        ),
+    ),
     sampler=_sample,
     sites=("river", "low_street"),
     station_thresholds=_station_thresholds,

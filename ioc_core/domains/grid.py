@@ -6,7 +6,15 @@ import math
 import random
 from datetime import datetime, timedelta
 
-from ioc_core.domains.base import Domain, Metric, clamp, daily_cycle, daytime
+from ioc_core.domains.base import (
+    ChecklistStep,
+    Domain,
+    IncidentProcedure,
+    Metric,
+    clamp,
+    daily_cycle,
+    daytime,
+)
 from ioc_core.kpis import Kpi, average, count, past_limit
 from ioc_core.rules import MetricRules
 
@@ -91,6 +99,21 @@ DOMAIN = Domain(
     metrics=(VOLTAGE, FREQUENCY, ACTIVE_POWER),
     offline_after=timedelta(minutes=5),
     escalate_after=timedelta(minutes=10),
+    procedure=IncidentProcedure(
+        kind="power",
+        title_vi="Sự cố lưới điện",
+        title_en="Power grid incident",
+        escalate_after=timedelta(minutes=15),
+        checklist=(
+            ChecklistStep("isolate-feeder", "Cô lập xuất tuyến bị sự cố", "Isolate the faulty feeder"),
+            ChecklistStep("dispatch-crew", "Điều động đội sửa chữa điện", "Dispatch the repair crew"),
+            ChecklistStep(
+                "notify-critical",
+                "Báo bệnh viện và trạm bơm trong khu vực",
+                "Notify hospitals and pumping stations in the area",
+            ),
+        ),
+    ),
     sampler=_sample,
     station_thresholds=_station_thresholds,
     sites=("substation",),

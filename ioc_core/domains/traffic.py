@@ -5,7 +5,16 @@ from __future__ import annotations
 import random
 from datetime import datetime, timedelta
 
-from ioc_core.domains.base import Domain, Metric, clamp, daily_cycle, daytime, local_time
+from ioc_core.domains.base import (
+    ChecklistStep,
+    Domain,
+    IncidentProcedure,
+    Metric,
+    clamp,
+    daily_cycle,
+    daytime,
+    local_time,
+)
 from ioc_core.kpis import DeviceSnapshot, Kpi, average, count
 from ioc_core.rules import MetricRules
 
@@ -90,6 +99,18 @@ DOMAIN = Domain(
     metrics=(INTENSITY, OCCUPANCY, SPEED),
     offline_after=timedelta(minutes=5),
     escalate_after=timedelta(minutes=15),
+    procedure=IncidentProcedure(
+        kind="traffic",
+        title_vi="Ùn tắc giao thông",
+        title_en="Traffic congestion",
+        escalate_after=timedelta(minutes=20),
+        checklist=(
+            ChecklistStep("check-cameras", "Kiểm tra camera tại nút giao", "Check the junction cameras"),
+            ChecklistStep("dispatch-police", "Điều động cảnh sát giao thông", "Dispatch traffic police"),
+            ChecklistStep("retime-signals", "Điều chỉnh pha đèn tín hiệu", "Retime the traffic signals"),
+            ChecklistStep("publish-detour", "Thông báo tuyến tránh", "Publish a detour"),
+        ),
+    ),
     sampler=_sample,
     sites=("road",),
     default_rules={

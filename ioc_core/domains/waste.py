@@ -6,7 +6,17 @@ import math
 import random
 from datetime import datetime, timedelta
 
-from ioc_core.domains.base import BATTERY, Domain, Metric, clamp, daily_cycle, local_hour, smoothstep
+from ioc_core.domains.base import (
+    BATTERY,
+    ChecklistStep,
+    Domain,
+    IncidentProcedure,
+    Metric,
+    clamp,
+    daily_cycle,
+    local_hour,
+    smoothstep,
+)
 from ioc_core.kpis import DeviceSnapshot, Kpi, average, count
 from ioc_core.rules import MetricRules
 
@@ -93,6 +103,18 @@ DOMAIN = Domain(
     offline_after=timedelta(minutes=30),
     # A full bin can wait for the next round; an hour without anyone looking is worth a call.
     escalate_after=timedelta(minutes=60),
+    procedure=IncidentProcedure(
+        kind="waste",
+        title_vi="Sự cố thu gom rác",
+        title_en="Waste collection incident",
+        escalate_after=timedelta(minutes=120),
+        checklist=(
+            ChecklistStep(
+                "reroute-truck", "Điều xe thu gom đến điểm đầy", "Route a collection truck to the full bins"
+            ),
+            ChecklistStep("check-site", "Kiểm tra hiện trường", "Inspect the site"),
+        ),
+    ),
     sampler=_sample,
     sites=("market", "road"),
     default_rules={

@@ -5,7 +5,15 @@ from __future__ import annotations
 import random
 from datetime import datetime, timedelta
 
-from ioc_core.domains.base import Domain, Metric, clamp, daily_cycle, daytime
+from ioc_core.domains.base import (
+    ChecklistStep,
+    Domain,
+    IncidentProcedure,
+    Metric,
+    clamp,
+    daily_cycle,
+    daytime,
+)
 from ioc_core.kpis import Kpi, count, has_open_alarm, lowest
 from ioc_core.rules import MetricRules
 
@@ -89,6 +97,20 @@ DOMAIN = Domain(
     metrics=(PRESSURE, FLOW, TURBIDITY, PH),
     offline_after=timedelta(minutes=10),
     escalate_after=timedelta(minutes=15),
+    procedure=IncidentProcedure(
+        kind="water",
+        title_vi="Sự cố cấp nước",
+        title_en="Water supply incident",
+        escalate_after=timedelta(minutes=20),
+        checklist=(
+            ChecklistStep("locate-fault", "Xác định vị trí rò rỉ hoặc sự cố", "Locate the leak or fault"),
+            ChecklistStep(
+                "isolate-section", "Khóa van cô lập đoạn ống", "Close valves to isolate the section"
+            ),
+            ChecklistStep("warn-customers", "Thông báo khách hàng bị ảnh hưởng", "Tell affected customers"),
+            ChecklistStep("sample-quality", "Lấy mẫu kiểm tra chất lượng nước", "Sample the water quality"),
+        ),
+    ),
     sampler=_sample,
     sites=("water_works", "road"),
     station_thresholds=_station_thresholds,

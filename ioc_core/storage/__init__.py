@@ -8,10 +8,17 @@ from ioc_core.storage.audit import AuditQuery
 from ioc_core.storage.batch import BatchTransaction, TelemetryBatch, WriteResult
 from ioc_core.storage.connections import is_statement_timeout
 from ioc_core.storage.database import Database
-from ioc_core.storage.dead_letters import DeadLetterRow
+from ioc_core.storage.dead_letters import (
+    DeadLetterDetail,
+    DeadLetterFilter,
+    DeadLetterRow,
+    ReplayCandidate,
+    ReplayRefusal,
+)
 from ioc_core.storage.devices import DeviceProfileRow
 from ioc_core.storage.outbox import OutboxClaim, OutboxEvent
 from ioc_core.storage.pool import Transaction, drop_database, ensure_database
+from ioc_core.storage.rules import RuleOverride, RuleScope
 from ioc_core.storage.schema import StorageTier
 from ioc_core.storage.status import StatusTransition
 from ioc_core.storage.views import ApiKeyRow, CityRow, StatePage, SummaryDevice
@@ -22,10 +29,16 @@ __all__ = [
     "BatchTransaction",
     "CityRow",
     "Database",
+    "DeadLetterDetail",
+    "DeadLetterFilter",
     "DeadLetterRow",
     "DeviceProfileRow",
     "OutboxClaim",
     "OutboxEvent",
+    "ReplayCandidate",
+    "ReplayRefusal",
+    "RuleOverride",
+    "RuleScope",
     "StatePage",
     "StatusTransition",
     "StorageTier",

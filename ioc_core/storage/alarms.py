@@ -18,6 +18,7 @@ from ioc_core.alarms import (
     ALARM_RESOLVED,
     ALARM_UPDATED,
     DISTRICT_FLOOD_RULE,
+    OFFLINE_RULE,
     Alarm,
     AlarmMessages,
     AlarmReason,
@@ -31,6 +32,7 @@ from ioc_core.errors import ConflictError, NotFoundError
 from ioc_core.events import Event
 from ioc_core.rules import severity_rank
 from ioc_core.storage import views
+from ioc_core.storage.maintenance import in_window_sql
 from ioc_core.storage.outbox import insert_events
 from ioc_core.storage.pool import Connection, Pool, Transaction, text_list
 from ioc_core.storage.severity import reason_rank_sql, severity_rank_sql
@@ -38,7 +40,7 @@ from ioc_core.storage.severity import reason_rank_sql, severity_rank_sql
 _ALARM_COLUMNS = """
     a.id, a.subject, a.device_id, a.city, a.domain, a.district, a.rule, a.metric, a.severity,
     a.state, a.started_at, a.last_seen_at, a.acknowledged_at, a.resolved_at, a.value, a.threshold,
-    a.count, a.message_vi, a.message_en, a.escalated, a.escalated_at, a.reasons,
+    a.count, a.message_vi, a.message_en, a.escalated, a.escalated_at, a.reasons, a.suppressed,
     CASE WHEN a.device_id IS NULL THEN coalesce(a.areas, '{}')
          ELSE coalesce((SELECT array_agg(m.area_id ORDER BY m.area_id) FROM device_areas m
                         WHERE m.device_id = a.device_id), '{}') END AS areas
@@ -77,6 +79,15 @@ _OLD_REASON = "(a.reasons -> excluded.rule)"
 _NEW_REASON = "(excluded.reasons -> excluded.rule)"
 _REASON_COUNT = f"(coalesce(({_OLD_REASON} ->> 'count')::integer, 0) + excluded.count)"
 
+# -- maintenance windows (ioc_core.maintenance) --
+# Whether a finding falls inside a maintenance window of its device (or, for an area-wide alarm,
+# of its areas, city or domain) at its own time: a new alarm is then stored `suppressed`; a repeat
+# keeps whatever its alarm was raised as.
+_IN_WINDOW = in_window_sql(
+    device="u.device_id", city="u.city", domain="u.domain", areas="string_to_array(u.areas, ',')", at="u.at"
+)
+# -- end maintenance windows --
+
 # Open or bump the alarm of each finding's excursion (or rule). The finding's rule becomes, or
 # updates, one of the alarm's reasons: its count adds up, its severity never drops while the alarm
 # is open, and it is active again. A worse severity replaces the alarm's (with the reason that
@@ -85,7 +96,7 @@ _REASON_COUNT = f"(coalesce(({_OLD_REASON} ->> 'count')::integer, 0) + excluded.
 _UPSERT_ALARMS_SQL = f"""
 INSERT INTO alarms AS a (subject, device_id, city, domain, district, rule, metric, severity,
                          started_at, last_seen_at, value, threshold, count, message_vi, message_en,
-                         serious_since, reasons, areas)
+                         serious_since, reasons, areas, suppressed)
 SELECT u.subject, u.device_id, u.city, u.domain, u.district, u.rule, u.metric, u.severity,
        u.at, u.at, u.value, u.threshold, u.repeats, u.message_vi, u.message_en,
        CASE WHEN u.severity IN ('high', 'critical') THEN u.at END,
@@ -93,12 +104,15 @@ SELECT u.subject, u.device_id, u.city, u.domain, u.district, u.rule, u.metric, u
            'severity', u.severity, 'active', true, 'value', u.value, 'threshold', u.threshold,
            'count', u.repeats, 'first_seen_at', u.at, 'last_seen_at', u.at, 'cleared_at', null,
            'message_vi', u.message_vi, 'message_en', u.message_en)),
-       string_to_array(u.areas, ',')
+       string_to_array(u.areas, ','),
+       {_IN_WINDOW}
 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
             $8::text[], $9::timestamptz[], $10::float8[], $11::float8[], $12::integer[], $13::text[],
             $14::text[], $15::text[])
      AS u (subject, device_id, city, domain, district, rule, metric, severity, at, value,
            threshold, repeats, message_vi, message_en, areas)
+-- Maintenance: silence inside a planned outage is no offline alarm at all (see _IN_WINDOW).
+WHERE NOT (u.rule = '{OFFLINE_RULE}' AND {_IN_WINDOW})
 ON CONFLICT (subject, alarm_key) WHERE state <> 'resolved' DO UPDATE SET
     reasons = a.reasons || jsonb_build_object(excluded.rule, {_NEW_REASON} || jsonb_build_object(
         'count', {_REASON_COUNT},
@@ -134,6 +148,7 @@ _ESCALATE_ALARMS_SQL = f"""
 UPDATE alarms AS a SET escalated = true, escalated_at = now(), updated_at = now()
 FROM unnest($1::text[], $2::float8[]) AS u (domain, after_s)
 WHERE a.domain = u.domain AND a.state = 'active' AND NOT a.escalated AND a.serious_since IS NOT NULL
+  AND NOT a.suppressed
   AND a.serious_since < now() - make_interval(secs => u.after_s)
 RETURNING {_ALARM_COLUMNS}
 """
@@ -219,6 +234,7 @@ def _alarm_of(row: asyncpg.Record) -> Alarm:
         escalated_at=row["escalated_at"],
         reasons=_reasons_of(row["reasons"], own=row["rule"]),
         areas=row["areas"],
+        suppressed=row["suppressed"],
     )
 
 
@@ -349,6 +365,31 @@ async def escalate(connection: Connection, after_s: dict[str, float]) -> list[Ev
     rows = await connection.fetch(_ESCALATE_ALARMS_SQL, list(after_s), list(after_s.values()))
     now = datetime.now(UTC)
     return [alarm_event(ALARM_UPDATED, _alarm_of(row), now) for row in rows]
+
+
+# -- maintenance windows: releasing what a window suppressed --
+# Open suppressed alarms whose subject is in no window now (the window ended or was removed): the
+# condition outlived the planned outage, so the alarm now counts as raised; its wait for
+# acknowledgement starts now rather than inside the window. Two processors cannot both release one:
+# the second's update re-reads the row and finds it no longer suppressed.
+_RELEASE_SUPPRESSED_SQL = f"""
+UPDATE alarms AS a SET suppressed = false, updated_at = now(),
+    serious_since = CASE WHEN a.serious_since IS NOT NULL THEN now() END
+WHERE a.suppressed AND a.state <> 'resolved'
+  AND NOT {in_window_sql(device="a.device_id", city="a.city", domain="a.domain", areas="a.areas", at="now()")}
+RETURNING {_ALARM_COLUMNS}
+"""
+
+
+async def release_suppressed(connection: Connection) -> list[Event]:
+    """Open alarms raised inside a maintenance window that has ended are no longer suppressed;
+    returns their `alarm.raised` events (not yet recorded in the outbox), which agencies now get."""
+    rows = await connection.fetch(_RELEASE_SUPPRESSED_SQL)
+    now = datetime.now(UTC)
+    return [alarm_event(ALARM_RAISED, _alarm_of(row), now) for row in rows]
+
+
+# -- end maintenance windows --
 
 
 async def detector_states(connection: Connection, device_ids: Sequence[str]) -> dict[str, dict[str, Any]]:

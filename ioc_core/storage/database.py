@@ -15,6 +15,7 @@ import asyncpg
 from ioc_core.component import Component
 from ioc_core.sealing import SecretSealer
 from ioc_core.storage import migrations
+from ioc_core.storage.agencies import AgencyStore
 from ioc_core.storage.alarms import AlarmStore
 from ioc_core.storage.api_keys import ApiKeyStore
 from ioc_core.storage.areas import AreaStore, SpatialEngine, detect_engine
@@ -22,10 +23,13 @@ from ioc_core.storage.audit import AuditStore
 from ioc_core.storage.batch import BatchTransaction, TelemetryBatch, WriteResult
 from ioc_core.storage.dead_letters import DeadLetterStore
 from ioc_core.storage.devices import DeviceStore
+from ioc_core.storage.incidents import IncidentStore
+from ioc_core.storage.maintenance import MaintenanceStore
 from ioc_core.storage.outbox import OutboxStore
 from ioc_core.storage.pool import Pool, Transaction
 from ioc_core.storage.readings import ReadingStore
 from ioc_core.storage.regions import RegionStore
+from ioc_core.storage.rules import RuleStore
 from ioc_core.storage.schema import StorageTier
 from ioc_core.storage.status import StatusStore
 from ioc_core.storage.tiers import COMPRESS_AFTER, DEFAULT_RETENTION
@@ -62,6 +66,13 @@ class Database(Component):
         self.api_keys = ApiKeyStore(self._pool)
         self.dead_letters = DeadLetterStore(self._pool)
         self.audit = AuditStore(self._pool)
+        # Maintenance windows and their occurrences (ioc_core.maintenance).
+        self.maintenance = MaintenanceStore(self._pool)
+        # Incidents (with the cities' procedures) and the agencies they are assigned to.
+        self.incidents = IncidentStore(self._pool)
+        self.agencies = AgencyStore(self._pool)
+        # Rule overrides at run time and the rules version processors watch.
+        self.rules = RuleStore(self._pool)
         # Webhook endpoints, deliveries and attempts, over this pool.
         self.webhooks = WebhookStore(lambda: self._pool.pool, url, sealer)
         self._sealer = sealer

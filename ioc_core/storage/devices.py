@@ -6,14 +6,17 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 
 from ioc_core.errors import ConflictError, NotFoundError
 from ioc_core.models import Device, DeviceIn, DeviceRoute, LatestReading, Location
+from ioc_core.rules import RuleLayer
 from ioc_core.storage import views
 from ioc_core.storage.areas import EngineOf, place_devices
 from ioc_core.storage.pool import Connection, Pool, Transaction, text_list
+from ioc_core.storage.rules import RULE_LAYERS_SQL
 from ioc_core.storage.schema import FLOOD_ZONE_AREA_SQL
 
 _DEVICE_COLUMNS = f"""
@@ -22,10 +25,12 @@ _DEVICE_COLUMNS = f"""
 """
 
 
-# What detection needs of devices $1, with each flood station's correlation zone.
+# What detection needs of devices $1, with each flood station's correlation zone and the rule
+# overrides that apply to each device (see storage.rules).
 _PROFILES_SQL = f"""
 SELECT d.id, d.city, d.domain, d.name, d.district, d.thresholds,
-       z.id AS zone_area, z.name_vi AS zone_name_vi, z.name_en AS zone_name_en
+       z.id AS zone_area, z.name_vi AS zone_name_vi, z.name_en AS zone_name_en,
+       {RULE_LAYERS_SQL} AS rule_layers
 FROM devices d
 LEFT JOIN areas z ON d.domain = 'flood' AND z.id = {FLOOD_ZONE_AREA_SQL.format(device="d.id")}
 WHERE d.id = ANY($1::text[])
@@ -44,6 +49,13 @@ class DeviceProfileRow:
     zone_area: str | None = None
     zone_name_vi: str | None = None
     zone_name_en: str | None = None
+    # The rule overrides that apply to the device, in the order they are laid over its domain's
+    # defaults (city, areas, device; see storage.rules); its `thresholds` are not among them.
+    rule_layers: tuple[RuleLayer, ...] = ()
+
+
+def _rule_layers(stored: list[list[Any]]) -> tuple[RuleLayer, ...]:
+    return tuple(RuleLayer(source, rules) for source, rules in stored)
 
 
 def _device_of(row: asyncpg.Record) -> Device:
@@ -217,6 +229,7 @@ class DeviceStore:
                 zone_area=r["zone_area"],
                 zone_name_vi=r["zone_name_vi"],
                 zone_name_en=r["zone_name_en"],
+                rule_layers=_rule_layers(r["rule_layers"]),
             )
             for r in rows
         ]

@@ -503,6 +503,203 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         DROP INDEX IF EXISTS devices_flood_by_district;
         """,
     ),
+    (
+        14,
+        """
+        -- Replayable dead letters: the payload byte for byte (up to the 64 KiB payload limit), the
+        -- device the topic names (registered or not), how the broker delivered the message, and
+        -- the replay: when it went back into the pipeline (once), or why it was refused again.
+        ALTER TABLE dead_letters
+            ADD COLUMN raw                  bytea,
+            ADD COLUMN device_id            text,
+            ADD COLUMN mqtt                 jsonb,
+            ADD COLUMN replayed_at          timestamptz,
+            ADD COLUMN replay_attempted_at  timestamptz,
+            ADD COLUMN replay_reason        text,
+            ADD COLUMN replay_detail        text;
+        -- Letters stored before kept only a UTF-8 excerpt: where it is the whole payload without a
+        -- replacement character, it is the payload exactly; the others cannot be replayed.
+        UPDATE dead_letters
+        SET device_id = substring(
+                topic FROM '^ioc/v1/[^/]*/[^/]*/([A-Za-z0-9_.-]{1,64})/(?:telemetry|status)$'),
+            raw = CASE WHEN topic LIKE 'ioc/v1/%' AND strpos(payload, chr(65533)) = 0
+                            AND octet_length(payload) = payload_size
+                       THEN convert_to(payload, 'UTF8') END;
+        CREATE INDEX dead_letters_by_device ON dead_letters (device_id, id) WHERE device_id IS NOT NULL;
+        -- Retention deletes by receive time; replay filters by it.
+        CREATE INDEX dead_letters_by_received_at ON dead_letters (received_at);
+        """,
+    ),
+    (
+        15,
+        """
+        -- Maintenance windows (ioc_core.maintenance): a planned outage of one device, an area, a
+        -- city's domain or a whole city. `city`/`domain` are also kept for a device's or an area's
+        -- window, for scope checks; `target` says which columns select the devices.
+        CREATE TABLE maintenance_windows (
+            id          text PRIMARY KEY,
+            target      text NOT NULL CHECK (target IN ('device', 'area', 'domain', 'city')),
+            device_id   text,
+            area_id     text,
+            city        text,
+            domain      text,
+            starts_at   timestamptz NOT NULL,
+            ends_at     timestamptz NOT NULL CHECK (ends_at > starts_at),
+            rrule       text,
+            reason      text NOT NULL,
+            owner       text,
+            created_at  timestamptz NOT NULL DEFAULT now(),
+            updated_at  timestamptz NOT NULL DEFAULT now(),
+            -- Removed: kept, with its occurrences cut short, until the processor has handled their
+            -- end (devices still offline raise their alarm then), and purged after.
+            deleted_at  timestamptz,
+            CHECK ((target = 'device') = (device_id IS NOT NULL)),
+            CHECK ((target = 'area') = (area_id IS NOT NULL))
+        );
+        -- Every occurrence, expanded once when the window is stored (rules are bounded), so that
+        -- "is this device in a window at t" is one indexed lookup inside the processor's batch.
+        -- `closed_at`: when the processor handled the occurrence's end (raising what persists).
+        CREATE TABLE maintenance_occurrences (
+            window_id   text NOT NULL REFERENCES maintenance_windows (id) ON DELETE CASCADE,
+            starts_at   timestamptz NOT NULL,
+            ends_at     timestamptz NOT NULL,
+            closed_at   timestamptz,
+            PRIMARY KEY (window_id, starts_at)
+        );
+        CREATE INDEX maintenance_occurrences_by_end ON maintenance_occurrences (ends_at, starts_at);
+        CREATE INDEX maintenance_occurrences_to_close ON maintenance_occurrences (ends_at)
+            WHERE closed_at IS NULL;
+        -- An alarm raised inside a window: recorded, but sent to no agency, never escalated and
+        -- left out of the screens' open-alarm figures until its window ends.
+        ALTER TABLE alarms ADD COLUMN suppressed boolean NOT NULL DEFAULT false;
+        CREATE INDEX alarms_open_suppressed ON alarms (id) WHERE suppressed AND state <> 'resolved';
+        """,
+    ),
+    (
+        16,
+        """
+        -- Rules at run time (ioc_core.rules, storage.rules): a domain's default rules overridden
+        -- for a city, an area or a device, key by key, as {metric: {key: value}} like a device's
+        -- thresholds. `version` is the rules version the override last changed at.
+        CREATE TABLE rule_overrides (
+            level       text NOT NULL CHECK (level IN ('city', 'area', 'device')),
+            scope_id    text NOT NULL,
+            domain      text NOT NULL,
+            rules       jsonb NOT NULL,
+            version     bigint NOT NULL,
+            updated_by  text NOT NULL,
+            updated_at  timestamptz NOT NULL DEFAULT now(),
+            -- An area's or a device's overrides go with it.
+            area_id     text REFERENCES areas (id) ON DELETE CASCADE,
+            device_id   text REFERENCES devices (id) ON DELETE CASCADE,
+            PRIMARY KEY (level, scope_id, domain),
+            CHECK ((level = 'area') = (area_id IS NOT NULL)),
+            CHECK (area_id IS NULL OR area_id = scope_id),
+            CHECK ((level = 'device') = (device_id IS NOT NULL)),
+            CHECK (device_id IS NULL OR device_id = scope_id)
+        );
+        CREATE INDEX rule_overrides_by_area ON rule_overrides (area_id) WHERE area_id IS NOT NULL;
+        CREATE INDEX rule_overrides_by_device ON rule_overrides (device_id) WHERE device_id IS NOT NULL;
+        -- One counter for every change of any override: processors compare it every few seconds
+        -- (IOC_RULES_REFRESH_S) and read their devices' rules again when it moved. A counter row,
+        -- not max(version) of a sequence: its row lock orders the writers, so a change that
+        -- commits late cannot carry a smaller number than one already seen.
+        CREATE TABLE rules_version (
+            only_row  boolean PRIMARY KEY DEFAULT true CHECK (only_row),
+            version   bigint NOT NULL
+        );
+        INSERT INTO rules_version (only_row, version) VALUES (true, 0);
+        -- Overrides removed with their area or device move the counter as well.
+        CREATE FUNCTION rule_overrides_removed() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            UPDATE rules_version SET version = version + 1;
+            RETURN NULL;
+        END $$;
+        CREATE TRIGGER rule_overrides_removed AFTER DELETE ON rule_overrides
+            FOR EACH STATEMENT EXECUTE FUNCTION rule_overrides_removed();
+        """,
+    ),
+    (
+        17,
+        """
+        -- Incidents and agencies (ioc_core.incidents). An agency is a record the incidents are
+        -- assigned to; its webhook endpoints hear of the assignment, its escalation endpoint of
+        -- an assignment left unacknowledged.
+        CREATE TABLE agencies (
+            id                     text PRIMARY KEY,
+            name_vi                text NOT NULL,
+            name_en                text,
+            domains                text[],
+            cities                 text[],
+            areas                  text[],
+            webhook_ids            text[] NOT NULL DEFAULT '{}',
+            escalation_webhook_id  text,
+            escalation_contact     text,
+            created_by             text,
+            created_at             timestamptz NOT NULL DEFAULT now(),
+            updated_at             timestamptz NOT NULL DEFAULT now()
+        );
+        CREATE TABLE incidents (
+            id                bigserial PRIMARY KEY,
+            city              text NOT NULL,
+            kind              text NOT NULL,
+            domain            text NOT NULL,
+            -- The area the incident's alarms were grouped by; NULL: the city as a whole.
+            area_id           text,
+            title_vi          text NOT NULL,
+            title_en          text NOT NULL,
+            severity          text NOT NULL CHECK (severity IN ('low', 'medium', 'high', 'critical')),
+            state             text NOT NULL DEFAULT 'open' CHECK (
+                                  state IN ('open', 'acknowledged', 'in_progress', 'resolved', 'closed')),
+            automatic         boolean NOT NULL,
+            agency_id         text REFERENCES agencies (id) ON DELETE SET NULL,
+            assigned_at       timestamptz,
+            escalated_at      timestamptz,
+            escalate_after_s  double precision NOT NULL,
+            checklist         jsonb NOT NULL DEFAULT '[]',
+            areas             text[] NOT NULL DEFAULT '{}',
+            opened_at         timestamptz NOT NULL DEFAULT now(),
+            last_alarm_at     timestamptz NOT NULL DEFAULT now(),
+            acknowledged_at   timestamptz,
+            resolved_at       timestamptz,
+            closed_at         timestamptz,
+            updated_at        timestamptz NOT NULL DEFAULT now()
+        );
+        CREATE INDEX incidents_open_by_place ON incidents (city, kind, area_id)
+            WHERE state NOT IN ('resolved', 'closed');
+        CREATE INDEX incidents_unacknowledged ON incidents (assigned_at)
+            WHERE state = 'open' AND agency_id IS NOT NULL AND escalated_at IS NULL;
+        -- An alarm belongs to one incident at most.
+        CREATE TABLE incident_alarms (
+            alarm_id     bigint PRIMARY KEY REFERENCES alarms (id) ON DELETE CASCADE,
+            incident_id  bigint NOT NULL REFERENCES incidents (id) ON DELETE CASCADE,
+            joined_at    timestamptz NOT NULL DEFAULT now()
+        );
+        CREATE INDEX incident_alarms_by_incident ON incident_alarms (incident_id, alarm_id);
+        CREATE TABLE incident_timeline (
+            id           bigserial PRIMARY KEY,
+            incident_id  bigint NOT NULL REFERENCES incidents (id) ON DELETE CASCADE,
+            at           timestamptz NOT NULL DEFAULT now(),
+            actor        text,
+            action       text NOT NULL,
+            note         text,
+            detail       jsonb NOT NULL DEFAULT '{}'
+        );
+        CREATE INDEX incident_timeline_by_incident ON incident_timeline (incident_id, id);
+        -- A city's own version of a kind's standard operating procedure.
+        CREATE TABLE incident_procedures (
+            city              text NOT NULL,
+            kind              text NOT NULL,
+            title_vi          text NOT NULL,
+            title_en          text NOT NULL,
+            escalate_after_s  double precision NOT NULL,
+            checklist         jsonb NOT NULL,
+            updated_by        text,
+            updated_at        timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (city, kind)
+        );
+        """,
+    ),
 )
 
 

@@ -76,7 +76,7 @@ _OPEN_ALARMS = f"""
     SELECT a.device_id, count(*) AS n,
            (array_agg(a.severity ORDER BY {_SEVERITY_RANK} DESC))[1] AS worst
     FROM alarms a
-    WHERE a.state <> 'resolved' AND a.device_id IS NOT NULL
+    WHERE a.state <> 'resolved' AND NOT a.suppressed AND a.device_id IS NOT NULL
     GROUP BY a.device_id
 """
 # Worst open area-wide alarm over each device: a zone's flood alarm reaches the devices in any of
@@ -84,13 +84,14 @@ _OPEN_ALARMS = f"""
 _AREA_ALARMS = f"""
     SELECT m.device_id, (array_agg(a.severity ORDER BY {_SEVERITY_RANK} DESC))[1] AS worst
     FROM alarms a JOIN device_areas m ON m.area_id = ANY(a.areas)
-    WHERE a.state <> 'resolved' AND a.device_id IS NULL
+    WHERE a.state <> 'resolved' AND NOT a.suppressed AND a.device_id IS NULL
     GROUP BY m.device_id
 """
 _DISTRICT_ALARMS = f"""
     SELECT a.city, a.district, (array_agg(a.severity ORDER BY {_SEVERITY_RANK} DESC))[1] AS worst
     FROM alarms a
-    WHERE a.state <> 'resolved' AND a.device_id IS NULL AND a.district IS NOT NULL AND a.areas IS NULL
+    WHERE a.state <> 'resolved' AND NOT a.suppressed AND a.device_id IS NULL AND a.district IS NOT NULL
+      AND a.areas IS NULL
     GROUP BY a.city, a.district
 """
 _WORST_AREA_ALARM = (
@@ -150,7 +151,8 @@ SELECT d.id, d.domain, coalesce(s.status, 'unknown') AS status, coalesce(s.metri
        d.thresholds,
        coalesce((SELECT array_agg(r.rule || '|' || coalesce(a.metric, ''))
                  FROM alarms a, jsonb_object_keys({_REASONS}) AS r (rule)
-                 WHERE a.device_id = d.id AND a.state <> 'resolved'), '{{}}') AS open_alarms
+                 WHERE a.device_id = d.id AND a.state <> 'resolved'
+                   AND NOT a.suppressed), '{{}}') AS open_alarms
 FROM devices d LEFT JOIN device_state s ON s.device_id = d.id
 WHERE {_SCOPE} AND ($3::text IS NULL OR d.city = $3) AND {in_areas("$4")}
 """
@@ -162,9 +164,11 @@ SELECT d.id, d.domain, coalesce(s.status, 'unknown') AS status, coalesce(s.metri
        d.thresholds,
        coalesce((SELECT array_agg(r.rule || '|' || coalesce(x.metric, ''))
                  FROM alarms x, jsonb_object_keys(x.reasons || jsonb_build_object(x.rule, true)) AS r (rule)
-                 WHERE x.device_id = d.id AND x.state <> 'resolved'), '{{}}') AS open_alarms,
+                 WHERE x.device_id = d.id AND x.state <> 'resolved'
+                   AND NOT x.suppressed), '{{}}') AS open_alarms,
        coalesce((SELECT array_agg(x.state || '|' || x.severity) FROM alarms x
-                 WHERE x.device_id = d.id AND x.state <> 'resolved'), '{{}}') AS alarm_states,
+                 WHERE x.device_id = d.id AND x.state <> 'resolved'
+                   AND NOT x.suppressed), '{{}}') AS alarm_states,
        m.areas
 FROM (SELECT device_id, array_agg(area_id ORDER BY area_id) AS areas
       FROM device_areas WHERE area_id = ANY($3::text[]) GROUP BY device_id) m
@@ -178,7 +182,8 @@ WHERE {_SCOPE}
 AREA_ALARMS_SQL = """
 SELECT u.area_id, a.domain, a.state, a.severity
 FROM alarms a, unnest(a.areas) AS u (area_id)
-WHERE a.state <> 'resolved' AND a.device_id IS NULL AND a.areas && $3::text[] AND u.area_id = ANY($3::text[])
+WHERE a.state <> 'resolved' AND NOT a.suppressed AND a.device_id IS NULL AND a.areas && $3::text[]
+  AND u.area_id = ANY($3::text[])
   AND ($1::text[] IS NULL OR a.city = ANY($1)) AND ($2::text[] IS NULL OR a.domain = ANY($2))
 """
 
@@ -186,7 +191,7 @@ WHERE a.state <> 'resolved' AND a.device_id IS NULL AND a.areas && $3::text[] AN
 SUMMARY_ALARMS_SQL = """
 SELECT a.domain, a.state, a.severity, count(*) AS n
 FROM alarms a
-WHERE a.state <> 'resolved'
+WHERE a.state <> 'resolved' AND NOT a.suppressed
   AND ($1::text[] IS NULL OR a.city = ANY($1)) AND ($2::text[] IS NULL OR a.domain = ANY($2))
   AND ($3::text IS NULL OR a.city = $3)
   AND ($4::text[] IS NULL OR a.areas && $4 OR EXISTS (SELECT 1 FROM device_areas m
@@ -303,6 +308,8 @@ LEFT JOIN LATERAL (
     WHERE z.id IS NOT NULL AND y.id = ANY(a.areas) AND y.kind = 'ward' AND y.code IS NOT NULL
 ) w ON true
 WHERE a.state <> 'resolved'
+  -- One raised inside a maintenance window warns nobody until it outlives the window.
+  AND NOT a.suppressed
   AND EXISTS (SELECT 1 FROM jsonb_object_keys({_REASONS}) AS r (rule)
               JOIN unnest($1::text[], $2::text[]) AS pub (domain, rule)
                 ON pub.domain = a.domain AND pub.rule = r.rule)

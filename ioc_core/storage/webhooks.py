@@ -24,6 +24,7 @@ from ioc_core.errors import NotFoundError, StorageError
 from ioc_core.rules import severity_rank
 from ioc_core.sealing import SecretSealer
 from ioc_core.storage.connections import CONNECTION_ERRORS, TRANSIENT_ERRORS, unavailable
+from ioc_core.storage.maintenance import in_window_sql
 from ioc_core.storage.pool import Connection, Transaction, text_list
 from ioc_core.storage.webhook_secrets import SealingReport, StoredSecrets
 from ioc_core.webhooks import SECRET_PREFIX, RoutedEvent, WebhookFilter
@@ -31,11 +32,21 @@ from ioc_core.webhooks import SECRET_PREFIX, RoutedEvent, WebhookFilter
 # Workers LISTEN here; a transaction that makes deliveries notifies at its commit.
 NOTIFY_CHANNEL = "ioc_webhook_deliveries"
 
-_ROUTE_SQL = """
+_IN_WINDOW = in_window_sql(
+    device="u.status_device",
+    city="u.city",
+    domain="u.domain",
+    areas="string_to_array(u.areas, ',')",
+    at="u.at",
+)
+_ROUTE_SQL = f"""
 WITH ev AS (
-    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::integer[], $6::boolean[],
-                         $7::text[], $8::boolean[], $9::text[])
-        AS u (message_id, type, city, domain, severity_rank, escalated, body, opt_in, areas)
+    SELECT u.* FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::integer[], $6::boolean[],
+                           $7::text[], $8::boolean[], $9::text[], $10::text[], $11::timestamptz[])
+        AS u (message_id, type, city, domain, severity_rank, escalated, body, opt_in, areas,
+              status_device, at)
+    -- A device's status change inside a maintenance window goes to no endpoint.
+    WHERE u.status_device IS NULL OR NOT {_IN_WINDOW}
 ), made AS (
     INSERT INTO webhook_deliveries (endpoint_id, message_id, event_type, body)
     SELECT e.id, ev.message_id, ev.type, ev.body
@@ -218,6 +229,8 @@ async def route_deliveries(connection: Any, events: Sequence[RoutedEvent]) -> in
         [e.opt_in for e in events],
         # Area ids hold no comma (see ioc_core.areas), so a joined list is one text per event.
         [",".join(e.areas) for e in events],
+        [e.status_device for e in events],
+        [e.at for e in events],
     )
     if made:
         await connection.execute("SELECT pg_notify($1, '')", NOTIFY_CHANNEL)

@@ -4,6 +4,8 @@ encoding and decoding."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
 from dataclasses import dataclass
@@ -14,6 +16,7 @@ import orjson
 
 from ioc_core.errors import RejectedMessage
 from ioc_core.telemetry.reasons import REASON_MALFORMED
+from ioc_core.telemetry.topics import DEVICE_ID_PATTERN, TOPIC_ROOT
 from ioc_core.telemetry.values import excerpt
 
 DEADLETTER_PAYLOAD_LIMIT = 4096
@@ -162,25 +165,75 @@ def _packet_id(value: Any) -> int | None:
     return value
 
 
+# A dead letter keeps its payload twice: as the first 4 KiB decoded as UTF-8 text, for people
+# and for readers of the first record format, and byte for byte (base64 on the bus, `bytea` in the
+# database) up to the gateway's payload limit (`payload.MAX_PAYLOAD_BYTES`, which imports this
+# module), so that a letter can be replayed exactly as the device sent it.
+DEADLETTER_RAW_LIMIT = 64 * 1024
+
+# The format of the dead-letter records the gateway writes now. The first format (no `format`
+# field) had only the text excerpt; both are read.
+DEADLETTER_FORMAT = 2
+
+
+def device_named_by(topic: str) -> str | None:
+    """The device id a device topic names, even when another part of it is wrong (an unknown
+    domain, a bad city), so that a letter from a device nobody registered yet names it; None when
+    the topic is not a device topic at all."""
+    parts = topic.split("/")
+    if len(parts) != 6 or f"{parts[0]}/{parts[1]}" != TOPIC_ROOT or parts[5] not in ("telemetry", "status"):
+        return None
+    return parts[4] if DEVICE_ID_PATTERN.fullmatch(parts[4]) else None
+
+
+def exact_payload(text: str, size: int) -> bytes | None:
+    """The payload bytes behind a first-format letter's text, when the text holds them exactly:
+    the whole payload (no cut) decoded without a replacement character. A payload that was not
+    UTF-8, or was longer than the excerpt, cannot be told from its text: None."""
+    if "\ufffd" in text:
+        return None
+    try:
+        raw = text.encode()
+    except UnicodeEncodeError:  # a lone surrogate: the text was never decoded UTF-8
+        return None
+    return raw if len(raw) == size else None
+
+
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
-    """A message that could not be accepted, kept with why and where it came from."""
+    """A message that could not be accepted, kept with why and where it came from, and how the
+    broker delivered it (QoS, retain and DUP flags, packet id), so that a replay validates it as
+    the gateway did. The gateway's MQTT client skips MQTT 5 properties on its fast path (parsing
+    them was a third of its network thread's time) and validation reads none, so none are kept."""
 
     reason: str
     detail: str
     topic: str
     received_at: datetime
     payload: bytes
+    qos: int = 0
+    retain: bool = False
+    dup: bool = False
+    packet_id: int | None = None
 
     def to_bytes(self) -> bytes:
         return json.dumps(
             {
+                "format": DEADLETTER_FORMAT,
                 "reason": self.reason,
                 "detail": self.detail,
                 "topic": self.topic,
+                "device_id": device_named_by(self.topic),
                 "received_at": self.received_at.isoformat(),
                 "payload_size": len(self.payload),
                 "payload": self.payload[:DEADLETTER_PAYLOAD_LIMIT].decode("utf-8", errors="replace"),
+                "payload_base64": base64.b64encode(self.payload[:DEADLETTER_RAW_LIMIT]).decode("ascii"),
+                "mqtt": {
+                    "qos": self.qos,
+                    "retain": self.retain,
+                    "dup": self.dup,
+                    "packet_id": self.packet_id,
+                },
             },
             separators=(",", ":"),
             ensure_ascii=False,
@@ -189,7 +242,11 @@ class DeadLetter:
 
 @dataclass(frozen=True, slots=True)
 class StoredDeadLetter:
-    """A dead letter as read back from the bus, ready to be stored once (`source` is unique)."""
+    """A dead letter as read back from the bus, ready to be stored once (`source` is unique).
+
+    `raw` is the payload byte for byte (at most `DEADLETTER_RAW_LIMIT`), None when it is not known
+    exactly (a first-format letter whose text is not the whole payload, a bus record the processor
+    itself rejected); `mqtt` the delivery flags (None: not known)."""
 
     source: str
     reason: str
@@ -198,19 +255,29 @@ class StoredDeadLetter:
     received_at: datetime
     payload: str
     payload_size: int
+    raw: bytes | None = None
+    device_id: str | None = None
+    mqtt: dict[str, Any] | None = None
 
     @classmethod
     def from_bytes(cls, raw: bytes, *, source: str) -> StoredDeadLetter:
         try:
             body = json.loads(raw)
+            topic = str(body["topic"])[:512]
+            text = str(body.get("payload", ""))[:DEADLETTER_PAYLOAD_LIMIT]
+            size = int(body.get("payload_size", 0))
+            exact = _raw_payload(body.get("payload_base64"))
             return cls(
                 source=source,
                 reason=str(body["reason"])[:64],
                 detail=str(body.get("detail", ""))[:1000],
-                topic=str(body["topic"])[:512],
+                topic=topic,
                 received_at=datetime.fromisoformat(body["received_at"]),
-                payload=str(body.get("payload", ""))[:DEADLETTER_PAYLOAD_LIMIT],
-                payload_size=int(body.get("payload_size", 0)),
+                payload=text,
+                payload_size=size,
+                raw=exact if "payload_base64" in body else exact_payload(text, size),
+                device_id=device_named_by(topic),
+                mqtt=_mqtt_flags(body.get("mqtt")),
             )
         except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError):
             # Not written by a gateway; keep it anyway, as the bytes it is.
@@ -222,7 +289,8 @@ class StoredDeadLetter:
 
     @classmethod
     def of_rejection(cls, rejection: RejectedMessage, raw: bytes, *, source: str) -> StoredDeadLetter:
-        """A bus record that the processor itself cannot accept, stored under its bus position."""
+        """A bus record that the processor itself cannot accept, stored under its bus position. It
+        was never a device's message, so it has no raw payload to replay."""
         return cls(
             source=source,
             reason=rejection.reason,
@@ -232,6 +300,36 @@ class StoredDeadLetter:
             payload=raw[:DEADLETTER_PAYLOAD_LIMIT].decode("utf-8", errors="replace"),
             payload_size=len(raw),
         )
+
+
+def _raw_payload(value: Any) -> bytes | None:
+    """The payload of a record's `payload_base64`; None when that is not base64 (a record written
+    by someone else than a gateway: kept, but not replayable)."""
+    if not isinstance(value, str):
+        return None
+    try:
+        return base64.b64decode(value, validate=True)[:DEADLETTER_RAW_LIMIT]
+    except binascii.Error:
+        return None
+
+
+def _mqtt_flags(value: Any) -> dict[str, Any] | None:
+    """A record's delivery flags, checked: anything else than what a gateway writes is None."""
+    if not isinstance(value, dict):
+        return None
+    qos, retain, dup, packet_id = (value.get(k) for k in ("qos", "retain", "dup", "packet_id"))
+    if (
+        isinstance(qos, bool)
+        or qos not in (0, 1, 2)
+        or not isinstance(retain, bool)
+        or not isinstance(dup, bool)
+    ):
+        return None
+    try:
+        packet_id = _packet_id(packet_id)
+    except ValueError:
+        return None
+    return {"qos": qos, "retain": retain, "dup": dup, "packet_id": packet_id}
 
 
 def utcnow() -> datetime:

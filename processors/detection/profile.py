@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
+import orjson
+
 from ioc_core.alarms import area_subject, district_subject
 from ioc_core.domains import get_domain
+from ioc_core.domains.base import Domain
 from ioc_core.places import place_label
-from ioc_core.rules import MetricRules, rules_for
+from ioc_core.rules import MetricRules, RuleLayer, device_layers, layered_rules, rules_for
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,16 +51,20 @@ class DeviceProfile:
         zone_area: str | None = None,
         zone_name_vi: str | None = None,
         zone_name_en: str | None = None,
+        overrides: Sequence[RuleLayer] = (),
     ) -> DeviceProfile:
         """A device as registered; a domain this version does not know leaves it without rules.
-        `zone_area` is the area a flood station is correlated in (see `FloodZone`)."""
+        `zone_area` is the area a flood station is correlated in (see `FloodZone`); `overrides`
+        are the rule overrides that apply to it, in order (see `ioc_core.rules.device_layers`)."""
         known = get_domain(domain)
         if known is None:
             rules: Mapping[str, MetricRules] = {}
-        elif not thresholds:
+        elif not thresholds and not overrides:
             rules = _defaults_of(domain)
-        else:
+        elif not overrides:
             rules = rules_for(known, thresholds)
+        else:
+            rules = _layered(known, device_layers(overrides, thresholds))
         zone: FloodZone | None = None
         if domain == _FLOOD_DOMAIN and zone_area is not None:
             name_vi = zone_name_vi or zone_area
@@ -84,4 +91,27 @@ def _defaults_of(domain: str) -> Mapping[str, MetricRules]:
         known = get_domain(domain)
         assert known is not None
         rules = _DOMAIN_DEFAULTS[domain] = MappingProxyType(rules_for(known, {}))
+    return rules
+
+
+# Devices that share their overrides (a city's or an area's, with no settings of their own) share
+# one read-only rules mapping, as devices without any share their domain's: a city override
+# applied to 100,000 devices is one mapping, and detection plans it once (it keys its plans by
+# the mapping). Bounded: profiles are read again after every rules change, and old combinations
+# are dropped when the cache is full.
+_SHARED_RULES: dict[bytes, Mapping[str, MetricRules]] = {}
+_SHARED_RULES_KEPT = 4096
+
+
+def _layered(domain: Domain, layers: Sequence[RuleLayer]) -> Mapping[str, MetricRules]:
+    if any(layer.is_device_own for layer in layers):
+        return layered_rules(domain, layers)
+    key = orjson.dumps(
+        [domain.name, [[layer.source, layer.settings] for layer in layers]], option=orjson.OPT_SORT_KEYS
+    )
+    rules = _SHARED_RULES.get(key)
+    if rules is None:
+        if len(_SHARED_RULES) >= _SHARED_RULES_KEPT:
+            _SHARED_RULES.clear()
+        rules = _SHARED_RULES[key] = MappingProxyType(layered_rules(domain, layers))
     return rules

@@ -261,7 +261,9 @@ async def test_operations_page_shows_areas_summaries_and_device_charts(
 
     screenshot = tmp_path / "page.png"
     # Tall enough that an area's summary opens without panning the other ward out of the map.
-    context = await browser.new_context(viewport={"width": 1600, "height": 1200})
+    # Tall enough that the map keeps its room above the incidents panel: the session city's other
+    # tests' places spread the map, and a popup's pan must not carry the wards out of it.
+    context = await browser.new_context(viewport={"width": 1600, "height": 1600})
     try:
         page = await watch.page(context)
         page.on("request", on_request)
@@ -329,6 +331,7 @@ async def test_operations_page_shows_areas_summaries_and_device_charts(
         await expect(summary.locator('dl[data-domain="flood"] dd[data-figure]').first).to_be_visible()
         await expect(summary.locator(".also-here")).to_contain_text("Tỉnh Thử")
         # Ward B has the sensor, online, and no alarm.
+        await page.locator(".area-popup", has=summary).locator(".leaflet-popup-close-button").click()
         await click_inside(area_path(page, ward_b), 0.85, 0.85)
         other = page.locator(f'[data-testid="area-summary"][data-area-id="{ward_b}"]')
         await expect(other.locator('[data-fact="total"]')).to_have_text("1")
@@ -345,6 +348,8 @@ async def test_operations_page_shows_areas_summaries_and_device_charts(
         await area_filter.select_option(ward_b)
         await expect(page.get_by_test_id("alarm")).to_have_count(0, timeout=TIMEOUT_MS)
         await expect(page.locator("#alarms-empty")).to_be_visible()
+        # Ward B's summary would cover ward A where the map fits many places (the session city's).
+        await page.locator(".area-popup", has=other).locator(".leaflet-popup-close-button").click()
         await click_inside(area_path(page, ward_a), 0.1, 0.9)
         await summary.get_by_test_id("area-filter-alarms").click()
         await expect(area_filter).to_have_value(ward_a)
@@ -356,6 +361,10 @@ async def test_operations_page_shows_areas_summaries_and_device_charts(
         # A click on the station opens its panel: status, its open alarm, and a chart of each
         # metric with its limits (the device's over the domain's) and the alarm's start marked.
         await page.locator(".area-popup", has=summary).locator(".leaflet-popup-close-button").click()
+        # From its alarm: the map moves to it whatever the popups before moved the map to (in the
+        # session city, whose other tests' places spread the map, they can move it off the station).
+        await station_row.locator('[data-action="locate"]').click()
+        await expect(marker(page, station)).to_be_visible()
         await marker(page, station).click()
         panel = page.locator(f'[data-testid="device-panel"][data-device-id="{station}"]')
         await expect(panel).to_be_visible()

@@ -45,6 +45,7 @@ from simulators.fleet import build_fleet
 from simulators.runner import ScenarioRun
 from simulators.scenarios import Scenario
 from simulators.truth import Incident, read_truth
+from tests.conftest import Figures
 from tests.integration import harness
 from tests.integration.conftest import ADMIN_KEY
 from tests.integration.harness import unique
@@ -289,6 +290,48 @@ async def test_storm_incidents_are_all_alarmed_in_time(scenarios: ScenarioSystem
         assert seen is not None and seen.alarm["device_id"] is None
         assert incident.area in seen.alarm["areas"]
     _check_nothing_else(run)
+
+
+# -- incidents (ioc_core.incidents): the storm's alarms become one incident per area ----------
+
+
+async def test_storm_becomes_one_flood_incident_per_area(scenarios: ScenarioSystem, figures: Figures) -> None:
+    run = scenarios.runs["storm"]
+    zones = {i.area for i in run.truth if i.kind == "district_flood" and i.area is not None}
+    assert zones
+    flood_alarms = {int(i) for i, seen in run.alarms.items() if seen.alarm["domain"] == "flood"}
+    async with httpx.AsyncClient(
+        base_url=scenarios.api_url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=10
+    ) as api:
+
+        async def storm_incidents() -> list[dict[str, Any]] | None:
+            answer = await api.get("/v1/incidents", params={"city": run.city, "limit": 1000})
+            assert answer.status_code == 200, answer.text
+            items: list[dict[str, Any]] = answer.json()["items"]
+            flooded = {i["area"] for i in items if i["kind"] == "flood"}
+            return items if zones <= flooded else None
+
+        listed = await harness.wait_until(
+            storm_incidents, timeout=30, what=f"a flood incident for each of {sorted(zones)}"
+        )
+        incidents = [(await api.get(f"/v1/incidents/{i['id']}")).json() for i in listed]
+    flood = [i for i in incidents if i["kind"] == "flood"]
+    # One incident per area: no area has two, and every area that flooded has its own.
+    areas = [i["area"] for i in flood]
+    assert len(areas) == len(set(areas)), areas
+    assert zones <= set(areas)
+    for incident in flood:
+        if incident["area"] in zones:
+            # The zone's own alarm and its stations' alarms are in the one incident of the zone.
+            subjects = {a["subject"] for a in incident["alarms"]}
+            assert f"area:{incident['area']}" in subjects, incident["alarms"]
+            assert len(subjects) > 1, f"no station alarm joined the incident of {incident['area']}"
+    grouped = {a["id"] for i in incidents for a in i["alarms"]}
+    figures.lines.append(
+        f"storm scenario ({run.city}): {len(run.alarms)} alarms -> {len(incidents)} incidents"
+        f" ({len(flood_alarms)} flood alarms -> {len(flood)} flood incidents over {len(zones)} flooded"
+        f" areas; {len(grouped)} alarms grouped)"
+    )
 
 
 async def test_outage_devices_go_offline_by_their_last_will_and_come_back(scenarios: ScenarioSystem) -> None:

@@ -132,6 +132,8 @@ class FakeDatabase:
         self.devices = _FakeDevices(self)
         self.readings = _FakeReadings(self)
         self.outbox = _FakeOutbox(self)
+        self.rules = _FakeRules()
+        self.dead_letters = _FakeDeadLetters()
 
     async def start(self) -> None:
         pass
@@ -156,6 +158,27 @@ class _FakeDevices:
 
     async def profiles(self, device_ids: Sequence[str]) -> list[DeviceProfileRow]:
         return [self._database.profiles[d] for d in device_ids if d in self._database.profiles]
+
+
+class _FakeDeadLetters:
+    """Records each prune's retention."""
+
+    def __init__(self) -> None:
+        self.pruned: list[timedelta] = []
+
+    async def prune(self, older_than: timedelta) -> int:
+        self.pruned.append(older_than)
+        return 0
+
+
+class _FakeRules:
+    """The rules version processors watch; a test moves it to change the rules at run time."""
+
+    def __init__(self) -> None:
+        self.current = 0
+
+    async def version(self) -> int:
+        return self.current
 
 
 class _FakeReadings:

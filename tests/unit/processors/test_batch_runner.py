@@ -240,9 +240,12 @@ def test_each_scheduled_job_runs_on_its_own_period() -> None:
     assert [(job.name, job.period_s) for job in r.processor.scheduled_jobs()] == [
         ("silence", 3),
         ("escalation", 3),
+        ("maintenance", 2.0),
+        ("incidents", 2.0),
         ("state events", 4),
         ("housekeeping", 60),
         ("retention", 5),
+        ("dead-letter retention", 5),
         ("lag", 2),
     ]
 
@@ -256,9 +259,12 @@ async def test_start_runs_the_loops_and_every_job_under_the_supervisor() -> None
         "relay",
         "silence",
         "escalation",
+        "maintenance",
+        "incidents",
         "state events",
         "housekeeping",
         "retention",
+        "dead-letter retention",
         "lag",
     ]
     assert {f"processor: {name}" for name in expected} <= names
