@@ -17,7 +17,7 @@ from datetime import datetime
 
 import orjson
 
-from ioc_core.alarms import Finding, district_subject
+from ioc_core.alarms import Finding
 from ioc_core.bus import BusRecord
 from ioc_core.errors import RejectedMessage
 from ioc_core.storage import (
@@ -183,13 +183,7 @@ class BatchWriter:
                 # A station registered with a `district` that now lies in an area has left the
                 # district's zone (of older releases, or before the areas came): an open alarm
                 # of that district is judged again, without it, and passes once none is left.
-                district = profile.district
-                _touch(
-                    zones,
-                    FloodZone(district_subject(profile.city, district), None, district, district),
-                    profile.city,
-                    newest,
-                )
+                _touch(zones, FloodZone.of_district(profile.city, profile.district), profile.city, newest)
         return findings, zones
 
     def _station_signals(

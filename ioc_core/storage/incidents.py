@@ -44,7 +44,7 @@ from ioc_core.incidents import (
 from ioc_core.rules import severity_rank
 from ioc_core.storage.outbox import insert_events
 from ioc_core.storage.pool import Connection, Pool, Transaction, text_list
-from ioc_core.storage.schema import FLOOD_ZONE_AREA_SQL
+from ioc_core.storage.schema import FLOOD_ZONE_AREA_SQL, area_size_sql
 from ioc_core.storage.severity import severity_rank_sql
 from ioc_core.storage.webhooks import NOTIFY_CHANNEL
 from ioc_core.webhooks import message_body, message_id
@@ -79,7 +79,7 @@ _ALARM_PLACE = f"""
          WHEN a.domain = ANY($1::text[]) THEN {FLOOD_ZONE_AREA_SQL.format(device="a.device_id")}
          ELSE (SELECT wa.id FROM device_areas wm JOIN areas wa ON wa.id = wm.area_id
                WHERE wm.device_id = a.device_id AND wa.kind = 'ward'
-               ORDER BY round(((wa.max_lon - wa.min_lon) * (wa.max_lat - wa.min_lat))::numeric, 8), wa.id
+               ORDER BY {area_size_sql("wa")}, wa.id
                LIMIT 1) END
 """
 

@@ -21,7 +21,7 @@ from ioc_core.domains import get_domain
 from ioc_core.errors import ConflictError, NotFoundError, ValidationError
 from ioc_core.rules import AREA_SOURCE_PREFIX, CITY_SOURCE, DEVICE_SOURCE
 from ioc_core.storage.pool import Connection, Pool, Transaction
-from ioc_core.storage.schema import ident
+from ioc_core.storage.schema import area_size_sql, ident
 
 RuleLevel = Literal["city", "area", "device"]
 RULE_LEVELS: tuple[RuleLevel, ...] = ("city", "area", "device")
@@ -43,7 +43,7 @@ RULE_LAYERS_SQL = f"""CASE WHEN NOT EXISTS (SELECT 1 FROM rule_overrides) THEN '
         WHERE r.level = 'city' AND r.scope_id = d.city AND r.domain = d.domain
         UNION ALL
         SELECT '{AREA_SOURCE_PREFIX}' || a.id, r.rules, 1,
-               round(((a.max_lon - a.min_lon) * (a.max_lat - a.min_lat))::numeric, 8), a.id
+               {area_size_sql("a")}, a.id
         FROM device_areas m
         JOIN areas a ON a.id = m.area_id
         JOIN rule_overrides r ON r.level = 'area' AND r.scope_id = a.id AND r.domain = d.domain

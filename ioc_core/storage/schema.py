@@ -32,16 +32,25 @@ def ident(name: str) -> str:
     return name
 
 
+def area_size_sql(alias: str) -> str:
+    """An area's size as the stores compare areas by it (the smaller, the more local): its bounding
+    box in square degrees, rounded to 1e-8 so that boxes alike tie (and the id decides)."""
+    return f"round((({alias}.max_lon - {alias}.min_lon) * ({alias}.max_lat - {alias}.min_lat))::numeric, 8)"
+
+
 # The area a flood station is correlated in (processors.detection.district): the catchment that
 # contains it, else its ward; of several, the one with the smallest bounding box (a sub-catchment
 # within a river basin is the more local picture; boxes alike to 1e-8 square degrees tie), then
 # by id. `{device}` names the device's id.
-FLOOD_ZONE_AREA_SQL = """(
+FLOOD_ZONE_AREA_SQL = (
+    """(
     SELECT za.id FROM device_areas zm JOIN areas za ON za.id = zm.area_id
     WHERE zm.device_id = {device} AND za.kind IN ('catchment', 'ward')
-    ORDER BY za.kind = 'catchment' DESC,
-             round(((za.max_lon - za.min_lon) * (za.max_lat - za.min_lat))::numeric, 8), za.id
+    ORDER BY za.kind = 'catchment' DESC, """
+    + area_size_sql("za")
+    + """, za.id
     LIMIT 1)"""
+)
 
 # Versioned schema steps; each runs once, in order, inside the migration lock.
 MIGRATIONS: tuple[tuple[int, str], ...] = (

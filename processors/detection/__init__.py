@@ -8,7 +8,7 @@ readings, and hands the findings to the alarm store.
 
 from __future__ import annotations
 
-from ioc_core.alarms import DISTRICT_FLOOD_RULE, OFFLINE_RULE, Finding, area_subject, district_subject
+from ioc_core.alarms import DISTRICT_FLOOD_RULE, OFFLINE_RULE, Finding, district_subject
 from ioc_core.rules import SEVERITIES, severity_rank
 from processors.detection.detectors import DetectionSettings, DeviceDetection
 from processors.detection.district import DistrictFloodCorrelator, StationSignal
@@ -30,7 +30,6 @@ __all__ = [
     "Finding",
     "FloodZone",
     "StationSignal",
-    "area_subject",
     "district_subject",
     "offline_finding",
     "severity_rank",

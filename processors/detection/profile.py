@@ -25,6 +25,11 @@ class FloodZone:
     name_vi: str
     name_en: str
 
+    @classmethod
+    def of_district(cls, city: str, district: str) -> FloodZone:
+        """The zone of a station in no catchment or ward: the district it was registered with."""
+        return cls(district_subject(city, district), None, district, district)
+
 
 @dataclass(frozen=True, slots=True)
 class DeviceProfile:
@@ -70,7 +75,7 @@ class DeviceProfile:
             name_vi = zone_name_vi or zone_area
             zone = FloodZone(area_subject(zone_area), zone_area, name_vi, zone_name_en or name_vi)
         elif domain == _FLOOD_DOMAIN and district:
-            zone = FloodZone(district_subject(city, district), None, district, district)
+            zone = FloodZone.of_district(city, district)
         return cls(id=id, city=city, domain=domain, name=name, district=district, rules=rules, zone=zone)
 
     @property
