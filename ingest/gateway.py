@@ -23,7 +23,7 @@ from collections.abc import Awaitable
 from typing import Any, Protocol
 
 from ingest.inbox import InboundMessage, Inbox
-from ingest.mqtt_source import MqttSource, SourceFactory, subscriptions
+from ingest.mqtt_source import MqttSource, SourceFactory, publish_properties, subscriptions
 from ingest.registry import DeviceRegistry
 from ioc_core.bus import BusProducer, ensure_topics
 from ioc_core.component import Component
@@ -342,6 +342,7 @@ class Gateway(Component):
             retain=message.retain,
             dup=message.dup,
             packet_id=message.mid if message.qos else None,
+            properties=publish_properties(message.properties),
         )
         return (self._settings.topics.deadletter, letter.to_bytes(), None)
 

@@ -30,6 +30,9 @@ class InboundMessage:
     dup: bool = False
     # The publisher's retain flag: the gateway subscribes with "retain as published".
     retain: bool = False
+    # MQTT 5 properties as received (length and bytes, b"" when none): decoded only for a dead
+    # letter, which keeps them.
+    properties: bytes = b""
 
 
 class Inbox:

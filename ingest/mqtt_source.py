@@ -6,6 +6,7 @@ inbox and acknowledging it when the gateway says so, on the connection that deli
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import struct
 import threading
@@ -140,8 +141,8 @@ class ReadAheadSocket:
 
 
 # Told of each QoS 0/1 publish the fast path parses: topic (raw bytes), payload, packet id, QoS,
-# DUP and RETAIN flags.
-PublishHandler = Callable[[bytes, bytes, int, int, bool, bool], None]
+# DUP and RETAIN flags, and the MQTT 5 properties as received (b"" when there are none).
+PublishHandler = Callable[[bytes, bytes, int, int, bool, bool, bytes], None]
 
 
 class GatewayClient(mqtt.Client):
@@ -150,7 +151,8 @@ class GatewayClient(mqtt.Client):
       select();
     - QoS 0 and 1 publishes parsed here and handed to `on_incoming_publish`: paho builds an
       `MQTTMessage` and a `Properties` for each and parses properties the gateway does not read,
-      a third of the network thread's time;
+      a third of the network thread's time (their bytes are passed on as they are, and decoded
+      only for a dead letter);
     - acknowledgements queued as one write (`ack_many`) instead of a write and a wake-up of the
       network thread each.
     Everything else, and any packet the fast path does not take (QoS 2, a topic alias, a malformed
@@ -171,9 +173,9 @@ class GatewayClient(mqtt.Client):
             parsed = None
         if parsed is None:
             return super()._handle_publish()  # paho words the protocol error
-        topic, mid, payload = parsed
+        topic, mid, payload, properties = parsed
         with self._in_callback_mutex:
-            handler(topic, payload, mid, qos, bool(command & 0x08), bool(command & 0x01))
+            handler(topic, payload, mid, qos, bool(command & 0x08), bool(command & 0x01), properties)
         return MQTTErrorCode.MQTT_ERR_SUCCESS
 
     def _create_socket(self) -> SocketLike:
@@ -204,10 +206,11 @@ class GatewayClient(mqtt.Client):
         self._packet_queue(PUBACK, packet, 0, 0)
 
 
-def _parse_publish(packet: bytes | bytearray, qos: int) -> tuple[bytes, int, bytes] | None:
-    """An MQTT 5 PUBLISH's variable header and payload: topic, packet id (0 at QoS 0) and
-    payload, its properties skipped; None for what paho should handle (an empty topic, which only
-    a topic alias fills). Raises IndexError or ValueError on a truncated or malformed packet."""
+def _parse_publish(packet: bytes | bytearray, qos: int) -> tuple[bytes, int, bytes, bytes] | None:
+    """An MQTT 5 PUBLISH's variable header and payload: topic, packet id (0 at QoS 0), payload,
+    and its properties undecoded (their length and bytes as on the wire, b"" when there are none);
+    None for what paho should handle (an empty topic, which only a topic alias fills). Raises
+    IndexError or ValueError on a truncated or malformed packet."""
     topic_length = (packet[0] << 8) | packet[1]
     if topic_length == 0:
         return None
@@ -220,6 +223,7 @@ def _parse_publish(packet: bytes | bytearray, qos: int) -> tuple[bytes, int, byt
         mid = (packet[position] << 8) | packet[position + 1]
         position += 2
     # Properties: a variable byte integer length (at most four bytes), then that many bytes.
+    properties_start = position
     length = 0
     for shift in (0, 7, 14, 21):
         byte = packet[position]
@@ -232,7 +236,46 @@ def _parse_publish(packet: bytes | bytearray, qos: int) -> tuple[bytes, int, byt
     position += length
     if position > len(packet):
         raise ValueError("properties run past the packet")
-    return topic, mid, bytes(packet[position:])
+    properties = bytes(packet[properties_start:position]) if length else b""
+    return topic, mid, bytes(packet[position:]), properties
+
+
+def publish_properties(raw: bytes) -> dict[str, Any] | None:
+    """A PUBLISH's MQTT 5 properties (as `_parse_publish` keeps them) as a dead letter records
+    them: what the publisher set. Subscription identifiers and topic aliases are left out: the
+    broker sets them for the gateway's own connection. None when there are none."""
+    if not raw:
+        return None
+    properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    try:
+        properties.unpack(raw)  # type: ignore[no-untyped-call]
+    except Exception:
+        # paho raises bare exceptions on malformed properties; the broker passed them on, so the
+        # letter keeps them as they came.
+        return {"undecoded_base64": base64.b64encode(raw).decode("ascii")}
+    decoded: dict[str, Any] = {}
+    for attribute, key in _PUBLISHER_PROPERTIES:
+        value = getattr(properties, attribute, None)
+        if value is None:
+            continue
+        if isinstance(value, bytes):
+            decoded[key] = base64.b64encode(value).decode("ascii")
+        elif attribute == "UserProperty":
+            decoded[key] = [[name, text] for name, text in value]
+        else:
+            decoded[key] = value
+    return decoded or None
+
+
+# paho's attribute -> the dead letter's key.
+_PUBLISHER_PROPERTIES = (
+    ("PayloadFormatIndicator", "payload_format_indicator"),
+    ("MessageExpiryInterval", "message_expiry_interval"),
+    ("ContentType", "content_type"),
+    ("ResponseTopic", "response_topic"),
+    ("CorrelationData", "correlation_data_base64"),
+    ("UserProperty", "user_properties"),
+)
 
 
 class MqttSource:
@@ -362,6 +405,7 @@ class MqttSource:
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         # What the fast path leaves to paho (QoS 2, a topic alias) arrives here.
+        properties = getattr(message, "properties", None)
         self._on_publish(
             bytes(message._topic),
             bytes(message.payload),
@@ -369,9 +413,12 @@ class MqttSource:
             message.qos,
             bool(message.dup),
             bool(message.retain),
+            bytes(properties.pack()) if properties is not None and properties.json() else b"",
         )
 
-    def _on_publish(self, topic: bytes, payload: bytes, mid: int, qos: int, dup: bool, retain: bool) -> None:
+    def _on_publish(
+        self, topic: bytes, payload: bytes, mid: int, qos: int, dup: bool, retain: bool, properties: bytes
+    ) -> None:
         try:
             try:
                 topic_name = topic.decode()
@@ -388,6 +435,7 @@ class MqttSource:
                 connection=self._connection,
                 dup=dup,
                 retain=retain,
+                properties=properties,
             )
             self._inbox.put(inbound, self._stopping)
         except Exception as exc:

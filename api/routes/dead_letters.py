@@ -57,11 +57,30 @@ class DeadLetterItem(BaseModel):
     replay_detail: str | None = Field(description="the last refusal's detail")
 
 
+class MqttProperties(BaseModel):
+    """The MQTT 5 properties the publisher set (absent: not set)."""
+
+    payload_format_indicator: int | None = Field(default=None, description="1: the payload is UTF-8 text")
+    message_expiry_interval: int | None = Field(
+        default=None, description="seconds the message had left when the gateway received it"
+    )
+    content_type: str | None = None
+    response_topic: str | None = None
+    correlation_data_base64: str | None = None
+    user_properties: list[tuple[str, str]] | None = Field(default=None, description="name and value pairs")
+    undecoded_base64: str | None = Field(
+        default=None, description="properties that could not be decoded, as they came"
+    )
+
+
 class MqttDelivery(BaseModel):
     qos: int | None = None
     retain: bool | None = None
     dup: bool | None = Field(default=None, description="the broker's redelivery flag")
     packet_id: int | None = None
+    properties: MqttProperties | None = Field(
+        default=None, description="MQTT 5 properties its publisher set; null when none"
+    )
 
 
 class DeadLetterDetailItem(DeadLetterItem):

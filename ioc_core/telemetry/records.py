@@ -8,6 +8,7 @@ import base64
 import binascii
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -203,8 +204,8 @@ def exact_payload(text: str, size: int) -> bytes | None:
 class DeadLetter:
     """A message that could not be accepted, kept with why and where it came from, and how the
     broker delivered it (QoS, retain and DUP flags, packet id), so that a replay validates it as
-    the gateway did. The gateway's MQTT client skips MQTT 5 properties on its fast path (parsing
-    them was a third of its network thread's time) and validation reads none, so none are kept."""
+    the gateway did, and the MQTT 5 properties its publisher set (decoded by the gateway: content
+    type, user properties and the like), which tell its sender what it meant to send."""
 
     reason: str
     detail: str
@@ -215,8 +216,17 @@ class DeadLetter:
     retain: bool = False
     dup: bool = False
     packet_id: int | None = None
+    properties: dict[str, Any] | None = None
 
     def to_bytes(self) -> bytes:
+        mqtt: dict[str, Any] = {
+            "qos": self.qos,
+            "retain": self.retain,
+            "dup": self.dup,
+            "packet_id": self.packet_id,
+        }
+        if self.properties:
+            mqtt["properties"] = self.properties
         return json.dumps(
             {
                 "format": DEADLETTER_FORMAT,
@@ -228,12 +238,7 @@ class DeadLetter:
                 "payload_size": len(self.payload),
                 "payload": self.payload[:DEADLETTER_PAYLOAD_LIMIT].decode("utf-8", errors="replace"),
                 "payload_base64": base64.b64encode(self.payload[:DEADLETTER_RAW_LIMIT]).decode("ascii"),
-                "mqtt": {
-                    "qos": self.qos,
-                    "retain": self.retain,
-                    "dup": self.dup,
-                    "packet_id": self.packet_id,
-                },
+                "mqtt": mqtt,
             },
             separators=(",", ":"),
             ensure_ascii=False,
@@ -329,7 +334,34 @@ def _mqtt_flags(value: Any) -> dict[str, Any] | None:
         packet_id = _packet_id(packet_id)
     except ValueError:
         return None
-    return {"qos": qos, "retain": retain, "dup": dup, "packet_id": packet_id}
+    flags: dict[str, Any] = {"qos": qos, "retain": retain, "dup": dup, "packet_id": packet_id}
+    properties = _mqtt_properties(value.get("properties"))
+    if properties:
+        flags["properties"] = properties
+    return flags
+
+
+# A dead letter's MQTT 5 properties: key -> what its value must be.
+_PROPERTY_CHECKS: dict[str, Callable[[Any], bool]] = {
+    "payload_format_indicator": lambda v: type(v) is int and v in (0, 1),
+    "message_expiry_interval": lambda v: type(v) is int and 0 <= v < 2**32,
+    "content_type": lambda v: isinstance(v, str),
+    "response_topic": lambda v: isinstance(v, str),
+    "correlation_data_base64": lambda v: isinstance(v, str),
+    "user_properties": lambda v: (
+        isinstance(v, list)
+        and all(isinstance(p, list) and len(p) == 2 and all(isinstance(t, str) for t in p) for p in v)
+    ),
+    "undecoded_base64": lambda v: isinstance(v, str),
+}
+
+
+def _mqtt_properties(value: Any) -> dict[str, Any] | None:
+    """A record's MQTT 5 properties, each checked; what a gateway does not write is left out."""
+    if not isinstance(value, dict):
+        return None
+    checked = {key: v for key, v in value.items() if key in _PROPERTY_CHECKS and _PROPERTY_CHECKS[key](v)}
+    return checked or None
 
 
 def utcnow() -> datetime:

@@ -18,6 +18,7 @@ import paho.mqtt.client as mqtt
 from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.properties import Properties
 
 T = TypeVar("T")
 
@@ -126,13 +127,17 @@ def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
 
-def publish(topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
-    """Publish one message and wait until the broker has acknowledged it."""
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=unique("test-pub"))
+def publish(
+    topic: str, payload: bytes, *, qos: int = 1, retain: bool = False, properties: Properties | None = None
+) -> None:
+    """Publish one message and wait until the broker has acknowledged it; with `properties`, over
+    MQTT 5."""
+    protocol = mqtt.MQTTv5 if properties is not None else mqtt.MQTTv311
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=unique("test-pub"), protocol=protocol)
     client.connect(MQTT_HOST, MQTT_PORT, 30)
     client.loop_start()
     try:
-        info = client.publish(topic, payload, qos=qos, retain=retain)
+        info = client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
         info.wait_for_publish(timeout=10)
         assert info.is_published(), f"broker did not acknowledge the message on {topic}"
     finally:

@@ -16,6 +16,8 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from tests.integration.conftest import ADMIN_HEADERS, SESSION_CITY, System, free_port
 from tests.integration.harness import ComponentProcess, publish, unique, wait_until
@@ -297,3 +299,34 @@ async def test_a_payload_that_is_not_utf_8_round_trips_byte_for_byte(admin: http
     assert too_large["payload_size"] == 70_000 and too_large["replayable"] is False
     # Only the whole payload is replayed: the cut one is not taken, the other is refused again.
     assert await replay_matching(admin, device_id=device) == {"replayed": 0, "refused": 1, "next": None}
+
+
+@pytest.mark.parametrize("qos", [0, 1])
+async def test_a_letter_keeps_the_mqtt_5_properties_its_publisher_set(
+    admin: httpx.AsyncClient, qos: int
+) -> None:
+    device = unique("dl-props")
+    properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    properties.PayloadFormatIndicator = 1
+    properties.ContentType = "application/senml+json"
+    properties.ResponseTopic = f"vendor/{device}/replies"
+    properties.CorrelationData = b"\x00\x01req-7"
+    properties.UserProperty = [("firmware", "2.4.1"), ("vùng", "Lê Chân"), ("firmware", "dup")]
+    publish(topic_of(device), b'{"currentLevel": 1.5}', qos=qos, properties=properties)
+    plain = unique("dl-noprops")
+    publish(topic_of(plain), b'{"currentLevel": 1.5}', qos=qos, properties=Properties(PacketTypes.PUBLISH))
+
+    [letter] = await letters_of(admin, device, 1)
+    one = (await admin.get(f"/v1/dead-letters/{letter['id']}")).json()
+    assert one["reason"] == "unknown_device" and one["mqtt"]["qos"] == qos
+    assert one["mqtt"]["properties"] == {
+        "payload_format_indicator": 1,
+        "message_expiry_interval": None,
+        "content_type": "application/senml+json",
+        "response_topic": f"vendor/{device}/replies",
+        "correlation_data_base64": base64.b64encode(b"\x00\x01req-7").decode(),
+        "user_properties": [["firmware", "2.4.1"], ["vùng", "Lê Chân"], ["firmware", "dup"]],
+        "undecoded_base64": None,
+    }
+    [without] = await letters_of(admin, plain, 1)
+    assert (await admin.get(f"/v1/dead-letters/{without['id']}")).json()["mqtt"]["properties"] is None

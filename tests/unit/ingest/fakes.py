@@ -58,10 +58,18 @@ class FakeMqtt(MqttSource):
         self._on_disconnect(self.client, None, None, "connection lost", None)  # type: ignore[arg-type]
 
     def publish(
-        self, topic: str, payload: bytes, *, mid: int, qos: int = 1, dup: bool = False, retain: bool = False
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        mid: int,
+        qos: int = 1,
+        dup: bool = False,
+        retain: bool = False,
+        properties: bytes = b"",
     ) -> None:
         # As the gateway's client hands over a publish it parsed.
-        self._on_publish(topic.encode(), payload, mid, qos, dup, retain)
+        self._on_publish(topic.encode(), payload, mid, qos, dup, retain, properties)
 
     @property
     def acks(self) -> list[tuple[int, int]]:

@@ -6,6 +6,10 @@ from __future__ import annotations
 import base64
 import json
 
+from paho.mqtt.client import MQTTMessage
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
 from ioc_core.telemetry import StoredDeadLetter
 from tests.unit.ingest.test_gateway import Rig, rig, until
 
@@ -38,5 +42,37 @@ async def test_a_qos_0_dead_letter_has_no_packet_id(rig: Rig) -> None:
     record = json.loads(rig.producer.sent[0][1])
     assert record["mqtt"] == {"qos": 0, "retain": False, "dup": False, "packet_id": None}
     assert record["reason"] == "unknown_device"
+    rig.producer.acknowledge_all()
+    await until(lambda: rig.gateway.backlog == 0)
+
+
+async def test_a_dead_letter_keeps_the_publishers_mqtt_5_properties(rig: Rig) -> None:
+    properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    properties.ContentType = "application/senml+json"
+    properties.UserProperty = [("firmware", "2.4.1")]
+    rig.mqtt.publish(UNKNOWN, b"[]", mid=40, properties=properties.pack())  # type: ignore[no-untyped-call]
+    await until(lambda: len(rig.producer.sent) == 1)
+    letter = StoredDeadLetter.from_bytes(rig.producer.sent[0][1], source="s")
+    assert letter.mqtt is not None and letter.mqtt["properties"] == {
+        "content_type": "application/senml+json",
+        "user_properties": [["firmware", "2.4.1"]],
+    }
+    rig.producer.acknowledge_all()
+    await until(lambda: rig.gateway.backlog == 0)
+
+
+async def test_what_paho_parses_keeps_its_properties_too(rig: Rig) -> None:
+    # QoS 2 and topic aliases are left to paho, whose message carries decoded properties.
+    message = MQTTMessage(mid=41, topic=UNKNOWN.encode())
+    message.payload, message.qos = b"[]", 2
+    message.properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    message.properties.ContentType = "text/plain"
+    rig.mqtt._on_message(rig.mqtt.client, None, message)  # type: ignore[arg-type]
+    plain = MQTTMessage(mid=42, topic=UNKNOWN.encode())
+    plain.qos, plain.properties = 2, Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    rig.mqtt._on_message(rig.mqtt.client, None, plain)  # type: ignore[arg-type]
+    await until(lambda: len(rig.producer.sent) == 2)
+    flags = [StoredDeadLetter.from_bytes(value, source="s").mqtt for _, value, _ in rig.producer.sent]
+    assert [(f or {}).get("properties") for f in flags] == [{"content_type": "text/plain"}, None]
     rig.producer.acknowledge_all()
     await until(lambda: rig.gateway.backlog == 0)

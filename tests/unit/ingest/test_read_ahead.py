@@ -14,7 +14,7 @@ from paho.mqtt.enums import MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from ingest.mqtt_source import ReadAheadSocket, _parse_publish
+from ingest.mqtt_source import ReadAheadSocket, _parse_publish, publish_properties
 
 
 class ChunkedSocket:
@@ -124,7 +124,16 @@ def test_the_fast_publish_parser_reads_what_paho_reads(
     )
     header = 0x30 | (qos << 1)
     expected = _packet.decode_publish(header, packet, MQTTProtocolVersion.MQTTv5)
-    assert _parse_publish(packet, qos) == (expected.topic, expected.mid, expected.payload)
+    raw_properties = properties.pack() if (expiry is not None or user) else b""  # type: ignore[no-untyped-call]
+    assert _parse_publish(packet, qos) == (expected.topic, expected.mid, expected.payload, raw_properties)
+    # Kept undecoded, they decode to what paho read.
+    decoded = publish_properties(raw_properties)
+    assert (decoded or {}).get("message_expiry_interval") == getattr(
+        expected.properties, "MessageExpiryInterval", None
+    )
+    assert (decoded or {}).get("user_properties", []) == [
+        list(p) for p in getattr(expected.properties, "UserProperty", [])
+    ]
     # Cut anywhere inside its header, the packet is refused (and paho then words the error).
     header_length = len(packet) - len(payload)
     for cut in range(header_length):
@@ -137,3 +146,15 @@ def test_the_fast_publish_parser_reads_what_paho_reads(
 
 def test_a_publish_without_a_topic_is_left_to_paho() -> None:
     assert _parse_publish(b"\x00\x00\x00\x01\x00payload", 1) is None
+
+
+def test_properties_are_decoded_for_a_dead_letter_and_kept_as_they_came_when_they_do_not_decode() -> None:
+    properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    properties.ContentType = "application/json"
+    properties.CorrelationData = b"\xff\x00"
+    properties.SubscriptionIdentifier = 7  # the broker's, for the gateway's subscription: left out
+    raw = properties.pack()  # type: ignore[no-untyped-call]
+    assert publish_properties(raw) == {"content_type": "application/json", "correlation_data_base64": "/wA="}
+    assert publish_properties(b"") is None
+    broken = b"\x03\x03\x00\x09"  # a content type running past its properties
+    assert publish_properties(broken) == {"undecoded_base64": "AwMACQ=="}

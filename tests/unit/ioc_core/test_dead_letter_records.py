@@ -119,3 +119,30 @@ def test_the_raw_field_is_plain_base64_of_the_payload() -> None:
     record = json.loads(DeadLetter("malformed_payload", "d", TOPIC, AT, payload).to_bytes())
     assert base64.b64decode(record["payload_base64"]) == payload
     assert record["mqtt"] == {"qos": 0, "retain": False, "dup": False, "packet_id": None}
+
+
+def test_mqtt_5_properties_round_trip_and_what_a_gateway_does_not_write_is_dropped() -> None:
+    properties = {
+        "content_type": "application/senml+json",
+        "user_properties": [["firmware", "2.4.1"]],
+        "payload_format_indicator": 1,
+    }
+    letter = DeadLetter("unknown_device", "d", TOPIC, AT, b"{}", 1, False, False, 9, properties)
+    assert stored(letter).mqtt == {
+        "qos": 1,
+        "retain": False,
+        "dup": False,
+        "packet_id": 9,
+        "properties": properties,
+    }
+    record = json.loads(letter.to_bytes())
+    record["mqtt"]["properties"] = {
+        "content_type": 5,
+        "user_properties": [["only one"]],
+        "payload_format_indicator": 3,
+        "message_expiry_interval": 60,
+        "invented": "x",
+    }
+    back = StoredDeadLetter.from_bytes(json.dumps(record).encode(), source="t")
+    assert back.mqtt is not None and back.mqtt["properties"] == {"message_expiry_interval": 60}
+    assert "properties" not in stored(DeadLetter("unknown_device", "d", TOPIC, AT, b"{}")).mqtt  # type: ignore[operator]
