@@ -6,11 +6,11 @@ For every reading and metric, each detector the metric's rules switch on judges 
   holds while the value is within `hysteresis` of the limit on the inside;
 - rate: risen or fallen by more than `rise_above` / `drop_above` within `rate_window_s` (high);
 - zscore: further than `zscore` standard deviations from what the device's own recent values
-  lead one to expect (low), or nearer but persistently so (a CUSUM of the deviations, for
-  metrics without a daily cycle); silent during warm-up, and silent while a limit or rate alarm of
-  the same metric already tells the operator about the value. The baseline (see `_by_statistics`) is
-  a level with a damped slope, learned with outliers clipped, plus for metrics with a daily cycle
-  an hour-of-day profile, used where it explains the values;
+  lead one to expect (low), and beyond their own 99.9 % tail, or nearer but persistently so (a
+  CUSUM of the deviations, for metrics without a daily cycle); silent during warm-up, and silent
+  while a limit or rate alarm of the same metric already tells the operator about the value. The
+  baseline (see `_by_statistics`) is a level with a damped slope, learned with outliers clipped,
+  plus for metrics with a daily cycle an hour-of-day profile, used where it explains the values;
 - flatline: the exact same value for `flatline_s` and at least a few readings (low).
 
 A tracker per (metric, detector) turns those judgements into alarms: the first violation raises,
@@ -115,6 +115,22 @@ class DetectionSettings:
     # runs persistently off them (58 false alarms in three simulated weeks of a road).
     cusum_slack: float = 0.45
     cusum_alarm: float = 1.0
+    # The band is never narrower than the values' own tail: the alarm line stands at least at a
+    # running estimate of the `tail_quantile` of the residuals' sizes (a Robbins-Monro
+    # stochastic approximation of the quantile, see `_by_statistics`). A metric with heavy tails (a
+    # key-press count that is mostly zero, a CPU that often hits 100 %) then alarms on one value
+    # about once in 1 / (1 - tail_quantile) readings at most, once the estimate has settled,
+    # instead of at every burst; for near-Gaussian noise the 99.9 % residual lies at 3.3
+    # standard deviations, inside the limit's 6, and changes nothing. While an alarm of the
+    # metric is open the estimate learns at `tail_rate_in_alarm` of its pace, so one long
+    # excursion does not raise the line for the days it takes to come down. On NAB's
+    # development set (all files, standard / low-FP / low-FN): 64.6 / 48.5 / 72.4 ->
+    # 68.2 / 61.3 / 73.8, most on the key-press, taxi and travel-time series (a first version,
+    # stepping only with the estimate, scored 64.6-69.7 with quantiles from 0.99 to 0.999 and
+    # steps of 0.02 and 0.05: a plateau, not a peak).
+    tail_quantile: float = 0.999
+    tail_rate: float = 0.05
+    tail_rate_in_alarm: float = 0.1
     # Readings a metric must have shown before its statistics may alarm.
     warmup: int = 30
     # Days a metric its domain says has a daily cycle must have been seen before its statistics may
@@ -196,6 +212,8 @@ class DeviceDetection:
         # Counting further changes nothing: past it every weight is at its floor.
         slowest = min(self.settings.ewma_alpha, self.settings.deviation_beta)
         self._ewma_count_cap = max(self.settings.warmup, math.ceil(1 / slowest))
+        self._tail_up = self.settings.tail_rate * self.settings.tail_quantile
+        self._tail_down = self.settings.tail_rate * (1 - self.settings.tail_quantile)
         self._plans_by_rules: dict[
             tuple[str, int], tuple[Mapping[str, MetricRules], dict[str, _Plan | None]]
         ] = {}
@@ -417,6 +435,22 @@ class DeviceDetection:
         else:
             expected, spread = plain_expected, plain_spread
         residual = value - expected
+        # The tail (see `DetectionSettings.tail_quantile`), learned in line: this runs for every
+        # value of every device. Up by `tail_quantile` of a step when a residual passes it, down
+        # by the rest when one does not, so it settles where a share 1 - `tail_quantile` passes.
+        # A step is `tail_rate` of the estimate, of the spread (from zero) or of how far the
+        # residual passed the estimate, whichever is largest: it follows the metric's own units,
+        # and a metric that spikes learns its bursts within a few hundred of them, not thousands.
+        tail = metric.tail
+        if tail > limit * spread:
+            spread = tail / limit
+        size = abs(residual)
+        slower = settings.tail_rate_in_alarm if metric.trackers else 1.0
+        if size > tail:
+            metric.tail = tail + self._tail_up * slower * max(tail, spread, size - tail)
+        else:
+            lowered = tail - self._tail_down * slower * (tail if tail > spread else spread)
+            metric.tail = lowered if lowered > 0.0 else 0.0
         warmed_up = metric.count >= settings.warmup and (
             not plan.seasonal or seen_days >= settings.daily_warmup_days
         )
@@ -433,10 +467,14 @@ class DeviceDetection:
                 drift = 0.0
             else:
                 slack = settings.cusum_slack * limit
-                charge = min(max(deviations, -limit), limit)
-                metric.cusum_up = min(max(0.0, metric.cusum_up + charge - slack), 2 * alarm_at)
-                metric.cusum_down = min(max(0.0, metric.cusum_down - charge - slack), 2 * alarm_at)
-                drift = max(metric.cusum_up, metric.cusum_down)
+                # (Conditional expressions, not min and max: this runs for every value.)
+                charge = limit if deviations > limit else -limit if deviations < -limit else deviations
+                cap = 2 * alarm_at
+                up = metric.cusum_up + charge - slack
+                down = metric.cusum_down - charge - slack
+                metric.cusum_up = up = cap if up > cap else up if up > 0.0 else 0.0
+                metric.cusum_down = down = cap if down > cap else down if down > 0.0 else 0.0
+                drift = up if up > down else down
             # A persistent deviation scores as a single one as far past the limit as its sum is
             # past the CUSUM's alarm, so the score crosses 0.5 exactly where an alarm is raised.
             judged = max(abs(deviations), drift / settings.cusum_alarm)
@@ -464,8 +502,9 @@ class DeviceDetection:
         learn_in_full = not warmed_up or abs(metric.outside) >= settings.shift_after
         clip = math.inf if learn_in_full else limit
         # Until the weight 1/n falls below its floor a weight is that of a plain mean.
-        alpha = max(settings.ewma_alpha, 1 / (metric.count + 1))
-        beta = max(settings.deviation_beta, 1 / (metric.count + 1))
+        plain_mean = 1 / (metric.count + 1)
+        alpha = settings.ewma_alpha if settings.ewma_alpha > plain_mean else plain_mean
+        beta = settings.deviation_beta if settings.deviation_beta > plain_mean else plain_mean
         level = plain_expected + alpha * _clipped(value - plain_expected, clip * plain_spread)
         metric.slope = settings.slope_damping * metric.slope + settings.slope_beta * (
             level - metric.level - settings.slope_damping * metric.slope
@@ -547,7 +586,7 @@ def _start_profile(metric: MetricState, value: float, at_ms: int) -> None:
 
 
 def _clipped(value: float, bound: float) -> float:
-    return min(max(value, -bound), bound)
+    return bound if value > bound else -bound if value < -bound else value
 
 
 def _resolve_switched_off(

@@ -66,6 +66,8 @@ class MetricState:
     # The two one-sided CUSUM sums of the deviations from the baseline, in standard deviations.
     cusum_up: float = 0.0
     cusum_down: float = 0.0
+    # A running estimate of a high quantile of the absolute residuals (0: none yet).
+    tail: float = 0.0
     # The daily profile, for metrics with a daily cycle: per hour of the day (UTC), the usual
     # value on a working day and then on a weekend day; since when it has been learned; how far
     # above it the values run today, and their mean absolute deviation from the two together.
@@ -95,6 +97,7 @@ class MetricState:
                 self.outside,
                 self.cusum_up,
                 self.cusum_down,
+                self.tail,
             ]
         if self.daily:
             body["daily"] = [self.daily, self.daily_since_ms, self.daily_level, self.daily_deviation]
@@ -118,7 +121,7 @@ class MetricState:
         ewma = body.get("ewma")
         if (
             type(baseline) is list
-            and len(baseline) in (5, 7)
+            and len(baseline) in (5, 7, 8)
             and (numbers := _finite_numbers(baseline)) is not None
             and type(baseline[0]) is int
             and baseline[0] > 0
@@ -129,8 +132,10 @@ class MetricState:
             # The CUSUM sums were added later: a baseline written without them starts them at 0.
             state.count, state.outside = baseline[0], baseline[4]
             state.level, state.slope, state.deviation = numbers[1], numbers[2], numbers[3]
-            if len(numbers) == 7:
+            if len(numbers) >= 7:
                 state.cusum_up, state.cusum_down = numbers[5], numbers[6]
+            if len(numbers) == 8:
+                state.tail = numbers[7]
         elif (
             isinstance(ewma, list)
             and len(ewma) == 3

@@ -373,6 +373,63 @@ def test_a_persistent_deviation_alarms_where_a_single_one_of_its_size_does_not(s
     assert state.metrics["value"].cusum_up < 6 and state.metrics["value"].cusum_down < 6
 
 
+def spiky_values(rng: random.Random, count: int) -> list[dict[str, float]]:
+    # A key-press count: mostly nothing, now and then a burst, mostly of a few, now and then of
+    # a few dozen.
+    return [{"value": rng.expovariate(1 / 10) if rng.random() < 0.03 else 0.0} for _ in range(count)]
+
+
+def test_a_metric_whose_normal_has_spikes_alarms_only_on_what_passes_its_own_tail() -> None:
+    # Its spread is about zero, so every burst stands hundreds of deviations out; the band is
+    # never narrower than the values' 99.9 % residual, so its usual bursts stop alarming once it
+    # has seen them, and a burst far beyond any of them still alarms.
+    profile, _ = replay_profile()
+    rng = random.Random(11)
+    state = DeviceDetectorState()
+    first = evaluate_each(profile, readings_of(profile, spiky_values(rng, 3000)), state)
+    later_start = START + timedelta(days=1)
+    later = evaluate_each(profile, readings_of(profile, spiky_values(rng, 3000), start=later_start), state)
+    # Bursts come about 90 times in 3,000 readings: in the first 3,000 most alarm while the tail
+    # learns them, in the next at most 20 (each alarm is a raise and a resolve).
+    assert len(episodes(later)) < len(episodes(first)) / 1.5 and len(episodes(later)) <= 2 * 20
+    assert state.metrics["value"].tail > 20.0
+    burst = readings_of(profile, [{"value": 400.0}], start=later_start + timedelta(days=1))
+    assert summary(evaluate_each(profile, burst, state)) == [("zscore.value", True, "low")]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_near_gaussian_noise_keeps_its_band_at_the_zscore_limit(seed: int) -> None:
+    profile, _ = replay_profile()
+    rng = random.Random(seed)
+    state = DeviceDetectorState()
+    evaluate_each(profile, readings_of(profile, generic_values(rng, 5000)), state)
+    metric = state.metrics["value"]
+    # The 99.9 % residual of normal noise is 3.3 standard deviations, inside the limit's 6.
+    assert 2.0 < metric.tail < 4.5 * metric.deviation * math.sqrt(math.pi / 2)
+
+
+def test_a_long_excursion_barely_moves_the_tail() -> None:
+    # While the alarm is open the tail learns at a tenth of its pace: one long event does not
+    # raise the line for the days the estimate takes to come down again.
+    profile, _ = replay_profile()
+    rng = random.Random(4)
+    state = DeviceDetectorState()
+    evaluate_each(profile, readings_of(profile, generic_values(rng, 2000)), state)
+    before = state.metrics["value"].tail
+    excursion = readings_of(profile, generic_values(rng, 40, mean=150.0), start=START + timedelta(days=1))
+    assert episodes(evaluate_each(profile, excursion, state))[:1] == [("zscore.value", True)]
+    assert state.metrics["value"].tail < 1.25 * before + 10.0
+
+
+def test_a_baseline_stored_without_its_tail_keeps_the_rest() -> None:
+    stored = {"version": 2, "metrics": {"value": {"baseline": [40, 100.0, 0.5, 1.0, 0, 1.5, 0.0]}}}
+    metric = DeviceDetectorState.from_json(stored).metrics["value"]
+    assert (metric.count, metric.level, metric.cusum_up, metric.tail) == (40, 100.0, 1.5, 0.0)
+    metric.tail = 7.25
+    again = DeviceDetectorState.from_json(json.loads(json.dumps({"metrics": {"value": metric.to_json()}})))
+    assert again.metrics["value"].tail == 7.25
+
+
 def test_a_metric_with_a_daily_cycle_is_not_judged_by_persistence() -> None:
     # Its hours are learned over weeks; until they settle, rush hour runs persistently off them.
     meter = flow_meter()
