@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
+import orjson
 
 from ioc_core.alarms import (
     ALARM_ACKNOWLEDGED,
@@ -36,6 +38,8 @@ from ioc_core.storage.maintenance import in_window_sql
 from ioc_core.storage.outbox import insert_events
 from ioc_core.storage.pool import Connection, Pool, Transaction, text_list
 from ioc_core.storage.severity import reason_rank_sql, severity_rank_sql
+
+log = logging.getLogger(__name__)
 
 _ALARM_COLUMNS = """
     a.id, a.subject, a.device_id, a.city, a.domain, a.district, a.rule, a.metric, a.severity,
@@ -197,7 +201,7 @@ RETURNING {_ALARM_COLUMNS}
 
 _SAVE_DETECTOR_STATES_SQL = """
 INSERT INTO detector_state AS d (device_id, state, flood_signal, flood_zone)
-SELECT u.device_id, u.state::jsonb, u.flood_signal::jsonb, u.flood_zone
+SELECT u.device_id, u.state, u.flood_signal::jsonb, u.flood_zone
 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS u (device_id, state, flood_signal, flood_zone)
 JOIN devices ON devices.id = u.device_id
 ON CONFLICT (device_id) DO UPDATE SET
@@ -393,10 +397,18 @@ async def release_suppressed(connection: Connection) -> list[Event]:
 
 
 async def detector_states(connection: Connection, device_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """The devices' stored detector state; a document that does not read as JSON is left out (its
+    device starts afresh, as detection does with any part it cannot read)."""
     rows = await connection.fetch(
         "SELECT device_id, state FROM detector_state WHERE device_id = ANY($1::text[])", list(device_ids)
     )
-    return {row["device_id"]: row["state"] for row in rows}
+    states = {}
+    for row in rows:
+        try:
+            states[row["device_id"]] = orjson.loads(row["state"])
+        except orjson.JSONDecodeError:
+            log.warning("detector state of %s is not JSON; the device starts afresh", row["device_id"])
+    return states
 
 
 async def save_detector_states(
