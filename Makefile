@@ -40,7 +40,7 @@ unit: install
 	$(BIN)/pytest tests/unit -q
 
 test: install services
-	$(BIN)/pytest -q -ra
+	$(BIN)/pytest -q -ra --durations=15
 
 lint: install
 	$(BIN)/ruff check .
