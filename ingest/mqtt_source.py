@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 _CONNECT_TIMEOUT_S = 15.0
 
 _PUBACK = struct.Struct("!BBH")
+# A PUBLISH's properties when there are none: their length, 0.
+_NO_PROPERTIES = b"\x00"
 
 # Told of an error in the client's own thread, which would otherwise end that thread silently.
 FailureHandler = Callable[[str, BaseException], None]
@@ -406,6 +408,7 @@ class MqttSource:
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         # What the fast path leaves to paho (QoS 2, a topic alias) arrives here.
         properties = getattr(message, "properties", None)
+        packed = bytes(properties.pack()) if properties is not None else b""
         self._on_publish(
             bytes(message._topic),
             bytes(message.payload),
@@ -413,7 +416,7 @@ class MqttSource:
             message.qos,
             bool(message.dup),
             bool(message.retain),
-            bytes(properties.pack()) if properties is not None and properties.json() else b"",
+            b"" if packed == _NO_PROPERTIES else packed,
         )
 
     def _on_publish(

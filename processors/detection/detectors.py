@@ -468,7 +468,7 @@ class DeviceDetection:
             else:
                 slack = settings.cusum_slack * limit
                 # (Conditional expressions, not min and max: this runs for every value.)
-                charge = limit if deviations > limit else -limit if deviations < -limit else deviations
+                charge = _clipped(deviations, limit)
                 cap = 2 * alarm_at
                 up = metric.cusum_up + charge - slack
                 down = metric.cusum_down - charge - slack
