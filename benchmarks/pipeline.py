@@ -51,6 +51,8 @@ from typing import Any
 import httpx
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from benchmarks.processor import delete_topics
 from benchmarks.profiles import hottest, profiled
@@ -556,13 +558,54 @@ def _paho() -> Iterator[mqtt.Client]:
         client.loop_stop()
 
 
+def forget_session(client_id: str) -> None:
+    """End the stopped gateway's MQTT session: it keeps its session when it stops, as a gateway
+    restarting must, and Mosquitto would queue for it what was still being published and write
+    that to disk every minute (its `autosave_interval`), slowing the broker in every later run."""
+    mqtt_at = endpoint()
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+    properties.SessionExpiryInterval = 0
+    client.connect(mqtt_at.host, mqtt_at.port, 60, clean_start=True, properties=properties)
+    client.loop_start()
+    try:
+        deadline = time.monotonic() + 10
+        while not client.is_connected() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def broker_store_bytes() -> int | None:
+    """What Mosquitto holds for sessions now (its $SYS figure): more than a little means an
+    earlier run left a session behind, and the broker is slower for it."""
+    mqtt_at = endpoint()
+    found: list[int] = []
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-sys-{uuid.uuid4().hex[:8]}")
+    client.on_message = lambda _client, _data, message: found.append(int(message.payload))
+    client.connect(mqtt_at.host, mqtt_at.port, 60)
+    client.subscribe("$SYS/broker/store/messages/bytes")
+    client.loop_start()
+    try:
+        # Mosquitto publishes $SYS figures every 10 s, retained.
+        deadline = time.monotonic() + 5
+        while not found and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return found[0] if found else None
+
+
 # -- the run -----------------------------------------------------------------------------------
 
 
 async def one_size(devices: int, args: argparse.Namespace) -> dict[str, Any]:
+    store_bytes = await asyncio.to_thread(broker_store_bytes)
     hop = await asyncio.to_thread(bare_hop, devices, args.messages, args.rate)
     deployment = Deployment.new(dict(setting.split("=", 1) for setting in args.set))
-    figures: dict[str, Any] = {"devices": devices, **hop}
+    figures: dict[str, Any] = {"devices": devices, "broker_store_bytes_at_start": store_bytes, **hop}
     try:
         figures["register_s"] = round(await register(deployment, devices), 1)
         deployment.start("gateway", "IOC_GATEWAY_HEALTH_PORT")
@@ -599,6 +642,7 @@ async def one_size(devices: int, args: argparse.Namespace) -> dict[str, Any]:
             }
     finally:
         deployment.stop()
+        await asyncio.to_thread(forget_session, deployment.env["IOC_GATEWAY_CLIENT_ID"])
         await drop_database(deployment.url)
         await delete_topics(deployment.env["IOC_TOPIC_PREFIX"])
     return figures

@@ -16,14 +16,19 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import orjson
-import shapely
-from shapely.geometry import MultiPolygon, Polygon, mapping, shape
 
 from ioc_core.errors import ValidationError
 from ioc_core.telemetry import CITY_PATTERN
+
+if TYPE_CHECKING:
+    from shapely.geometry import MultiPolygon
+
+# shapely (with numpy) is imported where geometry is handled, not with this module: every
+# component imports the storage package that imports this, and the gateway and the processor,
+# which never touch a polygon, would each carry its 19 MB.
 
 AreaKind = Literal["province", "ward", "catchment", "pressure_zone", "feeder_zone", "custom"]
 AREA_KINDS: tuple[str, ...] = get_args(AreaKind)
@@ -107,6 +112,8 @@ class Area:
 
 def shape_of(geometry: Mapping[str, Any]) -> MultiPolygon:
     """A stored area's geometry (always a MultiPolygon, see `normalised_geometry`) for shapely."""
+    from shapely.geometry import MultiPolygon, Polygon, shape
+
     parsed = shape(dict(geometry))
     if isinstance(parsed, Polygon):
         return MultiPolygon([parsed])
@@ -235,6 +242,9 @@ def normalised_geometry(
 ) -> tuple[dict[str, Any], tuple[float, float, float, float], int]:
     """A Polygon or MultiPolygon checked and rewritten as a MultiPolygon in RFC 7946's winding,
     with its bounding box and vertex count."""
+    import shapely
+    from shapely.geometry import MultiPolygon, Polygon, mapping
+
     if not isinstance(geometry, dict):
         raise AreaError(label, "has no geometry")
     kind = geometry.get("type")
@@ -298,4 +308,6 @@ def _ring(ring: Any, label: str, ring_name: str) -> list[tuple[float, float]]:
 def covering(areas: Sequence[tuple[str, MultiPolygon]], lon: float, lat: float) -> list[str]:
     """The ids of the areas whose geometry contains the point or has it on its boundary (GEOS's
     `intersects`, as PostGIS's ST_Intersects: a device on a border belongs to both sides)."""
+    import shapely
+
     return [area_id for area_id, geometry in areas if shapely.intersects_xy(geometry, lon, lat)]

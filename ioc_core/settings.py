@@ -202,6 +202,12 @@ class Settings(BaseSettings):
 
     processor_group_id: str = "ioc-processor"
     processor_batch_max: int = Field(default=5_000, ge=1)
+    processor_state_cache_mb: int = Field(
+        default=64,
+        ge=0,
+        description="memory a processor keeps its devices' detector state in (0.4-3.4 KB each);"
+        " past it, devices not held have theirs read from the database with their readings",
+    )
     topic_partitions: int = Field(default=6, ge=1)
     topic_prefix: str = Field(
         default="",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ from processors.detection import (
     offline_finding,
 )
 from processors.phases import PhaseClock
+from processors.state_cache import StateCache
 
 log = logging.getLogger(__name__)
 
@@ -84,31 +86,28 @@ class BatchWriter:
         database: Database,
         supervisor: Supervisor,
         *,
-        registry_refresh_s: float,
         clock: PhaseClock | None = None,
         rules_refresh_s: float = 3.0,
+        state_cache_bytes: int = 64 * 2**20,
     ) -> None:
         self._database = database
         self._clock = clock or PhaseClock()
         self._supervisor = supervisor
-        self._registry_refresh_s = registry_refresh_s
         self._detection = DeviceDetection()
         self._correlator = DistrictFloodCorrelator()
-        # Detector state as last committed, per device, as the JSON document the database holds:
-        # reading it back from the database on every batch was a tenth of the processor's time.
-        # Kept as text, not as the detectors' objects: a fifth of the memory, and nothing for
-        # the garbage collector to walk (with 100,000 devices the objects made each full
-        # collection take over 100 ms). Not as orjson's bytes either: each keeps the 4 KiB
-        # buffer it was written into, ten times its length (400 MB at 100,000 devices). Dropped
-        # when the partition assignment changes, since another processor may have moved it on;
-        # updated only when a transaction commits.
-        self._detector_states: dict[str, str] = {}
+        # Detector state as last committed, per device, as the JSON document the database holds
+        # (see `StateCache`). Kept as text, not as the detectors' objects: a fifth of the memory,
+        # and nothing for the garbage collector to walk (with 100,000 devices the objects made
+        # each full collection take over 100 ms). Not as orjson's bytes either: each keeps the
+        # 4 KiB buffer it was written into, ten times its length. Dropped when the partition
+        # assignment changes, since another processor may have moved it on; updated only when a
+        # transaction commits.
+        self._detector_states = StateCache(state_cache_bytes)
         self._profiles: dict[str, DeviceProfile] = {}
-        self._profiles_loaded_at = 0.0
-        # Rules at run time: the rules version the cached profiles were read at, and when it was
-        # last compared with the database's (see `_device_profiles`).
+        # Rules at run time: the rules and device profiles versions the cached profiles were read
+        # at, and when they were last compared with the database's (see `_device_profiles`).
         self._rules_refresh_s = rules_refresh_s
-        self._rules_version: int | None = None
+        self._version: tuple[int, int] | None = None
         self._rules_checked_at = 0.0
 
     def forget_detector_states(self) -> None:
@@ -147,8 +146,7 @@ class BatchWriter:
         except BaseException:
             # A commit that failed on the way back may still have been made: the database's
             # state, not ours, is read next time.
-            for device_id in states:
-                self._detector_states.pop(device_id, None)
+            self._detector_states.discard(states)
             raise
         self._detector_states.update(new_states)
         return BatchOutcome(
@@ -237,33 +235,39 @@ class BatchWriter:
     ) -> dict[str, DeviceDetectorState]:
         """The devices' committed detector state, loading what is not cached, as fresh objects
         for detection to move on (the cache keeps what is committed)."""
-        cached = self._detector_states
-        missing = [d for d in device_ids if d not in cached]
+        cache = self._detector_states
+        held = {d: text for d in device_ids if (text := cache.get(d)) is not None}
+        missing = [d for d in device_ids if d not in held]
         loaded = await transaction.detector_states(missing) if missing else {}
         states = {}
         for device_id in device_ids:
-            document = cached.get(device_id)
+            document = held.get(device_id)
             body = orjson.loads(document) if document is not None else loaded.get(device_id)
             states[device_id] = DeviceDetectorState.from_json(body or {})
         return states
 
+    @property
+    def state_cache(self) -> StateCache:
+        return self._detector_states
+
     async def _device_profiles(self, device_ids: set[str]) -> dict[str, DeviceProfile]:
-        """What detection needs to know of each device; re-read now and then so that changed
-        thresholds take effect, and as soon as the rules version moves so that a rule override
-        takes effect within seconds. Devices no longer registered are left out."""
-        if time.monotonic() - self._profiles_loaded_at > self._registry_refresh_s:
-            self._profiles.clear()
-            self._profiles_loaded_at = time.monotonic()
+        """What detection needs to know of each device; read again as soon as the rules version
+        or the device profiles version moves (a rule override, a device's thresholds, an area),
+        compared every `rules_refresh_s`, so that a change takes effect within seconds. Devices no
+        longer registered are left out."""
         if time.monotonic() - self._rules_checked_at >= self._rules_refresh_s:
-            # One row read every few seconds, not per batch; the version is read before the
+            # One row read every few seconds, not per batch; the versions are read before the
             # profiles, so a change committed in between is seen again at the next check.
-            version = await self._supervisor.retry(WRITING_A_BATCH, self._database.rules.version)
+            version = await self._supervisor.retry(WRITING_A_BATCH, self._database.devices.detection_version)
             self._rules_checked_at = time.monotonic()
-            if version != self._rules_version:
-                if self._rules_version is not None:
-                    log.info("rules changed (version %d): reading the devices' rules again", version)
+            if version != self._version:
+                if self._version is not None:
+                    log.info(
+                        "rules changed (version %d, devices version %d): reading the devices' rules again",
+                        *version,
+                    )
                 self._profiles.clear()
-                self._rules_version = version
+                self._version = version
         missing = [d for d in device_ids if d not in self._profiles]
         if missing:
             rows = await self._supervisor.retry(
@@ -274,12 +278,14 @@ class BatchWriter:
 
 
 def _profile_of(row: DeviceProfileRow) -> DeviceProfile:
+    # Interned: a processor holds one profile per device, and 100,000 of them name a few cities,
+    # domains and wards.
     return DeviceProfile.of(
-        id=row.id,
-        city=row.city,
-        domain=row.domain,
+        id=sys.intern(row.id),
+        city=sys.intern(row.city),
+        domain=sys.intern(row.domain),
         name=row.name,
-        district=row.district,
+        district=sys.intern(row.district) if row.district is not None else None,
         thresholds=row.thresholds,
         zone_area=row.zone_area,
         zone_name_vi=row.zone_name_vi,

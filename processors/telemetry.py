@@ -118,9 +118,9 @@ class TelemetryProcessor(Component):
         self._writer = BatchWriter(
             self._database,
             self._supervisor,
-            registry_refresh_s=settings.registry_refresh_s,
             clock=self._clock,
             rules_refresh_s=settings.rules_refresh_s,
+            state_cache_bytes=settings.processor_state_cache_mb * 2**20,
         )
         self._relay = OutboxRelay(
             self._database,
@@ -208,6 +208,7 @@ class TelemetryProcessor(Component):
         for (topic, partition), behind in sorted(self._lag.lag.items()):
             lag.add(behind, topic=topic, partition=str(partition))
         failing = self._supervisor.failing()
+        cache = self._writer.state_cache
         return [
             lag,
             Metric("ioc_processor_rows_written_total", "counter", "readings stored").add(self.rows_written),
@@ -222,6 +223,21 @@ class TelemetryProcessor(Component):
                 self.events_relayed
             ),
             Metric("ioc_processor_ready", "gauge", "1 while every part makes progress").add(int(not failing)),
+            Metric(
+                "ioc_processor_state_cache_bytes",
+                "gauge",
+                "detector state held in memory (at most IOC_PROCESSOR_STATE_CACHE_MB)",
+            ).add(cache.bytes),
+            Metric("ioc_processor_state_cache_devices", "gauge", "devices whose detector state is held").add(
+                len(cache)
+            ),
+            Metric(
+                "ioc_processor_state_reads_total",
+                "counter",
+                "devices' detector states read, by where from: memory, or the database (not held)",
+            )
+            .add(cache.hits, source="memory")
+            .add(cache.misses, source="database"),
             self._clock.metric(),
         ]
 

@@ -19,11 +19,11 @@ import functools
 import re
 import unicodedata
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import shapely
-from shapely.geometry import MultiPolygon, Polygon, mapping
-from shapely.geometry.base import BaseGeometry
+if TYPE_CHECKING:
+    from shapely.geometry import MultiPolygon, Polygon
+    from shapely.geometry.base import BaseGeometry
 
 ROAD = "road"
 RIVER = "river"
@@ -998,6 +998,8 @@ def _cells() -> dict[tuple[str, str], BaseGeometry]:
     """Each ward's share of the plane, by (city, ward): the Voronoi cells of its centre and its
     places, merged. All cities are tessellated together, so neighbouring cities (Hải Phòng and
     Quảng Ninh share the Bạch Đằng) never overlap, and every place lies inside its own ward."""
+    import shapely
+
     # Each point once, with the ward it belongs to.
     owner_of: dict[tuple[float, float], tuple[str, str]] = {}
     for city, wards in CITIES.items():
@@ -1024,6 +1026,9 @@ def _cells() -> dict[tuple[str, str], BaseGeometry]:
 def ward_shapes(places: str) -> dict[str, Polygon | MultiPolygon]:
     """The generated polygon of each ward of `places`' map, by ward name: its cells cut to the
     city's extent, coordinates rounded. The wards tile the city without overlapping."""
+    import shapely
+    from shapely.geometry import MultiPolygon, Polygon
+
     wards = places_of(places)
     cells = _cells()
     extent = _extent(places, wards)
@@ -1039,6 +1044,8 @@ def ward_shapes(places: str) -> dict[str, Polygon | MultiPolygon]:
 def _extent(places: str, wards: tuple[Ward, ...]) -> BaseGeometry:
     """What the generated city covers: the hull of its places with a few kilometres around, within
     its bounds (a coastal province comes out as the strip it is, not a box of sea and mountains)."""
+    import shapely
+
     bounds = CITY_BOUNDS[places]
     points = [(ward.lon, ward.lat) for ward in wards] + [(s.lon, s.lat) for ward in wards for s in ward.sites]
     hull = shapely.convex_hull(shapely.multipoints(points)).buffer(_REACH_DEG, quad_segs=4)
@@ -1060,6 +1067,8 @@ def city_areas(city: str, *, places: str | None = None) -> list[dict[str, Any]]:
     GeoJSON Features (see `ioc_core.areas.parse_feature`): its province first, then one ward per
     ward of the map (the province its parent), then its catchments. Ids are stable:
     `hai-phong.province`, `hai-phong.ward.le-chan`, `hai-phong.catchment.tam-bac`."""
+    import shapely
+
     places = places or city
     wards = ward_shapes(places)
     province = PROVINCES[places]
@@ -1113,6 +1122,9 @@ def city_areas(city: str, *, places: str | None = None) -> list[dict[str, Any]]:
 
 
 def _feature(area_id: str, shape: BaseGeometry, properties: dict[str, Any]) -> dict[str, Any]:
+    import shapely
+    from shapely.geometry import mapping
+
     geometry = dict(mapping(shapely.set_precision(shape, _GRID_DEG)))
     return {
         "type": "Feature",

@@ -13,11 +13,9 @@ import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
-import shapely
-from shapely.geometry.base import BaseGeometry
 
 from ioc_core.areas import parse_feature
 from ioc_core.domains import DOMAINS, Domain
@@ -27,6 +25,9 @@ from ioc_core.settings import Settings
 from ioc_core.storage import Database
 from ioc_core.telemetry import TOPIC_ROOT
 from simulators.cities import SUBSTATION, WATER_WORKS, Site, Ward, places_of, ward_shapes, zone_of_ward
+
+if TYPE_CHECKING:
+    from shapely.geometry.base import BaseGeometry
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +158,8 @@ def build_fleet(city: str, count: int, *, places: str | None = None, seed: int =
 @functools.cache
 def _insides(places: str) -> dict[str, BaseGeometry]:
     """Each ward's generated polygon shrunk by the margin a device keeps from its border."""
+    import shapely  # where used, so that the components `ioc` runs do not load it (19 MB)
+
     shrunk: dict[str, BaseGeometry] = {}
     for name, shape in ward_shapes(places).items():
         inner = shape.buffer(-_INSIDE_MARGIN_DEG)
@@ -169,6 +172,8 @@ def _near(
     rng: random.Random, lat: float, lon: float, spread: float, inside: BaseGeometry
 ) -> tuple[float, float]:
     """A point within `spread` of (lat, lon), rounded to six decimals (about 0.1 m), inside `inside`."""
+    import shapely
+
     for _ in range(_PLACEMENT_TRIES):
         near_lat = round(lat + rng.uniform(-spread, spread), 6)
         near_lon = round(lon + rng.uniform(-spread, spread), 6)

@@ -16,8 +16,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import asyncpg
-import numpy as np
-import shapely
 
 from ioc_core.areas import Area, AreaIn, shape_of
 from ioc_core.errors import NotFoundError, ValidationError
@@ -204,6 +202,8 @@ class AreaStore:
             text_list(ids),
             *bbox,
         )
+        import shapely  # imported where used: see `ioc_core.areas`
+
         box = shapely.box(*bbox)
         return [_area_of(row) for row in rows if shapely.intersects(shape_of(row["geometry"]), box)]
 
@@ -256,6 +256,9 @@ async def _pairs_of_members(connection: Connection, area_ids: Sequence[str]) -> 
 async def _place_with_shapely(connection: Connection, areas: Sequence[tuple[str, str, Any]]) -> None:
     """Place the devices of each (id, city, geometry) area: its city's devices within its box,
     tested against the geometry at once."""
+    import numpy as np
+    import shapely
+
     pairs: list[tuple[str, str]] = []
     for area_id, city, geometry in areas:
         min_lon, min_lat, max_lon, max_lat = geometry.bounds
@@ -292,6 +295,9 @@ async def place_devices(connection: Connection, engine: SpatialEngine, device_id
     )
     if not devices:
         return
+    import numpy as np
+    import shapely
+
     lons = np.fromiter((r["lon"] for r in devices), dtype=float, count=len(devices))
     lats = np.fromiter((r["lat"] for r in devices), dtype=float, count=len(devices))
     candidates = await connection.fetch(

@@ -215,6 +215,16 @@ class DeviceStore:
         row = await self._pool.fetchrow("SELECT id, city, domain FROM devices WHERE id = $1", device_id)
         return None if row is None else DeviceRoute(id=row["id"], city=row["city"], domain=row["domain"])
 
+    async def detection_version(self) -> tuple[int, int]:
+        """The rules version and the device profiles version, read together: while neither has
+        moved, every device profile a processor holds is still what `profiles` would read."""
+        row = await self._pool.fetchrow(
+            "SELECT (SELECT version FROM rules_version) AS rules,"
+            " (SELECT version FROM device_profiles_version) AS profiles"
+        )
+        assert row is not None  # one row, whatever the tables hold
+        return int(row["rules"] or 0), int(row["profiles"] or 0)
+
     async def profiles(self, device_ids: Sequence[str]) -> list[DeviceProfileRow]:
         """What detection needs of each registered device among `device_ids`."""
         rows = await self._pool.fetch(_PROFILES_SQL, list(device_ids))

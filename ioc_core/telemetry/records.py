@@ -8,6 +8,7 @@ import base64
 import binascii
 import hashlib
 import json
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -108,9 +109,14 @@ BusTelemetry = Reading | StatusReport
 # the processor's time and a twentieth of the gateway's. The standard library stays the fallback
 # for what orjson refuses and JSON allows (integers beyond 64 bits, lone surrogates in a string
 # that validation passed on), so the bytes on the bus mean what they meant before.
+#
+# orjson's output keeps the 4 KiB buffer it was written into, twenty times a reading's length; the
+# gateway holds each record until Kafka has acknowledged it (10,000 of them when its queue is
+# full: 40 MB). Formatting it into a new bytes object (`b"%b" %`, the cheapest copy, 0.04 µs) keeps
+# only its length.
 def _encode(body: dict[str, Any]) -> bytes:
     try:
-        return orjson.dumps(body)
+        return b"%b" % orjson.dumps(body)
     except TypeError:
         return json.dumps(body, separators=(",", ":")).encode()
 
@@ -140,10 +146,13 @@ def decode_record(raw: bytes) -> BusTelemetry:
             )
         if kind != "reading":
             raise ValueError(f"unknown record kind {kind!r}")
+        # Interned: a processor keeps a device's id as the key of its caches (profile, detector
+        # state, latest reading) and its city and domain in each, from whichever reading came
+        # first; one string each instead of one per reading kept is 20 MB at 100,000 devices.
         return Reading(
-            device_id=str(body["device_id"]),
-            city=str(body["city"]),
-            domain=str(body["domain"]),
+            device_id=sys.intern(str(body["device_id"])),
+            city=sys.intern(str(body["city"])),
+            domain=sys.intern(str(body["domain"])),
             ts=datetime.fromisoformat(body["ts"]),
             seq=None if body.get("seq") is None else int(body["seq"]),
             metrics={str(k): float(v) for k, v in body["metrics"].items()},  # OverflowError: caught

@@ -155,9 +155,14 @@ class FakeDatabase:
 class _FakeDevices:
     def __init__(self, database: FakeDatabase) -> None:
         self._database = database
+        # The device profiles version; a test moves it as a device's update would.
+        self.profiles_version = 0
 
     async def profiles(self, device_ids: Sequence[str]) -> list[DeviceProfileRow]:
         return [self._database.profiles[d] for d in device_ids if d in self._database.profiles]
+
+    async def detection_version(self) -> tuple[int, int]:
+        return self._database.rules.current, self.profiles_version
 
 
 class _FakeDeadLetters:

@@ -1,5 +1,5 @@
-"""A processor reads its devices' rules again as soon as the rules version moves (checked every
-IOC_RULES_REFRESH_S), and otherwise keeps its cached profiles."""
+"""A processor reads its devices' rules again as soon as the rules version or the device profiles
+version moves (checked every IOC_RULES_REFRESH_S), and otherwise keeps its cached profiles."""
 
 from __future__ import annotations
 
@@ -22,7 +22,6 @@ async def test_a_rules_version_change_refreshes_cached_profiles_within_the_check
     writer = BatchWriter(
         database,  # type: ignore[arg-type]
         Supervisor("test"),
-        registry_refresh_s=3600,
         rules_refresh_s=0,
     )
     first = await writer._device_profiles({ROW.id})
@@ -42,10 +41,23 @@ async def test_between_checks_the_version_is_not_read() -> None:
     writer = BatchWriter(
         database,  # type: ignore[arg-type]
         Supervisor("test"),
-        registry_refresh_s=3600,
         rules_refresh_s=3600,
     )
     first = await writer._device_profiles({ROW.id})
     database.profiles[ROW.id] = dataclasses.replace(ROW, rule_layers=LOWER)
     database.rules.current += 1
     assert (await writer._device_profiles({ROW.id}))[ROW.id] is first[ROW.id]
+
+
+async def test_a_device_profiles_version_change_refreshes_cached_profiles() -> None:
+    database = FakeDatabase([], [ROW])
+    writer = BatchWriter(database, Supervisor("test"), rules_refresh_s=0)  # type: ignore[arg-type]
+    first = await writer._device_profiles({ROW.id})
+    database.profiles[ROW.id] = dataclasses.replace(ROW, thresholds={"currentLevel": {"warn_above": 2.5}})
+    assert (await writer._device_profiles({ROW.id}))[ROW.id] is first[ROW.id]
+
+    database.devices.profiles_version += 1
+    changed = await writer._device_profiles({ROW.id})
+    assert changed[ROW.id].rules["currentLevel"].warn_above == 2.5
+    # Read again only once per move.
+    assert (await writer._device_profiles({ROW.id}))[ROW.id] is changed[ROW.id]
