@@ -580,21 +580,14 @@ def forget_session(client_id: str) -> None:
 def broker_store_bytes() -> int | None:
     """What Mosquitto holds for sessions now (its $SYS figure): more than a little means an
     earlier run left a session behind, and the broker is slower for it."""
-    mqtt_at = endpoint()
     found: list[int] = []
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-sys-{uuid.uuid4().hex[:8]}")
-    client.on_message = lambda _client, _data, message: found.append(int(message.payload))
-    client.connect(mqtt_at.host, mqtt_at.port, 60)
-    client.subscribe("$SYS/broker/store/messages/bytes")
-    client.loop_start()
-    try:
-        # Mosquitto publishes $SYS figures every 10 s, retained.
+    with _paho() as client:
+        client.on_message = lambda _client, _data, message: found.append(int(message.payload))
+        client.subscribe("$SYS/broker/store/messages/bytes")
+        # Mosquitto publishes its $SYS figures retained.
         deadline = time.monotonic() + 5
         while not found and time.monotonic() < deadline:
             time.sleep(0.05)
-    finally:
-        client.disconnect()
-        client.loop_stop()
     return found[0] if found else None
 
 

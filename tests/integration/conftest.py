@@ -25,6 +25,7 @@ from playwright.async_api import Browser, async_playwright
 
 from ioc_core.bus import Topics
 from ioc_core.storage import Database, StorageTier, drop_database, ensure_database
+from ioc_core.storage.schema import MIGRATIONS
 from tests.integration.harness import ComponentProcess, delete_topics, test_env, unique
 
 SERVICES = {"Mosquitto": ("127.0.0.1", 1883), "Kafka": ("127.0.0.1", 9092)}
@@ -58,6 +59,18 @@ async def scratch_database(server: str) -> AsyncIterator[str]:
         yield url
     finally:
         await drop_database(url)
+
+
+async def migrate_to(connection: asyncpg.Connection, below: int) -> None:
+    """The schema as a release before migration `below` left it, for tests of an upgrade."""
+    await connection.execute(
+        "CREATE TABLE schema_migrations ("
+        " version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+    )
+    for version, sql in MIGRATIONS:
+        if version < below:
+            await connection.execute(sql)
+            await connection.execute("INSERT INTO schema_migrations (version) VALUES ($1)", version)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -11,10 +11,9 @@ import asyncpg
 
 from ioc_core.storage import Database
 from ioc_core.storage.dead_letters import insert_dead_letters
-from ioc_core.storage.schema import MIGRATIONS
 from ioc_core.telemetry import StoredDeadLetter
 from tests.integration import harness
-from tests.integration.conftest import POSTGRES_URL, scratch_database
+from tests.integration.conftest import POSTGRES_URL, migrate_to, scratch_database
 from tests.integration.harness import ComponentProcess, delete_topics, unique, wait_until
 
 _REPLAYABLE_VERSION = 14
@@ -30,14 +29,7 @@ async def test_letters_stored_before_are_upgraded_by_the_migration() -> None:
         connection = await asyncpg.connect(url)
         try:
             # The schema as the release before replayable dead letters left it.
-            await connection.execute(
-                "CREATE TABLE schema_migrations ("
-                " version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
-            )
-            for version, sql in MIGRATIONS:
-                if version < _REPLAYABLE_VERSION:
-                    await connection.execute(sql)
-                    await connection.execute("INSERT INTO schema_migrations (version) VALUES ($1)", version)
+            await migrate_to(connection, _REPLAYABLE_VERSION)
             topic = "ioc/v1/ha-noi/flood/hn-flood-old/telemetry"
             exact = '{"currentLevel": 1.5, "ghi_chú": "mưa"}'
             rows = [

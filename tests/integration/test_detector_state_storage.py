@@ -11,8 +11,7 @@ import asyncpg
 import orjson
 
 from ioc_core.storage import Database
-from ioc_core.storage.schema import MIGRATIONS
-from tests.integration.conftest import POSTGRES_URL, scratch_database
+from tests.integration.conftest import POSTGRES_URL, migrate_to, scratch_database
 
 _TEXT_STATE_VERSION = 18
 
@@ -32,22 +31,11 @@ _STATE = {
 }
 
 
-async def _migrate_to(connection: asyncpg.Connection, below: int) -> None:
-    await connection.execute(
-        "CREATE TABLE schema_migrations ("
-        " version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
-    )
-    for version, sql in MIGRATIONS:
-        if version < below:
-            await connection.execute(sql)
-            await connection.execute("INSERT INTO schema_migrations (version) VALUES ($1)", version)
-
-
 async def test_states_stored_as_jsonb_are_read_back_after_the_migration_and_new_ones_kept_as_text() -> None:
     async with scratch_database(POSTGRES_URL) as url:
         connection = await asyncpg.connect(url)
         try:
-            await _migrate_to(connection, _TEXT_STATE_VERSION)
+            await migrate_to(connection, _TEXT_STATE_VERSION)
             for device_id in ("old-1", "new-1"):
                 await connection.execute(
                     "INSERT INTO devices (id, city, domain, lat, lon)"
