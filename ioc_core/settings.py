@@ -208,6 +208,13 @@ class Settings(BaseSettings):
         description="memory a processor keeps its devices' detector state in (0.4-3.4 KB each);"
         " past it, devices not held have theirs read from the database with their readings",
     )
+    processor_state_write_s: float = Field(
+        default=60.0,
+        ge=0,
+        description="how long a held detector state whose alarms did not change may go unwritten"
+        " (0: every batch writes it); a processor that dies loses at most this much of its devices'"
+        " baseline learning, never a reading or an alarm",
+    )
     topic_partitions: int = Field(default=6, ge=1)
     topic_prefix: str = Field(
         default="",

@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 
 # The supervisor's name for the work of storing a batch; readiness reports it as "database".
 WRITING_A_BATCH = "writing a batch"
+# Unwritten detector states written outside a batch go in transactions of this many.
+_STATE_WRITE_CHUNK = 5_000
 
 
 def decode_batch(records: Sequence[BusRecord], *, deadletter_topic: str) -> TelemetryBatch:
@@ -89,6 +91,7 @@ class BatchWriter:
         clock: PhaseClock | None = None,
         rules_refresh_s: float = 3.0,
         state_cache_bytes: int = 64 * 2**20,
+        state_write_s: float = 60.0,
     ) -> None:
         self._database = database
         self._clock = clock or PhaseClock()
@@ -103,6 +106,8 @@ class BatchWriter:
         # assignment changes, since another processor may have moved it on; updated only when a
         # transaction commits.
         self._detector_states = StateCache(state_cache_bytes)
+        # How long a held state whose alarms did not change may go unwritten (see `write`).
+        self._state_write_s = state_write_s
         self._profiles: dict[str, DeviceProfile] = {}
         # Rules at run time: the rules and device profiles versions the cached profiles were read
         # at, and when they were last compared with the database's (see `_device_profiles`).
@@ -110,8 +115,38 @@ class BatchWriter:
         self._version: tuple[int, int] | None = None
         self._rules_checked_at = 0.0
 
-    def forget_detector_states(self) -> None:
+    async def forget_detector_states(self) -> None:
+        """Write the states the database does not have yet, then let every state go: the
+        partitions are moving, and their next owner reads the states from the database."""
+        try:
+            await self.write_unwritten_states(everything=True)
+        except Exception as exc:
+            # The partitions' next owner goes on from the states stored before: it loses what
+            # the devices' baselines learned since, never an alarm (trackers are always written).
+            log.warning(
+                "%d devices' detector state of the last %.0f s not written before the partitions moved: %s",
+                self._detector_states.unwritten,
+                self._state_write_s,
+                exc,
+            )
         self._detector_states.clear()
+
+    async def write_unwritten_states(self, *, everything: bool = False) -> int:
+        """Write the held states left unwritten longer than `state_write_s` (or all of them), in
+        transactions of a few thousand; returns how many were written. Called between batches,
+        so that the states of devices that fell silent reach the database too."""
+        cache = self._detector_states
+        if everything:
+            due = cache.all_unwritten()
+        else:
+            due = cache.unwritten_since(time.monotonic() - self._state_write_s)
+        ids = list(due)
+        for start in range(0, len(ids), _STATE_WRITE_CHUNK):
+            chunk = {d: due[d] for d in ids[start : start + _STATE_WRITE_CHUNK]}
+            async with self._database.transaction() as transaction:
+                await transaction.save_detector_states(chunk, {})
+            cache.written(chunk)
+        return len(ids)
 
     async def write(self, batch: TelemetryBatch) -> BatchOutcome:
         """Store `batch` and what detection finds in it; nothing is kept in memory unless the
@@ -122,6 +157,7 @@ class BatchWriter:
         profiles = await self._device_profiles(device_ids)
         clock.lap("profiles")
         states: dict[str, DeviceDetectorState] = {}
+        written: dict[str, str] = {}
         try:
             async with self._database.transaction() as transaction:
                 result = await transaction.write(batch)
@@ -130,12 +166,14 @@ class BatchWriter:
                 for reading in result.kept:
                     by_device.setdefault(reading.device_id, []).append(reading)
                 states = await self._working_states(transaction, [d for d in by_device if d in profiles])
+                trackers = {d: state.alarm_trackers() for d, state in states.items()}
                 clock.lap("load_state")
                 findings, zones = self._detect(profiles, by_device, states)
                 clock.lap("detect")
                 new_states = {d: orjson.dumps(state.to_json()).decode() for d, state in states.items()}
                 signals = self._station_signals(profiles, states)
-                await transaction.save_detector_states(new_states, signals)
+                written = self._states_to_write(profiles, states, trackers, new_states, now=time.monotonic())
+                await transaction.save_detector_states(written, signals)
                 clock.lap("save_state")
                 findings.extend(await self._correlate(transaction, zones, _rising(signals)))
                 clock.lap("correlate")
@@ -144,11 +182,15 @@ class BatchWriter:
                 clock.lap("alarms")
             clock.lap("transaction_commit")
         except BaseException:
-            # A commit that failed on the way back may still have been made: the database's
-            # state, not ours, is read next time.
-            self._detector_states.discard(states)
+            # A commit that failed on the way back may still have been made: the states it
+            # wrote are held as they were before the batch, but compared with the database's
+            # next time, and the newer one is taken (see `_working_states`). A state it did not
+            # write is held as it was before the batch: its alarms are the same either way.
+            self._detector_states.doubt(d for d in written if d in states)
             raise
-        self._detector_states.update(new_states)
+        cache = self._detector_states
+        cache.update(new_states, unwritten=new_states.keys() - written.keys(), at=time.monotonic())
+        cache.written(written)
         return BatchOutcome(
             kept=result.kept,
             transitions=result.transitions,
@@ -183,6 +225,43 @@ class BatchWriter:
                 # of that district is judged again, without it, and passes once none is left.
                 _touch(zones, FloodZone.of_district(profile.city, profile.district), profile.city, newest)
         return findings, zones
+
+    def _states_to_write(
+        self,
+        profiles: dict[str, DeviceProfile],
+        states: dict[str, DeviceDetectorState],
+        trackers_before: dict[str, tuple[tuple[str, str, str, int], ...]],
+        new_states: dict[str, str],
+        *,
+        now: float,
+    ) -> dict[str, str]:
+        """The detector states this batch writes. Writing every device's state in every batch
+        was the database's largest cost with many devices (a quarter of its time at 100,000), and
+        most of it only moves a baseline on. So a state is written with its batch when:
+        - an alarm's tracker changed (opened, worsened, counting towards clearing, cleared), so
+          that the database's alarms and the trackers never disagree, even after a crash;
+        - it is a flood station's, whose signal the zone correlation reads from the database;
+        - the cache cannot hold it;
+        - or it has gone unwritten for `state_write_s`.
+        The others are held unwritten; a processor that dies loses what their baselines learned
+        since (seconds of a daily profile), never a reading or an alarm. The held states of
+        devices not in the batch that are due go with it too."""
+        cache = self._detector_states
+        if self._state_write_s <= 0:
+            return new_states
+        held = cache.holds_after(new_states)
+        due = cache.unwritten_since(now - self._state_write_s)
+        written = {
+            d: text
+            for d, text in new_states.items()
+            if d not in held
+            or d in due
+            or profiles[d].zone is not None
+            or states[d].alarm_trackers() != trackers_before[d]
+        }
+        for device_id, text in due.items():
+            written.setdefault(device_id, text)
+        return written
 
     def _station_signals(
         self, profiles: dict[str, DeviceProfile], states: dict[str, DeviceDetectorState]
@@ -237,12 +316,16 @@ class BatchWriter:
         for detection to move on (the cache keeps what is committed)."""
         cache = self._detector_states
         held = {d: text for d in device_ids if (text := cache.get(d)) is not None}
-        missing = [d for d in device_ids if d not in held]
+        missing = [d for d in device_ids if d not in held or cache.doubted(d)]
         loaded = await transaction.detector_states(missing) if missing else {}
         states = {}
         for device_id in device_ids:
             document = held.get(device_id)
-            body = orjson.loads(document) if document is not None else loaded.get(device_id)
+            body = orjson.loads(document) if document is not None else None
+            stored = loaded.get(device_id)
+            if body is None or (stored is not None and cache.doubted(device_id) and _newer(stored, body)):
+                # Not held, or a failed commit was made after all: the database's is newer.
+                body = stored
             states[device_id] = DeviceDetectorState.from_json(body or {})
         return states
 
@@ -306,6 +389,16 @@ def offline_findings(transitions: list[StatusTransition]) -> list[Finding]:
         )
         for t in transitions
     ]
+
+
+def _newer(stored: dict[str, object], held: dict[str, object]) -> bool:
+    """Whether a stored state has seen a newer reading than a held one (a state's `last_ts`
+    moves with every reading it evaluates)."""
+    stored_ts, held_ts = (
+        DeviceDetectorState.from_json(stored).last_ts,
+        DeviceDetectorState.from_json(held).last_ts,
+    )
+    return stored_ts is not None and (held_ts is None or stored_ts >= held_ts)
 
 
 def _rising(signals: dict[str, StoredSignal | None]) -> set[str]:

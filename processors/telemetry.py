@@ -121,6 +121,7 @@ class TelemetryProcessor(Component):
             clock=self._clock,
             rules_refresh_s=settings.rules_refresh_s,
             state_cache_bytes=settings.processor_state_cache_mb * 2**20,
+            state_write_s=settings.processor_state_write_s,
         )
         self._relay = OutboxRelay(
             self._database,
@@ -232,6 +233,11 @@ class TelemetryProcessor(Component):
                 len(cache)
             ),
             Metric(
+                "ioc_processor_state_unwritten_devices",
+                "gauge",
+                "held detector states not yet written to the database (at most IOC_PROCESSOR_STATE_WRITE_S)",
+            ).add(cache.unwritten),
+            Metric(
                 "ioc_processor_state_reads_total",
                 "counter",
                 "devices' detector states read, by where from: memory, or the database (not held)",
@@ -243,6 +249,9 @@ class TelemetryProcessor(Component):
 
     async def stop(self) -> None:
         await self._supervisor.stop()
+        # Before leaving the group: the partitions' next owner reads the states we hold.
+        async with self._batch_lock:
+            await self._writer.forget_detector_states()
         await self._consumer.stop()
         # The last changes would otherwise reach the screens only with the devices' next readings.
         try:
@@ -280,6 +289,10 @@ class TelemetryProcessor(Component):
             self._clock.lap("poll")
             if records:
                 await self.process(records)
+            else:
+                # Quiet partitions: the held states a batch would have written by now.
+                async with self._batch_lock:
+                    await self._supervisor.retry(WRITING_A_BATCH, self._writer.write_unwritten_states)
 
     async def process(self, records: list[BusRecord]) -> None:
         """One polled batch: stored in one transaction, then its offsets committed."""
@@ -320,7 +333,8 @@ class TelemetryProcessor(Component):
             os._exit(FAULT_EXIT_CODE)
 
     async def partitions_changing(self) -> None:
-        """Called on a rebalance: let the batch in hand finish, then forget cached detector state."""
+        """Called on a rebalance: let the batch in hand finish, write the detector states not yet
+        written, and forget the held ones."""
         async with self._batch_lock:
-            self._writer.forget_detector_states()
+            await self._writer.forget_detector_states()
             self._consumer.forget_commits()

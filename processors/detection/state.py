@@ -218,6 +218,16 @@ class DeviceDetectorState:
             for kind in state.trackers
         }
 
+    def alarm_trackers(self) -> tuple[tuple[str, str, str, int], ...]:
+        """Every open alarm's tracker as (metric, kind, severity, clears): what must reach the
+        database with the batch that changed it, while the baselines may follow later."""
+        return tuple(
+            (metric, kind, tracker.severity, tracker.clears)
+            for metric, state in self.metrics.items()
+            if state.trackers
+            for kind, tracker in state.trackers.items()
+        )
+
     def to_json(self) -> dict[str, Any]:
         """A JSON-serialisable dict (for a jsonb column)."""
         body: dict[str, Any] = {"version": STATE_VERSION}

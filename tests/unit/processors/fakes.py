@@ -118,6 +118,7 @@ class FakeDatabase:
         self.findings: list[Finding] = []
         self.write_failures = 0
         self.findings_failures = 0
+        self.failures_after_commit = 0
         self.events_per_finding: list[Event] = []
         self.silent: list[StatusTransition] = []
         self.swept: list[list[tuple[str, int]]] = []
@@ -146,6 +147,11 @@ class FakeDatabase:
         transaction = FakeTransaction(self)
         yield transaction
         transaction.commit()
+        if self.failures_after_commit > 0:
+            # The commit was made, but its answer was lost on the way back.
+            self.failures_after_commit -= 1
+            self.journal.append("commit answer lost")
+            raise ServiceUnavailableError("the connection broke while committing")
 
     async def housekeeping(self, *, audit_keep_days: float = 365) -> None:
         self.housekept += 1
