@@ -165,8 +165,15 @@ async def test_processor_killed_between_write_and_commit_replays_without_doubles
     system: System, admin: httpx.AsyncClient, private_bus: PrivateBus, state_write_s: str
 ) -> None:
     devices = await register_many(admin, 20)
-    per_device = 100
-    await private_bus.produce(list(level_readings(devices, per_device)))
+    per_device, opening = 100, 10
+    readings = list(level_readings(devices, per_device))
+    # The alarms open (and their trackers are written) before the crashing processor starts, so
+    # that every reading it takes leaves its alarm's tracker as it was.
+    await private_bus.produce(readings[: opening * len(devices)])
+    opener = private_bus.processor("processor-opening", IOC_PROCESSOR_STATE_WRITE_S=state_write_s)
+    await wait_for_all(system, devices, opening)
+    assert opener.stop() == 0, opener.tail()
+    await private_bus.produce(readings[opening * len(devices) :])
 
     crashing = private_bus.processor(
         "processor-crash", IOC_FAULT_EXIT_AFTER_BATCHES="2", IOC_PROCESSOR_STATE_WRITE_S=state_write_s
@@ -177,7 +184,7 @@ async def test_processor_killed_between_write_and_commit_replays_without_doubles
         await asyncio.sleep(0.1)
     assert crashing.stop() == FAULT_EXIT_CODE, crashing.tail()
     written_before_crash = sum((await stored_per_device(system, devices)).values())
-    assert 0 < written_before_crash < per_device * len(devices)
+    assert opening * len(devices) < written_before_crash < per_device * len(devices)
     # Held unwritten, what the baselines learned since the alarms last changed dies with the
     # processor; the readings and the alarms' counts must not.
     behind = await states_behind_readings(system, devices)
