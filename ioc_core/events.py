@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypedDict
 
+import orjson
+
 DEVICE_ONLINE = "device.online"
 DEVICE_OFFLINE = "device.offline"
 STATE_CHANGED = "state.changed"
@@ -64,7 +66,15 @@ class Event:
         }
 
     def to_bytes(self) -> bytes:
-        return json.dumps(self.to_cloudevent(), separators=(",", ":"), ensure_ascii=False).encode()
+        event = self.to_cloudevent()
+        try:
+            # orjson: the processor sends a state event per changed device, and the standard
+            # library's encoder was a twentieth of its time with 100,000 devices.
+            return orjson.dumps(event)
+        except orjson.JSONEncodeError:
+            # What orjson refuses and the standard library writes: an integer past 64 bits, a
+            # key that is not a string.
+            return json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def device_status_event(

@@ -324,9 +324,12 @@ class BatchWriter:
             body = orjson.loads(document) if document is not None else None
             stored = loaded.get(device_id)
             if body is None or (stored is not None and cache.doubted(device_id) and _newer(stored, body)):
-                # Not held, or a failed commit was made after all: the database's is newer.
-                body = stored
-            states[device_id] = DeviceDetectorState.from_json(body or {})
+                # Not held, or a failed commit was made after all: the database's is newer, and
+                # read with every check (another version, or anyone, may have written it).
+                states[device_id] = DeviceDetectorState.from_json(stored or {})
+            else:
+                # Held: this process wrote it.
+                states[device_id] = DeviceDetectorState.from_own_json(body)
         return states
 
     @property

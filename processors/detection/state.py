@@ -112,6 +112,39 @@ class MetricState:
         return body
 
     @classmethod
+    def from_own_json(cls, body: Mapping[str, Any]) -> MetricState:
+        """What `to_json` wrote in this process, read back without `from_json`'s checks."""
+        state = cls()
+        if "last" in body:
+            state.last, state.last_at_ms = body["last"], body["last_at"]
+        baseline = body.get("baseline")
+        if baseline is not None:
+            (
+                state.count,
+                state.level,
+                state.slope,
+                state.deviation,
+                state.outside,
+                state.cusum_up,
+                state.cusum_down,
+                state.tail,
+            ) = baseline
+        daily = body.get("daily")
+        if daily is not None:
+            state.daily, state.daily_since_ms, state.daily_level, state.daily_deviation = daily
+        flat = body.get("flat")
+        if flat is not None:
+            state.flat_since_ms, state.flat_count = flat
+        history = body.get("history")
+        if history is not None:
+            end_ms = body["history_end"]
+            state.history = [(end_ms + offset, value) for offset, value in history]
+        alarms = body.get("alarms")
+        if alarms is not None:
+            state.trackers = {kind: RuleTracker(*tracker) for kind, tracker in alarms.items()}
+        return state
+
+    @classmethod
     def from_json(cls, body: Mapping[str, Any]) -> MetricState:
         state = cls()
         last, last_at = body.get("last"), body.get("last_at")
@@ -236,6 +269,18 @@ class DeviceDetectorState:
         metrics = {name: state.to_json() for name, state in self.metrics.items()}
         body["metrics"] = {name: part for name, part in metrics.items() if part}
         return body
+
+    @classmethod
+    def from_own_json(cls, body: Mapping[str, Any]) -> DeviceDetectorState:
+        """The state `to_json` wrote in this process (the processor's held states), read back
+        without the checks `from_json` makes of a stored one, which were half the time of
+        reading a state: a processor with 100,000 devices reads one back for every reading."""
+        state = cls()
+        last_ts = body.get("last_ts")
+        if last_ts is not None:
+            state.last_ts = datetime.fromisoformat(last_ts)
+        state.metrics = {name: MetricState.from_own_json(part) for name, part in body["metrics"].items()}
+        return state
 
     @classmethod
     def from_json(cls, body: Mapping[str, Any] | None) -> DeviceDetectorState:

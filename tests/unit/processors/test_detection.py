@@ -11,6 +11,7 @@ import random
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 
+import orjson
 import pytest
 
 from ioc_core.alarms import Finding
@@ -707,6 +708,19 @@ def test_state_through_json_behaves_exactly_as_the_state_in_memory() -> None:
         stored = state.to_json()
     assert actual == expected
     assert stored == kept.to_json()
+
+
+def test_a_state_this_process_wrote_reads_back_alike_without_the_checks() -> None:
+    # The processor reads its held states back unchecked; every part a scenario fills (trackers,
+    # flatline, history, baseline) must come back as the checked reading gives it.
+    profile = station()
+    state = DeviceDetectorState()
+    for batch in scenario(profile):
+        DETECTION.evaluate(profile, batch, state)
+        text = orjson.dumps(state.to_json())
+        own = DeviceDetectorState.from_own_json(orjson.loads(text))
+        assert own == DeviceDetectorState.from_json(orjson.loads(text))
+        assert orjson.dumps(own.to_json()) == text
 
 
 def test_state_is_bounded_and_small() -> None:
