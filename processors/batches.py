@@ -98,13 +98,14 @@ class BatchWriter:
         self._supervisor = supervisor
         self._detection = DeviceDetection()
         self._correlator = DistrictFloodCorrelator()
-        # Detector state as last committed, per device, as the JSON document the database holds
-        # (see `StateCache`). Kept as text, not as the detectors' objects: a fifth of the memory,
+        # Detector state as the last committed batch left it, per device, as the JSON document
+        # the database holds or will (see `StateCache`; a state whose alarms did not change may
+        # be written later). Kept as text, not as the detectors' objects: a fifth of the memory,
         # and nothing for the garbage collector to walk (with 100,000 devices the objects made
         # each full collection take over 100 ms). Not as orjson's bytes either: each keeps the
-        # 4 KiB buffer it was written into, ten times its length. Dropped when the partition
-        # assignment changes, since another processor may have moved it on; updated only when a
-        # transaction commits.
+        # 4 KiB buffer it was written into, ten times its length. Written and dropped when the
+        # partition assignment changes, since another processor may move it on; updated only
+        # when a transaction commits.
         self._detector_states = StateCache(state_cache_bytes)
         # How long a held state whose alarms did not change may go unwritten (see `write`).
         self._state_write_s = state_write_s
@@ -312,24 +313,24 @@ class BatchWriter:
     async def _working_states(
         self, transaction: BatchTransaction, device_ids: list[str]
     ) -> dict[str, DeviceDetectorState]:
-        """The devices' committed detector state, loading what is not cached, as fresh objects
-        for detection to move on (the cache keeps what is committed)."""
+        """The devices' detector state as the last committed batch left it, loading what is not
+        held, as fresh objects for detection to move on (the cache keeps the committed ones)."""
         cache = self._detector_states
         held = {d: text for d in device_ids if (text := cache.get(d)) is not None}
         missing = [d for d in device_ids if d not in held or cache.doubted(d)]
         loaded = await transaction.detector_states(missing) if missing else {}
         states = {}
         for device_id in device_ids:
+            # Held: this process wrote it, and reads it back without the checks a stored one needs.
             document = held.get(device_id)
-            body = orjson.loads(document) if document is not None else None
-            stored = loaded.get(device_id)
-            if body is None or (stored is not None and cache.doubted(device_id) and _newer(stored, body)):
-                # Not held, or a failed commit was made after all: the database's is newer, and
-                # read with every check (another version, or anyone, may have written it).
-                states[device_id] = DeviceDetectorState.from_json(stored or {})
-            else:
-                # Held: this process wrote it.
-                states[device_id] = DeviceDetectorState.from_own_json(body)
+            state = None if document is None else DeviceDetectorState.from_own_json(orjson.loads(document))
+            if state is None or (device_id in loaded and cache.doubted(device_id)):
+                # Not held, or a failed commit may have been made after all: the database's, read
+                # with every check (another version, or anyone, may have written it), if newer.
+                stored = DeviceDetectorState.from_json(loaded.get(device_id) or {})
+                if state is None or _seen_no_earlier(stored, state):
+                    state = stored
+            states[device_id] = state
         return states
 
     @property
@@ -394,14 +395,10 @@ def offline_findings(transitions: list[StatusTransition]) -> list[Finding]:
     ]
 
 
-def _newer(stored: dict[str, object], held: dict[str, object]) -> bool:
-    """Whether a stored state has seen a newer reading than a held one (a state's `last_ts`
-    moves with every reading it evaluates)."""
-    stored_ts, held_ts = (
-        DeviceDetectorState.from_json(stored).last_ts,
-        DeviceDetectorState.from_json(held).last_ts,
-    )
-    return stored_ts is not None and (held_ts is None or stored_ts >= held_ts)
+def _seen_no_earlier(stored: DeviceDetectorState, held: DeviceDetectorState) -> bool:
+    """Whether a stored state has seen readings up to the held one's at least (a state's
+    `last_ts` moves with every reading it evaluates)."""
+    return stored.last_ts is not None and (held.last_ts is None or stored.last_ts >= held.last_ts)
 
 
 def _rising(signals: dict[str, StoredSignal | None]) -> set[str]:

@@ -96,7 +96,8 @@ class StateCache:
             self._doubted.discard(device_id)
             if device_id not in unwritten:
                 pending.pop(device_id, None)
-            elif device_id not in pending:
+            elif device_id not in pending and device_id in self._texts:
+                # (Only a held state can wait: one the cache let go has to be written now.)
                 pending[device_id] = at
 
     def unwritten_since(self, before: float) -> dict[str, str]:

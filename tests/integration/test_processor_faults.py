@@ -101,30 +101,30 @@ def level_readings(device_ids: list[str], per_device: int) -> Iterator[Reading]:
             )
 
 
-async def stored_per_device(system: System, device_ids: list[str]) -> dict[str, int]:
+async def fetch(system: System, query: str, *args: object) -> list[asyncpg.Record]:
     connection = await asyncpg.connect(system.database_url)
     try:
-        rows = await connection.fetch(
-            "SELECT device_id, count(*) AS n FROM readings_flood WHERE device_id = ANY($1) GROUP BY 1",
-            device_ids,
-        )
-        return {r["device_id"]: r["n"] for r in rows}
+        return list(await connection.fetch(query, *args))
     finally:
         await connection.close()
+
+
+async def stored_per_device(system: System, device_ids: list[str]) -> dict[str, int]:
+    rows = await fetch(
+        system,
+        "SELECT device_id, count(*) AS n FROM readings_flood WHERE device_id = ANY($1) GROUP BY 1",
+        device_ids,
+    )
+    return {r["device_id"]: r["n"] for r in rows}
 
 
 async def alarm_rows(system: System, device_ids: list[str]) -> list[asyncpg.Record]:
-    connection = await asyncpg.connect(system.database_url)
-    try:
-        return list(
-            await connection.fetch(
-                "SELECT device_id, rule, state, count FROM alarms"
-                " WHERE device_id = ANY($1) AND rule = 'threshold.currentLevel' ORDER BY id",
-                device_ids,
-            )
-        )
-    finally:
-        await connection.close()
+    return await fetch(
+        system,
+        "SELECT device_id, rule, state, count FROM alarms"
+        " WHERE device_id = ANY($1) AND rule = 'threshold.currentLevel' ORDER BY id",
+        device_ids,
+    )
 
 
 async def wait_for_all(system: System, device_ids: list[str], per_device: int, timeout: float = 90) -> None:
@@ -147,17 +147,14 @@ async def assert_exactly_once(system: System, device_ids: list[str], per_device:
 
 async def states_behind_readings(system: System, device_ids: list[str]) -> int:
     """How many of the devices have a stored detector state older than their newest reading."""
-    connection = await asyncpg.connect(system.database_url)
-    try:
-        rows = await connection.fetch(
-            "SELECT s.state::jsonb ->> 'last_ts' AS last_ts, max(r.ts) AS newest"
-            " FROM detector_state s JOIN readings_flood r USING (device_id)"
-            " WHERE s.device_id = ANY($1) GROUP BY s.device_id, s.state",
-            device_ids,
-        )
-        return sum(1 for r in rows if datetime.fromisoformat(r["last_ts"]) < r["newest"])
-    finally:
-        await connection.close()
+    rows = await fetch(
+        system,
+        "SELECT s.device_id FROM detector_state s JOIN readings_flood r USING (device_id)"
+        " WHERE s.device_id = ANY($1) GROUP BY s.device_id, s.state"
+        " HAVING (s.state::jsonb ->> 'last_ts')::timestamptz < max(r.ts)",
+        device_ids,
+    )
+    return len(rows)
 
 
 @pytest.mark.parametrize("state_write_s", ["0", "3600"])
